@@ -1,0 +1,138 @@
+# The core's C state.  Every struct is laid out largest field first so that a
+# numpy structured dtype with align=True has the same layout (see
+# kvmwake/_layout.py and tests/test_core_mirrors.py).
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
+
+
+cdef extern from *:
+    """
+    #define KW_MAX_LOOP_DEPTH 4
+    """
+    enum: KW_MAX_LOOP_DEPTH
+
+
+# One vCPU thread and the kvm_vcpu fields the model needs.
+ctypedef struct thread_t:
+    uint64_t seg_end          # end of the current timed segment
+    uint64_t seg_gfrom        # guest mode starts (after the entry part)
+    uint64_t seg_gto          # guest mode ends (before the exit part)
+    uint64_t rem_end          # preempted: what was left of the segment
+    uint64_t rem_gfrom
+    uint64_t rem_gto
+    uint64_t run_start        # got its host CPU at
+    uint64_t halt_start       # kvm_vcpu_halt: start
+    uint64_t poll_end         # kvm_vcpu_halt: poll_end
+    uint64_t wake_ts          # last effective wake-up
+    uint64_t rng_state
+    uint64_t rng_inc
+    uint64_t stall_t
+    uint32_t gen              # generation of its pending SEGMENT/POLL_END/RUN event
+    uint32_t run_gen          # generation of its time slice
+    uint32_t halt_poll_ns     # vcpu->halt_poll_ns (unsigned int)
+    uint32_t requests         # vcpu->requests
+    uint32_t prog             # offset of its program in the op table
+    uint32_t pc
+    uint32_t vm
+    uint32_t vcpu_id
+    uint32_t pcpu
+    uint32_t wake_target
+    int32_t rq_next           # next thread in its host CPU's run queue, or -1
+    uint32_t stall_n
+    uint32_t loops[KW_MAX_LOOP_DEPTH]
+    uint8_t state
+    uint8_t resume
+    uint8_t cont
+    uint8_t slice_armed
+    uint8_t do_poll
+    uint8_t irq_pending
+    uint8_t has_prog
+    uint8_t _pad
+
+
+ctypedef struct vm_t:
+    uint64_t tick_ns
+    uint32_t first
+    uint32_t nr_vcpus
+    uint32_t max_halt_poll_ns
+    uint32_t tick_gen
+    uint32_t override
+    uint32_t _pad
+
+
+ctypedef struct cpu_t:
+    int32_t cur
+    int32_t rq_head
+    int32_t rq_tail
+    uint32_t rq_len
+
+
+ctypedef struct event_t:
+    uint64_t t
+    uint64_t key              # (event class << 56) | sequence number
+    uint32_t who
+    uint32_t gen
+
+
+ctypedef struct op_t:
+    uint16_t code
+    uint16_t dist
+    uint32_t arg
+    uint64_t p0
+    uint64_t p1
+
+
+ctypedef struct trace_rec_t:
+    uint64_t ts
+    uint64_t a
+    uint32_t pid
+    uint32_t cpu
+    uint32_t vcpu_id
+    uint32_t b
+    uint8_t kind
+    uint8_t flag
+    uint8_t valid
+    uint8_t _pad[5]
+
+
+ctypedef struct costs_t:
+    uint64_t vm_exit_ns
+    uint64_t vm_entry_ns
+    uint64_t ipi_send_ns
+    uint64_t wake_to_run_ns
+    uint64_t context_switch_ns
+    uint64_t sched_slice_ns
+
+
+ctypedef struct engine_t:
+    thread_t* th
+    vm_t* vms
+    cpu_t* cpus
+    event_t* heap
+    op_t* ops
+    uint64_t* stats           # nth x NR_STATS, row-major
+    uint64_t* lat_hist        # LAT_BUCKETS
+    trace_rec_t* trace        # ring buffer
+    uint64_t hlen
+    uint64_t hcap
+    uint64_t tcap             # ring capacity (0: tracing off)
+    uint64_t talloc           # entries allocated so far (grows to tcap)
+    uint64_t thead            # next slot to write
+    uint64_t tcount
+    uint64_t tdropped
+    uint64_t now
+    uint64_t seq
+    uint64_t events
+    uint64_t halts
+    uint64_t err_t
+    uint64_t err_n
+    costs_t costs
+    uint32_t nth
+    uint32_t nvm
+    uint32_t ncpu
+    uint32_t halt_poll_ns     # module parameters (unsigned int)
+    uint32_t grow
+    uint32_t grow_start
+    uint32_t shrink
+    int32_t error             # KW_ERR_*
+    uint32_t err_thread

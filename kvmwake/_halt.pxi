@@ -1,0 +1,168 @@
+# kvm_vcpu_halt / kvm_vcpu_block (virt/kvm/kvm_main.c): the poll window, the
+# block on the vCPU's single-waiter rcuwait, the halt stats, the grow/shrink
+# rule with unsigned int arithmetic, and the two tracepoints.
+
+
+cdef inline uint32_t max_halt_poll_ns(engine_t* e, thread_t* th) noexcept nogil:
+    """kvm_vcpu_max_halt_poll_ns."""
+    cdef vm_t* vm = &e.vms[th.vm]
+    return vm.max_halt_poll_ns if vm.override else e.halt_poll_ns
+
+
+cdef inline bint check_block(thread_t* th) noexcept nogil:
+    """kvm_vcpu_check_block() < 0: runnable, or KVM_REQ_UNBLOCK (consumed)."""
+    if th.irq_pending:
+        return True
+    if th.requests & REQ_UNBLOCK_BIT:
+        th.requests &= ~(<uint32_t>REQ_UNBLOCK_BIT)
+        return True
+    return False
+
+
+cdef inline void hist_update(uint64_t* st, int base, uint64_t ns) noexcept nogil:
+    """KVM_STATS_LOG_HIST_UPDATE: bucket min(fls64(ns), 31)."""
+    cdef int idx = 0
+    if ns:
+        idx = 64 - __builtin_clzll(ns)
+        if idx > HALT_POLL_HIST_COUNT - 1:
+            idx = HALT_POLL_HIST_COUNT - 1
+    st[base + idx] += 1
+
+
+cdef inline uint32_t grow_halt_poll_ns(engine_t* e, uint32_t val) noexcept nogil:
+    """grow_halt_poll_ns: u32 multiply, raised to grow_start; no-op if grow is 0."""
+    if e.grow == 0:
+        return val
+    val = val * e.grow
+    if val < e.grow_start:
+        val = e.grow_start
+    return val
+
+
+cdef inline uint32_t shrink_halt_poll_ns(engine_t* e, uint32_t val) noexcept nogil:
+    """shrink_halt_poll_ns: divide (0 when shrink is 0), 0 below grow_start."""
+    if e.shrink == 0:
+        val = 0
+    else:
+        val = val // e.shrink
+    if val < e.grow_start:
+        val = 0
+    return val
+
+
+cdef int halt(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """kvm_vcpu_halt, up to the poll loop or the block."""
+    cdef thread_t* th = &e.th[g]
+    cdef uint32_t mx = max_halt_poll_ns(e, th)
+    if th.halt_poll_ns > mx:
+        th.halt_poll_ns = mx
+    th.do_poll = th.halt_poll_ns != 0
+    th.halt_start = t
+    th.resume = RESUME_HALT
+    if check_block(th):
+        th.wake_ts = t
+        return halt_done(e, g, t, 0, t, 1)
+    if th.do_poll and not e.cpus[th.pcpu].rq_len:
+        th.state = TS_POLLING
+        return push_thread(e, th, g, t + th.halt_poll_ns, EV_POLL_END)
+    return block(e, g, t, t)
+
+
+cdef int block(engine_t* e, uint32_t g, uint64_t t, uint64_t poll_end) noexcept nogil:
+    """kvm_vcpu_block: wait on the rcuwait until kicked."""
+    cdef thread_t* th = &e.th[g]
+    th.poll_end = poll_end
+    e.stats[<uint64_t>g * NR_STATS + S_BLOCKING] = 1
+    th.state = TS_BLOCKED
+    th.gen += 1
+    return release_cpu(e, th, t)
+
+
+cdef inline void trace_rec(engine_t* e, thread_t* th, uint32_t g, uint64_t t, uint8_t kind,
+                           uint8_t flag, uint64_t a, uint32_t b) noexcept nogil:
+    cdef trace_rec_t* r
+    cdef uint64_t ncap
+    cdef trace_rec_t* buf
+    if e.tcap == 0:
+        return
+    if e.thead == e.talloc and e.talloc < e.tcap:
+        ncap = e.talloc * 2 if e.talloc else 4096
+        if ncap > e.tcap:
+            ncap = e.tcap
+        buf = <trace_rec_t*>realloc(e.trace, ncap * sizeof(trace_rec_t))
+        if buf == NULL:
+            e.tdropped += 1
+            return
+        e.trace = buf
+        e.talloc = ncap
+    if e.thead == e.tcap:
+        e.thead = 0
+    if e.tcount == e.tcap:
+        e.tdropped += 1
+    else:
+        e.tcount += 1
+    r = &e.trace[e.thead]
+    e.thead += 1
+    r.ts = t
+    r.a = a
+    r.pid = PID_BASE + g
+    r.cpu = th.pcpu
+    r.vcpu_id = th.vcpu_id
+    r.b = b
+    r.kind = kind
+    r.flag = flag
+    r.valid = 1
+
+
+cdef int halt_done(engine_t* e, uint32_t g, uint64_t cur, bint waited, uint64_t poll_end,
+                   bint immediate) noexcept nogil:
+    """The end of kvm_vcpu_halt: stats, grow/shrink, tracepoints."""
+    cdef thread_t* th = &e.th[g]
+    cdef uint64_t* st = &e.stats[<uint64_t>g * NR_STATS]
+    cdef uint64_t start = th.halt_start
+    cdef uint64_t halt_ns = cur - start
+    cdef uint64_t w, poll_ns, entry
+    cdef uint32_t mx, old
+    st[S_BLOCKING] = 0
+    if waited:
+        w = cur - poll_end
+        st[S_WAIT_NS] += w
+        hist_update(st, S_WAIT_HIST, w)
+    if th.do_poll:
+        poll_ns = poll_end - start
+        st[S_ATTEMPTED_POLL] += 1
+        if not waited:
+            st[S_SUCCESSFUL_POLL] += 1
+            st[S_POLL_SUCCESS_NS] += poll_ns
+            hist_update(st, S_POLL_SUCCESS_HIST, poll_ns)
+        else:
+            st[S_POLL_FAIL_NS] += poll_ns
+            hist_update(st, S_POLL_FAIL_HIST, poll_ns)
+    mx = max_halt_poll_ns(e, th)
+    old = th.halt_poll_ns
+    if mx:
+        if halt_ns <= old:
+            pass
+        elif old and halt_ns > mx:
+            th.halt_poll_ns = shrink_halt_poll_ns(e, old)
+            trace_rec(e, th, g, cur, TR_HALT_POLL_NS, 0, th.halt_poll_ns, old)
+        elif old < mx and halt_ns < mx:
+            th.halt_poll_ns = grow_halt_poll_ns(e, old)
+            trace_rec(e, th, g, cur, TR_HALT_POLL_NS, 1, th.halt_poll_ns, old)
+    else:
+        th.halt_poll_ns = 0
+    trace_rec(e, th, g, cur, TR_WAKEUP, 1 if waited else 0, halt_ns, 0)
+    e.halts += 1
+    entry = e.costs.vm_entry_ns
+    if not immediate:
+        e.lat_hist[lat_bucket(cur + entry - th.wake_ts)] += 1
+    th.state = TS_RUNNING
+    return advance(e, g, cur, entry)
+
+
+cdef inline uint32_t lat_bucket(uint64_t v) noexcept nogil:
+    cdef uint32_t ex
+    if v < 16:
+        return <uint32_t>v
+    ex = 63 - __builtin_clzll(v)
+    return 16 + (ex - 4) * 16 + <uint32_t>((v >> (ex - 4)) & 15)

@@ -1,0 +1,112 @@
+# Host CPUs and their run queues: where vCPU threads wait, get a CPU, are
+# preempted.  Each host CPU runs at most one thread; the others queue FIFO.
+
+
+cdef inline void rq_append(engine_t* e, cpu_t* cpu, int32_t g) noexcept nogil:
+    e.th[g].rq_next = -1
+    if cpu.rq_tail >= 0:
+        e.th[cpu.rq_tail].rq_next = g
+    else:
+        cpu.rq_head = g
+    cpu.rq_tail = g
+    cpu.rq_len += 1
+
+
+cdef inline int32_t rq_popleft(engine_t* e, cpu_t* cpu) noexcept nogil:
+    cdef int32_t g = cpu.rq_head
+    cpu.rq_head = e.th[g].rq_next
+    if cpu.rq_head < 0:
+        cpu.rq_tail = -1
+    cpu.rq_len -= 1
+    e.th[g].rq_next = -1
+    return g
+
+
+cdef int make_runnable(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """try_to_wake_up: the thread waits for its host CPU."""
+    cdef thread_t* th = &e.th[g]
+    cdef cpu_t* cpu = &e.cpus[th.pcpu]
+    cdef thread_t* cur
+    if cpu.cur < 0:
+        cpu.cur = g
+        return push_thread(e, th, g, t + e.costs.wake_to_run_ns, EV_RUN)
+    rq_append(e, cpu, g)
+    cur = &e.th[cpu.cur]
+    if cur.state == TS_POLLING:
+        # kvm_vcpu_can_poll: single_task_running() is now false.
+        return block(e, <uint32_t>cpu.cur, t, t)
+    if cur.state == TS_RUNNING:
+        return arm_slice(e, cur, <uint32_t>cpu.cur, t)
+    return 0
+
+
+cdef inline int arm_slice(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:
+    cdef uint64_t sl = e.costs.sched_slice_ns
+    cdef uint64_t at
+    if sl and not th.slice_armed:
+        th.slice_armed = 1
+        at = th.run_start + sl
+        return heap_push(e, at if at > t else t, EV_SLICE, g, th.run_gen)
+    return 0
+
+
+cdef int release_cpu(engine_t* e, thread_t* th, uint64_t t) noexcept nogil:
+    """The thread leaves its host CPU; the next queued thread gets it."""
+    cdef cpu_t* cpu = &e.cpus[th.pcpu]
+    cdef int32_t nxt
+    th.run_gen += 1
+    th.slice_armed = 0
+    if cpu.rq_len:
+        nxt = rq_popleft(e, cpu)
+        cpu.cur = nxt
+        return push_thread(e, &e.th[nxt], <uint32_t>nxt, t + e.costs.context_switch_ns, EV_RUN)
+    cpu.cur = -1
+    return 0
+
+
+cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    cdef thread_t* th = &e.th[g]
+    th.state = TS_RUNNING
+    th.run_start = t
+    if e.cpus[th.pcpu].rq_len:
+        if arm_slice(e, th, g, t):
+            return -1
+    if th.resume == RESUME_START:
+        return advance(e, g, t, e.costs.vm_entry_ns)
+    if th.resume == RESUME_HALT:
+        # Back in kvm_vcpu_block's loop after schedule().
+        if check_block(th):
+            return halt_done(e, g, t, 1, th.poll_end, 0)
+        th.state = TS_BLOCKED
+        return release_cpu(e, th, t)
+    if th.rem_gfrom:
+        # It enters the guest again: pending work is taken on entry.
+        th.irq_pending = 0
+        th.requests = 0
+    th.seg_end = t + th.rem_end
+    th.seg_gfrom = t + th.rem_gfrom
+    th.seg_gto = t + th.rem_gto
+    return push_thread(e, th, g, th.seg_end, EV_SEGMENT)
+
+
+cdef int slice_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    cdef thread_t* th = &e.th[g]
+    cdef uint64_t extra
+    th.slice_armed = 0
+    if th.state != TS_RUNNING or not e.cpus[th.pcpu].rq_len:
+        return 0
+    # Preempted: keep the rest of the segment for later.
+    th.rem_end = th.seg_end - t
+    th.rem_gfrom = (th.seg_gfrom if th.seg_gfrom > t else t) - t
+    th.rem_gto = (th.seg_gto if th.seg_gto > t else t) - t
+    if th.seg_gfrom <= t < th.seg_gto:
+        # Preempted in guest mode: it exits now and re-enters when resumed.
+        extra = e.costs.vm_exit_ns + e.costs.vm_entry_ns
+        th.rem_end += extra
+        th.rem_gfrom += extra
+        th.rem_gto += extra
+    th.gen += 1
+    th.state = TS_RUNNABLE
+    th.resume = RESUME_SEGMENT
+    rq_append(e, &e.cpus[th.pcpu], g)
+    return release_cpu(e, th, t)

@@ -1,0 +1,182 @@
+"""The engine's shared vocabulary: op codes, thread states, events, stat layout, costs.
+
+Both engines (the Cython core ``kvmwake._core`` and the plain-Python
+``kvmwake.reference``) use exactly these numbers; ``tests/test_core_mirrors.py``
+checks that the core's compiled-in copies agree with this module.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+# --------------------------------------------------------------------------
+# Guest program ops.  A program is an array of OP_DTYPE records interpreted by
+# the engine; see kvmwake.guest for the builder and the validation rules.
+
+
+class Op(IntEnum):
+    END = 0        #: the program ends; the vCPU thread leaves KVM_RUN
+    COMPUTE = 1    #: run guest code for a drawn time (dist, p0, p1)
+    WFI = 2        #: WFI (arm64) / HLT (x86): trap and kvm_vcpu_halt
+    WAKE = 3       #: make the plain wake source pending on a target vCPU and kick it
+    LOOP = 4       #: loop head: arg = counter slot, p0 = count (0: forever)
+    ENDLOOP = 5    #: loop tail: arg = index of the LOOP op, p0 = count, p1 = slot
+    # 6-31 are reserved for the timer, interrupt, PSCI and sync ops.
+
+
+class Dist(IntEnum):
+    FIXED = 0        #: p0 ns
+    EXPONENTIAL = 1  #: mean p0 ns, rounded to the nearest ns
+    UNIFORM = 2      #: integer ns uniform in [p0, p1]
+
+
+class WakeTarget(IntEnum):
+    VCPU = 0          #: the vCPU whose id is arg
+    RANDOM_OTHER = 1  #: a uniformly drawn other vCPU of the same VM
+    NEXT = 2          #: vcpu_id + 1 modulo the VM's vCPU count
+
+
+OP_DTYPE = np.dtype([("code", "<u2"), ("dist", "<u2"), ("arg", "<u4"),
+                     ("p0", "<u8"), ("p1", "<u8")])
+#: Nesting depth of loops (counter slots per vCPU).
+MAX_LOOP_DEPTH = 4
+#: Longest program accepted.
+MAX_PROGRAM_OPS = 1 << 20
+#: Ops one vCPU may execute at one instant of virtual time before the engine
+#: declares that its program makes no progress.
+MAX_OPS_PER_INSTANT = 100_000
+
+# --------------------------------------------------------------------------
+# vCPU thread states (what the host scheduler sees; MP state is separate).
+
+
+class ThreadState(IntEnum):
+    USER = 0      #: not in KVM_RUN
+    RUNNING = 1   #: on its host CPU: guest code or host work (exit, entry, trap)
+    POLLING = 2   #: in kvm_vcpu_halt's poll loop, on its host CPU
+    BLOCKED = 3   #: in kvm_vcpu_block, waiting on its rcuwait
+    RUNNABLE = 4  #: woken or preempted, waiting for its host CPU
+
+
+#: What a thread does when it next gets its host CPU.
+RESUME_START, RESUME_HALT, RESUME_SEGMENT = 0, 1, 2
+
+#: What happens when a timed segment ends.
+CONT_NEXT, CONT_HALT, CONT_DELIVER, CONT_END = 0, 1, 2, 3
+
+# --------------------------------------------------------------------------
+# Events.  The heap orders by (time, class, sequence); lower class first at
+# equal times.  External wake sources come first, so that a wake that lands
+# on the instant a poll window ends is seen by the poll.
+
+
+class EventClass(IntEnum):
+    TICK = 0      #: a VM's periodic wake source fires
+    SEGMENT = 1   #: a thread's timed segment ends
+    POLL_END = 2  #: a poll window ends without a wake-up
+    RUN = 3       #: a thread gets its host CPU
+    SLICE = 4     #: a running thread's time slice ends
+
+
+# --------------------------------------------------------------------------
+# vCPU requests (include/linux/kvm_host.h, arch/arm64/include/asm/kvm_host.h).
+
+KVM_REQUEST_MASK = 0xFF
+KVM_REQUEST_NO_WAKEUP = 1 << 8
+KVM_REQUEST_WAIT = 1 << 9
+KVM_REQUEST_NO_ACTION = 1 << 10
+KVM_REQUEST_ARCH_BASE = 8
+
+
+class Request(IntEnum):
+    """Request numbers with their flag bits, as the kernel defines them."""
+
+    TLB_FLUSH = 0 | KVM_REQUEST_WAIT | KVM_REQUEST_NO_WAKEUP
+    VM_DEAD = 1 | KVM_REQUEST_WAIT | KVM_REQUEST_NO_WAKEUP
+    UNBLOCK = 2
+    DIRTY_RING_SOFT_FULL = 3
+    # arm64: KVM_ARCH_REQ_FLAGS(nr, flags) = (nr + KVM_REQUEST_ARCH_BASE) | flags
+    SLEEP = (0 + KVM_REQUEST_ARCH_BASE) | KVM_REQUEST_WAIT | KVM_REQUEST_NO_WAKEUP
+    IRQ_PENDING = 1 + KVM_REQUEST_ARCH_BASE
+    VCPU_RESET = 2 + KVM_REQUEST_ARCH_BASE
+    SUSPEND = 6 + KVM_REQUEST_ARCH_BASE
+
+
+# --------------------------------------------------------------------------
+# Per-vCPU stats, in the kernel's binary-stats order
+# (KVM_GENERIC_VCPU_STATS in include/linux/kvm_host.h), then the arch's
+# trap counter (x86 "halt_exits", arm64 "wfi_exit_stat").
+
+HALT_POLL_HIST_COUNT = 32
+
+STAT_COUNTERS = ("halt_successful_poll", "halt_attempted_poll", "halt_poll_invalid",
+                 "halt_wakeup", "halt_poll_success_ns", "halt_poll_fail_ns",
+                 "halt_wait_ns")
+STAT_HISTOGRAMS = ("halt_poll_success_hist", "halt_poll_fail_hist", "halt_wait_hist")
+
+S_SUCCESSFUL_POLL = 0
+S_ATTEMPTED_POLL = 1
+S_POLL_INVALID = 2
+S_WAKEUP = 3
+S_POLL_SUCCESS_NS = 4
+S_POLL_FAIL_NS = 5
+S_WAIT_NS = 6
+S_POLL_SUCCESS_HIST = 7
+S_POLL_FAIL_HIST = S_POLL_SUCCESS_HIST + HALT_POLL_HIST_COUNT
+S_WAIT_HIST = S_POLL_FAIL_HIST + HALT_POLL_HIST_COUNT
+S_BLOCKING = S_WAIT_HIST + HALT_POLL_HIST_COUNT
+S_HALT_EXITS = S_BLOCKING + 1
+NR_STATS = S_HALT_EXITS + 1
+
+#: Name of the arch trap counter at S_HALT_EXITS.
+HALT_EXIT_STAT = {"arm64": "wfi_exit_stat", "x86": "halt_exits"}
+
+# --------------------------------------------------------------------------
+# Wake-latency histogram: log-linear, 16 sub-buckets per power of two.
+# Values 0..15 have their own bucket; v >= 16 with e = floor(log2 v) goes to
+# 16 + (e - 4) * 16 + ((v >> (e - 4)) & 15).  Relative resolution 1/16.
+
+LAT_SUB_BITS = 4
+LAT_BUCKETS = 16 + (64 - LAT_SUB_BITS) * 16
+
+
+def lat_bucket(v: int) -> int:
+    if v < 16:
+        return v
+    e = v.bit_length() - 1
+    return 16 + (e - LAT_SUB_BITS) * 16 + ((v >> (e - LAT_SUB_BITS)) & 15)
+
+
+def lat_bucket_low(i: int) -> int:
+    """Smallest value that falls in bucket ``i``."""
+    if i < 16:
+        return i
+    e = (i - 16) // 16 + LAT_SUB_BITS
+    sub = (i - 16) % 16
+    return (16 + sub) << (e - LAT_SUB_BITS)
+
+
+# --------------------------------------------------------------------------
+# Modelled host costs (ns), each a named parameter with a default.
+
+COST_DEFAULTS = {
+    "vm_exit_ns": 1_000,        # guest -> host transition (trap or IPI)
+    "vm_entry_ns": 1_000,       # host -> guest transition
+    "ipi_send_ns": 500,         # sender's cost to IPI a vCPU that is in guest mode
+    "wake_to_run_ns": 5_000,    # try_to_wake_up to running, on an idle host CPU
+    "context_switch_ns": 2_000,  # switching a host CPU to the next queued thread
+    "sched_slice_ns": 750_000,  # time slice before a running thread is preempted (0: never)
+}
+COST_NAMES = tuple(COST_DEFAULTS)
+
+#: Default vCPU limit per VM (KVM_MAX_VCPUS with the arch's in-kernel irqchip).
+MAX_VCPUS = {"arm64": 512, "x86": 1024}
+ARCHES = ("arm64", "x86")
+
+# --------------------------------------------------------------------------
+# Trace records (see kvmwake.tracefmt for the text form).
+
+TR_WAKEUP = 0
+TR_HALT_POLL_NS = 1

@@ -1,0 +1,37 @@
+"""Build the kvmwake._core extension.
+
+Cython directives live here and only here.  ``KVMWAKE_DEBUG=1 pip install .``
+builds a debug variant: bounds and wraparound checks on, C asserts kept.
+"""
+
+import os
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("KVMWAKE_DEBUG", "") not in ("", "0")
+
+DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": True,
+    "nonecheck": False,
+    "embedsignature": True,
+}
+
+extensions = [
+    Extension(
+        "kvmwake._core",
+        ["kvmwake/_core.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=(["-O0", "-g"] if DEBUG else ["-O3"]),
+        undef_macros=(["NDEBUG"] if DEBUG else []),
+    )
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES,
+                            build_dir="build/cython"))
