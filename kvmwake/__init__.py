@@ -1,0 +1,27 @@
+"""kvmwake: a fast, deterministic model of how Linux KVM blocks, polls, kicks and wakes vCPUs.
+
+    import kvmwake as kw
+    from kvmwake import guest as g
+
+    vm = kw.VM(arch="arm64", nr_vcpus=2, host_cpus=2, seed=1)
+    vm.enable_cap(kw.Cap.HALT_POLL, 100_000)
+    for v in vm.vcpus:
+        v.load([g.loop([g.compute_exp(20_000), g.wake_random_other(), g.wfi()])])
+    vm.run(until_ns=10_000_000)
+    vm.stats()["halt_successful_poll"]
+    print(vm.trace_text())
+"""
+
+__version__ = "0.1.0"
+
+from . import guest, model, tracefmt, uapi  # noqa: E402
+from .errors import EngineError, KvmError, ProgramError, ScenarioError  # noqa: E402
+from .host import Host  # noqa: E402
+from .model import Request  # noqa: E402
+from .uapi import Cap  # noqa: E402
+from .vm import VCpu, VM  # noqa: E402
+
+__all__ = [
+    "Host", "VM", "VCpu", "Cap", "Request", "KvmError", "ProgramError", "EngineError",
+    "ScenarioError", "guest", "model", "tracefmt", "uapi", "__version__",
+]

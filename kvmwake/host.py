@@ -1,0 +1,167 @@
+"""The host: a virtual clock, host CPUs, the kvm module parameters, and its VMs.
+
+Several VMs share one host, as on a real server.  vCPU threads are placed on
+host CPUs round-robin by creation order: the g-th vCPU thread created on the
+host (counting over all its VMs) runs on host CPU ``g % host_cpus``.
+"""
+
+from __future__ import annotations
+
+import errno
+import numbers
+
+from . import haltpoll
+from .errors import KvmError
+from .model import ARCHES, COST_DEFAULTS, MAX_VCPUS
+
+ENGINES = ("core", "reference")
+#: Largest host the engines accept.
+MAX_HOST_CPUS = 1 << 20
+#: Most vCPU threads one host holds (over all its VMs).
+MAX_HOST_THREADS = 1 << 24
+MAX_COST_NS = 1 << 40
+MAX_TIME_NS = 1 << 62
+
+
+def _engine_class(engine: str):
+    if engine == "core":
+        from . import _core
+        return _core.Engine
+    if engine == "reference":
+        from . import reference
+        return reference.Engine
+    raise ValueError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+
+
+def check_int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} = {value} is out of range {lo}..{hi}")
+    return value
+
+
+def check_arch(arch) -> str:
+    if arch not in ARCHES:
+        raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCHES)})")
+    return arch
+
+
+class Host:
+    """A host machine: clock, host CPUs, module parameters, VMs.
+
+    Parameters
+    ----------
+    host_cpus : int
+        Number of host CPUs.
+    arch : {"arm64", "x86"}
+        Architecture; decides ``halt_poll_ns``'s default and the vCPU limit.
+    seed : int
+        Seed of every random stream (one per vCPU, derived from the seed, the
+        VM's index on the host and the vCPU id).
+    costs : dict, optional
+        Modelled costs in ns, overriding ``model.COST_DEFAULTS``.
+    engine : {"core", "reference"}
+        The Cython core (default) or the plain-Python reference engine.
+    trace_capacity : int
+        Tracepoint records kept (the newest, like ftrace's ring buffer); 0
+        turns tracing off.
+    """
+
+    def __init__(self, host_cpus: int = 1, arch: str = "arm64", seed: int = 0,
+                 costs: dict | None = None, engine: str = "core",
+                 trace_capacity: int = 1 << 20):
+        host_cpus = check_int("host_cpus", host_cpus, 1, MAX_HOST_CPUS)
+        arch = check_arch(arch)
+        seed = check_int("seed", seed, 0, (1 << 64) - 1)
+        trace_capacity = check_int("trace_capacity", trace_capacity, 0, 1 << 32)
+        merged = dict(COST_DEFAULTS)
+        for name, value in (costs or {}).items():
+            if name not in COST_DEFAULTS:
+                raise ValueError(f"unknown cost {name!r} (known: {', '.join(COST_DEFAULTS)})")
+            merged[name] = check_int(name, value, 0, MAX_COST_NS)
+        self.arch = arch
+        self.seed = seed
+        self.engine_name = engine
+        self._engine = _engine_class(engine)(arch, host_cpus, seed, merged, trace_capacity)
+        self.host_cpus = host_cpus
+        self.vms: list = []
+        self._nthreads = 0
+
+    # -- module parameters (/sys/module/kvm/parameters) ---------------------------
+
+    def _param(name):  # noqa: N805  (a property factory used in the class body)
+        def get(self):
+            return getattr(self._engine, name)
+
+        def set_(self, value):
+            setattr(self._engine, name, haltpoll.check_u32(name, value))
+        return property(get, set_, doc=f"The kvm module parameter ``{name}`` (unsigned int).")
+
+    halt_poll_ns = _param("halt_poll_ns")
+    halt_poll_ns_grow = _param("halt_poll_ns_grow")
+    halt_poll_ns_grow_start = _param("halt_poll_ns_grow_start")
+    halt_poll_ns_shrink = _param("halt_poll_ns_shrink")
+    del _param
+
+    @property
+    def costs(self) -> dict:
+        return dict(self._engine.costs)
+
+    @property
+    def now(self) -> int:
+        """Virtual time, ns."""
+        return self._engine.now
+
+    @property
+    def events(self) -> int:
+        return self._engine.events
+
+    @property
+    def halts(self) -> int:
+        return self._engine.halts
+
+    # -- VMs -------------------------------------------------------------------------
+
+    def create_vm(self, nr_vcpus: int, arch: str | None = None):
+        """``KVM_CREATE_VM`` plus ``nr_vcpus`` x ``KVM_CREATE_VCPU``."""
+        from .vm import VM
+        return VM(nr_vcpus=nr_vcpus, arch=arch or self.arch, host=self)
+
+    def _add_vm(self, vm, nr_vcpus: int, arch: str) -> int:
+        if arch != self.arch:
+            raise ValueError(f"a {arch} VM cannot run on an {self.arch} host")
+        if isinstance(nr_vcpus, bool) or not isinstance(nr_vcpus, numbers.Integral):
+            raise TypeError(f"nr_vcpus must be an integer, not {type(nr_vcpus).__name__}")
+        if nr_vcpus < 1:
+            raise ValueError(f"nr_vcpus = {nr_vcpus}: a VM needs at least one vCPU")
+        if nr_vcpus > MAX_VCPUS[arch]:
+            raise KvmError(errno.EINVAL, f"nr_vcpus = {nr_vcpus} exceeds KVM_MAX_VCPUS "
+                                         f"({MAX_VCPUS[arch]} on {arch})")
+        if self._nthreads + nr_vcpus > MAX_HOST_THREADS:
+            raise ValueError(f"a host holds at most {MAX_HOST_THREADS} vCPU threads")
+        index = self._engine.add_vm(int(nr_vcpus))
+        first = self._nthreads
+        self._nthreads += int(nr_vcpus)
+        self.vms.append(vm)
+        return index, first
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self, until_ns: int) -> None:
+        """Run every VM on the host until virtual time ``until_ns``."""
+        until_ns = check_int("until_ns", until_ns, 0, MAX_TIME_NS)
+        if until_ns < self.now:
+            raise ValueError(f"until_ns = {until_ns} is before the current time {self.now}")
+        for vm in self.vms:
+            vm._start_loaded()
+        self._engine.run(until_ns)
+
+    def latency_histogram(self):
+        """Wake-latency histogram over the host (see ``model.lat_bucket``)."""
+        return self._engine.lat_hist_array()
+
+    def __repr__(self):
+        return (f"Host(arch={self.arch!r}, host_cpus={self.host_cpus}, vms={len(self.vms)}, "
+                f"now={self.now} ns, engine={self.engine_name!r})")

@@ -1,0 +1,123 @@
+"""Built-in scenarios: whole hosts of VMs with guest programs and wake sources.
+
+``build(name, ...)`` returns a ready ``Host`` and the virtual time to run.
+
+* ``default``: 4,096 arm64 vCPUs (64 VMs x 64) on 256 host CPUs.  Each VM
+  mixes four vCPU roles by ``vcpu_id % 4``: a request server (short compute,
+  wakes a random peer, WFI), a worker (longer compute, WFI, woken by peers),
+  a batch job (long compute, wakes its neighbour, WFI) and a mostly idle vCPU
+  (a little compute, WFI, woken by the 4 ms tick or by peers).
+* ``ipi-storm``: the canonical comparison workload.  N x86 vCPUs (default
+  1,024, in VMs of at most KVM_MAX_VCPUS = 1024), each on its own host CPU
+  unless ``host_cpus`` says otherwise; each loops: compute for Exp(mean
+  20 us), wake a uniformly chosen other vCPU of its VM, WFI.  Halt-poll
+  ceiling 200 us, grow 2, grow start 10 us, shrink 2; a 4 ms periodic tick
+  (multiples of 4 ms of virtual time) wakes every halted vCPU; wake-to-run
+  cost 5 us.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import guest as g
+from .errors import ScenarioError
+from .host import Host, check_int
+from .model import MAX_VCPUS
+
+MS = 1_000_000
+US = 1_000
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    arch: str
+    vcpus: int
+    vcpus_per_vm: int
+    host_cpus: int | None          # None: one per vCPU
+    sim_ns: int
+    program: Callable[[int, int], g.Program]   # (vcpu_id, nr_vcpus) -> program
+    tick_ns: int = 4 * MS
+    module_params: dict = field(default_factory=dict)
+    costs: dict = field(default_factory=dict)
+
+
+def _default_program(vcpu_id: int, nr_vcpus: int) -> g.Program:
+    role = vcpu_id % 4
+    if role == 0:      # request server
+        body = [g.compute_exp(30 * US), g.wake_random_other(), g.wfi()]
+    elif role == 1:    # worker
+        body = [g.compute_exp(100 * US), g.wfi()]
+    elif role == 2:    # batch job
+        body = [g.compute_uniform(200 * US, 2 * MS), g.wake_next(), g.wfi()]
+    else:              # mostly idle
+        body = [g.compute(10 * US), g.wfi()]
+    return g.Program([g.loop(body)])
+
+
+def _ipi_storm_program(vcpu_id: int, nr_vcpus: int) -> g.Program:
+    return g.Program([g.loop([g.compute_exp(20 * US), g.wake_random_other(), g.wfi()])])
+
+
+BUILTIN: dict[str, Scenario] = {
+    "default": Scenario(
+        name="default",
+        description="4,096 arm64 vCPUs (64 VMs x 64) on 256 host CPUs: servers, workers, "
+                    "batch and idle vCPUs waking each other, 4 ms tick",
+        arch="arm64", vcpus=4096, vcpus_per_vm=64, host_cpus=256, sim_ns=200 * MS,
+        program=_default_program),
+    "ipi-storm": Scenario(
+        name="ipi-storm",
+        description="N x86 vCPUs, one per host CPU: compute Exp(20 us), wake a random "
+                    "other vCPU, WFI; poll ceiling 200 us; 4 ms tick",
+        arch="x86", vcpus=1024, vcpus_per_vm=MAX_VCPUS["x86"], host_cpus=None,
+        sim_ns=100 * MS, program=_ipi_storm_program,
+        module_params={"halt_poll_ns": 200_000, "halt_poll_ns_grow": 2,
+                       "halt_poll_ns_grow_start": 10_000, "halt_poll_ns_shrink": 2},
+        costs={"wake_to_run_ns": 5_000}),
+}
+
+
+def names() -> list[str]:
+    return list(BUILTIN)
+
+
+def get(name: str) -> Scenario:
+    try:
+        return BUILTIN[name]
+    except KeyError:
+        raise ScenarioError(f"unknown scenario {name!r} (built-in: {', '.join(BUILTIN)})") from None
+
+
+def build(name: str, *, vcpus: int | None = None, host_cpus: int | None = None,
+          sim_ns: int | None = None, seed: int = 0, engine: str = "core",
+          trace_capacity: int = 0) -> tuple[Host, int, Scenario]:
+    """Build scenario ``name``; returns ``(host, sim_ns, scenario)``."""
+    sc = get(name)
+    total = sc.vcpus if vcpus is None else check_int("vcpus", vcpus, 1, 1 << 24)
+    if host_cpus is None:
+        host_cpus = sc.host_cpus if sc.host_cpus is not None else total
+    sim_ns = sc.sim_ns if sim_ns is None else check_int("sim_ns", sim_ns, 1, 1 << 62)
+    host = Host(host_cpus=host_cpus, arch=sc.arch, seed=seed, costs=sc.costs,
+                engine=engine, trace_capacity=trace_capacity)
+    for pname, value in sc.module_params.items():
+        setattr(host, pname, value)
+    per_vm = min(sc.vcpus_per_vm, total)
+    left = total
+    while left:
+        n = min(per_vm, left)
+        vm = host.create_vm(n)
+        for v in vm.vcpus:
+            try:
+                v.load(sc.program(v.id, n))
+            except g.ProgramError as exc:
+                raise ScenarioError(f"scenario {name}, VM {vm.index} of {n} vCPUs, "
+                                    f"vCPU {v.id}: {exc}") from None
+        if sc.tick_ns:
+            vm.set_tick(sc.tick_ns)
+        left -= n
+    return host, sim_ns, sc
+
