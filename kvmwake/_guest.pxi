@@ -23,15 +23,21 @@ cdef inline uint32_t wake_target(thread_t* th, uint32_t nr_vcpus, uint16_t kind,
     return <uint32_t>r if r < th.vcpu_id else <uint32_t>(r + 1)
 
 
-cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nogil:
-    """Run guest ops from th.pc after ``pre`` ns of host work (the entry)."""
+cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre,
+                 bint entry) noexcept nogil:
+    """Run guest ops from th.pc after ``pre`` ns of host work (the entry).
+
+    ``entry``: the thread enters the guest now (start, after a trap, after a
+    halt), not just going on in guest mode (a loop back-edge).  An entry takes
+    pending work even when it costs 0 ns.
+    """
     cdef thread_t* th = &e.th[g]
     cdef const op_t* ops = &e.ops[th.prog]
     cdef const op_t* op
     cdef uint64_t guest = 0
     cdef uint32_t n = 0
     cdef int rc = 0
-    if pre:
+    if entry:
         th.irq_pending = 0        # the guest takes the interrupt on entry
         th.requests = 0           # check_vcpu_requests on the way in
     while True:
@@ -90,8 +96,8 @@ cdef int segment_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         ipi = raise_pending(e, e.vms[th.vm].first + th.wake_target, t)
         if ipi < 0:
             return -1
-        return advance(e, g, t, e.costs.vm_entry_ns + (e.costs.ipi_send_ns if ipi else 0))
+        return advance(e, g, t, e.costs.vm_entry_ns + (e.costs.ipi_send_ns if ipi else 0), 1)
     if cont == CONT_END:
         th.state = TS_USER
         return release_cpu(e, th, t)
-    return advance(e, g, t, 0)
+    return advance(e, g, t, 0, 0)

@@ -157,7 +157,7 @@ cdef int halt_done(engine_t* e, uint32_t g, uint64_t cur, bint waited, uint64_t 
     if not immediate:
         e.lat_hist[lat_bucket(cur + entry - th.wake_ts)] += 1
     th.state = TS_RUNNING
-    return advance(e, g, cur, entry)
+    return advance(e, g, cur, entry, 1)
 
 
 cdef inline uint32_t lat_bucket(uint64_t v) noexcept nogil:

@@ -72,15 +72,17 @@ cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         if arm_slice(e, th, g, t):
             return -1
     if th.resume == RESUME_START:
-        return advance(e, g, t, e.costs.vm_entry_ns)
+        return advance(e, g, t, e.costs.vm_entry_ns, 1)
     if th.resume == RESUME_HALT:
         # Back in kvm_vcpu_block's loop after schedule().
         if check_block(th):
             return halt_done(e, g, t, 1, th.poll_end, 0)
         th.state = TS_BLOCKED
         return release_cpu(e, th, t)
-    if th.rem_gfrom:
-        # It enters the guest again: pending work is taken on entry.
+    if th.rem_gto:
+        # Preempted before it left guest mode (entering, or in guest mode): it
+        # enters the guest again and takes pending work on entry, whatever the
+        # entry costs (even 0 ns).
         th.irq_pending = 0
         th.requests = 0
     th.seg_end = t + th.rem_end

@@ -292,7 +292,7 @@ class Engine:
         if self.cpus[th.pcpu].runq:
             self._arm_slice(th, t)
         if th.resume == RESUME_START:
-            self._advance(th, t, self.costs["vm_entry_ns"])
+            self._advance(th, t, self.costs["vm_entry_ns"], True)
         elif th.resume == RESUME_HALT:
             # Back in kvm_vcpu_block's loop after schedule().
             if self._check_block(th):
@@ -301,8 +301,10 @@ class Engine:
                 th.state = _BLOCKED
                 self._release_cpu(th, t)
         else:
-            if th.rem_gfrom:
-                # It enters the guest again: pending work is taken on entry.
+            if th.rem_gto:
+                # Preempted before it left guest mode (entering, or in guest
+                # mode): it enters the guest again and takes pending work on
+                # entry, whatever the entry costs (even 0 ns).
                 th.irq_pending = False
                 th.requests = 0
             th.seg_end = t + th.rem_end
@@ -332,15 +334,19 @@ class Engine:
 
     # -- guest program interpreter ---------------------------------------------
 
-    def _advance(self, th, t, pre):
+    def _advance(self, th, t, pre, entry):
         """Run guest ops from ``th.pc`` after ``pre`` ns of host work (entry).
+
+        ``entry`` is true when the thread enters the guest now (at its start,
+        after a trap, after a halt) and false when it only goes on in guest
+        mode (a loop back-edge).  An entry takes pending work even when it
+        costs 0 ns.
 
         Accumulates guest time until an op that must act at an instant of its
         own (a trap, a halt, the end), then schedules the segment's end.
         """
-        if pre and th.irq_pending:
+        if entry:
             th.irq_pending = False   # the guest takes the interrupt on entry
-        if pre:
             th.requests = 0          # check_vcpu_requests on the way in
         guest = 0
         ops = th.prog
@@ -421,12 +427,12 @@ class Engine:
             target = self.threads[th.vm.first + th.wake_target]
             ipi = self._raise_pending(target, t)
             extra = self.costs["ipi_send_ns"] if ipi else 0
-            self._advance(th, t, self.costs["vm_entry_ns"] + extra)
+            self._advance(th, t, self.costs["vm_entry_ns"] + extra, True)
         elif cont == CONT_END:
             th.state = _USER
             self._release_cpu(th, t)
         else:
-            self._advance(th, t, 0)
+            self._advance(th, t, 0, False)
 
     # -- wake sources, requests and kicks ----------------------------------------
 
@@ -578,7 +584,7 @@ class Engine:
         if not immediate:
             self.lat_hist[lat_bucket(cur + entry - th.wake_ts)] += 1
         th.state = _RUNNING
-        self._advance(th, cur, entry)
+        self._advance(th, cur, entry, True)
 
     def _trace(self, th, t, kind, flag, valid, a, b):
         if not self.tracing:
