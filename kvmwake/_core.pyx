@@ -455,3 +455,6 @@ cdef class Engine:
                 "heap": self.e.hcap * sizeof(event_t),
                 "ops": len(self._ops), "trace": self.e.talloc * sizeof(trace_rec_t),
                 "cpus": self.e.ncpu * sizeof(cpu_t), "vms": self.e.nvm * sizeof(vm_t)}
+
+
+include "_bench.pxi"

@@ -114,7 +114,8 @@ def run_scenario(args) -> dict:
     return summary
 
 
-def print_summary(s: dict, out=sys.stdout) -> None:
+def print_summary(s: dict, out=None) -> None:
+    out = out or sys.stdout
     st = s["stats"]
     w = out.write
     w(f"kvmwake run {s['scenario']}: {s['vcpus']} {s['arch']} vCPUs in {s['vms']} VM(s) on "

@@ -46,7 +46,9 @@ class VM:
         check_arch(arch)
         if host is None:
             if host_cpus is None:
-                host_cpus = check_int("nr_vcpus", nr_vcpus, 1, MAX_VCPUS[arch])
+                # One host CPU per vCPU; a bad nr_vcpus is reported by _add_vm.
+                valid = isinstance(nr_vcpus, int) and 1 <= nr_vcpus <= MAX_VCPUS[arch]
+                host_cpus = nr_vcpus if valid else 1
             host = Host(host_cpus=host_cpus, arch=arch, seed=seed, costs=costs,
                         engine=engine, trace_capacity=trace_capacity)
         elif host_cpus is not None or costs is not None:

@@ -1,0 +1,223 @@
+# Micro-benchmark hooks, in the style of numpy.random's ``_benchmark``: each
+# runs its loop without the GIL and returns the elapsed wall time in ns
+# (CLOCK_MONOTONIC), so that bench/ can report a cost per operation that
+# excludes the Python call.  Nothing here is used by the engine itself, and
+# none of it changes the model: a hook either works on private state or puts
+# a real Engine back exactly as it found it.
+#
+# bench_heap(n, seed)            n heap_push of pseudo-random times into an
+#                                empty heap, then n heap_pop (order checked)
+# bench_check_block(n, seed)     raise a wake source, kvm_vcpu_check_block()
+# bench_kick(engine, g, n)       raise_pending + kvm_vcpu_kick of a BLOCKED vCPU
+# bench_halt_path(n, poll)       a 2-vCPU engine: n complete halts of vCPU 0,
+#                                each ended by vCPU 1's wake
+
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+
+cdef inline uint64_t _bench_now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
+def bench_heap(uint64_t n, uint64_t seed=0):
+    """Push ``n`` events with pseudo-random times into an empty heap, pop them all.
+
+    Works on a private, zeroed ``engine_t`` (the heap grows from nothing by
+    doubling, as in a real run).  Every popped event is checked to come no
+    earlier, in (time, class, sequence) order, than the one before; a
+    disorder raises ``AssertionError``.  Returns the wall ns of the pushes and
+    pops together.
+    """
+    cdef engine_t e
+    cdef event_t ev, prev
+    cdef uint64_t i, x, t0, t1
+    cdef int rc = 0
+    cdef bint bad = False
+    memset(&e, 0, sizeof(engine_t))
+    memset(&prev, 0, sizeof(event_t))
+    x = splitmix64(seed)
+    try:
+        with nogil:
+            t0 = _bench_now_ns()
+            for i in range(n):
+                x = fmix64(x + <uint64_t>0x9E3779B97F4A7C15)
+                # Times within ~1.1 ms, so that equal times (ordered by class
+                # and sequence) occur too; the class is one of the five.
+                rc = heap_push(&e, x & 0xFFFFF, (x >> 32) % 5, <uint32_t>i, 0)
+                if rc:
+                    break
+            if rc == 0:
+                for i in range(n):
+                    heap_pop(&e, &ev)
+                    if i and ev_before(&ev, &prev):
+                        bad = True
+                        break
+                    prev = ev
+            t1 = _bench_now_ns()
+    finally:
+        free(e.heap)
+    if rc:
+        raise MemoryError("the event heap could not grow")
+    if bad:
+        raise AssertionError(f"heap popped out of order after {i} pops")
+    return t1 - t0
+
+
+def bench_check_block(uint64_t n, uint64_t seed=0, uint32_t nthreads=4096):
+    """The wake condition: raise a wake source on a vCPU, then ``kvm_vcpu_check_block``.
+
+    On ``nthreads`` private, zeroed ``thread_t`` (a power of two), visited in
+    a scrambled order.  Iteration i picks a thread and, by a pseudo-random
+    draw, raises the interrupt (irq_pending), makes a KVM_REQ_UNBLOCK
+    request, or makes no wake source pending (a request that is not UNBLOCK);
+    ``check_block`` then decides, and the pending interrupt is taken
+    (cleared) as on guest entry.  The number of "runnable" answers is checked
+    against the draws.  Returns the wall ns of the n iterations.
+    """
+    cdef thread_t* ths
+    cdef thread_t* th
+    cdef uint64_t i, j, x, kind, t0, t1, hits = 0, want = 0
+    cdef uint64_t mask = nthreads - 1
+    if nthreads == 0 or (nthreads & mask):
+        raise ValueError("nthreads must be a power of two")
+    ths = <thread_t*>malloc(nthreads * sizeof(thread_t))
+    if ths == NULL:
+        raise MemoryError()
+    memset(ths, 0, nthreads * sizeof(thread_t))
+    try:
+        with nogil:
+            x = splitmix64(seed)
+            t0 = _bench_now_ns()
+            for i in range(n):
+                j = (i * <uint64_t>2654435761) & mask
+                th = &ths[j]
+                x = x * KW_LCG_MULT + <uint64_t>1442695040888963407
+                kind = (x >> 61) % 3
+                if kind == 0:
+                    th.irq_pending = 1
+                elif kind == 1:
+                    th.requests |= <uint32_t>REQ_UNBLOCK_BIT
+                else:
+                    th.requests |= 1          # some other request: no wake-up
+                if check_block(th):
+                    hits += 1
+                th.irq_pending = 0
+                th.requests = 0
+            t1 = _bench_now_ns()
+            # The same draws again, untimed, for the expected answer.
+            x = splitmix64(seed)
+            for i in range(n):
+                x = x * KW_LCG_MULT + <uint64_t>1442695040888963407
+                if (x >> 61) % 3 != 2:
+                    want += 1
+    finally:
+        free(ths)
+    if hits != want:
+        raise AssertionError(f"check_block said runnable {hits} times, expected {want}")
+    return t1 - t0
+
+
+def bench_kick(Engine engine, uint32_t g, uint64_t n):
+    """``raise_pending`` + ``kvm_vcpu_kick`` of thread ``g``, ``n`` times.
+
+    ``g`` must be BLOCKED in a halt on an idle host CPU (e.g. a vCPU whose
+    program is ``wfi`` with polling off, run past its halt): each iteration
+    raises the wake source and kicks it, which is ``kvm_vcpu_wake_up`` (the
+    halt_wakeup stat, RUNNABLE) and ``try_to_wake_up`` (it takes the idle
+    host CPU and its EV_RUN event is pushed).  Then the few fields the kick
+    changed are put back (state, irq_pending, the CPU's current thread) and
+    the event is dropped, so the next iteration kicks the same blocked vCPU.
+
+    The EV_RUN events go to a private heap emptied each time, so heap_push
+    costs O(1) here (the heap's own cost is ``bench_heap``'s).  On return the
+    engine is exactly as before: its heap, sequence number, the thread, its
+    host CPU and its stats row.  Returns the wall ns of the n kicks.
+    """
+    cdef engine_t* e = &engine.e
+    cdef thread_t* th
+    cdef cpu_t* cpu
+    cdef thread_t saved_th
+    cdef cpu_t saved_cpu
+    cdef uint64_t saved_wakeups, saved_hlen, saved_hcap, saved_seq, i, t0, t1, done = 0
+    cdef event_t* saved_heap
+    cdef event_t* priv
+    cdef uint8_t irq0
+    cdef int rc = 0
+    if engine._failed:
+        raise ValueError("this engine stopped on an earlier error")
+    if g >= e.nth:
+        raise ValueError(f"no thread {g} (the engine has {e.nth})")
+    th = &e.th[g]
+    cpu = &e.cpus[th.pcpu]
+    if th.state != TS_BLOCKED or cpu.cur >= 0:
+        raise ValueError(f"thread {g} must be BLOCKED on an idle host CPU "
+                         f"(state {th.state}, host CPU {th.pcpu} runs {cpu.cur})")
+    priv = <event_t*>malloc(16 * sizeof(event_t))
+    if priv == NULL:
+        raise MemoryError()
+    saved_th = th[0]
+    saved_cpu = cpu[0]
+    saved_wakeups = e.stats[<uint64_t>g * NR_STATS + S_WAKEUP]
+    saved_heap, saved_hlen, saved_hcap, saved_seq = e.heap, e.hlen, e.hcap, e.seq
+    irq0 = th.irq_pending
+    e.heap, e.hlen, e.hcap = priv, 0, 16
+    try:
+        with nogil:
+            t0 = _bench_now_ns()
+            for i in range(n):
+                rc = raise_pending(e, g, e.now)
+                if rc != 0 or th.state != TS_RUNNABLE or e.hlen != 1:
+                    break
+                done += 1
+                th.state = TS_BLOCKED
+                th.irq_pending = irq0
+                cpu.cur = -1
+                e.hlen = 0
+            t1 = _bench_now_ns()
+    finally:
+        th[0] = saved_th
+        cpu[0] = saved_cpu
+        e.stats[<uint64_t>g * NR_STATS + S_WAKEUP] = saved_wakeups
+        e.heap, e.hlen, e.hcap, e.seq = saved_heap, saved_hlen, saved_hcap, saved_seq
+        free(priv)
+    if done != n:
+        raise AssertionError(f"kick {done} did not wake thread {g} (rc {rc})")
+    return t1 - t0
+
+
+def bench_halt_path(uint64_t n, bint poll=False, uint64_t seed=0):
+    """``n`` complete halts on a private 2-vCPU x86 engine (2 host CPUs).
+
+    vCPU 0 loops ``n`` times over {compute 100 ns, HLT}; vCPU 1 loops ``n``
+    times over {compute 10 us, wake vCPU 0}.  With ``poll`` false
+    (halt_poll_ns = 0) every halt is the block path: kvm_vcpu_halt,
+    kvm_vcpu_block, release of the host CPU, the kick's wake-up, the EV_RUN
+    event, the re-check after schedule(), the halt stats and the guest entry.
+    With ``poll`` true (halt_poll_ns 200 us) the halts end in the poll window.
+    Both vCPUs' guest segments, exits and the wake-up IPI are part of each
+    halt's cost.  Runs the event loop until both programs end, checks that
+    there were exactly ``n`` halts, and returns the wall ns of the run.
+    """
+    cdef Engine eng
+    cdef uint64_t t0, t1
+    cdef int rc
+    from . import guest as _g
+    if n < 1 or n > 0xFFFFFFFF:
+        raise ValueError(f"n = {n} is out of range 1..2**32-1")
+    eng = Engine("x86", 2, seed, None, 0)
+    eng.halt_poll_ns = 200_000 if poll else 0
+    eng.add_vm(2)
+    eng.load_program(0, _g.Program([_g.loop([_g.compute(100), _g.wfi()], n)]).ops)
+    eng.load_program(1, _g.Program([_g.loop([_g.compute(10_000), _g.wake(0)], n)]).ops)
+    eng.start_vcpu(0)
+    eng.start_vcpu(1)
+    with nogil:
+        t0 = _bench_now_ns()
+        rc = run_loop(&eng.e, <uint64_t>1 << 62)
+        t1 = _bench_now_ns()
+    eng._check(rc)
+    if eng.e.halts != n:
+        raise AssertionError(f"{eng.e.halts} halts, expected {n}")
+    return t1 - t0
