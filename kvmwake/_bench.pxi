@@ -221,3 +221,15 @@ def bench_halt_path(uint64_t n, bint poll=False, uint64_t seed=0):
     if eng.e.halts != n:
         raise AssertionError(f"{eng.e.halts} halts, expected {n}")
     return t1 - t0
+
+
+def bench_counters(Engine engine):
+    """Read-only counters of an engine's event heap, for the benchmark reports.
+
+    ``pushes`` events were pushed in all (cancelled ones included), ``heap_len``
+    are still queued, so ``pushes - heap_len`` were popped, of which
+    ``events`` were live (the others were cancelled by a newer generation).
+    """
+    cdef engine_t* e = &engine.e
+    return {"pushes": e.seq, "heap_len": e.hlen, "heap_cap": e.hcap,
+            "events": e.events, "halts": e.halts, "threads": e.nth}

@@ -1,0 +1,106 @@
+"""Benchmarks of kvmwake (pytest-benchmark).  Not part of the test run.
+
+    pytest bench --benchmark-only --benchmark-columns=median,ops,rounds   # full size
+    KVMWAKE_BENCH_SIZE=tiny pytest bench --benchmark-disable -q           # CI smoke
+
+``KVMWAKE_BENCH_SIZE`` picks the size: ``full`` (the default) or ``tiny`` (a
+few vCPUs for a millisecond of virtual time: checks that every benchmark
+runs, in a few seconds, and times nothing useful).  The project's
+``testpaths`` is ``tests``, so a plain ``pytest`` never collects this folder.
+
+Only ``host.run`` is timed in the scenario benchmarks (the host is built in
+pedantic's untimed ``setup``); the micro benchmarks call the ``bench_*``
+hooks of ``kvmwake._core`` (``kvmwake/_bench.pxi``), which run their loop
+without the GIL and also return their own nanosecond count.  The summary at
+the end prints what pytest-benchmark's table does not: ns per operation and
+halts per wall second.
+"""
+
+from __future__ import annotations
+
+import os
+
+# No BLAS helper threads (numpy starts OpenBLAS's on import; idle, they still
+# spin on the second core).  Too late if numpy was imported before this file.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
+
+MS = 1_000_000
+
+SIZE = os.environ.get("KVMWAKE_BENCH_SIZE", "full") or "full"
+
+#: (scenario, engine) -> (vCPUs, simulated ns, rounds), per size.
+SCENARIO_SIZES = {
+    "tiny": {
+        ("ipi-storm", "core"): (16, 1 * MS, 1),
+        ("ipi-storm", "reference"): (16, 1 * MS, 1),
+        ("default", "core"): (16, 1 * MS, 1),
+        ("default", "reference"): (16, 1 * MS, 1),
+    },
+    "full": {
+        ("ipi-storm", "core"): (1024, 100 * MS, 7),
+        ("ipi-storm", "reference"): (1024, 5 * MS, 5),
+        ("default", "core"): (4096, 200 * MS, 7),
+        ("default", "reference"): (256, 5 * MS, 7),
+    },
+}
+
+#: Operations per call of each micro benchmark, per size.
+MICRO_SIZES = {
+    "tiny": {"heap_small": 64, "heap_large": 256, "check_block": 1_000, "kick": 1_000,
+             "halt_path": 100},
+    "full": {"heap_small": 1024, "heap_large": 1 << 20, "check_block": 10_000_000,
+             "kick": 1_000_000, "halt_path": 200_000},
+}
+
+
+def pytest_configure(config):
+    if SIZE not in SCENARIO_SIZES:
+        raise pytest.UsageError(f"KVMWAKE_BENCH_SIZE={SIZE!r}: choose tiny or full")
+
+
+def pytest_report_header(config):
+    return f"kvmwake benchmarks: KVMWAKE_BENCH_SIZE={SIZE}"
+
+
+@pytest.fixture(scope="session")
+def bench_size() -> str:
+    return SIZE
+
+
+@pytest.fixture(scope="session")
+def scenario_sizes() -> dict:
+    return SCENARIO_SIZES[SIZE]
+
+
+@pytest.fixture(scope="session")
+def micro_sizes() -> dict:
+    return MICRO_SIZES[SIZE]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bs = getattr(config, "_benchmarksession", None)
+    benches = getattr(bs, "benchmarks", None) or []
+    rows = []
+    for b in benches:
+        info = dict(getattr(b, "extra_info", {}) or {})
+        if not info:
+            continue
+        try:
+            median = b.stats.median
+        except AttributeError:
+            continue
+        ops = info.get("ops_per_call")
+        if ops:
+            rows.append(f"  {b.name:<48} {median * 1e9 / ops:10.1f} ns/{info.get('op', 'op')}"
+                        f" (median call; C timer, last call: {info.get('c_ns_per_op', float('nan')):.1f})")
+        elif "halts" in info:
+            rows.append(f"  {b.name:<48} {info['halts'] / median:14,.0f} halts/s "
+                        f"{info['events'] / median:14,.0f} events/s  "
+                        f"({info['vcpus']} vCPUs, {info['sim_ms']} ms simulated)")
+    if rows:
+        terminalreporter.write_sep("-", f"kvmwake per-operation figures (size {SIZE}, from medians)")
+        for r in rows:
+            terminalreporter.write_line(r)
