@@ -47,7 +47,7 @@ ctypedef struct thread_t:
     uint8_t do_poll
     uint8_t irq_pending
     uint8_t has_prog
-    uint8_t rem_entry         # preempted before its guest part ended
+    uint8_t _pad
 
 
 ctypedef struct vm_t:

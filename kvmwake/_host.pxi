@@ -101,7 +101,6 @@ cdef int slice_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     th.rem_end = th.seg_end - t
     th.rem_gfrom = (th.seg_gfrom if th.seg_gfrom > t else t) - t
     th.rem_gto = (th.seg_gto if th.seg_gto > t else t) - t
-    th.rem_entry = t < th.seg_gto
     if th.seg_gfrom <= t < th.seg_gto:
         # Preempted in guest mode: it exits now and re-enters when resumed.
         extra = e.costs.vm_exit_ns + e.costs.vm_entry_ns

@@ -136,6 +136,9 @@ class Program:
     def from_array(cls, ops) -> "Program":
         """Wrap a raw ``OP_DTYPE`` array after validating it."""
         arr = np.asarray(ops)
+        if arr.dtype.names is not None and arr.dtype.names != OP_DTYPE.names:
+            raise ProgramError(f"program array has fields {arr.dtype.names}, "
+                               f"expected {OP_DTYPE.names}")
         if arr.dtype != OP_DTYPE:
             try:
                 arr = arr.astype(OP_DTYPE, casting="same_kind")
@@ -218,6 +221,8 @@ def validate(ops: np.ndarray, nr_vcpus: int | None = None) -> None:
                 if dist == WakeTarget.RANDOM_OTHER and nr_vcpus < 2:
                     raise ProgramError(f"{where}: wake_random_other needs at least 2 vCPUs")
         elif code == Op.LOOP:
+            if p0 > 0xFFFF_FFFF:
+                raise ProgramError(f"{where}: loop count {p0} does not fit 32 bits")
             if arg != len(open_loops) or arg >= MAX_LOOP_DEPTH:
                 raise ProgramError(f"{where}: loop counter slot {arg} does not match "
                                    f"nesting depth {len(open_loops)} (max {MAX_LOOP_DEPTH})")

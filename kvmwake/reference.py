@@ -78,7 +78,6 @@ class _Thread:
         "g", "vm", "vcpu_id", "pcpu", "state", "resume", "gen", "run_gen",
         "slice_armed", "run_start",
         "seg_end", "seg_gfrom", "seg_gto", "cont", "rem_end", "rem_gfrom", "rem_gto",
-        "rem_entry",
         "wake_target",
         "halt_start", "poll_end", "do_poll", "wake_ts", "halt_poll_ns",
         "irq_pending", "requests",
@@ -96,7 +95,6 @@ class _Thread:
         self.seg_end = self.seg_gfrom = self.seg_gto = 0
         self.cont = CONT_NEXT
         self.rem_end = self.rem_gfrom = self.rem_gto = 0
-        self.rem_entry = False
         self.wake_target = 0
         self.halt_start = self.poll_end = self.wake_ts = 0
         self.do_poll = False
@@ -332,7 +330,6 @@ class Engine:
         th.rem_end = th.seg_end - t
         th.rem_gfrom = max(th.seg_gfrom, t) - t
         th.rem_gto = max(th.seg_gto, t) - t
-        th.rem_entry = t < th.seg_gto
         if th.seg_gfrom <= t < th.seg_gto:
             # Preempted in guest mode: it exits now and re-enters when resumed.
             extra = self.costs["vm_exit_ns"] + self.costs["vm_entry_ns"]
