@@ -36,7 +36,7 @@ ctypedef struct thread_t:
     uint32_t vm
     uint32_t vcpu_id
     uint32_t pcpu
-    uint32_t wake_target
+    uint32_t _unused
     int32_t rq_next           # next thread in its host CPU's run queue, or -1
     uint32_t stall_n
     uint32_t loops[KW_MAX_LOOP_DEPTH]
@@ -45,9 +45,8 @@ ctypedef struct thread_t:
     uint8_t cont
     uint8_t slice_armed
     uint8_t do_poll
-    uint8_t irq_pending
     uint8_t has_prog
-    uint8_t _pad
+    uint8_t _pad[2]
 
 
 ctypedef struct vm_t:
@@ -57,7 +56,63 @@ ctypedef struct vm_t:
     uint32_t max_halt_poll_ns
     uint32_t tick_gen
     uint32_t override
+    uint32_t nr_spis
+
+
+# A VM's distributor (vGICv3 subset): SPI state in 16 words of 64 INTIDs;
+# the private words' low 32 bits are unused here (they live in virq_t).
+ctypedef struct gic_t:
+    uint64_t spi_en[16]
+    uint64_t spi_act[16]
+    uint64_t spi_latch[16]
+    uint64_t spi_line[16]
+    uint64_t spi_level[16]
+    int32_t spi_target[1024]      # vCPU id in the VM, or -1: never delivered
+    uint32_t spi_mpidr[1024]
+    uint8_t spi_prio[1024]
+    uint32_t enabled
     uint32_t _pad
+
+
+# One vCPU's interrupt state: redistributor + CPU interface (arm64), or the
+# LAPIC's IRR/ISR/TPR (x86), the virtual timer, and the handler bookkeeping.
+ctypedef struct virq_t:
+    uint64_t ap[16]               # pending INTIDs queued on this vCPU (its ap_list)
+    uint64_t irr[4]
+    uint64_t isr[4]
+    uint64_t timer_cval
+    uint64_t handler_ns
+    uint64_t sv_guest             # guest time left in the interrupted segment
+    uint32_t priv_en
+    uint32_t priv_act
+    uint32_t priv_latch
+    uint32_t priv_line
+    uint32_t priv_level
+    uint32_t timer_gen
+    uint32_t timer_period
+    int32_t cur_irq
+    uint8_t priv_prio[32]
+    uint8_t pmr
+    uint8_t masked
+    uint8_t timer_ctl
+    uint8_t sv_cont
+    uint8_t sv_valid
+    uint8_t tpr
+    uint8_t _pad[2]
+
+
+ctypedef struct source_t:
+    uint64_t p0
+    uint64_t p1
+    uint64_t rng_state
+    uint64_t rng_inc
+    uint64_t times_off            # TRACE: first time in the engine's time table
+    uint64_t times_len
+    uint64_t idx
+    uint32_t vm
+    uint32_t intid
+    uint32_t kind
+    uint32_t gen
 
 
 ctypedef struct cpu_t:
@@ -106,7 +161,11 @@ ctypedef struct costs_t:
 
 ctypedef struct engine_t:
     thread_t* th
+    virq_t* irq
     vm_t* vms
+    gic_t* gic
+    source_t* src
+    uint64_t* times
     cpu_t* cpus
     event_t* heap
     op_t* ops
@@ -130,6 +189,11 @@ ctypedef struct engine_t:
     uint32_t nth
     uint32_t nvm
     uint32_t ncpu
+    uint32_t nsrc
+    uint32_t x86              # the host's arch: 0 arm64, 1 x86
+    uint32_t resched_irq
+    uint32_t tick_irq
+    uint32_t inject_req_bit
     uint32_t halt_poll_ns     # module parameters (unsigned int)
     uint32_t grow
     uint32_t grow_start

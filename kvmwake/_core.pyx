@@ -8,14 +8,16 @@ One extension module built from the ``.pxi`` pieces it includes:
 * ``_host.pxi``   host CPUs, run queues, time slices
 * ``_guest.pxi``  the guest program interpreter
 * ``_halt.pxi``   kvm_vcpu_halt / kvm_vcpu_block, halt stats, tracepoints
-* ``_kick.pxi``   kvm_vcpu_wake_up, kvm_vcpu_kick, requests, wake sources
+* ``_gic.pxi``    the vGICv3 and LAPIC subsets, acknowledge and EOI
+* ``_timer.pxi``  the arm64 virtual timer
+* ``_kick.pxi``   kvm_vcpu_wake_up, kvm_vcpu_kick, requests, ticks, sources
 
 The event loop runs without the GIL and creates no Python object per event.
 The model is the one of ``kvmwake.reference`` (plain Python), event for event.
 """
 
 cimport cython
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.string cimport memset, memcpy
 from libc.stdlib cimport malloc, realloc, free
 
@@ -23,8 +25,10 @@ import numpy as np
 cimport numpy as cnp
 
 from . import haltpoll as _haltpoll
-from .model import COST_DEFAULTS as _COST_DEFAULTS, NR_STATS as _NR_STATS
-from .reference import EngineError
+from . import model as _model
+from .model import COST_DEFAULTS as _COST_DEFAULTS
+from .reference import EngineError, SOURCE_STREAM_BASE as _SOURCE_STREAM_BASE
+from .reference import stream_seed as _model_stream_seed
 
 cnp.import_array()
 
@@ -38,15 +42,27 @@ cdef extern from *:
     const uint64_t KW_MAX_DRAW_NS
     const uint64_t KW_SEQ_BITS
     int __builtin_clzll(unsigned long long x) nogil
+    int __builtin_ctzll(unsigned long long x) nogil
 
 # The numbers of kvmwake.model, compiled in (tests/test_core_mirrors.py checks them).
 cdef enum:
     OP_END = 0
     OP_COMPUTE = 1
     OP_WFI = 2
-    OP_WAKE = 3
+    OP_SGI = 3
     OP_LOOP = 4
     OP_ENDLOOP = 5
+    OP_IRQ_ENABLE = 6
+    OP_IRQ_DISABLE = 7
+    OP_SET_PRIORITY = 8
+    OP_SET_PMR = 9
+    OP_MASK = 10
+    OP_UNMASK = 11
+    OP_SET_HANDLER = 12
+    OP_TIMER_ARM = 13
+    OP_TIMER_CANCEL = 14
+    OP_DIST_ENABLE = 15
+    OP_ROUTE_SPI = 16
 
 cdef enum:
     DIST_FIXED = 0
@@ -57,6 +73,23 @@ cdef enum:
     WT_VCPU = 0
     WT_RANDOM_OTHER = 1
     WT_NEXT = 2
+    WT_LIST = 3
+    WT_ALL_BUT_SELF = 4
+
+cdef enum:
+    SRC_PERIODIC = 0
+    SRC_POISSON = 1
+    SRC_TRACE = 2
+
+cdef enum:
+    IPI_RESCHEDULE = 0xFFFFFFFF
+    VTIMER_IRQ = 27
+    VGIC_PRI_MASK = 0xF8
+    ARCH_TIMER_CTRL_ENABLE = 1
+    ARCH_TIMER_CTRL_IT_MASK = 2
+    MAX_TAKES_PER_INSTANT = 4096
+    GIC_DEFAULT_PRIORITY = 0xA0
+    GIC_DEFAULT_PMR = 0xF0
 
 cdef enum:
     TS_USER = 0
@@ -73,15 +106,19 @@ cdef enum:
 cdef enum:
     CONT_NEXT = 0
     CONT_HALT = 1
-    CONT_DELIVER = 2
+    CONT_TRAP = 2
     CONT_END = 3
+    CONT_IRQ = 4
+    CONT_EOI = 5
 
 cdef enum:
     EV_TICK = 0
-    EV_SEGMENT = 1
-    EV_POLL_END = 2
-    EV_RUN = 3
-    EV_SLICE = 4
+    EV_SOURCE = 1
+    EV_TIMER = 2
+    EV_SEGMENT = 3
+    EV_POLL_END = 4
+    EV_RUN = 5
+    EV_SLICE = 6
 
 cdef enum:
     KVM_REQUEST_MASK = 0xFF
@@ -117,25 +154,37 @@ cdef enum:
     KW_OK = 0
     KW_ERR_NOMEM = 1
     KW_ERR_STALL = 2
+    KW_ERR_STORM = 3
 
 include "_rng.pxi"
 include "_heap.pxi"
 include "_host.pxi"
 include "_guest.pxi"
 include "_halt.pxi"
+include "_gic.pxi"
+include "_timer.pxi"
 include "_kick.pxi"
 
 
 def compiled_constants():
     """The model numbers compiled into the core, for the mirror test."""
     return {
-        "ops": (OP_END, OP_COMPUTE, OP_WFI, OP_WAKE, OP_LOOP, OP_ENDLOOP),
+        "ops": (OP_END, OP_COMPUTE, OP_WFI, OP_SGI, OP_LOOP, OP_ENDLOOP, OP_IRQ_ENABLE,
+                OP_IRQ_DISABLE, OP_SET_PRIORITY, OP_SET_PMR, OP_MASK, OP_UNMASK, OP_SET_HANDLER,
+                OP_TIMER_ARM, OP_TIMER_CANCEL, OP_DIST_ENABLE, OP_ROUTE_SPI),
         "dists": (DIST_FIXED, DIST_EXPONENTIAL, DIST_UNIFORM),
-        "wake_targets": (WT_VCPU, WT_RANDOM_OTHER, WT_NEXT),
+        "wake_targets": (WT_VCPU, WT_RANDOM_OTHER, WT_NEXT, WT_LIST, WT_ALL_BUT_SELF),
+        "source_kinds": (SRC_PERIODIC, SRC_POISSON, SRC_TRACE),
+        "irq": {"IPI_RESCHEDULE": IPI_RESCHEDULE, "VTIMER_IRQ": VTIMER_IRQ,
+                "VGIC_PRI_MASK": VGIC_PRI_MASK, "ARCH_TIMER_CTRL_ENABLE": ARCH_TIMER_CTRL_ENABLE,
+                "ARCH_TIMER_CTRL_IT_MASK": ARCH_TIMER_CTRL_IT_MASK,
+                "MAX_TAKES_PER_INSTANT": MAX_TAKES_PER_INSTANT,
+                "GIC_DEFAULT_PRIORITY": GIC_DEFAULT_PRIORITY, "GIC_DEFAULT_PMR": GIC_DEFAULT_PMR},
         "thread_states": (TS_USER, TS_RUNNING, TS_POLLING, TS_BLOCKED, TS_RUNNABLE),
         "resume": (RESUME_START, RESUME_HALT, RESUME_SEGMENT),
-        "cont": (CONT_NEXT, CONT_HALT, CONT_DELIVER, CONT_END),
-        "event_classes": (EV_TICK, EV_SEGMENT, EV_POLL_END, EV_RUN, EV_SLICE),
+        "cont": (CONT_NEXT, CONT_HALT, CONT_TRAP, CONT_END, CONT_IRQ, CONT_EOI),
+        "event_classes": (EV_TICK, EV_SOURCE, EV_TIMER, EV_SEGMENT, EV_POLL_END, EV_RUN,
+                          EV_SLICE),
         "request_flags": (KVM_REQUEST_MASK, KVM_REQUEST_NO_WAKEUP, KVM_REQUEST_WAIT,
                           KVM_REQUEST_NO_ACTION),
         "stats": (S_SUCCESSFUL_POLL, S_ATTEMPTED_POLL, S_POLL_INVALID, S_WAKEUP,
@@ -145,6 +194,7 @@ def compiled_constants():
         "max_ops_per_instant": MAX_OPS_PER_INSTANT,
         "pid_base": PID_BASE,
         "sizes": {"thread_t": sizeof(thread_t), "op_t": sizeof(op_t),
+                  "virq_t": sizeof(virq_t), "gic_t": sizeof(gic_t),
                   "event_t": sizeof(event_t), "trace_rec_t": sizeof(trace_rec_t)},
     }
 
@@ -155,6 +205,7 @@ cdef int run_loop(engine_t* e, uint64_t until) noexcept nogil:
     cdef thread_t* th
     cdef vm_t* vm
     cdef int rc = 0
+    cdef uint64_t cls
     while e.hlen and e.heap[0].t < until:
         heap_pop(e, &ev)
         e.now = ev.t
@@ -167,6 +218,16 @@ cdef int run_loop(engine_t* e, uint64_t until) noexcept nogil:
             rc = tick(e, ev.who, ev.t)
             if rc == 0:
                 rc = heap_push(e, ev.t + vm.tick_ns, EV_TICK, ev.who, ev.gen)
+        elif cls == EV_SOURCE:
+            if ev.gen != e.src[ev.who].gen:
+                continue
+            e.events += 1
+            rc = source_fire(e, ev.who, ev.t)
+        elif cls == EV_TIMER:
+            if ev.gen != e.irq[ev.who].timer_gen:
+                continue
+            e.events += 1
+            rc = timer_fire(e, ev.who, ev.t)
         else:
             th = &e.th[ev.who]
             if cls == EV_SLICE:
@@ -185,7 +246,7 @@ cdef int run_loop(engine_t* e, uint64_t until) noexcept nogil:
                     rc = block(e, ev.who, ev.t, ev.t)
                 else:
                     rc = got_cpu(e, ev.who, ev.t)
-        if rc < 0:
+        if rc < 0 or e.error:
             return -1
     e.now = until
     return 0
@@ -205,7 +266,11 @@ cdef class Engine:
     cdef readonly str arch
     cdef readonly object seed
     cdef object _threads      # numpy arrays that own the state
+    cdef object _irqs
     cdef object _vms
+    cdef object _gics
+    cdef object _srcs
+    cdef object _times
     cdef object _cpus
     cdef object _stats
     cdef object _lat
@@ -233,9 +298,17 @@ cdef class Engine:
         self.e.grow = _haltpoll.HALT_POLL_NS_GROW_DEFAULT
         self.e.grow_start = _haltpoll.HALT_POLL_NS_GROW_START_DEFAULT
         self.e.shrink = _haltpoll.HALT_POLL_NS_SHRINK_DEFAULT
+        self.e.x86 = arch == "x86"
+        self.e.resched_irq = _model.RESCHEDULE_IRQ[arch]
+        self.e.tick_irq = _model.TICK_IRQ[arch]
+        self.e.inject_req_bit = (<uint32_t>1) << (_model.INJECT_REQUEST[arch] & KVM_REQUEST_MASK)
         self._cpus = np.zeros(host_cpus * sizeof(cpu_t), dtype=np.uint8)
         self._threads = np.zeros(0, dtype=np.uint8)
+        self._irqs = np.zeros(0, dtype=np.uint8)
         self._vms = np.zeros(0, dtype=np.uint8)
+        self._gics = np.zeros(0, dtype=np.uint8)
+        self._srcs = np.zeros(0, dtype=np.uint8)
+        self._times = np.zeros(0, dtype=np.uint64)
         self._stats = np.zeros((0, NR_STATS), dtype=np.uint64)
         self._lat = np.zeros(LAT_BUCKETS, dtype=np.uint64)
         self._ops = np.zeros(0, dtype=np.uint8)
@@ -256,28 +329,49 @@ cdef class Engine:
     cdef void _bind(self):
         """Point the C state at the numpy buffers (after any of them changed)."""
         self.e.th = <thread_t*>cnp.PyArray_DATA(self._threads)
+        self.e.irq = <virq_t*>cnp.PyArray_DATA(self._irqs)
         self.e.vms = <vm_t*>cnp.PyArray_DATA(self._vms)
+        self.e.gic = <gic_t*>cnp.PyArray_DATA(self._gics)
+        self.e.src = <source_t*>cnp.PyArray_DATA(self._srcs)
+        self.e.times = <uint64_t*>cnp.PyArray_DATA(self._times)
         self.e.cpus = <cpu_t*>cnp.PyArray_DATA(self._cpus)
         self.e.stats = <uint64_t*>cnp.PyArray_DATA(self._stats)
         self.e.lat_hist = <uint64_t*>cnp.PyArray_DATA(self._lat)
         self.e.ops = <op_t*>cnp.PyArray_DATA(self._ops)
 
+    @staticmethod
+    def _grow(arr, uint64_t nbytes):
+        out = np.zeros(nbytes, dtype=np.uint8)
+        out[:len(arr)] = arr
+        return out
+
     # -- set-up -------------------------------------------------------------
 
-    def add_vm(self, uint32_t nr_vcpus):
-        cdef uint32_t first = self.e.nth, vmi = self.e.nvm, i, g
-        cdef cnp.ndarray threads = np.zeros((first + nr_vcpus) * sizeof(thread_t), dtype=np.uint8)
-        cdef cnp.ndarray vms = np.zeros((vmi + 1) * sizeof(vm_t), dtype=np.uint8)
-        threads[:first * sizeof(thread_t)] = self._threads
-        vms[:vmi * sizeof(vm_t)] = self._vms
+    def add_vm(self, uint32_t nr_vcpus, uint32_t nr_spis=_model.DEFAULT_NR_SPIS):
+        cdef uint32_t first = self.e.nth, vmi = self.e.nvm, i, g, b
+        self._threads = Engine._grow(self._threads, (first + nr_vcpus) * sizeof(thread_t))
+        self._irqs = Engine._grow(self._irqs, (first + nr_vcpus) * sizeof(virq_t))
+        self._vms = Engine._grow(self._vms, (vmi + 1) * sizeof(vm_t))
+        self._gics = Engine._grow(self._gics, (vmi + 1) * sizeof(gic_t))
         stats = np.zeros((first + nr_vcpus, NR_STATS), dtype=np.uint64)
         stats[:first] = self._stats
-        self._threads, self._vms, self._stats = threads, vms, stats
+        self._stats = stats
         self._bind()
         cdef vm_t* vm = &self.e.vms[vmi]
         vm.first = first
         vm.nr_vcpus = nr_vcpus
+        vm.nr_spis = nr_spis
+        # The distributor: enabled by the booted guest; SPIs disabled, level,
+        # routed to MPIDR 0 (vCPU 0), as vgic_init leaves them.
+        cdef gic_t* gic = &self.e.gic[vmi]
+        gic.enabled = 1
+        for b in range(16):
+            gic.spi_level[b] = <uint64_t>-1
+        gic.spi_level[0] = <uint64_t>0xFFFFFFFF00000000
+        for b in range(1024):
+            gic.spi_prio[b] = GIC_DEFAULT_PRIORITY
         cdef thread_t* th
+        cdef virq_t* q
         for i in range(nr_vcpus):
             g = first + i
             th = &self.e.th[g]
@@ -288,6 +382,13 @@ cdef class Engine:
             th.state = TS_USER
             th.stall_t = <uint64_t>-1
             rng_seed(th, <uint64_t>(self.seed & 0xFFFFFFFFFFFFFFFF), vmi, i)
+            # A booted guest: SGIs, the timer PPI and the tick PPI enabled.
+            q = &self.e.irq[g]
+            q.priv_en = 0xFFFF | (1u << VTIMER_IRQ) | (1u << _model.TICK_IRQ["arm64"])
+            q.priv_level = (0xFFFFFFFFu & ~0xFFFFu) & ~(1u << _model.TICK_IRQ["arm64"])
+            memset(q.priv_prio, GIC_DEFAULT_PRIORITY, 32)
+            q.pmr = GIC_DEFAULT_PMR
+            q.cur_irq = -1
         self.e.nth = first + nr_vcpus
         self.e.nvm = vmi + 1
         return vmi
@@ -313,13 +414,53 @@ cdef class Engine:
         self.e.vms[vm].override = 1
 
     def set_tick(self, uint32_t vmi, uint64_t period_ns):
-        """A periodic wake source on every halted vCPU of the VM, at multiples of the period."""
+        """A periodic tick on every halted vCPU of the VM, at multiples of the period."""
         cdef vm_t* vm = &self.e.vms[vmi]
         vm.tick_ns = period_ns
         vm.tick_gen += 1
         if period_ns:
             self._check(heap_push(&self.e, (self.e.now // period_ns + 1) * period_ns,
                                   EV_TICK, vmi, vm.tick_gen))
+
+    def add_source(self, uint32_t vmi, uint32_t intid, uint32_t kind, uint64_t p0,
+                   uint64_t p1, times=None):
+        """A device interrupt source raising SPI ``intid`` (see model.SourceKind)."""
+        cdef uint32_t si = self.e.nsrc, nth = 0, k
+        for k in range(si):
+            if self.e.src[k].vm == vmi:
+                nth += 1
+        self._srcs = Engine._grow(self._srcs, (si + 1) * sizeof(source_t))
+        tarr = np.ascontiguousarray(times if times is not None else [], dtype=np.uint64)
+        off = len(self._times)
+        self._times = np.concatenate([self._times, tarr])
+        self._bind()
+        cdef source_t* s = &self.e.src[si]
+        s.vm = vmi
+        s.intid = intid
+        s.kind = kind
+        s.p0 = p0
+        s.p1 = p1
+        s.times_off = off
+        s.times_len = len(tarr)
+        s.idx = 0
+        s.gen = 1
+        state, inc = _model_stream_seed(self.seed, vmi, _SOURCE_STREAM_BASE + nth)
+        s.rng_state = state
+        s.rng_inc = inc
+        self.e.nsrc = si + 1
+        cdef uint64_t now = self.e.now, first
+        if kind == SRC_PERIODIC:
+            first = p1 if p1 >= now else p1 + ((now - p1) // p0 + 1) * p0
+        elif kind == SRC_POISSON:
+            first = now + source_draw(s)
+        else:
+            while s.idx < s.times_len and self.e.times[s.times_off + s.idx] < now:
+                s.idx += 1
+            if s.idx >= s.times_len:
+                return si
+            first = self.e.times[s.times_off + s.idx]
+        self._check(heap_push(&self.e, first, EV_SOURCE, si, s.gen))
+        return si
 
     def start_vcpu(self, uint32_t g):
         """The thread enters KVM_RUN now (at the current virtual time)."""
@@ -333,34 +474,92 @@ cdef class Engine:
     # -- running -------------------------------------------------------------
 
     cdef _check(self, int rc):
-        if rc >= 0:
+        if rc >= 0 and not self.e.error:
             return rc
         self._failed = True
         err = self.e.error
-        if err == KW_ERR_STALL:
+        if err == KW_ERR_STALL or err == KW_ERR_STORM:
             th = &self.e.th[self.e.err_thread]
-            raise EngineError(
-                f"vCPU {th.vcpu_id} of VM {th.vm} makes no progress: its program "
-                f"ran {self.e.err_n} ops at t={self.e.err_t} ns without virtual time passing")
+            if err == KW_ERR_STALL:
+                raise EngineError(
+                    f"vCPU {th.vcpu_id} of VM {th.vm} makes no progress: its program "
+                    f"ran {self.e.err_n} ops at t={self.e.err_t} ns without virtual time passing")
+            raise EngineError(f"vCPU {th.vcpu_id} of VM {th.vm}: interrupt storm "
+                              f"({self.e.err_n} interrupts taken at t={self.e.err_t} ns)")
         raise MemoryError("the event heap could not grow")
+
+    cdef _guard(self):
+        if self._failed:
+            raise EngineError("this engine stopped on an earlier error")
 
     def run(self, uint64_t until_ns):
         """Process every event before ``until_ns``; then the clock reads ``until_ns``."""
         cdef int rc
-        if self._failed:
-            raise EngineError("this engine stopped on an earlier error")
+        self._guard()
         with nogil:
             rc = run_loop(&self.e, until_ns)
         self._check(rc)
 
     def make_request(self, uint32_t g, uint32_t req):
+        self._guard()
         return self._check(make_request(&self.e, g, req)) == 1
 
     def kick(self, uint32_t g):
+        self._guard()
         return self._check(kick(&self.e, g, self.e.now, 1)) == 1
 
     def raise_pending(self, uint32_t g):
-        return self._check(raise_pending(&self.e, g, self.e.now)) == 1
+        """The arch's reschedule IPI arrives at vCPU ``g``."""
+        self._guard()
+        return self._check(raise_irq(&self.e, g, self.e.resched_irq, self.e.now)) == 1
+
+    def irq_line(self, uint32_t vmi, uint32_t intid, bint level, int64_t g=-1):
+        """KVM_IRQ_LINE: an SPI (g = -1) or a PPI of thread g changes level."""
+        self._guard()
+        return self._check(inject(&self.e, g, vmi, intid, level, self.e.now)) == 1
+
+    def signal_msi(self, uint32_t g, uint32_t vector):
+        """KVM_SIGNAL_MSI with fixed delivery to thread g's LAPIC."""
+        self._guard()
+        return self._check(apic_set_irq(&self.e, g, vector, self.e.now)) == 1
+
+    def configure_irq(self, uint32_t vmi, int64_t g, uint32_t intid, int enabled, int priority,
+                      int level):
+        """Set an interrupt's enable, priority and trigger (-1: leave as is)."""
+        cdef gic_t* gic = &self.e.gic[vmi]
+        cdef uint64_t bit = (<uint64_t>1) << (intid & 63)
+        self._guard()
+        if priority >= 0:
+            if intid < 32:
+                self.e.irq[g].priv_prio[intid] = <uint8_t>(priority & VGIC_PRI_MASK)
+            else:
+                gic.spi_prio[intid] = <uint8_t>(priority & VGIC_PRI_MASK)
+        if level >= 0 and intid >= 32:
+            if level:
+                gic.spi_level[intid >> 6] |= bit
+            else:
+                gic.spi_level[intid >> 6] &= ~bit
+                gic.spi_line[intid >> 6] &= ~bit
+            refresh(&self.e, g, vmi, intid)
+        if enabled >= 0:
+            self._check(set_enabled(&self.e, g, vmi, intid, enabled != 0, self.e.now))
+
+    def set_dist_enabled(self, uint32_t vmi, bint on):
+        self._guard()
+        self._check(set_dist_enabled(&self.e, vmi, on, self.e.now))
+
+    def route_spi(self, uint32_t vmi, uint32_t intid, uint64_t mpidr):
+        self._guard()
+        self._check(route_spi(&self.e, vmi, intid, mpidr, self.e.now))
+
+    def set_pmr(self, uint32_t g, uint32_t pmr):
+        if self.e.x86:
+            self.e.irq[g].tpr = <uint8_t>pmr
+        else:
+            self.e.irq[g].pmr = <uint8_t>(pmr & VGIC_PRI_MASK)
+
+    def set_masked(self, uint32_t g, bint masked):
+        self.e.irq[g].masked = masked
 
     # -- module parameters and counters -----------------------------------------
 
@@ -379,6 +578,10 @@ cdef class Engine:
     @property
     def trace_dropped(self):
         return self.e.tdropped
+
+    @property
+    def failed(self):
+        return self._failed
 
     @property
     def costs(self):
@@ -444,17 +647,56 @@ cdef class Engine:
     def thread_info(self, uint32_t g):
         cdef thread_t* th = &self.e.th[g]
         return {"state": th.state, "halt_poll_ns": th.halt_poll_ns,
-                "irq_pending": bool(th.irq_pending), "requests": th.requests,
-                "pcpu": th.pcpu, "pc": th.pc}
+                "requests": th.requests, "pcpu": th.pcpu, "pc": th.pc,
+                "runnable": bool(runnable(&self.e, g))}
+
+    def irq_state(self, uint32_t g, uint32_t intid):
+        """What the vGIC (or LAPIC) holds for ``intid`` as seen by thread g."""
+        cdef virq_t* q = &self.e.irq[g]
+        cdef uint32_t vmi = self.e.th[g].vm
+        cdef gic_t* gic = &self.e.gic[vmi]
+        cdef uint32_t w = intid >> 6, sh = intid & 63
+        cdef int32_t tgt
+        if self.e.x86:
+            return {"irr": bool((q.irr[w] >> sh) & 1), "isr": bool((q.isr[w] >> sh) & 1),
+                    "tpr": q.tpr, "masked": bool(q.masked)}
+        if intid < 32:
+            return {"pending": bool(pending_bit(&self.e, g, vmi, intid)),
+                    "enabled": bool((q.priv_en >> intid) & 1),
+                    "active": bool((q.priv_act >> intid) & 1),
+                    "priority": q.priv_prio[intid], "level": bool((q.priv_level >> intid) & 1),
+                    "line": bool((q.priv_line >> intid) & 1),
+                    "queued": bool((q.ap[0] >> intid) & 1),
+                    "target": self.e.th[g].vcpu_id, "pmr": q.pmr, "masked": bool(q.masked)}
+        tgt = gic.spi_target[intid]
+        return {"pending": bool(pending_bit(&self.e, g, vmi, intid)),
+                "enabled": bool((gic.spi_en[w] >> sh) & 1),
+                "active": bool((gic.spi_act[w] >> sh) & 1),
+                "priority": gic.spi_prio[intid], "level": bool((gic.spi_level[w] >> sh) & 1),
+                "line": bool((gic.spi_line[w] >> sh) & 1),
+                "queued": tgt >= 0 and bool(
+                    (self.e.irq[self.e.vms[vmi].first + tgt].ap[w] >> sh) & 1),
+                "target": tgt, "mpidr": gic.spi_mpidr[intid], "pmr": q.pmr,
+                "masked": bool(q.masked)}
+
+    def vm_gic_enabled(self, uint32_t vmi):
+        return bool(self.e.gic[vmi].enabled)
+
+    def timer_state(self, uint32_t g):
+        cdef virq_t* q = &self.e.irq[g]
+        return {"cval": q.timer_cval, "ctl": q.timer_ctl, "period": q.timer_period,
+                "istatus": bool(self.e.now >= q.timer_cval and q.timer_ctl
+                                & ARCH_TIMER_CTRL_ENABLE)}
 
     def state_bytes(self):
         """Bytes of engine state: per thread, per thread stats, and the rest."""
-        return {"thread_t": sizeof(thread_t), "stats_per_vcpu": NR_STATS * 8,
+        return {"thread_t": sizeof(thread_t), "virq_t": sizeof(virq_t),
+                "stats_per_vcpu": NR_STATS * 8,
                 "threads": self.e.nth * sizeof(thread_t),
+                "irqs": self.e.nth * sizeof(virq_t),
                 "stats": self.e.nth * NR_STATS * 8,
                 "heap": self.e.hcap * sizeof(event_t),
                 "ops": len(self._ops), "trace": self.e.talloc * sizeof(trace_rec_t),
-                "cpus": self.e.ncpu * sizeof(cpu_t), "vms": self.e.nvm * sizeof(vm_t)}
-
-
-include "_bench.pxi"
+                "cpus": self.e.ncpu * sizeof(cpu_t), "vms": self.e.nvm * sizeof(vm_t),
+                "gics": self.e.nvm * sizeof(gic_t),
+                "sources": self.e.nsrc * sizeof(source_t) + len(self._times) * 8}

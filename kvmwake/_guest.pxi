@@ -1,45 +1,34 @@
 # The guest program interpreter.  A thread runs ops from its pc, adding up
 # guest time, until an op that must act at an instant of its own (a trap, a
-# halt, the end); then the segment's end goes on the heap.
+# halt, a system register write, the end); then the segment's end goes on the
+# heap.  Trapping ops are carried out in KVM when the segment ends.
 
 
 cdef inline int segment(engine_t* e, thread_t* th, uint32_t g, uint64_t t, uint64_t pre,
                         uint64_t guest, uint8_t cont) noexcept nogil:
     th.seg_gfrom = t + pre
     th.seg_gto = th.seg_gfrom + guest
-    th.seg_end = th.seg_gto + (e.costs.vm_exit_ns if cont != CONT_NEXT else 0)
+    th.seg_end = th.seg_gto
+    if cont == CONT_HALT or cont == CONT_TRAP or cont == CONT_END:
+        th.seg_end += e.costs.vm_exit_ns
     th.cont = cont
     return push_thread(e, th, g, th.seg_end, EV_SEGMENT)
 
 
-cdef inline uint32_t wake_target(thread_t* th, uint32_t nr_vcpus, uint16_t kind,
-                                 uint32_t arg) noexcept nogil:
-    cdef uint64_t r
-    if kind == WT_VCPU:
-        return arg
-    if kind == WT_NEXT:
-        return (th.vcpu_id + 1) % nr_vcpus
-    r = rng_next(th) % (nr_vcpus - 1)
-    return <uint32_t>r if r < th.vcpu_id else <uint32_t>(r + 1)
-
-
 cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre,
-                 bint entry) noexcept nogil:
-    """Run guest ops from th.pc after ``pre`` ns of host work (the entry).
-
-    ``entry``: the thread enters the guest now (start, after a trap, after a
-    halt), not just going on in guest mode (a loop back-edge).  An entry takes
-    pending work even when it costs 0 ns.
-    """
+                 bint entering) noexcept nogil:
+    """Run guest ops from th.pc; ``entering``: after an entry of ``pre`` ns."""
     cdef thread_t* th = &e.th[g]
     cdef const op_t* ops = &e.ops[th.prog]
     cdef const op_t* op
     cdef uint64_t guest = 0
     cdef uint32_t n = 0
     cdef int rc = 0
-    if entry:
-        th.irq_pending = 0        # the guest takes the interrupt on entry
+    if entering:
         th.requests = 0           # check_vcpu_requests on the way in
+        rc = take_irqs(e, g, t, pre)
+        if rc:
+            return -1 if rc < 0 else 0
     while True:
         op = &ops[th.pc]
         n += 1
@@ -50,11 +39,6 @@ cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre,
             e.stats[<uint64_t>g * NR_STATS + S_HALT_EXITS] += 1
             th.pc += 1
             rc = segment(e, th, g, t, pre, guest, CONT_HALT)
-            break
-        elif op.code == OP_WAKE:
-            th.wake_target = wake_target(th, e.vms[th.vm].nr_vcpus, op.dist, op.arg)
-            th.pc += 1
-            rc = segment(e, th, g, t, pre, guest, CONT_DELIVER)
             break
         elif op.code == OP_LOOP:
             th.loops[op.arg] = <uint32_t>op.p0
@@ -69,9 +53,27 @@ cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre,
                 # A loop back-edge after guest time ends the segment.
                 rc = segment(e, th, g, t, pre, guest, CONT_NEXT)
                 break
-        else:
+        elif op.code == OP_END:
             rc = segment(e, th, g, t, pre, guest, CONT_END)
             break
+        elif op.code >= OP_SET_PMR and op.code <= OP_TIMER_CANCEL:
+            # A system register or PSTATE write: it acts at its instant.
+            if pre or guest:
+                rc = segment(e, th, g, t, pre, guest, CONT_NEXT)
+                break
+            th.pc += 1
+            rc = instant_op(e, g, t, op)
+            if rc == 0:
+                rc = take_irqs(e, g, t, 0)
+            if rc:
+                rc = -1 if rc < 0 else 0
+                break
+        else:
+            # SGI and the GIC register writes trap; done at the trap.
+            rc = segment(e, th, g, t, pre, guest, CONT_TRAP)
+            break
+    if rc < 0:
+        return -1
     if t == th.stall_t:
         th.stall_n += n
         if th.stall_n > MAX_OPS_PER_INSTANT:
@@ -83,21 +85,136 @@ cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre,
     else:
         th.stall_t = t
         th.stall_n = n
-    return rc
+    return 0
+
+
+cdef int trap_op(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """A trapping op, carried out in KVM after the exit; then the entry."""
+    cdef thread_t* th = &e.th[g]
+    cdef const op_t* op = &e.ops[th.prog + th.pc]
+    cdef vm_t* vm = &e.vms[th.vm]
+    cdef gic_t* gic = &e.gic[th.vm]
+    cdef int rc = 0, ipi = 0
+    cdef uint32_t irq, vid, n = vm.nr_vcpus
+    cdef uint64_t mask, r
+    th.pc += 1
+    if op.code == OP_SGI:
+        irq = e.resched_irq if op.arg == IPI_RESCHEDULE else op.arg
+        if op.dist == WT_VCPU:
+            rc = raise_irq(e, vm.first + <uint32_t>op.p0, irq, t)
+        elif op.dist == WT_NEXT:
+            rc = raise_irq(e, vm.first + (th.vcpu_id + 1) % n, irq, t)
+        elif op.dist == WT_RANDOM_OTHER:
+            r = rng_next(th) % (n - 1)
+            vid = <uint32_t>r if r < th.vcpu_id else <uint32_t>(r + 1)
+            rc = raise_irq(e, vm.first + vid, irq, t)
+        elif op.dist == WT_LIST:
+            mask = op.p0
+            while mask:
+                vid = <uint32_t>op.p1 + <uint32_t>__builtin_ctzll(mask)
+                rc = raise_irq(e, vm.first + vid, irq, t)
+                if rc < 0:
+                    return -1
+                ipi |= rc
+                mask &= mask - 1
+            rc = 0
+        else:
+            for vid in range(n):
+                if vid != th.vcpu_id:
+                    rc = raise_irq(e, vm.first + vid, irq, t)
+                    if rc < 0:
+                        return -1
+                    ipi |= rc
+            rc = 0
+        if rc < 0:
+            return -1
+        ipi |= rc
+    elif op.code == OP_IRQ_ENABLE:
+        if set_enabled(e, g, th.vm, op.arg, 1, t) < 0:
+            return -1
+    elif op.code == OP_IRQ_DISABLE:
+        set_enabled(e, g, th.vm, op.arg, 0, t)
+    elif op.code == OP_SET_PRIORITY:
+        if op.arg < 32:
+            e.irq[g].priv_prio[op.arg] = <uint8_t>(op.p0 & VGIC_PRI_MASK)
+        else:
+            gic.spi_prio[op.arg] = <uint8_t>(op.p0 & VGIC_PRI_MASK)
+    elif op.code == OP_DIST_ENABLE:
+        if set_dist_enabled(e, th.vm, op.p0 != 0, t) < 0:
+            return -1
+    else:
+        if route_spi(e, th.vm, op.arg, op.p0, t) < 0:
+            return -1
+    return advance(e, g, t, e.costs.vm_entry_ns + (e.costs.ipi_send_ns if ipi else 0), 1)
+
+
+cdef int instant_op(engine_t* e, uint32_t g, uint64_t t, const op_t* op) noexcept nogil:
+    cdef thread_t* th = &e.th[g]
+    cdef virq_t* q = &e.irq[g]
+    if op.code == OP_SET_PMR:
+        if e.x86:
+            q.tpr = <uint8_t>op.p0
+        else:
+            q.pmr = <uint8_t>(op.p0 & VGIC_PRI_MASK)
+    elif op.code == OP_MASK:
+        q.masked = 1
+    elif op.code == OP_UNMASK:
+        q.masked = 0
+    elif op.code == OP_SET_HANDLER:
+        q.handler_ns = op.p0
+    elif op.code == OP_TIMER_ARM:
+        q.timer_cval = t + draw_ns(th, op.dist, op.p0, op.p1)
+        q.timer_period = op.arg
+        q.timer_ctl = ARCH_TIMER_CTRL_ENABLE
+        return timer_program(e, g, t)
+    else:
+        q.timer_ctl &= ~ARCH_TIMER_CTRL_ENABLE
+        return timer_program(e, g, t)
+    return 0
+
+
+cdef int resume_program(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """After interrupt handling: the interrupted segment, or the next op."""
+    cdef virq_t* q = &e.irq[g]
+    if q.sv_valid:
+        q.sv_valid = 0
+        return segment(e, &e.th[g], g, t, 0, q.sv_guest, q.sv_cont)
+    return advance(e, g, t, 0, 0)
+
+
+cdef int interrupt_segment(engine_t* e, uint32_t g, uint64_t base, uint64_t cost) noexcept nogil:
+    """Stop the current segment at ``base``: take interrupts ``cost`` ns later."""
+    cdef thread_t* th = &e.th[g]
+    cdef virq_t* q = &e.irq[g]
+    q.sv_guest = th.seg_gto - base
+    q.sv_cont = th.cont
+    q.sv_valid = 1
+    th.seg_gfrom = base + cost
+    th.seg_gto = th.seg_gfrom
+    th.seg_end = th.seg_gfrom
+    th.cont = CONT_IRQ
+    return push_thread(e, th, g, th.seg_end, EV_SEGMENT)
 
 
 cdef int segment_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef thread_t* th = &e.th[g]
     cdef uint8_t cont = th.cont
-    cdef int ipi
+    cdef int rc
     if cont == CONT_HALT:
         return halt(e, g, t)
-    if cont == CONT_DELIVER:
-        ipi = raise_pending(e, e.vms[th.vm].first + th.wake_target, t)
-        if ipi < 0:
-            return -1
-        return advance(e, g, t, e.costs.vm_entry_ns + (e.costs.ipi_send_ns if ipi else 0), 1)
+    if cont == CONT_TRAP:
+        return trap_op(e, g, t)
     if cont == CONT_END:
         th.state = TS_USER
         return release_cpu(e, th, t)
+    if cont == CONT_IRQ or cont == CONT_EOI:
+        if cont == CONT_IRQ:
+            th.requests = 0
+        else:
+            eoi(e, g, e.irq[g].cur_irq)
+            e.irq[g].cur_irq = -1
+        rc = take_irqs(e, g, t, 0)
+        if rc:
+            return -1 if rc < 0 else 0
+        return resume_program(e, g, t)
     return advance(e, g, t, 0, 0)

@@ -9,9 +9,10 @@ cdef inline uint32_t max_halt_poll_ns(engine_t* e, thread_t* th) noexcept nogil:
     return vm.max_halt_poll_ns if vm.override else e.halt_poll_ns
 
 
-cdef inline bint check_block(thread_t* th) noexcept nogil:
+cdef inline bint check_block(engine_t* e, uint32_t g) noexcept nogil:
     """kvm_vcpu_check_block() < 0: runnable, or KVM_REQ_UNBLOCK (consumed)."""
-    if th.irq_pending:
+    cdef thread_t* th = &e.th[g]
+    if runnable(e, g):
         return True
     if th.requests & REQ_UNBLOCK_BIT:
         th.requests &= ~(<uint32_t>REQ_UNBLOCK_BIT)
@@ -59,7 +60,7 @@ cdef int halt(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     th.do_poll = th.halt_poll_ns != 0
     th.halt_start = t
     th.resume = RESUME_HALT
-    if check_block(th):
+    if check_block(e, g):
         th.wake_ts = t
         return halt_done(e, g, t, 0, t, 1)
     if th.do_poll and not e.cpus[th.pcpu].rq_len:

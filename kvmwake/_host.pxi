@@ -75,20 +75,22 @@ cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         return advance(e, g, t, e.costs.vm_entry_ns, 1)
     if th.resume == RESUME_HALT:
         # Back in kvm_vcpu_block's loop after schedule().
-        if check_block(th):
+        if check_block(e, g):
             return halt_done(e, g, t, 1, th.poll_end, 0)
         th.state = TS_BLOCKED
         return release_cpu(e, th, t)
-    if th.rem_gto:
-        # Preempted before it left guest mode (entering, or in guest mode): it
-        # enters the guest again and takes pending work on entry, whatever the
-        # entry costs (even 0 ns).
-        th.irq_pending = 0
-        th.requests = 0
     th.seg_end = t + th.rem_end
     th.seg_gfrom = t + th.rem_gfrom
     th.seg_gto = t + th.rem_gto
-    return push_thread(e, th, g, th.seg_end, EV_SEGMENT)
+    if push_thread(e, th, g, th.seg_end, EV_SEGMENT):
+        return -1
+    if th.rem_gto and th.cont != CONT_IRQ and th.cont != CONT_EOI:
+        # It enters the guest again: requests are handled and, if it can take
+        # an interrupt now, it does so once in the guest.
+        th.requests = 0
+        if best_irq(e, g) >= 0:
+            return interrupt_segment(e, g, th.seg_gfrom, 0)
+    return 0
 
 
 cdef int slice_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:

@@ -1,6 +1,5 @@
-# Wake sources, requests and kicks: kvm_vcpu_wake_up, kvm_vcpu_kick,
-# kvm_make_request (virt/kvm/kvm_main.c) and the plain wake source that a
-# guest WAKE op or a VM's periodic tick raises (vgic_queue_irq_unlock's kick).
+# Kicks and requests: kvm_vcpu_wake_up, kvm_vcpu_kick, kvm_make_request
+# (virt/kvm/kvm_main.c); a VM's periodic tick and device interrupt sources.
 
 
 cdef int wake_up(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
@@ -28,30 +27,28 @@ cdef int kick(engine_t* e, uint32_t g, uint64_t t, bint wake) noexcept nogil:
             return -1 if rc < 0 else 0
     if th.state == TS_POLLING:
         # Not a waiter yet: the poll loop sees the condition itself.
-        if check_block(th):
+        if check_block(e, g):
             th.gen += 1                        # cancel the poll-end event
             th.wake_ts = t
             return -1 if halt_done(e, g, t, 0, t, 0) else 0
         return 0
     if th.state == TS_RUNNING and t < th.seg_gto:
-        th.irq_pending = 0
-        th.requests = 0
-        if t >= th.seg_gfrom:
-            # IN_GUEST_MODE: IPI; the vCPU exits, takes it and re-enters.
+        if th.cont == CONT_IRQ:
+            return 0                           # on its way to take interrupts
+        if th.cont == CONT_EOI:
+            if t < th.seg_gfrom:
+                return 0
+            # In a handler (masked): the IPI costs an exit and an entry.
             extra = e.costs.vm_exit_ns + e.costs.vm_entry_ns
             th.seg_gto += extra
             th.seg_end += extra
-            if push_thread(e, th, g, th.seg_end, EV_SEGMENT):
-                return -1
-            return 1
-        # Still on its way into the guest: taken at entry.
+            return -1 if push_thread(e, th, g, th.seg_end, EV_SEGMENT) else 1
+        if t < th.seg_gfrom:
+            # On its way into the guest: seen at entry.
+            return -1 if interrupt_segment(e, g, th.seg_gfrom, 0) else 0
+        # IN_GUEST_MODE: IPI; the vCPU exits and re-enters.
+        return -1 if interrupt_segment(e, g, t, e.costs.vm_exit_ns + e.costs.vm_entry_ns) else 1
     return 0
-
-
-cdef inline int raise_pending(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
-    """Make the plain wake source pending on a vCPU and kick it."""
-    e.th[g].irq_pending = 1
-    return kick(e, g, t, 1)
 
 
 cdef int make_request(engine_t* e, uint32_t g, uint32_t req) noexcept nogil:
@@ -62,13 +59,43 @@ cdef int make_request(engine_t* e, uint32_t g, uint32_t req) noexcept nogil:
 
 
 cdef int tick(engine_t* e, uint32_t vmi, uint64_t t) noexcept nogil:
-    """A VM's periodic wake source: every halted vCPU is woken."""
+    """A VM's periodic tick: every halted vCPU gets the tick interrupt."""
     cdef vm_t* vm = &e.vms[vmi]
     cdef uint32_t g
     cdef uint8_t s
     for g in range(vm.first, vm.first + vm.nr_vcpus):
         s = e.th[g].state
         if s == TS_POLLING or s == TS_BLOCKED:
-            if raise_pending(e, g, t) < 0:
+            if raise_irq(e, g, e.tick_irq, t) < 0:
                 return -1
     return 0
+
+
+cdef inline uint64_t source_draw(source_t* s) noexcept nogil:
+    """An exponential inter-arrival time from the source's stream (at least 1 ns)."""
+    cdef double u, d
+    s.rng_state = s.rng_state * KW_LCG_MULT + s.rng_inc
+    u = <double>(fmix64(s.rng_state) >> 11) * (1.0 / 9007199254740992.0)
+    d = -log(1.0 - u) * <double>s.p0 + 0.5
+    if d >= <double>KW_MAX_DRAW_NS:
+        return KW_MAX_DRAW_NS
+    return <uint64_t>d if d >= 1.0 else 1
+
+
+cdef int source_fire(engine_t* e, uint32_t si, uint64_t t) noexcept nogil:
+    cdef source_t* s = &e.src[si]
+    cdef uint64_t nxt
+    if inject(e, -1, s.vm, s.intid, 1, t) < 0:
+        return -1
+    if s.kind == SRC_PERIODIC:
+        nxt = t + s.p0
+    elif s.kind == SRC_POISSON:
+        nxt = t + source_draw(s)
+    else:
+        s.idx += 1
+        if s.idx >= s.times_len:
+            return 0
+        nxt = e.times[s.times_off + s.idx]
+        if nxt < t:
+            nxt = t
+    return heap_push(e, nxt, EV_SOURCE, si, s.gen)

@@ -21,7 +21,8 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
-from .model import (MAX_LOOP_DEPTH, MAX_PROGRAM_OPS, OP_DTYPE, Dist, Op, WakeTarget)
+from .model import (IPI_RESCHEDULE, MAX_LOOP_DEPTH, MAX_NR_SPIS, MAX_PROGRAM_OPS, OP_DTYPE,
+                    Dist, Op, WakeTarget)
 
 U64_MAX = (1 << 64) - 1
 #: Largest duration parameter accepted (about 73 years of virtual time).
@@ -76,21 +77,144 @@ def wfi() -> _Ins:
 hlt = wfi
 
 
+def _vcpu_id(what, vcpu_id) -> int:
+    if isinstance(vcpu_id, bool) or not isinstance(vcpu_id, (int, np.integer)) or vcpu_id < 0:
+        raise ProgramError(f"{what}: vcpu_id must be a non-negative integer, not {vcpu_id!r}")
+    return int(vcpu_id)
+
+
+def _irq(what, irq) -> int:
+    if isinstance(irq, bool) or not isinstance(irq, (int, np.integer)) or not 0 <= irq < 1024:
+        raise ProgramError(f"{what}: interrupt number must be an integer in 0..1023, not {irq!r}")
+    return int(irq)
+
+
 def wake(vcpu_id: int) -> _Ins:
-    """Make the plain wake source pending on vCPU ``vcpu_id`` and kick it."""
-    if isinstance(vcpu_id, bool) or not isinstance(vcpu_id, int) or vcpu_id < 0:
-        raise ProgramError(f"wake: vcpu_id must be a non-negative integer, not {vcpu_id!r}")
-    return _Ins(Op.WAKE, WakeTarget.VCPU, vcpu_id)
+    """Send the reschedule IPI (arm64 SGI 0, x86 vector 0xFD) to vCPU ``vcpu_id``."""
+    return _Ins(Op.SGI, WakeTarget.VCPU, IPI_RESCHEDULE, _vcpu_id("wake", vcpu_id), 0)
 
 
 def wake_random_other() -> _Ins:
-    """Wake a uniformly drawn other vCPU of the same VM."""
-    return _Ins(Op.WAKE, WakeTarget.RANDOM_OTHER)
+    """Send the reschedule IPI to a uniformly drawn other vCPU of the same VM."""
+    return _Ins(Op.SGI, WakeTarget.RANDOM_OTHER, IPI_RESCHEDULE)
 
 
 def wake_next() -> _Ins:
-    """Wake vCPU ``(self + 1) % nr_vcpus``."""
-    return _Ins(Op.WAKE, WakeTarget.NEXT)
+    """Send the reschedule IPI to vCPU ``(self + 1) % nr_vcpus``."""
+    return _Ins(Op.SGI, WakeTarget.NEXT, IPI_RESCHEDULE)
+
+
+def sgi(irq: int, targets) -> _Ins:
+    """Send SGI ``irq`` (arm64, 0-15) or IPI vector ``irq`` (x86, 16-255).
+
+    ``targets``: a vCPU id, a list of vCPU ids within 64 of each other,
+    ``"all-but-self"``, ``"random-other"`` or ``"next"``.
+    """
+    irq = _irq("sgi", irq)
+    if targets == "all-but-self":
+        return _Ins(Op.SGI, WakeTarget.ALL_BUT_SELF, irq)
+    if targets == "random-other":
+        return _Ins(Op.SGI, WakeTarget.RANDOM_OTHER, irq)
+    if targets == "next":
+        return _Ins(Op.SGI, WakeTarget.NEXT, irq)
+    if isinstance(targets, (int, np.integer)) and not isinstance(targets, bool):
+        return _Ins(Op.SGI, WakeTarget.VCPU, irq, _vcpu_id("sgi", targets), 0)
+    ids = sorted({_vcpu_id("sgi", v) for v in targets})
+    if not ids:
+        raise ProgramError("sgi: empty target list")
+    if ids[-1] - ids[0] >= 64:
+        raise ProgramError(f"sgi: targets {ids[0]}..{ids[-1]} span more than 64 vCPUs")
+    mask = 0
+    for v in ids:
+        mask |= 1 << (v - ids[0])
+    return _Ins(Op.SGI, WakeTarget.LIST, irq, mask, ids[0])
+
+
+ipi = sgi
+
+
+def irq_enable(intid: int) -> _Ins:
+    """Enable an interrupt (GICD_ISENABLER / GICR_ISENABLER0; traps)."""
+    return _Ins(Op.IRQ_ENABLE, 0, _irq("irq_enable", intid))
+
+
+def irq_disable(intid: int) -> _Ins:
+    """Disable an interrupt (GICD_ICENABLER / GICR_ICENABLER0; traps)."""
+    return _Ins(Op.IRQ_DISABLE, 0, _irq("irq_disable", intid))
+
+
+def set_priority(intid: int, priority: int) -> _Ins:
+    """Set an interrupt's priority (IPRIORITYR; 5 bits kept; traps)."""
+    return _Ins(Op.SET_PRIORITY, 0, _irq("set_priority", intid), _byte("priority", priority))
+
+
+def set_pmr(pmr: int) -> _Ins:
+    """Write ICC_PMR_EL1 (arm64) or the TPR (x86); no trap."""
+    return _Ins(Op.SET_PMR, 0, 0, _byte("pmr", pmr))
+
+
+set_tpr = set_pmr
+
+
+def mask() -> _Ins:
+    """Mask interrupts: PSTATE.I = 1 (arm64), cli (x86)."""
+    return _Ins(Op.MASK)
+
+
+def unmask() -> _Ins:
+    """Unmask interrupts: PSTATE.I = 0 (arm64), sti (x86)."""
+    return _Ins(Op.UNMASK)
+
+
+def set_handler(ns: int) -> _Ins:
+    """From now on the guest's interrupt handler runs for ``ns`` ns (then EOI)."""
+    return _Ins(Op.SET_HANDLER, 0, 0, _dur("set_handler", ns))
+
+
+def timer_arm(delay_ns: int, period_ns: int = 0) -> _Ins:
+    """Arm the virtual timer ``delay_ns`` from now (CVAL, CTL.ENABLE).
+
+    ``period_ns`` > 0: each time the guest takes the timer interrupt, its
+    handler moves CVAL one period on (a periodic tick); 0: the handler masks
+    the timer (CTL.IMASK), as Linux's does.
+    """
+    return _Ins(Op.TIMER_ARM, Dist.FIXED, _period(period_ns), _dur("timer_arm", delay_ns))
+
+
+def timer_arm_exp(mean_ns: int, period_ns: int = 0) -> _Ins:
+    """Arm the virtual timer an exponentially drawn delay of mean ``mean_ns`` from now."""
+    return _Ins(Op.TIMER_ARM, Dist.EXPONENTIAL, _period(period_ns),
+                _dur("timer_arm_exp mean", mean_ns))
+
+
+def timer_cancel() -> _Ins:
+    """Disable the virtual timer (CTL.ENABLE = 0)."""
+    return _Ins(Op.TIMER_CANCEL)
+
+
+def dist_enable(on: bool = True) -> _Ins:
+    """Write GICD_CTLR's enable (traps); enabling kicks every vCPU with a pending interrupt."""
+    return _Ins(Op.DIST_ENABLE, 0, 0, 1 if on else 0)
+
+
+def route_spi(intid: int, mpidr: int) -> _Ins:
+    """Write GICD_IROUTER of SPI ``intid``: route it to the vCPU with this MPIDR (traps)."""
+    if isinstance(mpidr, bool) or not isinstance(mpidr, (int, np.integer)) or \
+            not 0 <= mpidr < (1 << 64):
+        raise ProgramError(f"route_spi: mpidr must be a 64-bit value, not {mpidr!r}")
+    return _Ins(Op.ROUTE_SPI, 0, _irq("route_spi", intid), int(mpidr))
+
+
+def _byte(what, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= 255:
+        raise ProgramError(f"{what} must be an integer in 0..255, not {v!r}")
+    return int(v)
+
+
+def _period(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= 0xFFFF_FFFF:
+        raise ProgramError(f"timer period must be an integer in 0..2**32-1 ns, not {v!r}")
+    return int(v)
 
 
 def loop(body: Sequence[Item], count: int = 0) -> _Loop:
@@ -185,8 +309,10 @@ def _freeze(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def validate(ops: np.ndarray, nr_vcpus: int | None = None) -> None:
-    """Check an op array; with ``nr_vcpus``, also check wake targets.
+def validate(ops: np.ndarray, nr_vcpus: int | None = None, arch: str | None = None,
+             nr_spis: int | None = None) -> None:
+    """Check an op array; with the VM's ``nr_vcpus``, ``arch`` and ``nr_spis``,
+    also check targets and interrupt numbers against that VM.
 
     Raises ``ProgramError`` naming the first op at fault.
     """
@@ -211,15 +337,37 @@ def validate(ops: np.ndarray, nr_vcpus: int | None = None) -> None:
                 raise ProgramError(f"{where}: duration out of range 0..{MAX_DURATION_NS}")
             if dist == Dist.UNIFORM and p0 > p1:
                 raise ProgramError(f"{where}: uniform lo {p0} > hi {p1}")
-        elif code == Op.WAKE:
-            if dist not in tuple(WakeTarget):
-                raise ProgramError(f"{where}: unknown wake target kind {dist}")
-            if nr_vcpus is not None:
-                if dist == WakeTarget.VCPU and arg >= nr_vcpus:
-                    raise ProgramError(f"{where}: wake target vCPU {arg} does not exist "
-                                       f"(the VM has {nr_vcpus})")
-                if dist == WakeTarget.RANDOM_OTHER and nr_vcpus < 2:
-                    raise ProgramError(f"{where}: wake_random_other needs at least 2 vCPUs")
+        elif code == Op.SGI:
+            _check_sgi(where, dist, arg, p0, p1, nr_vcpus, arch)
+        elif code in _GIC_OPS:
+            if arch == "x86":
+                raise ProgramError(f"{where}: {code.name} is an arm64 GIC op; x86 has none")
+            limit = 32 + (MAX_NR_SPIS if nr_spis is None else nr_spis)
+            if code != Op.DIST_ENABLE and arg >= limit:
+                raise ProgramError(f"{where}: {code.name}: INTID {arg} does not exist "
+                                   f"(the VM has INTIDs 0..{limit - 1})")
+            if code == Op.ROUTE_SPI and arg < 32:
+                raise ProgramError(f"{where}: ROUTE_SPI: INTID {arg} is not an SPI")
+            if code == Op.SET_PRIORITY and p0 > 255:
+                raise ProgramError(f"{where}: priority {p0} out of range 0..255")
+            if code == Op.DIST_ENABLE and p0 > 1:
+                raise ProgramError(f"{where}: DIST_ENABLE takes 0 or 1, not {p0}")
+        elif code == Op.SET_PMR:
+            if p0 > 255:
+                raise ProgramError(f"{where}: PMR/TPR {p0} out of range 0..255")
+        elif code == Op.SET_HANDLER:
+            if p0 > MAX_DURATION_NS:
+                raise ProgramError(f"{where}: handler time out of range 0..{MAX_DURATION_NS}")
+        elif code in (Op.TIMER_ARM, Op.TIMER_CANCEL):
+            if arch == "x86":
+                raise ProgramError(f"{where}: {code.name}: the arch timer is arm64's")
+            if code == Op.TIMER_ARM:
+                if dist not in tuple(Dist):
+                    raise ProgramError(f"{where}: unknown distribution {dist}")
+                if p0 > MAX_DURATION_NS or p1 > MAX_DURATION_NS:
+                    raise ProgramError(f"{where}: duration out of range 0..{MAX_DURATION_NS}")
+                if dist == Dist.UNIFORM and p0 > p1:
+                    raise ProgramError(f"{where}: uniform lo {p0} > hi {p1}")
         elif code == Op.LOOP:
             if p0 > 0xFFFF_FFFF:
                 raise ProgramError(f"{where}: loop count {p0} does not fit 32 bits")
@@ -244,6 +392,36 @@ def validate(ops: np.ndarray, nr_vcpus: int | None = None) -> None:
     last = Op(int(ops["code"][n - 1]))
     if last not in (Op.END, Op.ENDLOOP) or (last == Op.ENDLOOP and int(ops["p0"][n - 1]) != 0):
         raise ProgramError(f"op {n - 1}: program runs past its last op (end it with END)")
+
+
+_GIC_OPS = frozenset({Op.IRQ_ENABLE, Op.IRQ_DISABLE, Op.SET_PRIORITY, Op.DIST_ENABLE,
+                      Op.ROUTE_SPI})
+
+
+def _check_sgi(where, kind, irq, p0, p1, nr_vcpus, arch):
+    if kind not in tuple(WakeTarget):
+        raise ProgramError(f"{where}: unknown SGI target kind {kind}")
+    if irq != IPI_RESCHEDULE:
+        if arch == "arm64" and irq >= 16:
+            raise ProgramError(f"{where}: SGI {irq} out of range 0..15")
+        if arch == "x86" and not 16 <= irq <= 255:
+            raise ProgramError(f"{where}: IPI vector {irq} out of range 16..255")
+        if arch is None and irq > 255:
+            raise ProgramError(f"{where}: SGI/vector {irq} out of range")
+    if kind == WakeTarget.LIST and p0 == 0:
+        raise ProgramError(f"{where}: SGI with an empty target list")
+    if kind == WakeTarget.LIST and p1 + p0.bit_length() - 1 > 0xFFFF_FFFF:
+        raise ProgramError(f"{where}: SGI target list out of range")
+    if nr_vcpus is None:
+        return
+    if kind == WakeTarget.VCPU and p0 >= nr_vcpus:
+        raise ProgramError(f"{where}: wake target vCPU {p0} does not exist "
+                           f"(the VM has {nr_vcpus})")
+    if kind == WakeTarget.LIST and p1 + p0.bit_length() - 1 >= nr_vcpus:
+        raise ProgramError(f"{where}: SGI target vCPU {p1 + p0.bit_length() - 1} does not "
+                           f"exist (the VM has {nr_vcpus})")
+    if kind == WakeTarget.RANDOM_OTHER and nr_vcpus < 2:
+        raise ProgramError(f"{where}: wake_random_other needs at least 2 vCPUs")
 
 
 def _body_takes_time(ops, lo, hi) -> bool:

@@ -12,7 +12,7 @@ import numbers
 
 from . import haltpoll
 from .errors import KvmError
-from .model import ARCHES, COST_DEFAULTS, MAX_VCPUS
+from .model import ARCHES, COST_DEFAULTS, DEFAULT_NR_SPIS, MAX_NR_SPIS, MAX_VCPUS
 
 ENGINES = ("core", "reference")
 #: Largest host the engines accept.
@@ -124,12 +124,13 @@ class Host:
 
     # -- VMs -------------------------------------------------------------------------
 
-    def create_vm(self, nr_vcpus: int, arch: str | None = None):
-        """``KVM_CREATE_VM`` plus ``nr_vcpus`` x ``KVM_CREATE_VCPU``."""
+    def create_vm(self, nr_vcpus: int, arch: str | None = None,
+                  nr_spis: int = DEFAULT_NR_SPIS):
+        """``KVM_CREATE_VM`` plus ``nr_vcpus`` x ``KVM_CREATE_VCPU`` (and the vGIC's SPIs)."""
         from .vm import VM
-        return VM(nr_vcpus=nr_vcpus, arch=arch or self.arch, host=self)
+        return VM(nr_vcpus=nr_vcpus, arch=arch or self.arch, host=self, nr_spis=nr_spis)
 
-    def _add_vm(self, vm, nr_vcpus: int, arch: str) -> int:
+    def _add_vm(self, vm, nr_vcpus: int, arch: str, nr_spis: int) -> int:
         if arch != self.arch:
             raise ValueError(f"a {arch} VM cannot run on an {self.arch} host")
         if isinstance(nr_vcpus, bool) or not isinstance(nr_vcpus, numbers.Integral):
@@ -141,7 +142,8 @@ class Host:
                                          f"({MAX_VCPUS[arch]} on {arch})")
         if self._nthreads + nr_vcpus > MAX_HOST_THREADS:
             raise ValueError(f"a host holds at most {MAX_HOST_THREADS} vCPU threads")
-        index = self._engine.add_vm(int(nr_vcpus))
+        nr_spis = check_int("nr_spis", nr_spis, 0, MAX_NR_SPIS)
+        index = self._engine.add_vm(int(nr_vcpus), nr_spis)
         first = self._nthreads
         self._nthreads += int(nr_vcpus)
         self.vms.append(vm)

@@ -17,13 +17,33 @@ import numpy as np
 
 
 class Op(IntEnum):
-    END = 0        #: the program ends; the vCPU thread leaves KVM_RUN
-    COMPUTE = 1    #: run guest code for a drawn time (dist, p0, p1)
-    WFI = 2        #: WFI (arm64) / HLT (x86): trap and kvm_vcpu_halt
-    WAKE = 3       #: make the plain wake source pending on a target vCPU and kick it
-    LOOP = 4       #: loop head: arg = counter slot, p0 = count (0: forever)
-    ENDLOOP = 5    #: loop tail: arg = index of the LOOP op, p0 = count, p1 = slot
-    # 6-31 are reserved for the timer, interrupt, PSCI and sync ops.
+    END = 0           #: the program ends; the vCPU thread leaves KVM_RUN
+    COMPUTE = 1       #: run guest code for a drawn time (dist, p0, p1)
+    WFI = 2           #: WFI (arm64) / HLT (x86): trap and kvm_vcpu_halt
+    SGI = 3           #: send SGI / IPI ``arg`` to targets (dist = WakeTarget, p0, p1)
+    WAKE = 3          #: the same op under its first name
+    LOOP = 4          #: loop head: arg = counter slot, p0 = count (0: forever)
+    ENDLOOP = 5       #: loop tail: arg = index of the LOOP op, p0 = count, p1 = slot
+    IRQ_ENABLE = 6    #: GICD/GICR ISENABLER: enable INTID ``arg`` (traps)
+    IRQ_DISABLE = 7   #: GICD/GICR ICENABLER: disable INTID ``arg`` (traps)
+    SET_PRIORITY = 8  #: IPRIORITYR: INTID ``arg`` gets priority p0 (traps)
+    SET_PMR = 9       #: ICC_PMR_EL1 = p0 (arm64) / TPR = p0 (x86); no trap
+    MASK = 10         #: PSTATE.I = 1 / cli
+    UNMASK = 11       #: PSTATE.I = 0 / sti
+    SET_HANDLER = 12  #: the guest's interrupt handler runs for p0 ns from now on
+    TIMER_ARM = 13    #: CNTV_CVAL = now + drawn delay, CNTV_CTL = ENABLE; arg = re-arm period
+    TIMER_CANCEL = 14  #: CNTV_CTL.ENABLE = 0
+    DIST_ENABLE = 15  #: GICD_CTLR: distributor enable = p0 (traps)
+    ROUTE_SPI = 16    #: GICD_IROUTER<arg> = p0 (an MPIDR; traps)
+    # 17-31 are reserved for the PSCI and sync ops.
+
+
+#: Ops that trap to KVM (a VM exit before, a VM entry after).
+TRAPPING_OPS = frozenset({Op.WFI, Op.SGI, Op.IRQ_ENABLE, Op.IRQ_DISABLE, Op.SET_PRIORITY,
+                          Op.DIST_ENABLE, Op.ROUTE_SPI})
+#: Ops that act at an instant without trapping (system registers, PSTATE).
+INSTANT_OPS = frozenset({Op.SET_PMR, Op.MASK, Op.UNMASK, Op.SET_HANDLER, Op.TIMER_ARM,
+                         Op.TIMER_CANCEL})
 
 
 class Dist(IntEnum):
@@ -33,10 +53,18 @@ class Dist(IntEnum):
 
 
 class WakeTarget(IntEnum):
-    VCPU = 0          #: the vCPU whose id is arg
+    VCPU = 0          #: the vCPU whose id is p0
     RANDOM_OTHER = 1  #: a uniformly drawn other vCPU of the same VM
     NEXT = 2          #: vcpu_id + 1 modulo the VM's vCPU count
+    LIST = 3          #: vCPUs p1 + i for every bit i set in the 64-bit mask p0
+    ALL_BUT_SELF = 4  #: every other vCPU of the VM
 
+
+#: SGI op ``arg`` meaning "the arch's reschedule IPI" (arm64 SGI 0, x86 vector 0xFD).
+IPI_RESCHEDULE = 0xFFFF_FFFF
+RESCHEDULE_IRQ = {"arm64": 0, "x86": 0xFD}
+#: What a VM's periodic tick raises: arm64 PPI 30 (edge), x86 LOCAL_TIMER_VECTOR.
+TICK_IRQ = {"arm64": 30, "x86": 0xEC}
 
 OP_DTYPE = np.dtype([("code", "<u2"), ("dist", "<u2"), ("arg", "<u4"),
                      ("p0", "<u8"), ("p1", "<u8")])
@@ -63,8 +91,10 @@ class ThreadState(IntEnum):
 #: What a thread does when it next gets its host CPU.
 RESUME_START, RESUME_HALT, RESUME_SEGMENT = 0, 1, 2
 
-#: What happens when a timed segment ends.
-CONT_NEXT, CONT_HALT, CONT_DELIVER, CONT_END = 0, 1, 2, 3
+#: What happens when a timed segment ends: go on with the program, halt,
+#: carry out the trapping op at pc, leave KVM_RUN, take interrupts after an
+#: IPI, end an interrupt handler (EOI).
+CONT_NEXT, CONT_HALT, CONT_TRAP, CONT_END, CONT_IRQ, CONT_EOI = 0, 1, 2, 3, 4, 5
 
 # --------------------------------------------------------------------------
 # Events.  The heap orders by (time, class, sequence); lower class first at
@@ -73,11 +103,52 @@ CONT_NEXT, CONT_HALT, CONT_DELIVER, CONT_END = 0, 1, 2, 3
 
 
 class EventClass(IntEnum):
-    TICK = 0      #: a VM's periodic wake source fires
-    SEGMENT = 1   #: a thread's timed segment ends
-    POLL_END = 2  #: a poll window ends without a wake-up
-    RUN = 3       #: a thread gets its host CPU
-    SLICE = 4     #: a running thread's time slice ends
+    TICK = 0      #: a VM's periodic tick fires
+    SOURCE = 1    #: a device interrupt source fires
+    TIMER = 2     #: a vCPU's virtual timer reaches CVAL
+    SEGMENT = 3   #: a thread's timed segment ends
+    POLL_END = 4  #: a poll window ends without a wake-up
+    RUN = 5       #: a thread gets its host CPU
+    SLICE = 6     #: a running thread's time slice ends
+
+
+# --------------------------------------------------------------------------
+# Interrupt controller model (arm64 vGICv3 subset, x86 LAPIC subset).
+
+NR_INTIDS = 1024               #: INTID space held in bitmaps (16 words of 64)
+NR_PRIVATE_IRQS = 32
+MAX_NR_SPIS = 988              #: SPIs 32..1019 (VGIC_MAX_SPI)
+DEFAULT_NR_SPIS = 224          #: VGIC_NR_IRQS_LEGACY (256) - 32
+VGIC_PRI_MASK = 0xF8           #: 5 priority bits (VGIC_PRI_BITS), the low 3 read as 0
+GIC_DEFAULT_PRIORITY = 0xA0    #: Linux's GICD_INT_DEF_PRI
+GIC_DEFAULT_PMR = 0xF0         #: Linux's DEFAULT_PMR_VALUE
+VTIMER_IRQ = 27                #: the virtual timer PPI
+ARCH_TIMER_CTRL_ENABLE = 1
+ARCH_TIMER_CTRL_IT_MASK = 2
+#: Interrupts one vCPU may take at one instant (handler time 0) before the
+#: engine declares an interrupt storm.
+MAX_TAKES_PER_INSTANT = 4096
+
+
+class SourceKind(IntEnum):
+    PERIODIC = 0   #: every p0 ns from p1
+    POISSON = 1    #: exponential inter-arrival times of mean p0 ns
+    TRACE = 2      #: at the given absolute times
+
+
+def mpidr_of(vcpu_id: int) -> int:
+    """Affinity fields of a vCPU's MPIDR_EL1 (reset_mpidr: 16 vCPUs per Aff0)."""
+    return (vcpu_id & 0xF) | (((vcpu_id >> 4) & 0xFF) << 8) | (((vcpu_id >> 12) & 0xFF) << 16)
+
+
+def vcpu_of_mpidr(mpidr: int, nr_vcpus: int) -> int:
+    """kvm_mpidr_to_vcpu on IROUTER bits [23:0]: the vCPU id, or -1."""
+    mpidr &= 0xFFFFFF
+    aff0 = mpidr & 0xFF
+    if aff0 >= 16:
+        return -1
+    vid = aff0 | (((mpidr >> 8) & 0xFF) << 4) | (((mpidr >> 16) & 0xFF) << 12)
+    return vid if vid < nr_vcpus and mpidr_of(vid) == mpidr else -1
 
 
 # --------------------------------------------------------------------------
@@ -102,6 +173,11 @@ class Request(IntEnum):
     IRQ_PENDING = 1 + KVM_REQUEST_ARCH_BASE
     VCPU_RESET = 2 + KVM_REQUEST_ARCH_BASE
     SUSPEND = 6 + KVM_REQUEST_ARCH_BASE
+
+
+#: The request an injection makes before its kick: arm64 KVM_REQ_IRQ_PENDING,
+#: x86 KVM_REQ_EVENT (KVM_ARCH_REQ(6)).
+INJECT_REQUEST = {"arm64": Request.IRQ_PENDING, "x86": 6 + KVM_REQUEST_ARCH_BASE}
 
 
 # --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from . import stats as _stats
 from . import tracefmt
 from .errors import KvmError
 from .host import Host, check_arch, check_int
-from .model import MAX_VCPUS, ThreadState
+from .model import DEFAULT_NR_SPIS, MAX_VCPUS, SourceKind, ThreadState, mpidr_of
 from .uapi import Cap
 
 #: Capabilities answered by check_extension, per arch (value returned).
@@ -38,11 +38,20 @@ class VM:
         Private host only: see ``Host``.
     host : Host, optional
         Put the VM on this host instead of a private one.
+    nr_spis : int
+        arm64: SPIs of the vGIC, INTIDs 32 .. 32 + nr_spis - 1 (at most 988,
+        up to INTID 1019; default 224, KVM's default of 256 IRQs).
+
+    The vGIC starts as a booted Linux guest leaves it: distributor enabled,
+    SGIs 0-15, the timer PPI 27 and the tick PPI 30 enabled, SPIs disabled
+    (level-triggered, routed to vCPU 0), every priority 0xA0, PMR 0xF0,
+    interrupts unmasked.  On x86 each vCPU has a LAPIC with TPR 0 and IF=1.
     """
 
     def __init__(self, arch: str = "arm64", nr_vcpus: int = 1, host_cpus: int | None = None,
                  seed: int = 0, host: Host | None = None, costs: dict | None = None,
-                 engine: str = "core", trace_capacity: int = 1 << 20):
+                 engine: str = "core", trace_capacity: int = 1 << 20,
+                 nr_spis: int = DEFAULT_NR_SPIS):
         check_arch(arch)
         if host is None:
             if host_cpus is None:
@@ -55,8 +64,9 @@ class VM:
             raise ValueError("host_cpus and costs belong to the host: pass them to Host()")
         self.host = host
         self.arch = arch
-        self.index, self._first = host._add_vm(self, nr_vcpus, arch)
+        self.index, self._first = host._add_vm(self, nr_vcpus, arch, nr_spis)
         self.nr_vcpus = int(nr_vcpus)
+        self.nr_spis = int(nr_spis)
         self.vcpus = [VCpu(self, i) for i in range(self.nr_vcpus)]
         self._halt_poll_cap: int | None = None
         self._tick_ns = 0
@@ -111,6 +121,158 @@ class VM:
         period_ns = check_int("period_ns", period_ns, 0, 1 << 62)
         self._engine.set_tick(self.index, period_ns)
         self._tick_ns = period_ns
+
+    # -- interrupts ------------------------------------------------------------------------
+
+    def _need_arm64(self, what):
+        if self.arch != "arm64":
+            raise KvmError(errno.ENXIO, f"{what}: this {self.arch} VM has no vGIC")
+
+    def _check_intid(self, intid, vcpu, what):
+        """Validate an INTID; returns the engine thread index it concerns (-1: an SPI)."""
+        intid = check_int("intid", intid, 0, 1023)
+        if intid < 32:
+            if vcpu is None:
+                raise KvmError(errno.EINVAL, f"{what}: INTID {intid} is private to a vCPU; "
+                                             "name the vcpu")
+            return intid, self._vcpu_index(vcpu)
+        if intid >= 32 + self.nr_spis:
+            raise KvmError(errno.EINVAL, f"{what}: SPI {intid} is beyond the VM's "
+                                         f"{self.nr_spis} SPIs (32..{31 + self.nr_spis})")
+        return intid, -1
+
+    def _vcpu_index(self, vcpu) -> int:
+        if isinstance(vcpu, VCpu):
+            if vcpu.vm is not self:
+                raise ValueError("that vCPU belongs to another VM")
+            return vcpu._g
+        return self._first + check_int("vcpu", vcpu, 0, self.nr_vcpus - 1)
+
+    def irq_line(self, intid: int, level: int, vcpu=None) -> None:
+        """``KVM_IRQ_LINE``: drive an SPI (or, with ``vcpu``, a PPI) to ``level``.
+
+        Edge-configured interrupts become pending on a rising level; level
+        ones follow the line.  SGIs, PPIs without a vCPU and SPIs beyond the
+        VM's count are rejected with EINVAL, as the kernel does.
+        """
+        self._need_arm64("KVM_IRQ_LINE")
+        if isinstance(level, bool) or level not in (0, 1):
+            raise ValueError(f"level must be 0 or 1, not {level!r}")
+        intid = check_int("intid", intid, 0, 1023)
+        if intid < 16:
+            raise KvmError(errno.EINVAL, f"KVM_IRQ_LINE: INTID {intid} is an SGI; SGIs are "
+                                         "sent by vCPUs, not raised by lines")
+        if intid < 32 and vcpu is None:
+            raise KvmError(errno.EINVAL, f"KVM_IRQ_LINE: PPI {intid} needs a vcpu")
+        intid, g = self._check_intid(intid, vcpu, "KVM_IRQ_LINE")
+        self._engine.irq_line(self.index, intid, bool(level), g)
+
+    def signal_msi(self, address: int, data: int, flags: int = 0) -> int:
+        """``KVM_SIGNAL_MSI`` (x86): fixed delivery of vector ``data & 0xff`` to the
+        APIC ID in ``address`` bits 19:12.  Returns 1 (delivered).
+
+        The kernel returns 0 without an errno for an APIC ID no vCPU has; here
+        that is a ``ValueError`` naming the ID.  Nonzero flags give EINVAL, as
+        in the kernel.
+        """
+        if self.arch != "x86":
+            raise KvmError(errno.ENODEV, "KVM_SIGNAL_MSI: this arm64 VM has no ITS")
+        address = check_int("address", address, 0, (1 << 64) - 1)
+        data = check_int("data", data, 0, 0xFFFF_FFFF)
+        flags = check_int("flags", flags, 0, 0xFFFF_FFFF)
+        if flags:
+            raise KvmError(errno.EINVAL, f"KVM_SIGNAL_MSI: flags {flags:#x} not supported")
+        if (address >> 20) & 0xFFF != 0xFEE or address >> 32:
+            raise ValueError(f"MSI address {address:#x} is not in the LAPIC window 0xfee00000")
+        if address & (1 << 2):
+            raise ValueError("MSI with logical destination mode is not modelled")
+        if (data >> 8) & 7:
+            raise ValueError(f"MSI delivery mode {(data >> 8) & 7} is not modelled "
+                             "(only fixed, 0)")
+        vector = data & 0xFF
+        if vector < 16:
+            raise ValueError(f"MSI vector {vector} is reserved (vectors 0-15)")
+        apic_id = (address >> 12) & 0xFF
+        if apic_id >= self.nr_vcpus:
+            raise ValueError(f"MSI to APIC ID {apic_id}: no vCPU of this VM has it "
+                             f"(APIC IDs 0..{self.nr_vcpus - 1}); not delivered")
+        self._engine.signal_msi(self._first + apic_id, vector)
+        return 1
+
+    def configure_irq(self, intid: int, *, vcpu=None, enabled: bool | None = None,
+                      priority: int | None = None, level: bool | None = None) -> None:
+        """Set up an interrupt as the guest's drivers would (enable, priority, trigger).
+
+        Private INTIDs (< 32) need ``vcpu``.  Only SPIs can change trigger.
+        Priorities keep their top 5 bits, as KVM's vGIC does.
+        """
+        self._need_arm64("configure_irq")
+        intid, g = self._check_intid(intid, vcpu, "configure_irq")
+        if priority is not None:
+            priority = check_int("priority", priority, 0, 255)
+        if level is not None and intid < 32:
+            raise ValueError(f"INTID {intid}: SGIs are edge and PPIs fixed; only SPIs "
+                             "change trigger")
+        self._engine.configure_irq(self.index, g, intid,
+                                   -1 if enabled is None else int(bool(enabled)),
+                                   -1 if priority is None else priority,
+                                   -1 if level is None else int(bool(level)))
+
+    def route_spi(self, intid: int, *, vcpu: int | None = None, mpidr: int | None = None) -> None:
+        """``GICD_IROUTER``: route SPI ``intid`` to ``vcpu`` (or to an MPIDR; one that
+        no vCPU has leaves the SPI undelivered)."""
+        self._need_arm64("route_spi")
+        intid, _ = self._check_intid(intid, None, "route_spi")
+        if (vcpu is None) == (mpidr is None):
+            raise ValueError("route_spi needs exactly one of vcpu= or mpidr=")
+        if vcpu is not None:
+            mpidr = mpidr_of(self._vcpu_index(vcpu) - self._first)
+        mpidr = check_int("mpidr", mpidr, 0, (1 << 64) - 1)
+        self._engine.route_spi(self.index, intid, mpidr)
+
+    def set_distributor(self, enabled: bool) -> None:
+        """``GICD_CTLR``: enable or disable the distributor (enabling kicks every
+        vCPU with an interrupt pending)."""
+        self._need_arm64("set_distributor")
+        self._engine.set_dist_enabled(self.index, bool(enabled))
+
+    @property
+    def distributor_enabled(self) -> bool:
+        self._need_arm64("distributor_enabled")
+        return self._engine.vm_gic_enabled(self.index)
+
+    def add_irq_source(self, intid: int, *, period_ns: int | None = None,
+                       phase_ns: int = 0, mean_ns: int | None = None,
+                       times_ns=None) -> int:
+        """A device interrupt source raising SPI ``intid`` (route it with ``route_spi``).
+
+        Exactly one of: ``period_ns`` (arrivals at ``phase_ns + k * period_ns``),
+        ``mean_ns`` (Poisson arrivals: exponential gaps of that mean, from the
+        source's own seeded stream), or ``times_ns`` (a trace: the absolute
+        arrival times, non-decreasing).
+        """
+        self._need_arm64("add_irq_source")
+        intid, _ = self._check_intid(intid, None, "add_irq_source")
+        given = [x is not None for x in (period_ns, mean_ns, times_ns)]
+        if sum(given) != 1:
+            raise ValueError("add_irq_source needs exactly one of period_ns, mean_ns, times_ns")
+        if period_ns is not None:
+            period_ns = check_int("period_ns", period_ns, 1, 1 << 62)
+            phase_ns = check_int("phase_ns", phase_ns, 0, 1 << 62)
+            return self._engine.add_source(self.index, intid, SourceKind.PERIODIC, period_ns,
+                                           phase_ns)
+        if mean_ns is not None:
+            mean_ns = check_int("mean_ns", mean_ns, 1, 1 << 50)
+            return self._engine.add_source(self.index, intid, SourceKind.POISSON, mean_ns, 0)
+        times = np.asarray(times_ns)
+        if times.ndim != 1 or not (np.issubdtype(times.dtype, np.integer) or times.size == 0):
+            raise ValueError("times_ns must be a one-dimensional sequence of integers")
+        if times.size and (times.min() < 0 or times.max() > (1 << 62)):
+            raise ValueError("times_ns must lie in 0..2**62")
+        times = times.astype(np.uint64)
+        if np.any(np.diff(times.astype(np.int64)) < 0):
+            raise ValueError("times_ns must be non-decreasing")
+        return self._engine.add_source(self.index, intid, SourceKind.TRACE, 0, 0, times)
 
     # -- running -------------------------------------------------------------------------
 
@@ -176,7 +338,7 @@ class VCpu:
         """Give the vCPU its guest program (a ``guest.Program``, or a list of ops)."""
         if not isinstance(program, _guest.Program):
             program = _guest.Program(program)
-        _guest.validate(program.ops, self.vm.nr_vcpus)
+        _guest.validate(program.ops, self.vm.nr_vcpus, self.vm.arch, self.vm.nr_spis)
         if self._started and self.thread_state != "USER":
             raise KvmError(errno.EBUSY, f"vCPU {self.id} is in KVM_RUN; load a program "
                                         "before it runs or after it ended")
@@ -196,8 +358,35 @@ class VCpu:
         return self.vm._engine.make_request(self._g, req)
 
     def raise_wake(self) -> bool:
-        """Make the plain wake source pending on this vCPU and kick it."""
+        """Send this vCPU the reschedule IPI (arm64 SGI 0, x86 vector 0xFD)."""
         return self.vm._engine.raise_pending(self._g)
+
+    def set_pmr(self, pmr: int) -> None:
+        """ICC_PMR_EL1 (arm64, top 5 bits kept) or the TPR (x86)."""
+        self.vm._engine.set_pmr(self._g, check_int("pmr", pmr, 0, 255))
+
+    def set_masked(self, masked: bool) -> None:
+        """PSTATE.I (arm64) / not IF (x86)."""
+        self.vm._engine.set_masked(self._g, bool(masked))
+
+    def irq_state(self, intid: int) -> dict:
+        """The vGIC's view of ``intid`` for this vCPU (pending, enabled, active,
+        priority, level, line, queued, target, pmr, masked); on x86 the LAPIC's
+        IRR/ISR bits for vector ``intid``, the TPR and the mask."""
+        intid = check_int("intid", intid, 0, 1023 if self.vm.arch == "arm64" else 255)
+        if self.vm.arch == "arm64" and intid >= 32 + self.vm.nr_spis:
+            raise KvmError(errno.EINVAL, f"SPI {intid} is beyond the VM's {self.vm.nr_spis} SPIs")
+        return self.vm._engine.irq_state(self._g, intid)
+
+    def timer_state(self) -> dict:
+        """The virtual timer: cval (virtual ns), ctl bits, re-arm period, istatus."""
+        self.vm._need_arm64("timer_state")
+        return self.vm._engine.timer_state(self._g)
+
+    @property
+    def runnable(self) -> bool:
+        """``kvm_arch_vcpu_runnable``: would a halt end now?"""
+        return bool(self.vm._engine.thread_info(self._g)["runnable"])
 
     # -- read-out -------------------------------------------------------------------------------
 
