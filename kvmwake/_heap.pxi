@@ -7,7 +7,8 @@ from libc.stdlib cimport malloc, realloc, free
 
 
 cdef inline bint ev_before(const event_t* a, const event_t* b) noexcept nogil:
-    return a.t < b.t or (a.t == b.t and a.key < b.key)
+    # Bitwise, not short-circuit: compiles without a branch.
+    return (a.t < b.t) | ((a.t == b.t) & (a.key < b.key))
 
 
 cdef int heap_push(engine_t* e, uint64_t t, uint64_t cls, uint32_t who,
@@ -58,8 +59,8 @@ cdef void heap_pop(engine_t* e, event_t* out) noexcept nogil:
         c = 2 * i + 1
         if c >= n:
             break
-        if c + 1 < n and ev_before(&h[c + 1], &h[c]):
-            c += 1
+        if c + 1 < n:
+            c += ev_before(&h[c + 1], &h[c])     # the earlier child, without a branch
         if not ev_before(&h[c], &last):
             break
         h[i] = h[c]

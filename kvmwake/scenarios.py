@@ -7,6 +7,11 @@
   wakes a random peer, WFI), a worker (longer compute, WFI, woken by peers),
   a batch job (long compute, wakes its neighbour, WFI) and a mostly idle vCPU
   (a little compute, WFI, woken by the 4 ms tick or by peers).
+* ``irq-storm``: 4,096 arm64 vCPUs (8 VMs of 512) on 256 host CPUs.  Each VM
+  has 988 SPIs (INTIDs 32..1019), each an edge-triggered device source with
+  Poisson arrivals (mean 4 ms) routed to vCPU ``(intid - 32) % 512``; every
+  vCPU's virtual timer ticks every 4 ms (periodic re-arm in its handler);
+  handlers take 2 us; the vCPUs compute Exp(30 us) between WFIs.
 * ``ipi-storm``: the canonical comparison workload.  N x86 vCPUs (default
   1,024, in VMs of at most KVM_MAX_VCPUS = 1024), each on its own host CPU
   unless ``host_cpus`` says otherwise; each loops: compute for Exp(mean
@@ -24,7 +29,7 @@ from typing import Callable
 from . import guest as g
 from .errors import ScenarioError
 from .host import Host, check_int
-from .model import MAX_VCPUS
+from .model import DEFAULT_NR_SPIS, MAX_NR_SPIS, MAX_VCPUS
 
 MS = 1_000_000
 US = 1_000
@@ -43,6 +48,26 @@ class Scenario:
     tick_ns: int = 4 * MS
     module_params: dict = field(default_factory=dict)
     costs: dict = field(default_factory=dict)
+    nr_spis: int = DEFAULT_NR_SPIS
+    setup_vm: Callable | None = None     # (vm) -> None: interrupt sources, routing
+
+
+IRQ_STORM_MEAN_NS = 4 * MS
+
+
+def _irq_storm_program(vcpu_id: int, nr_vcpus: int) -> g.Program:
+    return g.Program([
+        g.set_handler(2 * US),
+        g.timer_arm(4 * MS, period_ns=4 * MS),
+        g.loop([g.compute_exp(30 * US), g.wfi()]),
+    ])
+
+
+def _irq_storm_setup(vm) -> None:
+    for intid in range(32, 32 + vm.nr_spis):
+        vm.configure_irq(intid, enabled=True, level=False)
+        vm.route_spi(intid, vcpu=(intid - 32) % vm.nr_vcpus)
+        vm.add_irq_source(intid, mean_ns=IRQ_STORM_MEAN_NS)
 
 
 def _default_program(vcpu_id: int, nr_vcpus: int) -> g.Program:
@@ -69,6 +94,13 @@ BUILTIN: dict[str, Scenario] = {
                     "batch and idle vCPUs waking each other, 4 ms tick",
         arch="arm64", vcpus=4096, vcpus_per_vm=64, host_cpus=256, sim_ns=200 * MS,
         program=_default_program),
+    "irq-storm": Scenario(
+        name="irq-storm",
+        description="4,096 arm64 vCPUs (8 VMs x 512) on 256 host CPUs: 988 Poisson device "
+                    "SPIs per VM routed across the vCPUs, 4 ms timer ticks, 2 us handlers",
+        arch="arm64", vcpus=4096, vcpus_per_vm=512, host_cpus=256, sim_ns=100 * MS,
+        program=_irq_storm_program, tick_ns=0, nr_spis=MAX_NR_SPIS,
+        setup_vm=_irq_storm_setup),
     "ipi-storm": Scenario(
         name="ipi-storm",
         description="N x86 vCPUs, one per host CPU: compute Exp(20 us), wake a random "
@@ -109,7 +141,7 @@ def build(name: str, *, vcpus: int | None = None, host_cpus: int | None = None,
     left = total
     while left:
         n = min(per_vm, left)
-        vm = host.create_vm(n)
+        vm = host.create_vm(n, nr_spis=sc.nr_spis)
         for v in vm.vcpus:
             try:
                 v.load(sc.program(v.id, n))
@@ -118,6 +150,8 @@ def build(name: str, *, vcpus: int | None = None, host_cpus: int | None = None,
                                     f"vCPU {v.id}: {exc}") from None
         if sc.tick_ns:
             vm.set_tick(sc.tick_ns)
+        if sc.setup_vm is not None:
+            sc.setup_vm(vm)
         left -= n
     return host, sim_ns, sc
 
