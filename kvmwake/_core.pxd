@@ -110,9 +110,11 @@ ctypedef struct source_t:
     uint64_t times_len
     uint64_t idx
     uint32_t vm
-    uint32_t intid
+    uint32_t intid                # arm64: the SPI; x86: the MSI vector
     uint32_t kind
     uint32_t gen
+    uint32_t target               # x86: the thread of the destination APIC ID
+    uint32_t _pad
 
 
 ctypedef struct cpu_t:

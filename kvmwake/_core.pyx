@@ -175,7 +175,9 @@ def compiled_constants():
         "dists": (DIST_FIXED, DIST_EXPONENTIAL, DIST_UNIFORM),
         "wake_targets": (WT_VCPU, WT_RANDOM_OTHER, WT_NEXT, WT_LIST, WT_ALL_BUT_SELF),
         "source_kinds": (SRC_PERIODIC, SRC_POISSON, SRC_TRACE),
-        "irq": {"IPI_RESCHEDULE": IPI_RESCHEDULE, "VTIMER_IRQ": VTIMER_IRQ,
+        # IPI_RESCHEDULE as the u32 the interpreter compares op.arg with (a C enum
+        # constant would come out as the int -1).
+        "irq": {"IPI_RESCHEDULE": <uint32_t>IPI_RESCHEDULE, "VTIMER_IRQ": VTIMER_IRQ,
                 "VGIC_PRI_MASK": VGIC_PRI_MASK, "ARCH_TIMER_CTRL_ENABLE": ARCH_TIMER_CTRL_ENABLE,
                 "ARCH_TIMER_CTRL_IT_MASK": ARCH_TIMER_CTRL_IT_MASK,
                 "MAX_TAKES_PER_INSTANT": MAX_TAKES_PER_INSTANT,
@@ -423,8 +425,9 @@ cdef class Engine:
                                   EV_TICK, vmi, vm.tick_gen))
 
     def add_source(self, uint32_t vmi, uint32_t intid, uint32_t kind, uint64_t p0,
-                   uint64_t p1, times=None):
-        """A device interrupt source raising SPI ``intid`` (see model.SourceKind)."""
+                   uint64_t p1, times=None, uint32_t target=0):
+        """A device interrupt source: SPI ``intid`` (arm64) or MSI vector ``intid`` to
+        thread ``target`` (x86); see model.SourceKind."""
         cdef uint32_t si = self.e.nsrc, nth = 0, k
         for k in range(si):
             if self.e.src[k].vm == vmi:
@@ -437,6 +440,7 @@ cdef class Engine:
         cdef source_t* s = &self.e.src[si]
         s.vm = vmi
         s.intid = intid
+        s.target = target
         s.kind = kind
         s.p0 = p0
         s.p1 = p1

@@ -85,7 +85,12 @@ cdef inline uint64_t source_draw(source_t* s) noexcept nogil:
 cdef int source_fire(engine_t* e, uint32_t si, uint64_t t) noexcept nogil:
     cdef source_t* s = &e.src[si]
     cdef uint64_t nxt
-    if inject(e, -1, s.vm, s.intid, 1, t) < 0:
+    cdef int rc
+    if e.x86:
+        rc = apic_set_irq(e, s.target, s.intid, t)      # an MSI to one LAPIC
+    else:
+        rc = inject(e, -1, s.vm, s.intid, 1, t)         # an edge on the SPI's line
+    if rc < 0:
         return -1
     if s.kind == SRC_PERIODIC:
         nxt = t + s.p0

@@ -185,7 +185,7 @@ class _Vm:
 
 
 class _Source(_Stream):
-    __slots__ = ("vm", "intid", "kind", "p0", "p1", "times", "idx", "gen", "index")
+    __slots__ = ("vm", "intid", "kind", "p0", "p1", "times", "idx", "gen", "index", "target")
 
 
 class _Cpu:
@@ -269,10 +269,12 @@ class Engine:
             self._push(first, _EV_TICK, vm, v.tick_gen)
 
     def add_source(self, vm: int, intid: int, kind: int, p0: int, p1: int,
-                   times=None) -> int:
-        """A device interrupt source raising SPI ``intid`` (see SourceKind)."""
+                   times=None, target: int = 0) -> int:
+        """A device interrupt source: SPI ``intid`` (arm64) or MSI vector ``intid`` to
+        thread ``target`` (x86); see SourceKind."""
         s = _Source()
         s.index = len(self.sources)
+        s.target = target
         s.vm, s.intid, s.kind, s.p0, s.p1 = vm, intid, kind, p0, p1
         s.times = [int(x) for x in times] if times is not None else []
         s.idx = 0
@@ -955,8 +957,10 @@ class Engine:
                 self._raise_irq(th, self.tick_irq, t)
 
     def _source_fire(self, s, t):
-        vm = self.vms[s.vm]
-        self._inject(vm, None, s.intid, True, t)
+        if self.x86:
+            self._apic_set_irq(self.threads[s.target], s.intid, t)   # an MSI to one LAPIC
+        else:
+            self._inject(self.vms[s.vm], None, s.intid, True, t)     # an edge on the SPI
         if s.kind == SourceKind.PERIODIC:
             nxt = t + s.p0
         elif s.kind == SourceKind.POISSON:

@@ -244,7 +244,7 @@ class VM:
     def add_irq_source(self, intid: int, *, period_ns: int | None = None,
                        phase_ns: int = 0, mean_ns: int | None = None,
                        times_ns=None) -> int:
-        """A device interrupt source raising SPI ``intid`` (route it with ``route_spi``).
+        """A device interrupt source raising SPI ``intid`` (arm64; route it with ``route_spi``).
 
         Exactly one of: ``period_ns`` (arrivals at ``phase_ns + k * period_ns``),
         ``mean_ns`` (Poisson arrivals: exponential gaps of that mean, from the
@@ -253,17 +253,36 @@ class VM:
         """
         self._need_arm64("add_irq_source")
         intid, _ = self._check_intid(intid, None, "add_irq_source")
+        return self._add_source(intid, 0, period_ns, phase_ns, mean_ns, times_ns)
+
+    def add_msi_source(self, apic_id: int, vector: int, *, period_ns: int | None = None,
+                       phase_ns: int = 0, mean_ns: int | None = None, times_ns=None) -> int:
+        """A device sending fixed-mode MSIs of ``vector`` to APIC ID ``apic_id`` (x86).
+
+        Arrivals as for ``add_irq_source``.
+        """
+        if self.arch != "x86":
+            raise KvmError(errno.ENODEV, "add_msi_source: this arm64 VM has no ITS; use "
+                                         "add_irq_source")
+        apic_id = check_int("apic_id", apic_id, 0, self.nr_vcpus - 1)
+        vector = check_int("vector", vector, 16, 255)
+        return self._add_source(vector, self._first + apic_id, period_ns, phase_ns, mean_ns,
+                                times_ns)
+
+    def _add_source(self, intid, target, period_ns, phase_ns, mean_ns, times_ns) -> int:
         given = [x is not None for x in (period_ns, mean_ns, times_ns)]
         if sum(given) != 1:
-            raise ValueError("add_irq_source needs exactly one of period_ns, mean_ns, times_ns")
+            raise ValueError("an interrupt source needs exactly one of period_ns, mean_ns, "
+                             "times_ns")
+        eng = self._engine
         if period_ns is not None:
             period_ns = check_int("period_ns", period_ns, 1, 1 << 62)
             phase_ns = check_int("phase_ns", phase_ns, 0, 1 << 62)
-            return self._engine.add_source(self.index, intid, SourceKind.PERIODIC, period_ns,
-                                           phase_ns)
+            return eng.add_source(self.index, intid, SourceKind.PERIODIC, period_ns, phase_ns,
+                                  None, target)
         if mean_ns is not None:
             mean_ns = check_int("mean_ns", mean_ns, 1, 1 << 50)
-            return self._engine.add_source(self.index, intid, SourceKind.POISSON, mean_ns, 0)
+            return eng.add_source(self.index, intid, SourceKind.POISSON, mean_ns, 0, None, target)
         times = np.asarray(times_ns)
         if times.ndim != 1 or not (np.issubdtype(times.dtype, np.integer) or times.size == 0):
             raise ValueError("times_ns must be a one-dimensional sequence of integers")
@@ -272,7 +291,7 @@ class VM:
         times = times.astype(np.uint64)
         if np.any(np.diff(times.astype(np.int64)) < 0):
             raise ValueError("times_ns must be non-decreasing")
-        return self._engine.add_source(self.index, intid, SourceKind.TRACE, 0, 0, times)
+        return eng.add_source(self.index, intid, SourceKind.TRACE, 0, 0, times, target)
 
     # -- running -------------------------------------------------------------------------
 
