@@ -27,6 +27,17 @@ ctypedef struct thread_t:
     uint64_t rng_state
     uint64_t rng_inc
     uint64_t stall_t
+    uint64_t regs[4]          # x0..x3
+    uint64_t pc_raw           # the PC when it points at no op of the program
+    uint64_t reset_pc         # KVM_REQ_VCPU_RESET's reset state (PSCI CPU_ON)
+    uint64_t reset_r0
+    uint64_t exit_data0       # the last exit to userspace
+    uint64_t exit_value
+    uint64_t exit_time
+    uint32_t exit_reason
+    uint32_t exit_type
+    uint32_t exit_ndata
+    uint32_t exit_ucall
     uint32_t gen              # generation of its pending SEGMENT/POLL_END/RUN event
     uint32_t run_gen          # generation of its time slice
     uint32_t halt_poll_ns     # vcpu->halt_poll_ns (unsigned int)
@@ -36,7 +47,7 @@ ctypedef struct thread_t:
     uint32_t vm
     uint32_t vcpu_id
     uint32_t pcpu
-    uint32_t _unused
+    uint32_t prog_n           # its program's length in ops
     int32_t rq_next           # next thread in its host CPU's run queue, or -1
     uint32_t stall_n
     uint32_t loops[KW_MAX_LOOP_DEPTH]
@@ -46,7 +57,12 @@ ctypedef struct thread_t:
     uint8_t slice_armed
     uint8_t do_poll
     uint8_t has_prog
-    uint8_t _pad[2]
+    uint8_t mp_state          # KVM_MP_STATE_*
+    uint8_t pc_valid
+    uint8_t sig_pending
+    uint8_t reset_pending
+    uint8_t halt_kind         # HALT_*
+    uint8_t _pad[7]
 
 
 ctypedef struct vm_t:
@@ -57,6 +73,9 @@ ctypedef struct vm_t:
     uint32_t tick_gen
     uint32_t override
     uint32_t nr_spis
+    uint64_t code_base        # op i of a program is at code_base + 4 * i
+    uint32_t psci_version
+    uint32_t suspend_cap      # KVM_CAP_ARM_SYSTEM_SUSPEND enabled
 
 
 # A VM's distributor (vGICv3 subset): SPI state in 16 words of 64 INTIDs;
@@ -168,6 +187,7 @@ ctypedef struct engine_t:
     gic_t* gic
     source_t* src
     uint64_t* times
+    uint32_t* exitq           # threads that exited to userspace (a ring of nth)
     cpu_t* cpus
     event_t* heap
     op_t* ops
@@ -196,6 +216,8 @@ ctypedef struct engine_t:
     uint32_t resched_irq
     uint32_t tick_irq
     uint32_t inject_req_bit
+    uint32_t exq_head
+    uint32_t exq_len
     uint32_t halt_poll_ns     # module parameters (unsigned int)
     uint32_t grow
     uint32_t grow_start

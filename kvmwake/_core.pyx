@@ -26,6 +26,7 @@ cimport numpy as cnp
 
 from . import haltpoll as _haltpoll
 from . import model as _model
+from . import uapi as _uapi
 from .model import COST_DEFAULTS as _COST_DEFAULTS
 from .reference import EngineError, SOURCE_STREAM_BASE as _SOURCE_STREAM_BASE
 from .reference import stream_seed as _model_stream_seed
@@ -63,6 +64,9 @@ cdef enum:
     OP_TIMER_CANCEL = 14
     OP_DIST_ENABLE = 15
     OP_ROUTE_SPI = 16
+    OP_HVC = 17
+    OP_SET_REG = 18
+    OP_SYNC = 19
 
 cdef enum:
     DIST_FIXED = 0
@@ -102,6 +106,77 @@ cdef enum:
     RESUME_START = 0
     RESUME_HALT = 1
     RESUME_SEGMENT = 2
+    RESUME_SLEEP = 3
+
+cdef enum:
+    HALT_WFI = 0
+    HALT_SUSPEND = 1
+    HALT_CPU_SUSPEND = 2
+    HALT_MP_HALTED = 3
+
+# include/uapi/linux/kvm.h
+cdef enum:
+    MP_RUNNABLE = 0
+    MP_UNINITIALIZED = 1
+    MP_INIT_RECEIVED = 2
+    MP_HALTED = 3
+    MP_SIPI_RECEIVED = 4
+    MP_STOPPED = 5
+    MP_AP_RESET_HOLD = 9
+    MP_SUSPENDED = 10
+    EXIT_MMIO = 6
+    EXIT_INTR = 10
+    EXIT_INTERNAL_ERROR = 17
+    EXIT_SYSTEM_EVENT = 24
+    SYSTEM_EVENT_SHUTDOWN = 1
+    SYSTEM_EVENT_RESET = 2
+    SYSTEM_EVENT_WAKEUP = 4
+    SYSTEM_EVENT_SUSPEND = 5
+    UCALL_SYNC = 1
+    UCALL_DONE = 2
+
+# include/uapi/linux/psci.h, include/kvm/arm_psci.h, arch/arm64/kvm/psci.c
+cdef extern from *:
+    """
+    #define KW_MPIDR_HWID_BITMASK 0xFF00FFFFFFULL
+    #define KW_U32MASK 0xFFFFFFFFULL
+    """
+    const uint64_t MPIDR_HWID_BITMASK "KW_MPIDR_HWID_BITMASK"
+    const uint64_t KW_U32MASK
+
+cdef enum:
+    PSCI_FN_PSCI_VERSION = 0x84000000
+    PSCI_FN_CPU_SUSPEND = 0x84000001
+    PSCI_FN_CPU_OFF = 0x84000002
+    PSCI_FN_CPU_ON = 0x84000003
+    PSCI_FN_AFFINITY_INFO = 0x84000004
+    PSCI_FN_MIGRATE_INFO_TYPE = 0x84000006
+    PSCI_FN_SYSTEM_OFF = 0x84000008
+    PSCI_FN_SYSTEM_RESET = 0x84000009
+    PSCI_FN_PSCI_FEATURES = 0x8400000A
+    PSCI_FN_SYSTEM_SUSPEND = 0x8400000E
+    PSCI_FN_SYSTEM_RESET2 = 0x84000012
+    PSCI_FN_SYSTEM_OFF2 = 0x84000015
+    PSCI_FN64_CPU_SUSPEND = 0xC4000001
+    PSCI_FN64_CPU_ON = 0xC4000003
+    PSCI_FN64_AFFINITY_INFO = 0xC4000004
+    PSCI_FN64_SYSTEM_SUSPEND = 0xC400000E
+    PSCI_FN64_SYSTEM_RESET2 = 0xC4000012
+    PSCI_FN64_SYSTEM_OFF2 = 0xC4000015
+    SMCCC_VERSION_FUNC_ID = 0x80000000
+    KVM_PSCI_FN_CPU_OFF = 0x95C1BA5F
+    KVM_PSCI_FN_CPU_ON = 0x95C1BA60
+    PSCI_RESET_TYPE_VENDOR_START = 0x80000000
+    PSCI_TOS_MP = 2
+    PSCI_V0_1 = 0x1
+    PSCI_V0_2 = 0x2
+    PSCI_V1_0 = 0x10000
+
+cdef enum:
+    PSCI_RET_NOT_SUPPORTED = -1
+    PSCI_RET_INVALID_PARAMS = -2
+    PSCI_RET_ALREADY_ON = -4
+    PSCI_RET_INTERNAL_FAILURE = -6
 
 cdef enum:
     CONT_NEXT = 0
@@ -126,6 +201,8 @@ cdef enum:
     KVM_REQUEST_WAIT = 0x200
     KVM_REQUEST_NO_ACTION = 0x400
     REQ_UNBLOCK_BIT = 1 << 2
+    REQ_SLEEP = 8 | 0x200 | 0x100          # KVM_ARCH_REQ_FLAGS(0, WAIT | NO_WAKEUP)
+    REQ_SUSPEND = 6 + 8                    # KVM_ARCH_REQ(6)
 
 cdef enum:
     HALT_POLL_HIST_COUNT = 32
@@ -161,6 +238,8 @@ include "_heap.pxi"
 include "_host.pxi"
 include "_guest.pxi"
 include "_halt.pxi"
+include "_run.pxi"
+include "_psci.pxi"
 include "_gic.pxi"
 include "_timer.pxi"
 include "_kick.pxi"
@@ -183,7 +262,35 @@ def compiled_constants():
                 "MAX_TAKES_PER_INSTANT": MAX_TAKES_PER_INSTANT,
                 "GIC_DEFAULT_PRIORITY": GIC_DEFAULT_PRIORITY, "GIC_DEFAULT_PMR": GIC_DEFAULT_PMR},
         "thread_states": (TS_USER, TS_RUNNING, TS_POLLING, TS_BLOCKED, TS_RUNNABLE),
-        "resume": (RESUME_START, RESUME_HALT, RESUME_SEGMENT),
+        "resume": (RESUME_START, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP),
+        "halt_kinds": (HALT_WFI, HALT_SUSPEND, HALT_CPU_SUSPEND, HALT_MP_HALTED),
+        "mp_states": {"RUNNABLE": MP_RUNNABLE, "UNINITIALIZED": MP_UNINITIALIZED,
+                      "INIT_RECEIVED": MP_INIT_RECEIVED, "HALTED": MP_HALTED,
+                      "SIPI_RECEIVED": MP_SIPI_RECEIVED, "STOPPED": MP_STOPPED,
+                      "AP_RESET_HOLD": MP_AP_RESET_HOLD, "SUSPENDED": MP_SUSPENDED},
+        "exits": {"MMIO": EXIT_MMIO, "INTR": EXIT_INTR, "INTERNAL_ERROR": EXIT_INTERNAL_ERROR,
+                  "SYSTEM_EVENT": EXIT_SYSTEM_EVENT},
+        "system_events": {"SHUTDOWN": SYSTEM_EVENT_SHUTDOWN, "RESET": SYSTEM_EVENT_RESET,
+                          "WAKEUP": SYSTEM_EVENT_WAKEUP, "SUSPEND": SYSTEM_EVENT_SUSPEND},
+        "ucalls": (UCALL_SYNC, UCALL_DONE),
+        "requests": {"SLEEP": REQ_SLEEP, "SUSPEND": REQ_SUSPEND},
+        "psci": {"PSCI_VERSION": PSCI_FN_PSCI_VERSION, "CPU_SUSPEND": PSCI_FN_CPU_SUSPEND,
+                 "CPU_OFF": PSCI_FN_CPU_OFF, "CPU_ON": PSCI_FN_CPU_ON,
+                 "AFFINITY_INFO": PSCI_FN_AFFINITY_INFO,
+                 "MIGRATE_INFO_TYPE": PSCI_FN_MIGRATE_INFO_TYPE,
+                 "SYSTEM_OFF": PSCI_FN_SYSTEM_OFF, "SYSTEM_RESET": PSCI_FN_SYSTEM_RESET,
+                 "PSCI_FEATURES": PSCI_FN_PSCI_FEATURES,
+                 "SYSTEM_SUSPEND": PSCI_FN_SYSTEM_SUSPEND, "SYSTEM_RESET2": PSCI_FN_SYSTEM_RESET2,
+                 "SYSTEM_OFF2": PSCI_FN_SYSTEM_OFF2, "FN64_CPU_SUSPEND": PSCI_FN64_CPU_SUSPEND,
+                 "FN64_CPU_ON": PSCI_FN64_CPU_ON, "FN64_AFFINITY_INFO": PSCI_FN64_AFFINITY_INFO,
+                 "FN64_SYSTEM_SUSPEND": PSCI_FN64_SYSTEM_SUSPEND,
+                 "FN64_SYSTEM_RESET2": PSCI_FN64_SYSTEM_RESET2,
+                 "FN64_SYSTEM_OFF2": PSCI_FN64_SYSTEM_OFF2},
+        "psci_ret": {"NOT_SUPPORTED": PSCI_RET_NOT_SUPPORTED,
+                     "INVALID_PARAMS": PSCI_RET_INVALID_PARAMS,
+                     "ALREADY_ON": PSCI_RET_ALREADY_ON,
+                     "INTERNAL_FAILURE": PSCI_RET_INTERNAL_FAILURE},
+        "mpidr_hwid_bitmask": MPIDR_HWID_BITMASK,
         "cont": (CONT_NEXT, CONT_HALT, CONT_TRAP, CONT_END, CONT_IRQ, CONT_EOI),
         "event_classes": (EV_TICK, EV_SOURCE, EV_TIMER, EV_SEGMENT, EV_POLL_END, EV_RUN,
                           EV_SLICE),
@@ -201,14 +308,18 @@ def compiled_constants():
     }
 
 
-cdef int run_loop(engine_t* e, uint64_t until) noexcept nogil:
-    """Process every event before ``until``.  Returns -1 on error (e.error)."""
+cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil:
+    """Process every event before ``until``; with ``stop_on_exit``, stop after the
+    first event in which a vCPU exited to userspace (then e.now is that event's
+    time).  Returns -1 on error (e.error)."""
     cdef event_t ev
     cdef thread_t* th
     cdef vm_t* vm
     cdef int rc = 0
     cdef uint64_t cls
     while e.hlen and e.heap[0].t < until:
+        if stop_on_exit and e.exq_len:
+            return 0
         heap_pop(e, &ev)
         e.now = ev.t
         cls = ev.key >> KW_SEQ_BITS
@@ -250,6 +361,8 @@ cdef int run_loop(engine_t* e, uint64_t until) noexcept nogil:
                     rc = got_cpu(e, ev.who, ev.t)
         if rc < 0 or e.error:
             return -1
+    if stop_on_exit and e.exq_len:
+        return 0
     e.now = until
     return 0
 
@@ -277,6 +390,7 @@ cdef class Engine:
     cdef object _stats
     cdef object _lat
     cdef object _ops
+    cdef object _exitq
     cdef dict _prog_index     # program bytes -> offset in the op table
     cdef bint _failed
 
@@ -314,6 +428,7 @@ cdef class Engine:
         self._stats = np.zeros((0, NR_STATS), dtype=np.uint64)
         self._lat = np.zeros(LAT_BUCKETS, dtype=np.uint64)
         self._ops = np.zeros(0, dtype=np.uint8)
+        self._exitq = np.zeros(0, dtype=np.uint32)
         self._prog_index = {}
         self.e.ncpu = host_cpus
         self.e.tcap = trace_capacity
@@ -340,6 +455,7 @@ cdef class Engine:
         self.e.stats = <uint64_t*>cnp.PyArray_DATA(self._stats)
         self.e.lat_hist = <uint64_t*>cnp.PyArray_DATA(self._lat)
         self.e.ops = <op_t*>cnp.PyArray_DATA(self._ops)
+        self.e.exitq = <uint32_t*>cnp.PyArray_DATA(self._exitq)
 
     @staticmethod
     def _grow(arr, uint64_t nbytes):
@@ -358,11 +474,20 @@ cdef class Engine:
         stats = np.zeros((first + nr_vcpus, NR_STATS), dtype=np.uint64)
         stats[:first] = self._stats
         self._stats = stats
+        # The exit ring keeps its order: unroll it into the new, larger one.
+        cdef uint32_t k
+        exitq = np.zeros(first + nr_vcpus, dtype=np.uint32)
+        for k in range(self.e.exq_len):
+            exitq[k] = self.e.exitq[(self.e.exq_head + k) % self.e.nth]
+        self._exitq = exitq
+        self.e.exq_head = 0
         self._bind()
         cdef vm_t* vm = &self.e.vms[vmi]
         vm.first = first
         vm.nr_vcpus = nr_vcpus
         vm.nr_spis = nr_spis
+        vm.code_base = _model.MEM_BASE[self.arch]
+        vm.psci_version = _uapi.KVM_ARM_PSCI_LATEST
         # The distributor: enabled by the booted guest; SPIs disabled, level,
         # routed to MPIDR 0 (vCPU 0), as vgic_init leaves them.
         cdef gic_t* gic = &self.e.gic[vmi]
@@ -383,6 +508,8 @@ cdef class Engine:
             th.rq_next = -1
             th.state = TS_USER
             th.stall_t = <uint64_t>-1
+            th.mp_state = MP_RUNNABLE
+            th.pc_valid = 1
             rng_seed(th, <uint64_t>(self.seed & 0xFFFFFFFFFFFFFFFF), vmi, i)
             # A booted guest: SGIs, the timer PPI and the tick PPI enabled.
             q = &self.e.irq[g]
@@ -406,7 +533,9 @@ cdef class Engine:
             self._bind()
         cdef thread_t* th = &self.e.th[g]
         th.prog = off
+        th.prog_n = len(ops)
         th.pc = 0
+        th.pc_valid = 1
         th.has_prog = 1
         memset(th.loops, 0, sizeof(th.loops))
 
@@ -473,7 +602,9 @@ cdef class Engine:
             return
         th.resume = RESUME_START
         th.state = TS_RUNNABLE
-        self._check(make_runnable(&self.e, g, self.e.now))
+        # KVM_RUN from userspace: a system call, not a wake-up.
+        self._guard()
+        self._check(make_runnable(&self.e, g, self.e.now, 0))
 
     # -- running -------------------------------------------------------------
 
@@ -501,12 +632,87 @@ cdef class Engine:
         cdef int rc
         self._guard()
         with nogil:
-            rc = run_loop(&self.e, until_ns)
+            rc = run_loop(&self.e, until_ns, 0)
         self._check(rc)
+
+    def run_until_exit(self, uint64_t until_ns):
+        """Like ``run``, but stop after the first event in which a vCPU exited to
+        userspace; returns that thread, or -1 when ``until_ns`` was reached."""
+        cdef int rc
+        self._guard()
+        with nogil:
+            rc = run_loop(&self.e, until_ns, 1)
+        self._check(rc)
+        return self.e.exitq[self.e.exq_head] if self.e.exq_len else -1
+
+    def pending_exits(self):
+        cdef uint32_t k
+        return [self.e.exitq[(self.e.exq_head + k) % self.e.nth] for k in range(self.e.exq_len)]
+
+    def take_exit(self, uint32_t g):
+        """The exit thread g last made, removed from the queue of exits."""
+        cdef list q = self.pending_exits()
+        cdef uint32_t k
+        cdef thread_t* th = &self.e.th[g]
+        if g in q:
+            q.remove(g)
+            self.e.exq_head = 0
+            self.e.exq_len = len(q)
+            for k in range(len(q)):
+                self.e.exitq[k] = q[k]
+        return {"reason": th.exit_reason, "type": th.exit_type, "ndata": th.exit_ndata,
+                "data0": th.exit_data0, "ucall": th.exit_ucall, "value": th.exit_value,
+                "time": th.exit_time}
+
+    def signal(self, uint32_t g):
+        """A signal for the vCPU thread: it leaves KVM_RUN with KVM_EXIT_INTR."""
+        self._guard()
+        self.e.th[g].sig_pending = 1
+        self._check(kick(&self.e, g, self.e.now, 1))
+
+    def get_mp_state(self, uint32_t g):
+        return self.e.th[g].mp_state
+
+    def set_mp_state(self, uint32_t g, uint32_t state):
+        """KVM_SET_MP_STATE with a value the arch accepts (the caller checked)."""
+        cdef thread_t* th = &self.e.th[g]
+        self._guard()
+        if self.e.x86:
+            th.mp_state = MP_RUNNABLE if state == MP_SIPI_RECEIVED else <uint8_t>state
+        elif state == MP_STOPPED:
+            self._check(power_off(&self.e, g, self.e.now))
+        elif state == MP_SUSPENDED:
+            # kvm_arm_vcpu_suspend: SUSPENDED, KVM_REQ_SUSPEND, kick.
+            th.mp_state = MP_SUSPENDED
+            self._check(request(&self.e, g, REQ_SUSPEND, self.e.now))
+        else:
+            th.mp_state = MP_RUNNABLE          # only the field: no kick
+
+    def get_reg(self, uint32_t g, uint32_t idx):
+        """KVM_GET_ONE_REG of x0..x3 (0..3) or the PC (4), a pending reset applied first."""
+        cdef thread_t* th = &self.e.th[g]
+        if th.reset_pending:
+            reset_vcpu(&self.e, g)
+        return th.regs[idx] if idx < 4 else get_pc(&self.e, th)
+
+    def set_reg(self, uint32_t g, uint32_t idx, uint64_t value):
+        cdef thread_t* th = &self.e.th[g]
+        if th.reset_pending:
+            reset_vcpu(&self.e, g)
+        if idx < 4:
+            th.regs[idx] = value
+        else:
+            set_pc(&self.e, g, value)
+
+    def enable_system_suspend(self, uint32_t vmi):
+        self.e.vms[vmi].suspend_cap = 1
+
+    def set_psci_version(self, uint32_t vmi, uint32_t version):
+        self.e.vms[vmi].psci_version = version
 
     def make_request(self, uint32_t g, uint32_t req):
         self._guard()
-        return self._check(make_request(&self.e, g, req)) == 1
+        return self._check(request(&self.e, g, req, self.e.now)) == 1
 
     def kick(self, uint32_t g):
         self._guard()
@@ -652,7 +858,8 @@ cdef class Engine:
         cdef thread_t* th = &self.e.th[g]
         return {"state": th.state, "halt_poll_ns": th.halt_poll_ns,
                 "requests": th.requests, "pcpu": th.pcpu, "pc": th.pc,
-                "runnable": bool(runnable(&self.e, g))}
+                "runnable": bool(runnable(&self.e, g)), "mp_state": th.mp_state,
+                "sig_pending": bool(th.sig_pending)}
 
     def irq_state(self, uint32_t g, uint32_t intid):
         """What the vGIC (or LAPIC) holds for ``intid`` as seen by thread g."""

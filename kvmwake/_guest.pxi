@@ -15,20 +15,14 @@ cdef inline int segment(engine_t* e, thread_t* th, uint32_t g, uint64_t t, uint6
     return push_thread(e, th, g, th.seg_end, EV_SEGMENT)
 
 
-cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre,
-                 bint entering) noexcept nogil:
-    """Run guest ops from th.pc; ``entering``: after an entry of ``pre`` ns."""
+cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nogil:
+    """Run guest ops from th.pc from t + pre on."""
     cdef thread_t* th = &e.th[g]
     cdef const op_t* ops = &e.ops[th.prog]
     cdef const op_t* op
     cdef uint64_t guest = 0
     cdef uint32_t n = 0
     cdef int rc = 0
-    if entering:
-        th.requests = 0           # check_vcpu_requests on the way in
-        rc = take_irqs(e, g, t, pre)
-        if rc:
-            return -1 if rc < 0 else 0
     while True:
         op = &ops[th.pc]
         n += 1
@@ -56,7 +50,7 @@ cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre,
         elif op.code == OP_END:
             rc = segment(e, th, g, t, pre, guest, CONT_END)
             break
-        elif op.code >= OP_SET_PMR and op.code <= OP_TIMER_CANCEL:
+        elif (op.code >= OP_SET_PMR and op.code <= OP_TIMER_CANCEL) or op.code == OP_SET_REG:
             # A system register or PSTATE write: it acts at its instant.
             if pre or guest:
                 rc = segment(e, th, g, t, pre, guest, CONT_NEXT)
@@ -98,6 +92,11 @@ cdef int trap_op(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef uint32_t irq, vid, n = vm.nr_vcpus
     cdef uint64_t mask, r
     th.pc += 1
+    if op.code == OP_HVC:
+        return hvc(e, g, t)
+    if op.code == OP_SYNC:
+        return exit_to_user(e, g, t, EXIT_MMIO, 0, 0, 0, UCALL_SYNC,
+                            th.regs[op.arg] if op.arg < 4 else op.p0)
     if op.code == OP_SGI:
         irq = e.resched_irq if op.arg == IPI_RESCHEDULE else op.arg
         if op.dist == WT_VCPU:
@@ -145,7 +144,7 @@ cdef int trap_op(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     else:
         if route_spi(e, th.vm, op.arg, op.p0, t) < 0:
             return -1
-    return advance(e, g, t, e.costs.vm_entry_ns + (e.costs.ipi_send_ns if ipi else 0), 1)
+    return enter(e, g, t, e.costs.vm_entry_ns + (e.costs.ipi_send_ns if ipi else 0))
 
 
 cdef int instant_op(engine_t* e, uint32_t g, uint64_t t, const op_t* op) noexcept nogil:
@@ -167,9 +166,11 @@ cdef int instant_op(engine_t* e, uint32_t g, uint64_t t, const op_t* op) noexcep
         q.timer_period = op.arg
         q.timer_ctl = ARCH_TIMER_CTRL_ENABLE
         return timer_program(e, g, t)
-    else:
+    elif op.code == OP_TIMER_CANCEL:
         q.timer_ctl &= ~ARCH_TIMER_CTRL_ENABLE
         return timer_program(e, g, t)
+    else:
+        th.regs[op.arg] = op.p0
     return 0
 
 
@@ -179,7 +180,7 @@ cdef int resume_program(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     if q.sv_valid:
         q.sv_valid = 0
         return segment(e, &e.th[g], g, t, 0, q.sv_guest, q.sv_cont)
-    return advance(e, g, t, 0, 0)
+    return advance(e, g, t, 0)
 
 
 cdef int interrupt_segment(engine_t* e, uint32_t g, uint64_t base, uint64_t cost) noexcept nogil:
@@ -201,20 +202,19 @@ cdef int segment_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef uint8_t cont = th.cont
     cdef int rc
     if cont == CONT_HALT:
-        return halt(e, g, t)
+        return halt(e, g, t, HALT_WFI)
     if cont == CONT_TRAP:
         return trap_op(e, g, t)
     if cont == CONT_END:
-        th.state = TS_USER
-        return release_cpu(e, th, t)
-    if cont == CONT_IRQ or cont == CONT_EOI:
-        if cont == CONT_IRQ:
-            th.requests = 0
-        else:
-            eoi(e, g, e.irq[g].cur_irq)
-            e.irq[g].cur_irq = -1
+        return exit_to_user(e, g, t, EXIT_MMIO, 0, 0, 0, UCALL_DONE, 0)   # GUEST_DONE
+    if cont == CONT_IRQ:
+        # Out of the guest for the IPI: a trip round KVM_RUN's loop.
+        return enter(e, g, t, 0)
+    if cont == CONT_EOI:
+        eoi(e, g, e.irq[g].cur_irq)
+        e.irq[g].cur_irq = -1
         rc = take_irqs(e, g, t, 0)
         if rc:
             return -1 if rc < 0 else 0
         return resume_program(e, g, t)
-    return advance(e, g, t, 0, 0)
+    return advance(e, g, t, 0)

@@ -12,7 +12,7 @@ cdef inline uint32_t max_halt_poll_ns(engine_t* e, thread_t* th) noexcept nogil:
 cdef inline bint check_block(engine_t* e, uint32_t g) noexcept nogil:
     """kvm_vcpu_check_block() < 0: runnable, or KVM_REQ_UNBLOCK (consumed)."""
     cdef thread_t* th = &e.th[g]
-    if runnable(e, g):
+    if runnable(e, g) or th.sig_pending:
         return True
     if th.requests & REQ_UNBLOCK_BIT:
         th.requests &= ~(<uint32_t>REQ_UNBLOCK_BIT)
@@ -51,10 +51,11 @@ cdef inline uint32_t shrink_halt_poll_ns(engine_t* e, uint32_t val) noexcept nog
     return val
 
 
-cdef int halt(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+cdef int halt(engine_t* e, uint32_t g, uint64_t t, uint8_t kind) noexcept nogil:
     """kvm_vcpu_halt, up to the poll loop or the block."""
     cdef thread_t* th = &e.th[g]
     cdef uint32_t mx = max_halt_poll_ns(e, th)
+    th.halt_kind = kind
     if th.halt_poll_ns > mx:
         th.halt_poll_ns = mx
     th.do_poll = th.halt_poll_ns != 0
@@ -155,10 +156,19 @@ cdef int halt_done(engine_t* e, uint32_t g, uint64_t cur, bint waited, uint64_t 
     trace_rec(e, th, g, cur, TR_WAKEUP, 1 if waited else 0, halt_ns, 0)
     e.halts += 1
     entry = e.costs.vm_entry_ns
-    if not immediate:
-        e.lat_hist[lat_bucket(cur + entry - th.wake_ts)] += 1
     th.state = TS_RUNNING
-    return advance(e, g, cur, entry, 1)
+    if th.halt_kind == HALT_SUSPEND:
+        # kvm_vcpu_suspend: a wake-up exits to userspace; SUSPENDED stays.
+        if runnable(e, g):
+            return exit_to_user(e, g, cur, EXIT_SYSTEM_EVENT, SYSTEM_EVENT_WAKEUP, 0, 0, 0, 0)
+    else:
+        if not immediate:
+            e.lat_hist[lat_bucket(cur + entry - th.wake_ts)] += 1
+        if th.halt_kind == HALT_CPU_SUSPEND:
+            retval(th, 0)
+        elif th.halt_kind == HALT_MP_HALTED:
+            th.mp_state = MP_RUNNABLE
+    return enter(e, g, cur, entry)
 
 
 cdef inline uint32_t lat_bucket(uint64_t v) noexcept nogil:

@@ -22,14 +22,14 @@ cdef inline int32_t rq_popleft(engine_t* e, cpu_t* cpu) noexcept nogil:
     return g
 
 
-cdef int make_runnable(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
-    """try_to_wake_up: the thread waits for its host CPU."""
+cdef int make_runnable(engine_t* e, uint32_t g, uint64_t t, uint64_t delay) noexcept nogil:
+    """try_to_wake_up: the thread waits for its host CPU (``delay`` ns on an idle one)."""
     cdef thread_t* th = &e.th[g]
     cdef cpu_t* cpu = &e.cpus[th.pcpu]
     cdef thread_t* cur
     if cpu.cur < 0:
         cpu.cur = g
-        return push_thread(e, th, g, t + e.costs.wake_to_run_ns, EV_RUN)
+        return push_thread(e, th, g, t + delay, EV_RUN)
     rq_append(e, cpu, g)
     cur = &e.th[cpu.cur]
     if cur.state == TS_POLLING:
@@ -72,13 +72,21 @@ cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         if arm_slice(e, th, g, t):
             return -1
     if th.resume == RESUME_START:
-        return advance(e, g, t, e.costs.vm_entry_ns, 1)
+        return enter(e, g, t, e.costs.vm_entry_ns)
     if th.resume == RESUME_HALT:
         # Back in kvm_vcpu_block's loop after schedule().
         if check_block(e, g):
             return halt_done(e, g, t, 1, th.poll_end, 0)
         th.state = TS_BLOCKED
         return release_cpu(e, th, t)
+    if th.resume == RESUME_SLEEP:
+        # Back in kvm_vcpu_sleep's rcuwait_wait_event.
+        if asleep(e, th):
+            if th.sig_pending:
+                return exit_to_user(e, g, t, EXIT_INTR, 0, 0, 0, 0, 0)
+            th.state = TS_BLOCKED
+            return release_cpu(e, th, t)
+        return enter(e, g, t, e.costs.vm_entry_ns)
     th.seg_end = t + th.rem_end
     th.seg_gfrom = t + th.rem_gfrom
     th.seg_gto = t + th.rem_gto
@@ -86,9 +94,10 @@ cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         return -1
     if th.rem_gto and th.cont != CONT_IRQ and th.cont != CONT_EOI:
         # It enters the guest again: requests are handled and, if it can take
-        # an interrupt now, it does so once in the guest.
+        # an interrupt now or has work to do in KVM_RUN's loop (a signal, a
+        # power-off), it does so on the way in.
         th.requests = 0
-        if best_irq(e, g) >= 0:
+        if best_irq(e, g) >= 0 or th.sig_pending or asleep(e, th):
             return interrupt_segment(e, g, th.seg_gfrom, 0)
     return 0
 

@@ -10,8 +10,7 @@ cdef int wake_up(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     e.stats[<uint64_t>g * NR_STATS + S_WAKEUP] += 1
     th.wake_ts = t
     th.state = TS_RUNNABLE
-    th.resume = RESUME_HALT
-    if make_runnable(e, g, t):
+    if make_runnable(e, g, t, e.costs.wake_to_run_ns):
         return -1
     return 1
 
@@ -51,13 +50,6 @@ cdef int kick(engine_t* e, uint32_t g, uint64_t t, bint wake) noexcept nogil:
     return 0
 
 
-cdef int make_request(engine_t* e, uint32_t g, uint32_t req) noexcept nogil:
-    """kvm_make_request + kick, as kvm_make_vcpu_request does it."""
-    if not (req & KVM_REQUEST_NO_ACTION):
-        e.th[g].requests |= (<uint32_t>1) << (req & KVM_REQUEST_MASK)
-    return kick(e, g, e.now, not (req & KVM_REQUEST_NO_WAKEUP))
-
-
 cdef int tick(engine_t* e, uint32_t vmi, uint64_t t) noexcept nogil:
     """A VM's periodic tick: every halted vCPU gets the tick interrupt."""
     cdef vm_t* vm = &e.vms[vmi]
@@ -65,7 +57,7 @@ cdef int tick(engine_t* e, uint32_t vmi, uint64_t t) noexcept nogil:
     cdef uint8_t s
     for g in range(vm.first, vm.first + vm.nr_vcpus):
         s = e.th[g].state
-        if s == TS_POLLING or s == TS_BLOCKED:
+        if s == TS_POLLING or (s == TS_BLOCKED and e.th[g].resume == RESUME_HALT):
             if raise_irq(e, g, e.tick_irq, t) < 0:
                 return -1
     return 0

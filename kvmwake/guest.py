@@ -22,7 +22,7 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 
 from .model import (IPI_RESCHEDULE, MAX_LOOP_DEPTH, MAX_NR_SPIS, MAX_PROGRAM_OPS, OP_DTYPE,
-                    Dist, Op, WakeTarget)
+                    SYNC_IMMEDIATE, Dist, Op, WakeTarget)
 
 U64_MAX = (1 << 64) - 1
 #: Largest duration parameter accepted (about 73 years of virtual time).
@@ -119,6 +119,9 @@ def sgi(irq: int, targets) -> _Ins:
         return _Ins(Op.SGI, WakeTarget.NEXT, irq)
     if isinstance(targets, (int, np.integer)) and not isinstance(targets, bool):
         return _Ins(Op.SGI, WakeTarget.VCPU, irq, _vcpu_id("sgi", targets), 0)
+    if isinstance(targets, (str, bytes, bool)) or not isinstance(targets, Iterable):
+        raise ProgramError(f"sgi: targets must be a vCPU id, a list of vCPU ids, "
+                           f"'all-but-self', 'random-other' or 'next', not {targets!r}")
     ids = sorted({_vcpu_id("sgi", v) for v in targets})
     if not ids:
         raise ProgramError("sgi: empty target list")
@@ -205,6 +208,45 @@ def route_spi(intid: int, mpidr: int) -> _Ins:
     return _Ins(Op.ROUTE_SPI, 0, _irq("route_spi", intid), int(mpidr))
 
 
+def set_reg(reg: int, value: int) -> _Ins:
+    """x<reg> = value (reg 0..3); no trap."""
+    if isinstance(reg, bool) or reg not in (0, 1, 2, 3):
+        raise ProgramError(f"set_reg: register must be 0..3, not {reg!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+            not 0 <= value < (1 << 64):
+        raise ProgramError(f"set_reg: value must be a u64, not {value!r}")
+    return _Ins(Op.SET_REG, 0, reg, int(value))
+
+
+def hvc() -> _Ins:
+    """An SMCCC call through HVC with x0..x3 as they are (PSCI on arm64)."""
+    return _Ins(Op.HVC)
+
+
+def psci(fn: int, *args: int) -> list:
+    """A PSCI call: x0 = fn, x1.. = args, HVC.  The result is in x0 afterwards."""
+    if len(args) > 3:
+        raise ProgramError(f"psci: at most 3 arguments, not {len(args)}")
+    regs = [fn, *args] + [0] * (3 - len(args))
+    return [set_reg(i, v if v >= 0 else v & ((1 << 64) - 1)) for i, v in enumerate(regs)] \
+        + [hvc()]
+
+
+def sync_reg(reg: int = 0) -> _Ins:
+    """The selftests' GUEST_SYNC(x<reg>): exit to userspace with the register's value."""
+    if isinstance(reg, bool) or reg not in (0, 1, 2, 3):
+        raise ProgramError(f"sync_reg: register must be 0..3, not {reg!r}")
+    return _Ins(Op.SYNC, 0, reg)
+
+
+def sync(value: int) -> _Ins:
+    """GUEST_SYNC(value): exit to userspace with an immediate value."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+            not 0 <= value < (1 << 64):
+        raise ProgramError(f"sync: value must be a u64, not {value!r}")
+    return _Ins(Op.SYNC, 0, SYNC_IMMEDIATE, int(value))
+
+
 def _byte(what, v) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= 255:
         raise ProgramError(f"{what} must be an integer in 0..255, not {v!r}")
@@ -277,6 +319,9 @@ class Program:
 
     def _emit(self, items, ops, depth):
         for it in items:
+            if isinstance(it, (list, tuple)):
+                self._emit(list(it), ops, depth)       # e.g. what psci() returns
+                continue
             if isinstance(it, _Ins):
                 ops.append((it.code, it.dist, it.arg, it.p0, it.p1))
             elif isinstance(it, _Loop):
@@ -352,6 +397,15 @@ def validate(ops: np.ndarray, nr_vcpus: int | None = None, arch: str | None = No
                 raise ProgramError(f"{where}: priority {p0} out of range 0..255")
             if code == Op.DIST_ENABLE and p0 > 1:
                 raise ProgramError(f"{where}: DIST_ENABLE takes 0 or 1, not {p0}")
+        elif code == Op.HVC:
+            if arch == "x86":
+                raise ProgramError(f"{where}: HVC (PSCI) is arm64's")
+        elif code == Op.SET_REG:
+            if arg > 3:
+                raise ProgramError(f"{where}: SET_REG: register {arg} out of range 0..3")
+        elif code == Op.SYNC:
+            if arg > 3 and arg != SYNC_IMMEDIATE:
+                raise ProgramError(f"{where}: SYNC: register {arg} out of range 0..3")
         elif code == Op.SET_PMR:
             if p0 > 255:
                 raise ProgramError(f"{where}: PMR/TPR {p0} out of range 0..255")
@@ -427,7 +481,7 @@ def _check_sgi(where, kind, irq, p0, p1, nr_vcpus, arch):
 def _body_takes_time(ops, lo, hi) -> bool:
     for j in range(lo, hi):
         code = int(ops["code"][j])
-        if code == Op.WFI:
+        if code in (Op.WFI, Op.HVC, Op.SYNC):
             return True
         if code == Op.COMPUTE:
             dist, p0 = int(ops["dist"][j]), int(ops["p0"][j])

@@ -152,13 +152,46 @@ class Host:
     # -- running ------------------------------------------------------------------------
 
     def run(self, until_ns: int) -> None:
-        """Run every VM on the host until virtual time ``until_ns``."""
+        """Run every VM on the host until virtual time ``until_ns``.
+
+        Every vCPU with a program enters ``KVM_RUN``; each exit to userspace
+        goes to its VM's policy (``vm.vmm``, a ``vmm.Vmm``), which re-enters
+        the vCPU or leaves it outside.
+        """
         until_ns = check_int("until_ns", until_ns, 0, MAX_TIME_NS)
         if until_ns < self.now:
             raise ValueError(f"until_ns = {until_ns} is before the current time {self.now}")
         for vm in self.vms:
             vm._start_loaded()
-        self._engine.run(until_ns)
+        eng = self._engine
+        self._dispatch_held()
+        while eng.run_until_exit(until_ns) >= 0:
+            for g in eng.pending_exits():
+                self._dispatch(self._vcpu_of(g), eng.take_exit(g))
+
+    def _vcpu_of(self, g):
+        for vm in self.vms:
+            if vm._first <= g < vm._first + vm.nr_vcpus:
+                return vm.vcpus[g - vm._first]
+        raise KeyError(g)
+
+    def _dispatch(self, vcpu, record):
+        from .exits import from_engine
+        ex = from_engine(record)
+        vm = vcpu.vm
+        vm.exits += 1
+        if vm.vmm.handle_exit(vcpu, ex):
+            vm._reenter(vcpu)
+        else:
+            vcpu._held = None
+
+    def _dispatch_held(self):
+        """Exits made while one vCPU's run() waited go to the policies first."""
+        for vm in self.vms:
+            for v in vm.vcpus:
+                if v._held is not None:
+                    held, v._held = v._held, None
+                    self._dispatch(v, held)
 
     def latency_histogram(self):
         """Wake-latency histogram over the host (see ``model.lat_bucket``)."""

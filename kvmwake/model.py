@@ -35,15 +35,20 @@ class Op(IntEnum):
     TIMER_CANCEL = 14  #: CNTV_CTL.ENABLE = 0
     DIST_ENABLE = 15  #: GICD_CTLR: distributor enable = p0 (traps)
     ROUTE_SPI = 16    #: GICD_IROUTER<arg> = p0 (an MPIDR; traps)
-    # 17-31 are reserved for the PSCI and sync ops.
+    HVC = 17          #: an SMCCC call (PSCI) with x0..x3 as they are (traps)
+    SET_REG = 18      #: x<arg> = p0 (arg 0..3); no trap
+    SYNC = 19         #: the selftests' GUEST_SYNC: exit to userspace with x<arg>, or p0 if arg = 255
+    # 20-31 are reserved.
 
 
 #: Ops that trap to KVM (a VM exit before, a VM entry after).
 TRAPPING_OPS = frozenset({Op.WFI, Op.SGI, Op.IRQ_ENABLE, Op.IRQ_DISABLE, Op.SET_PRIORITY,
-                          Op.DIST_ENABLE, Op.ROUTE_SPI})
+                          Op.DIST_ENABLE, Op.ROUTE_SPI, Op.HVC, Op.SYNC})
 #: Ops that act at an instant without trapping (system registers, PSTATE).
 INSTANT_OPS = frozenset({Op.SET_PMR, Op.MASK, Op.UNMASK, Op.SET_HANDLER, Op.TIMER_ARM,
-                         Op.TIMER_CANCEL})
+                         Op.TIMER_CANCEL, Op.SET_REG})
+#: SYNC's ``arg`` meaning "the immediate p0".
+SYNC_IMMEDIATE = 255
 
 
 class Dist(IntEnum):
@@ -88,8 +93,22 @@ class ThreadState(IntEnum):
     RUNNABLE = 4  #: woken or preempted, waiting for its host CPU
 
 
-#: What a thread does when it next gets its host CPU.
-RESUME_START, RESUME_HALT, RESUME_SEGMENT = 0, 1, 2
+#: What a thread does when it next gets its host CPU: enter the guest (KVM_RUN's
+#: loop), go on halting, go on with a preempted segment, or go on sleeping
+#: (kvm_vcpu_sleep of a STOPPED vCPU).
+RESUME_START, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP = 0, 1, 2, 3
+
+#: Why a vCPU is in kvm_vcpu_halt: a trapped WFI/HLT, KVM_MP_STATE_SUSPENDED
+#: (kvm_vcpu_suspend), PSCI CPU_SUSPEND, or x86 KVM_MP_STATE_HALTED set by userspace.
+HALT_WFI, HALT_SUSPEND, HALT_CPU_SUSPEND, HALT_MP_HALTED = 0, 1, 2, 3
+
+#: Where guest programs live: op i is at guest address CODE_BASE[arch] + 4 * i,
+#: inside guest memory [MEM_BASE, MEM_BASE + memory size).
+MEM_BASE = {"arm64": 0x4000_0000, "x86": 0x10_0000}
+DEFAULT_MEM_SIZE = 256 << 20
+
+#: ucall kinds of an MMIO exit (the selftests' UCALL_SYNC, UCALL_DONE).
+UCALL_SYNC, UCALL_DONE = 1, 2
 
 #: What happens when a timed segment ends: go on with the program, halt,
 #: carry out the trapping op at pc, leave KVM_RUN, take interrupts after an

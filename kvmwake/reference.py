@@ -16,9 +16,18 @@ from collections import deque
 import numpy as np
 
 from . import haltpoll
+from .uapi import (
+    ARM_SMCCC_VERSION_FUNC_ID, KVM_ARM_PSCI_LATEST, KVM_PSCI_FN_CPU_OFF, KVM_PSCI_FN_CPU_ON,
+    KVM_SYSTEM_EVENT_RESET_FLAG_PSCI_RESET2, KVM_SYSTEM_EVENT_SHUTDOWN_FLAG_PSCI_OFF2,
+    MPIDR_HWID_BITMASK, PSCI_0_2_TOS_MP, PSCI_1_1_RESET_TYPE_VENDOR_START,
+    PSCI_1_3_OFF_TYPE_HIBERNATE_OFF, AffinityInfo, ExitReason, MpState, PsciFn, PsciRet,
+    PsciVersion, SystemEventType,
+)
 from .model import (
     ARCH_TIMER_CTRL_ENABLE, ARCH_TIMER_CTRL_IT_MASK, CONT_END, CONT_EOI, CONT_HALT,
-    CONT_IRQ, CONT_NEXT, CONT_TRAP, COST_DEFAULTS, DEFAULT_NR_SPIS, GIC_DEFAULT_PMR,
+    CONT_IRQ, CONT_NEXT, CONT_TRAP, COST_DEFAULTS, DEFAULT_MEM_SIZE, DEFAULT_NR_SPIS,
+    GIC_DEFAULT_PMR, HALT_CPU_SUSPEND, HALT_MP_HALTED, HALT_SUSPEND, HALT_WFI, MEM_BASE,
+    RESUME_SLEEP, SYNC_IMMEDIATE, UCALL_DONE, UCALL_SYNC,
     GIC_DEFAULT_PRIORITY, HALT_POLL_HIST_COUNT, INJECT_REQUEST, IPI_RESCHEDULE,
     KVM_REQUEST_MASK, KVM_REQUEST_NO_ACTION, KVM_REQUEST_NO_WAKEUP, LAT_BUCKETS,
     MAX_LOOP_DEPTH, MAX_OPS_PER_INSTANT, MAX_TAKES_PER_INSTANT, NR_INTIDS, NR_STATS,
@@ -45,6 +54,14 @@ _REQ_UNBLOCK_BIT = 1 << (Request.UNBLOCK & KVM_REQUEST_MASK)
 _PRIV_MASK = 0xFFFF_FFFF
 _SGI_MASK = 0xFFFF
 _ALL_INTIDS = (1 << NR_INTIDS) - 1
+
+
+_PSCI_RESUME, _PSCI_HALT, _PSCI_EXIT = 0, 1, 2
+_PSCI_FEATURES_ALWAYS = frozenset({
+    PsciFn.PSCI_VERSION, PsciFn.CPU_SUSPEND, PsciFn.FN64_CPU_SUSPEND, PsciFn.CPU_OFF,
+    PsciFn.CPU_ON, PsciFn.FN64_CPU_ON, PsciFn.AFFINITY_INFO, PsciFn.FN64_AFFINITY_INFO,
+    PsciFn.MIGRATE_INFO_TYPE, PsciFn.SYSTEM_OFF, PsciFn.SYSTEM_RESET, PsciFn.PSCI_FEATURES,
+    ARM_SMCCC_VERSION_FUNC_ID})
 
 
 class EngineError(RuntimeError):
@@ -111,6 +128,10 @@ class _Thread(_Stream):
         "ap", "priv_en", "priv_act", "priv_latch", "priv_line", "priv_level", "priv_prio",
         "pmr", "masked", "handler_ns", "cur_irq", "sv_guest", "sv_cont", "sv_valid",
         "timer_cval", "timer_ctl", "timer_gen", "timer_period", "irr", "isr", "tpr",
+        # what userspace sees: MP state, registers, signals, the last exit
+        "mp_state", "regs", "pc_valid", "pc_raw", "sig_pending", "reset_pending", "reset_pc",
+        "reset_r0", "halt_kind", "exit_reason", "exit_type", "exit_ndata", "exit_data0",
+        "exit_ucall", "exit_value", "exit_time",
     )
 
     def __init__(self, g, vm, vcpu_id, pcpu, seed):
@@ -157,12 +178,29 @@ class _Thread(_Stream):
         self.irr = 0
         self.isr = 0
         self.tpr = 0
+        self.mp_state = MpState.RUNNABLE
+        self.regs = [0, 0, 0, 0]
+        self.pc_valid = True
+        self.pc_raw = 0
+        self.sig_pending = False
+        self.reset_pending = False
+        self.reset_pc = 0
+        self.reset_r0 = 0
+        self.halt_kind = HALT_WFI
+        self.exit_reason = 0
+        self.exit_type = 0
+        self.exit_ndata = 0
+        self.exit_data0 = 0
+        self.exit_ucall = 0
+        self.exit_value = 0
+        self.exit_time = 0
 
 
 class _Vm:
     __slots__ = ("index", "nr_vcpus", "first", "override", "max_halt_poll_ns", "tick_ns",
                  "tick_gen", "gic_enabled", "nr_spis", "spi_en", "spi_act", "spi_latch",
-                 "spi_line", "spi_level", "spi_prio", "spi_target", "spi_mpidr")
+                 "spi_line", "spi_level", "spi_prio", "spi_target", "spi_mpidr",
+                 "psci_version", "suspend_cap", "code_base")
 
     def __init__(self, index, nr_vcpus, first, nr_spis):
         self.index, self.nr_vcpus, self.first = index, nr_vcpus, first
@@ -182,6 +220,9 @@ class _Vm:
         self.spi_prio = [GIC_DEFAULT_PRIORITY] * NR_INTIDS
         self.spi_target = [0] * NR_INTIDS
         self.spi_mpidr = [0] * NR_INTIDS
+        self.psci_version = KVM_ARM_PSCI_LATEST
+        self.suspend_cap = False
+        self.code_base = 0
 
 
 class _Source(_Stream):
@@ -237,11 +278,14 @@ class Engine:
         self.trace_dropped = 0
         self.tracing = bool(trace_capacity)
         self.failed = False
+        self.code_base = MEM_BASE[arch]
+        self.exits: deque = deque()      # threads that exited to userspace, in order
 
     # -- set-up -------------------------------------------------------------
 
     def add_vm(self, nr_vcpus: int, nr_spis: int = DEFAULT_NR_SPIS) -> int:
         vm = _Vm(len(self.vms), nr_vcpus, len(self.threads), nr_spis)
+        vm.code_base = self.code_base
         for i in range(nr_vcpus):
             g = len(self.threads)
             self.threads.append(_Thread(g, vm, i, g % len(self.cpus), self.seed))
@@ -252,6 +296,7 @@ class Engine:
         th = self.threads[g]
         th.prog = [tuple(int(x) for x in op) for op in ops.tolist()]
         th.pc = 0
+        th.pc_valid = True
         th.loops = [0] * MAX_LOOP_DEPTH
 
     def set_vm_halt_poll(self, vm: int, max_ns: int) -> None:
@@ -306,7 +351,8 @@ class Engine:
             return
         th.resume = RESUME_START
         th.state = _RUNNABLE
-        self._make_runnable(th, self.now)
+        # KVM_RUN from userspace: a system call, not a wake-up.
+        self._guard(self._make_runnable, th, self.now, 0)
 
     # -- event heap -----------------------------------------------------------
 
@@ -322,7 +368,12 @@ class Engine:
 
     def run(self, until_ns: int) -> None:
         """Process every event before ``until_ns``; then the clock reads ``until_ns``."""
-        self._guard(self._run, until_ns)
+        self._guard(self._run, until_ns, False)
+
+    def run_until_exit(self, until_ns: int) -> int:
+        """Like ``run``, but stop after the first event in which a vCPU exited to
+        userspace; returns that thread, or -1 when ``until_ns`` was reached."""
+        return self._guard(self._run, until_ns, True)
 
     def _guard(self, fn, *args):
         if self.failed:
@@ -333,10 +384,12 @@ class Engine:
             self.failed = True
             raise
 
-    def _run(self, until_ns):
+    def _run(self, until_ns, stop_on_exit):
         heap = self.heap
         threads = self.threads
         while heap and heap[0][0] < until_ns:
+            if stop_on_exit and self.exits:
+                return self.exits[0]
             t, cls, _seq, who, gen = heapq.heappop(heap)
             self.now = t
             if cls == _EV_TICK:
@@ -377,16 +430,20 @@ class Engine:
                 self._block(th, t, t)
             else:
                 self._got_cpu(th, t)
+        if stop_on_exit and self.exits:
+            return self.exits[0]
         self.now = until_ns
+        return -1
 
     # -- host scheduler ---------------------------------------------------------
 
-    def _make_runnable(self, th, t):
+    def _make_runnable(self, th, t, delay=None):
         """try_to_wake_up: the thread waits for its host CPU."""
         cpu = self.cpus[th.pcpu]
         if cpu.cur == -1:
             cpu.cur = th.g
-            self._push_thread(th, t + self.costs["wake_to_run_ns"], _EV_RUN)
+            self._push_thread(th, t + (self.costs["wake_to_run_ns"] if delay is None else delay),
+                              _EV_RUN)
             return
         cpu.runq.append(th.g)
         cur = self.threads[cpu.cur]
@@ -420,7 +477,7 @@ class Engine:
         if self.cpus[th.pcpu].runq:
             self._arm_slice(th, t)
         if th.resume == RESUME_START:
-            self._advance(th, t, self.costs["vm_entry_ns"], True)
+            self._enter(th, t, self.costs["vm_entry_ns"])
         elif th.resume == RESUME_HALT:
             # Back in kvm_vcpu_block's loop after schedule().
             if self._check_block(th):
@@ -428,6 +485,16 @@ class Engine:
             else:
                 th.state = _BLOCKED
                 self._release_cpu(th, t)
+        elif th.resume == RESUME_SLEEP:
+            # Back in kvm_vcpu_sleep's rcuwait_wait_event.
+            if self._asleep(th):
+                if th.sig_pending:
+                    self._exit(th, t, ExitReason.INTR)
+                else:
+                    th.state = _BLOCKED
+                    self._release_cpu(th, t)
+            else:
+                self._enter(th, t, self.costs["vm_entry_ns"])
         else:
             th.seg_end = t + th.rem_end
             th.seg_gfrom = t + th.rem_gfrom
@@ -435,9 +502,10 @@ class Engine:
             self._push_thread(th, th.seg_end, _EV_SEG)
             if th.rem_gto and th.cont not in (CONT_IRQ, CONT_EOI):
                 # It enters the guest again: requests are handled and, if it
-                # can take an interrupt now, it does so once in the guest.
+                # can take an interrupt now or has work to do in KVM_RUN's
+                # loop (a signal, a power-off), it does so on the way in.
                 th.requests = 0
-                if self._best_irq(th) >= 0:
+                if self._best_irq(th) >= 0 or th.sig_pending or self._asleep(th):
                     self._interrupt_segment(th, th.seg_gfrom, 0)
 
     def _slice_end(self, th, t):
@@ -462,17 +530,101 @@ class Engine:
 
     # -- guest program interpreter ---------------------------------------------
 
-    def _advance(self, th, t, pre, entering):
-        """Run guest ops from ``th.pc``; ``entering``: after an entry of ``pre`` ns.
+    # -- KVM_RUN's loop: what happens before each guest entry --------------------
+
+    def _asleep(self, th) -> bool:
+        """A vCPU that kvm_vcpu_sleep (arm64 STOPPED) or kvm_vcpu_block (x86 waiting
+        for INIT/SIPI) keeps out of the guest."""
+        if self.x86:
+            return th.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED,
+                                   MpState.AP_RESET_HOLD)
+        return th.mp_state == MpState.STOPPED
+
+    def _enter(self, th, t, pre):
+        """One trip round KVM_RUN's loop up to the guest entry (arm64:
+        xfer_to_guest_mode_handle_work, then check_vcpu_requests)."""
+        if th.sig_pending:
+            self._exit(th, t, ExitReason.INTR)
+            return
+        if self._asleep(th):
+            self._sleep(th, t)
+            return
+        if th.reset_pending:
+            self._reset(th)
+        if th.mp_state == MpState.SUSPENDED:
+            self._halt(th, t, HALT_SUSPEND)
+            return
+        if th.mp_state == MpState.HALTED:
+            self._halt(th, t, HALT_MP_HALTED)
+            return
+        if not th.pc_valid:
+            self._exit(th, t, ExitReason.INTERNAL_ERROR)
+            return
+        self._guest_entry(th, t, pre)
+
+    def _guest_entry(self, th, t, pre):
+        """Into the guest after ``pre`` ns: requests are handled, pending
+        interrupts taken, then the interrupted segment or the next op goes on."""
+        th.requests = 0              # check_vcpu_requests on the way in
+        if self._take_irqs(th, t, pre):
+            return
+        if th.sv_valid:
+            th.sv_valid = False
+            self._segment(th, t, pre, th.sv_guest, th.sv_cont)
+        else:
+            self._advance(th, t, pre)
+
+    def _sleep(self, th, t):
+        """kvm_vcpu_sleep: wait on the rcuwait until no longer STOPPED (or a signal)."""
+        th.state = _BLOCKED
+        th.resume = RESUME_SLEEP
+        th.gen += 1
+        self._release_cpu(th, t)
+
+    def _exit(self, th, t, reason, type_=0, ndata=0, data0=0, ucall=0, value=0):
+        """KVM_RUN returns to userspace: the thread leaves its CPU with an exit."""
+        if reason == ExitReason.INTR:
+            th.sig_pending = False
+        th.exit_reason, th.exit_type, th.exit_ndata = int(reason), int(type_), ndata
+        th.exit_data0, th.exit_ucall, th.exit_value, th.exit_time = data0, ucall, value, t
+        th.state = _USER
+        th.resume = RESUME_START
+        th.gen += 1
+        self.exits.append(th.g)
+        self._release_cpu(th, t)
+
+    def _reset(self, th):
+        """kvm_reset_vcpu for a pending KVM_REQ_VCPU_RESET (PSCI CPU_ON)."""
+        th.reset_pending = False
+        th.regs = [th.reset_r0, 0, 0, 0]
+        self._set_pc(th, th.reset_pc)
+        th.masked = True                 # PSTATE.DAIF all set at reset
+        th.timer_ctl = 0
+        th.timer_gen += 1
+        th.sv_valid = False
+
+    def _set_pc(self, th, v):
+        """The PC: op i of the program is at code_base + 4 * i."""
+        off = v - th.vm.code_base
+        if th.prog is not None and off >= 0 and off % 4 == 0 and off // 4 < len(th.prog):
+            th.pc = off // 4
+            th.pc_valid = True
+        else:
+            th.pc_valid = False
+            th.pc_raw = v
+
+    def _get_pc(self, th):
+        return th.vm.code_base + 4 * th.pc if th.pc_valid else th.pc_raw
+
+    # -- guest program interpreter ---------------------------------------------
+
+    def _advance(self, th, t, pre):
+        """Run guest ops from ``th.pc`` from ``t + pre`` on.
 
         Adds up guest time until an op that must act at an instant of its own
         (a trap, a halt, a system register write, the end); then schedules
         the segment's end.
         """
-        if entering:
-            th.requests = 0          # check_vcpu_requests on the way in
-            if self._take_irqs(th, t, pre):
-                return
         guest = 0
         ops = th.prog
         n = 0
@@ -503,7 +655,7 @@ class Engine:
             elif code == Op.END:
                 self._segment(th, t, pre, guest, CONT_END)
                 break
-            elif code >= Op.SET_PMR and code <= Op.TIMER_CANCEL:
+            elif (code >= Op.SET_PMR and code <= Op.TIMER_CANCEL) or code == Op.SET_REG:
                 # A system register or PSTATE write: it acts at its instant.
                 if pre or guest:
                     self._segment(th, t, pre, guest, CONT_NEXT)
@@ -536,23 +688,21 @@ class Engine:
     def _segment_end(self, th, t):
         cont = th.cont
         if cont == CONT_HALT:
-            self._halt(th, t)
+            self._halt(th, t, HALT_WFI)
         elif cont == CONT_TRAP:
             self._trap_op(th, t)
         elif cont == CONT_END:
-            th.state = _USER
-            self._release_cpu(th, t)
+            self._exit(th, t, ExitReason.MMIO, ucall=UCALL_DONE)   # the selftests' GUEST_DONE
         elif cont == CONT_IRQ:
-            th.requests = 0
-            if not self._take_irqs(th, t, 0):
-                self._resume_program(th, t)
+            # Out of the guest for the IPI: a trip round KVM_RUN's loop.
+            self._enter(th, t, 0)
         elif cont == CONT_EOI:
             self._eoi(th, th.cur_irq)
             th.cur_irq = -1
             if not self._take_irqs(th, t, 0):
                 self._resume_program(th, t)
         else:
-            self._advance(th, t, 0, False)
+            self._advance(th, t, 0)
 
     def _resume_program(self, th, t):
         """After interrupt handling: the interrupted segment, or the next op."""
@@ -560,7 +710,7 @@ class Engine:
             th.sv_valid = False
             self._segment(th, t, 0, th.sv_guest, th.sv_cont)
         else:
-            self._advance(th, t, 0, False)
+            self._advance(th, t, 0)
 
     def _interrupt_segment(self, th, base, cost):
         """Stop the current segment at ``base``: take interrupts ``cost`` ns later.
@@ -597,6 +747,13 @@ class Engine:
         th.pc += 1
         vm = th.vm
         ipi = False
+        if code == Op.HVC:
+            self._hvc(th, t)
+            return
+        if code == Op.SYNC:
+            value = th.regs[arg] if arg < 4 else p0
+            self._exit(th, t, ExitReason.MMIO, ucall=UCALL_SYNC, value=value)
+            return
         if code == Op.SGI:
             irq = self.resched_irq if arg == IPI_RESCHEDULE else arg
             for vid in self._targets(th, dist, p0, p1):
@@ -616,7 +773,7 @@ class Engine:
         else:  # Op.ROUTE_SPI
             self.route_spi(vm.index, arg, p0)
         extra = self.costs["ipi_send_ns"] if ipi else 0
-        self._advance(th, t, self.costs["vm_entry_ns"] + extra, True)
+        self._enter(th, t, self.costs["vm_entry_ns"] + extra)
 
     def _instant_op(self, th, t, code, dist, arg, p0, p1):
         if code == Op.SET_PMR:
@@ -635,9 +792,174 @@ class Engine:
             th.timer_period = arg
             th.timer_ctl = ARCH_TIMER_CTRL_ENABLE
             self._timer_program(th, t)
-        else:  # Op.TIMER_CANCEL
+        elif code == Op.TIMER_CANCEL:
             th.timer_ctl &= ~ARCH_TIMER_CTRL_ENABLE
             self._timer_program(th, t)
+        else:  # Op.SET_REG
+            th.regs[arg] = p0
+
+    # -- PSCI (arch/arm64/kvm/psci.c) -----------------------------------------------
+
+    def _hvc(self, th, t):
+        """An SMCCC call trapped by HVC: kvm_psci_call, then back to the guest,
+        a halt (CPU_SUSPEND) or an exit to userspace."""
+        r = self._psci(th, t)
+        if r == _PSCI_RESUME:
+            self._enter(th, t, self.costs["vm_entry_ns"])
+        elif r == _PSCI_HALT:
+            self._halt(th, t, HALT_CPU_SUSPEND)
+
+    def _psci(self, th, t):
+        vm = th.vm
+        regs = th.regs
+        fn = regs[0] & U32
+        ver = vm.psci_version
+        if ver == PsciVersion.V0_1:
+            # kvm_psci_0_1_call: KVM's private function IDs.
+            if fn == KVM_PSCI_FN_CPU_OFF:
+                self._power_off(th, t)
+                return self._retval(th, PsciRet.SUCCESS)
+            if fn == KVM_PSCI_FN_CPU_ON:
+                return self._retval(th, self._cpu_on(th, t, regs[1], regs[2], regs[3], True))
+            return self._retval(th, PsciRet.NOT_SUPPORTED)
+        if ver >= PsciVersion.V1_0:
+            # kvm_psci_1_x_call
+            minor = ver & 0xFFFF
+            if fn == PsciFn.PSCI_VERSION:
+                return self._retval(th, (1 << 16) | minor)
+            if fn == PsciFn.PSCI_FEATURES:
+                return self._retval(th, self._psci_features(vm, regs[1] & U32, minor))
+            if fn in (PsciFn.SYSTEM_SUSPEND, PsciFn.FN64_SYSTEM_SUSPEND):
+                if fn == PsciFn.SYSTEM_SUSPEND:
+                    self._narrow(th)
+                if vm.suspend_cap:
+                    # Registers untouched: userspace reads the SMCCC arguments.
+                    self._exit(th, t, ExitReason.SYSTEM_EVENT, SystemEventType.SUSPEND)
+                    return _PSCI_EXIT
+                return self._retval(th, PsciRet.NOT_SUPPORTED)
+            if fn in (PsciFn.SYSTEM_RESET2, PsciFn.FN64_SYSTEM_RESET2) and minor >= 1:
+                if fn == PsciFn.SYSTEM_RESET2:
+                    self._narrow(th)
+                arg = regs[1] & U32
+                if arg == 0 or arg >= PSCI_1_1_RESET_TYPE_VENDOR_START:
+                    self._system_event(th, t, SystemEventType.RESET,
+                                       KVM_SYSTEM_EVENT_RESET_FLAG_PSCI_RESET2)
+                    regs[0] = PsciRet.INTERNAL_FAILURE & M64
+                    return _PSCI_EXIT
+                return self._retval(th, PsciRet.INVALID_PARAMS)
+            if fn in (PsciFn.SYSTEM_OFF2, PsciFn.FN64_SYSTEM_OFF2) and minor >= 3:
+                if fn == PsciFn.SYSTEM_OFF2:
+                    self._narrow(th)
+                arg = regs[1] & U32
+                if arg not in (0, PSCI_1_3_OFF_TYPE_HIBERNATE_OFF) or regs[2] != 0:
+                    return self._retval(th, PsciRet.INVALID_PARAMS)
+                self._system_event(th, t, SystemEventType.SHUTDOWN,
+                                   KVM_SYSTEM_EVENT_SHUTDOWN_FLAG_PSCI_OFF2)
+                self._retval(th, PsciRet.INTERNAL_FAILURE)
+                return _PSCI_EXIT
+        # kvm_psci_0_2_call (and what 1.x leaves to it)
+        if fn == PsciFn.PSCI_VERSION:
+            return self._retval(th, PsciVersion.V0_2)
+        if fn in (PsciFn.CPU_SUSPEND, PsciFn.FN64_CPU_SUSPEND):
+            return _PSCI_HALT
+        if fn == PsciFn.CPU_OFF:
+            self._power_off(th, t)
+            return self._retval(th, PsciRet.SUCCESS)
+        if fn in (PsciFn.CPU_ON, PsciFn.FN64_CPU_ON):
+            if fn == PsciFn.CPU_ON:
+                self._narrow(th)
+            return self._retval(th, self._cpu_on(th, t, regs[1], regs[2], regs[3], False))
+        if fn in (PsciFn.AFFINITY_INFO, PsciFn.FN64_AFFINITY_INFO):
+            if fn == PsciFn.AFFINITY_INFO:
+                self._narrow(th)
+            return self._retval(th, self._affinity_info(vm, regs[1], regs[2]))
+        if fn == PsciFn.MIGRATE_INFO_TYPE:
+            return self._retval(th, PSCI_0_2_TOS_MP)
+        if fn in (PsciFn.SYSTEM_OFF, PsciFn.SYSTEM_RESET):
+            self._system_event(th, t, SystemEventType.SHUTDOWN if fn == PsciFn.SYSTEM_OFF
+                               else SystemEventType.RESET, 0)
+            self._retval(th, PsciRet.INTERNAL_FAILURE)
+            return _PSCI_EXIT
+        return self._retval(th, PsciRet.NOT_SUPPORTED)
+
+    def _retval(self, th, val):
+        """smccc_set_retval(vcpu, val, 0, 0, 0)."""
+        th.regs = [val & M64, 0, 0, 0]
+        return _PSCI_RESUME
+
+    def _narrow(self, th):
+        """kvm_psci_narrow_to_32bit: the 32-bit call's x1..x3 lose their top halves."""
+        th.regs[1] &= U32
+        th.regs[2] &= U32
+        th.regs[3] &= U32
+
+    def _psci_features(self, vm, arg, minor):
+        if arg in _PSCI_FEATURES_ALWAYS:
+            return PsciRet.SUCCESS
+        if arg in (PsciFn.SYSTEM_SUSPEND, PsciFn.FN64_SYSTEM_SUSPEND):
+            return PsciRet.SUCCESS if vm.suspend_cap else PsciRet.NOT_SUPPORTED
+        if arg in (PsciFn.SYSTEM_RESET2, PsciFn.FN64_SYSTEM_RESET2):
+            return PsciRet.SUCCESS if minor >= 1 else PsciRet.NOT_SUPPORTED
+        if arg in (PsciFn.SYSTEM_OFF2, PsciFn.FN64_SYSTEM_OFF2):
+            return PSCI_1_3_OFF_TYPE_HIBERNATE_OFF if minor >= 3 else PsciRet.NOT_SUPPORTED
+        return PsciRet.NOT_SUPPORTED
+
+    def _mpidr_to_vcpu(self, vm, mpidr):
+        """kvm_mpidr_to_vcpu: the vCPU whose MPIDR affinity (Aff3..Aff0) is ``mpidr``."""
+        if mpidr >> 24:
+            return None                  # Aff3 is 0 for every vCPU here
+        vid = vcpu_of_mpidr(mpidr, vm.nr_vcpus)
+        return None if vid < 0 else self.threads[vm.first + vid]
+
+    def _cpu_on(self, th, t, target, entry, context, v0_1):
+        """kvm_psci_vcpu_on."""
+        if target & ~MPIDR_HWID_BITMASK:
+            return PsciRet.INVALID_PARAMS
+        tgt = self._mpidr_to_vcpu(th.vm, target)
+        if tgt is None:
+            return PsciRet.INVALID_PARAMS
+        if tgt.mp_state != MpState.STOPPED:
+            return PsciRet.INVALID_PARAMS if v0_1 else PsciRet.ALREADY_ON
+        tgt.reset_pc = entry
+        tgt.reset_r0 = context
+        tgt.reset_pending = True         # KVM_REQ_VCPU_RESET
+        tgt.mp_state = MpState.RUNNABLE
+        self._wake_up(tgt, t)
+        return PsciRet.SUCCESS
+
+    def _affinity_info(self, vm, target, level):
+        """kvm_psci_vcpu_affinity_info: ON if any matching vCPU is not STOPPED."""
+        if target & ~MPIDR_HWID_BITMASK or level > 3:
+            return PsciRet.INVALID_PARAMS
+        mask = MPIDR_HWID_BITMASK & ~((1 << (level * 8)) - 1)
+        matched = False
+        for g in range(vm.first, vm.first + vm.nr_vcpus):
+            th = self.threads[g]
+            if mpidr_of(th.vcpu_id) & mask == target & mask:
+                matched = True
+                if th.mp_state != MpState.STOPPED:
+                    return AffinityInfo.ON
+        return AffinityInfo.OFF if matched else PsciRet.INVALID_PARAMS
+
+    def _power_off(self, th, t):
+        """kvm_arm_vcpu_power_off: STOPPED, KVM_REQ_SLEEP, kick."""
+        th.mp_state = MpState.STOPPED
+        self._make_request(th, Request.SLEEP, t)
+
+    def _system_event(self, th, t, type_, flags):
+        """kvm_prepare_system_event: every vCPU STOPPED with KVM_REQ_SLEEP (which
+        does not wake a vCPU blocked in WFI), and the caller exits."""
+        vm = th.vm
+        for g in range(vm.first, vm.first + vm.nr_vcpus):
+            self.threads[g].mp_state = MpState.STOPPED
+        for g in range(vm.first, vm.first + vm.nr_vcpus):
+            self._make_request(self.threads[g], Request.SLEEP, t)
+        self._exit(th, t, ExitReason.SYSTEM_EVENT, type_, 1, flags)
+
+    def _make_request(self, th, req, t):
+        if not req & KVM_REQUEST_NO_ACTION:
+            th.requests |= 1 << (req & KVM_REQUEST_MASK)
+        return self._kick(th, t, not req & KVM_REQUEST_NO_WAKEUP)
 
     # -- the interrupt controller: arm64 vGICv3 subset ---------------------------
 
@@ -945,7 +1267,6 @@ class Engine:
         th.stats[S_WAKEUP] += 1
         th.wake_ts = t
         th.state = _RUNNABLE
-        th.resume = RESUME_HALT
         self._make_runnable(th, t)
         return True
 
@@ -953,7 +1274,7 @@ class Engine:
         """A VM's periodic tick: every halted vCPU gets the tick interrupt."""
         for g in range(vm.first, vm.first + vm.nr_vcpus):
             th = self.threads[g]
-            if th.state == _POLLING or th.state == _BLOCKED:
+            if th.state == _POLLING or (th.state == _BLOCKED and th.resume == RESUME_HALT):
                 self._raise_irq(th, self.tick_irq, t)
 
     def _source_fire(self, s, t):
@@ -981,10 +1302,64 @@ class Engine:
         the request is NO_WAKEUP, and IPIs a vCPU in guest mode.  Returns True
         if it sent an IPI.
         """
+        return self._guard(self._make_request, self.threads[g], req, self.now)
+
+    def signal(self, g: int) -> None:
+        """A signal for the vCPU thread: it leaves KVM_RUN with KVM_EXIT_INTR."""
         th = self.threads[g]
-        if not req & KVM_REQUEST_NO_ACTION:
-            th.requests |= 1 << (req & KVM_REQUEST_MASK)
-        return self._guard(self._kick, th, self.now, not req & KVM_REQUEST_NO_WAKEUP)
+        th.sig_pending = True
+        self._guard(self._kick, th, self.now)
+
+    def take_exit(self, g: int) -> dict:
+        """The exit thread g last made, removed from the queue of exits."""
+        th = self.threads[g]
+        if g in self.exits:
+            self.exits.remove(g)
+        return {"reason": th.exit_reason, "type": th.exit_type, "ndata": th.exit_ndata,
+                "data0": th.exit_data0, "ucall": th.exit_ucall, "value": th.exit_value,
+                "time": th.exit_time}
+
+    def pending_exits(self) -> list:
+        return list(self.exits)
+
+    def get_mp_state(self, g: int) -> int:
+        return int(self.threads[g].mp_state)
+
+    def set_mp_state(self, g: int, state: int) -> None:
+        """KVM_SET_MP_STATE with a value the arch accepts (the caller checked)."""
+        th = self.threads[g]
+        if self.x86:
+            th.mp_state = MpState.RUNNABLE if state == MpState.SIPI_RECEIVED else state
+        elif state == MpState.STOPPED:
+            self._guard(self._power_off, th, self.now)
+        elif state == MpState.SUSPENDED:
+            # kvm_arm_vcpu_suspend: SUSPENDED, KVM_REQ_SUSPEND, kick.
+            th.mp_state = MpState.SUSPENDED
+            self._guard(self._make_request, th, Request.SUSPEND, self.now)
+        else:
+            th.mp_state = MpState.RUNNABLE       # only the field: no kick
+
+    def get_reg(self, g: int, idx: int) -> int:
+        """KVM_GET_ONE_REG of x0..x3 (0..3) or the PC (4), a pending reset applied first."""
+        th = self.threads[g]
+        if th.reset_pending:
+            self._reset(th)
+        return th.regs[idx] if idx < 4 else self._get_pc(th)
+
+    def set_reg(self, g: int, idx: int, value: int) -> None:
+        th = self.threads[g]
+        if th.reset_pending:
+            self._reset(th)
+        if idx < 4:
+            th.regs[idx] = value
+        else:
+            self._set_pc(th, value)
+
+    def enable_system_suspend(self, vm_index: int) -> None:
+        self.vms[vm_index].suspend_cap = True
+
+    def set_psci_version(self, vm_index: int, version: int) -> None:
+        self.vms[vm_index].psci_version = version
 
     def kick(self, g: int) -> bool:
         return self._guard(self._kick, self.threads[g], self.now)
@@ -1072,16 +1447,17 @@ class Engine:
         return vm.max_halt_poll_ns if vm.override else self.halt_poll_ns
 
     def _check_block(self, th) -> bool:
-        """kvm_vcpu_check_block < 0: runnable, or KVM_REQ_UNBLOCK (consumed)."""
-        if self._runnable(th):
+        """kvm_vcpu_check_block < 0: runnable, a signal, or KVM_REQ_UNBLOCK (consumed)."""
+        if self._runnable(th) or th.sig_pending:
             return True
         if th.requests & _REQ_UNBLOCK_BIT:
             th.requests &= ~_REQ_UNBLOCK_BIT
             return True
         return False
 
-    def _halt(self, th, t):
+    def _halt(self, th, t, kind):
         """kvm_vcpu_halt, up to the poll loop or the block."""
+        th.halt_kind = kind
         mx = self._max_halt_poll_ns(th)
         if th.halt_poll_ns > mx:
             th.halt_poll_ns = mx
@@ -1144,10 +1520,21 @@ class Engine:
         self._trace(th, cur, TR_WAKEUP, 1 if waited else 0, 1, halt_ns, 0)
         self.halts += 1
         entry = self.costs["vm_entry_ns"]
-        if not immediate:
-            self.lat_hist[lat_bucket(cur + entry - th.wake_ts)] += 1
         th.state = _RUNNING
-        self._advance(th, cur, entry, True)
+        kind = th.halt_kind
+        if kind == HALT_SUSPEND:
+            # kvm_vcpu_suspend: a wake-up exits to userspace; SUSPENDED stays.
+            if self._runnable(th):
+                self._exit(th, cur, ExitReason.SYSTEM_EVENT, SystemEventType.WAKEUP)
+                return
+        else:
+            if not immediate:
+                self.lat_hist[lat_bucket(cur + entry - th.wake_ts)] += 1
+            if kind == HALT_CPU_SUSPEND:
+                th.regs = [PsciRet.SUCCESS, 0, 0, 0]
+            elif kind == HALT_MP_HALTED:
+                th.mp_state = MpState.RUNNABLE
+        self._enter(th, cur, entry)
 
     def _trace(self, th, t, kind, flag, valid, a, b):
         if not self.tracing:
@@ -1172,4 +1559,5 @@ class Engine:
         th = self.threads[g]
         return {"state": int(th.state), "halt_poll_ns": th.halt_poll_ns,
                 "requests": th.requests, "pcpu": th.pcpu, "pc": th.pc,
-                "runnable": self._runnable(th)}
+                "runnable": self._runnable(th), "mp_state": int(th.mp_state),
+                "sig_pending": th.sig_pending}

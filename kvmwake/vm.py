@@ -11,14 +11,35 @@ from . import stats as _stats
 from . import tracefmt
 from .errors import KvmError
 from .host import Host, check_arch, check_int
-from .model import DEFAULT_NR_SPIS, MAX_VCPUS, SourceKind, ThreadState, mpidr_of
+from . import vmm as _vmm
+from .model import (DEFAULT_MEM_SIZE, DEFAULT_NR_SPIS, MAX_VCPUS, MEM_BASE, SourceKind,
+                    ThreadState, mpidr_of)
+from .uapi import MpState, PsciVersion
 from .uapi import Cap
 
 #: Capabilities answered by check_extension, per arch (value returned).
 _EXTENSIONS = {
-    "arm64": {Cap.MP_STATE: 1, Cap.HALT_POLL: 1, Cap.BINARY_STATS_FD: 1},
-    "x86": {Cap.MP_STATE: 1, Cap.HALT_POLL: 1, Cap.BINARY_STATS_FD: 1, Cap.HLT: 1},
+    "arm64": {Cap.IRQCHIP: 1, Cap.MP_STATE: 1, Cap.ARM_PSCI: 1, Cap.ARM_PSCI_0_2: 1,
+              Cap.IMMEDIATE_EXIT: 1, Cap.HALT_POLL: 1, Cap.BINARY_STATS_FD: 1,
+              Cap.SYSTEM_EVENT_DATA: 1, Cap.ARM_SYSTEM_SUSPEND: 1},
+    "x86": {Cap.IRQCHIP: 1, Cap.HLT: 1, Cap.MP_STATE: 1, Cap.SIGNAL_MSI: 1,
+            Cap.IMMEDIATE_EXIT: 1, Cap.HALT_POLL: 1, Cap.BINARY_STATS_FD: 1,
+            Cap.SYSTEM_EVENT_DATA: 1},
 }
+#: KVM_SET_MP_STATE's accepted values (arch/arm64/kvm/arm.c; arch/x86/kvm/x86.c with an
+#: in-kernel LAPIC).
+MP_STATES = {
+    "arm64": frozenset({MpState.RUNNABLE, MpState.STOPPED, MpState.SUSPENDED}),
+    "x86": frozenset({MpState.RUNNABLE, MpState.UNINITIALIZED, MpState.INIT_RECEIVED,
+                      MpState.HALTED, MpState.SIPI_RECEIVED, MpState.AP_RESET_HOLD}),
+}
+#: KVM_GET/SET_ONE_REG names: the SMCCC argument registers and the PC.
+REGS = {"x0": 0, "x1": 1, "x2": 2, "x3": 3, "pc": 4}
+#: Values KVM_REG_ARM_PSCI_VERSION accepts (with the PSCI 0.2 feature, and without).
+PSCI_VERSIONS = frozenset(PsciVersion)
+#: The watchdog of VCpu.run(): virtual time after which a vCPU that has not
+#: exited gets a signal (and so KVM_EXIT_INTR).
+DEFAULT_RUN_TIMEOUT_NS = 1_000_000_000
 
 
 class VM:
@@ -51,7 +72,7 @@ class VM:
     def __init__(self, arch: str = "arm64", nr_vcpus: int = 1, host_cpus: int | None = None,
                  seed: int = 0, host: Host | None = None, costs: dict | None = None,
                  engine: str = "core", trace_capacity: int = 1 << 20,
-                 nr_spis: int = DEFAULT_NR_SPIS):
+                 nr_spis: int = DEFAULT_NR_SPIS, memory_size: int = DEFAULT_MEM_SIZE):
         check_arch(arch)
         if host is None:
             if host_cpus is None:
@@ -70,6 +91,12 @@ class VM:
         self.vcpus = [VCpu(self, i) for i in range(self.nr_vcpus)]
         self._halt_poll_cap: int | None = None
         self._tick_ns = 0
+        self._suspend_cap = False
+        self.memory_base = MEM_BASE[arch]
+        self.memory_size = check_int("memory_size", memory_size, 1 << 12, 1 << 48)
+        self.vmm = _vmm.Vmm()
+        self.vmm.attach(self)
+        self.exits = 0
 
     @property
     def _engine(self):
@@ -96,6 +123,13 @@ class VM:
             cap = Cap(cap)
         except ValueError:
             raise KvmError(errno.EINVAL, f"unknown capability {cap!r}") from None
+        if cap == Cap.ARM_SYSTEM_SUSPEND and self.arch == "arm64":
+            # kvm_vm_ioctl_enable_cap: flags must be 0; args ignored; idempotent.
+            if flags:
+                raise KvmError(errno.EINVAL, f"KVM_CAP_ARM_SYSTEM_SUSPEND: flags {flags!r} != 0")
+            self._engine.enable_system_suspend(self.index)
+            self._suspend_cap = True
+            return
         if cap == Cap.HALT_POLL:
             arg0 = args[0] if args else 0
             if flags or isinstance(arg0, bool) or not isinstance(arg0, int) \
@@ -301,9 +335,43 @@ class VM:
                 self._engine.start_vcpu(v._g)
                 v._started = True
 
-    def run(self, until_ns: int) -> None:
-        """Run until virtual time ``until_ns`` (every VM of the host runs too)."""
+    def run(self, until_ns: int, vmm=None) -> None:
+        """Run until virtual time ``until_ns`` (every VM of the host runs too).
+
+        Every vCPU with a program is inside ``KVM_RUN``; exits go to ``vmm``
+        (a ``vmm.Vmm``; it stays the VM's policy for later runs).  The
+        default policy re-enters after INTR and ucall SYNC, and leaves a vCPU
+        out after DONE, a shutdown or an error.
+        """
+        if vmm is not None:
+            if not isinstance(vmm, _vmm.Vmm):
+                raise TypeError(f"vmm must be a kvmwake.vmm.Vmm, not {type(vmm).__name__}")
+            self.vmm = vmm
+            vmm.attach(self)
         self.host.run(until_ns)
+
+    def _reenter(self, vcpu):
+        vcpu._held = None
+        vcpu._started = True
+        self._engine.start_vcpu(vcpu._g)
+
+    # -- guest memory and PSCI ---------------------------------------------------------
+
+    def code_address(self, op_index: int) -> int:
+        """The guest address of op ``op_index`` of a program (what the PC holds there)."""
+        return self.memory_base + 4 * check_int("op_index", op_index, 0, 1 << 40)
+
+    def memory_contains(self, addr: int) -> bool:
+        """Is ``addr`` inside guest memory (the VM's one memory slot)?"""
+        return self.memory_base <= addr < self.memory_base + self.memory_size
+
+    def set_psci_version(self, version: int) -> None:
+        """Write the firmware register KVM_REG_ARM_PSCI_VERSION (0.1 .. 1.3)."""
+        self._need_arm64("KVM_REG_ARM_PSCI_VERSION")
+        if version not in PSCI_VERSIONS:
+            raise KvmError(errno.EINVAL, f"PSCI version {version:#x} is not one KVM offers "
+                                         f"({', '.join(hex(v) for v in sorted(PSCI_VERSIONS))})")
+        self._engine.set_psci_version(self.index, int(version))
 
     # -- read-out ------------------------------------------------------------------------
 
@@ -352,6 +420,115 @@ class VCpu:
         self._g = vm._first + vcpu_id
         self._loaded = False
         self._started = False
+        self._held = None          # an exit made while another vCPU's run() waited
+
+    # -- KVM_ARM_VCPU_INIT, MP state, registers --------------------------------------------
+
+    @property
+    def outside_run(self) -> bool:
+        """True when the vCPU's thread is not inside KVM_RUN (it may take vCPU ioctls)."""
+        return self.vm._engine.thread_info(self._g)["state"] == ThreadState.USER
+
+    def _need_outside(self, what):
+        if not self.outside_run:
+            raise KvmError(errno.EBUSY, f"{what}: vCPU {self.id} is inside KVM_RUN; "
+                                        "signal it out first")
+
+    def init(self, power_off: bool = False) -> None:
+        """``KVM_ARM_VCPU_INIT``: with the ``power_off`` feature the vCPU starts STOPPED."""
+        self.vm._need_arm64("KVM_ARM_VCPU_INIT")
+        self._need_outside("KVM_ARM_VCPU_INIT")
+        self.vm._engine.set_mp_state(self._g, MpState.STOPPED if power_off
+                                     else MpState.RUNNABLE)
+
+    def get_mp_state(self) -> MpState:
+        """``KVM_GET_MP_STATE``."""
+        return MpState(self.vm._engine.get_mp_state(self._g))
+
+    def set_mp_state(self, state) -> None:
+        """``KVM_SET_MP_STATE``: arm64 accepts RUNNABLE, STOPPED and SUSPENDED; x86
+        RUNNABLE, UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED and
+        AP_RESET_HOLD.  Anything else: EINVAL, state unchanged."""
+        if isinstance(state, bool) or not isinstance(state, int) \
+                or state not in MP_STATES[self.vm.arch]:
+            raise KvmError(errno.EINVAL, f"KVM_SET_MP_STATE: {state!r} is not a state "
+                                         f"{self.vm.arch} accepts")
+        self._need_outside("KVM_SET_MP_STATE")
+        self.vm._engine.set_mp_state(self._g, int(state))
+
+    def _reg(self, name) -> int:
+        if self.vm.arch != "arm64":
+            raise KvmError(errno.ENOENT, "KVM_GET/SET_ONE_REG: only arm64's x0-x3 and pc "
+                                         "are modelled")
+        try:
+            return REGS[name]
+        except (KeyError, TypeError):
+            raise KvmError(errno.ENOENT, f"KVM_GET/SET_ONE_REG: no register {name!r} "
+                                         f"(known: {', '.join(REGS)})") from None
+
+    def get_reg(self, name: str) -> int:
+        """``KVM_GET_ONE_REG`` of x0..x3 or pc; a reset owed by PSCI CPU_ON is applied
+        first, as the kernel does."""
+        idx = self._reg(name)
+        self._need_outside("KVM_GET_ONE_REG")
+        return int(self.vm._engine.get_reg(self._g, idx))
+
+    def set_reg(self, name: str, value: int) -> None:
+        """``KVM_SET_ONE_REG`` of x0..x3 or pc (a u64)."""
+        idx = self._reg(name)
+        value = check_int(name, value, 0, (1 << 64) - 1)
+        self._need_outside("KVM_SET_ONE_REG")
+        self.vm._engine.set_reg(self._g, idx, value)
+
+    # -- KVM_RUN ----------------------------------------------------------------------------
+
+    def signal(self) -> None:
+        """Send the vCPU thread a signal: inside KVM_RUN it returns KVM_EXIT_INTR."""
+        self.vm._engine.signal(self._g)
+
+    def run(self, timeout_ns: int = DEFAULT_RUN_TIMEOUT_NS, immediate_exit: bool = False):
+        """One ``KVM_RUN``: advance virtual time until this vCPU exits to userspace.
+
+        Other vCPUs whose threads are inside ``KVM_RUN`` make progress
+        meanwhile; one that exits stays outside with its exit held for its
+        own ``run()`` (or for ``vm.run``'s policy).  ``immediate_exit``
+        returns ``KVM_EXIT_INTR`` at once, as ``kvm_run->immediate_exit``
+        does.  If the vCPU has not exited ``timeout_ns`` of virtual time
+        later, it gets a signal (a VMM's watchdog), so the call always ends.
+        """
+        from .exits import Exit, from_engine
+        from .uapi import ExitReason
+        timeout_ns = check_int("timeout_ns", timeout_ns, 1, 1 << 62)
+        eng = self.vm._engine
+        host = self.vm.host
+        if self._held is not None:
+            held, self._held = self._held, None
+            return from_engine(held)
+        if immediate_exit:
+            return Exit(ExitReason.INTR, time_ns=host.now)
+        if not self._loaded:
+            raise KvmError(errno.ENOEXEC, f"vCPU {self.id} has no guest program to run")
+        self._started = True
+        eng.start_vcpu(self._g)
+        deadline = host.now + timeout_ns
+        signalled = False
+        while True:
+            if eng.run_until_exit(deadline) < 0:
+                if signalled:
+                    deadline = host.now + timeout_ns
+                    continue
+                eng.signal(self._g)
+                signalled = True
+                continue
+            mine = None
+            for g in eng.pending_exits():
+                rec = eng.take_exit(g)
+                if g == self._g:
+                    mine = rec
+                else:
+                    host._vcpu_of(g)._held = rec
+            if mine is not None:
+                return from_engine(mine)
 
     def load(self, program) -> None:
         """Give the vCPU its guest program (a ``guest.Program``, or a list of ops)."""

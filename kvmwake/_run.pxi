@@ -1,0 +1,113 @@
+# KVM_RUN's loop (arch/arm64/kvm/arm.c kvm_arch_vcpu_ioctl_run): what happens
+# before each guest entry (a signal, a STOPPED vCPU's sleep, a pending reset,
+# a SUSPENDED vCPU's WFI emulation), and the exits to userspace.
+
+
+cdef inline bint asleep(engine_t* e, thread_t* th) noexcept nogil:
+    """A vCPU that kvm_vcpu_sleep (arm64 STOPPED) or kvm_vcpu_block (x86 waiting
+    for INIT/SIPI) keeps out of the guest."""
+    if e.x86:
+        return th.mp_state == MP_UNINITIALIZED or th.mp_state == MP_INIT_RECEIVED \
+            or th.mp_state == MP_AP_RESET_HOLD
+    return th.mp_state == MP_STOPPED
+
+
+cdef int enter(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nogil:
+    """One trip round KVM_RUN's loop up to the guest entry."""
+    cdef thread_t* th = &e.th[g]
+    if th.sig_pending:
+        return exit_to_user(e, g, t, EXIT_INTR, 0, 0, 0, 0, 0)
+    if asleep(e, th):
+        return vcpu_sleep(e, g, t)
+    if th.reset_pending:
+        reset_vcpu(e, g)
+    if th.mp_state == MP_SUSPENDED:
+        return halt(e, g, t, HALT_SUSPEND)
+    if th.mp_state == MP_HALTED:
+        return halt(e, g, t, HALT_MP_HALTED)
+    if not th.pc_valid:
+        return exit_to_user(e, g, t, EXIT_INTERNAL_ERROR, 0, 0, 0, 0, 0)
+    return guest_entry(e, g, t, pre)
+
+
+cdef int guest_entry(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nogil:
+    """Into the guest after ``pre`` ns: requests handled, interrupts taken, then
+    the interrupted segment or the next op."""
+    cdef thread_t* th = &e.th[g]
+    cdef virq_t* q = &e.irq[g]
+    cdef int rc
+    th.requests = 0               # check_vcpu_requests on the way in
+    rc = take_irqs(e, g, t, pre)
+    if rc:
+        return -1 if rc < 0 else 0
+    if q.sv_valid:
+        q.sv_valid = 0
+        return segment(e, th, g, t, pre, q.sv_guest, q.sv_cont)
+    return advance(e, g, t, pre)
+
+
+cdef int vcpu_sleep(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """kvm_vcpu_sleep: wait on the rcuwait until no longer STOPPED (or a signal)."""
+    cdef thread_t* th = &e.th[g]
+    th.state = TS_BLOCKED
+    th.resume = RESUME_SLEEP
+    th.gen += 1
+    return release_cpu(e, th, t)
+
+
+cdef int exit_to_user(engine_t* e, uint32_t g, uint64_t t, uint32_t reason, uint32_t type_,
+                      uint32_t ndata, uint64_t data0, uint32_t ucall,
+                      uint64_t value) noexcept nogil:
+    """KVM_RUN returns to userspace: the thread leaves its CPU with an exit."""
+    cdef thread_t* th = &e.th[g]
+    if reason == EXIT_INTR:
+        th.sig_pending = 0
+    th.exit_reason = reason
+    th.exit_type = type_
+    th.exit_ndata = ndata
+    th.exit_data0 = data0
+    th.exit_ucall = ucall
+    th.exit_value = value
+    th.exit_time = t
+    th.state = TS_USER
+    th.resume = RESUME_START
+    th.gen += 1
+    e.exitq[(e.exq_head + e.exq_len) % e.nth] = g
+    e.exq_len += 1
+    return release_cpu(e, th, t)
+
+
+cdef void reset_vcpu(engine_t* e, uint32_t g) noexcept nogil:
+    """kvm_reset_vcpu for a pending KVM_REQ_VCPU_RESET (PSCI CPU_ON)."""
+    cdef thread_t* th = &e.th[g]
+    cdef virq_t* q = &e.irq[g]
+    th.reset_pending = 0
+    th.regs[0] = th.reset_r0
+    th.regs[1] = 0
+    th.regs[2] = 0
+    th.regs[3] = 0
+    set_pc(e, g, th.reset_pc)
+    q.masked = 1                  # PSTATE.DAIF all set at reset
+    q.timer_ctl = 0
+    q.timer_gen += 1
+    q.sv_valid = 0
+
+
+cdef void set_pc(engine_t* e, uint32_t g, uint64_t v) noexcept nogil:
+    """The PC: op i of the program is at code_base + 4 * i."""
+    cdef thread_t* th = &e.th[g]
+    cdef uint64_t off = v - e.vms[th.vm].code_base
+    if th.has_prog and v >= e.vms[th.vm].code_base and off % 4 == 0 \
+            and off // 4 < th.prog_n:
+        th.pc = <uint32_t>(off // 4)
+        th.pc_valid = 1
+    else:
+        th.pc_valid = 0
+        th.pc_raw = v
+
+
+cdef inline uint64_t get_pc(engine_t* e, thread_t* th) noexcept nogil:
+    if th.pc_valid:
+        return e.vms[th.vm].code_base + 4 * <uint64_t>th.pc
+    return th.pc_raw
+

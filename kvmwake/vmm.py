@@ -1,0 +1,157 @@
+"""VMM policies: what userspace does with each exit in ``vm.run(until_ns, vmm=...)``.
+
+KVM leaves part of PSCI to userspace.  For ``SYSTEM_SUSPEND`` the kernel only
+exits (``KVM_SYSTEM_EVENT_SUSPEND``, registers untouched); the checks of ARM
+DEN0022D.b 5.19 and the resume at the entry point are the VMM's.
+``ReferenceVmm`` does them right.
+
+Writing a policy
+----------------
+Subclass ``Vmm`` and override ``handle_exit(vcpu, ex)``.  It runs between two
+steps of the simulation, with the exiting vCPU outside ``KVM_RUN``; it may
+use every vCPU and VM call (``get_reg``, ``set_reg``, ``set_mp_state``,
+``irq_line``, ...) and returns True to call ``KVM_RUN`` again for that vCPU
+at once, False to leave it outside.  Whatever a policy does in one call is
+one step: a snapshot never falls inside it.  Keep the policy's own state in
+plain attributes (ints, strs, lists, dicts of those) so it can be saved with
+the VM.
+"""
+
+from __future__ import annotations
+
+from .uapi import ExitReason, MpState, PsciFn, PsciRet, SystemEventType
+
+U64 = (1 << 64) - 1
+
+
+def u64(v: int) -> int:
+    """A signed PSCI return code as the u64 the guest reads in x0."""
+    return v & U64
+
+
+class Vmm:
+    """The policy interface: re-enter after every exit but DONE, SHUTDOWN and errors."""
+
+    def attach(self, vm) -> None:
+        """Called once by ``vm.run`` before the first step."""
+        self.vm = vm
+
+    def handle_exit(self, vcpu, ex) -> bool:
+        if ex.reason == ExitReason.SYSTEM_EVENT:
+            t = ex.system_event.type
+            if t == SystemEventType.WAKEUP:
+                vcpu.set_mp_state(MpState.RUNNABLE)
+                return True
+            if t == SystemEventType.SUSPEND:
+                vcpu.set_reg("x0", u64(PsciRet.DENIED))
+                return True
+            return False
+        if ex.reason == ExitReason.MMIO:
+            return ex.ucall == "SYNC"
+        return ex.reason == ExitReason.INTR
+
+    def state(self) -> dict:
+        """The policy's own state, for snapshots."""
+        return {k: v for k, v in vars(self).items() if k != "vm"}
+
+
+class DenyAllVmm(Vmm):
+    """Denies every SYSTEM_SUSPEND (x0 = DENIED); honours wake-ups."""
+
+
+class ReferenceVmm(Vmm):
+    """PSCI SYSTEM_SUSPEND per DEN0022D.b 5.19, shutdown and reset.
+
+    * ``SUSPEND``: ``DENIED`` if any other vCPU is not off (STOPPED);
+      ``INVALID_ADDRESS`` if the entry point (x1) is outside guest memory;
+      otherwise the vCPU is set SUSPENDED and KVM emulates the WFI.
+    * ``WAKEUP`` of a vCPU it suspended: resume at the entry point with the
+      context ID (x2) in x0, then RUNNABLE, all in one step.  A vCPU that
+      userspace set SUSPENDED by other means is simply made RUNNABLE.
+    * ``SHUTDOWN``: the VM is off; no vCPU is run again.
+    * ``RESET``: vCPU 0 restarts at the start of its program, the others stay
+      off until the guest's CPU_ON; the VM counts the reset.
+    * ``INTR`` and ucall ``SYNC``: re-enter.  ``DONE`` and errors: leave out.
+
+    Counters: ``suspends``, ``denials``, ``invalid_addresses``, ``resumes``,
+    ``shutdowns``, ``resets``; ``resume_latency_ns`` lists, per resume, the
+    time from the SUSPEND exit to the WAKEUP exit.
+    """
+
+    def __init__(self):
+        self.suspends = 0
+        self.denials = 0
+        self.invalid_addresses = 0
+        self.resumes = 0
+        self.shutdowns = 0
+        self.resets = 0
+        self.off = False
+        self.resume_latency_ns: list = []
+        self._pending: dict = {}          # vcpu id -> [entry, context_id, suspend time]
+
+    def handle_exit(self, vcpu, ex) -> bool:
+        if self.off:
+            return False
+        if ex.reason == ExitReason.SYSTEM_EVENT:
+            t = ex.system_event.type
+            if t == SystemEventType.SUSPEND:
+                return self._suspend(vcpu, ex)
+            if t == SystemEventType.WAKEUP:
+                return self._wakeup(vcpu, ex)
+            if t == SystemEventType.SHUTDOWN:
+                self.shutdowns += 1
+                self.off = True
+                return False
+            if t == SystemEventType.RESET:
+                self.resets += 1
+                self._pending.clear()
+                vm = vcpu.vm
+                boot = vm.vcpus[0]
+                for v in vm.vcpus:
+                    if v is not boot and v.outside_run:
+                        v.set_mp_state(MpState.STOPPED)
+                if boot.outside_run:
+                    boot.set_reg("pc", vm.code_address(0))
+                    boot.set_reg("x0", 0)
+                    boot.set_mp_state(MpState.RUNNABLE)
+                    if boot is not vcpu:
+                        vm._reenter(boot)
+                return vcpu is boot or vcpu.get_mp_state() != MpState.STOPPED
+            return False
+        if ex.reason == ExitReason.MMIO:
+            return ex.ucall == "SYNC"
+        return ex.reason == ExitReason.INTR
+
+    def _suspend(self, vcpu, ex) -> bool:
+        vm = vcpu.vm
+        self.suspends += 1
+        # DEN0022D.b 5.19.2: every other core must be off.
+        for v in vm.vcpus:
+            if v is not vcpu and v.get_mp_state() != MpState.STOPPED:
+                self.denials += 1
+                vcpu.set_reg("x0", u64(PsciRet.DENIED))
+                return True
+        fn = vcpu.get_reg("x0")
+        entry, context = vcpu.get_reg("x1"), vcpu.get_reg("x2")
+        if fn == PsciFn.SYSTEM_SUSPEND:        # the 32-bit call: arguments were narrowed
+            entry &= 0xFFFF_FFFF
+            context &= 0xFFFF_FFFF
+        if not vm.memory_contains(entry):
+            self.invalid_addresses += 1
+            vcpu.set_reg("x0", u64(PsciRet.INVALID_ADDRESS))
+            return True
+        self._pending[vcpu.id] = [entry, context, ex.time_ns]
+        vcpu.set_mp_state(MpState.SUSPENDED)
+        return True
+
+    def _wakeup(self, vcpu, ex) -> bool:
+        p = self._pending.pop(vcpu.id, None)
+        if p is not None:
+            entry, context, t0 = p
+            # Resume "as if from reset" at the entry point (5.19.1), in one step.
+            vcpu.set_reg("pc", entry)
+            vcpu.set_reg("x0", context)
+            self.resumes += 1
+            self.resume_latency_ns.append(ex.time_ns - t0)
+        vcpu.set_mp_state(MpState.RUNNABLE)
+        return True
