@@ -106,12 +106,35 @@ def run_scenario(args) -> dict:
         "events_per_s": host.events / wall if wall > 0 else None,
         "wake_latency_ns": lat,
         "stats": _stats.to_jsonable(stats),
+        "exits": sum(vm.exits for vm in host.vms),
     }
+    vmm = _vmm_summary(host)
+    if vmm:
+        summary["vmm"] = vmm
     if args.trace:
         with open(args.trace, "w") as fh:
             fh.write(host.vms[0].trace_text())
         summary["trace"] = args.trace
     return summary
+
+
+def _vmm_summary(host) -> dict:
+    """The VMM policies' counters summed over the VMs, and resume latencies."""
+    import numpy as np
+    total: dict = {}
+    lat: list = []
+    for vm in host.vms:
+        counters = getattr(vm.vmm, "counters", None)
+        if counters is None:
+            continue
+        for k, v in counters().items():
+            total[k] = total.get(k, 0) + v
+        lat += getattr(vm.vmm, "resume_latency_ns", [])
+    if total and lat:
+        p = np.percentile(np.array(lat, dtype=np.float64), [50, 90, 99], method="lower")
+        total["resume_latency_ns"] = {"count": len(lat), "p50": int(p[0]), "p90": int(p[1]),
+                                      "p99": int(p[2]), "max": int(max(lat))}
+    return total
 
 
 def print_summary(s: dict, out=None) -> None:
@@ -135,9 +158,17 @@ def print_summary(s: dict, out=None) -> None:
           f"  ({lat['count']:,} wake-ups)\n")
     else:
         w("  no wake-ups\n")
+    if s.get("vmm"):
+        v = s["vmm"]
+        w("\nVMM policy (sum over VMs)\n  " + "  ".join(
+            f"{k} {v[k]:,}" for k in v if k != "resume_latency_ns") + "\n")
+        if "resume_latency_ns" in v:
+            r = v["resume_latency_ns"]
+            w(f"  resume latency (SUSPEND exit to WAKEUP exit, ns): p50 {r['p50']:,}  "
+              f"p90 {r['p90']:,}  p99 {r['p99']:,}  max {r['max']:,}  ({r['count']:,} resumes)\n")
     w(f"\nsimulated {s['sim_ns'] / 1e6:,.3f} ms in {s['wall_s']:.3f} s wall "
       f"(build {s['build_s']:.3f} s)\n")
-    w(f"  events {s['events']:,}   halts {halts:,}\n")
+    w(f"  events {s['events']:,}   halts {halts:,}   exits to userspace {s['exits']:,}\n")
     if s["halts_per_s"] is not None:
         w(f"  {s['halts_per_s']:,.0f} halts per wall second, "
           f"{s['events_per_s']:,.0f} events per wall second\n")

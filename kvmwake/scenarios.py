@@ -12,6 +12,14 @@
   Poisson arrivals (mean 4 ms) routed to vCPU ``(intid - 32) % 512``; every
   vCPU's virtual timer ticks every 4 ms (periodic re-arm in its handler);
   handlers take 2 us; the vCPUs compute Exp(30 us) between WFIs.
+* ``suspend-cycle``: 4,096 arm64 vCPUs (512 VMs x 8) on 256 host CPUs, each VM
+  under ``vmm.ReferenceVmm``.  Each VM cycles: the primary (vCPU 0) brings its
+  secondaries up with PSCI CPU_ON, works, then every 100 us arms its timer
+  1 ms ahead and calls SYSTEM_SUSPEND, until the policy honours it (it denies
+  while a secondary is still on); each secondary works four bursts of
+  Exp(50 us), each followed by a WFI its timer ends 30 us later, and CPU_OFFs.  The suspended primary is woken by its timer or by a device SPI
+  (Poisson, mean 5 ms); the policy resumes it at the entry point with the
+  context ID in x0, and the cycle starts again.
 * ``ipi-storm``: the canonical comparison workload.  N x86 vCPUs (default
   1,024, in VMs of at most KVM_MAX_VCPUS = 1024), each on its own host CPU
   unless ``host_cpus`` says otherwise; each loops: compute for Exp(mean
@@ -29,7 +37,9 @@ from typing import Callable
 from . import guest as g
 from .errors import ScenarioError
 from .host import Host, check_int
-from .model import DEFAULT_NR_SPIS, MAX_NR_SPIS, MAX_VCPUS
+from . import vmm as _vmm
+from .model import DEFAULT_NR_SPIS, MAX_NR_SPIS, MAX_VCPUS, mpidr_of
+from .uapi import Cap, PsciFn
 
 MS = 1_000_000
 US = 1_000
@@ -50,6 +60,7 @@ class Scenario:
     costs: dict = field(default_factory=dict)
     nr_spis: int = DEFAULT_NR_SPIS
     setup_vm: Callable | None = None     # (vm) -> None: interrupt sources, routing
+    vmm: Callable | None = None          # () -> a vmm.Vmm for each VM
 
 
 IRQ_STORM_MEAN_NS = 4 * MS
@@ -61,6 +72,40 @@ def _irq_storm_program(vcpu_id: int, nr_vcpus: int) -> g.Program:
         g.timer_arm(4 * MS, period_ns=4 * MS),
         g.loop([g.compute_exp(30 * US), g.wfi()]),
     ])
+
+
+SUSPEND_RETRY_NS = 100 * US
+SUSPEND_DEVICE_SPI = 40
+
+
+def _suspend_cycle_program(vcpu_id: int, nr_vcpus: int) -> g.Program:
+    """Secondaries: up (masked, as after reset), four bursts of work each followed by
+    a timer-woken WFI, then CPU_OFF; CPU_ON restarts them at op 0."""
+    return g.Program([g.unmask(),
+                      g.loop([g.compute_exp(50 * US), g.timer_arm(30 * US), g.wfi()], count=4),
+                      g.psci(PsciFn.CPU_OFF), g.end()])
+
+
+def _suspend_cycle_primary(vm) -> g.Program:
+    base = vm.code_address(0)
+    ops = [g.unmask(), g.set_handler(1 * US)]
+    for vid in range(1, vm.nr_vcpus):
+        ops += g.psci(PsciFn.FN64_CPU_ON, mpidr_of(vid), base, vid)
+    ops.append(g.compute_exp(200 * US))
+    # Until the policy honours it: re-arm the wake-up timer, try SYSTEM_SUSPEND.
+    ops.append(g.loop([g.compute(SUSPEND_RETRY_NS), g.timer_arm(1 * MS),
+                       g.psci(PsciFn.FN64_SYSTEM_SUSPEND, base, 0xC0FFEE)]))
+    return g.Program(ops)
+
+
+def _suspend_cycle_setup(vm) -> None:
+    vm.enable_cap(Cap.ARM_SYSTEM_SUSPEND)
+    for v in vm.vcpus[1:]:
+        v.init(power_off=True)
+    vm.vcpus[0].load(_suspend_cycle_primary(vm))
+    vm.configure_irq(SUSPEND_DEVICE_SPI, enabled=True, level=False)
+    vm.route_spi(SUSPEND_DEVICE_SPI, vcpu=0)
+    vm.add_irq_source(SUSPEND_DEVICE_SPI, mean_ns=5 * MS)
 
 
 def _irq_storm_setup(vm) -> None:
@@ -101,6 +146,13 @@ BUILTIN: dict[str, Scenario] = {
         arch="arm64", vcpus=4096, vcpus_per_vm=512, host_cpus=256, sim_ns=100 * MS,
         program=_irq_storm_program, tick_ns=0, nr_spis=MAX_NR_SPIS,
         setup_vm=_irq_storm_setup),
+    "suspend-cycle": Scenario(
+        name="suspend-cycle",
+        description="4,096 arm64 vCPUs (512 VMs x 8) on 256 host CPUs cycling CPU_OFF, "
+                    "SYSTEM_SUSPEND, wake-up and resume under the reference VMM policy",
+        arch="arm64", vcpus=4096, vcpus_per_vm=8, host_cpus=256, sim_ns=50 * MS,
+        program=_suspend_cycle_program, tick_ns=0, setup_vm=_suspend_cycle_setup,
+        vmm=_vmm.ReferenceVmm),
     "ipi-storm": Scenario(
         name="ipi-storm",
         description="N x86 vCPUs, one per host CPU: compute Exp(20 us), wake a random "
@@ -152,6 +204,9 @@ def build(name: str, *, vcpus: int | None = None, host_cpus: int | None = None,
             vm.set_tick(sc.tick_ns)
         if sc.setup_vm is not None:
             sc.setup_vm(vm)
+        if sc.vmm is not None:
+            vm.vmm = sc.vmm()
+            vm.vmm.attach(vm)
         left -= n
     return host, sim_ns, sc
 

@@ -122,6 +122,11 @@ class ReferenceVmm(Vmm):
             return ex.ucall == "SYNC"
         return ex.reason == ExitReason.INTR
 
+    COUNTERS = ("suspends", "denials", "invalid_addresses", "resumes", "shutdowns", "resets")
+
+    def counters(self) -> dict:
+        return {k: getattr(self, k) for k in self.COUNTERS}
+
     def _suspend(self, vcpu, ex) -> bool:
         vm = vcpu.vm
         self.suspends += 1
