@@ -49,10 +49,11 @@ SCENARIO_SIZES = {
 
 #: Operations per call of each micro benchmark, per size.
 MICRO_SIZES = {
-    "tiny": {"heap_small": 64, "heap_large": 256, "check_block": 1_000, "kick": 1_000,
-             "halt_path": 100},
-    "full": {"heap_small": 1024, "heap_large": 1 << 20, "check_block": 10_000_000,
-             "kick": 1_000_000, "halt_path": 200_000},
+    "tiny": {"heap_small": 64, "heap_large": 256, "wake_scan": 1_000, "kick": 1_000,
+             "halt_path": 100, "vm_scan_vcpus": 1024, "vm_scan": 2},
+    "full": {"heap_small": 1024, "heap_large": 1 << 20, "wake_scan": 10_000_000,
+             "kick": 1_000_000, "halt_path": 200_000, "vm_scan_vcpus": 16_384,
+             "vm_scan": 200},
 }
 
 

@@ -6,9 +6,12 @@ plus one Python call).  ``extra_info`` keeps both per-operation figures.
 
 * heap push/pop: ``n`` pushes of pseudo-random times into an empty event
   heap, then ``n`` pops, order checked (one "op" = one push or one pop).
-* wake condition: raise a wake source (interrupt, KVM_REQ_UNBLOCK or
-  neither), then ``kvm_vcpu_check_block`` (one op = raise + check).
-* kick: ``raise_pending`` + ``kvm_vcpu_kick`` of a vCPU BLOCKED in a halt on
+* wake-condition scan: ``kvm_vgic_vcpu_pending_irq`` of one arm64 vCPU in a
+  VM with all 988 SPIs configured and enabled, a handful pending on it
+  (deliverable or all at or above the PMR, so the scan checks every
+  candidate); one op = one scan.  The whole-VM scan does every vCPU of
+  16,384 (32 VMs of 512); one op = one vCPU.
+* kick: the reschedule IPI + ``kvm_vcpu_kick`` of a vCPU BLOCKED in a halt on
   an idle host CPU: wake-up, run-queue and EV_RUN push; the engine is put
   back after each kick (one op = one kick).
 * halt path: a 2-vCPU engine where vCPU 1 wakes vCPU 0 out of its halts,
@@ -54,10 +57,45 @@ def test_heap_push_pop(benchmark, micro_sizes, which):
     benchmark.extra_info["heap_events"] = n
 
 
-def test_wake_condition_check(benchmark, micro_sizes):
-    n = micro_sizes["check_block"]
-    c_ns = benchmark(_core.bench_check_block, n, 1)
-    _record(benchmark, c_ns, n, "check")
+def _gic_host(nr_vms=1, deliverable=True):
+    """arm64 VMs of 512 vCPUs, 988 SPIs each, all enabled; SPIs 40, 100, 300, 700
+    and 1000 routed to vCPU 0 and pending (priority 0xA0, or 0xF0 = the PMR)."""
+    host = Host(host_cpus=4, arch="arm64", seed=1, trace_capacity=0)
+    for _ in range(nr_vms):
+        vm = host.create_vm(512, nr_spis=988)
+        for intid in range(32, 1020):
+            vm.configure_irq(intid, enabled=True, level=False,
+                             priority=0xA0 if deliverable else 0xF0)
+        for intid in (40, 100, 300, 700, 1000):
+            vm.route_spi(intid, vcpu=0)
+            vm.irq_line(intid, 1)
+    return host
+
+
+@pytest.mark.parametrize("deliverable", [True, False], ids=["found", "none-beats-pmr"])
+def test_wake_condition_scan(benchmark, micro_sizes, deliverable):
+    n = micro_sizes["wake_scan"]
+    host = _gic_host(1, deliverable)
+    c_ns, answer = benchmark(_core.bench_wake_scan, host._engine, 0, n)
+    assert answer == deliverable
+    _record(benchmark, c_ns, n, "scan")
+
+
+def test_whole_vm_scan(benchmark, micro_sizes):
+    nvcpu = micro_sizes["vm_scan_vcpus"]
+    host = _gic_host(nvcpu // 512)
+    n = micro_sizes["vm_scan"]
+
+    def scan_all():
+        total = 0
+        for vm in host.vms:
+            ns, hits = _core.bench_vm_scan(host._engine, vm.index, n)
+            assert hits == 1
+            total += ns
+        return total
+
+    c_ns = benchmark(scan_all)
+    _record(benchmark, c_ns, n * nvcpu, "vCPU scan")
 
 
 def test_kick_blocked_vcpu(benchmark, micro_sizes):
@@ -82,10 +120,17 @@ def test_bench_heap_runs(n):
     assert _core.bench_heap(n, n) >= 0
 
 
-def test_bench_check_block_runs():
-    assert _core.bench_check_block(10_000, 7) >= 0
+def test_bench_wake_scan_answers_like_the_api():
+    for deliverable in (True, False):
+        host = _gic_host(1, deliverable)
+        ns, answer = _core.bench_wake_scan(host._engine, 0, 100)
+        assert ns >= 0 and answer == deliverable == host.vms[0].vcpus[0].runnable
+        ns, hits = _core.bench_vm_scan(host._engine, 0, 3)
+        assert hits == (1 if deliverable else 0)
     with pytest.raises(ValueError):
-        _core.bench_check_block(10, 0, 1000)
+        _core.bench_wake_scan(host._engine, 10_000, 1)
+    with pytest.raises(ValueError):
+        _core.bench_vm_scan(host._engine, 5, 1)
 
 
 def test_bench_kick_leaves_the_engine_as_it_was():

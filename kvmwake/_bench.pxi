@@ -7,8 +7,9 @@
 #
 # bench_heap(n, seed)            n heap_push of pseudo-random times into an
 #                                empty heap, then n heap_pop (order checked)
-# bench_check_block(n, seed)     raise a wake source, kvm_vcpu_check_block()
-# bench_kick(engine, g, n)       raise_pending + kvm_vcpu_kick of a BLOCKED vCPU
+# bench_wake_scan(engine, g, n)  the wake condition of one vCPU (the vGIC scan)
+# bench_vm_scan(engine, vm, n)   the wake condition of every vCPU of a VM
+# bench_kick(engine, g, n)       reschedule IPI + kvm_vcpu_kick of a BLOCKED vCPU
 # bench_halt_path(n, poll)       a 2-vCPU engine: n complete halts of vCPU 0,
 #                                each ended by vCPU 1's wake
 
@@ -65,119 +66,114 @@ def bench_heap(uint64_t n, uint64_t seed=0):
     return t1 - t0
 
 
-def bench_check_block(uint64_t n, uint64_t seed=0, uint32_t nthreads=4096):
-    """The wake condition: raise a wake source on a vCPU, then ``kvm_vcpu_check_block``.
+def bench_wake_scan(Engine engine, uint32_t g, uint64_t n):
+    """``n`` wake-condition checks (``kvm_arch_vcpu_runnable``) of thread ``g``.
 
-    On ``nthreads`` private, zeroed ``thread_t`` (a power of two), visited in
-    a scrambled order.  Iteration i picks a thread and, by a pseudo-random
-    draw, raises the interrupt (irq_pending), makes a KVM_REQ_UNBLOCK
-    request, or makes no wake source pending (a request that is not UNBLOCK);
-    ``check_block`` then decides, and the pending interrupt is taken
-    (cleared) as on guest entry.  The number of "runnable" answers is checked
-    against the draws.  Returns the wall ns of the n iterations.
+    Read-only: the vGIC scan (or the LAPIC's) over whatever state the engine
+    holds.  Returns (wall ns of the n scans, the answer).
     """
-    cdef thread_t* ths
-    cdef thread_t* th
-    cdef uint64_t i, j, x, kind, t0, t1, hits = 0, want = 0
-    cdef uint64_t mask = nthreads - 1
-    if nthreads == 0 or (nthreads & mask):
-        raise ValueError("nthreads must be a power of two")
-    ths = <thread_t*>malloc(nthreads * sizeof(thread_t))
-    if ths == NULL:
-        raise MemoryError()
-    memset(ths, 0, nthreads * sizeof(thread_t))
-    try:
-        with nogil:
-            x = splitmix64(seed)
-            t0 = _bench_now_ns()
-            for i in range(n):
-                j = (i * <uint64_t>2654435761) & mask
-                th = &ths[j]
-                x = x * KW_LCG_MULT + <uint64_t>1442695040888963407
-                kind = (x >> 61) % 3
-                if kind == 0:
-                    th.irq_pending = 1
-                elif kind == 1:
-                    th.requests |= <uint32_t>REQ_UNBLOCK_BIT
-                else:
-                    th.requests |= 1          # some other request: no wake-up
-                if check_block(th):
-                    hits += 1
-                th.irq_pending = 0
-                th.requests = 0
-            t1 = _bench_now_ns()
-            # The same draws again, untimed, for the expected answer.
-            x = splitmix64(seed)
-            for i in range(n):
-                x = x * KW_LCG_MULT + <uint64_t>1442695040888963407
-                if (x >> 61) % 3 != 2:
-                    want += 1
-    finally:
-        free(ths)
-    if hits != want:
-        raise AssertionError(f"check_block said runnable {hits} times, expected {want}")
-    return t1 - t0
+    cdef engine_t* e = &engine.e
+    cdef uint64_t i, t0, t1, hits = 0
+    if g >= e.nth:
+        raise ValueError(f"no thread {g} (the engine has {e.nth})")
+    with nogil:
+        t0 = _bench_now_ns()
+        for i in range(n):
+            hits += runnable(e, g)
+        t1 = _bench_now_ns()
+    return t1 - t0, hits == n
+
+
+def bench_vm_scan(Engine engine, uint32_t vmi, uint64_t n):
+    """``n`` scans of the wake condition of every vCPU of VM ``vmi`` (read-only).
+
+    Returns (wall ns of the n whole-VM scans, vCPUs found runnable in one scan).
+    """
+    cdef engine_t* e = &engine.e
+    cdef uint64_t i, t0, t1, hits = 0
+    cdef uint32_t g, first, last
+    if vmi >= e.nvm:
+        raise ValueError(f"no VM {vmi} (the engine has {e.nvm})")
+    first = e.vms[vmi].first
+    last = first + e.vms[vmi].nr_vcpus
+    with nogil:
+        t0 = _bench_now_ns()
+        for i in range(n):
+            hits = 0
+            for g in range(first, last):
+                hits += runnable(e, g)
+        t1 = _bench_now_ns()
+    return t1 - t0, hits
 
 
 def bench_kick(Engine engine, uint32_t g, uint64_t n):
-    """``raise_pending`` + ``kvm_vcpu_kick`` of thread ``g``, ``n`` times.
+    """The reschedule IPI + ``kvm_vcpu_kick`` of thread ``g``, ``n`` times.
 
-    ``g`` must be BLOCKED in a halt on an idle host CPU (e.g. a vCPU whose
-    program is ``wfi`` with polling off, run past its halt): each iteration
-    raises the wake source and kicks it, which is ``kvm_vcpu_wake_up`` (the
-    halt_wakeup stat, RUNNABLE) and ``try_to_wake_up`` (it takes the idle
-    host CPU and its EV_RUN event is pushed).  Then the few fields the kick
-    changed are put back (state, irq_pending, the CPU's current thread) and
-    the event is dropped, so the next iteration kicks the same blocked vCPU.
+    ``g`` must be BLOCKED in a halt on an idle host CPU, with nothing pending
+    (e.g. a vCPU whose program is ``wfi`` with polling off, run past its
+    halt): each iteration raises SGI 0 (arm64) or vector 0xFD (x86) and kicks
+    it, which is ``kvm_vcpu_wake_up`` (the halt_wakeup stat, RUNNABLE) and
+    ``try_to_wake_up`` (it takes the idle host CPU and its EV_RUN event is
+    pushed).  Then the fields the kick changed are put back and the event is
+    dropped, so the next iteration kicks the same blocked vCPU.
 
     The EV_RUN events go to a private heap emptied each time, so heap_push
     costs O(1) here (the heap's own cost is ``bench_heap``'s).  On return the
-    engine is exactly as before: its heap, sequence number, the thread, its
-    host CPU and its stats row.  Returns the wall ns of the n kicks.
+    engine is exactly as before.  Returns the wall ns of the n kicks.
     """
     cdef engine_t* e = &engine.e
     cdef thread_t* th
+    cdef virq_t* q
     cdef cpu_t* cpu
     cdef thread_t saved_th
+    cdef virq_t saved_q
     cdef cpu_t saved_cpu
     cdef uint64_t saved_wakeups, saved_hlen, saved_hcap, saved_seq, i, t0, t1, done = 0
     cdef event_t* saved_heap
     cdef event_t* priv
-    cdef uint8_t irq0
+    cdef uint32_t req0
+    cdef uint64_t ap0, irr3
+    cdef uint32_t latch0
     cdef int rc = 0
     if engine._failed:
         raise ValueError("this engine stopped on an earlier error")
     if g >= e.nth:
         raise ValueError(f"no thread {g} (the engine has {e.nth})")
     th = &e.th[g]
+    q = &e.irq[g]
     cpu = &e.cpus[th.pcpu]
-    if th.state != TS_BLOCKED or cpu.cur >= 0:
-        raise ValueError(f"thread {g} must be BLOCKED on an idle host CPU "
-                         f"(state {th.state}, host CPU {th.pcpu} runs {cpu.cur})")
+    if th.state != TS_BLOCKED or th.resume != RESUME_HALT or cpu.cur >= 0 or runnable(e, g):
+        raise ValueError(f"thread {g} must be BLOCKED in a halt on an idle host CPU with "
+                         f"nothing pending (state {th.state}, host CPU {th.pcpu} runs {cpu.cur})")
     priv = <event_t*>malloc(16 * sizeof(event_t))
     if priv == NULL:
         raise MemoryError()
     saved_th = th[0]
+    saved_q = q[0]
     saved_cpu = cpu[0]
     saved_wakeups = e.stats[<uint64_t>g * NR_STATS + S_WAKEUP]
     saved_heap, saved_hlen, saved_hcap, saved_seq = e.heap, e.hlen, e.hcap, e.seq
-    irq0 = th.irq_pending
+    req0, ap0, latch0, irr3 = th.requests, q.ap[0], q.priv_latch, q.irr[3]
     e.heap, e.hlen, e.hcap = priv, 0, 16
     try:
         with nogil:
             t0 = _bench_now_ns()
             for i in range(n):
-                rc = raise_pending(e, g, e.now)
+                rc = raise_irq(e, g, e.resched_irq, e.now)
                 if rc != 0 or th.state != TS_RUNNABLE or e.hlen != 1:
                     break
                 done += 1
                 th.state = TS_BLOCKED
-                th.irq_pending = irq0
+                th.requests = req0
+                q.ap[0] = ap0
+                q.priv_latch = latch0
+                q.irr[3] = irr3
                 cpu.cur = -1
                 e.hlen = 0
             t1 = _bench_now_ns()
     finally:
         th[0] = saved_th
+        q[0] = saved_q
         cpu[0] = saved_cpu
         e.stats[<uint64_t>g * NR_STATS + S_WAKEUP] = saved_wakeups
         e.heap, e.hlen, e.hcap, e.seq = saved_heap, saved_hlen, saved_hcap, saved_seq
@@ -215,7 +211,7 @@ def bench_halt_path(uint64_t n, bint poll=False, uint64_t seed=0):
     eng.start_vcpu(1)
     with nogil:
         t0 = _bench_now_ns()
-        rc = run_loop(&eng.e, <uint64_t>1 << 62)
+        rc = run_loop(&eng.e, <uint64_t>1 << 62, 0)
         t1 = _bench_now_ns()
     eng._check(rc)
     if eng.e.halts != n:

@@ -911,3 +911,6 @@ cdef class Engine:
                 "cpus": self.e.ncpu * sizeof(cpu_t), "vms": self.e.nvm * sizeof(vm_t),
                 "gics": self.e.nvm * sizeof(gic_t),
                 "sources": self.e.nsrc * sizeof(source_t) + len(self._times) * 8}
+
+
+include "_bench.pxi"
