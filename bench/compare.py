@@ -3,8 +3,9 @@
 
     python bench/compare.py [--repeat 5] [--ref-sim-ms 20] [--out docs/results-core.md]
 
-In one process, for ``ipi-storm`` at 1,024 vCPUs (100 ms simulated) and
-``default`` at 4,096 vCPUs (200 ms simulated):
+In one process, for ``ipi-storm`` at 1,024 vCPUs (100 ms simulated),
+``default`` at 4,096 vCPUs (200 ms), ``irq-storm`` at 4,096 vCPUs (100 ms)
+and ``suspend-cycle`` at 4,096 vCPUs (50 ms):
 
 * the core engine at that size: ``--repeat`` runs, each on a freshly built
   host; only ``host.run`` is timed (the build is not), after one untimed
@@ -52,9 +53,11 @@ from kvmwake import _core, scenarios  # noqa: E402
 MS = 1_000_000
 
 #: (scenario, vCPUs, simulated ms of the core's full-size run)
-WORKLOADS = [("ipi-storm", 1024, 100), ("default", 4096, 200)]
+WORKLOADS = [("ipi-storm", 1024, 100), ("default", 4096, 200), ("irq-storm", 4096, 100),
+             ("suspend-cycle", 4096, 50)]
 #: Small instances on which the engines must agree before anything is timed.
-AGREEMENT = [("ipi-storm", 64, 20), ("default", 256, 20), ("ipi-storm", 1024, 2)]
+AGREEMENT = [("ipi-storm", 64, 20), ("default", 256, 20), ("ipi-storm", 1024, 2),
+             ("irq-storm", 512, 5), ("suspend-cycle", 64, 20)]
 
 TARGET_HALTS_PER_S = 2_000_000
 TARGET_RATIO = 50
