@@ -250,7 +250,8 @@ def compiled_constants():
     return {
         "ops": (OP_END, OP_COMPUTE, OP_WFI, OP_SGI, OP_LOOP, OP_ENDLOOP, OP_IRQ_ENABLE,
                 OP_IRQ_DISABLE, OP_SET_PRIORITY, OP_SET_PMR, OP_MASK, OP_UNMASK, OP_SET_HANDLER,
-                OP_TIMER_ARM, OP_TIMER_CANCEL, OP_DIST_ENABLE, OP_ROUTE_SPI),
+                OP_TIMER_ARM, OP_TIMER_CANCEL, OP_DIST_ENABLE, OP_ROUTE_SPI, OP_HVC, OP_SET_REG,
+                OP_SYNC),
         "dists": (DIST_FIXED, DIST_EXPONENTIAL, DIST_UNIFORM),
         "wake_targets": (WT_VCPU, WT_RANDOM_OTHER, WT_NEXT, WT_LIST, WT_ALL_BUT_SELF),
         "source_kinds": (SRC_PERIODIC, SRC_POISSON, SRC_TRACE),
@@ -668,7 +669,7 @@ cdef class Engine:
         """A signal for the vCPU thread: it leaves KVM_RUN with KVM_EXIT_INTR."""
         self._guard()
         self.e.th[g].sig_pending = 1
-        self._check(kick(&self.e, g, self.e.now, 1))
+        self._check(signal_wake(&self.e, g, self.e.now))
 
     def get_mp_state(self, uint32_t g):
         return self.e.th[g].mp_state
@@ -899,6 +900,15 @@ cdef class Engine:
                 "istatus": bool(self.e.now >= q.timer_cval and q.timer_ctl
                                 & ARCH_TIMER_CTRL_ENABLE)}
 
+    def export_state(self):
+        """(scalars, arrays): everything that decides the engine's future, as copies."""
+        return _engine_export(self)
+
+    def import_state(self, dict scalars, dict arrays):
+        """Load ``export_state()``'s output into this fresh engine (same arch, host
+        CPUs, costs); every index and link is checked first (ValueError)."""
+        _engine_import(self, scalars, arrays)
+
     def state_bytes(self):
         """Bytes of engine state: per thread, per thread stats, and the rest."""
         return {"thread_t": sizeof(thread_t), "virq_t": sizeof(virq_t),
@@ -913,4 +923,5 @@ cdef class Engine:
                 "sources": self.e.nsrc * sizeof(source_t) + len(self._times) * 8}
 
 
+include "_snapshot.pxi"
 include "_bench.pxi"

@@ -15,8 +15,9 @@ import time
 
 from . import __version__
 from . import scenarios as _scenarios
+from . import snapshot as _snapshot
 from . import stats as _stats
-from .errors import EngineError, KvmError, ProgramError, ScenarioError
+from .errors import EngineError, KvmError, ProgramError, ScenarioError, SnapshotError
 from .kernel import replay as _replay
 from .model import STAT_COUNTERS
 
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trace-capacity", type=_nonneg_int, default=1 << 20,
                    help="tracepoint records kept with --trace (newest; default: %(default)s)")
     r.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    r.add_argument("--snapshot-at", type=_positive_float, metavar="MS",
+                   help="save a snapshot at this virtual time (ms; with --snapshot)")
+    r.add_argument("--snapshot", metavar="PATH", help="where --snapshot-at writes the snapshot")
+    r.add_argument("--restore", metavar="PATH",
+                   help="continue the run saved in a snapshot (to its --sim-ms end, or "
+                        "to --sim-ms if given)")
 
     sub.add_parser("scenarios", help="list the built-in scenarios")
 
@@ -85,11 +92,37 @@ def build_parser() -> argparse.ArgumentParser:
 def run_scenario(args) -> dict:
     sim_ns = None if args.sim_ms is None else int(round(args.sim_ms * 1_000_000))
     trace_cap = args.trace_capacity if args.trace else 0
+    if (args.snapshot_at is None) != (args.snapshot is None):
+        raise ValueError("--snapshot-at and --snapshot go together")
     t0 = time.perf_counter()
-    host, sim_ns, sc = _scenarios.build(args.scenario, vcpus=args.vcpus, host_cpus=args.host_cpus,
-                                        sim_ns=sim_ns, seed=args.seed, engine=args.engine,
-                                        trace_capacity=trace_cap)
+    if args.restore:
+        host, header = _snapshot.restore_host(args.restore)
+        run = header.get("run") or {}
+        name = run.get("scenario", "?")
+        if sim_ns is None:
+            sim_ns = run.get("sim_ns")
+            if not isinstance(sim_ns, int):
+                raise ValueError(f"{args.restore}: the snapshot names no end time; give --sim-ms")
+        args.seed, args.engine = host.seed, host.engine_name
+        start_events, start_halts = host.events, host.halts
+    else:
+        host, sim_ns, sc = _scenarios.build(args.scenario, vcpus=args.vcpus,
+                                            host_cpus=args.host_cpus, sim_ns=sim_ns,
+                                            seed=args.seed, engine=args.engine,
+                                            trace_capacity=trace_cap)
+        name = sc.name
+        start_events = start_halts = 0
+    if sim_ns < host.now:
+        raise ValueError(f"the run ends at {sim_ns} ns, before the snapshot's {host.now} ns")
     t1 = time.perf_counter()
+    if args.snapshot_at is not None:
+        at = int(round(args.snapshot_at * 1_000_000))
+        if not host.now <= at <= sim_ns:
+            raise ValueError(f"--snapshot-at {args.snapshot_at} ms is outside the run")
+        host.run(at)
+        data = _snapshot.host_to_bytes(host, run={"scenario": name, "sim_ns": sim_ns})
+        with open(args.snapshot, "wb") as fh:
+            fh.write(data)
     host.run(sim_ns)
     wall = time.perf_counter() - t1
     rows = [vm.stats_array() for vm in host.vms]
@@ -98,12 +131,12 @@ def run_scenario(args) -> dict:
     stats = _stats.sum_rows(allrows, host.arch)
     lat = _stats.latency_percentiles(host.latency_histogram())
     summary = {
-        "scenario": sc.name, "arch": host.arch, "engine": args.engine, "seed": args.seed,
+        "scenario": name, "arch": host.arch, "engine": args.engine, "seed": args.seed,
         "vcpus": int(allrows.shape[0]), "vms": len(host.vms), "host_cpus": host.host_cpus,
         "sim_ns": sim_ns, "build_s": t1 - t0, "wall_s": wall,
         "events": host.events, "halts": host.halts,
-        "halts_per_s": host.halts / wall if wall > 0 else None,
-        "events_per_s": host.events / wall if wall > 0 else None,
+        "halts_per_s": (host.halts - start_halts) / wall if wall > 0 else None,
+        "events_per_s": (host.events - start_events) / wall if wall > 0 else None,
         "wake_latency_ns": lat,
         "stats": _stats.to_jsonable(stats),
         "exits": sum(vm.exits for vm in host.vms),
@@ -197,8 +230,8 @@ def main(argv=None) -> int:
         if not args.quiet and args.json != "-":
             print_summary(summary)
         return 0
-    except (ScenarioError, ProgramError, KvmError, EngineError, ValueError, TypeError,
-            OSError) as exc:
+    except (ScenarioError, ProgramError, KvmError, EngineError, SnapshotError, ValueError,
+            TypeError, OSError) as exc:
         print(f"kvmwake: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

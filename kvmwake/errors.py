@@ -8,7 +8,7 @@ import os
 from .guest import ProgramError
 from .reference import EngineError
 
-__all__ = ["KvmError", "ProgramError", "EngineError", "ScenarioError"]
+__all__ = ["KvmError", "ProgramError", "EngineError", "ScenarioError", "SnapshotError"]
 
 
 class KvmError(OSError):
@@ -28,3 +28,7 @@ class KvmError(OSError):
 
 class ScenarioError(ValueError):
     """A scenario (built-in or from a file) is invalid; the message says where."""
+
+
+class SnapshotError(ValueError):
+    """A snapshot cannot be read or restored; the message says what is wrong."""

@@ -193,6 +193,35 @@ class Host:
                     held, v._held = v._held, None
                     self._dispatch(v, held)
 
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The whole host, every VM and policy, as bytes (see ``kvmwake.snapshot``)."""
+        from . import snapshot
+        return snapshot.host_to_bytes(self)
+
+    def save(self, path) -> None:
+        """Write ``snapshot()`` to ``path``."""
+        data = self.snapshot()
+        with open(path, "wb") as fh:
+            fh.write(data)
+
+    @classmethod
+    def restore(cls, src, vmm_classes: dict | None = None, **module_params) -> "Host":
+        """A host from a snapshot (bytes or a path); it continues bit for bit.
+
+        ``module_params`` (e.g. ``halt_poll_ns=...``) set the destination's kvm
+        module parameters; ``vmm_classes`` maps "module:QualName" to the class of
+        a user-written VMM policy.
+        """
+        from . import snapshot
+        host, _ = snapshot.restore_host(src, vmm_classes, **module_params)
+        return host
+
+    def __reduce__(self):
+        from . import snapshot
+        return (snapshot.restore_host_only, (self.snapshot(),))
+
     def latency_histogram(self):
         """Wake-latency histogram over the host (see ``model.lat_bucket``)."""
         return self._engine.lat_hist_array()

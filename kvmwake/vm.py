@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import numbers
 
 import numpy as np
 
@@ -37,6 +38,13 @@ MP_STATES = {
 REGS = {"x0": 0, "x1": 1, "x2": 2, "x3": 3, "pc": 4}
 #: Values KVM_REG_ARM_PSCI_VERSION accepts (with the PSCI 0.2 feature, and without).
 PSCI_VERSIONS = frozenset(PsciVersion)
+
+
+def _is_int(v) -> bool:
+    """An integer argument (Python or numpy), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
 #: The watchdog of VCpu.run(): virtual time after which a vCPU that has not
 #: exited gets a signal (and so KVM_EXIT_INTR).
 DEFAULT_RUN_TIMEOUT_NS = 1_000_000_000
@@ -106,8 +114,10 @@ class VM:
 
     def check_extension(self, cap) -> int:
         """``KVM_CHECK_EXTENSION``: 0 for an unknown or unsupported capability."""
+        if not _is_int(cap):
+            return 0
         try:
-            cap = Cap(cap)
+            cap = Cap(int(cap))
         except ValueError:
             return 0
         return _EXTENSIONS[self.arch].get(cap, 0)
@@ -120,23 +130,26 @@ class VM:
         enabled, the VM ignores the module's ``halt_poll_ns`` for good.
         """
         try:
-            cap = Cap(cap)
+            if not _is_int(cap):
+                raise ValueError(cap)
+            cap = Cap(int(cap))
         except ValueError:
             raise KvmError(errno.EINVAL, f"unknown capability {cap!r}") from None
+        flags_ok = _is_int(flags) and flags == 0
         if cap == Cap.ARM_SYSTEM_SUSPEND and self.arch == "arm64":
             # kvm_vm_ioctl_enable_cap: flags must be 0; args ignored; idempotent.
-            if flags:
+            if not flags_ok:
                 raise KvmError(errno.EINVAL, f"KVM_CAP_ARM_SYSTEM_SUSPEND: flags {flags!r} != 0")
             self._engine.enable_system_suspend(self.index)
             self._suspend_cap = True
             return
         if cap == Cap.HALT_POLL:
             arg0 = args[0] if args else 0
-            if flags or isinstance(arg0, bool) or not isinstance(arg0, int) \
-                    or arg0 < 0 or arg0 != (arg0 & 0xFFFF_FFFF):
+            if not flags_ok or not _is_int(arg0) or not 0 <= arg0 <= 0xFFFF_FFFF:
                 raise KvmError(errno.EINVAL, "KVM_CAP_HALT_POLL needs flags == 0 and "
                                              f"args[0] to fit an unsigned int (got flags={flags}, "
                                              f"args[0]={arg0!r})")
+            arg0 = int(arg0)
             self._engine.set_vm_halt_poll(self.index, arg0)
             self._halt_poll_cap = arg0
             return
@@ -355,6 +368,29 @@ class VM:
         vcpu._started = True
         self._engine.start_vcpu(vcpu._g)
 
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """This VM as bytes: with its host (shared CPUs and clock), every VM on it included."""
+        from . import snapshot
+        return snapshot.host_to_bytes(self.host, vm_index=self.index)
+
+    def save(self, path) -> None:
+        data = self.snapshot()
+        with open(path, "wb") as fh:
+            fh.write(data)
+
+    @classmethod
+    def restore(cls, src, vmm_classes: dict | None = None, **module_params) -> "VM":
+        """The VM of a ``vm.snapshot()`` (bytes or a path), on its restored host."""
+        from . import snapshot
+        host, header = snapshot.restore_host(src, vmm_classes, **module_params)
+        return snapshot._vm_of(host, header)
+
+    def __reduce__(self):
+        from . import snapshot
+        return (snapshot.restore_vm_only, (self.snapshot(),))
+
     # -- guest memory and PSCI ---------------------------------------------------------
 
     def code_address(self, op_index: int) -> int:
@@ -368,8 +404,8 @@ class VM:
     def set_psci_version(self, version: int) -> None:
         """Write the firmware register KVM_REG_ARM_PSCI_VERSION (0.1 .. 1.3)."""
         self._need_arm64("KVM_REG_ARM_PSCI_VERSION")
-        if version not in PSCI_VERSIONS:
-            raise KvmError(errno.EINVAL, f"PSCI version {version:#x} is not one KVM offers "
+        if not _is_int(version) or int(version) not in PSCI_VERSIONS:
+            raise KvmError(errno.EINVAL, f"PSCI version {version!r} is not one KVM offers "
                                          f"({', '.join(hex(v) for v in sorted(PSCI_VERSIONS))})")
         self._engine.set_psci_version(self.index, int(version))
 
@@ -449,8 +485,7 @@ class VCpu:
         """``KVM_SET_MP_STATE``: arm64 accepts RUNNABLE, STOPPED and SUSPENDED; x86
         RUNNABLE, UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED and
         AP_RESET_HOLD.  Anything else: EINVAL, state unchanged."""
-        if isinstance(state, bool) or not isinstance(state, int) \
-                or state not in MP_STATES[self.vm.arch]:
+        if not _is_int(state) or int(state) not in MP_STATES[self.vm.arch]:
             raise KvmError(errno.EINVAL, f"KVM_SET_MP_STATE: {state!r} is not a state "
                                          f"{self.vm.arch} accepts")
         self._need_outside("KVM_SET_MP_STATE")

@@ -50,9 +50,18 @@ class Vmm:
             return ex.ucall == "SYNC"
         return ex.reason == ExitReason.INTR
 
-    def state(self) -> dict:
-        """The policy's own state, for snapshots."""
+    def to_state(self) -> dict:
+        """The policy's own state, as plain JSON data, for snapshots."""
         return {k: v for k, v in vars(self).items() if k != "vm"}
+
+    def load_state(self, state: dict) -> None:
+        """Set the policy's state from ``to_state()``'s output (on an unattached object)."""
+        if not isinstance(state, dict):
+            raise TypeError("a policy state is a dict")
+        for k, v in state.items():
+            if not isinstance(k, str) or k == "vm" or k.startswith("__"):
+                raise ValueError(f"bad policy attribute {k!r}")
+            setattr(self, k, v)
 
 
 class DenyAllVmm(Vmm):
@@ -123,6 +132,26 @@ class ReferenceVmm(Vmm):
         return ex.reason == ExitReason.INTR
 
     COUNTERS = ("suspends", "denials", "invalid_addresses", "resumes", "shutdowns", "resets")
+
+    def to_state(self) -> dict:
+        st = {k: getattr(self, k) for k in self.COUNTERS}
+        st["off"] = self.off
+        st["resume_latency_ns"] = list(self.resume_latency_ns)
+        st["pending"] = [[vid, *p] for vid, p in sorted(self._pending.items())]
+        return st
+
+    def load_state(self, state: dict) -> None:
+        for k in self.COUNTERS:
+            v = state[k]
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{k} = {v!r}")
+            setattr(self, k, v)
+        self.off = bool(state["off"])
+        self.resume_latency_ns = [int(x) for x in state["resume_latency_ns"]]
+        self._pending = {}
+        for rec in state["pending"]:
+            vid, entry, context, t0 = (int(x) for x in rec)
+            self._pending[vid] = [entry, context, t0]
 
     def counters(self) -> dict:
         return {k: getattr(self, k) for k in self.COUNTERS}

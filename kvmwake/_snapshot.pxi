@@ -1,0 +1,260 @@
+# Engine state out and in, for kvmwake.snapshot.  Everything that decides the
+# future is in the arrays and scalars exported here; the import checks every
+# index and link in them before the engine may run, so a file that passed the
+# checksum but was crafted to be inconsistent is refused instead of crashing.
+
+#: The engine_t scalars a snapshot carries (the rest is derived).
+SNAPSHOT_SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdropped",
+                    "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len",
+                    "talloc")
+
+
+def _engine_export(Engine self):
+    """(scalars, arrays) of an engine: copies, safe to keep."""
+    cdef engine_t* e = &self.e
+    cdef uint64_t n
+    if self._failed:
+        raise EngineError("this engine stopped on an earlier error; it cannot be saved")
+    scalars = {"now": e.now, "seq": e.seq, "events": e.events, "halts": e.halts,
+               "tcap": e.tcap, "thead": e.thead, "tcount": e.tcount, "tdropped": e.tdropped,
+               "halt_poll_ns": e.halt_poll_ns, "grow": e.grow, "grow_start": e.grow_start,
+               "shrink": e.shrink, "exq_head": e.exq_head, "exq_len": e.exq_len}
+    heap = np.empty(e.hlen * sizeof(event_t), dtype=np.uint8)
+    if e.hlen:
+        memcpy(cnp.PyArray_DATA(heap), e.heap, e.hlen * sizeof(event_t))
+    # The trace ring, oldest record first and with its padding zeroed, so that
+    # equal histories give equal bytes whatever the ring's position.
+    n = e.tcount
+    trace = np.zeros(n * sizeof(trace_rec_t), dtype=np.uint8)
+    _copy_trace(e, <trace_rec_t*>cnp.PyArray_DATA(trace))
+    scalars["thead"] = n
+    scalars["talloc"] = n
+    arrays = {"threads": self._threads.copy(), "irqs": self._irqs.copy(),
+              "vms": self._vms.copy(), "gics": self._gics.copy(), "srcs": self._srcs.copy(),
+              "times": self._times.copy(), "cpus": self._cpus.copy(),
+              "stats": self._stats.copy(), "lat": self._lat.copy(), "ops": self._ops.copy(),
+              "exitq": self._exitq.copy(), "heap": heap, "trace": trace}
+    return scalars, arrays
+
+
+cdef void _copy_trace(engine_t* e, trace_rec_t* out) noexcept nogil:
+    cdef uint64_t i, n = e.tcount, start
+    cdef trace_rec_t* r
+    if n == 0:
+        return
+    start = (e.thead + e.tcap - n) % e.tcap if n == e.tcap else 0
+    for i in range(n):
+        r = &e.trace[(start + i) % e.tcap]
+        out[i].ts = r.ts
+        out[i].a = r.a
+        out[i].pid = r.pid
+        out[i].cpu = r.cpu
+        out[i].vcpu_id = r.vcpu_id
+        out[i].b = r.b
+        out[i].kind = r.kind
+        out[i].flag = r.flag
+        out[i].valid = r.valid
+
+
+def struct_sizes():
+    return {"thread_t": sizeof(thread_t), "virq_t": sizeof(virq_t), "vm_t": sizeof(vm_t),
+            "gic_t": sizeof(gic_t), "source_t": sizeof(source_t), "cpu_t": sizeof(cpu_t),
+            "event_t": sizeof(event_t), "trace_rec_t": sizeof(trace_rec_t),
+            "op_t": sizeof(op_t)}
+
+
+def _engine_import(Engine self, dict scalars, dict arrays):
+    """Load exported state into a freshly constructed engine (same arch, CPUs, costs).
+
+    Raises ValueError naming the first inconsistency; the engine is then unusable.
+    """
+    cdef engine_t* e = &self.e
+    cdef uint64_t nheap, ntrace
+    self._failed = True                    # until every check has passed
+    self._threads = arrays["threads"]
+    self._irqs = arrays["irqs"]
+    self._vms = arrays["vms"]
+    self._gics = arrays["gics"]
+    self._srcs = arrays["srcs"]
+    self._times = arrays["times"]
+    self._cpus = arrays["cpus"]
+    self._stats = arrays["stats"]
+    self._lat = arrays["lat"]
+    self._ops = arrays["ops"]
+    self._exitq = arrays["exitq"]
+    e.nth = <uint32_t>(len(self._threads) // sizeof(thread_t))
+    e.nvm = <uint32_t>(len(self._vms) // sizeof(vm_t))
+    e.nsrc = <uint32_t>(len(self._srcs) // sizeof(source_t))
+    e.ncpu = <uint32_t>(len(self._cpus) // sizeof(cpu_t))
+    self._bind()
+    nheap = len(arrays["heap"]) // sizeof(event_t)
+    free(e.heap)
+    e.heap = NULL
+    e.hlen = 0
+    e.hcap = 0
+    if nheap:
+        e.heap = <event_t*>malloc(nheap * sizeof(event_t))
+        if e.heap == NULL:
+            raise MemoryError("no memory for the snapshot's event heap")
+        memcpy(e.heap, cnp.PyArray_DATA(arrays["heap"]), nheap * sizeof(event_t))
+        e.hcap = nheap
+        e.hlen = nheap
+    ntrace = len(arrays["trace"]) // sizeof(trace_rec_t)
+    if ntrace != scalars["tcount"] or scalars["thead"] != ntrace:
+        raise ValueError("the trace ring's record count disagrees with its positions")
+    free(e.trace)
+    e.trace = NULL
+    e.talloc = 0
+    if ntrace:
+        e.trace = <trace_rec_t*>malloc(ntrace * sizeof(trace_rec_t))
+        if e.trace == NULL:
+            raise MemoryError("no memory for the snapshot's trace")
+        memcpy(e.trace, cnp.PyArray_DATA(arrays["trace"]), ntrace * sizeof(trace_rec_t))
+        e.talloc = ntrace
+    e.now, e.seq, e.events, e.halts = (scalars["now"], scalars["seq"], scalars["events"],
+                                       scalars["halts"])
+    e.tcap, e.thead, e.tcount, e.tdropped = (scalars["tcap"], scalars["thead"],
+                                             scalars["tcount"], scalars["tdropped"])
+    e.halt_poll_ns, e.grow = scalars["halt_poll_ns"], scalars["grow"]
+    e.grow_start, e.shrink = scalars["grow_start"], scalars["shrink"]
+    e.exq_head, e.exq_len = scalars["exq_head"], scalars["exq_len"]
+    _check_state(self)
+    self._prog_index = {}
+    cdef uint32_t g
+    for g in range(e.nth):
+        if e.th[g].has_prog:
+            key = self._ops[e.th[g].prog * sizeof(op_t):
+                            (e.th[g].prog + e.th[g].prog_n) * sizeof(op_t)].tobytes()
+            self._prog_index.setdefault(key, e.th[g].prog)
+    self._failed = False
+
+
+cdef _check_state(Engine self):
+    """Every index, count and link of the state, checked before the engine may run."""
+    cdef engine_t* e = &self.e
+    cdef uint32_t g, v, c, s, k, n, w
+    cdef uint64_t nops = len(self._ops) // sizeof(op_t), i, cls
+    cdef thread_t* th
+    cdef vm_t* vm
+    cdef cpu_t* cpu
+    cdef source_t* src
+    cdef int32_t x
+    cdef event_t* ev
+    cdef list seen
+    if len(self._stats) != e.nth or len(self._irqs) != e.nth * sizeof(virq_t) \
+            or len(self._gics) != e.nvm * sizeof(gic_t) or len(self._exitq) != e.nth:
+        raise ValueError("per-vCPU and per-VM arrays disagree on the vCPU or VM count")
+    if e.ncpu == 0 or e.ncpu > (1 << 20):
+        raise ValueError(f"host CPU count {e.ncpu} out of range")
+    if e.tcap and (e.talloc > e.tcap or e.thead > e.talloc or e.tcount > e.talloc):
+        raise ValueError("trace ring positions out of range")
+    if not e.tcap and (e.talloc or e.tcount):
+        raise ValueError("a trace without a trace capacity")
+    if e.exq_len > e.nth or (e.nth and e.exq_head >= e.nth) or (not e.nth and e.exq_head):
+        raise ValueError("exit queue positions out of range")
+    n = 0
+    for v in range(e.nvm):
+        vm = &e.vms[v]
+        if vm.first != n or vm.nr_vcpus == 0 or vm.nr_vcpus > 1024 or vm.nr_spis > 988:
+            raise ValueError(f"VM {v}: vCPU range or SPI count inconsistent")
+        if vm.psci_version not in (1, 2, 0x10000, 0x10001, 0x10002, 0x10003):
+            raise ValueError(f"VM {v}: PSCI version {vm.psci_version:#x} unknown")
+        for k in range(988 + 32):
+            x = e.gic[v].spi_target[k]
+            if x < -1 or x >= <int32_t>vm.nr_vcpus:
+                raise ValueError(f"VM {v}: SPI {k} routed to vCPU {x}, which does not exist")
+        n += vm.nr_vcpus
+    if n != e.nth:
+        raise ValueError("the VMs' vCPUs do not add up to the thread count")
+    for g in range(e.nth):
+        th = &e.th[g]
+        if th.vm >= e.nvm or th.vcpu_id != g - e.vms[th.vm].first or th.pcpu >= e.ncpu:
+            raise ValueError(f"thread {g}: VM, vCPU id or host CPU out of range")
+        if th.state > TS_RUNNABLE or th.resume > RESUME_SLEEP or th.cont > CONT_EOI \
+                or th.halt_kind > HALT_MP_HALTED or th.mp_state > MP_SUSPENDED:
+            raise ValueError(f"thread {g}: a state field holds an unknown value")
+        if th.has_prog:
+            if th.prog_n == 0 or <uint64_t>th.prog + th.prog_n > nops \
+                    or (th.pc_valid and th.pc >= th.prog_n):
+                raise ValueError(f"thread {g}: program or PC out of range")
+        elif th.state != TS_USER:
+            raise ValueError(f"thread {g}: in KVM_RUN without a program")
+        if th.rq_next < -1 or th.rq_next >= <int32_t>e.nth:
+            raise ValueError(f"thread {g}: run-queue link out of range")
+        if e.irq[g].cur_irq < -1 or e.irq[g].cur_irq > 1023 or e.irq[g].sv_cont > CONT_EOI:
+            raise ValueError(f"thread {g}: interrupt bookkeeping out of range")
+    _check_programs(self, nops)
+    for c in range(e.ncpu):
+        cpu = &e.cpus[c]
+        if cpu.cur < -1 or cpu.cur >= <int32_t>e.nth or cpu.rq_head < -1 \
+                or cpu.rq_head >= <int32_t>e.nth or cpu.rq_tail < -1 \
+                or cpu.rq_tail >= <int32_t>e.nth or cpu.rq_len > e.nth:
+            raise ValueError(f"host CPU {c}: thread index out of range")
+        x = cpu.rq_head
+        k = 0
+        while x >= 0:
+            if k >= cpu.rq_len or e.th[x].pcpu != c:
+                raise ValueError(f"host CPU {c}: run queue broken")
+            k += 1
+            x = e.th[x].rq_next
+        if k != cpu.rq_len or (k and e.th[cpu.rq_tail].rq_next != -1) \
+                or (k == 0 and (cpu.rq_head != -1 or cpu.rq_tail != -1)):
+            raise ValueError(f"host CPU {c}: run queue length or tail wrong")
+        if k and cpu.rq_tail != _rq_last(e, cpu):
+            raise ValueError(f"host CPU {c}: run queue tail wrong")
+        if cpu.cur >= 0 and e.th[cpu.cur].pcpu != c:
+            raise ValueError(f"host CPU {c}: runs a thread placed elsewhere")
+    for s in range(e.nsrc):
+        src = &e.src[s]
+        if src.vm >= e.nvm or src.kind > SRC_TRACE or src.intid > 1023 \
+                or src.times_off + src.times_len > <uint64_t>len(self._times) \
+                or (e.x86 and (src.target < e.vms[src.vm].first or src.target >= e.vms[src.vm].first
+                                + e.vms[src.vm].nr_vcpus)) \
+                or (src.kind == SRC_PERIODIC and src.p0 == 0) \
+                or (not e.x86 and (src.intid < 32 or src.intid >= 32 + e.vms[src.vm].nr_spis)) \
+                or (e.x86 and src.intid > 255):
+            raise ValueError(f"interrupt source {s}: out of range")
+    for i in range(e.exq_len):
+        if e.exitq[(e.exq_head + i) % e.nth] >= e.nth:
+            raise ValueError("exit queue names a thread that does not exist")
+    for i in range(e.hlen):
+        ev = &e.heap[i]
+        cls = ev.key >> KW_SEQ_BITS
+        if cls > EV_SLICE or ev.t < e.now or (ev.key & ((1ULL << KW_SEQ_BITS) - 1)) > e.seq:
+            raise ValueError(f"event {i}: class, time or sequence out of range")
+        if (cls == EV_TICK and ev.who >= e.nvm) or (cls == EV_SOURCE and ev.who >= e.nsrc) \
+                or (cls >= EV_TIMER and ev.who >= e.nth):
+            raise ValueError(f"event {i}: names something that does not exist")
+        if cls == EV_TICK and ev.gen == e.vms[ev.who].tick_gen and e.vms[ev.who].tick_ns == 0:
+            raise ValueError(f"event {i}: a live tick of period 0")
+        if i and ev_before(ev, &e.heap[(i - 1) >> 1]):
+            raise ValueError(f"event {i}: the heap is out of order")
+
+
+cdef int32_t _rq_last(engine_t* e, cpu_t* cpu):
+    cdef int32_t x = cpu.rq_head
+    while e.th[x].rq_next >= 0:
+        x = e.th[x].rq_next
+    return x
+
+
+cdef _check_programs(Engine self, uint64_t nops):
+    """Each distinct program must pass the guest validation against its VM."""
+    from . import guest as _guest
+    cdef engine_t* e = &self.e
+    cdef uint32_t g
+    ops = np.frombuffer(self._ops, dtype=_model.OP_DTYPE) if nops else None
+    done = set()
+    for g in range(e.nth):
+        th = &e.th[g]
+        if not th.has_prog:
+            continue
+        key = (th.prog, th.prog_n, e.vms[th.vm].nr_vcpus, e.vms[th.vm].nr_spis)
+        if key in done:
+            continue
+        done.add(key)
+        try:
+            _guest.validate(ops[th.prog:th.prog + th.prog_n], e.vms[th.vm].nr_vcpus,
+                            self.arch, e.vms[th.vm].nr_spis)
+        except _guest.ProgramError as exc:
+            raise ValueError(f"thread {g}'s program: {exc}") from None
