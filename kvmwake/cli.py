@@ -3,6 +3,7 @@
     kvmwake run [SCENARIO] [--vcpus N] [--host-cpus N] [--sim-ms MS] [--seed S]
                 [--engine core|reference] [--json PATH] [--trace PATH]
     kvmwake scenarios
+    kvmwake kernel record|calibrate|compare ...    (see kvmwake.kernel)
     kvmwake kernel replay TRACE --halt-poll-ns N [--grow G] [--grow-start S] [--shrink K] [--json]
 """
 
@@ -18,7 +19,10 @@ from . import scenarios as _scenarios
 from . import snapshot as _snapshot
 from . import stats as _stats
 from .errors import EngineError, KvmError, ProgramError, ScenarioError, SnapshotError
-from .kernel import replay as _replay
+from .kernel.cli import build_parser as _kernel_parser
+from .kernel.cli import run as _kernel_run
+from .kernel.replay import build_parser as _replay_parser
+from .kernel.replay import run as _replay_run
 from .model import STAT_COUNTERS
 
 
@@ -82,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("scenarios", help="list the built-in scenarios")
 
-    k = sub.add_parser("kernel", help="work with the real kernel's traces")
+    k = sub.add_parser("kernel", help="record, calibrate against, compare with and replay "
+                                      "the real kernel")
     ksub = k.add_subparsers(dest="kernel_command", required=True)
     rp = ksub.add_parser("replay", help="replay a recorded trace through the halt-poll rule")
-    _replay.build_parser(rp)
+    _replay_parser(rp)
+    _kernel_parser(ksub)
     return p
 
 
@@ -218,7 +224,9 @@ def main(argv=None) -> int:
                 print(f"{name:<12} {_scenarios.get(name).description}")
             return 0
         if args.command == "kernel":
-            return _replay.run(args)
+            if args.kernel_command == "replay":
+                return _replay_run(args)
+            return _kernel_run(args)
         summary = run_scenario(args)
         if args.json:
             text = json.dumps(summary, indent=2, sort_keys=True)
