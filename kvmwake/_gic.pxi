@@ -271,10 +271,11 @@ cdef int apic_set_irq(engine_t* e, uint32_t g, uint32_t vec, uint64_t t) noexcep
 # -- either arch ------------------------------------------------------------------------
 
 cdef inline bint runnable(engine_t* e, uint32_t g) noexcept nogil:
-    """kvm_arch_vcpu_runnable (arm64) / kvm_vcpu_has_events (x86, IF=1 needed)."""
+    """kvm_arch_vcpu_runnable (arm64: an interrupt pending and not STOPPED) /
+    kvm_vcpu_has_events (x86, IF=1 needed)."""
     if e.x86:
         return not e.irq[g].masked and apic_has_interrupt(&e.irq[g]) >= 0
-    return gic_pending(e, g)
+    return e.th[g].mp_state != MP_STOPPED and gic_pending(e, g)
 
 
 cdef inline int32_t best_irq(engine_t* e, uint32_t g) noexcept nogil:
@@ -319,14 +320,25 @@ cdef void ack(engine_t* e, uint32_t g, uint32_t b, uint64_t t) noexcept nogil:
     refresh(e, g, vmi, b)
 
 
-cdef void eoi(engine_t* e, uint32_t g, uint32_t b) noexcept nogil:
-    """End of interrupt: priority drop and deactivation (ICC_EOIR1_EL1 / EOI)."""
+cdef int eoi(engine_t* e, uint32_t g, uint32_t b, uint64_t t) noexcept nogil:
+    """End of interrupt: priority drop and deactivation (ICC_EOIR1_EL1 / EOI).
+
+    An SPI that is pending again and was re-routed to another vCPU while it
+    was active is queued there and that vCPU kicked, as vgic_prune_ap_list
+    does when it migrates the interrupt (at this vCPU's next exit).  -1 on error.
+    """
+    cdef uint32_t vmi
     if e.x86:
         e.irq[g].isr[b >> 6] &= ~((<uint64_t>1) << (b & 63))
-    elif b < 32:
+        return 0
+    if b < 32:
         e.irq[g].priv_act &= ~((<uint32_t>1) << b)
-    else:
-        e.gic[e.th[g].vm].spi_act[b >> 6] &= ~((<uint64_t>1) << (b & 63))
+        return 0
+    vmi = e.th[g].vm
+    e.gic[vmi].spi_act[b >> 6] &= ~((<uint64_t>1) << (b & 63))
+    if owner_of(e, g, vmi, b) != <int64_t>g:
+        return -1 if queue_irq(e, g, vmi, b, t) < 0 else 0
+    return 0
 
 
 cdef int take_irqs(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nogil:
@@ -347,7 +359,8 @@ cdef int take_irqs(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept n
         if q.handler_ns:
             q.cur_irq = b
             return -1 if segment(e, &e.th[g], g, t, pre, q.handler_ns, CONT_EOI) else 1
-        eoi(e, g, <uint32_t>b)
+        if eoi(e, g, <uint32_t>b, t) < 0:
+            return -1
         n += 1
         if n > MAX_TAKES_PER_INSTANT:
             e.error = KW_ERR_STORM

@@ -211,7 +211,8 @@ cdef int segment_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         # Out of the guest for the IPI: a trip round KVM_RUN's loop.
         return enter(e, g, t, 0)
     if cont == CONT_EOI:
-        eoi(e, g, e.irq[g].cur_irq)
+        if eoi(e, g, e.irq[g].cur_irq, t) < 0:
+            return -1
         e.irq[g].cur_irq = -1
         rc = take_irqs(e, g, t, 0)
         if rc:

@@ -9,10 +9,26 @@ cdef int wake_up(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         return 0
     e.stats[<uint64_t>g * NR_STATS + S_WAKEUP] += 1
     th.wake_ts = t
+    if e.tlcap:
+        tl_note(e, th, g, t, TS_RUNNABLE)
     th.state = TS_RUNNABLE
     if make_runnable(e, g, t, e.costs.wake_to_run_ns):
         return -1
     return 1
+
+
+cdef int signal_wake(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """signal_wake_up: the signal code, not kvm_vcpu_wake_up, wakes a blocked or
+    sleeping vCPU thread (so halt_wakeup does not count it); a polling one sees
+    signal_pending(); one in guest mode is IPI'd out (kick_process)."""
+    cdef thread_t* th = &e.th[g]
+    if th.state == TS_BLOCKED:
+        th.wake_ts = t
+        if e.tlcap:
+            tl_note(e, th, g, t, TS_RUNNABLE)
+        th.state = TS_RUNNABLE
+        return -1 if make_runnable(e, g, t, e.costs.wake_to_run_ns) else 0
+    return kick(e, g, t, 0)
 
 
 cdef int kick(engine_t* e, uint32_t g, uint64_t t, bint wake) noexcept nogil:

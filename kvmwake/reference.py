@@ -250,7 +250,7 @@ class Engine:
     """The plain-Python engine.  See ``kvmwake._core.Engine`` for the interface."""
 
     def __init__(self, arch: str, host_cpus: int, seed: int, costs: dict | None = None,
-                 trace_capacity: int = 1 << 20):
+                 trace_capacity: int = 1 << 20, timeline_capacity: int = 0):
         self.arch = arch
         self.x86 = arch == "x86"
         self.seed = seed
@@ -277,6 +277,13 @@ class Engine:
         self.trace = deque(maxlen=trace_capacity) if trace_capacity else None
         self.trace_dropped = 0
         self.tracing = bool(trace_capacity)
+        # The state timeline (kvmwake.timeline): a ring of (t, g, cpu, state),
+        # each thread's state after the dropped records, and the window start.
+        self.tl_cap = timeline_capacity
+        self.timeline: deque = deque()
+        self.tl_base: list = []
+        self.tl_t0 = 0
+        self.timeline_dropped = 0
         self.failed = False
         self.code_base = MEM_BASE[arch]
         self.exits: deque = deque()      # threads that exited to userspace, in order
@@ -289,6 +296,7 @@ class Engine:
         for i in range(nr_vcpus):
             g = len(self.threads)
             self.threads.append(_Thread(g, vm, i, g % len(self.cpus), self.seed))
+            self.tl_base.append(int(_USER))
         self.vms.append(vm)
         return vm.index
 
@@ -350,6 +358,8 @@ class Engine:
         if th.state != _USER:
             return
         th.resume = RESUME_START
+        if self.tl_cap:
+            self._tl(th, self.now, _RUNNABLE)
         th.state = _RUNNABLE
         # KVM_RUN from userspace: a system call, not a wake-up.
         self._guard(self._make_runnable, th, self.now, 0)
@@ -472,6 +482,8 @@ class Engine:
             cpu.cur = -1
 
     def _got_cpu(self, th, t):
+        if self.tl_cap:
+            self._tl(th, t, _RUNNING)
         th.state = _RUNNING
         th.run_start = t
         if self.cpus[th.pcpu].runq:
@@ -483,6 +495,8 @@ class Engine:
             if self._check_block(th):
                 self._halt_done(th, t, True, th.poll_end)
             else:
+                if self.tl_cap:
+                    self._tl(th, t, _BLOCKED)
                 th.state = _BLOCKED
                 self._release_cpu(th, t)
         elif th.resume == RESUME_SLEEP:
@@ -491,6 +505,8 @@ class Engine:
                 if th.sig_pending:
                     self._exit(th, t, ExitReason.INTR)
                 else:
+                    if self.tl_cap:
+                        self._tl(th, t, _BLOCKED)
                     th.state = _BLOCKED
                     self._release_cpu(th, t)
             else:
@@ -523,6 +539,8 @@ class Engine:
             th.rem_gfrom += extra
             th.rem_gto += extra
         th.gen += 1
+        if self.tl_cap:
+            self._tl(th, t, _RUNNABLE)
         th.state = _RUNNABLE
         th.resume = RESUME_SEGMENT
         self.cpus[th.pcpu].runq.append(th.g)
@@ -576,6 +594,8 @@ class Engine:
 
     def _sleep(self, th, t):
         """kvm_vcpu_sleep: wait on the rcuwait until no longer STOPPED (or a signal)."""
+        if self.tl_cap:
+            self._tl(th, t, _BLOCKED)
         th.state = _BLOCKED
         th.resume = RESUME_SLEEP
         th.gen += 1
@@ -587,6 +607,8 @@ class Engine:
             th.sig_pending = False
         th.exit_reason, th.exit_type, th.exit_ndata = int(reason), int(type_), ndata
         th.exit_data0, th.exit_ucall, th.exit_value, th.exit_time = data0, ucall, value, t
+        if self.tl_cap:
+            self._tl(th, t, _USER)
         th.state = _USER
         th.resume = RESUME_START
         th.gen += 1
@@ -697,7 +719,7 @@ class Engine:
             # Out of the guest for the IPI: a trip round KVM_RUN's loop.
             self._enter(th, t, 0)
         elif cont == CONT_EOI:
-            self._eoi(th, th.cur_irq)
+            self._eoi(th, th.cur_irq, t)
             th.cur_irq = -1
             if not self._take_irqs(th, t, 0):
                 self._resume_program(th, t)
@@ -1120,10 +1142,11 @@ class Engine:
     # -- either arch --------------------------------------------------------------------
 
     def _runnable(self, th) -> bool:
-        """kvm_arch_vcpu_runnable (arm64) / kvm_vcpu_has_events (x86, IF=1 needed)."""
+        """kvm_arch_vcpu_runnable (arm64: an interrupt pending and not STOPPED) /
+        kvm_vcpu_has_events (x86, IF=1 needed)."""
         if self.x86:
             return not th.masked and self._apic_has_interrupt(th) >= 0
-        return self._gic_pending(th)
+        return th.mp_state != MpState.STOPPED and self._gic_pending(th)
 
     def _best_irq(self, th) -> int:
         if self.x86:
@@ -1158,14 +1181,22 @@ class Engine:
             vm.spi_line &= ~bit
         self._refresh(vm, th, b)
 
-    def _eoi(self, th, b):
-        """End of interrupt: priority drop and deactivation (ICC_EOIR1_EL1 / EOI)."""
+    def _eoi(self, th, b, t):
+        """End of interrupt: priority drop and deactivation (ICC_EOIR1_EL1 / EOI).
+
+        An SPI that is pending again and was re-routed to another vCPU while it
+        was active is queued there and that vCPU kicked, as vgic_prune_ap_list
+        does when it migrates the interrupt (at this vCPU's next exit).
+        """
         if self.x86:
             th.isr &= ~(1 << b)
         elif b < 32:
             th.priv_act &= ~(1 << b)
         else:
-            th.vm.spi_act &= ~(1 << b)
+            vm = th.vm
+            vm.spi_act &= ~(1 << b)
+            if self._owner(vm, th, b) is not th:
+                self._queue(vm, th, b, t)
 
     def _take_irqs(self, th, t, pre) -> bool:
         """The guest takes its interrupts at ``t + pre``.
@@ -1184,7 +1215,7 @@ class Engine:
                 th.cur_irq = b
                 self._segment(th, t, pre, th.handler_ns, CONT_EOI)
                 return True
-            self._eoi(th, b)
+            self._eoi(th, b, t)
             n += 1
             if n > MAX_TAKES_PER_INSTANT:
                 raise EngineError(f"vCPU {th.vcpu_id} of VM {th.vm.index}: interrupt storm "
@@ -1266,6 +1297,8 @@ class Engine:
             return False
         th.stats[S_WAKEUP] += 1
         th.wake_ts = t
+        if self.tl_cap:
+            self._tl(th, t, _RUNNABLE)
         th.state = _RUNNABLE
         self._make_runnable(th, t)
         return True
@@ -1308,7 +1341,20 @@ class Engine:
         """A signal for the vCPU thread: it leaves KVM_RUN with KVM_EXIT_INTR."""
         th = self.threads[g]
         th.sig_pending = True
-        self._guard(self._kick, th, self.now)
+        self._guard(self._signal_wake, th, self.now)
+
+    def _signal_wake(self, th, t) -> bool:
+        """signal_wake_up: the signal code, not kvm_vcpu_wake_up, wakes a blocked or
+        sleeping vCPU thread (so halt_wakeup does not count it); a polling one sees
+        signal_pending(); one in guest mode is IPI'd out (kick_process)."""
+        if th.state == _BLOCKED:
+            th.wake_ts = t
+            if self.tl_cap:
+                self._tl(th, t, _RUNNABLE)
+            th.state = _RUNNABLE
+            self._make_runnable(th, t)
+            return False
+        return self._kick(th, t, False)
 
     def take_exit(self, g: int) -> dict:
         """The exit thread g last made, removed from the queue of exits."""
@@ -1469,6 +1515,8 @@ class Engine:
             self._halt_done(th, t, False, t, immediate=True)
             return
         if th.do_poll and not self.cpus[th.pcpu].runq:
+            if self.tl_cap:
+                self._tl(th, t, _POLLING)
             th.state = _POLLING
             self._push_thread(th, t + th.halt_poll_ns, _EV_POLL)
             return
@@ -1478,6 +1526,8 @@ class Engine:
         """kvm_vcpu_block: wait on the rcuwait until kicked."""
         th.poll_end = poll_end
         th.stats[S_BLOCKING] = 1
+        if self.tl_cap:
+            self._tl(th, t, _BLOCKED)
         th.state = _BLOCKED
         th.gen += 1
         self._release_cpu(th, t)
@@ -1520,6 +1570,8 @@ class Engine:
         self._trace(th, cur, TR_WAKEUP, 1 if waited else 0, 1, halt_ns, 0)
         self.halts += 1
         entry = self.costs["vm_entry_ns"]
+        if self.tl_cap:
+            self._tl(th, cur, _RUNNING)
         th.state = _RUNNING
         kind = th.halt_kind
         if kind == HALT_SUSPEND:
@@ -1542,6 +1594,39 @@ class Engine:
         if len(self.trace) == self.trace.maxlen:
             self.trace_dropped += 1
         self.trace.append((t, PID_BASE + th.g, th.pcpu, kind, flag, valid, th.vcpu_id, a, b))
+
+    def _tl(self, th, t, s):
+        """The state timeline: th goes to state s at t (no record if nothing changes)."""
+        if th.state == s:
+            return
+        tl = self.timeline
+        if len(tl) == self.tl_cap:
+            ot, og, _, ostate = tl.popleft()
+            self.tl_base[og] = ostate
+            self.tl_t0 = ot
+            self.timeline_dropped += 1
+        tl.append((t, th.g, th.pcpu, int(s)))
+
+    @property
+    def timeline_capacity(self) -> int:
+        return self.tl_cap
+
+    def set_timeline_capacity(self, capacity: int) -> None:
+        if self.timeline or self.timeline_dropped:
+            raise ValueError("the timeline capacity can only be set before it records")
+        self.tl_cap = capacity
+
+    def timeline_array(self) -> np.ndarray:
+        from .timeline import to_array
+        return to_array(list(self.timeline))
+
+    def timeline_window(self):
+        return self.tl_t0, np.array(self.tl_base, dtype=np.uint8)
+
+    def timeline_totals(self, now: int) -> dict:
+        from .timeline import totals
+        t0, base = self.timeline_window()
+        return totals(self.timeline_array(), base, t0, now, len(self.cpus))
 
     # -- read-out -----------------------------------------------------------------
 

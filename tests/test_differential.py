@@ -1,10 +1,12 @@
 """The Cython core and the plain-Python reference engine agree, event for event.
 
 Hypothesis builds random set-ups (VMs, host CPUs, costs, module parameters,
-KVM_CAP_HALT_POLL ceilings, ticks, guest programs, run splits with
-interventions) and plays each one on both engines; every observable must be
-identical: stats, trace, latency histogram, counters, clock and per-thread
-state.  Splitting a run must not change its outcome.
+KVM_CAP_HALT_POLL ceilings, ticks, guest programs with interrupt ops, vGIC
+sizes, device interrupt sources, run splits with interventions) and plays each
+one on both engines; every observable must be identical: stats, trace,
+latency histogram, counters, clock, per-thread state, and the interrupt
+controller and timer state of every vCPU.  Splitting a run must not change its
+outcome.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from hypothesis import strategies as st
 from kvmwake import _core, reference
 from kvmwake import guest as G
 from kvmwake.guest import ProgramError
-from kvmwake.model import ARCHES, COST_NAMES, MAX_LOOP_DEPTH, Op, Request
+from kvmwake.model import (ARCHES, COST_NAMES, MAX_LOOP_DEPTH, MAX_NR_SPIS, Op, Request,
+                           SourceKind, mpidr_of)
 from kvmwake.reference import EngineError
 
 ENGINES = {"core": _core.Engine, "reference": reference.Engine}
@@ -28,6 +31,25 @@ EVENT_BUDGET = 30_000
 PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink")
 PARAM_MAX = {"halt_poll_ns": 600_000, "halt_poll_ns_grow": 4,
              "halt_poll_ns_grow_start": 50_000, "halt_poll_ns_shrink": 4}
+
+# Interrupt numbers the generated programs and interventions use: few, so that
+# they meet.  arm64: SGIs (0 is the reschedule IPI), PPIs (16 level, 27 the
+# timer, 30 the tick) and up to three SPIs; x86: LAPIC vectors (0xEC the
+# tick, 0xFD the reschedule IPI).
+SGIS = {"arm64": (0, 1, 2, 15), "x86": (0x20, 0x41, 0x80, 0xEC, 0xFD, 0xFE)}
+PPIS = (16, 27, 30)
+NR_SPIS_CHOICES = (0, 1, 2, 32, 224, MAX_NR_SPIS)
+
+
+def spis(nr_spis):
+    return tuple(sorted({i for i in (32, 33, 32 + nr_spis - 1) if 32 <= i < 32 + nr_spis}))
+
+
+def intids(arch, nr_spis):
+    """The INTIDs (vectors on x86) whose state is compared after every run."""
+    if arch == "x86":
+        return SGIS["x86"]
+    return SGIS["arm64"] + PPIS + spis(nr_spis)
 
 
 # ---------------------------------------------------------------- scenarios
@@ -47,6 +69,10 @@ class Scenario:
     start: list                 # per global thread: start at t = 0
     end_ns: int
     splits: list = field(default_factory=list)   # [(t, [intervention, ...]), ...]
+    nr_spis: list = None        # per VM (default: the engine's default)
+    # [(vm, intid, kind, p0, p1, times, target), ...]; target: x86 MSI destination thread
+    sources: list = field(default_factory=list)
+    setup: list = field(default_factory=list)    # interventions made before anything runs
 
     @property
     def n_threads(self):
@@ -54,6 +80,19 @@ class Scenario:
 
     def has_interventions(self):
         return any(acts for _, acts in self.splits)
+
+    def vm_of(self, g):
+        for vm, nr in enumerate(self.vm_sizes):
+            if g < nr:
+                return vm
+            g -= nr
+        raise IndexError(g)
+
+    def first(self, vm):
+        return sum(self.vm_sizes[:vm])
+
+    def spis_of(self, vm):
+        return 224 if self.nr_spis is None else self.nr_spis[vm]
 
 
 def _maybe_zero(hi):
@@ -81,13 +120,44 @@ params_st = st.fixed_dictionaries({
     "halt_poll_ns_shrink": st.sampled_from([2, 0, 1, 3, 4]),
 })
 
+#: Interrupt ops per arch (the GIC and timer ops exist on arm64 only).
+IRQ_KINDS = {
+    "arm64": ["sgi", "sgi", "irq_enable", "irq_disable", "set_priority", "set_pmr", "mask",
+              "unmask", "unmask", "set_handler", "timer_arm", "timer_arm", "timer_arm_exp",
+              "timer_cancel", "dist_enable", "route_spi"],
+    "x86": ["sgi", "sgi", "sgi", "set_pmr", "mask", "unmask", "unmask", "set_handler"],
+}
+
+
+def _priority(draw):
+    return draw(st.one_of(st.sampled_from([0x00, 0x80, 0xA0, 0xA7, 0xE8, 0xF0, 0xF8, 0xFF]),
+                          st.integers(0, 255)))
+
+
+def _mpidr(draw, nr_vcpus):
+    """IROUTER values: a vCPU's MPIDR, one nobody has, or with bits IROUTER ignores."""
+    return draw(st.one_of(
+        st.builds(mpidr_of, st.integers(0, nr_vcpus)),           # nr_vcpus: nobody
+        st.sampled_from([0x10, 0xFF, 0x0100, 0x01_0000, 0x8000_0000, 0xAB_0000_0001]),
+        st.integers(0, 2**64 - 1)))
+
+
+def _targets(draw, nr_vcpus):
+    kinds = [st.integers(0, nr_vcpus - 1),
+             st.lists(st.integers(0, nr_vcpus - 1), min_size=1, max_size=nr_vcpus),
+             st.just("all-but-self"), st.just("next")]
+    if nr_vcpus >= 2:
+        kinds.append(st.just("random-other"))
+    return draw(st.one_of(*kinds))
+
 
 @st.composite
-def guest_op(draw, nr_vcpus):
+def guest_op(draw, arch, nr_vcpus, nr_spis, irq_weight):
     kinds = ["compute", "compute", "compute_exp", "compute_exp", "compute_uniform",
              "wfi", "wfi", "wfi", "wake", "wake", "wake_next"]
     if nr_vcpus >= 2:
         kinds += ["wake_random_other", "wake_random_other"]
+    kinds += IRQ_KINDS[arch] * irq_weight
     if draw(st.integers(0, 15)) == 15:
         kinds = ["end"]
     kind = draw(st.sampled_from(kinds))
@@ -106,6 +176,35 @@ def guest_op(draw, nr_vcpus):
         return G.wake_next()
     if kind == "wake_random_other":
         return G.wake_random_other()
+    if kind == "sgi":
+        return G.sgi(draw(st.sampled_from(SGIS[arch])), _targets(draw, nr_vcpus))
+    if kind in ("irq_enable", "irq_disable", "set_priority"):
+        intid = draw(st.sampled_from(SGIS[arch] + PPIS + spis(nr_spis)))
+        if kind == "set_priority":
+            return G.set_priority(intid, _priority(draw))
+        return (G.irq_enable if kind == "irq_enable" else G.irq_disable)(intid)
+    if kind == "set_pmr":
+        return G.set_pmr(_priority(draw))
+    if kind == "mask":
+        return G.mask()
+    if kind == "unmask":
+        return G.unmask()
+    if kind == "set_handler":
+        return G.set_handler(draw(st.sampled_from([0, 0, 1, 500, 3_000, 20_000])))
+    if kind in ("timer_arm", "timer_arm_exp"):
+        # Short periods let a late handler find the next deadline already due.
+        period = draw(st.one_of(st.just(0), st.just(0), st.integers(1, 60_000),
+                                st.integers(1, 2_000)))
+        delay = draw(st.one_of(st.just(0), st.integers(1, 60_000)))
+        return (G.timer_arm if kind == "timer_arm" else G.timer_arm_exp)(delay, period)
+    if kind == "timer_cancel":
+        return G.timer_cancel()
+    if kind == "dist_enable":
+        return G.dist_enable(draw(st.integers(0, 3)) != 0)
+    if kind == "route_spi":
+        if not spis(nr_spis):
+            return G.compute(1)
+        return G.route_spi(draw(st.sampled_from(spis(nr_spis))), _mpidr(draw, nr_vcpus))
     return G.end()
 
 
@@ -121,24 +220,24 @@ def _takes_time(items):
 
 
 @st.composite
-def guest_items(draw, nr_vcpus, depth=0):
+def guest_items(draw, arch, nr_vcpus, nr_spis, irq_weight, depth=0):
     items = []
     for _ in range(draw(st.integers(1, 5 if depth <= 1 else 3))):
         if depth < MAX_LOOP_DEPTH and draw(st.integers(0, 3)) == 3:
-            body = draw(guest_items(nr_vcpus, depth + 1))
+            body = draw(guest_items(arch, nr_vcpus, nr_spis, irq_weight, depth + 1))
             if not _takes_time(body):
                 # guest.Program would reject it: give the body some time.
                 body.append(draw(st.sampled_from([G.wfi(), G.compute(1), G.compute(2_500)])))
             items.append(G.loop(body, draw(st.sampled_from([0, 0, 1, 2, 3, 7]))))
         else:
-            items.append(draw(guest_op(nr_vcpus)))
+            items.append(draw(guest_op(arch, nr_vcpus, nr_spis, irq_weight)))
     return items
 
 
 @st.composite
-def program_ops(draw, nr_vcpus):
+def program_ops(draw, arch, nr_vcpus, nr_spis, irq_weight):
     idle_loop = draw(st.integers(0, 3)) != 3
-    items = draw(guest_items(nr_vcpus, depth=1 if idle_loop else 0))
+    items = draw(guest_items(arch, nr_vcpus, nr_spis, irq_weight, depth=1 if idle_loop else 0))
     if idle_loop:
         # Most vCPUs run an idle loop (as guests do) rather than ending at once.
         if not _takes_time(items):
@@ -148,13 +247,75 @@ def program_ops(draw, nr_vcpus):
         prog = G.Program(items)
     except ProgramError:   # not expected: guest_items builds valid programs
         assume(False)
-    G.validate(prog.ops, nr_vcpus)
+    G.validate(prog.ops, nr_vcpus, arch, nr_spis)
     return prog.ops
 
 
 @st.composite
-def intervention(draw, n_threads, n_vms):
-    kind = draw(st.sampled_from(["request", "kick", "raise", "param", "cap", "start", "tick"]))
+def source(draw, arch, vm, first, nr_vcpus, nr_spis, end_ns):
+    """A device source: on one of the VM's SPIs (arm64) or MSIs of a vector to one of
+    its vCPUs (x86): (vm, intid, kind, p0, p1, times, target thread)."""
+    if arch == "x86":
+        intid = draw(st.one_of(st.sampled_from(SGIS["x86"]), st.integers(16, 255)))
+        target = first + draw(st.integers(0, nr_vcpus - 1))
+    else:
+        intid, target = draw(st.sampled_from(spis(nr_spis))), 0
+    kind = draw(st.sampled_from(list(SourceKind)))
+    if kind == SourceKind.PERIODIC:
+        return (vm, intid, int(kind), draw(st.integers(2_000, 400_000)),
+                draw(st.integers(0, max(end_ns, 1))), None, target)
+    if kind == SourceKind.POISSON:
+        return (vm, intid, int(kind), draw(st.integers(2_000, 400_000)), 0, None, target)
+    times = sorted(draw(st.lists(st.integers(0, max(end_ns, 1)), max_size=12)))
+    if times and draw(st.booleans()):
+        times.insert(draw(st.integers(0, len(times) - 1)), times[0])   # a repeated time
+        times.sort()
+    return (vm, intid, int(kind), 0, 0, times, target)
+
+
+@st.composite
+def vm_setup(draw, arch, vm, first, nr_vcpus, nr_spis):
+    """How the VM's interrupts are set up before it runs (interventions)."""
+    acts = []
+    if arch == "x86":
+        for g in range(first, first + nr_vcpus):
+            if draw(st.integers(0, 3)) == 0:
+                acts.append(("set_pmr", g, draw(st.sampled_from([0x10, 0x40, 0xE0, 0xF0]))))
+            if draw(st.integers(0, 7)) == 0:
+                acts.append(("set_masked", g, True))
+        return acts
+    if draw(st.integers(0, 7)) == 0:
+        acts.append(("dist", vm, False))                 # enabled later, or never
+    for intid in spis(nr_spis):
+        if draw(st.integers(0, 3)) != 0:
+            acts.append(("configure", vm, -1, intid, draw(st.sampled_from([1, 1, 1, 0])),
+                         draw(st.one_of(st.just(-1), st.just(0xF0), st.integers(0, 255))),
+                         draw(st.sampled_from([-1, 0, 0, 1]))))
+        if draw(st.booleans()):
+            acts.append(("route", vm, intid, _mpidr(draw, nr_vcpus)))
+    for g in range(first, first + nr_vcpus):
+        if draw(st.integers(0, 3)) == 0:
+            # A private interrupt of this vCPU: the timer PPI off, a priority at or
+            # above the PMR, the level PPI 16 on ...
+            acts.append(("configure", vm, g, draw(st.sampled_from(SGIS["arm64"] + PPIS)),
+                         draw(st.sampled_from([-1, 0, 1])),
+                         draw(st.one_of(st.just(-1), st.just(0xF0), st.integers(0, 255))), -1))
+        if draw(st.integers(0, 5)) == 0:
+            acts.append(("set_pmr", g, _priority(draw)))
+    return acts
+
+
+@st.composite
+def intervention(draw, arch, vm_sizes, nr_spis, end_ns):
+    n_threads, n_vms = sum(vm_sizes), len(vm_sizes)
+    kinds = ["request", "kick", "raise", "param", "cap", "start", "tick", "set_pmr",
+             "set_masked"]
+    if arch == "x86":
+        kinds += ["msi", "msi", "source"]
+    else:
+        kinds += ["irq_line", "irq_line", "configure", "configure", "dist", "dist", "route",
+                  "source", "source"]
+    kind = draw(st.sampled_from(kinds))
     if kind == "request":
         return ("request", draw(st.integers(0, n_threads - 1)),
                 int(draw(st.sampled_from(list(Request)))))
@@ -166,33 +327,72 @@ def intervention(draw, n_threads, n_vms):
     if kind == "cap":
         # lower the VM's current ceiling to pct % of it
         return ("cap", draw(st.integers(0, n_vms - 1)), draw(st.integers(0, 100)))
-    return ("tick", draw(st.integers(0, n_vms - 1)),
-            draw(st.one_of(st.just(0), st.integers(5_000, 400_000))))
+    if kind == "tick":
+        return ("tick", draw(st.integers(0, n_vms - 1)),
+                draw(st.one_of(st.just(0), st.integers(5_000, 400_000))))
+    if kind == "set_pmr":
+        return ("set_pmr", draw(st.integers(0, n_threads - 1)), _priority(draw))
+    if kind == "set_masked":
+        return ("set_masked", draw(st.integers(0, n_threads - 1)), draw(st.booleans()))
+    if kind == "msi":
+        return ("msi", draw(st.integers(0, n_threads - 1)),
+                draw(st.one_of(st.sampled_from(SGIS["x86"]), st.integers(16, 255))))
+    vm = draw(st.integers(0, n_vms - 1))
+    first = sum(vm_sizes[:vm])
+    if kind == "dist":
+        return ("dist", vm, draw(st.sampled_from([True, True, False])))
+    vm_spis = spis(nr_spis[vm])
+    if kind in ("route", "source") and arch == "arm64" and not vm_spis:
+        return ("dist", vm, True)
+    if kind == "route":
+        return ("route", vm, draw(st.sampled_from(vm_spis)), _mpidr(draw, vm_sizes[vm]))
+    if kind == "source":
+        return ("source", draw(source(arch, vm, first, vm_sizes[vm], nr_spis[vm], end_ns)))
+    # A PPI of one of the VM's vCPUs, or one of its SPIs (no vCPU: -1).
+    g = first + draw(st.integers(0, vm_sizes[vm] - 1))
+    intid = draw(st.sampled_from(PPIS + vm_spis if kind == "irq_line"
+                                 else SGIS["arm64"] + PPIS + vm_spis))
+    if intid >= 32:
+        g = -1
+    if kind == "irq_line":
+        return ("irq_line", vm, intid, draw(st.booleans()), g)
+    return ("configure", vm, g, intid, draw(st.sampled_from([-1, 0, 1, 1])),
+            draw(st.one_of(st.just(-1), st.integers(0, 255))),
+            draw(st.sampled_from([-1, 0, 1])) if intid >= 32 else -1)
 
 
 @st.composite
 def scenarios(draw):
+    arch = draw(st.sampled_from(ARCHES))
+    irq_weight = draw(st.sampled_from([0, 1, 1, 2]))
     n_vms = draw(st.integers(1, 3))
     vm_sizes = [draw(st.integers(1, 12)) for _ in range(n_vms)]
+    nr_spis = [draw(st.sampled_from(NR_SPIS_CHOICES)) if arch == "arm64" else 224
+               for _ in vm_sizes]
     programs, start = [], []
-    for nr in vm_sizes:
+    for nr, ns in zip(vm_sizes, nr_spis):
         for _ in range(nr):
             if draw(st.integers(0, 5)) == 5:
                 programs.append(None)           # a vCPU thread that never runs
                 start.append(False)
             else:
-                programs.append(draw(program_ops(nr)))
+                programs.append(draw(program_ops(arch, nr, ns, irq_weight)))
                 start.append(draw(st.integers(0, 7)) != 7)
-    n_threads = sum(vm_sizes)
     if draw(st.integers(0, 5)) == 5:
         end_ns = draw(st.integers(0, 50_000))
     else:
         end_ns = draw(st.integers(300, 3_000)) * 1_000
+    sources, setup = [], []
+    for vm, (nr, ns) in enumerate(zip(vm_sizes, nr_spis)):
+        first = sum(vm_sizes[:vm])
+        if arch == "x86" or spis(ns):
+            sources += draw(st.lists(source(arch, vm, first, nr, ns, end_ns), max_size=3))
+        setup += draw(vm_setup(arch, vm, first, nr, ns))
     split_times = sorted(draw(st.lists(st.integers(0, end_ns), max_size=3)))
-    splits = [(t, draw(st.lists(intervention(n_threads, n_vms), max_size=4)))
+    splits = [(t, draw(st.lists(intervention(arch, vm_sizes, nr_spis, end_ns), max_size=4)))
               for t in split_times]
     return Scenario(
-        arch=draw(st.sampled_from(ARCHES)),
+        arch=arch,
         host_cpus=draw(st.integers(1, 8)),
         seed=draw(st.integers(0, 2**64 - 1)),
         costs=draw(costs_st),
@@ -206,6 +406,9 @@ def scenarios(draw):
         start=start,
         end_ns=end_ns,
         splits=splits,
+        nr_spis=nr_spis,
+        sources=sources,
+        setup=setup,
     )
 
 
@@ -216,14 +419,21 @@ def build(engine_cls, sc: Scenario):
                    trace_capacity=sc.trace_capacity)
     for name, value in sc.params.items():
         setattr(e, name, value)
-    for nr in sc.vm_sizes:
-        e.add_vm(nr)
+    for vm, nr in enumerate(sc.vm_sizes):
+        if sc.nr_spis is None:
+            e.add_vm(nr)
+        else:
+            e.add_vm(nr, sc.nr_spis[vm])
     for vm, cap in enumerate(sc.caps):
         if cap is not None:
             e.set_vm_halt_poll(vm, cap)
     for vm, period in enumerate(sc.ticks):
         if period:
             e.set_tick(vm, period)
+    for act in sc.setup:
+        apply(e, sc, None, act)
+    for src in sc.sources:
+        e.add_source(*src)
     for g, ops in enumerate(sc.programs):
         if ops is not None:
             e.load_program(g, ops)
@@ -253,11 +463,29 @@ def apply(e, sc: Scenario, book: dict, act):
         cur = book["caps"][vm] if book["caps"][vm] is not None else book["module"]
         book["caps"][vm] = cur * pct // 100
         e.set_vm_halt_poll(vm, book["caps"][vm])
-    else:
+    elif kind == "tick":
         e.set_tick(act[1], act[2])
+    elif kind == "set_pmr":
+        e.set_pmr(act[1], act[2])
+    elif kind == "set_masked":
+        e.set_masked(act[1], act[2])
+    elif kind == "msi":
+        e.signal_msi(act[1], act[2])
+    elif kind == "irq_line":
+        e.irq_line(*act[1:])
+    elif kind == "configure":
+        e.configure_irq(*act[1:])
+    elif kind == "dist":
+        e.set_dist_enabled(act[1], act[2])
+    elif kind == "route":
+        e.route_spi(*act[1:])
+    else:
+        assert kind == "source"
+        e.add_source(*act[1])
 
 
-def snapshot(e, n_threads):
+def snapshot(e, sc: Scenario):
+    n_threads = sc.n_threads
     return {
         "now": e.now,
         "events": e.events,
@@ -269,6 +497,10 @@ def snapshot(e, n_threads):
         "thread_info": [e.thread_info(g) for g in range(n_threads)],
         "params": tuple(getattr(e, name) for name in PARAMS),
         "costs": dict(e.costs),
+        "irq_state": [[e.irq_state(g, i) for i in intids(sc.arch, sc.spis_of(sc.vm_of(g)))]
+                      for g in range(n_threads)],
+        "timer_state": [e.timer_state(g) for g in range(n_threads)],
+        "distributor": [e.vm_gic_enabled(vm) for vm in range(len(sc.vm_sizes))],
     }
 
 
@@ -288,7 +520,7 @@ def play(engine_cls, sc: Scenario, split=True, interventions=True):
         e.run(sc.end_ns)
     except EngineError as exc:
         err = str(exc)
-    return err, snapshot(e, sc.n_threads)
+    return err, snapshot(e, sc)
 
 
 def assert_same(a, b, what):
@@ -342,6 +574,25 @@ def test_same_inputs_same_outputs(name):
     assert_same(first, play(cls, sc), name)
 
 
+@pytest.mark.parametrize("name", sorted(ENGINES))
+def test_same_inputs_same_outputs_with_interrupts(name):
+    """... also with Poisson device sources, handlers, timers and SGIs to lists."""
+    cls = ENGINES[name]
+    progs = [G.Program([G.set_handler(1_500), G.timer_arm_exp(50_000, period_ns=40_000),
+                        G.loop([G.compute_exp(5_000), G.sgi(3, [0, 2]), G.wfi()])]).ops] * 4
+    sc = Scenario(arch="arm64", host_cpus=2, seed=54321, costs={"sched_slice_ns": 20_000},
+                  trace_capacity=1 << 20, params={"halt_poll_ns": 100_000}, vm_sizes=[4],
+                  caps=[None], ticks=[0], programs=progs, start=[True] * 4,
+                  end_ns=2_000_000, nr_spis=[32],
+                  setup=[("configure", 0, -1, 40, 1, 0x80, 0), ("route", 0, 40, mpidr_of(3)),
+                         ("configure", 0, -1, 63, 1, -1, -1)],
+                  sources=[(0, 40, 1, 20_000, 0, None, 0), (0, 63, 1, 70_000, 0, None, 0)])
+    first = play(cls, sc)
+    assert first[0] is None and first[1]["halts"] > 50
+    assert all(t["cval"] > 1_900_000 for t in first[1]["timer_state"])
+    assert_same(first, play(cls, sc), name)
+
+
 def test_trace_ring_beyond_first_allocation():
     """A ring larger than the core's first allocation (4096 records) wraps identically."""
     sc = Scenario(arch="x86", host_cpus=1, seed=7, costs=dict(ZERO_COSTS), trace_capacity=5_000,
@@ -381,7 +632,7 @@ def test_engine_errors_match(programs, host_cpus, halt_poll_ns):
         e = build(cls, sc)
         with pytest.raises(EngineError, match="makes no progress") as info:
             e.run(sc.end_ns)
-        engines[name] = (str(info.value), snapshot(e, sc.n_threads))
+        engines[name] = (str(info.value), snapshot(e, sc))
         # The engine stays stopped: a second run raises again.
         with pytest.raises(EngineError):
             e.run(sc.end_ns + 1)
@@ -402,3 +653,71 @@ def test_error_after_intervention_matches():
     assert core[0] is not None and "makes no progress" in core[0]
     assert core[1]["now"] == 50
     assert_same(core, ref, "core vs reference")
+
+
+# ---------------------------------------------------------------- interrupt corner cases
+
+def _progs(*items_lists):
+    return [G.Program(items).ops for items in items_lists]
+
+
+RARE = {
+    # An SPI re-routed and raised again while it is active in vCPU 0's handler: its EOI
+    # kicks vCPU 1, where the SPI now is (vgic_prune_ap_list's migration).
+    "eoi-after-reroute": dict(
+        arch="arm64", vm_sizes=[3], end_ns=400_000,
+        programs=_progs([G.set_handler(50_000), G.compute(200_000)],
+                        [G.compute(20_000), G.wfi(), G.compute(1_000), G.wfi()],
+                        [G.loop([G.wfi()])]),
+        setup=[("configure", 0, -1, 40, 1, -1, -1)],
+        splits=[(10_000, [("irq_line", 0, 40, True, -1)]),
+                (10_001, [("route", 0, 40, mpidr_of(1)), ("irq_line", 0, 40, True, -1)])],
+        error=None),
+    # A level PPI whose line stays high, no handler time: an interrupt storm.
+    "storm": dict(
+        arch="arm64", vm_sizes=[2], end_ns=100_000,
+        programs=_progs([G.compute(100_000)], [G.loop([G.wfi()])]),
+        setup=[("configure", 0, 0, 16, 1, -1, -1)],
+        splits=[(10_000, [("irq_line", 0, 16, True, 0)])],
+        error="interrupt storm"),
+    # A 1 ns periodic timer taken 10 us late: 10000 deadlines due at once, a storm too.
+    "timer-catch-up": dict(
+        arch="arm64", vm_sizes=[1], end_ns=100_000,
+        programs=_progs([G.mask(), G.timer_arm(1, period_ns=1), G.compute(10_000), G.unmask(),
+                         G.wfi()]),
+        setup=[], splits=[], error="interrupt storm"),
+    # A masked WFI with an interrupt pending returns at once: with zero costs and a loop of
+    # WFIs no time passes.
+    "masked-wfi-loop": dict(
+        arch="arm64", vm_sizes=[1], end_ns=100_000,
+        programs=_progs([G.mask(), G.loop([G.wfi()])]),
+        setup=[], splits=[(5_000, [("raise", 0)])], error="makes no progress"),
+    # The same on x86 only kicks: HLT with IF = 0 blocks again (no error).
+    "masked-hlt-loop": dict(
+        arch="x86", vm_sizes=[1], end_ns=100_000,
+        programs=_progs([G.mask(), G.loop([G.wfi()])]),
+        setup=[], splits=[(5_000, [("raise", 0), ("msi", 0, 0x30)])], error=None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RARE))
+def test_interrupt_corner_cases_agree(name):
+    spec = dict(RARE[name])
+    error = spec.pop("error")
+    n = sum(spec["vm_sizes"])
+    sc = Scenario(host_cpus=n, seed=5, costs=dict(ZERO_COSTS), trace_capacity=1 << 20,
+                  params={"halt_poll_ns": 0}, caps=[None] * len(spec["vm_sizes"]),
+                  ticks=[0] * len(spec["vm_sizes"]), start=[True] * n,
+                  nr_spis=[224] * len(spec["vm_sizes"]), **spec)
+    core, ref = play(_core.Engine, sc), play(reference.Engine, sc)
+    assert_same(core, ref, "core vs reference")
+    if error is None:
+        assert core[0] is None
+    else:
+        assert core[0] is not None and error in core[0]
+    if name == "eoi-after-reroute":
+        # vCPU 1 blocked at 20000 and was woken by vCPU 0's EOI at 60000.
+        wakeups = [(r[0], r[7]) for r in core[1]["trace"] if r[6] == 1 and r[3] == 0]
+        assert wakeups == [(60_000, 40_000)]
+    if name == "masked-hlt-loop":
+        assert core[1]["stats"][0][3] == 1 and core[1]["halts"] == 0

@@ -7,7 +7,8 @@ import pytest
 
 from kvmwake import guest as G
 from kvmwake.guest import MAX_DURATION_NS, ProgramError
-from kvmwake.model import MAX_LOOP_DEPTH, OP_DTYPE, Dist, Op, WakeTarget
+from kvmwake.model import (IPI_RESCHEDULE, MAX_LOOP_DEPTH, MAX_NR_SPIS, OP_DTYPE, Dist, Op,
+                           WakeTarget)
 
 
 def raw(*ops):
@@ -70,9 +71,12 @@ def test_validate_with_vcpu_count_accepts_valid_targets():
 
 # ---------------------------------------------------------------- raw arrays
 
-def test_unknown_op_code():
-    with pytest.raises(ProgramError, match=r"op 1: unknown op code 7"):
-        G.Program.from_array(raw(compute_op(5), (7, 0, 0, 0, 0), END))
+@pytest.mark.parametrize("code", [max(Op) + 1, 32, 0xFFFF])
+def test_unknown_op_code(code):
+    # Codes up to 31 are taken or reserved (7 is IRQ_DISABLE now); none above is an op.
+    assert code not in set(Op)
+    with pytest.raises(ProgramError, match=rf"op 1: unknown op code {code}"):
+        G.Program.from_array(raw(compute_op(5), (code, 0, 0, 0, 0), END))
 
 
 def test_unknown_distribution():
@@ -80,9 +84,10 @@ def test_unknown_distribution():
         G.Program.from_array(raw(compute_op(5, dist=3), END))
 
 
-def test_unknown_wake_target_kind():
-    with pytest.raises(ProgramError, match=r"op 0: unknown wake target kind 9"):
-        G.Program.from_array(raw((Op.WAKE, 9, 0, 0, 0), END))
+@pytest.mark.parametrize("kind", [5, 9])
+def test_unknown_wake_target_kind(kind):
+    with pytest.raises(ProgramError, match=rf"op 0: unknown SGI target kind {kind}"):
+        G.Program.from_array(raw((Op.WAKE, kind, IPI_RESCHEDULE, 0, 0), END))
 
 
 def test_endloop_jump_out_of_range():
@@ -277,3 +282,173 @@ def test_wake_random_other_needs_two_vcpus():
         G.validate(ops, 1)
     # wake_next wraps around and is fine with one vCPU.
     G.validate(G.Program([G.wake_next(), G.wfi()]).ops, 1)
+
+
+# ---------------------------------------------------------------- interrupt ops
+
+def _fields(ins):
+    return (ins.code, ins.dist, ins.arg, ins.p0, ins.p1)
+
+
+def test_wake_ops_send_the_reschedule_ipi():
+    """wake / wake_next / wake_random_other: target kind in dist, the sentinel IRQ in arg,
+    the vCPU id in p0."""
+    assert _fields(G.wake(3)) == (Op.SGI, WakeTarget.VCPU, IPI_RESCHEDULE, 3, 0)
+    assert _fields(G.wake_next()) == (Op.SGI, WakeTarget.NEXT, IPI_RESCHEDULE, 0, 0)
+    assert _fields(G.wake_random_other()) == (Op.SGI, WakeTarget.RANDOM_OTHER,
+                                              IPI_RESCHEDULE, 0, 0)
+    assert Op.WAKE == Op.SGI == 3
+
+
+def test_sgi_target_kinds():
+    assert _fields(G.sgi(5, 2)) == (Op.SGI, WakeTarget.VCPU, 5, 2, 0)
+    assert _fields(G.sgi(5, np.int64(2))) == (Op.SGI, WakeTarget.VCPU, 5, 2, 0)
+    assert _fields(G.sgi(1, "all-but-self")) == (Op.SGI, WakeTarget.ALL_BUT_SELF, 1, 0, 0)
+    assert _fields(G.sgi(1, "random-other")) == (Op.SGI, WakeTarget.RANDOM_OTHER, 1, 0, 0)
+    assert _fields(G.sgi(1, "next")) == (Op.SGI, WakeTarget.NEXT, 1, 0, 0)
+    # A list: the lowest id in p1, one bit per vCPU from there in p0; duplicates merge.
+    assert _fields(G.sgi(2, [7, 3, 4, 3])) == (Op.SGI, WakeTarget.LIST, 2, 0b10011, 3)
+    assert _fields(G.sgi(2, [10, 73])) == (Op.SGI, WakeTarget.LIST, 2, 1 | 1 << 63, 10)
+    assert G.ipi is G.sgi
+
+
+@pytest.mark.parametrize("targets, problem", [
+    ([], r"sgi: empty target list"),
+    ([0, 64], r"sgi: targets 0..64 span more than 64 vCPUs"),
+    ([-1], r"sgi: vcpu_id must be a non-negative integer"),
+    ([1.5], r"sgi: vcpu_id must be a non-negative integer"),
+    (-1, r"sgi: vcpu_id must be a non-negative integer"),
+    (True, r"sgi: targets must be a vCPU id, a list of vCPU ids"),
+    (1.5, r"sgi: targets must be a vCPU id, a list of vCPU ids"),
+    (None, r"sgi: targets must be a vCPU id, a list of vCPU ids"),
+    ("everyone", r"sgi: targets must be a vCPU id, a list of vCPU ids"),
+])
+def test_sgi_bad_targets(targets, problem):
+    with pytest.raises(ProgramError, match=problem):
+        G.sgi(1, targets)
+
+
+@pytest.mark.parametrize("irq", [-1, 1024, 1.0, True])
+def test_sgi_bad_irq_number(irq):
+    with pytest.raises(ProgramError, match=r"sgi: interrupt number must be an integer in 0..1023"):
+        G.sgi(irq, 0)
+
+
+def test_irq_op_layout():
+    assert _fields(G.irq_enable(40)) == (Op.IRQ_ENABLE, 0, 40, 0, 0)
+    assert _fields(G.irq_disable(27)) == (Op.IRQ_DISABLE, 0, 27, 0, 0)
+    assert _fields(G.set_priority(33, 0x87)) == (Op.SET_PRIORITY, 0, 33, 0x87, 0)
+    assert _fields(G.set_pmr(0x80)) == (Op.SET_PMR, 0, 0, 0x80, 0)
+    assert G.set_tpr is G.set_pmr
+    assert _fields(G.mask()) == (Op.MASK, 0, 0, 0, 0)
+    assert _fields(G.unmask()) == (Op.UNMASK, 0, 0, 0, 0)
+    assert _fields(G.set_handler(2_000)) == (Op.SET_HANDLER, 0, 0, 2_000, 0)
+    assert _fields(G.timer_arm(5_000)) == (Op.TIMER_ARM, Dist.FIXED, 0, 5_000, 0)
+    assert _fields(G.timer_arm(5_000, 7_000)) == (Op.TIMER_ARM, Dist.FIXED, 7_000, 5_000, 0)
+    assert _fields(G.timer_arm_exp(9_000, 1)) == (Op.TIMER_ARM, Dist.EXPONENTIAL, 1, 9_000, 0)
+    assert _fields(G.timer_cancel()) == (Op.TIMER_CANCEL, 0, 0, 0, 0)
+    assert _fields(G.dist_enable()) == (Op.DIST_ENABLE, 0, 0, 1, 0)
+    assert _fields(G.dist_enable(False)) == (Op.DIST_ENABLE, 0, 0, 0, 0)
+    assert _fields(G.route_spi(40, 0x0102)) == (Op.ROUTE_SPI, 0, 40, 0x0102, 0)
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda: G.set_priority(40, 256), r"priority must be an integer in 0..255, not 256"),
+    (lambda: G.set_priority(40, -1), r"priority must be an integer in 0..255"),
+    (lambda: G.set_pmr(256), r"pmr must be an integer in 0..255, not 256"),
+    (lambda: G.set_pmr(True), r"pmr must be an integer in 0..255, not True"),
+    (lambda: G.irq_enable(1024), r"irq_enable: interrupt number must be an integer"),
+    (lambda: G.irq_disable(-1), r"irq_disable: interrupt number must be an integer"),
+    (lambda: G.timer_arm(-1), r"timer_arm: duration -1 ns out of range"),
+    (lambda: G.timer_arm(1, 2**32), r"timer period must be an integer in 0..2\*\*32-1 ns"),
+    (lambda: G.timer_arm_exp(1, -1), r"timer period must be an integer"),
+    (lambda: G.set_handler(MAX_DURATION_NS + 1), r"set_handler: duration \d+ ns out of range"),
+    (lambda: G.route_spi(40, -1), r"route_spi: mpidr must be a 64-bit value"),
+    (lambda: G.route_spi(40, 1 << 64), r"route_spi: mpidr must be a 64-bit value"),
+], ids=["prio-256", "prio-neg", "pmr-256", "pmr-bool", "enable-1024", "disable-neg",
+        "timer-neg", "period-big", "period-neg", "handler-big", "mpidr-neg", "mpidr-big"])
+def test_irq_op_bad_arguments(make, problem):
+    with pytest.raises(ProgramError, match=problem):
+        make()
+
+
+def test_instant_ops_alone_do_not_make_a_loop_take_time():
+    for body in ([G.set_pmr(0x80), G.mask(), G.unmask()], [G.timer_arm(1_000)],
+                 [G.sgi(1, 0), G.irq_enable(40)], [G.set_handler(5_000)]):
+        with pytest.raises(ProgramError, match=r"op 0: loop body lets no virtual time pass"):
+            G.Program([G.loop(body)])
+
+
+@pytest.mark.parametrize("arch, irq, ok", [
+    ("arm64", 0, True), ("arm64", 15, True), ("arm64", 16, False), ("arm64", 255, False),
+    ("x86", 15, False), ("x86", 16, True), ("x86", 0xFD, True), ("x86", 255, True),
+    (None, 255, True),
+])
+def test_sgi_number_checked_against_arch(arch, irq, ok):
+    ops = G.Program([G.sgi(irq, 0), G.wfi()]).ops
+    if ok:
+        G.validate(ops, 1, arch)
+    else:
+        with pytest.raises(ProgramError, match=rf"op 0: (SGI|IPI vector|SGI/vector) {irq} out "
+                                               r"of range"):
+            G.validate(ops, 1, arch)
+    # The reschedule sentinel is valid on every arch.
+    G.validate(G.Program([G.wake(0)]).ops, 1, arch)
+
+
+def test_sgi_number_beyond_255_is_no_sgi_or_vector_anywhere():
+    with pytest.raises(ProgramError, match=r"op 1: SGI/vector 256 out of range"):
+        G.Program([G.compute(1), G.sgi(256, 0)])
+
+
+@pytest.mark.parametrize("item", [G.irq_enable(40), G.irq_disable(40), G.set_priority(40, 0),
+                                  G.dist_enable(), G.route_spi(40, 0)],
+                         ids=["enable", "disable", "priority", "dist", "route"])
+def test_gic_ops_rejected_on_x86(item):
+    ops = G.Program([item]).ops
+    G.validate(ops, 1, "arm64")
+    with pytest.raises(ProgramError, match=r"op 0: \w+ is an arm64 GIC op; x86 has none"):
+        G.validate(ops, 1, "x86")
+
+
+@pytest.mark.parametrize("item", [G.timer_arm(5), G.timer_arm_exp(5), G.timer_cancel()])
+def test_timer_ops_rejected_on_x86(item):
+    ops = G.Program([item]).ops
+    G.validate(ops, 1, "arm64")
+    with pytest.raises(ProgramError, match=r"op 0: TIMER_\w+: the arch timer is arm64's"):
+        G.validate(ops, 1, "x86")
+
+
+def test_intid_checked_against_nr_spis():
+    ops = G.Program([G.compute(1), G.irq_enable(32 + 64)]).ops
+    G.validate(ops, 1, "arm64", 65)
+    with pytest.raises(ProgramError, match=r"op 1: IRQ_ENABLE: INTID 96 does not exist "
+                                           r"\(the VM has INTIDs 0..95\)"):
+        G.validate(ops, 1, "arm64", 64)
+    # Without nr_spis the limit is the largest vGIC's (INTID 1019).
+    G.validate(G.Program([G.irq_enable(32 + MAX_NR_SPIS - 1)]).ops)
+    with pytest.raises(ProgramError, match=r"INTID 1020 does not exist"):
+        G.validate(G.Program([G.irq_enable(1020)]).ops)
+    with pytest.raises(ProgramError, match=r"op 0: ROUTE_SPI: INTID 31 is not an SPI"):
+        G.validate(G.Program([G.route_spi(31, 0)]).ops)
+
+
+def test_raw_irq_op_fields_checked():
+    with pytest.raises(ProgramError, match=r"op 0: priority 256 out of range 0..255"):
+        G.Program.from_array(raw((Op.SET_PRIORITY, 0, 40, 256, 0), END))
+    with pytest.raises(ProgramError, match=r"op 0: PMR/TPR 256 out of range 0..255"):
+        G.Program.from_array(raw((Op.SET_PMR, 0, 0, 256, 0), END))
+    with pytest.raises(ProgramError, match=r"op 0: DIST_ENABLE takes 0 or 1, not 2"):
+        G.Program.from_array(raw((Op.DIST_ENABLE, 0, 0, 2, 0), END))
+    with pytest.raises(ProgramError, match=r"op 0: unknown distribution 3"):
+        G.Program.from_array(raw((Op.TIMER_ARM, 3, 0, 5, 0), END))
+    with pytest.raises(ProgramError, match=r"op 0: SGI with an empty target list"):
+        G.Program.from_array(raw((Op.SGI, WakeTarget.LIST, 1, 0, 0), END))
+
+
+def test_sgi_list_checked_against_vcpu_count():
+    ops = G.Program([G.sgi(1, [2, 5])]).ops
+    G.validate(ops, 6)
+    with pytest.raises(ProgramError, match=r"op 0: SGI target vCPU 5 does not exist "
+                                           r"\(the VM has 5\)"):
+        G.validate(ops, 5)

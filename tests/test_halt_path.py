@@ -4,8 +4,9 @@ Spec: /work/shared/spec/kvm-semantics.md sections 8.4-8.7 and 15 items 12-14.
 Most tests set every cost to 0 so that durations are exactly the computes in
 the guest programs.  The usual set-up is one VM with a "halter" vCPU 0 that
 runs WFIs and a "waker" vCPU 1 on its own host CPU that computes D ns and
-then wakes vCPU 0: with zero costs vCPU 0 resumes at once and halts again
-at the same instant, so halt k lasts exactly D_k.
+then wakes vCPU 0 (``G.wake``: the reschedule IPI, SGI 0 on arm64, which the
+woken vCPU takes at its guest entry): with zero costs vCPU 0 resumes at once
+and halts again at the same instant, so halt k lasts exactly D_k.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kvmwake import guest as G
 from kvmwake.model import (
     COST_NAMES, S_ATTEMPTED_POLL, S_BLOCKING, S_HALT_EXITS, S_POLL_FAIL_HIST, S_POLL_FAIL_NS,
     S_POLL_INVALID, S_POLL_SUCCESS_HIST, S_POLL_SUCCESS_NS, S_SUCCESSFUL_POLL, S_WAIT_HIST,
-    S_WAIT_NS, S_WAKEUP, TR_HALT_POLL_NS, TR_WAKEUP, Request, ThreadState, lat_bucket,
+    S_WAIT_NS, S_WAKEUP, TICK_IRQ, TR_HALT_POLL_NS, TR_WAKEUP, Request, ThreadState, lat_bucket,
 )
 from kvmwake.reference import PID_BASE
 
@@ -76,6 +77,17 @@ def hist(e, g, base):
 
 def state(e, g):
     return e.thread_info(g)["state"]
+
+
+def resched_pending(e, g):
+    """The reschedule IPI (arm64 SGI 0, what raise_pending and G.wake send) is pending on g.
+
+    Checked against the wake condition: with nothing else pending (these tests
+    raise nothing else), vCPU g is runnable exactly when the SGI is pending.
+    """
+    pending = e.irq_state(g, 0)["pending"]
+    assert e.thread_info(g)["runnable"] == pending
+    return pending
 
 
 def lines(e, g=0):
@@ -349,7 +361,7 @@ def test_halt_with_wake_already_pending(engine_cls):
     e.run(1_050)
     assert state(e, 0) == RUNNING
     assert e.raise_pending(0) is False  # during the exit: no IPI, it stays pending ...
-    assert e.thread_info(0)["irq_pending"]
+    assert resched_pending(e, 0)
     e.run(12_000)
     # ... and the halt at 1100 finds it at once.
     assert lines(e) == [GROW(1_000, 10_000, 0), WAKEUP(1_000, True, 900),
@@ -361,7 +373,7 @@ def test_halt_with_wake_already_pending(engine_cls):
     assert e.lat_hist_array().sum() == 1
     # The wake was taken by the guest on entry: the third WFI (trap until 1200)
     # polls until 11200 and then blocks.
-    assert state(e, 0) == BLOCKED and not e.thread_info(0)["irq_pending"]
+    assert state(e, 0) == BLOCKED and not resched_pending(e, 0)
 
 
 def test_entry_takes_pending_wake_even_at_zero_cost(engine_cls):
@@ -373,7 +385,7 @@ def test_entry_takes_pending_wake_even_at_zero_cost(engine_cls):
              [G.compute(1_500), G.wake(0), G.compute(10_000), G.wake(0)], halt_poll_ns=0)
     e.run(20_000)
     assert lines(e) == [WAKEUP(1_500, True, 500), WAKEUP(11_500, True, 9_000)]
-    assert state(e, 0) == BLOCKED and not e.thread_info(0)["irq_pending"]
+    assert state(e, 0) == BLOCKED and not resched_pending(e, 0)
     assert stat(e, 0, S_HALT_EXITS) == 3
 
 
@@ -384,9 +396,13 @@ def test_reentry_after_preemption_takes_pending_wake_at_zero_cost(engine_cls):
     e.run(15_000)                      # vCPU 0 was preempted at 10000 with 20000 ns to go
     assert state(e, 0) == RUNNABLE
     e.raise_pending(0)
-    assert e.thread_info(0)["irq_pending"]
-    e.run(25_000)                      # resumed at 20000
-    assert state(e, 0) == RUNNING and not e.thread_info(0)["irq_pending"]
+    assert resched_pending(e, 0)
+    e.run(20_000)
+    assert state(e, 0) == RUNNABLE and resched_pending(e, 0)
+    e.run(20_001)                      # resumed at 20000 and took it on entry
+    assert state(e, 0) == RUNNING and not resched_pending(e, 0)
+    e.run(25_000)
+    assert state(e, 0) == RUNNING and not resched_pending(e, 0)
     e.run(50_001)                      # its WFI at 50000 blocks
     assert state(e, 0) == BLOCKED and e.trace_list() == []
 
@@ -440,8 +456,11 @@ def test_poll_fail_hist_bucket(engine_cls, ns):
 # ---------------------------------------------------------------- kicks
 
 def test_wake_of_blocked_vcpu(engine_cls):
-    """A pending wake source on a blocked vCPU: woken, runs after wake_to_run_ns, waited."""
+    """The reschedule IPI to a blocked vCPU: woken, runs after wake_to_run_ns, waited."""
     e = make(engine_cls, [G.wfi()], costs={"wake_to_run_ns": 7_000}, halt_poll_ns=0)
+    # Entering KVM_RUN is a system call, not a wake-up: it runs at once and halts at 0.
+    e.run(1)
+    assert state(e, 0) == BLOCKED
     e.run(50_000)
     assert state(e, 0) == BLOCKED and stat(e, 0, S_BLOCKING) == 1
     assert e.raise_pending(0) is False                 # no IPI
@@ -452,9 +471,9 @@ def test_wake_of_blocked_vcpu(engine_cls):
     e.run(57_000)                                      # runs at 57000, not before
     assert state(e, 0) == RUNNABLE and stat(e, 0, S_BLOCKING) == 1 and lines(e) == []
     e.run(57_001)
-    # It entered KVM_RUN at 0 but first ran at 7000 (wake_to_run_ns), then halted.
-    assert lines(e) == [WAKEUP(57_000, True, 50_000)]
-    assert stat(e, 0, S_WAIT_NS) == 50_000 and stat(e, 0, S_BLOCKING) == 0
+    # It halted at 0; the wake-up at 50000 ran it at 57000 (wake_to_run_ns).
+    assert lines(e) == [WAKEUP(57_000, True, 57_000)]
+    assert stat(e, 0, S_WAIT_NS) == 57_000 and stat(e, 0, S_BLOCKING) == 0
     lat = e.lat_hist_array()
     assert lat[lat_bucket(7_000)] == 1 and lat.sum() == 1
 
@@ -470,7 +489,7 @@ def test_plain_kick_of_blocked_vcpu(engine_cls):
     assert lines(e) == [] and e.halts == 0
     e.raise_pending(0)
     e.run(70_000)
-    assert lines(e) == [WAKEUP(67_000, True, 60_000)]     # halted at 7000
+    assert lines(e) == [WAKEUP(67_000, True, 67_000)]     # halted at 0
     assert stat(e, 0, S_WAKEUP) == 2
 
 
@@ -504,8 +523,19 @@ def test_kick_in_guest_mode_sends_ipi(engine_cls, action):
         assert e.kick(0) is True
     else:
         assert e.make_request(0, Request.TLB_FLUSH) is True
+    # The IPI stops guest mode at 50000; the vCPU takes its interrupts (and
+    # handles its requests) after the exit and the entry, at 50500.
     info = e.thread_info(0)
-    assert info["state"] == RUNNING and not info["irq_pending"] and info["requests"] == 0
+    assert info["state"] == RUNNING
+    assert resched_pending(e, 0) == (action == "raise_pending")
+    assert info["requests"] == {"raise_pending": 1 << (Request.IRQ_PENDING & 0xFF),
+                                "kick": 0, "tlb_flush": 1 << (Request.TLB_FLUSH & 0xFF)}[action]
+    e.run(50_500)
+    assert e.thread_info(0)["requests"] == info["requests"]
+    assert resched_pending(e, 0) == (action == "raise_pending")
+    e.run(50_501)
+    assert e.thread_info(0)["requests"] == 0 and not resched_pending(e, 0)
+    assert state(e, 0) == RUNNING
     e.run(100_999)
     assert state(e, 0) == RUNNING      # the trap now ends at 101000
     e.run(101_001)
@@ -526,7 +556,15 @@ def test_kick_during_entry_is_taken_at_entry(engine_cls):
     e = make(engine_cls, [G.compute(100_000), G.wfi()], costs=costs, halt_poll_ns=0)
     e.run(100)
     assert e.raise_pending(0) is False
-    assert not e.thread_info(0)["irq_pending"]
+    # Pending until the entry ends at 200; the guest takes it then (ack + EOI).
+    assert resched_pending(e, 0) and e.thread_info(0)["requests"] == 1 << Request.IRQ_PENDING
+    e.run(200)
+    assert resched_pending(e, 0)
+    e.run(201)
+    assert not resched_pending(e, 0) and e.thread_info(0)["requests"] == 0
+    assert state(e, 0) == RUNNING
+    e.run(100_500)
+    assert state(e, 0) == RUNNING
     e.run(100_501)
     assert state(e, 0) == BLOCKED      # the halt began at 100500
     e.raise_pending(0)
@@ -535,17 +573,21 @@ def test_kick_during_entry_is_taken_at_entry(engine_cls):
 
 
 def test_kick_of_runnable_vcpu_only_sets_pending(engine_cls):
-    """A vCPU waiting for its host CPU: the wake source is only made pending."""
+    """A vCPU waiting for its host CPU: the reschedule IPI is only made pending (no kick)."""
     e = make(engine_cls, [G.compute(100_000)], [G.compute(1_000), G.wfi()], host_cpus=1)
     e.run(50_000)
     assert state(e, 0) == RUNNING and state(e, 1) == RUNNABLE
     assert e.raise_pending(1) is False
     assert e.kick(1) is False
     info = e.thread_info(1)
-    assert info["state"] == RUNNABLE and info["irq_pending"]
+    assert info["state"] == RUNNABLE and resched_pending(e, 1)
+    assert info["requests"] == 1 << Request.IRQ_PENDING
     assert e.stats_array().sum() == 0
+    e.run(100_000)
+    assert state(e, 1) == RUNNABLE and resched_pending(e, 1)
     e.run(100_500)                     # vCPU 1 entered the guest at 100000: taken on entry
-    assert state(e, 1) == RUNNING and not e.thread_info(1)["irq_pending"]
+    assert state(e, 1) == RUNNING and not resched_pending(e, 1)
+    assert e.thread_info(1)["requests"] == 0
     e.run(200_000)
     # So its WFI at 101000 blocks.
     assert state(e, 1) == BLOCKED and e.trace_list() == []
@@ -572,7 +614,7 @@ def test_no_wakeup_request_leaves_blocked_vcpu(engine_cls, req):
     assert info["state"] == RUNNABLE and info["requests"] == bit | (1 << 2)
     assert stat(e, 0, S_WAKEUP) == 1
     e.run(19_001)                      # runs at 19000: the UNBLOCK request ends the halt
-    assert lines(e) == [WAKEUP(19_000, True, 12_000)]     # halted at 7000
+    assert lines(e) == [WAKEUP(19_000, True, 19_000)]     # halted at 0
     assert e.thread_info(0)["requests"] == 0
     e.run(30_000)                      # the request was consumed: the next WFI blocks
     assert state(e, 0) == BLOCKED and len(lines(e)) == 1
@@ -689,7 +731,11 @@ def test_tick_wakes_halted_vcpus_at_multiples_of_the_period(engine_cls):
                            WAKEUP(300_000, True, 100_000)]
     assert state(e, 0) == BLOCKED and stat(e, 0, S_WAKEUP) == 3
     # A running vCPU of the ticking VM is not touched; the other VM's vCPU is not woken.
-    assert state(e, 1) == RUNNING and not e.thread_info(1)["irq_pending"]
+    assert state(e, 1) == RUNNING and not resched_pending(e, 1)
+    assert not e.irq_state(1, TICK_IRQ["arm64"])["pending"]
+    # vCPU 0 took each tick (PPI 30, edge) at its guest entry: acknowledged and ended.
+    tick0 = e.irq_state(0, TICK_IRQ["arm64"])
+    assert not tick0["pending"] and not tick0["active"] and not tick0["level"]
     assert e.stats_array()[1].sum() == 0
     assert state(e, 2) == BLOCKED and stat(e, 2, S_WAKEUP) == 0
     e.set_tick(0, 250_000)             # restarted: the next multiple after now
