@@ -1,4 +1,4 @@
-"""Build the kvmwake._core extension.
+"""Build the kvmwake._core and kvmwake.kernel._inject extensions.
 
 Cython directives live here and only here.  ``KVMWAKE_DEBUG=1 pip install .``
 builds a debug variant: bounds and wraparound checks on, C asserts kept.
@@ -30,7 +30,16 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=(["-O0", "-g"] if DEBUG else ["-O3"]),
         undef_macros=(["NDEBUG"] if DEBUG else []),
-    )
+    ),
+    # The real-kernel recorder's native threads (vCPU run loops, MSI injector).
+    Extension(
+        "kvmwake.kernel._inject",
+        ["kvmwake/kernel/_inject.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=(["-O0", "-g"] if DEBUG else ["-O2"]),
+        undef_macros=(["NDEBUG"] if DEBUG else []),
+    ),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES,

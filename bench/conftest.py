@@ -3,6 +3,14 @@
     pytest bench --benchmark-only --benchmark-columns=median,ops,rounds   # full size
     KVMWAKE_BENCH_SIZE=tiny pytest bench --benchmark-disable -q           # CI smoke
 
+The suites: ``test_bench_micro.py`` (heap push/pop, the wake-condition scan,
+a kick, a full halt), ``test_bench_scenarios.py`` (the four built-in
+scenarios on both engines) and ``test_bench_peers.py`` (the SimPy model of
+ipi-storm and the bare heap loop; skipped without SimPy or Cython).  The
+scripts beside them print whole reports: ``compare.py`` (core vs
+reference), ``compare_peers.py`` (vs SimPy and the floor), ``scaling.py``
+(1,024 to 65,536 vCPUs) and ``instructions.py`` (callgrind counts).
+
 ``KVMWAKE_BENCH_SIZE`` picks the size: ``full`` (the default) or ``tiny`` (a
 few vCPUs for a millisecond of virtual time: checks that every benchmark
 runs, in a few seconds, and times nothing useful).  The project's
@@ -38,13 +46,28 @@ SCENARIO_SIZES = {
         ("ipi-storm", "reference"): (16, 1 * MS, 1),
         ("default", "core"): (16, 1 * MS, 1),
         ("default", "reference"): (16, 1 * MS, 1),
+        ("irq-storm", "core"): (16, 1 * MS, 1),
+        ("irq-storm", "reference"): (16, 1 * MS, 1),
+        ("suspend-cycle", "core"): (16, 1 * MS, 1),
+        ("suspend-cycle", "reference"): (16, 1 * MS, 1),
     },
     "full": {
         ("ipi-storm", "core"): (1024, 100 * MS, 7),
         ("ipi-storm", "reference"): (1024, 5 * MS, 5),
         ("default", "core"): (4096, 200 * MS, 7),
         ("default", "reference"): (256, 5 * MS, 7),
+        ("irq-storm", "core"): (4096, 100 * MS, 5),
+        ("irq-storm", "reference"): (512, 5 * MS, 3),
+        ("suspend-cycle", "core"): (4096, 50 * MS, 5),
+        ("suspend-cycle", "reference"): (256, 10 * MS, 3),
     },
+}
+
+#: Peer benchmarks (bench/test_bench_peers.py), per size: the SimPy model's
+#: (vCPUs, simulated ns, rounds) and the floor's (pushes, events queued).
+PEER_SIZES = {
+    "tiny": {"simpy": (16, 1 * MS, 1), "floor": (1_000, 16)},
+    "full": {"simpy": (1024, 20 * MS, 3), "floor": (500_000, 1024)},
 }
 
 #: Operations per call of each micro benchmark, per size.
@@ -81,6 +104,11 @@ def micro_sizes() -> dict:
     return MICRO_SIZES[SIZE]
 
 
+@pytest.fixture(scope="session")
+def peer_sizes() -> dict:
+    return PEER_SIZES[SIZE]
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     bs = getattr(config, "_benchmarksession", None)
     benches = getattr(bs, "benchmarks", None) or []
@@ -98,9 +126,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             rows.append(f"  {b.name:<48} {median * 1e9 / ops:10.1f} ns/{info.get('op', 'op')}"
                         f" (median call; C timer, last call: {info.get('c_ns_per_op', float('nan')):.1f})")
         elif "halts" in info:
+            events = (f"{info['events'] / median:14,.0f} events/s" if info.get("events")
+                      else f"{'(not counted)':>14} events/s")
             rows.append(f"  {b.name:<48} {info['halts'] / median:14,.0f} halts/s "
-                        f"{info['events'] / median:14,.0f} events/s  "
-                        f"({info['vcpus']} vCPUs, {info['sim_ms']} ms simulated)")
+                        f"{events}  ({info['vcpus']} vCPUs, {info['sim_ms']} ms simulated)")
     if rows:
         terminalreporter.write_sep("-", f"kvmwake per-operation figures (size {SIZE}, from medians)")
         for r in rows:

@@ -1,10 +1,13 @@
-"""Scenario benchmarks: ``default`` and ``ipi-storm``, core and reference engines.
+"""Scenario benchmarks: the four built-in scenarios, core and reference engines.
 
 Each round builds a fresh host with ``scenarios.build`` in pedantic's
 ``setup`` (not timed) and times ``host.run`` alone.  Sizes come from
 ``KVMWAKE_BENCH_SIZE`` (see conftest.py): at ``full``, ipi-storm runs 1,024
 vCPUs for 100 ms on the core and 5 ms on the reference engine; default runs
-4,096 vCPUs for 200 ms on the core and 256 vCPUs for 5 ms on the reference.
+4,096 vCPUs for 200 ms on the core and 256 vCPUs for 5 ms on the reference;
+irq-storm runs 4,096 vCPUs for 100 ms on the core and 512 (one VM) for 5 ms
+on the reference; suspend-cycle runs 4,096 vCPUs for 50 ms on the core and
+256 for 10 ms on the reference.
 ``extra_info`` records the halts and events of a run (the same every round:
 the simulation is deterministic) and, when timed, halts and events per wall
 second from the median.
@@ -16,7 +19,8 @@ import pytest
 
 from kvmwake import scenarios
 
-CASES = [(s, e) for s in ("ipi-storm", "default") for e in ("core", "reference")]
+SCENARIOS = ("ipi-storm", "default", "irq-storm", "suspend-cycle")
+CASES = [(s, e) for s in SCENARIOS for e in ("core", "reference")]
 
 
 @pytest.mark.parametrize("scenario,engine", CASES, ids=[f"{s}-{e}" for s, e in CASES])
@@ -46,7 +50,7 @@ def test_scenario_run(benchmark, scenario_sizes, scenario, engine):
                                     events_per_s=host.events / median)
 
 
-@pytest.mark.parametrize("scenario", ["ipi-storm", "default"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_core_and_reference_agree_small(scenario):
     """The engines compared above give the same counts on a small instance (not timed)."""
     counts = []
@@ -54,5 +58,5 @@ def test_core_and_reference_agree_small(scenario):
         host, ns, _ = scenarios.build(scenario, vcpus=16, sim_ns=2_000_000, engine=engine,
                                       trace_capacity=0)
         host.run(ns)
-        counts.append((host.halts, host.events, host.vms[0].stats_array().tolist()))
+        counts.append((host.halts, host.events, [vm.stats_array().tolist() for vm in host.vms]))
     assert counts[0] == counts[1]

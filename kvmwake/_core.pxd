@@ -171,6 +171,15 @@ ctypedef struct trace_rec_t:
     uint8_t _pad[5]
 
 
+# One vCPU thread state change, for the optional state timeline.
+ctypedef struct tl_rec_t:
+    uint64_t t
+    uint32_t g
+    uint32_t cpu
+    uint8_t state
+    uint8_t _pad[7]
+
+
 ctypedef struct costs_t:
     uint64_t vm_exit_ns
     uint64_t vm_entry_ns
@@ -224,3 +233,11 @@ ctypedef struct engine_t:
     uint32_t shrink
     int32_t error             # KW_ERR_*
     uint32_t err_thread
+    tl_rec_t* tl              # state timeline ring (tlcap 0: off)
+    uint8_t* tlbase           # per thread: its state after the dropped records
+    uint64_t tlcap
+    uint64_t tlalloc
+    uint64_t tlhead
+    uint64_t tlcount
+    uint64_t tldropped
+    uint64_t tlt0             # time of the newest dropped record (window start)

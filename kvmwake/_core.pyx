@@ -392,6 +392,7 @@ cdef class Engine:
     cdef object _lat
     cdef object _ops
     cdef object _exitq
+    cdef object _tlbase       # per thread: timeline base state (u1)
     cdef dict _prog_index     # program bytes -> offset in the op table
     cdef bint _failed
 
@@ -399,7 +400,7 @@ cdef class Engine:
         memset(&self.e, 0, sizeof(engine_t))
 
     def __init__(self, str arch, uint32_t host_cpus, seed, costs=None,
-                 uint64_t trace_capacity=1 << 20):
+                 uint64_t trace_capacity=1 << 20, uint64_t timeline_capacity=0):
         cdef dict c = dict(_COST_DEFAULTS)
         if costs:
             c.update(costs)
@@ -430,9 +431,11 @@ cdef class Engine:
         self._lat = np.zeros(LAT_BUCKETS, dtype=np.uint64)
         self._ops = np.zeros(0, dtype=np.uint8)
         self._exitq = np.zeros(0, dtype=np.uint32)
+        self._tlbase = np.zeros(0, dtype=np.uint8)
         self._prog_index = {}
         self.e.ncpu = host_cpus
         self.e.tcap = trace_capacity
+        self.e.tlcap = timeline_capacity
         self._bind()
         cdef uint32_t i
         for i in range(host_cpus):
@@ -443,6 +446,7 @@ cdef class Engine:
     def __dealloc__(self):
         free(self.e.heap)
         free(self.e.trace)
+        free(self.e.tl)
 
     cdef void _bind(self):
         """Point the C state at the numpy buffers (after any of them changed)."""
@@ -457,6 +461,7 @@ cdef class Engine:
         self.e.lat_hist = <uint64_t*>cnp.PyArray_DATA(self._lat)
         self.e.ops = <op_t*>cnp.PyArray_DATA(self._ops)
         self.e.exitq = <uint32_t*>cnp.PyArray_DATA(self._exitq)
+        self.e.tlbase = <uint8_t*>cnp.PyArray_DATA(self._tlbase)
 
     @staticmethod
     def _grow(arr, uint64_t nbytes):
@@ -482,6 +487,7 @@ cdef class Engine:
             exitq[k] = self.e.exitq[(self.e.exq_head + k) % self.e.nth]
         self._exitq = exitq
         self.e.exq_head = 0
+        self._tlbase = Engine._grow(self._tlbase, first + nr_vcpus)
         self._bind()
         cdef vm_t* vm = &self.e.vms[vmi]
         vm.first = first
@@ -602,6 +608,8 @@ cdef class Engine:
         if th.state != TS_USER:
             return
         th.resume = RESUME_START
+        if self.e.tlcap:
+            tl_note(&self.e, th, g, self.e.now, TS_RUNNABLE)
         th.state = TS_RUNNABLE
         # KVM_RUN from userspace: a system call, not a wake-up.
         self._guard()
@@ -854,6 +862,45 @@ cdef class Engine:
             r = &self.e.trace[(start + i) % self.e.tcap]
             out.append((r.ts, r.pid, r.cpu, r.kind, r.flag, r.valid, r.vcpu_id, r.a, r.b))
         return out
+
+    # -- the state timeline ------------------------------------------------------
+
+    @property
+    def timeline_capacity(self):
+        return self.e.tlcap
+
+    @property
+    def timeline_dropped(self):
+        return self.e.tldropped
+
+    def set_timeline_capacity(self, uint64_t capacity):
+        """Turn the state timeline on (or off) before anything was recorded; the
+        window starts now, with every thread in its present state."""
+        cdef uint32_t g
+        if self.e.tlcount or self.e.tldropped:
+            raise ValueError("the timeline capacity can only be set before it records")
+        self.e.tlcap = capacity
+        self.e.tlt0 = self.e.now
+        for g in range(self.e.nth):
+            self.e.tlbase[g] = self.e.th[g].state
+
+    def timeline_array(self):
+        """The recorded state changes, oldest first (``timeline.TIMELINE_DTYPE``)."""
+        from .timeline import TIMELINE_DTYPE
+        cdef uint64_t n = self.e.tlcount
+        buf = np.zeros(n * sizeof(tl_rec_t), dtype=np.uint8)
+        _copy_timeline(&self.e, <tl_rec_t*>cnp.PyArray_DATA(buf))
+        return np.frombuffer(buf, dtype=TIMELINE_DTYPE)     # (a copy would lose the zeroed padding)
+
+    def timeline_window(self):
+        """(t0, base): the window's start and each thread's state then."""
+        return self.e.tlt0, self._tlbase.copy()
+
+    def timeline_totals(self, uint64_t now):
+        """Per host CPU, ns running, polling and idle over the recorded window."""
+        from .timeline import totals
+        t0, base = self.timeline_window()
+        return totals(self.timeline_array(), base, t0, now, self.e.ncpu)
 
     def thread_info(self, uint32_t g):
         cdef thread_t* th = &self.e.th[g]

@@ -65,6 +65,8 @@ cdef int halt(engine_t* e, uint32_t g, uint64_t t, uint8_t kind) noexcept nogil:
         th.wake_ts = t
         return halt_done(e, g, t, 0, t, 1)
     if th.do_poll and not e.cpus[th.pcpu].rq_len:
+        if e.tlcap:
+            tl_note(e, th, g, t, TS_POLLING)
         th.state = TS_POLLING
         return push_thread(e, th, g, t + th.halt_poll_ns, EV_POLL_END)
     return block(e, g, t, t)
@@ -75,6 +77,8 @@ cdef int block(engine_t* e, uint32_t g, uint64_t t, uint64_t poll_end) noexcept 
     cdef thread_t* th = &e.th[g]
     th.poll_end = poll_end
     e.stats[<uint64_t>g * NR_STATS + S_BLOCKING] = 1
+    if e.tlcap:
+        tl_note(e, th, g, t, TS_BLOCKED)
     th.state = TS_BLOCKED
     th.gen += 1
     return release_cpu(e, th, t)
@@ -156,6 +160,8 @@ cdef int halt_done(engine_t* e, uint32_t g, uint64_t cur, bint waited, uint64_t 
     trace_rec(e, th, g, cur, TR_WAKEUP, 1 if waited else 0, halt_ns, 0)
     e.halts += 1
     entry = e.costs.vm_entry_ns
+    if e.tlcap:
+        tl_note(e, th, g, cur, TS_RUNNING)
     th.state = TS_RUNNING
     if th.halt_kind == HALT_SUSPEND:
         # kvm_vcpu_suspend: a wake-up exits to userspace; SUSPENDED stays.

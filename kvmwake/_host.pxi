@@ -2,6 +2,44 @@
 # preempted.  Each host CPU runs at most one thread; the others queue FIFO.
 
 
+cdef void tl_note(engine_t* e, thread_t* th, uint32_t g, uint64_t t,
+                  uint8_t s) noexcept nogil:
+    """The state timeline: thread g goes to state s at t (called, when the
+    timeline is on, just before ``th.state = s``; no record if nothing changes)."""
+    cdef tl_rec_t* r
+    cdef tl_rec_t* buf
+    cdef uint64_t ncap
+    if th.state == s:
+        return
+    if e.tlhead == e.tlalloc and e.tlalloc < e.tlcap:
+        ncap = e.tlalloc * 2 if e.tlalloc else 4096
+        if ncap > e.tlcap:
+            ncap = e.tlcap
+        buf = <tl_rec_t*>realloc(e.tl, ncap * sizeof(tl_rec_t))
+        if buf == NULL:
+            e.error = KW_ERR_NOMEM
+            return
+        e.tl = buf
+        e.tlalloc = ncap
+    if e.tlhead == e.tlcap:
+        e.tlhead = 0
+    r = &e.tl[e.tlhead]
+    if e.tlcount == e.tlcap:
+        # The oldest record leaves the window: the window now starts at its time,
+        # with its thread in the state it recorded.
+        e.tldropped += 1
+        e.tlbase[r.g] = r.state
+        e.tlt0 = r.t
+    else:
+        e.tlcount += 1
+    e.tlhead += 1
+    r.t = t
+    r.g = g
+    r.cpu = th.pcpu
+    r.state = s
+    memset(r._pad, 0, 7)
+
+
 cdef inline void rq_append(engine_t* e, cpu_t* cpu, int32_t g) noexcept nogil:
     e.th[g].rq_next = -1
     if cpu.rq_tail >= 0:
@@ -66,6 +104,8 @@ cdef int release_cpu(engine_t* e, thread_t* th, uint64_t t) noexcept nogil:
 
 cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef thread_t* th = &e.th[g]
+    if e.tlcap:
+        tl_note(e, th, g, t, TS_RUNNING)
     th.state = TS_RUNNING
     th.run_start = t
     if e.cpus[th.pcpu].rq_len:
@@ -77,6 +117,8 @@ cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         # Back in kvm_vcpu_block's loop after schedule().
         if check_block(e, g):
             return halt_done(e, g, t, 1, th.poll_end, 0)
+        if e.tlcap:
+            tl_note(e, th, g, t, TS_BLOCKED)
         th.state = TS_BLOCKED
         return release_cpu(e, th, t)
     if th.resume == RESUME_SLEEP:
@@ -84,6 +126,8 @@ cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         if asleep(e, th):
             if th.sig_pending:
                 return exit_to_user(e, g, t, EXIT_INTR, 0, 0, 0, 0, 0)
+            if e.tlcap:
+                tl_note(e, th, g, t, TS_BLOCKED)
             th.state = TS_BLOCKED
             return release_cpu(e, th, t)
         return enter(e, g, t, e.costs.vm_entry_ns)
@@ -119,6 +163,8 @@ cdef int slice_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         th.rem_gfrom += extra
         th.rem_gto += extra
     th.gen += 1
+    if e.tlcap:
+        tl_note(e, th, g, t, TS_RUNNABLE)
     th.state = TS_RUNNABLE
     th.resume = RESUME_SEGMENT
     rq_append(e, &e.cpus[th.pcpu], g)

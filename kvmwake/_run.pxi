@@ -49,6 +49,8 @@ cdef int guest_entry(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept
 cdef int vcpu_sleep(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     """kvm_vcpu_sleep: wait on the rcuwait until no longer STOPPED (or a signal)."""
     cdef thread_t* th = &e.th[g]
+    if e.tlcap:
+        tl_note(e, th, g, t, TS_BLOCKED)
     th.state = TS_BLOCKED
     th.resume = RESUME_SLEEP
     th.gen += 1
@@ -69,6 +71,8 @@ cdef int exit_to_user(engine_t* e, uint32_t g, uint64_t t, uint32_t reason, uint
     th.exit_ucall = ucall
     th.exit_value = value
     th.exit_time = t
+    if e.tlcap:
+        tl_note(e, th, g, t, TS_USER)
     th.state = TS_USER
     th.resume = RESUME_START
     th.gen += 1

@@ -6,7 +6,7 @@
 #: The engine_t scalars a snapshot carries (the rest is derived).
 SNAPSHOT_SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdropped",
                     "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len",
-                    "talloc")
+                    "talloc", "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc")
 
 
 def _engine_export(Engine self):
@@ -29,11 +29,18 @@ def _engine_export(Engine self):
     _copy_trace(e, <trace_rec_t*>cnp.PyArray_DATA(trace))
     scalars["thead"] = n
     scalars["talloc"] = n
+    # The state timeline ring, normalised the same way.
+    n = e.tlcount
+    timeline = np.zeros(n * sizeof(tl_rec_t), dtype=np.uint8)
+    _copy_timeline(e, <tl_rec_t*>cnp.PyArray_DATA(timeline))
+    scalars.update({"tlcap": e.tlcap, "tlhead": n, "tlcount": n, "tldropped": e.tldropped,
+                    "tlt0": e.tlt0, "tlalloc": n})
     arrays = {"threads": self._threads.copy(), "irqs": self._irqs.copy(),
               "vms": self._vms.copy(), "gics": self._gics.copy(), "srcs": self._srcs.copy(),
               "times": self._times.copy(), "cpus": self._cpus.copy(),
               "stats": self._stats.copy(), "lat": self._lat.copy(), "ops": self._ops.copy(),
-              "exitq": self._exitq.copy(), "heap": heap, "trace": trace}
+              "exitq": self._exitq.copy(), "heap": heap, "trace": trace,
+              "timeline": timeline, "tlbase": self._tlbase.copy()}
     return scalars, arrays
 
 
@@ -56,11 +63,26 @@ cdef void _copy_trace(engine_t* e, trace_rec_t* out) noexcept nogil:
         out[i].valid = r.valid
 
 
+cdef void _copy_timeline(engine_t* e, tl_rec_t* out) noexcept nogil:
+    """The timeline ring, oldest first, padding zeroed (out is zeroed)."""
+    cdef uint64_t i, n = e.tlcount, start
+    cdef tl_rec_t* r
+    if n == 0:
+        return
+    start = (e.tlhead + e.tlcap - n) % e.tlcap if n == e.tlcap else 0
+    for i in range(n):
+        r = &e.tl[(start + i) % e.tlcap]
+        out[i].t = r.t
+        out[i].g = r.g
+        out[i].cpu = r.cpu
+        out[i].state = r.state
+
+
 def struct_sizes():
     return {"thread_t": sizeof(thread_t), "virq_t": sizeof(virq_t), "vm_t": sizeof(vm_t),
             "gic_t": sizeof(gic_t), "source_t": sizeof(source_t), "cpu_t": sizeof(cpu_t),
             "event_t": sizeof(event_t), "trace_rec_t": sizeof(trace_rec_t),
-            "op_t": sizeof(op_t)}
+            "op_t": sizeof(op_t), "tl_rec_t": sizeof(tl_rec_t)}
 
 
 def _engine_import(Engine self, dict scalars, dict arrays):
@@ -69,7 +91,7 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     Raises ValueError naming the first inconsistency; the engine is then unusable.
     """
     cdef engine_t* e = &self.e
-    cdef uint64_t nheap, ntrace
+    cdef uint64_t nheap, ntrace, ntl
     self._failed = True                    # until every check has passed
     self._threads = arrays["threads"]
     self._irqs = arrays["irqs"]
@@ -82,6 +104,7 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     self._lat = arrays["lat"]
     self._ops = arrays["ops"]
     self._exitq = arrays["exitq"]
+    self._tlbase = arrays["tlbase"]
     e.nth = <uint32_t>(len(self._threads) // sizeof(thread_t))
     e.nvm = <uint32_t>(len(self._vms) // sizeof(vm_t))
     e.nsrc = <uint32_t>(len(self._srcs) // sizeof(source_t))
@@ -111,6 +134,21 @@ def _engine_import(Engine self, dict scalars, dict arrays):
             raise MemoryError("no memory for the snapshot's trace")
         memcpy(e.trace, cnp.PyArray_DATA(arrays["trace"]), ntrace * sizeof(trace_rec_t))
         e.talloc = ntrace
+    ntl = len(arrays["timeline"]) // sizeof(tl_rec_t)
+    if len(arrays["timeline"]) % sizeof(tl_rec_t) or ntl != scalars["tlcount"] \
+            or scalars["tlhead"] != ntl or scalars["tlalloc"] != ntl:
+        raise ValueError("the timeline ring's record count disagrees with its positions")
+    free(e.tl)
+    e.tl = NULL
+    e.tlalloc = 0
+    if ntl:
+        e.tl = <tl_rec_t*>malloc(ntl * sizeof(tl_rec_t))
+        if e.tl == NULL:
+            raise MemoryError("no memory for the snapshot's timeline")
+        memcpy(e.tl, cnp.PyArray_DATA(arrays["timeline"]), ntl * sizeof(tl_rec_t))
+        e.tlalloc = ntl
+    e.tlcap, e.tlhead, e.tlcount = scalars["tlcap"], scalars["tlhead"], scalars["tlcount"]
+    e.tldropped, e.tlt0 = scalars["tldropped"], scalars["tlt0"]
     e.now, e.seq, e.events, e.halts = (scalars["now"], scalars["seq"], scalars["events"],
                                        scalars["halts"])
     e.tcap, e.thead, e.tcount, e.tdropped = (scalars["tcap"], scalars["thead"],
@@ -152,6 +190,18 @@ cdef _check_state(Engine self):
         raise ValueError("a trace without a trace capacity")
     if e.exq_len > e.nth or (e.nth and e.exq_head >= e.nth) or (not e.nth and e.exq_head):
         raise ValueError("exit queue positions out of range")
+    if len(self._tlbase) != e.nth:
+        raise ValueError("the timeline's base states disagree on the vCPU count")
+    if e.tlcount > e.tlcap or e.tlt0 > e.now or (e.tldropped and e.tlcount != e.tlcap):
+        raise ValueError("timeline ring positions out of range")
+    for g in range(e.nth):
+        if e.tlbase[g] > TS_RUNNABLE:
+            raise ValueError(f"thread {g}: an unknown timeline base state")
+    for i in range(e.tlcount):
+        if e.tl[i].g >= e.nth or e.tl[i].cpu != e.th[e.tl[i].g].pcpu \
+                or e.tl[i].state > TS_RUNNABLE or e.tl[i].t < e.tlt0 or e.tl[i].t > e.now \
+                or (i and e.tl[i].t < e.tl[i - 1].t):
+            raise ValueError(f"timeline record {i}: out of range or out of order")
     n = 0
     for v in range(e.nvm):
         vm = &e.vms[v]

@@ -1,7 +1,15 @@
 """The ``kvmwake`` command line.
 
-    kvmwake run [SCENARIO] [--vcpus N] [--host-cpus N] [--sim-ms MS] [--seed S]
-                [--engine core|reference] [--json PATH] [--trace PATH]
+    kvmwake run [SCENARIO | FILE.toml] [--vcpus N] [--host-cpus N] [--sim-ms MS] [--seed S]
+                [--engine core|reference] [--json PATH] [--trace PATH] [--npz PATH]
+                [--plot PATH] [--out DIR | --no-out] [--quiet]
+
+    With no output option, ``kvmwake run`` writes kvmwake-out/summary.json,
+    kvmwake-out/vm0.trace and (with matplotlib) kvmwake-out/plot.png.
+    The run goes in chunks of virtual time: a progress bar (tqdm, if
+    installed) appears on runs longer than two seconds when stderr is a
+    terminal, and Ctrl-C stops between chunks, writes what was computed and
+    exits 130.
     kvmwake scenarios
     kvmwake kernel record|calibrate|compare ...    (see kvmwake.kernel)
     kvmwake kernel replay TRACE --halt-poll-ns N [--grow G] [--grow-start S] [--shrink K] [--json]
@@ -11,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 from . import __version__
+from . import outputs as _outputs
 from . import scenarios as _scenarios
 from . import snapshot as _snapshot
 from . import stats as _stats
@@ -56,19 +66,66 @@ def _positive_float(text: str) -> float:
     return v
 
 
+DEFAULT_OUT_DIR = "kvmwake-out"
+#: Chunks a run is cut into (in virtual time) for progress and Ctrl-C.
+RUN_CHUNKS = 64
+
+
+def _on_chunk(host, now_ns: int, end_ns: int) -> None:
+    """Called after every chunk of a run (tests patch it to simulate Ctrl-C)."""
+
+
+def _progress(total_ns: int, quiet: bool):
+    """A tqdm bar shown once the run has taken 2 s, on a terminal only; or None."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total_ns / 1e6, unit="ms", unit_scale=False, delay=2.0, leave=False,
+                desc="simulating", bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} virtual ms "
+                                              "[{elapsed}<{remaining}]")
+
+
+def run_chunked(host, until_ns: int, quiet: bool = True) -> None:
+    """``host.run(until_ns)`` in chunks (the result does not depend on them), with a
+    progress bar; KeyboardInterrupt propagates between (or inside) chunks."""
+    start = host.now
+    span = until_ns - start
+    step = max(1, -(-span // RUN_CHUNKS)) if span > 0 else 1
+    bar = _progress(span, quiet)
+    try:
+        t = start
+        while t < until_ns:
+            t = min(until_ns, t + step)
+            host.run(t)
+            if bar is not None:
+                bar.update((t - start) / 1e6 - bar.n)
+            _on_chunk(host, t, until_ns)
+        if host.now < until_ns:
+            host.run(until_ns)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmwake", description=(
         "A fast, deterministic model of how Linux KVM halts, polls, blocks and wakes vCPUs."))
     p.add_argument("--version", action="version", version=f"kvmwake {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a built-in scenario and print its halt stats")
+    r = sub.add_parser("run", help="run a scenario (built-in or a .toml file) and print its "
+                                   "halt stats")
     r.add_argument("scenario", nargs="?", default="default",
-                   help="built-in scenario (see 'kvmwake scenarios'; default: %(default)s)")
+                   help="built-in scenario name (see 'kvmwake scenarios') or a scenario .toml "
+                        "file (default: %(default)s)")
     r.add_argument("--vcpus", type=_positive_int, help="total vCPUs (scenario default if omitted)")
     r.add_argument("--host-cpus", type=_positive_int, help="host CPUs")
     r.add_argument("--sim-ms", type=_positive_float, help="virtual time to simulate, ms")
-    r.add_argument("--seed", type=_nonneg_int, default=0, help="seed (default: %(default)s)")
+    r.add_argument("--seed", type=_nonneg_int, default=None,
+                   help="seed (default: the scenario's, 0 for the built-ins)")
     r.add_argument("--engine", choices=("core", "reference"), default="core",
                    help="simulation engine (default: %(default)s)")
     r.add_argument("--json", metavar="PATH", help="write the summary as JSON ('-' for stdout)")
@@ -76,7 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write kvm_vcpu_wakeup / kvm_halt_poll_ns lines of VM 0 in the kernel's text")
     r.add_argument("--trace-capacity", type=_nonneg_int, default=1 << 20,
                    help="tracepoint records kept with --trace (newest; default: %(default)s)")
-    r.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    r.add_argument("--npz", metavar="PATH",
+                   help="write per-vCPU stats, histograms and wake latencies as .npz arrays")
+    r.add_argument("--plot", metavar="PATH",
+                   help="write a PNG: wake-latency histogram, halt_poll_ns over time, host "
+                        "CPU time (needs matplotlib: pip install 'kvmwake[plot]')")
+    r.add_argument("--out", metavar="DIR",
+                   help="write summary.json, vm0.trace and plot.png (with matplotlib) into DIR; "
+                        "the default when no other output option is given is "
+                        f"{DEFAULT_OUT_DIR}")
+    r.add_argument("--no-out", action="store_true",
+                   help=f"write no files (not even to {DEFAULT_OUT_DIR})")
+    r.add_argument("--quiet", "-q", action="store_true",
+                   help="print nothing but errors (and no progress bar)")
     r.add_argument("--snapshot-at", type=_positive_float, metavar="MS",
                    help="save a snapshot at this virtual time (ms; with --snapshot)")
     r.add_argument("--snapshot", metavar="PATH", help="where --snapshot-at writes the snapshot")
@@ -84,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run saved in a snapshot (to its --sim-ms end, or "
                         "to --sim-ms if given)")
 
-    sub.add_parser("scenarios", help="list the built-in scenarios")
+    sub.add_parser("scenarios", help="list the built-in scenarios, one line each")
 
     k = sub.add_parser("kernel", help="record, calibrate against, compare with and replay "
                                       "the real kernel")
@@ -97,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_scenario(args) -> dict:
     sim_ns = None if args.sim_ms is None else int(round(args.sim_ms * 1_000_000))
-    trace_cap = args.trace_capacity if args.trace else 0
+    trace_cap = args.trace_capacity if (args.trace or args.plot) else 0
     if (args.snapshot_at is None) != (args.snapshot is None):
         raise ValueError("--snapshot-at and --snapshot go together")
     t0 = time.perf_counter()
@@ -110,6 +179,7 @@ def run_scenario(args) -> dict:
             if not isinstance(sim_ns, int):
                 raise ValueError(f"{args.restore}: the snapshot names no end time; give --sim-ms")
         args.seed, args.engine = host.seed, host.engine_name
+        path = None
         start_events, start_halts = host.events, host.halts
     else:
         host, sim_ns, sc = _scenarios.build(args.scenario, vcpus=args.vcpus,
@@ -117,6 +187,8 @@ def run_scenario(args) -> dict:
                                             seed=args.seed, engine=args.engine,
                                             trace_capacity=trace_cap)
         name = sc.name
+        path = sc.path
+        args.seed = host.seed
         start_events = start_halts = 0
     if sim_ns < host.now:
         raise ValueError(f"the run ends at {sim_ns} ns, before the snapshot's {host.now} ns")
@@ -125,11 +197,29 @@ def run_scenario(args) -> dict:
         at = int(round(args.snapshot_at * 1_000_000))
         if not host.now <= at <= sim_ns:
             raise ValueError(f"--snapshot-at {args.snapshot_at} ms is outside the run")
-        host.run(at)
+        interrupted = _run_interruptible(host, at, args.quiet)
+        if interrupted:
+            return _summarize(args, host, name, path, host.now, t0, t1, start_events,
+                              start_halts, interrupted=True)
         data = _snapshot.host_to_bytes(host, run={"scenario": name, "sim_ns": sim_ns})
         with open(args.snapshot, "wb") as fh:
             fh.write(data)
-    host.run(sim_ns)
+    interrupted = _run_interruptible(host, sim_ns, args.quiet)
+    return _summarize(args, host, name, path, host.now if interrupted else sim_ns, t0, t1,
+                      start_events, start_halts, interrupted)
+
+
+def _run_interruptible(host, until_ns, quiet) -> bool:
+    """Run; True if Ctrl-C stopped it (the host keeps what was computed)."""
+    try:
+        run_chunked(host, until_ns, quiet)
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
+def _summarize(args, host, name, path, sim_ns, t0, t1, start_events, start_halts,
+               interrupted) -> dict:
     wall = time.perf_counter() - t1
     rows = [vm.stats_array() for vm in host.vms]
     import numpy as np
@@ -137,7 +227,7 @@ def run_scenario(args) -> dict:
     stats = _stats.sum_rows(allrows, host.arch)
     lat = _stats.latency_percentiles(host.latency_histogram())
     summary = {
-        "scenario": name, "arch": host.arch, "engine": args.engine, "seed": args.seed,
+        "scenario": name, "scenario_file": str(path) if path else None, "arch": host.arch, "engine": args.engine, "seed": args.seed,
         "vcpus": int(allrows.shape[0]), "vms": len(host.vms), "host_cpus": host.host_cpus,
         "sim_ns": sim_ns, "build_s": t1 - t0, "wall_s": wall,
         "events": host.events, "halts": host.halts,
@@ -147,14 +237,64 @@ def run_scenario(args) -> dict:
         "stats": _stats.to_jsonable(stats),
         "exits": sum(vm.exits for vm in host.vms),
     }
+    if interrupted:
+        summary["interrupted"] = True
     vmm = _vmm_summary(host)
     if vmm:
         summary["vmm"] = vmm
+    summary["_host"] = host
+    return summary
+
+
+def _resolve_outputs(args) -> list:
+    """Fill in --out's files; returns notes for the summary's end."""
+    notes = []
+    if args.no_out:
+        if args.out:
+            raise ValueError("--out and --no-out contradict each other")
+        return notes
+    if args.out is None and not (args.json or args.trace or args.npz or args.plot):
+        args.out = DEFAULT_OUT_DIR
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        args.json = args.json or os.path.join(args.out, "summary.json")
+        args.trace = args.trace or os.path.join(args.out, "vm0.trace")
+        if args.plot is None:
+            if _outputs.have_matplotlib():
+                args.plot = os.path.join(args.out, "plot.png")
+            else:
+                notes.append("no plot: matplotlib is not installed (pip install 'kvmwake[plot]')")
+    elif args.plot and not _outputs.have_matplotlib():
+        raise ValueError("--plot needs matplotlib: pip install 'kvmwake[plot]'")
+    return notes
+
+
+def write_outputs(args, summary: dict) -> list:
+    """Write the files asked for; returns [(what, path)] written."""
+    host = summary.pop("_host")
+    written = []
     if args.trace:
         with open(args.trace, "w") as fh:
             fh.write(host.vms[0].trace_text())
         summary["trace"] = args.trace
-    return summary
+        written.append(("trace of VM 0", args.trace))
+    if args.npz:
+        _outputs.write_npz(host, args.npz, summary["sim_ns"])
+        summary["npz"] = args.npz
+        written.append(("arrays", args.npz))
+    if args.plot:
+        _outputs.write_plot(host, args.plot, summary["sim_ns"])
+        summary["plot"] = args.plot
+        written.append(("plot", args.plot))
+    if args.json:
+        text = json.dumps(summary, indent=2, sort_keys=True)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as fh:
+                fh.write(text + "\n")
+            written.append(("summary", args.json))
+    return written
 
 
 def _vmm_summary(host) -> dict:
@@ -211,8 +351,9 @@ def print_summary(s: dict, out=None) -> None:
     if s["halts_per_s"] is not None:
         w(f"  {s['halts_per_s']:,.0f} halts per wall second, "
           f"{s['events_per_s']:,.0f} events per wall second\n")
-    if s.get("trace"):
-        w(f"  trace of VM 0 written to {s['trace']}\n")
+    if s.get("interrupted"):
+        w(f"  interrupted at {s['sim_ns'] / 1e6:,.3f} ms of virtual time: the results cover "
+          "the run so far\n")
 
 
 def main(argv=None) -> int:
@@ -221,22 +362,24 @@ def main(argv=None) -> int:
     try:
         if args.command == "scenarios":
             for name in _scenarios.names():
-                print(f"{name:<12} {_scenarios.get(name).description}")
+                print(f"{name:<14} {_scenarios.get(name).description}")
             return 0
         if args.command == "kernel":
             if args.kernel_command == "replay":
                 return _replay_run(args)
             return _kernel_run(args)
+        notes = _resolve_outputs(args)
         summary = run_scenario(args)
-        if args.json:
-            text = json.dumps(summary, indent=2, sort_keys=True)
-            if args.json == "-":
-                print(text)
-            else:
-                with open(args.json, "w") as fh:
-                    fh.write(text + "\n")
+        written = write_outputs(args, summary)
         if not args.quiet and args.json != "-":
             print_summary(summary)
+            for what, path in written:
+                print(f"  {what} written to {path}")
+            for note in notes:
+                print(f"  {note}")
+        if summary.get("interrupted"):
+            print("kvmwake: interrupted; wrote what was computed", file=sys.stderr)
+            return 130
         return 0
     except (ScenarioError, ProgramError, KvmError, EngineError, SnapshotError, ValueError,
             TypeError, OSError) as exc:

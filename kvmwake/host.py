@@ -67,15 +67,19 @@ class Host:
     trace_capacity : int
         Tracepoint records kept (the newest, like ftrace's ring buffer); 0
         turns tracing off.
+    timeline_capacity : int
+        State-timeline records kept (the newest; see ``kvmwake.timeline``); 0,
+        the default, turns the timeline off.
     """
 
     def __init__(self, host_cpus: int = 1, arch: str = "arm64", seed: int = 0,
                  costs: dict | None = None, engine: str = "core",
-                 trace_capacity: int = 1 << 20):
+                 trace_capacity: int = 1 << 20, timeline_capacity: int = 0):
         host_cpus = check_int("host_cpus", host_cpus, 1, MAX_HOST_CPUS)
         arch = check_arch(arch)
         seed = check_int("seed", seed, 0, (1 << 64) - 1)
         trace_capacity = check_int("trace_capacity", trace_capacity, 0, 1 << 32)
+        timeline_capacity = check_int("timeline_capacity", timeline_capacity, 0, 1 << 32)
         merged = dict(COST_DEFAULTS)
         for name, value in (costs or {}).items():
             if name not in COST_DEFAULTS:
@@ -84,7 +88,8 @@ class Host:
         self.arch = arch
         self.seed = seed
         self.engine_name = engine
-        self._engine = _engine_class(engine)(arch, host_cpus, seed, merged, trace_capacity)
+        self._engine = _engine_class(engine)(arch, host_cpus, seed, merged, trace_capacity,
+                                             timeline_capacity)
         self.host_cpus = host_cpus
         self.vms: list = []
         self._nthreads = 0
@@ -221,6 +226,31 @@ class Host:
     def __reduce__(self):
         from . import snapshot
         return (snapshot.restore_host_only, (self.snapshot(),))
+
+    # -- the state timeline (kvmwake.timeline) ----------------------------------------------
+
+    def enable_timeline(self, capacity: int) -> None:
+        """Turn the state timeline on (``capacity`` records; 0: off), at any time before
+        it has recorded anything (e.g. after building or restoring a host); its window
+        starts now, with every thread in its present state."""
+        capacity = check_int("timeline_capacity", capacity, 0, 1 << 32)
+        self._engine.set_timeline_capacity(capacity)
+
+    @property
+    def timeline_capacity(self) -> int:
+        return self._engine.timeline_capacity
+
+    @property
+    def timeline_dropped(self) -> int:
+        return self._engine.timeline_dropped
+
+    def timeline_array(self):
+        """Recorded thread state changes, oldest first (``timeline.TIMELINE_DTYPE``)."""
+        return self._engine.timeline_array()
+
+    def timeline_totals(self, now: int | None = None) -> dict:
+        """Per host CPU, ns running, polling and idle over the recorded window."""
+        return self._engine.timeline_totals(self.now if now is None else now)
 
     def latency_histogram(self):
         """Wake-latency histogram over the host (see ``model.lat_bucket``)."""

@@ -1615,6 +1615,8 @@ class Engine:
         if self.timeline or self.timeline_dropped:
             raise ValueError("the timeline capacity can only be set before it records")
         self.tl_cap = capacity
+        self.tl_t0 = self.now
+        self.tl_base = [int(th.state) for th in self.threads]
 
     def timeline_array(self) -> np.ndarray:
         from .timeline import to_array

@@ -51,9 +51,10 @@ MAX_BODY = 1 << 40             # 1 TiB: anything larger is not a snapshot of our
 ZLIB_LEVEL = 1                 # the stats histograms are mostly zeros
 _DTYPES = {"u1": np.uint8, "u4": np.uint32, "u8": np.uint64}
 _ARRAYS = ("threads", "irqs", "vms", "gics", "srcs", "times", "cpus", "stats", "lat", "ops",
-           "exitq", "heap", "trace")
+           "exitq", "heap", "trace", "timeline", "tlbase")
 _SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdropped",
-            "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len", "talloc")
+            "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len", "talloc",
+            "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc")
 
 
 def _digest(data) -> bytes:

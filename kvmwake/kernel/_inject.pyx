@@ -29,6 +29,7 @@ cdef extern from *:
     #include <string.h>
     #include <stdint.h>
     #include <stdlib.h>
+    #include <stdio.h>
     #include <unistd.h>
     #include <sys/ioctl.h>
     #include <sys/prctl.h>
@@ -153,8 +154,11 @@ cdef extern from *:
     static void* kw_vcpu_main(void* arg) {
         kw_vcpu_t* v = (kw_vcpu_t*)arg;
         kw_session_t* s = v->s;
+        char name[16];
         kw_pin(v->cpu);
         v->tid = (int)syscall(SYS_gettid);
+        snprintf(name, sizeof name, "CPU %d/KVM", v->idx);
+        pthread_setname_np(pthread_self(), name);
         kw_unblock_kick(s->kick_sig);
         volatile uint8_t* run = v->run;
         int64_t back = 0;
@@ -210,11 +214,17 @@ cdef extern from *:
     static void kw_sleep_until(kw_session_t* s, int64_t target) {
         struct timespec ts;
         int64_t wake = target;
+        /* Already late: no sleep at all (clock_nanosleep with a past deadline can still
+           schedule and cost a whole timer wake-up). */
+        if (kw_now() >= target) return;
         if (s->mode == 1) {
             while (!s->stop && kw_now() < target) { }
             return;
         }
-        if (s->mode == 2) wake = target - s->spin_ns;
+        if (s->mode == 2) {
+            wake = target - s->spin_ns;
+            if (kw_now() >= wake) goto spin;
+        }
         ts.tv_sec = wake / 1000000000LL;
         ts.tv_nsec = wake % 1000000000LL;
         while (!s->stop) {
@@ -222,14 +232,16 @@ cdef extern from *:
             if (rc == 0) break;
             if (rc != EINTR) break;
         }
-        if (s->mode == 2)
-            while (!s->stop && kw_now() < target) { }
+        if (s->mode != 2) return;
+    spin:
+        while (!s->stop && kw_now() < target) { }
     }
 
     static void* kw_inj_main(void* arg) {
         kw_session_t* s = (kw_session_t*)arg;
         kw_pin(s->inj_cpu);
         s->inj_tid = (int)syscall(SYS_gettid);
+        pthread_setname_np(pthread_self(), "kvmwake-inject");
         prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
         kw_unblock_kick(s->kick_sig);
         kw_msi_t msi;

@@ -16,7 +16,9 @@ with it on the kernel adapts nothing and every predicted line shows up as a
 mismatch.  A trace with lost events (``[LOST N EVENTS]``) cannot be replayed
 exactly either.
 
-Command line: ``kvmwake kernel replay TRACE --halt-poll-ns N ...`` (``main``).
+Command line: ``kvmwake kernel replay TRACE --halt-poll-ns N ...`` (``main``);
+``kvmwake kernel replay DIR`` on a recording folder takes the module
+parameters and the cap from its ``metadata.json`` (options still override).
 """
 
 from __future__ import annotations
@@ -199,14 +201,19 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                           "and check every kvm_halt_poll_ns line.")
     parser.add_argument("trace", metavar="TRACE",
                         help="trace file, or a recording directory holding 'trace' or 'trace.txt'")
-    parser.add_argument("--halt-poll-ns", type=_u32, required=True, metavar="N",
-                        help="kvm.halt_poll_ns module parameter when the trace was taken")
-    parser.add_argument("--grow", type=_u32, default=HALT_POLL_NS_GROW_DEFAULT,
-                        metavar="G", help="kvm.halt_poll_ns_grow (default %(default)s)")
-    parser.add_argument("--grow-start", type=_u32, default=HALT_POLL_NS_GROW_START_DEFAULT,
-                        metavar="S", help="kvm.halt_poll_ns_grow_start (default %(default)s)")
-    parser.add_argument("--shrink", type=_u32, default=HALT_POLL_NS_SHRINK_DEFAULT,
-                        metavar="K", help="kvm.halt_poll_ns_shrink (default %(default)s)")
+    parser.add_argument("--halt-poll-ns", type=_u32, metavar="N",
+                        help="kvm.halt_poll_ns module parameter when the trace was taken "
+                             "(required for a trace file; a recording folder's metadata.json "
+                             "supplies it and the other parameters)")
+    parser.add_argument("--grow", type=_u32, default=None,
+                        metavar="G", help=f"kvm.halt_poll_ns_grow (default "
+                                          f"{HALT_POLL_NS_GROW_DEFAULT})")
+    parser.add_argument("--grow-start", type=_u32, default=None,
+                        metavar="S", help=f"kvm.halt_poll_ns_grow_start (default "
+                                          f"{HALT_POLL_NS_GROW_START_DEFAULT})")
+    parser.add_argument("--shrink", type=_u32, default=None,
+                        metavar="K", help=f"kvm.halt_poll_ns_shrink (default "
+                                          f"{HALT_POLL_NS_SHRINK_DEFAULT})")
     parser.add_argument("--max-halt-poll-ns", type=_u32, metavar="M",
                         help="the VM's KVM_CAP_HALT_POLL ceiling, if it set one "
                              "(overrides --halt-poll-ns as the ceiling)")
@@ -239,13 +246,47 @@ def _print_table(trace: str, r: ReplayResult) -> None:
                   f"expected {m['expected'] or 'none'}, recorded {m['actual'] or 'none'}")
 
 
+def recording_params(path: str | os.PathLike[str]) -> tuple[dict, int | None] | None:
+    """The module parameters and the VM's cap of a recording folder (``metadata.json``
+    written by ``kvmwake kernel record``), or None if ``path`` is not one."""
+    meta_path = Path(path) / "metadata.json"
+    if not Path(path).is_dir() or not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        mp = meta["module_params"]
+        params = {k: int(mp[k]) for k in ("halt_poll_ns", "halt_poll_ns_grow",
+                                          "halt_poll_ns_grow_start", "halt_poll_ns_shrink")
+                  if k in mp}
+        cap = meta.get("halt_poll_cap")
+        if "halt_poll_ns" not in params or not (cap is None or isinstance(cap, int)):
+            raise ValueError("module_params.halt_poll_ns or halt_poll_cap")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TraceFormatError(f"{meta_path}: unreadable or incomplete ({exc})") from None
+    return params, cap
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed ``kvmwake kernel replay`` command; 0 all matched, 1 mismatches, 2 bad input."""
-    params = HaltPollParams(halt_poll_ns=args.halt_poll_ns, halt_poll_ns_grow=args.grow,
-                            halt_poll_ns_grow_start=args.grow_start,
-                            halt_poll_ns_shrink=args.shrink)
     try:
-        result = replay_file(args.trace, params, args.max_halt_poll_ns)
+        rec = recording_params(args.trace)
+        given = {"halt_poll_ns": args.halt_poll_ns, "halt_poll_ns_grow": args.grow,
+                 "halt_poll_ns_grow_start": args.grow_start, "halt_poll_ns_shrink": args.shrink}
+        base = {"halt_poll_ns_grow": HALT_POLL_NS_GROW_DEFAULT,
+                "halt_poll_ns_grow_start": HALT_POLL_NS_GROW_START_DEFAULT,
+                "halt_poll_ns_shrink": HALT_POLL_NS_SHRINK_DEFAULT}
+        ceiling = args.max_halt_poll_ns
+        if rec is not None:
+            base.update(rec[0])
+            if ceiling is None:
+                ceiling = rec[1]
+        elif args.halt_poll_ns is None:
+            print("kvmwake: error: --halt-poll-ns is required unless TRACE is a recording "
+                  "folder with metadata.json", file=sys.stderr)
+            return 2
+        base.update({k: v for k, v in given.items() if v is not None})
+        params = HaltPollParams(**base)
+        result = replay_file(args.trace, params, ceiling)
     except TraceFormatError as exc:
         print(f"kvmwake: error: {exc}", file=sys.stderr)
         return 2

@@ -284,6 +284,10 @@ class TraceCapture:
                     _write(p, _current_clock(value) if p.name == "trace_clock" else value)
                 except OSError as exc:
                     problems.append(f"{p}: {exc}")
+        if self.mounted_by_us is not None and self._others_recording():
+            problems.append(f"left tracefs mounted on {self.mounted_by_us}: another kvmwake "
+                            f"recording is using it")
+            self.mounted_by_us = None
         if self.mounted_by_us is not None:
             for _ in range(20):
                 if _umount(self.mounted_by_us):
@@ -293,6 +297,20 @@ class TraceCapture:
                 problems.append(f"could not unmount {self.mounted_by_us}")
             self.mounted_by_us = None
         return problems
+
+    def _others_recording(self) -> bool:
+        inst = self.root / "instances"
+        if not inst.is_dir():
+            return False
+        for d in inst.iterdir():
+            if d.name.startswith(INSTANCE_PREFIX) and d != self.instance:
+                try:
+                    pid = int(d.name[len(INSTANCE_PREFIX):].split("-")[0])
+                except ValueError:
+                    continue
+                if pid != os.getpid() and _pid_alive(pid):
+                    return True
+        return False
 
     def __enter__(self):
         return self

@@ -1,4 +1,4 @@
-"""Built-in scenarios: whole hosts of VMs with guest programs and wake sources.
+"""The built-in scenarios as they were built in Python, kept to check the TOML files against.
 
 ``build(name, ...)`` returns a ready ``Host`` and the virtual time to run.
 
@@ -34,12 +34,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import guest as g
-from .errors import ScenarioError
-from .host import Host, check_int
-from . import vmm as _vmm
-from .model import DEFAULT_NR_SPIS, MAX_NR_SPIS, MAX_VCPUS, mpidr_of
-from .uapi import Cap, PsciFn
+from kvmwake import guest as g
+from kvmwake.errors import ScenarioError
+from kvmwake.host import Host, check_int
+from kvmwake import vmm as _vmm
+from kvmwake.model import DEFAULT_NR_SPIS, MAX_NR_SPIS, MAX_VCPUS, mpidr_of
+from kvmwake.uapi import Cap, PsciFn
 
 MS = 1_000_000
 US = 1_000

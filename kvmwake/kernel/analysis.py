@@ -1,0 +1,202 @@
+"""The figures compared between the kernel and the model, computed the same way for both.
+
+From a trace (real or simulated) and the time each wake's MSI was sent:
+
+* **halts**: one per ``kvm_vcpu_wakeup`` line: vCPU, end (the line's
+  timestamp), length (``ns``), waited or polled;
+* **waker**: the wake that ended a halt: the first MSI to that vCPU sent at
+  or after the halt began (a pending one would have stopped the guest before
+  its ``hlt``); a halt with no such MSI up to its end has none;
+* **poll/wait split**: the share of halts whose line says ``poll`` /
+  ``wait`` (``poll`` also counts the rare halt that ended before it blocked,
+  with no polling at all, as the kernel's line does);
+* **wait time**: the length of the halts that waited (``halt_ns``; with
+  polling stopped at once by a busy CPU it is the wait itself);
+* **wake latency**: from the waker's send to the halt's end (the vCPU thread
+  running again), and the host-observed latency (send to the handler's port
+  exit in userspace) of those wakes;
+* the binary-stats figures (``halt_wait_hist`` ...), summed over vCPUs.
+
+Each vCPU's first halt (the long one before the first wake, while the
+harness starts) is left out of every figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..tracefmt import WAKEUP
+
+QUANTILES = (50, 90, 99)
+
+
+@dataclass
+class Halts:
+    vcpu: np.ndarray      # int32
+    end: np.ndarray       # int64 ns
+    ns: np.ndarray        # int64 halt length
+    waited: np.ndarray    # bool
+    first: np.ndarray     # bool: the vCPU's first halt in the trace
+
+    @property
+    def start(self) -> np.ndarray:
+        return self.end - self.ns
+
+    def __len__(self) -> int:
+        return len(self.end)
+
+
+#: The kernel prints timestamps truncated to the microsecond.
+TRACE_TEXT_RESOLUTION_NS = 1000
+
+
+def halts_from_events(events, pid_to_vcpu: dict[int, int], resolution_ns: int = 0) -> Halts:
+    """Halts of the vCPU threads in ``pid_to_vcpu``.  ``resolution_ns``: the events'
+    timestamps are truncated to it (1000 for trace text); the end is taken in the
+    middle of that interval."""
+    half = resolution_ns // 2
+    rows = [(pid_to_vcpu[e.pid], e.ts_ns + half, e.ns, e.waited) for e in events
+            if e.event == WAKEUP and e.pid in pid_to_vcpu]
+    if not rows:
+        z = np.zeros(0, dtype=np.int64)
+        return Halts(z.astype(np.int32), z, z, z.astype(bool), z.astype(bool))
+    a = np.array(rows, dtype=np.int64)
+    vcpu = a[:, 0].astype(np.int32)
+    first = np.zeros(len(a), dtype=bool)
+    seen = set()
+    for i, v in enumerate(vcpu.tolist()):
+        if v not in seen:
+            first[i] = True
+            seen.add(v)
+    return Halts(vcpu, a[:, 1], a[:, 2], a[:, 3].astype(bool), first)
+
+
+def match_wakers(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray,
+                 end_slack_ns: int = 1000) -> np.ndarray:
+    """Index of the wake that ended each halt, or -1.
+
+    ``end_slack_ns`` covers the trace's microsecond timestamps (a line shows
+    the end truncated to the microsecond)."""
+    out = np.full(len(h), -1, dtype=np.int64)
+    for v in np.unique(h.vcpu):
+        idx = np.nonzero(wake_vcpu == v)[0]
+        if not len(idx):
+            continue
+        order = np.argsort(send_ns[idx], kind="stable")
+        idx = idx[order]
+        sends = send_ns[idx]
+        sel = np.nonzero(h.vcpu == v)[0]
+        pos = np.searchsorted(sends, h.start[sel], side="left")
+        ok = pos < len(sends)
+        cand = np.where(ok, idx[np.minimum(pos, len(idx) - 1)], -1)
+        ok &= send_ns[np.maximum(cand, 0)] <= h.end[sel] + end_slack_ns
+        out[sel] = np.where(ok, cand, -1)
+    return out
+
+
+def quantiles(a, qs=QUANTILES) -> dict:
+    a = np.asarray(a, dtype=np.float64)
+    if a.size == 0:
+        return {f"p{q}": None for q in qs} | {"n": 0}
+    return {f"p{q}": float(np.percentile(a, q)) for q in qs} | {"n": int(a.size)}
+
+
+def hist_median(hist) -> float | None:
+    """Median of a 32-bucket log2 histogram (bucket i is [2^(i-1), 2^i)), interpolated
+    geometrically within its bucket."""
+    h = np.asarray(hist, dtype=np.float64)
+    total = h.sum()
+    if total == 0:
+        return None
+    cum = np.cumsum(h)
+    i = int(np.searchsorted(cum, total / 2))
+    if i == 0:
+        return 0.0
+    lo, hi = 2.0 ** (i - 1), 2.0 ** i
+    before = cum[i - 1] if i else 0.0
+    frac = (total / 2 - before) / h[i] if h[i] else 0.5
+    return float(lo * (hi / lo) ** frac)
+
+
+def figures(h: Halts, waker: np.ndarray, send_ns: np.ndarray, stats: list[dict],
+            port_exit_ns: np.ndarray | float | None = None) -> dict:
+    """The compared figures.  ``port_exit_ns``: per wake (kernel: seen time) or a
+    constant added to the halt end (model: entry + exit); None leaves host-observed out."""
+    body = ~h.first
+    n = int(body.sum())
+    poll = int((~h.waited & body).sum())
+    wait = int((h.waited & body).sum())
+    wt = h.ns[h.waited & body]
+    has = (waker >= 0) & body
+    lat = h.end[has] - send_ns[waker[has]]
+    out = {
+        "halts": n, "poll": poll, "wait": wait,
+        "poll_pct": 100.0 * poll / n if n else None,
+        "wait_pct": 100.0 * wait / n if n else None,
+        "wait_ns": quantiles(wt),
+        "wake_to_halt_end_ns": quantiles(lat),
+        "wake_to_halt_end_ns_wait": quantiles(h.end[has & h.waited] -
+                                              send_ns[waker[has & h.waited]]),
+        "wake_to_halt_end_ns_poll": quantiles(h.end[has & ~h.waited] -
+                                              send_ns[waker[has & ~h.waited]]),
+        "halts_with_waker": int(has.sum()),
+    }
+    if port_exit_ns is not None:
+        if np.ndim(port_exit_ns) == 0:
+            host = lat + float(port_exit_ns)
+        else:
+            pe = np.asarray(port_exit_ns)[waker[has]]
+            ok = pe > 0
+            host = (pe - send_ns[waker[has]])[ok]
+        out["host_latency_halted_ns"] = quantiles(host)
+    out["per_vcpu"] = []
+    for v in sorted(set(h.vcpu.tolist())):
+        s = h.vcpu == v
+        out["per_vcpu"].append({"vcpu": v, "halts": int((s & body).sum()),
+                                "poll": int((~h.waited & s & body).sum()),
+                                "wait_ns_p50": quantiles(h.ns[h.waited & body & s])["p50"]})
+    out["stats"] = sum_stats(stats)
+    st = out["stats"]
+    out["stats_wait_median_ns"] = hist_median(st["halt_wait_hist"])
+    waits = int(np.asarray(st["halt_wait_hist"]).sum())
+    out["stats_wait_mean_ns"] = st["halt_wait_ns"] / waits if waits else None
+    att = st["halt_attempted_poll"]
+    out["stats_poll_success_pct"] = 100.0 * st["halt_successful_poll"] / att if att else None
+    return out
+
+
+STAT_KEYS = ("halt_successful_poll", "halt_attempted_poll", "halt_poll_invalid", "halt_wakeup",
+             "halt_poll_success_ns", "halt_poll_fail_ns", "halt_wait_ns",
+             "halt_poll_success_hist", "halt_poll_fail_hist", "halt_wait_hist", "halt_exits")
+
+
+def sum_stats(rows: list[dict]) -> dict:
+    out: dict = {}
+    for k in STAT_KEYS:
+        vals = [r[k] for r in rows if k in r]
+        if not vals:
+            continue
+        if isinstance(vals[0], (np.ndarray, list)):
+            out[k] = np.sum([np.asarray(v, dtype=np.uint64) for v in vals], axis=0,
+                            dtype=np.uint64)
+        else:
+            out[k] = int(sum(int(v) for v in vals))
+    return out
+
+
+def busy_samples(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray) -> np.ndarray:
+    """Time from a halt's end to the vCPU's next halt, where no MSI to it was sent in
+    between: the guest's own work per wake (entry, handler, exits)."""
+    out = []
+    for v in np.unique(h.vcpu):
+        sel = np.nonzero(h.vcpu == v)[0]
+        sends = np.sort(send_ns[wake_vcpu == v])
+        ends = h.end[sel][:-1]
+        nxt = h.start[sel][1:]
+        lo = np.searchsorted(sends, ends, side="right")
+        hi = np.searchsorted(sends, nxt, side="right")
+        quiet = hi == lo
+        out.append((nxt - ends)[quiet])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)

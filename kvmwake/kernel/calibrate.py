@@ -1,0 +1,341 @@
+"""Fit the model's costs to a recording: ``kvmwake kernel calibrate DIR``.
+
+Two kinds of parameters.
+
+**Measured directly** on the recording (medians, robust to the tails):
+
+* ``handler_ns``: the guest's work per extra interrupt, the gap between two
+  port exits of one vCPU when the second MSI was already pending at the
+  first (handler, port exit to userspace and back, EOI);
+* ``vm_entry_ns + vm_exit_ns``: a vCPU's work from a halt's end to its next
+  halt's start with no MSI in between, less ``handler_ns`` (the model
+  charges an entry, the handler and the ``hlt`` exit); the split into entry
+  and exit is not identifiable from these observations and is taken equal;
+* ``delivery_ns`` (interrupt delivery): from the MSI's send to the end of a
+  halt that was ended by a successful poll (the poll loop notices at once);
+* ``port_exit_ns``: from a halt's end to the handler's port exit seen in
+  userspace (what the host-observed latency adds to the model's halt end);
+* ``injector_ns``: one delivered ``KVM_SIGNAL_MSI`` ioctl (the injector's
+  work per send); ``lateness_ns`` / ``injector_idle_wake_ns``: the
+  injector's median lateness in the run (used by ``--arrivals target``).
+
+**Fitted** by weighted least squares on the model's output:
+``wake_to_run_ns`` (a thread woken on an idle host CPU) and
+``context_switch_ns``.  For each candidate the workload is simulated and
+the residuals are
+
+* the poll share of halts, in units of 5 percentage points;
+* ``ln(model / kernel)`` of the median wait time, in units of 0.15;
+* ``ln(model / kernel)`` of each vCPU's median send-to-halt-end time over
+  halts that waited, in units of 0.25;
+
+and the sum of squares is minimised by a deterministic search: a log-spaced
+grid, then a shrinking pattern search around the best point.
+``context_switch_ns`` is only fitted where a vCPU shares its host CPU with
+the injector; otherwise nothing in the recording depends on it and it keeps
+the model's default (``calibration.json`` says so).
+
+The result goes to ``DIR/calibration.json``; ``compare`` loads it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import __version__
+from ..model import COST_DEFAULTS
+from . import analysis as A
+from .recording import CALIBRATION, Recording, RecordingError, write_json
+from .simulate import SimParams, Setup, simulate
+
+FORMAT = 1
+SPLIT_UNIT_PP = 5.0
+WAIT_UNIT = 0.15
+D1_UNIT = 0.25
+W2R_RANGE = (1_000, 400_000)
+CTX_RANGE = (200, 100_000)
+FALLBACK_DELIVERY_NS = 1_000
+
+
+@dataclass
+class KernelView:
+    """The kernel side of a recording, analysed once."""
+
+    rec: Recording
+    halts: A.Halts | None
+    waker: np.ndarray | None
+    figures: dict
+
+
+def kernel_view(rec: Recording) -> KernelView:
+    w = rec.wakes
+    stats = rec.vcpu_stats()
+    if rec.traced:
+        h = A.halts_from_events(rec.events, rec.pid_to_vcpu(), A.TRACE_TEXT_RESOLUTION_NS)
+        if len(h) == 0:
+            raise RecordingError(f"{rec.path}/trace: no kvm_vcpu_wakeup line of the recorded "
+                                 f"vCPU threads {rec.meta['vcpu_tids']}")
+        wk = A.match_wakers(h, w["sent_ns"], w["vcpu"])
+        fig = A.figures(h, wk, w["sent_ns"], stats, w["seen_ns"])
+    else:
+        h = wk = None
+        fig = stats_only_figures(stats)
+    seen = w["seen_ns"] > 0
+    fig["host_latency_all_ns"] = A.quantiles((w["seen_ns"] - w["sent_ns"])[seen])
+    return KernelView(rec, h, wk, fig)
+
+
+def stats_only_figures(stats: list[dict]) -> dict:
+    st = A.sum_stats(stats)
+    poll = st["halt_successful_poll"]
+    wait = int(np.asarray(st["halt_wait_hist"]).sum())
+    n = poll + wait
+    return {"halts": None, "poll": poll, "wait": wait,
+            "poll_pct": 100.0 * poll / n if n else None,
+            "wait_pct": 100.0 * wait / n if n else None,
+            "stats": st, "stats_wait_median_ns": A.hist_median(st["halt_wait_hist"]),
+            "stats_wait_mean_ns": st["halt_wait_ns"] / wait if wait else None,
+            "stats_poll_success_pct": (100.0 * poll / st["halt_attempted_poll"]
+                                       if st["halt_attempted_poll"] else None),
+            "per_vcpu": []}
+
+
+def _median(a, default=None):
+    a = np.asarray(a)
+    return float(np.median(a)) if a.size else default
+
+
+def direct_estimates(kv: KernelView) -> dict:
+    """The parameters read straight off the recording (see the module docstring)."""
+    rec, h, wk = kv.rec, kv.halts, kv.waker
+    w = rec.wakes
+    out: dict = {}
+    sent, seen, vcpu = w["sent_ns"], w["seen_ns"], w["vcpu"]
+    b2b = []
+    for v in range(rec.nvcpus):
+        sel = (vcpu == v) & (seen > 0) & (sent > 0)
+        s, se = seen[sel], sent[sel]
+        o = np.argsort(s)
+        s, se = s[o], se[o]
+        if len(s) > 1:
+            b2b.append(np.diff(s)[se[1:] < s[:-1]])
+    b2b = np.concatenate(b2b) if b2b else np.zeros(0)
+    out["handler_ns"] = _median(b2b)
+    out["handler_samples"] = int(b2b.size)
+    ok = (sent > 0)
+    late = (sent - (rec.meta["t0_ns"] + w["target_ns"]))[ok]
+    out["lateness_ns"] = _median(late, 0.0)
+    d = rec.meta.get("harness", {}).get("msi_ioctl_delivered_ns", {})
+    out["injector_ns"] = d.get("p50") or 1000.0
+    # Most sends find the injector's CPU idle: the median lateness is its idle wake.
+    out["injector_idle_wake_ns"] = out["lateness_ns"]
+    if h is not None:
+        busy = A.busy_samples(h, sent, vcpu)
+        out["busy_ns"] = _median(busy)
+        out["busy_samples"] = int(busy.size)
+        has = wk >= 0
+        polled = has & ~h.waited & (h.ns > 0) & ~h.first
+        d1p = h.end[polled] - sent[wk[polled]]
+        out["delivery_ns"] = _median(d1p)
+        out["delivery_samples"] = int(d1p.size)
+        pe = seen[wk[has]] - h.end[has]
+        pe = pe[(seen[wk[has]] > 0) & (pe >= 0)]
+        out["port_exit_ns"] = _median(pe)
+    else:
+        out.update(busy_ns=None, busy_samples=0, delivery_ns=None, delivery_samples=0,
+                   port_exit_ns=None)
+    return out
+
+
+def initial_params(kv: KernelView, est: dict, arrivals: str = "sent") -> tuple[SimParams, list]:
+    """SimParams from the direct estimates; notes say what had to be assumed."""
+    notes = []
+    handler = est["handler_ns"]
+    if handler is None:
+        handler = 10_000.0
+        notes.append("no back-to-back port exits: handler_ns kept at 10 us")
+    busy = est.get("busy_ns")
+    if busy is None:
+        ee = 2 * COST_DEFAULTS["vm_entry_ns"]
+        notes.append("no trace: entry + exit kept at the model's defaults")
+    else:
+        ee = max(0.0, busy - handler)
+        if busy < handler:
+            notes.append(f"quiet busy time {busy:.0f} ns is below the per-interrupt handler "
+                         f"time {handler:.0f} ns: entry and exit set to 0")
+    delivery = est.get("delivery_ns")
+    if delivery is None:
+        delivery = FALLBACK_DELIVERY_NS
+        notes.append(f"no successful poll to measure interrupt delivery on: delivery_ns "
+                     f"kept at {FALLBACK_DELIVERY_NS} ns")
+    costs = dict(COST_DEFAULTS)
+    costs["vm_entry_ns"] = int(round(ee / 2))
+    costs["vm_exit_ns"] = int(round(ee - ee / 2))
+    p = SimParams(costs=costs, handler_ns=int(round(handler)), delivery_ns=int(round(delivery)),
+                  lateness_ns=int(round(est["lateness_ns"])), arrivals=arrivals,
+                  injector_idle_wake_ns=int(round(est["injector_idle_wake_ns"])),
+                  injector_ns=int(round(est["injector_ns"])))
+    return p, notes
+
+
+def sim_view(setup: Setup, params: SimParams, port_exit_ns: float | None, seed: int = 0):
+    r = simulate(setup, params, seed=seed)
+    h = A.halts_from_events(r.events, r.pid_to_vcpu())
+    wk = A.match_wakers(h, r.send_ns, setup.vcpu, end_slack_ns=0)
+    fig = A.figures(h, wk, r.send_ns, r.stats,
+                    port_exit_ns if port_exit_ns is not None else None)
+    return r, h, wk, fig
+
+
+def _d1_wait_by_vcpu(h: A.Halts, wk: np.ndarray, send: np.ndarray, nv: int) -> list:
+    out = []
+    for v in range(nv):
+        sel = (h.vcpu == v) & h.waited & (wk >= 0) & ~h.first
+        d = h.end[sel] - send[wk[sel]]
+        out.append(float(np.median(d)) if d.size >= 5 else None)
+    return out
+
+
+def residuals(kfig: dict, kd1: list, sfig: dict, sd1: list, traced: bool) -> dict:
+    r = {}
+    if kfig["poll_pct"] is not None and sfig["poll_pct"] is not None:
+        r["split"] = (sfig["poll_pct"] - kfig["poll_pct"]) / SPLIT_UNIT_PP
+    if traced:
+        kw, sw = kfig["wait_ns"]["p50"], sfig["wait_ns"]["p50"]
+    else:
+        kw, sw = kfig["stats_wait_median_ns"], sfig["stats_wait_median_ns"]
+    if kw and sw:
+        r["median_wait"] = math.log(sw / kw) / WAIT_UNIT
+    for v, (a, b) in enumerate(zip(kd1, sd1)):
+        if a and b:
+            r[f"d1_wait_vcpu{v}"] = math.log(b / a) / D1_UNIT
+    return r
+
+
+def shares_injector_cpu(nvcpus: int, host_cpus: int) -> bool:
+    inj = nvcpus % host_cpus
+    return any(v % host_cpus == inj for v in range(nvcpus))
+
+
+@dataclass
+class FitResult:
+    params: SimParams
+    loss: float
+    residuals: dict
+    evals: int
+    seconds: float
+    free: list
+    notes: list
+
+
+def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -> dict:
+    """Calibrate on ``rec``; returns the calibration dict (also what is saved)."""
+    t_start = time.perf_counter()
+    kv = kernel_view(rec)
+    est = direct_estimates(kv)
+    params, notes = initial_params(kv, est, arrivals)
+    setup = Setup.from_recording(rec)
+    traced = rec.traced
+    kd1 = (_d1_wait_by_vcpu(kv.halts, kv.waker, rec.wakes["sent_ns"], rec.nvcpus)
+           if traced else [None] * rec.nvcpus)
+    if not traced:
+        notes.append("stats-only recording: fitted on the poll/wait split and the median of "
+                     "halt_wait_hist only")
+    fit_ctx = shares_injector_cpu(rec.nvcpus, int(rec.meta["host_cpus"]))
+    if not fit_ctx:
+        notes.append("no vCPU shares its host CPU with the injector: context_switch_ns is not "
+                     "identified by this recording and keeps the model's default")
+    free = ["wake_to_run_ns"] + (["context_switch_ns"] if fit_ctx else [])
+    cache: dict = {}
+
+    def loss_of(w2r: int, ctx: int):
+        key = (w2r, ctx)
+        if key not in cache:
+            p = _with_costs(params, w2r, ctx)
+            r, h, wk, sfig = sim_view(setup, p, est.get("port_exit_ns"))
+            sd1 = (_d1_wait_by_vcpu(h, wk, r.send_ns, rec.nvcpus) if traced
+                   else [None] * rec.nvcpus)
+            if not traced:
+                sfig = stats_only_figures(r.stats)
+            res = residuals(kv.figures, kd1, sfig, sd1, traced)
+            cache[key] = (sum(x * x for x in res.values()), res)
+        return cache[key][0]
+
+    ctx0 = COST_DEFAULTS["context_switch_ns"]
+    n_w = 9 if quick else 17
+    n_c = 5 if quick else 9
+    w_grid = np.unique(np.round(np.geomspace(*W2R_RANGE, n_w)).astype(int))
+    c_grid = (np.unique(np.round(np.geomspace(*CTX_RANGE, n_c)).astype(int)) if fit_ctx
+              else np.array([ctx0]))
+    best = min(((loss_of(int(w), int(c)), int(w), int(c)) for w in w_grid for c in c_grid))
+    _, bw, bc = best
+    step = (W2R_RANGE[1] / W2R_RANGE[0]) ** (1 / (n_w - 1))
+    cstep = (CTX_RANGE[1] / CTX_RANGE[0]) ** (1 / (n_c - 1)) if fit_ctx else 1.0
+    min_step = 1.01 if not quick else 1.05
+    while step > min_step:
+        improved = True
+        while improved:
+            improved = False
+            cands = [(bw * step, bc), (bw / step, bc)]
+            if fit_ctx:
+                cands += [(bw, bc * cstep), (bw, bc / cstep)]
+            for w, c in cands:
+                w = int(min(max(round(w), W2R_RANGE[0]), W2R_RANGE[1]))
+                c = int(min(max(round(c), CTX_RANGE[0]), CTX_RANGE[1]))
+                if loss_of(w, c) < loss_of(bw, bc) - 1e-12:
+                    bw, bc, improved = w, c, True
+        step = math.sqrt(step)
+        cstep = math.sqrt(cstep)
+    final = _with_costs(params, bw, bc)
+    loss, res = cache[(bw, bc)]
+    secs = time.perf_counter() - t_start
+    if log:
+        log(f"fitted wake_to_run_ns {bw}, context_switch_ns {bc} in {len(cache)} simulations "
+            f"({secs:.1f} s), loss {loss:.3f}")
+    return {
+        "format": FORMAT,
+        "kvmwake": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "recording": {"path": str(rec.path), "workload": rec.meta["workload"]["canonical"],
+                      "vcpus": rec.nvcpus, "halt_poll_cap": rec.cap,
+                      "traced": traced},
+        "params": final.to_dict(),
+        "port_exit_ns": est.get("port_exit_ns"),
+        "direct": est,
+        "fit": {"method": "weighted least squares: log grid then pattern search",
+                "free": free, "wake_to_run_ns": bw, "context_switch_ns": bc,
+                "loss": loss, "residuals": res, "evals": len(cache), "seconds": secs,
+                "units": {"split": f"{SPLIT_UNIT_PP} pp", "median_wait": f"ln ratio / {WAIT_UNIT}",
+                          "d1_wait": f"ln ratio / {D1_UNIT}"}},
+        "notes": notes,
+    }
+
+
+def _with_costs(p: SimParams, w2r: int, ctx: int) -> SimParams:
+    q = SimParams.from_dict(p.to_dict())
+    q.costs = {**q.costs, "wake_to_run_ns": int(w2r), "context_switch_ns": int(ctx)}
+    return q
+
+
+def save(rec: Recording, cal: dict) -> None:
+    write_json(rec.path / CALIBRATION, cal)
+
+
+def load_params(cal: dict) -> tuple[SimParams, float | None]:
+    """SimParams and port_exit_ns from a calibration dict (checked)."""
+    if not isinstance(cal, dict) or cal.get("format") != FORMAT or "params" not in cal:
+        raise RecordingError("calibration.json: not a kvmwake calibration (format "
+                             f"{cal.get('format') if isinstance(cal, dict) else None!r})")
+    try:
+        p = SimParams.from_dict(cal["params"])
+    except (TypeError, ValueError) as exc:
+        raise RecordingError(f"calibration.json: bad params: {exc}") from None
+    pe = cal.get("port_exit_ns")
+    if pe is not None and (not isinstance(pe, (int, float)) or pe < 0):
+        raise RecordingError("calibration.json: port_exit_ns must be a non-negative number")
+    return p, pe

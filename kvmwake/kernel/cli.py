@@ -1,0 +1,225 @@
+"""``kvmwake kernel record | calibrate | compare``: the command line of the kernel comparison.
+
+``build_parser(subparsers)`` adds the three commands to the ``kernel``
+sub-command's subparsers; ``run(args)`` carries out a parsed one.  Exit
+codes: 0 done, 1 ``compare --check`` found a missed acceptance figure,
+2 bad input or an environment that cannot do it (no ``/dev/kvm``, no
+permission, too many vCPUs, a broken recording folder), 130 interrupted.
+
+``python -m kvmwake.kernel.cli`` runs them (and ``replay``) on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..tracefmt import TraceFormatError
+from . import replay as _replay
+from .workload import NAMED, SpecError
+
+COMMANDS = ("record", "calibrate", "compare")
+
+
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def _u32(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v <= 0xFFFF_FFFF:
+        raise argparse.ArgumentTypeError(f"{v} does not fit an unsigned int (0..4294967295)")
+    return v
+
+
+def _nonneg(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must not be negative")
+    return v
+
+
+def build_parser(subparsers) -> None:
+    """Add ``record``, ``calibrate`` and ``compare`` to the ``kernel`` subparsers."""
+    r = subparsers.add_parser(
+        "record", help="record the real kernel (/dev/kvm micro-VM, tracefs, binary stats)",
+        description="Run a micro-VM whose vCPUs halt in a loop, wake them with MSIs at the "
+                    "workload's times, and record the kernel's tracepoints, each vCPU's "
+                    "binary stats and the host-observed wake latencies into DIR.")
+    r.add_argument("--vcpus", type=_pos_int, required=True, metavar="N", help="vCPUs")
+    r.add_argument("--wakes", type=_pos_int, required=True, metavar="M",
+                   help="MSIs to send in all (spread round-robin over the vCPUs)")
+    r.add_argument("--idle", required=True, metavar="SPEC",
+                   help="time between two MSIs to one vCPU: " + ", ".join(NAMED) +
+                        ", or fixed:DUR, exp:DUR, uniform:LO-HI, mix:W*DIST,... "
+                        "(see kvmwake.kernel.workload)")
+    r.add_argument("--halt-poll-ns", type=_u32, metavar="X",
+                   help="set the VM's KVM_CAP_HALT_POLL to X (default: not set, the module's "
+                        "halt_poll_ns applies)")
+    r.add_argument("-o", "--out", required=True, metavar="DIR", help="recording folder")
+    r.add_argument("--seed", type=_nonneg, default=0, help="workload seed (default 0)")
+    r.add_argument("--injector", choices=("sleep", "spin", "hybrid"), default="sleep",
+                   help="how the injector waits for a target time (default: sleep, "
+                        "clock_nanosleep)")
+    r.add_argument("--trace", choices=("auto", "require", "off"), default="auto",
+                   help="tracefs: use it if it can be mounted (auto), fail without it "
+                        "(require), or record stats only (off)")
+    r.add_argument("--no-pin", action="store_true",
+                   help="do not pin the vCPU and injector threads to host CPUs")
+    r.add_argument("--force", action="store_true", help="overwrite a recording in DIR")
+    r.add_argument("--json", action="store_true", help="print the metadata as JSON")
+
+    c = subparsers.add_parser(
+        "calibrate", help="fit the model's costs to a recording (writes DIR/calibration.json)",
+        description="Measure the costs a recording shows directly and fit wake_to_run_ns and "
+                    "context_switch_ns by simulating its workload; saves DIR/calibration.json.")
+    c.add_argument("dir", metavar="DIR", help="a folder written by 'kvmwake kernel record'")
+    c.add_argument("--arrivals", choices=("sent", "target"), default="sent",
+                   help="simulated MSIs at the real send times (default) or at the spec's "
+                        "targets plus the median lateness")
+    c.add_argument("--quick", action="store_true", help="a coarser search (for tests)")
+    c.add_argument("--json", action="store_true", help="print the calibration as JSON")
+
+    p = subparsers.add_parser(
+        "compare", help="run the recording's workload in the model and print both side by side",
+        description="Simulate the recording's workload with its calibration and print the "
+                    "halt stats, poll/wait split, wait-time histogram and wake latencies of "
+                    "kernel and model; writes DIR/compare.json and DIR/compare.png.")
+    p.add_argument("dir", metavar="DIR", help="a recorded and calibrated folder")
+    p.add_argument("--no-png", action="store_true", help="do not write compare.png")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if the split, median wait or replay misses its bound")
+    p.add_argument("--seed", type=_nonneg, default=0, help="simulation seed (default 0)")
+
+
+def _err(msg: str) -> int:
+    print(f"kvmwake: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out a parsed ``kernel record|calibrate|compare`` (``args.kernel_command``)."""
+    from .kvm import KvmIoctlError
+    from .record import RecordError
+    from .recording import RecordingError
+    cmd = args.kernel_command
+    try:
+        if cmd == "record":
+            return _record(args)
+        if cmd == "calibrate":
+            return _calibrate(args)
+        if cmd == "compare":
+            return _compare(args)
+        if cmd == "replay":
+            return _replay.run(args)
+        return _err(f"unknown kernel command {cmd!r}")
+    except (RecordError, RecordingError, SpecError, KvmIoctlError, TraceFormatError) as exc:
+        return _err(str(exc))
+    except ImportError as exc:
+        return _err(f"kvmwake's native recorder is not built ({exc}); run "
+                    f"'python setup.py build_ext --inplace' or reinstall")
+    except (OSError, ValueError) as exc:
+        return _err(str(exc))
+    except KeyboardInterrupt:
+        print("kvmwake: interrupted", file=sys.stderr)
+        return 130
+
+
+def _record(args) -> int:
+    from pathlib import Path
+    from .record import RecordOptions, print_summary, record
+    opts = RecordOptions(vcpus=args.vcpus, wakes=args.wakes, idle=args.idle,
+                         out=Path(args.out), halt_poll_ns=args.halt_poll_ns, seed=args.seed,
+                         mode=args.injector, trace=args.trace, force=args.force,
+                         pin=not args.no_pin)
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    meta = record(opts, log=log)
+    if args.json:
+        print(json.dumps(meta, indent=2))
+    else:
+        print_summary(meta)
+        print(f"  written to {args.out}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from . import calibrate as C
+    from .recording import load
+    rec = load(args.dir)
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    cal = C.fit(rec, arrivals=args.arrivals, quick=args.quick, log=log)
+    C.save(rec, cal)
+    if args.json:
+        print(json.dumps(cal, indent=2, default=float))
+        return 0
+    p = cal["params"]
+    co = p["costs"]
+    d = cal["direct"]
+    print(f"calibration of {rec.path} ({cal['recording']['workload']}, "
+          f"{rec.nvcpus} vCPU(s), cap {rec.cap})")
+    print(f"  measured: handler {p['handler_ns']} ns ({d['handler_samples']} samples), "
+          f"entry + exit {co['vm_entry_ns'] + co['vm_exit_ns']} ns, interrupt delivery "
+          f"{p['delivery_ns']} ns ({d['delivery_samples']} polls), port exit "
+          f"{cal['port_exit_ns']} ns, injector lateness {p['lateness_ns']} ns")
+    f = cal["fit"]
+    print(f"  fitted:   wake_to_run_ns {co['wake_to_run_ns']}, context_switch_ns "
+          f"{co['context_switch_ns']}{'' if 'context_switch_ns' in f['free'] else ' (not fitted)'}"
+          f" - {f['evals']} simulations, loss {f['loss']:.3f}")
+    print("  residuals: " + ", ".join(f"{k} {v:+.2f}" for k, v in f["residuals"].items()))
+    for n in cal["notes"]:
+        print(f"  note: {n}")
+    print(f"  saved to {rec.path / 'calibration.json'}")
+    return 0
+
+
+def _compare(args) -> int:
+    from . import compare as CM
+    from .recording import load
+    rec = load(args.dir)
+    c = CM.compare_dir(rec, png=not args.no_png, seed=args.seed)
+    if args.json:
+        print(CM.dumps(c))
+    else:
+        CM.print_report(c)
+        if c.get("png"):
+            print(f"picture: {c['png']} ({c['png_backend']})")
+    v = c["verdict"]
+    missed = [k for k in ("split_ok", "median_wait_ok", "replay_ok") if v.get(k) is False]
+    return 1 if args.check and missed else 0
+
+
+def build_standalone() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmwake kernel",
+                                     description="Compare kvmwake with the real kernel.")
+    sub = parser.add_subparsers(dest="kernel_command", required=True)
+    build_parser(sub)
+    _replay.build_parser(sub.add_parser("replay", help="replay a recorded trace"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kvmwake kernel ...`` on its own (before it is mounted in ``kvmwake.cli``)."""
+    parser = build_standalone()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Kernel and model side by side: ``kvmwake kernel compare DIR``.
+
+Runs the recording's workload in kvmwake (``simulate.py``: x86, the
+recording's host CPU count, vCPUs, module parameters and cap, the
+calibrated costs from ``DIR/calibration.json``) and prints, kernel against
+model:
+
+* the halt stats (binary stats, summed over vCPUs, without each vCPU's
+  first halt, which on the kernel spans the harness's start-up);
+* the poll/wait split (share of ``kvm_vcpu_wakeup`` lines), overall and per
+  vCPU;
+* the wait time: median of the halts that waited (trace), and the median of
+  ``halt_wait_hist``;
+* the wait-time histogram (the 32 log2 buckets of ``halt_wait_hist``);
+* wake latency: send to halt end, and host-observed (send to the handler's
+  port exit) for wakes that ended a halt, p50/p90/p99 and model/kernel
+  ratios;
+* the replay of the kernel trace through the halt-poll rule.
+
+It also writes ``DIR/compare.json`` and ``DIR/compare.png`` (both
+histograms, and the latency distributions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..haltpoll import HaltPollParams
+from . import analysis as A
+from . import calibrate as C
+from .recording import Recording, RecordingError, write_json
+from .replay import replay
+from .simulate import Setup
+
+#: Acceptance bounds of the issue.
+SPLIT_BOUND_PP = 5.0
+WAIT_BOUND = 0.15
+
+COMPARE_JSON = "compare.json"
+COMPARE_PNG = "compare.png"
+
+
+def params_of(rec: Recording) -> HaltPollParams:
+    mp = rec.module_params
+    return HaltPollParams(
+        halt_poll_ns=int(mp["halt_poll_ns"]),
+        **{k: int(mp[k]) for k in ("halt_poll_ns_grow", "halt_poll_ns_grow_start",
+                                   "halt_poll_ns_shrink") if k in mp})
+
+
+def replay_recording(rec: Recording):
+    """Replay the kernel trace with the recording's module parameters and cap."""
+    if not rec.traced:
+        return None
+    pids = set(rec.pid_to_vcpu())
+    events = [e for e in rec.events if e.pid in pids]
+    return replay(events, params_of(rec), rec.cap)
+
+
+def _drop_first_halts(stats: dict, h: A.Halts | None) -> dict:
+    """Remove each vCPU's first halt (no poll: all of it was wait) from summed stats."""
+    if h is None:
+        return stats
+    out = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in stats.items()}
+    for ns, waited in zip(h.ns[h.first], h.waited[h.first]):
+        if not waited:
+            continue
+        b = min(int(ns).bit_length(), 31)
+        if out["halt_wait_hist"][b] > 0:
+            out["halt_wait_hist"][b] -= np.uint64(1)
+            out["halt_wait_ns"] -= int(ns)
+    return out
+
+
+def run(rec: Recording, cal: dict | None = None, seed: int = 0) -> dict:
+    """Simulate ``rec``'s workload with its calibration; returns every compared figure."""
+    if cal is None:
+        if rec.calibration is None:
+            raise RecordingError(f"{rec.path}: no calibration.json; run 'kvmwake kernel "
+                                 f"calibrate {rec.path}' first")
+        cal = rec.calibration
+    params, port_exit = C.load_params(cal)
+    kv = C.kernel_view(rec)
+    setup = Setup.from_recording(rec)
+    r, h, wk, sfig = C.sim_view(setup, params, port_exit, seed=seed)
+    if not rec.traced:
+        sfig = C.stats_only_figures(r.stats)
+    kfig = kv.figures
+    kstats = _drop_first_halts(kfig["stats"], kv.halts)
+    sstats = _drop_first_halts(sfig["stats"], h)
+    rp = replay_recording(rec)
+    sim_rp = replay(r.events, params_of(rec), rec.cap)
+    out = {
+        "recording": {"path": str(rec.path), "workload": rec.meta["workload"]["canonical"],
+                      "named": rec.meta["workload"].get("named"),
+                      "wakes": rec.meta["workload"]["wakes"], "vcpus": rec.nvcpus,
+                      "host_cpus": rec.meta["host_cpus"], "halt_poll_cap": rec.cap,
+                      "module_halt_poll_ns": rec.module_params.get("halt_poll_ns"),
+                      "kernel": rec.meta["kernel"]["release"], "date": rec.meta.get("date"),
+                      "traced": rec.traced, "trace_mode": rec.meta["trace"]},
+        "params": params.to_dict(),
+        "port_exit_ns": port_exit,
+        "kernel": _jsonable(kfig, kstats),
+        "model": _jsonable(sfig, sstats),
+        "replay": rp.to_dict() if rp is not None else None,
+        "model_replay": {"matched": sim_rp.matched, "mismatched": sim_rp.mismatched},
+        "harness": rec.meta.get("harness"),
+        "notes": list(rec.notes) + list(cal.get("notes", [])),
+    }
+    out["verdict"] = verdict(out)
+    return out
+
+
+def _jsonable(fig: dict, stats: dict) -> dict:
+    d = {k: v for k, v in fig.items() if k != "stats"}
+    d["stats"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in stats.items()}
+    d["stats_wait_median_ns"] = A.hist_median(stats["halt_wait_hist"])
+    waits = int(np.asarray(stats["halt_wait_hist"]).sum())
+    d["stats_wait_mean_ns"] = stats["halt_wait_ns"] / waits if waits else None
+    return d
+
+
+def _ratio(a, b):
+    return None if a in (None, 0) or b is None else b / a
+
+
+def verdict(c: dict) -> dict:
+    """The acceptance figures: split within 5 pp, median wait within 15 %, replay clean."""
+    k, m = c["kernel"], c["model"]
+    out = {}
+    if k["poll_pct"] is not None and m["poll_pct"] is not None:
+        d = m["poll_pct"] - k["poll_pct"]
+        out["split_diff_pp"] = d
+        out["split_ok"] = abs(d) <= SPLIT_BOUND_PP
+    kw = k.get("wait_ns", {}).get("p50") if c["recording"]["traced"] else k["stats_wait_median_ns"]
+    mw = m.get("wait_ns", {}).get("p50") if c["recording"]["traced"] else m["stats_wait_median_ns"]
+    r = _ratio(kw, mw)
+    out["median_wait_ratio"] = r
+    out["median_wait_ok"] = r is not None and abs(r - 1) <= WAIT_BOUND
+    rp = c["replay"]
+    if rp is not None:
+        out["replay_ok"] = rp["mismatched"] == 0
+    return out
+
+
+# ---------------------------------------------------------------- printing
+
+def _us(ns) -> str:
+    return "-" if ns is None else f"{ns / 1000:,.1f} us"
+
+
+def _num(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.1f}"
+    return f"{x:,}"
+
+
+def _rat(a, b) -> str:
+    r = _ratio(a, b)
+    return "-" if r is None else f"{r:.2f}"
+
+
+def print_report(c: dict, out=None) -> None:
+    w = (out or sys.stdout).write
+    rc = c["recording"]
+    k, m = c["kernel"], c["model"]
+    cap = rc["halt_poll_cap"]
+    w(f"kernel vs model: {rc['wakes']} wakes of {rc['workload']} on {rc['vcpus']} vCPU(s), "
+      f"{rc['host_cpus']} host CPUs, KVM_CAP_HALT_POLL {'not set' if cap is None else cap} "
+      f"(module halt_poll_ns {rc['module_halt_poll_ns']}), kernel {rc['kernel']}\n")
+    if not rc["traced"]:
+        w(f"  stats-only recording ({rc['trace_mode'].get('reason')}): no trace figures, no "
+          f"replay\n")
+    p = c["params"]
+    co = p["costs"]
+    w(f"  model costs: wake_to_run {co['wake_to_run_ns']} ns, context_switch "
+      f"{co['context_switch_ns']} ns, vm_entry {co['vm_entry_ns']} ns, vm_exit "
+      f"{co['vm_exit_ns']} ns, handler {p['handler_ns']} ns, delivery {p['delivery_ns']} ns "
+      f"(arrivals: {p['arrivals']})\n\n")
+    rows = [("", "kernel", "model", "model/kernel")]
+    if rc["traced"]:
+        rows.append(("halts (kvm_vcpu_wakeup lines)", _num(k["halts"]), _num(m["halts"]),
+                     _rat(k["halts"], m["halts"])))
+    rows.append(("poll / wait split",
+                 f"{k['poll_pct']:.1f} / {k['wait_pct']:.1f} %" if k["poll_pct"] is not None
+                 else "-",
+                 f"{m['poll_pct']:.1f} / {m['wait_pct']:.1f} %" if m["poll_pct"] is not None
+                 else "-",
+                 f"{m['poll_pct'] - k['poll_pct']:+.1f} pp"
+                 if k["poll_pct"] is not None and m["poll_pct"] is not None else "-"))
+    for kv, mv in zip(k.get("per_vcpu", []), m.get("per_vcpu", [])):
+        kp = 100 * kv["poll"] / kv["halts"] if kv["halts"] else 0
+        mp = 100 * mv["poll"] / mv["halts"] if mv["halts"] else 0
+        rows.append((f"  vCPU {kv['vcpu']} poll share", f"{kp:.1f} %", f"{mp:.1f} %",
+                     f"{mp - kp:+.1f} pp"))
+    if rc["traced"]:
+        rows.append(("median wait (halts that waited)", _us(k["wait_ns"]["p50"]),
+                     _us(m["wait_ns"]["p50"]), _rat(k["wait_ns"]["p50"], m["wait_ns"]["p50"])))
+    rows.append(("median of halt_wait_hist", _us(k["stats_wait_median_ns"]),
+                 _us(m["stats_wait_median_ns"]),
+                 _rat(k["stats_wait_median_ns"], m["stats_wait_median_ns"])))
+    rows.append(("mean wait (halt_wait_ns / waits)", _us(k["stats_wait_mean_ns"]),
+                 _us(m["stats_wait_mean_ns"]),
+                 _rat(k["stats_wait_mean_ns"], m["stats_wait_mean_ns"])))
+    if rc["traced"]:
+        for label, key in (("send -> halt end", "wake_to_halt_end_ns"),
+                           ("  halts that waited", "wake_to_halt_end_ns_wait"),
+                           ("  halts that polled", "wake_to_halt_end_ns_poll"),
+                           ("host-observed, halted wakes", "host_latency_halted_ns")):
+            for q in ("p50", "p90", "p99"):
+                a, b = k[key][q], m[key][q]
+                rows.append((f"{label} {q}" if q == "p50" else f"{'':<{len(label)}} {q}",
+                             _us(a), _us(b), _rat(a, b)))
+    hl = k.get("host_latency_all_ns", {})
+    if hl.get("n"):
+        rows.append(("host-observed, all wakes p50/p99",
+                     f"{_us(hl['p50'])} / {_us(hl['p99'])}", "(not modelled)", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        w("  " + r[0].ljust(widths[0]) + "  " + "  ".join(r[i].rjust(widths[i])
+                                                          for i in (1, 2, 3)) + "\n")
+    w("\nhalt stats (binary stats, sum over vCPUs, each vCPU's first halt left out)\n")
+    for name in ("halt_successful_poll", "halt_attempted_poll", "halt_poll_invalid",
+                 "halt_wakeup", "halt_poll_success_ns", "halt_poll_fail_ns", "halt_wait_ns",
+                 "halt_exits"):
+        a, b = k["stats"].get(name), m["stats"].get(name)
+        w(f"  {name:<24}{_num(a):>16}{_num(b):>16}{_rat(a, b):>10}\n")
+    w("\nwait-time histogram (halt_wait_hist, log2 buckets)\n")
+    kh, mh = np.asarray(k["stats"]["halt_wait_hist"]), np.asarray(m["stats"]["halt_wait_hist"])
+    nz = np.nonzero(kh + mh)[0]
+    for b in range(nz.min(), nz.max() + 1) if nz.size else []:
+        lo = 0 if b == 0 else 1 << (b - 1)
+        w(f"  [{_bucket(lo):>7}, {_bucket(1 << b) if b < 31 else 'inf':>7})  "
+          f"{int(kh[b]):>7}  {int(mh[b]):>7}\n")
+    rp = c["replay"]
+    if rp is not None:
+        w(f"\nreplay of the kernel trace: {rp['recorded_lines']} kvm_halt_poll_ns lines, "
+          f"{rp['matched']} matched, {rp['mismatched']} mismatched "
+          f"(ceiling {rp['max_halt_poll_ns']} ns)\n")
+    v = c["verdict"]
+    w("\nacceptance: ")
+    parts = []
+    if "split_diff_pp" in v:
+        parts.append(f"split {v['split_diff_pp']:+.1f} pp "
+                     f"({'met' if v['split_ok'] else 'MISSED'}, bound 5)")
+    if v["median_wait_ratio"] is not None:
+        parts.append(f"median wait x{v['median_wait_ratio']:.2f} "
+                     f"({'met' if v['median_wait_ok'] else 'MISSED'}, bound 15 %)")
+    if "replay_ok" in v:
+        parts.append(f"replay {'clean' if v['replay_ok'] else 'MISMATCHES'}")
+    w("; ".join(parts) + "\n")
+    for n in c["notes"]:
+        w(f"note: {n}\n")
+
+
+def _bucket(ns: int) -> str:
+    if ns >= 1_000_000_000:
+        return f"{ns / 1e9:.2g}s"
+    if ns >= 1_000_000:
+        return f"{ns / 1e6:.3g}ms"
+    if ns >= 1_000:
+        return f"{ns / 1e3:.3g}us"
+    return f"{ns}ns"
+
+
+# ---------------------------------------------------------------- the picture
+
+def write_png(c: dict, path: Path, kernel_lat=None, model_lat=None) -> str:
+    """Both wait-time histograms (and the latency distributions); returns the backend."""
+    kh = np.asarray(c["kernel"]["stats"]["halt_wait_hist"], dtype=float)
+    mh = np.asarray(c["model"]["stats"]["halt_wait_hist"], dtype=float)
+    title = (f"{c['recording']['workload']} - {c['recording']['vcpus']} vCPU, cap "
+             f"{c['recording']['halt_poll_cap']}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .png import bar_chart
+        bar_chart(path, kh, mh, ("kernel", "model"), title)
+        return "builtin"
+    nz = np.nonzero(kh + mh)[0]
+    lo, hi = (int(nz.min()), int(nz.max()) + 1) if nz.size else (0, 32)
+    ncols = 2 if kernel_lat is not None and len(kernel_lat) else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
+    ax = axes[0][0]
+    x = np.arange(lo, hi)
+    ax.bar(x - 0.2, kh[lo:hi], width=0.4, label="kernel", color="#1f77b4")
+    ax.bar(x + 0.2, mh[lo:hi], width=0.4, label="model", color="#ff7f0e")
+    ax.set_xticks(x)
+    ax.set_xticklabels([_bucket(1 << (b - 1)) if b else "0" for b in x], rotation=60,
+                       fontsize=7)
+    ax.set_xlabel("halt_wait_hist bucket (lower bound)")
+    ax.set_ylabel("halts")
+    ax.set_title("wait time (halt_wait_hist)")
+    ax.legend()
+    if ncols == 2:
+        ax = axes[0][1]
+        for data, label, col in ((kernel_lat, "kernel", "#1f77b4"),
+                                 (model_lat, "model", "#ff7f0e")):
+            d = np.sort(np.asarray(data, dtype=float)) / 1000
+            if d.size:
+                ax.step(d, np.arange(1, d.size + 1) / d.size, where="post", label=label,
+                        color=col)
+        ax.set_xscale("log")
+        ax.set_xlabel("send -> halt end (us)")
+        ax.set_ylabel("fraction of halts")
+        ax.set_title("wake latency")
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return "matplotlib"
+
+
+def latencies(rec: Recording, cal: dict, seed: int = 0):
+    """Per-halt send-to-halt-end latencies, kernel and model (for the picture)."""
+    kv = C.kernel_view(rec)
+    params, port_exit = C.load_params(cal)
+    r, h, wk, _ = C.sim_view(Setup.from_recording(rec), params, port_exit, seed=seed)
+    out = []
+    for hh, ww, send in ((kv.halts, kv.waker, rec.wakes["sent_ns"]), (h, wk, r.send_ns)):
+        if hh is None:
+            out.append(np.zeros(0))
+            continue
+        ok = (ww >= 0) & ~hh.first
+        out.append(hh.end[ok] - send[ww[ok]])
+    return out
+
+
+def compare_dir(rec: Recording, png: bool = True, seed: int = 0) -> dict:
+    c = run(rec, seed=seed)
+    write_json(rec.path / COMPARE_JSON, c)
+    if png:
+        klat, mlat = latencies(rec, rec.calibration, seed) if rec.traced else (None, None)
+        c["png"] = str(rec.path / COMPARE_PNG)
+        c["png_backend"] = write_png(c, rec.path / COMPARE_PNG, klat, mlat)
+    return c
+
+
+def table_row(c: dict) -> dict:
+    """One row of the results table."""
+    k, m, v = c["kernel"], c["model"], c["verdict"]
+    rc = c["recording"]
+    row = {"workload": rc.get("named") or rc["workload"], "vcpus": rc["vcpus"],
+           "cap": rc["halt_poll_cap"], "wakes": rc["wakes"],
+           "k_poll": k["poll_pct"], "m_poll": m["poll_pct"],
+           "split_pp": v.get("split_diff_pp"),
+           "k_wait": k.get("wait_ns", {}).get("p50"), "m_wait": m.get("wait_ns", {}).get("p50"),
+           "wait_ratio": v["median_wait_ratio"]}
+    for q in ("p50", "p90", "p99"):
+        a = k.get("wake_to_halt_end_ns", {}).get(q)
+        b = m.get("wake_to_halt_end_ns", {}).get(q)
+        row[f"k_{q}"], row[f"m_{q}"], row[f"r_{q}"] = a, b, _ratio(a, b)
+    rp = c["replay"]
+    row["replay"] = None if rp is None else (rp["matched"], rp["mismatched"])
+    return row
+
+
+def dumps(c: dict) -> str:
+    def default(o):
+        if isinstance(o, np.integer):
+            return int(o)
+        if isinstance(o, np.floating):
+            return None if math.isnan(o) else float(o)
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        raise TypeError(type(o).__name__)
+    return json.dumps(c, indent=2, default=default)

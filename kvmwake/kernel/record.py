@@ -1,0 +1,471 @@
+"""Record the real kernel on a workload: ``kvmwake kernel record``.
+
+The run, step by step:
+
+1. Build the micro-VM (``microvm.MicroVm``): N vCPUs, the in-kernel irqchip,
+   ``KVM_CAP_HALT_POLL`` if asked for.
+2. Measure the harness on its own: one ``CLOCK_MONOTONIC`` read, one
+   ``KVM_SIGNAL_MSI`` that delivers nothing (an APIC ID no vCPU has), the
+   injector's timer lateness on its CPU with nothing else running.
+3. Start the vCPU threads (native, pinned: vCPU i on allowed host CPU
+   ``i % ncpus``) and wait until every guest has enabled its LAPIC.
+4. Start tracing (tracefs instance, ``mono`` clock) and read each vCPU's
+   binary stats.
+5. Start the injector (native, pinned to host CPU ``N % ncpus``, the place
+   the model gives the next thread): it sleeps to each target time of the
+   schedule and sends that wake's MSI.
+6. When it is done and the last wakes are seen (or 200 ms passed), stop
+   tracing, read the stats again, stop the threads (a stop MSI), close the VM.
+7. Write the folder (``recording.py`` describes it).
+
+Whatever happens (an error, Ctrl-C), the ``finally`` blocks stop the
+threads, switch tracing off and remove the trace instance, and close every
+fd, with SIGINT held off while they run.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..tracefmt import HALT_POLL_NS, WAKEUP, parse as parse_trace
+from . import microvm as mv
+from .kvm import DEV_KVM, Kvm, KvmIoctlError, KVM_CAP_MAX_VCPUS, KVM_CAP_NR_VCPUS
+from .recording import (FORMAT, METADATA, STATS, TRACE, WAKES, WAKE_COLUMNS, write_json)
+from .stats import StatsFd, diff, to_jsonable
+from .tracefs import TraceCapture, TracefsUnavailable
+from .workload import parse as parse_spec, schedule as make_schedule
+from ..uapi import Cap, Ioctl
+
+MODULE_PARAM_DIRS = ("/sys/module/kvm/parameters", "/sys/module/kvm_amd/parameters",
+                     "/sys/module/kvm_intel/parameters")
+READY_TIMEOUT_S = 5.0
+#: Above this share of the host's CPUs used by others, the summary warns.
+FOREIGN_WARN_PCT = 5.0
+DRAIN_S = 0.2
+
+
+class RecordError(RuntimeError):
+    """The recording could not be made; the message says why."""
+
+
+@dataclass
+class RecordOptions:
+    vcpus: int
+    wakes: int
+    idle: str
+    out: Path
+    halt_poll_ns: int | None = None
+    seed: int = 0
+    mode: str = "sleep"               # the injector: sleep | spin | hybrid
+    spin_ns: int = 20_000             # hybrid: spin the last spin_ns
+    trace: str = "auto"               # auto | require | off
+    force: bool = False
+    pin: bool = True
+
+
+def module_params() -> dict:
+    """The kvm module parameters (ints where they parse), and the arch module's."""
+    out: dict = {}
+    for d in MODULE_PARAM_DIRS:
+        p = Path(d)
+        if not p.is_dir():
+            continue
+        mod = p.parent.name
+        for f in sorted(p.iterdir()):
+            try:
+                text = f.read_text().strip()
+            except OSError:
+                continue
+            try:
+                value: object = int(text)
+            except ValueError:
+                value = text
+            out[f.name if mod == "kvm" else f"{mod}.{f.name}"] = value
+    return out
+
+
+def cpu_times() -> tuple[float, float, float]:
+    """(busy seconds of all host CPUs, this process's CPU seconds, monotonic seconds)."""
+    busy = 0.0
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+        ticks = [int(x) for x in fields[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        # user nice system idle iowait irq softirq steal guest guest_nice; guest is in user.
+        busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / hz
+    except (OSError, ValueError, IndexError):
+        pass
+    t = os.times()
+    return busy, t.user + t.system, time.monotonic()
+
+
+def foreign_load(before, after, ncpu: int) -> dict:
+    """How much of the host's CPUs others (not this process) used between two ``cpu_times``."""
+    busy = after[0] - before[0]
+    mine = after[1] - before[1]
+    wall = max(after[2] - before[2], 1e-9)
+    return {"wall_s": wall, "host_busy_pct": 100 * busy / (wall * ncpu),
+            "kvmwake_pct": 100 * mine / (wall * ncpu),
+            "foreign_pct": max(0.0, 100 * (busy - mine) / (wall * ncpu)),
+            "loadavg": os.getloadavg()}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _pct(a, q) -> float | None:
+    a = np.asarray(a)
+    return float(np.percentile(a, q)) if a.size else None
+
+
+def summarize(a) -> dict:
+    a = np.asarray(a, dtype=np.float64)
+    if a.size == 0:
+        return {"n": 0}
+    return {"n": int(a.size), "mean": float(a.mean()), "p50": _pct(a, 50), "p90": _pct(a, 90),
+            "p99": _pct(a, 99), "max": float(a.max()), "min": float(a.min())}
+
+
+@contextmanager
+def sigint_held():
+    """Hold SIGINT off while cleanup runs (it is delivered afterwards)."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    except (AttributeError, ValueError, OSError):      # pragma: no cover
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _open_kvm() -> Kvm:
+    if not os.path.exists(DEV_KVM):
+        raise RecordError(f"{DEV_KVM} does not exist: this machine has no KVM (no "
+                          f"virtualisation extensions, or the kvm module is not loaded)")
+    try:
+        return Kvm()
+    except PermissionError:
+        raise RecordError(f"cannot open {DEV_KVM}: permission denied (run as root or as a "
+                          f"member of the kvm group)") from None
+    except OSError as exc:
+        raise RecordError(f"cannot open {DEV_KVM}: {exc.strerror or exc}") from None
+
+
+def _check_caps(kvm: Kvm) -> dict:
+    caps = {}
+    for name, cap in (("IRQCHIP", Cap.IRQCHIP), ("SIGNAL_MSI", Cap.SIGNAL_MSI),
+                      ("HALT_POLL", Cap.HALT_POLL), ("BINARY_STATS_FD", Cap.BINARY_STATS_FD),
+                      ("MP_STATE", Cap.MP_STATE), ("MAX_VCPUS", KVM_CAP_MAX_VCPUS),
+                      ("NR_VCPUS", KVM_CAP_NR_VCPUS)):
+        caps[name] = kvm.check_extension(cap)
+    missing = [n for n in ("IRQCHIP", "SIGNAL_MSI", "BINARY_STATS_FD") if not caps[n]]
+    if missing:
+        raise RecordError(f"this KVM lacks {', '.join('KVM_CAP_' + m for m in missing)}, which "
+                          f"the micro-VM needs")
+    return caps
+
+
+def _harness_baseline(vm: mv.MicroVm, inj_cpu: int) -> dict:
+    from . import _inject
+    clock = _inject.bench_clock(20000)
+    # An MSI to an APIC ID that no vCPU has: the ioctl and the routing, no delivery.
+    ghost = vm.nr_vcpus if vm.nr_vcpus <= mv.MAX_XAPIC_ID else mv.MAX_XAPIC_ID
+    msi_ns, msi_ret = _inject.bench_msi(vm.vm.fd, Ioctl.SIGNAL_MSI, ghost, mv.VEC_BASE, 2000)
+    timer = _inject.bench_timer(inj_cpu, 100_000, 200)
+    return {
+        "clock_read_pair_ns": summarize(clock),
+        "msi_ioctl_undelivered_ns": summarize(msi_ns),
+        "msi_ioctl_undelivered_ret": sorted(set(int(x) for x in msi_ret)),
+        "timer_lateness_idle_ns": summarize(timer),
+    }
+
+
+def record(opts: RecordOptions, log=print) -> dict:
+    """Make one recording into ``opts.out``; returns the metadata written."""
+    from . import _inject
+    spec = parse_spec(opts.idle)
+    if opts.vcpus < 1:
+        raise RecordError(f"--vcpus must be at least 1, not {opts.vcpus}")
+    if opts.wakes < 1:
+        raise RecordError(f"--wakes must be at least 1, not {opts.wakes}")
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise RecordError(f"{out} exists and is not a folder")
+    if (out / METADATA).exists() and not opts.force:
+        raise RecordError(f"{out} already holds a recording (use --force to overwrite)")
+    sched = make_schedule(spec, opts.wakes, opts.vcpus, opts.seed)
+    allowed = sorted(os.sched_getaffinity(0))
+    ncpu = len(allowed)
+    cpus = [allowed[i % ncpu] for i in range(opts.vcpus)] if opts.pin else [-1] * opts.vcpus
+    inj_cpu = allowed[opts.vcpus % ncpu] if opts.pin else -1
+
+    kvm = _open_kvm()
+    vm = capture = session = None
+    trace_text = None
+    trace_info: dict = {}
+    lost = 0
+    interrupted = False
+    try:
+        caps = _check_caps(kvm)
+        try:
+            vm = mv.MicroVm(opts.vcpus, opts.halt_poll_ns, kvm=kvm)
+        except mv.VcpuCountError as exc:
+            raise RecordError(str(exc)) from None
+        except KvmIoctlError as exc:
+            if exc.errno == 22 and "CREATE_VCPU" in exc.what:
+                raise RecordError(f"the kernel refused vCPU creation ({exc}); at most "
+                                  f"{caps['MAX_VCPUS']} vCPUs per VM here") from None
+            raise RecordError(f"building the micro-VM failed: {exc}") from None
+        if vm.vm.check_extension(Cap.HALT_POLL) == 0 and opts.halt_poll_ns is not None:
+            raise RecordError("KVM_CAP_HALT_POLL is not supported by this kernel")
+        stats_fds = [StatsFd(v.stats_fd()) for v in vm.vcpus]
+        log(f"micro-VM: {opts.vcpus} vCPU(s), KVM_CAP_HALT_POLL "
+            f"{'not set' if opts.halt_poll_ns is None else opts.halt_poll_ns}; "
+            f"{len(sched)} wakes of {spec.canonical()} (seed {opts.seed}), "
+            f"~{sched.duration_ns / 1e6:.1f} ms")
+        harness = _harness_baseline(vm, inj_cpu)
+
+        if opts.trace != "off":
+            try:
+                capture = TraceCapture()
+                trace_info = {"mode": "tracefs", "root": str(capture.root),
+                              "instance": str(capture.instance) if capture.instance else None,
+                              "mounted_by_kvmwake": capture.mounted_by_us is not None,
+                              "clock": capture.clock, "note": capture.fallback_note}
+            except TracefsUnavailable as exc:
+                if opts.trace == "require":
+                    raise RecordError(f"tracefs is needed (--trace require) but: {exc}") from None
+                trace_info = {"mode": "stats-only", "reason": str(exc)}
+                log(f"tracefs unavailable ({exc}): recording in stats-only mode "
+                    f"(binary stats and host-observed latencies, no trace, no replay)")
+        else:
+            trace_info = {"mode": "stats-only", "reason": "--trace off"}
+
+        vectors = np.array([mv.wake_vector(int(j)) for j in sched.index], dtype=np.int32)
+        session = _inject.Session(
+            vm.vm.fd, [v.fd for v in vm.vcpus], [v.run_addr for v in vm.vcpus], cpus, inj_cpu,
+            Ioctl.RUN, Ioctl.SIGNAL_MSI, sched.target_ns, sched.vcpu, vectors,
+            vec_base=mv.VEC_BASE, nvec=mv.NR_VECTORS, wake_port=mv.WAKE_PORT,
+            ready_port=mv.READY_PORT, fault_port=mv.FAULT_PORT, stop_vector=mv.STOP_VECTOR,
+            mode=opts.mode, spin_ns=opts.spin_ns)
+        session.start_vcpus()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not session.all_ready():
+            if session.any_vcpu_failed():
+                raise RecordError(f"a vCPU stopped before it was ready: "
+                                  f"{_vcpu_problem(session)}")
+            if time.monotonic() > deadline:
+                raise RecordError(f"the guests did not come up within {READY_TIMEOUT_S} s "
+                                  f"({_vcpu_problem(session)})")
+            time.sleep(0.001)
+        time.sleep(0.005)                      # let every vCPU reach its first hlt
+        if capture is not None:
+            capture.start()
+        before = [s.read() for s in stats_fds]
+        wall0 = time.time()
+        load0 = cpu_times()
+        session.start_injector()
+        limit = time.monotonic() + sched.duration_ns / 1e9 + 10.0
+        while not session.injector_done:
+            if session.any_vcpu_failed():
+                raise RecordError(f"a vCPU thread stopped during the run: "
+                                  f"{_vcpu_problem(session)}")
+            if time.monotonic() > limit:
+                raise RecordError("the injector did not finish in time (the host is "
+                                  "overloaded?)")
+            time.sleep(0.005)
+        load1 = cpu_times()
+        drain_end = time.monotonic() + DRAIN_S
+        while session.received() < len(sched) and time.monotonic() < drain_end:
+            time.sleep(0.001)
+        if capture is not None:
+            capture.stop()
+        after = [s.read() for s in stats_fds]
+        if capture is not None:
+            trace_text = capture.read()
+            lost = capture.lost_events()
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        with sigint_held():
+            stuck = session.stop() if session is not None else 0
+            problems = capture.close() if capture is not None else []
+            if vm is not None:
+                vm.close()
+            kvm.close()
+            if stuck:
+                print(f"kvmwake: warning: {stuck} native thread(s) did not stop",
+                      file=sys.stderr)
+            for p in problems:
+                print(f"kvmwake: warning: tracefs: {p}", file=sys.stderr)
+            if interrupted:
+                print("kvmwake: interrupted: threads stopped, tracing off, VM closed",
+                      file=sys.stderr)
+
+    status = session.vcpu_status()
+    tids = [s["tid"] for s in status]
+    errors = [s for s in status if s["error"]]
+    if errors:
+        raise RecordError(f"a vCPU thread failed: {_describe(errors[0])}")
+
+    # -- results ---------------------------------------------------------------------------
+    t0 = session.t0
+    sent, sent_end, ret, seen = session.sent, session.sent_end, session.ret, session.seen
+    target_abs = t0 + sched.target_ns
+    ok = seen > 0
+    harness.update({
+        "injector_lateness_ns": summarize((sent - target_abs)[sent > 0]),
+        "msi_ioctl_delivered_ns": summarize((sent_end - sent)[sent > 0]),
+        "vcpu_userspace_turnaround_ns": {
+            "mean": (sum(s["user_ns"] for s in status) / max(1, sum(s["exits"] for s in status))),
+            "max": max(s["user_max_ns"] for s in status)},
+        "injector_mode": opts.mode,
+    })
+    lat = (seen - sent)[ok]
+    meta = {
+        "format": FORMAT,
+        "kvmwake": __version__,
+        "date": datetime.datetime.fromtimestamp(wall0, datetime.timezone.utc).isoformat(),
+        "kernel": {"release": platform.release(), "version": platform.version(),
+                   "machine": platform.machine()},
+        "cpu_model": cpu_model(),
+        "host_cpus": ncpu,
+        "host_cpu_ids": allowed,
+        "pinning": {"vcpus": cpus, "injector": inj_cpu, "enabled": opts.pin},
+        "module_params": module_params(),
+        "caps": caps,
+        "halt_poll_cap": opts.halt_poll_ns,
+        "vcpus": opts.vcpus,
+        "workload": sched.to_dict(),
+        "trace": trace_info,
+        "t0_ns": t0,
+        "vcpu_tids": tids,
+        "injector_tid": session.injector_tid,
+        "harness": harness,
+        "wakes": {"sent": int((sent > 0).sum()), "delivered": int((ret > 0).sum()),
+                  "seen": int(ok.sum()), "not_seen": int((~ok).sum())},
+        "host_latency_ns": summarize(lat),
+        "host_load": foreign_load(load0, load1, os.cpu_count() or ncpu),
+        "vcpu_threads": status,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    if trace_text is not None:
+        trace_text, kept, dropped = filter_trace(trace_text, set(tids))
+        meta["trace"].update({"lines": kept, "other_lines_dropped": dropped,
+                              "lost_events": lost})
+        (out / TRACE).write_text(trace_text)
+    elif (out / TRACE).exists():
+        (out / TRACE).unlink()
+    with open(out / WAKES, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(WAKE_COLUMNS)
+        for row in zip(range(len(sched)), sched.vcpu.tolist(), sched.index.tolist(),
+                       vectors.tolist(), sched.target_ns.tolist(), sent.tolist(),
+                       sent_end.tolist(), ret.tolist(), seen.tolist()):
+            w.writerow(row)
+    write_json(out / STATS, {"vcpus": [
+        {"vcpu": i, "before": to_jsonable(b), "after": to_jsonable(a),
+         "delta": to_jsonable(diff(a, b))} for i, (b, a) in enumerate(zip(before, after))]})
+    cal = out / "calibration.json"
+    if cal.exists():
+        cal.unlink()                           # stale: it belonged to the old recording
+    write_json(out / METADATA, meta)
+    return meta
+
+
+def filter_trace(text: str, pids: set[int]) -> tuple[str, int, int]:
+    """Keep the header and the two events' lines from ``pids``; (text, kept, dropped)."""
+    out, kept, dropped = [], 0, 0
+    events = {e.line_no: e for e in parse_trace(text, "trace")}
+    for no, line in enumerate(text.splitlines(), start=1):
+        if line.startswith("#"):
+            out.append(line)
+            continue
+        ev = events.get(no)
+        if ev is None:
+            if "LOST" in line and "EVENTS" in line:
+                out.append(line)
+            elif line.strip():
+                dropped += 1
+            continue
+        if ev.pid in pids and ev.event in (WAKEUP, HALT_POLL_NS):
+            out.append(line)
+            kept += 1
+        else:
+            dropped += 1
+    return "\n".join(out) + "\n", kept, dropped
+
+
+def _describe(s: dict) -> str:
+    what = s["error"]
+    if what == "guest exception":
+        return f"vCPU {s['vcpu']}: guest exception, vector {s['fault'] & 0xFF}"
+    if what == "KVM_EXIT_INTERNAL_ERROR":
+        return f"vCPU {s['vcpu']}: KVM_EXIT_INTERNAL_ERROR, suberror {s['suberror']}"
+    if what == "KVM_RUN failed":
+        return f"vCPU {s['vcpu']}: KVM_RUN failed: {os.strerror(s['errno'])}"
+    return f"vCPU {s['vcpu']}: {what} (exit reason {s['exit_reason']})"
+
+
+def _vcpu_problem(session) -> str:
+    bad = [s for s in session.vcpu_status() if s["error"]]
+    return _describe(bad[0]) if bad else "no error reported"
+
+
+def print_summary(meta: dict, out=None) -> None:
+    w = (out or sys.stdout).write
+    wl = meta["workload"]
+    w(f"recorded {wl['wakes']} wakes of {wl['canonical']} on {meta['vcpus']} vCPU(s), "
+      f"{meta['host_cpus']} host CPUs, kernel {meta['kernel']['release']}\n")
+    cap = meta["halt_poll_cap"]
+    w(f"  halt polling: module halt_poll_ns {meta['module_params'].get('halt_poll_ns')}, "
+      f"KVM_CAP_HALT_POLL {'not set' if cap is None else cap}\n")
+    tr = meta["trace"]
+    if tr["mode"] == "tracefs":
+        w(f"  trace: {tr.get('lines', 0)} lines (tracefs {tr.get('root')}, clock "
+          f"{tr.get('clock')}, lost {tr.get('lost_events', 0)})\n")
+    else:
+        w(f"  trace: none, stats-only mode ({tr.get('reason')})\n")
+    wk = meta["wakes"]
+    w(f"  MSIs sent {wk['sent']}, delivered {wk['delivered']}, handler exits seen "
+      f"{wk['seen']}\n")
+    hl = meta.get("host_load")
+    if hl:
+        w(f"  host load during the run: {hl['foreign_pct']:.1f} % of the CPUs used by other "
+          f"processes (load average {hl['loadavg'][0]:.2f})\n")
+        if hl["foreign_pct"] > FOREIGN_WARN_PCT:
+            w(f"  warning: other processes were busy; the kernel's figures include their "
+              f"interference, which the model does not know about\n")
+    lat = meta["host_latency_ns"]
+    if lat.get("n"):
+        w(f"  host-observed wake latency (MSI send -> port exit): p50 {lat['p50'] / 1e3:.1f} us, "
+          f"p90 {lat['p90'] / 1e3:.1f} us, p99 {lat['p99'] / 1e3:.1f} us\n")
+    h = meta["harness"]
+    w(f"  harness: MSI ioctl {h['msi_ioctl_delivered_ns'].get('p50', 0) / 1e3:.1f} us p50 "
+      f"(undelivered {h['msi_ioctl_undelivered_ns']['p50'] / 1e3:.1f} us), injector lateness "
+      f"p50 {h['injector_lateness_ns'].get('p50', 0) / 1e3:.1f} us / p99 "
+      f"{h['injector_lateness_ns'].get('p99', 0) / 1e3:.1f} us, clock read "
+      f"{h['clock_read_pair_ns']['p50']:.0f} ns\n")

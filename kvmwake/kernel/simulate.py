@@ -1,0 +1,294 @@
+"""Run a recording's workload in kvmwake: the same machine shape, costs and MSIs.
+
+What is simulated (the kernel side is in ``record.py``):
+
+* an x86 host with the recording's host CPU count and kvm module
+  parameters; one VM with the recording's vCPUs and ``KVM_CAP_HALT_POLL``
+  (if the recording set it).  vCPU i runs on host CPU ``i % host_cpus``, as
+  the recorder pinned it;
+* each vCPU runs the micro-VM's guest: ``set_handler(handler_ns)``, then
+  ``loop([unmask(), hlt()])``.  ``handler_ns`` stands for everything between
+  the guest entry after a wake and the next ``hlt`` exit other than that
+  entry and exit: the handler, its port exit's trip to userspace and back,
+  the EOI;
+* each wake is a fixed-mode MSI to its vCPU with that wake's own vector (as
+  in the guest), landing ``delivery_ns`` after it was sent.  When it was
+  sent (``arrivals``):
+
+  - ``"sent"`` (default): at the time the real injector sent it, relative to
+    the injector's start.  The workload is the spec's schedule as the
+    harness delivered it: the injector's own lateness (a harness cost,
+    reported apart) is not mixed into the model's figures;
+  - ``"target"``: the schedule alone: at the spec's target time plus the
+    lateness the modelled injector gets (``injector_idle_wake_ns`` from an
+    idle CPU, a context switch behind a busy one); without the injector
+    model, plus the median lateness ``lateness_ns``;
+
+* **the injector thread** is a second VM with one vCPU on host CPU
+  ``N % host_cpus`` (where the recorder pinned the real injector) and
+  ``KVM_CAP_HALT_POLL`` 0, so it never polls.  Its halts are the injector's
+  sleeps, an MSI to it is its timer firing, its handler (``injector_ns``) the
+  send.  It matters where it shares a host CPU with a vCPU: its wake-up ends
+  that vCPU's poll (``single_task_running()`` is false) and the vCPU, woken
+  by the MSI the injector sent, waits for the injector to go back to sleep.
+  The engine has one wake-to-run cost; on the project's nested host a vCPU
+  woken from another CPU takes ~40 us, the injector woken by its own timer
+  ~17 us.  So the run is stepped from Python: ``wake_to_run_ns +
+  vm_entry_ns`` before each send, the injector's host CPU is looked at; if
+  nothing runs or waits there, the injector's timer fires then (it runs at
+  the send); otherwise it fires ``context_switch_ns + vm_entry_ns`` before
+  the send ("sent") or ``injector_busy_wake_ns`` after the target
+  ("target"), and the injector runs when its CPU lets it.  In "target" mode
+  the send is that moment.  The Python harness's main thread (asleep) is
+  not modelled;
+* ``lead_in`` (at least 2 ms and twice the ceiling) is the first halt before
+  the first wake: long, as on the real machine where the guests halt while
+  tracing is set up.
+
+With the injector, MSIs are sent with ``vm.signal_msi`` between ``run``
+calls; without it (``injector=False``) the wakes are ``vm.add_msi_source``
+trace sources, one per (vCPU, vector).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .. import guest as g
+from ..host import Host
+from ..model import COST_DEFAULTS
+from ..uapi import Cap
+from .microvm import NR_VECTORS, VEC_BASE, msi_address, wake_vector
+
+PID_BASE = 1000
+
+
+@dataclass
+class SimParams:
+    """Everything the simulation of one recording needs, calibrated or not."""
+
+    costs: dict = field(default_factory=lambda: dict(COST_DEFAULTS))
+    handler_ns: int = 10_000             # guest work between the wake's entry and the next exit
+    delivery_ns: int = 1_000             # send -> the MSI is pending in the LAPIC
+    lateness_ns: int = 20_000            # "target" arrivals: target -> send
+    arrivals: str = "sent"               # "sent" | "target"
+    injector: bool = True                # model the injector thread
+    injector_idle_wake_ns: int = 17_000  # "target" arrivals: target -> injector runs from idle
+    injector_busy_wake_ns: int = 1_000   # target -> injector runnable, its CPU busy
+    injector_ns: int = 1_000             # the injector's work per send
+    lead_in_ns: int | None = None        # first wake at lead_in + target (None: automatic)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SimParams:
+        known = set(cls.__dataclass_fields__)
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown simulation parameters: {', '.join(sorted(extra))}")
+        p = cls(**d)
+        if not isinstance(p.costs, dict):
+            raise ValueError("costs must be an object")
+        unknown = set(p.costs) - set(COST_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown costs: {', '.join(sorted(unknown))}")
+        p.costs = {**COST_DEFAULTS, **{k: int(v) for k, v in p.costs.items()}}
+        if p.arrivals not in ("sent", "target"):
+            raise ValueError(f"arrivals must be 'sent' or 'target', not {p.arrivals!r}")
+        for name in ("handler_ns", "delivery_ns", "lateness_ns", "injector_idle_wake_ns",
+                     "injector_busy_wake_ns", "injector_ns"):
+            v = getattr(p, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v > 1e10:
+                raise ValueError(f"{name} = {v!r} is not a duration in ns")
+            setattr(p, name, int(v))
+        return p
+
+
+@dataclass
+class Setup:
+    """The machine and the workload, from a recording."""
+
+    nvcpus: int
+    host_cpus: int
+    module_params: dict
+    cap: int | None
+    target_ns: np.ndarray
+    vcpu: np.ndarray
+    index: np.ndarray
+    sent_ns: np.ndarray | None = None   # the real send, after the injector's start (-1: none)
+
+    @classmethod
+    def from_recording(cls, rec) -> Setup:
+        w = rec.wakes
+        t0 = int(rec.meta["t0_ns"])
+        sent = np.where(w["sent_ns"] > 0, w["sent_ns"] - t0, -1)
+        return cls(rec.nvcpus, int(rec.meta["host_cpus"]), dict(rec.module_params), rec.cap,
+                   w["target_ns"], w["vcpu"].astype(np.int32), w["index"], sent)
+
+    def ceiling(self) -> int:
+        return self.cap if self.cap is not None else int(self.module_params["halt_poll_ns"])
+
+
+@dataclass
+class SimResult:
+    setup: Setup
+    params: SimParams
+    lead_in_ns: int
+    send_ns: np.ndarray             # when the simulated injector sent each wake
+    arrival_ns: np.ndarray          # when each wake's MSI landed
+    target_abs_ns: np.ndarray       # lead_in + target
+    events: list                    # the main VM's trace events
+    stats: list[dict]               # per vCPU, kernel names
+    injector_idle: np.ndarray       # per wake: the injector was taken to wake from idle
+
+    def pid_to_vcpu(self) -> dict[int, int]:
+        return {PID_BASE + i: i for i in range(self.setup.nvcpus)}
+
+    @property
+    def lateness_ns(self) -> np.ndarray:
+        return self.send_ns - self.target_abs_ns
+
+
+def lead_in(setup: Setup, params: SimParams) -> int:
+    if params.lead_in_ns is not None:
+        return int(params.lead_in_ns)
+    costs = {**COST_DEFAULTS, **params.costs}
+    return max(2_000_000, 2 * setup.ceiling(),
+               costs["wake_to_run_ns"] + costs["vm_entry_ns"] + 100_000)
+
+
+def _program(handler_ns: int):
+    return [g.set_handler(max(0, int(handler_ns))), g.loop([g.unmask(), g.hlt()])]
+
+
+def injector_vector(k: int) -> int:
+    """Decreasing with k, so pending timers are taken in order (highest vector first)."""
+    return VEC_BASE + NR_VECTORS - 1 - k % NR_VECTORS
+
+
+def simulate(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core",
+             drain_ns: int = 20_000_000) -> SimResult:
+    """Run the workload (see the module docstring)."""
+    lead = lead_in(setup, params)
+    costs = {**COST_DEFAULTS, **params.costs}
+    w2r, entry = int(costs["wake_to_run_ns"]), int(costs["vm_entry_ns"])
+    target = lead + setup.target_ns.astype(np.int64)
+    n = len(target)
+    if params.arrivals == "sent" and setup.sent_ns is not None:
+        have = setup.sent_ns >= 0
+        send = np.where(have, lead + setup.sent_ns.astype(np.int64), -1)
+    else:
+        have = np.ones(n, dtype=bool)
+        send = np.full(n, -1, dtype=np.int64)       # decided as the run goes
+    host, vm, inj = _build(setup, params, seed, engine)
+    idle = np.zeros(n, dtype=bool)
+    if inj is None:
+        if params.arrivals != "sent" or setup.sent_ns is None:
+            send = target + params.lateness_ns
+        _deliver_fixed(host, vm, setup, send + params.delivery_ns, have, drain_ns)
+    else:
+        _deliver_with_injector(host, vm, inj, setup, params, target, send, have, idle,
+                               w2r, entry, int(costs["context_switch_ns"]), drain_ns)
+    events = vm.trace_events()
+    stats = [v.stats() for v in vm.vcpus]
+    return SimResult(setup, params, lead, send, send + params.delivery_ns, target, events,
+                     stats, idle)
+
+
+def _build(setup: Setup, params: SimParams, seed: int, engine: str):
+    mp = setup.module_params
+    n = len(setup.target_ns)
+    host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed, costs=params.costs,
+                engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024))
+    host.halt_poll_ns = int(mp["halt_poll_ns"])
+    for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
+        if name in mp:
+            setattr(host, name, int(mp[name]))
+    vm = host.create_vm(setup.nvcpus)
+    if setup.cap is not None:
+        vm.enable_cap(Cap.HALT_POLL, int(setup.cap))
+    for v in vm.vcpus:
+        v.load(_program(params.handler_ns))
+    inj = None
+    if params.injector:
+        inj = host.create_vm(1)
+        inj.enable_cap(Cap.HALT_POLL, 0)
+        inj.vcpus[0].load(_program(params.injector_ns))
+    return host, vm, inj
+
+
+def _deliver_fixed(host, vm, setup, at, keep, drain_ns) -> None:
+    """MSIs at fixed times, no injector: one MSI source per (vCPU, vector) when the
+    engine has ``add_msi_source``, else MSIs between ``run`` calls."""
+    msis = [(int(t), int(v), wake_vector(int(j)))
+            for t, v, j, ok in zip(at, setup.vcpu, setup.index, keep) if ok]
+    if not msis:
+        host.run(host.now + drain_ns)
+        return
+    if hasattr(vm, "add_msi_source"):
+        groups: dict = {}
+        for t, apic, vec in msis:
+            groups.setdefault((apic, vec), []).append(t)
+        for (apic, vec), times in sorted(groups.items()):
+            vm.add_msi_source(apic, vec, times_ns=np.array(sorted(times), dtype=np.uint64))
+        host.run(max(t for t, *_ in msis) + drain_ns)
+        return
+    msis.sort()
+    for t, apic, vec in msis:
+        if t > host.now:
+            host.run(t)
+        vm.signal_msi(msi_address(apic), vec)
+    host.run(host.now + drain_ns)
+
+
+_BUSY = ("RUNNING", "POLLING", "RUNNABLE")
+_CHECK, _TIMER, _MAIN = 0, 1, 2
+
+
+def _deliver_with_injector(host, vm, inj, setup, params, target, send, have, idle, w2r, entry,
+                           ctx, drain_ns) -> None:
+    """Step through the run: for each wake, look at the injector's host CPU when its
+    timer would have to fire for the injector to run on time from idle; fire it then
+    if the CPU is idle, else at the target (plus ``injector_busy_wake_ns``)."""
+    import heapq
+    cpu = setup.nvcpus % setup.host_cpus
+    mates = [v for v in vm.vcpus if v.id % setup.host_cpus == cpu] + [inj.vcpus[0]]
+    busy_wake = params.injector_busy_wake_ns
+    sent_mode = params.arrivals == "sent" and setup.sent_ns is not None
+    queue: list = []
+    for k in range(len(target)):
+        if not have[k]:
+            continue
+        run_at = send[k] if sent_mode else target[k] + params.injector_idle_wake_ns
+        heapq.heappush(queue, (max(0, int(run_at) - w2r - entry), _CHECK, k))
+        if sent_mode:
+            heapq.heappush(queue, (int(send[k]) + params.delivery_ns, _MAIN, k))
+    inj_vm = inj
+    while queue:
+        t, kind, k = heapq.heappop(queue)
+        if t > host.now:
+            host.run(t)
+        if kind == _CHECK:
+            if not any(m.thread_state in _BUSY for m in mates):
+                idle[k] = True
+                inj_vm.signal_msi(msi_address(0), injector_vector(k))
+                if not sent_mode:
+                    send[k] = t + w2r + entry
+                    heapq.heappush(queue, (int(send[k]) + params.delivery_ns, _MAIN, k))
+            else:
+                # Busy: in "sent" mode the injector must be there for the send it made;
+                # in "target" mode its timer fires at the target.
+                fire = (max(t, int(send[k]) - entry - ctx) if sent_mode
+                        else max(t, int(target[k]) + busy_wake))
+                heapq.heappush(queue, (fire, _TIMER, k))
+                if not sent_mode:
+                    send[k] = fire + ctx + entry
+                    heapq.heappush(queue, (int(send[k]) + params.delivery_ns, _MAIN, k))
+        elif kind == _TIMER:
+            inj_vm.signal_msi(msi_address(0), injector_vector(k))
+        else:
+            vm.signal_msi(msi_address(int(setup.vcpu[k])), wake_vector(int(setup.index[k])))
+    host.run(host.now + drain_ns)
