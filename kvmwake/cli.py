@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", metavar="PATH",
                    help="write a PNG: wake-latency histogram, halt_poll_ns over time, host "
                         "CPU time (needs matplotlib: pip install 'kvmwake[plot]')")
+    r.add_argument("--perfetto", metavar="PATH",
+                   help="write the vCPU thread state timeline (RUNNING/POLLING/BLOCKED/RUNNABLE "
+                        "per host CPU) as Chrome trace-event JSON (ui.perfetto.dev, "
+                        "chrome://tracing)")
+    r.add_argument("--timeline-capacity", type=_nonneg_int, default=1 << 18,
+                   help="state changes kept for --perfetto (the newest; default: %(default)s)")
     r.add_argument("--out", metavar="DIR",
                    help="write summary.json, vm0.trace and plot.png (with matplotlib) into DIR; "
                         "the default when no other output option is given is "
@@ -161,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = ksub.add_parser("replay", help="replay a recorded trace through the halt-poll rule")
     _replay_parser(rp)
     _kernel_parser(ksub)
+    from . import sweep as _sweep
+    _sweep.build_parser(sub)
     return p
 
 
@@ -192,6 +200,10 @@ def run_scenario(args) -> dict:
         start_events = start_halts = 0
     if sim_ns < host.now:
         raise ValueError(f"the run ends at {sim_ns} ns, before the snapshot's {host.now} ns")
+    if args.plot:
+        _outputs.enable_cpu_time(host)
+    if args.perfetto and host.timeline_capacity == 0:
+        host.enable_timeline(args.timeline_capacity)
     t1 = time.perf_counter()
     if args.snapshot_at is not None:
         at = int(round(args.snapshot_at * 1_000_000))
@@ -253,7 +265,8 @@ def _resolve_outputs(args) -> list:
         if args.out:
             raise ValueError("--out and --no-out contradict each other")
         return notes
-    if args.out is None and not (args.json or args.trace or args.npz or args.plot):
+    if args.out is None and not (args.json or args.trace or args.npz or args.plot
+                                 or args.perfetto):
         args.out = DEFAULT_OUT_DIR
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -286,6 +299,11 @@ def write_outputs(args, summary: dict) -> list:
         _outputs.write_plot(host, args.plot, summary["sim_ns"])
         summary["plot"] = args.plot
         written.append(("plot", args.plot))
+    if args.perfetto:
+        from .perfetto import write_perfetto
+        write_perfetto(host, args.perfetto)
+        summary["perfetto"] = args.perfetto
+        written.append(("Perfetto trace", args.perfetto))
     if args.json:
         text = json.dumps(summary, indent=2, sort_keys=True)
         if args.json == "-":
@@ -368,6 +386,8 @@ def main(argv=None) -> int:
             if args.kernel_command == "replay":
                 return _replay_run(args)
             return _kernel_run(args)
+        if args.command == "sweep":
+            return args.sweep_run(args)
         notes = _resolve_outputs(args)
         summary = run_scenario(args)
         written = write_outputs(args, summary)

@@ -106,3 +106,20 @@ def test_python_dash_m(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvmwake", "scenarios"], capture_output=True,
                        text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 0 and "ipi-storm" in r.stdout
+
+
+def test_run_writes_perfetto_trace(tmp_path):
+    out = tmp_path / "p.json"
+    assert cli.main(["run", "ipi-storm", "--vcpus", "8", "--sim-ms", "2", "-q",
+                     "--perfetto", str(out)]) == 0
+    events = json.loads(out.read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    assert spans and all(e["dur"] >= 0 for e in spans)
+    assert {e["name"] for e in spans} <= {"RUNNING", "POLLING", "BLOCKED", "RUNNABLE"}
+
+
+def test_sweep_is_mounted(capsys):
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["sweep", "--help"])
+    assert ei.value.code == 0
+    assert "--scheduler" in capsys.readouterr().out
