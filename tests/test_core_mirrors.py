@@ -201,3 +201,32 @@ def test_trace_pids_use_pid_base():
         e.run(20)
         (rec,) = e.trace_list()
         assert rec[1] == reference.PID_BASE + 1 and rec[2] == 1 and rec[6] == 0
+
+
+# -- the core's copies of the uapi numbers (include/uapi/linux/kvm.h, psci.h) ------------
+
+def test_uapi_mp_states_exits_and_events(compiled):
+    from kvmwake.uapi import ExitReason, MpState, SystemEventType
+    for name, value in compiled["mp_states"].items():
+        assert MpState[name] == value
+    for name, value in compiled["exits"].items():
+        assert ExitReason[name] == value
+    for name, value in compiled["system_events"].items():
+        assert SystemEventType[name] == value
+
+
+def test_uapi_psci_function_ids_and_returns(compiled):
+    from kvmwake.uapi import MPIDR_HWID_BITMASK, PsciFn, PsciRet
+    assert len(compiled["psci"]) == 18
+    for name, value in compiled["psci"].items():
+        # C enums above INT_MAX come out negative: compare as the u32 the core uses.
+        assert PsciFn[name] == value & 0xFFFF_FFFF
+    for name, value in compiled["psci_ret"].items():
+        assert PsciRet[name] == value
+    assert compiled["mpidr_hwid_bitmask"] == MPIDR_HWID_BITMASK
+
+
+def test_request_bits_the_core_uses(compiled):
+    from kvmwake.model import Request
+    assert compiled["requests"]["SLEEP"] == Request.SLEEP
+    assert compiled["requests"]["SUSPEND"] == Request.SUSPEND
