@@ -101,6 +101,9 @@ cdef void set_pc(engine_t* e, uint32_t g, uint64_t v) noexcept nogil:
     """The PC: op i of the program is at code_base + 4 * i."""
     cdef thread_t* th = &e.th[g]
     cdef uint64_t off = v - e.vms[th.vm].code_base
+    # A new PC discards the rest of an interrupted segment: it belonged to the
+    # old instruction stream (its trap would run the op at the new PC).
+    e.irq[g].sv_valid = 0
     if th.has_prog and v >= e.vms[th.vm].code_base and off % 4 == 0 \
             and off // 4 < th.prog_n:
         th.pc = <uint32_t>(off // 4)

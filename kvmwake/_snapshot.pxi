@@ -247,7 +247,7 @@ cdef _check_state(Engine self):
                 raise ValueError(f"host CPU {c}: run queue broken")
             k += 1
             x = e.th[x].rq_next
-        if k != cpu.rq_len or (k and e.th[cpu.rq_tail].rq_next != -1) \
+        if k != cpu.rq_len or (k and (cpu.rq_tail < 0 or e.th[cpu.rq_tail].rq_next != -1)) \
                 or (k == 0 and (cpu.rq_head != -1 or cpu.rq_tail != -1)):
             raise ValueError(f"host CPU {c}: run queue length or tail wrong")
         if k and cpu.rq_tail != _rq_last(e, cpu):
@@ -257,7 +257,8 @@ cdef _check_state(Engine self):
     for s in range(e.nsrc):
         src = &e.src[s]
         if src.vm >= e.nvm or src.kind > SRC_TRACE or src.intid > 1023 \
-                or src.times_off + src.times_len > <uint64_t>len(self._times) \
+                or src.times_off > <uint64_t>len(self._times) \
+                or src.times_len > <uint64_t>len(self._times) - src.times_off \
                 or (e.x86 and (src.target < e.vms[src.vm].first or src.target >= e.vms[src.vm].first
                                 + e.vms[src.vm].nr_vcpus)) \
                 or (src.kind == SRC_PERIODIC and src.p0 == 0) \
@@ -279,6 +280,7 @@ cdef _check_state(Engine self):
             raise ValueError(f"event {i}: a live tick of period 0")
         if i and ev_before(ev, &e.heap[(i - 1) >> 1]):
             raise ValueError(f"event {i}: the heap is out of order")
+    _check_links(self)
 
 
 cdef int32_t _rq_last(engine_t* e, cpu_t* cpu):
@@ -308,3 +310,115 @@ cdef _check_programs(Engine self, uint64_t nops):
                             self.arch, e.vms[th.vm].nr_spis)
         except _guest.ProgramError as exc:
             raise ValueError(f"thread {g}'s program: {exc}") from None
+
+
+cdef _check_links(Engine self):
+    """Each thread's state against where it is and what the heap holds for it.
+
+    The scheduler's list operations and the interrupt handler's EOI trust these
+    (a thread queued twice, or run while queued, or an EOI with no interrupt in
+    service, would corrupt memory), so a snapshot must agree with them.  Called
+    at the end of _check_state, once every index is known to be in range.
+    """
+    cdef engine_t* e = &self.e
+    cdef uint32_t g, c
+    cdef int32_t x
+    cdef uint64_t i, cls
+    cdef event_t* ev
+    cdef thread_t* th
+    cdef virq_t* q
+    where_arr = np.zeros(e.nth, dtype=np.uint8)     # 1: a host CPU's current, 2: queued
+    live_arr = np.zeros(e.nth, dtype=np.uint8)      # its live SEGMENT/POLL_END/RUN event
+    cdef uint8_t[::1] where = where_arr
+    cdef uint8_t[::1] live = live_arr
+    for c in range(e.ncpu):
+        x = e.cpus[c].cur
+        if x >= 0:
+            if e.th[x].state != TS_RUNNABLE and e.th[x].state != TS_RUNNING \
+                    and e.th[x].state != TS_POLLING:
+                raise ValueError(f"host CPU {c}: its current thread {x} is neither running "
+                                 "nor about to")
+            where[x] = 1
+        x = e.cpus[c].rq_head
+        while x >= 0:
+            if where[x] or e.th[x].state != TS_RUNNABLE:
+                raise ValueError(f"host CPU {c}: run queue holds thread {x}, which is "
+                                 "current or not runnable")
+            where[x] = 2
+            x = e.th[x].rq_next
+    for g in range(e.nth):
+        th = &e.th[g]
+        if (th.state == TS_RUNNING or th.state == TS_POLLING) and where[g] != 1 \
+                or th.state == TS_RUNNABLE and where[g] == 0 \
+                or (th.state == TS_USER or th.state == TS_BLOCKED) and where[g] != 0:
+            raise ValueError(f"thread {g}: its state disagrees with its host CPU's run queue")
+        if where[g] != 2 and th.rq_next != -1:
+            raise ValueError(f"thread {g}: a run-queue link but in no run queue")
+    for i in range(e.hlen):
+        ev = &e.heap[i]
+        cls = ev.key >> KW_SEQ_BITS
+        if cls < EV_SEGMENT or cls > EV_RUN or ev.gen != e.th[ev.who].gen:
+            continue
+        th = &e.th[ev.who]
+        if live[ev.who]:
+            raise ValueError(f"event {i}: a second live event of thread {ev.who}")
+        live[ev.who] = 1
+        if cls == EV_RUN and (th.state != TS_RUNNABLE or where[ev.who] != 1) \
+                or cls == EV_SEGMENT and th.state != TS_RUNNING \
+                or cls == EV_POLL_END and th.state != TS_POLLING:
+            raise ValueError(f"event {i}: thread {ev.who}'s state does not expect it")
+    for g in range(e.nth):
+        th = &e.th[g]
+        q = &e.irq[g]
+        if q.cur_irq > (255 if e.x86 else 1023):
+            raise ValueError(f"thread {g}: interrupt in service {q.cur_irq} out of range")
+        if q.sv_valid and (q.sv_cont == CONT_IRQ or q.sv_cont == CONT_EOI):
+            raise ValueError(f"thread {g}: an interrupted segment that was itself an "
+                             "interrupt's")
+        if th.cont == CONT_EOI and q.cur_irq < 0 and (
+                live[g] and th.state == TS_RUNNING
+                or th.state == TS_RUNNABLE and th.resume == RESUME_SEGMENT):
+            raise ValueError(f"thread {g}: ends an interrupt handler with no interrupt "
+                             "in service")
+        if th.has_prog and th.pc >= th.prog_n:
+            raise ValueError(f"thread {g}: program counter out of range")
+        # A segment that ends in a trap carries out the op at the PC (trap_op), which
+        # must then be a trapping op.  (Outside KVM_RUN userspace may move the PC.)
+        if th.has_prog and th.state != TS_USER and not th.reset_pending and (
+                th.cont == CONT_TRAP and (live[g] and th.state == TS_RUNNING
+                                          or th.state == TS_RUNNABLE
+                                          and th.resume == RESUME_SEGMENT)
+                or q.sv_valid and q.sv_cont == CONT_TRAP) \
+                and not _is_trap_op(e.ops[th.prog + th.pc].code):
+            raise ValueError(f"thread {g}: traps on op {th.pc}, which does not trap")
+
+
+def _engine_view(Engine self):
+    """What the Python side of a restore is checked against: per VM (first thread,
+    vCPUs, SPIs, KVM_CAP_HALT_POLL ceiling or None, tick, suspend cap), per thread
+    (has a program, thread state), and the threads in the exit queue."""
+    cdef engine_t* e = &self.e
+    cdef uint32_t v, g, k
+    vms = [(e.vms[v].first, e.vms[v].nr_vcpus, e.vms[v].nr_spis,
+            e.vms[v].max_halt_poll_ns if e.vms[v].override else None, e.vms[v].tick_ns,
+            bool(e.vms[v].suspend_cap)) for v in range(e.nvm)]
+    threads = [(bool(e.th[g].has_prog), e.th[g].state) for g in range(e.nth)]
+    queued = [e.exitq[(e.exq_head + k) % e.nth] for k in range(e.exq_len)]
+    return vms, threads, queued
+
+
+def _engine_exit_record(Engine self, uint32_t g):
+    """Thread g's last exit to userspace as take_exit() gives it, without taking it."""
+    if g >= self.e.nth:
+        raise IndexError(f"thread {g} does not exist")
+    cdef thread_t* th = &self.e.th[g]
+    return {"reason": th.exit_reason, "type": th.exit_type, "ndata": th.exit_ndata,
+            "data0": th.exit_data0, "ucall": th.exit_ucall, "value": th.exit_value,
+            "time": th.exit_time}
+
+
+cdef inline bint _is_trap_op(uint16_t code) noexcept nogil:
+    """The ops advance() ends a segment on with CONT_TRAP, for trap_op to carry out."""
+    return code == OP_SGI or code == OP_IRQ_ENABLE or code == OP_IRQ_DISABLE \
+        or code == OP_SET_PRIORITY or code == OP_DIST_ENABLE or code == OP_ROUTE_SPI \
+        or code == OP_HVC or code == OP_SYNC

@@ -628,6 +628,9 @@ class Engine:
     def _set_pc(self, th, v):
         """The PC: op i of the program is at code_base + 4 * i."""
         off = v - th.vm.code_base
+        # A new PC discards the rest of an interrupted segment: it belonged to
+        # the old instruction stream (its trap would run the op at the new PC).
+        th.sv_valid = False
         if th.prog is not None and off >= 0 and off % 4 == 0 and off // 4 < len(th.prog):
             th.pc = off // 4
             th.pc_valid = True

@@ -56,6 +56,12 @@ _SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdroppe
             "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len", "talloc",
             "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc")
 
+#: The arrays that are not bytes of engine structs ("u1"), and the struct of those that are.
+_ARRAY_DTYPES = {"times": "u8", "stats": "u8", "lat": "u8", "exitq": "u4"}
+_ARRAY_STRUCTS = {"threads": "thread_t", "irqs": "virq_t", "vms": "vm_t", "gics": "gic_t",
+                  "srcs": "source_t", "cpus": "cpu_t", "ops": "op_t", "heap": "event_t",
+                  "trace": "trace_rec_t", "timeline": "tl_rec_t"}
+
 
 def _digest(data) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
@@ -157,8 +163,11 @@ def parse(data: bytes) -> tuple[dict, dict]:
         raise SnapshotError("checksum mismatch: the snapshot is corrupted")
     try:
         header = json.loads(data[_PREFIX.size:_PREFIX.size + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SnapshotError(f"unreadable snapshot header: {exc}") from None
+    if not isinstance(header, dict):
+        raise SnapshotError(f"the snapshot header is a JSON {type(header).__name__}, "
+                            "not an object")
     try:
         size = header["body"]["size"]
         if header["body"]["compression"] != "zlib" or not isinstance(size, int) \
@@ -169,7 +178,9 @@ def parse(data: bytes) -> tuple[dict, dict]:
         _check_header(header)
     except SnapshotError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except KeyError as exc:
+        raise SnapshotError(f"inconsistent snapshot header: missing key {exc}") from None
+    except (TypeError, ValueError, AttributeError, OverflowError, IndexError) as exc:
         raise SnapshotError(f"inconsistent snapshot header: {exc!r}") from None
     return header, arrays
 
@@ -186,28 +197,51 @@ def _inflate(packed: bytes, size: int) -> bytes:
     return body
 
 
+def _int(v, what) -> int:
+    """A JSON integer (not a bool, a float or a string)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SnapshotError(f"{what} is {v!r}, not an integer")
+    return v
+
+
 def _arrays(header, body, blen) -> dict:
     from ._core import struct_sizes
+    from .model import LAT_BUCKETS, NR_STATS
     eng = header["engine"]
-    if eng["struct_sizes"] != struct_sizes():
+    sizes = struct_sizes()
+    if eng["struct_sizes"] != sizes:
         raise SnapshotError("the snapshot was written by a kvmwake with other engine "
                             f"structure sizes ({eng['struct_sizes']})")
     out = {}
     for name in _ARRAYS:
         d = eng["arrays"][name]
-        dtype = _DTYPES[d["dtype"]]
-        shape = tuple(int(x) for x in d["shape"])
-        off, nbytes = int(d["offset"]), int(d["nbytes"])
-        if any(x < 0 for x in shape) or len(shape) > 2:
+        want = _ARRAY_DTYPES.get(name, "u1")
+        if d["dtype"] != want:
+            raise SnapshotError(f"array {name}: dtype {d['dtype']!r}, expected {want!r}")
+        dtype = _DTYPES[want]
+        if not isinstance(d["shape"], list):
+            raise SnapshotError(f"array {name}: shape {d['shape']!r} is not a list")
+        shape = tuple(_int(x, f"array {name}'s shape") for x in d["shape"])
+        off, nbytes = _int(d["offset"], f"array {name}'s offset"), \
+            _int(d["nbytes"], f"array {name}'s size")
+        if any(x < 0 for x in shape) or len(shape) != (2 if name == "stats" else 1):
             raise SnapshotError(f"array {name}: bad shape {shape}")
-        count = int(np.prod(shape, dtype=object)) if shape else 1
+        count = int(np.prod(shape, dtype=object))
         if count * np.dtype(dtype).itemsize != nbytes or off < 0 or off % 8 \
                 or off + nbytes > blen:
             raise SnapshotError(f"array {name}: shape {shape}, {nbytes} bytes at offset "
                                 f"{off} do not fit the {blen}-byte body")
+        struct = _ARRAY_STRUCTS.get(name)
+        if struct is not None and nbytes % sizes[struct]:
+            raise SnapshotError(f"array {name}: size {nbytes} is not a whole number of "
+                                f"{sizes[struct]}-byte {struct} records")
         out[name] = np.frombuffer(body, dtype=dtype, count=count, offset=off).reshape(shape).copy()
-    if out["stats"].ndim != 2:
-        raise SnapshotError("array stats must be two-dimensional")
+    if out["stats"].shape[1] != NR_STATS:
+        raise SnapshotError(f"array stats: {out['stats'].shape[1]} stats per vCPU, "
+                            f"expected {NR_STATS}")
+    if out["lat"].shape != (LAT_BUCKETS,):
+        raise SnapshotError(f"array lat: {out['lat'].shape[0]} latency buckets, "
+                            f"expected {LAT_BUCKETS}")
     return out
 
 
@@ -219,8 +253,13 @@ def _check_header(h) -> None:
         v = h["engine"]["scalars"][k]
         if not isinstance(v, int) or not 0 <= v < (1 << 64):
             raise ValueError(f"scalar {k} = {v!r}")
-    if not isinstance(h["vms"], list):
-        raise ValueError("vms is not a list")
+    if not isinstance(h["vms"], list) or not all(isinstance(vd, dict) for vd in h["vms"]):
+        raise ValueError("vms is not a list of objects")
+    if not isinstance(h.get("run", {}), dict):
+        raise ValueError(f"run is {h['run']!r}, not an object")
+    i = h.get("vm_index")
+    if i is not None and (isinstance(i, bool) or not isinstance(i, int)):
+        raise ValueError(f"vm_index is {i!r}, not an integer")
 
 
 # -- restoring ------------------------------------------------------------------------------
@@ -234,17 +273,25 @@ def restore_host(src, vmm_classes: dict | None = None, **module_params):
         host = Host(host_cpus=hc["host_cpus"], arch=hc["arch"], seed=hc["seed"],
                     costs=hc["costs"], engine="core",
                     trace_capacity=header["engine"]["scalars"]["tcap"])
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise SnapshotError(f"snapshot host configuration is invalid: {exc}") from None
+    from ._core import struct_sizes
+    if len(arrays["cpus"]) != host.host_cpus * struct_sizes()["cpu_t"]:
+        raise SnapshotError(f"inconsistent array sizes: array cpus holds "
+                            f"{len(arrays['cpus']) // struct_sizes()['cpu_t']} host CPUs, "
+                            f"the host has {host.host_cpus}")
     try:
-        _rebuild_vms(host, header)
+        _rebuild_vms(host, header, len(arrays["threads"]) // struct_sizes()["thread_t"])
         host._engine.import_state(header["engine"]["scalars"], arrays)
+        _check_python_side(host, header)
+        for i, vd in enumerate(header["vms"]):
+            _restore_policy(host.vms[i], vd["vmm"], vmm_classes or {})
     except SnapshotError:
         raise
-    except (ValueError, TypeError, KeyError, OverflowError, IndexError) as exc:
+    except KeyError as exc:
+        raise SnapshotError(f"inconsistent snapshot state: missing key {exc}") from None
+    except (ValueError, TypeError, OverflowError, IndexError, AttributeError) as exc:
         raise SnapshotError(f"inconsistent snapshot state: {exc}") from None
-    for i, vd in enumerate(header["vms"]):
-        _restore_policy(host.vms[i], vd["vmm"], vmm_classes or {})
     for name, value in module_params.items():
         if name not in ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
                         "halt_poll_ns_shrink"):
@@ -271,9 +318,21 @@ def _vm_of(host, header):
     return host.vms[i]
 
 
-def _rebuild_vms(host, header) -> None:
+def _rebuild_vms(host, header, nthreads: int) -> None:
     """The Python objects of the VMs, without touching the engine's state (replaced next)."""
+    from .model import MAX_VCPUS
     from .vm import VCpu, VM
+    counts = []
+    for i, vd in enumerate(header["vms"]):
+        n = _int(vd["nr_vcpus"], f"VM {i}'s nr_vcpus")
+        if not 1 <= n <= MAX_VCPUS[host.arch]:
+            raise SnapshotError(f"VM {i}: nr_vcpus = {n} out of range 1..{MAX_VCPUS[host.arch]}")
+        if not isinstance(vd["vcpus"], list) or len(vd["vcpus"]) != n:
+            raise SnapshotError(f"VM {i}: the vCPU records do not match its {n} vCPUs")
+        counts.append(n)
+    if sum(counts) != nthreads:
+        raise SnapshotError(f"inconsistent array sizes: the VMs have {sum(counts)} vCPUs, "
+                            f"array threads holds {nthreads}")
     first = 0
     for vd in header["vms"]:
         vm = VM.__new__(VM)
@@ -286,27 +345,92 @@ def _rebuild_vms(host, header) -> None:
         vm._halt_poll_cap = vd["halt_poll_cap"]
         vm._tick_ns = int(vd["tick_ns"])
         vm._suspend_cap = bool(vd["suspend_cap"])
-        vm.memory_size = int(vd["memory_size"])
+        vm.memory_size = _int(vd["memory_size"], "memory_size")
+        if not 1 << 12 <= vm.memory_size <= 1 << 48 or vm.nr_spis < 0 or vm._tick_ns < 0 \
+                or _int(vd["exits"], "exits") < 0:
+            raise SnapshotError(f"VM {vm.index}: memory size, SPI count, tick or exit count "
+                                "out of range")
+        if vm._halt_poll_cap is not None and not 0 <= _int(vm._halt_poll_cap,
+                                                            "halt_poll_cap") <= 0xFFFF_FFFF:
+            raise SnapshotError(f"VM {vm.index}: halt_poll_cap out of range")
         from .model import MEM_BASE
         vm.memory_base = MEM_BASE[host.arch]
         vm.exits = int(vd["exits"])
         vm.vcpus = [VCpu(vm, i) for i in range(vm.nr_vcpus)]
-        if len(vd["vcpus"]) != vm.nr_vcpus:
-            raise ValueError(f"VM {vm.index}: {len(vd['vcpus'])} vCPU records for "
-                             f"{vm.nr_vcpus} vCPUs")
         for v, rec in zip(vm.vcpus, vd["vcpus"]):
             v._loaded, v._started = bool(rec["loaded"]), bool(rec["started"])
             held = rec["held"]
             if held is not None:
-                held = {k: int(held[k]) for k in ("reason", "type", "ndata", "data0", "ucall",
-                                                 "value", "time")}
+                held = {k: _int(held[k], "a held exit's " + k)
+                        for k in ("reason", "type", "ndata", "data0", "ucall", "value", "time")}
             v._held = held
         host.vms.append(vm)
         first += vm.nr_vcpus
     host._nthreads = first
 
 
+def _check_python_side(host, header) -> None:
+    """The VMs' Python state against the engine's: VM layout, programs, held exits."""
+    from ._core import _engine_exit_record, _engine_view
+    from .exits import from_engine
+    vms, threads, queued = _engine_view(host._engine)
+    if len(vms) != len(host.vms):
+        raise SnapshotError(f"inconsistent array sizes: array vms holds {len(vms)} VMs, "
+                            f"the header describes {len(host.vms)}")
+    for vm, (first, n, spis, cap, tick, susp) in zip(host.vms, vms):
+        if (first, n, spis) != (vm._first, vm.nr_vcpus, vm.nr_spis):
+            raise SnapshotError(f"VM {vm.index}: the header's vCPUs and SPIs disagree with "
+                                "the engine's")
+        if cap != vm._halt_poll_cap or tick != vm._tick_ns or susp != vm._suspend_cap:
+            raise SnapshotError(f"VM {vm.index}: the header's halt-poll cap, tick or "
+                                "suspend cap disagrees with the engine's")
+        for v in vm.vcpus:
+            has_prog, state = threads[v._g]
+            if v._loaded and not has_prog:
+                raise SnapshotError(f"VM {vm.index} vCPU {v.id}: loaded, but the engine "
+                                    "holds no program for it")
+            if v._held is not None and (state != 0 or v._held
+                                        != _engine_exit_record(host._engine, v._g)):
+                raise SnapshotError(f"VM {vm.index} vCPU {v.id}: its held exit is not the "
+                                    "engine's last exit of a vCPU outside KVM_RUN")
+    for g in set(queued):
+        if threads[g][1] != 0:
+            raise SnapshotError(f"thread {g}: in the exit queue but inside KVM_RUN")
+    for g in set(queued) | {v._g for vm in host.vms for v in vm.vcpus if v._held}:
+        try:
+            from_engine(_engine_exit_record(host._engine, g))
+        except (ValueError, KeyError) as exc:
+            raise SnapshotError(f"thread {g}: an exit to userspace that is none "
+                                f"({exc})") from None
+
+
+def _check_policy_state(cls, state) -> None:
+    """A policy's saved state may set data attributes, never replace its methods."""
+    import inspect
+    if not isinstance(state, dict):
+        raise SnapshotError(f"a VMM policy state is {type(state).__name__}, not an object")
+    for k in state:
+        if not isinstance(k, str):
+            continue
+        attr = inspect.getattr_static(cls, k, None)
+        if callable(attr) or hasattr(attr, "__get__"):
+            raise SnapshotError(f"a VMM policy state names {k!r}, which is a method or "
+                                f"property of {cls.__qualname__}")
+
+
+def _check_reference_vmm(vm, pol) -> None:
+    """ReferenceVmm's pending resumes must be ones it can carry out."""
+    u64 = (1 << 64) - 1
+    for vid, (entry, context, t0) in pol._pending.items():
+        if not 0 <= vid < vm.nr_vcpus or not 0 <= entry <= u64 or not 0 <= context <= u64 \
+                or not 0 <= t0 <= vm.host.now:
+            raise SnapshotError(f"VM {vm.index}'s ReferenceVmm: a pending resume of vCPU "
+                                f"{vid} out of range")
+
+
 def _restore_policy(vm, rec, vmm_classes) -> None:
+    if not isinstance(rec, dict) or not isinstance(rec.get("class"), str):
+        raise SnapshotError(f"VM {vm.index}'s VMM policy record is invalid")
     name = rec["class"]
     cls = vmm_classes.get(name)
     if cls is None:
@@ -317,10 +441,13 @@ def _restore_policy(vm, rec, vmm_classes) -> None:
         else:
             raise SnapshotError(f"VM {vm.index}'s VMM policy is {name}; pass it to restore() "
                                 f"as vmm_classes={{{name!r}: TheClass}}")
+    _check_policy_state(cls, rec["state"])
     pol = cls.__new__(cls)
     try:
         pol.load_state(rec["state"])
-    except (TypeError, ValueError, KeyError) as exc:
+        if isinstance(pol, _vmm.ReferenceVmm):
+            _check_reference_vmm(vm, pol)
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
         raise SnapshotError(f"VM {vm.index}'s VMM policy state is invalid: {exc}") from None
     pol.attach(vm)
     vm.vmm = pol

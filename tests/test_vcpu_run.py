@@ -487,3 +487,20 @@ def test_pc_after_a_halt_ended_by_a_signal(engine):
     assert v.stats()["wfi_exit_stat"] == 1
     v.set_mp_state(MpState.RUNNABLE)
     assert run_done(v) == [1]
+
+
+def test_setting_the_pc_discards_an_interrupted_segment(engine):
+    """Signalled out in the work before a trapping op, then moved to another op:
+    re-entering runs from the new PC (the old segment's trap is dropped)."""
+    vm = kw.VM(arch="arm64", nr_vcpus=2, seed=1, engine=engine)
+    vm.vcpus[0].load([g.compute(100_000), g.wake(1),
+                      g.timer_arm(1_000_000, period_ns=4_000_000),
+                      g.loop([g.compute(10_000), g.wfi()])])
+    vm.vcpus[1].load([g.loop([g.compute(10_000), g.wfi()])])
+    ex = vm.vcpus[0].run(timeout_ns=50_000)
+    assert ex.reason == ExitReason.INTR
+    vm.vcpus[0].set_reg("pc", vm.code_address(2))          # the TIMER_ARM
+    ex = vm.vcpus[0].run(timeout_ns=500_000)
+    assert ex.reason == ExitReason.INTR
+    assert vm.vcpus[0].timer_state()["period"] == 4_000_000
+    assert vm.vcpus[1].stats()["halt_wakeup"] == 0            # the skipped wake never ran
