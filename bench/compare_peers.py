@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--vcpus", type=int, default=1024)
     p.add_argument("--sim-ms", type=float, default=100.0,
                    help="virtual ms of the core, SimPy and floor runs (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=5,
+    p.add_argument("--seeds", type=int, default=8,
                    help="seeds of the core and SimPy runs (default: %(default)s)")
     p.add_argument("--repeat", type=int, default=5,
                    help="timed core runs per seed, and floor runs (default: %(default)s)")

@@ -79,11 +79,23 @@ def child(what: str, vcpus: int, sim_ms: float, run: bool, ops_path: str | None)
     return out
 
 
-def valgrind(args_child: list[str], toggle: str | None) -> tuple[int, dict, str]:
-    """Run this script's child mode under callgrind; (instructions, child's result, command)."""
+#: The cache simulated with --cache-sim: this machine's L1d (32 KiB per core,
+#: 8-way) and its L3 (32 MiB, 16-way) as valgrind's last level; 64-byte lines.
+CACHE_SIM = ["--cache-sim=yes", "--I1=32768,8,64", "--D1=32768,8,64", "--LL=33554432,16,64"]
+
+
+def valgrind(args_child: list[str], toggle: str | None,
+             cache_sim: bool = False) -> tuple[int, dict, str]:
+    """Run this script's child mode under callgrind; (instructions, child's result, command).
+
+    With ``cache_sim`` the child's result also gets ``"counters"``: every event
+    callgrind counted (Ir, Dr, Dw, I1mr, D1mr, D1mw, ILmr, DLmr, DLmw).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "callgrind.out")
         vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"]
+        if cache_sim:
+            vg += CACHE_SIM
         if toggle:
             vg += ["--collect-atstart=no", f"--toggle-collect={toggle}"]
         cmd = vg + [sys.executable, os.path.abspath(__file__), "--child"] + args_child
@@ -97,7 +109,11 @@ def valgrind(args_child: list[str], toggle: str | None) -> tuple[int, dict, str]
         if not m:
             raise RuntimeError(f"no instruction total in {out_file}")
         result = json.loads(res.stdout.strip().splitlines()[-1])
-        shown = "valgrind --tool=callgrind" + (
+        ev = re.search(r"^events:\s*(.+)$", text, re.M)
+        tot = re.search(r"^(?:summary|totals):\s*([\d ]+)$", text, re.M)
+        if ev and tot:
+            result["counters"] = dict(zip(ev.group(1).split(), map(int, tot.group(1).split())))
+        shown = "valgrind --tool=callgrind" + (" " + " ".join(CACHE_SIM) if cache_sim else "") + (
             f" --collect-atstart=no --toggle-collect='{toggle}'" if toggle else "")
         shown += " python bench/instructions.py --child " + " ".join(args_child)
         return int(m.group(1)), result, shown
@@ -119,6 +135,48 @@ def measure(what, vcpus, sim_ms, ops_path=None, toggle=None, subtract=True):
     return rec
 
 
+def cache_report(args, lines, printed) -> int:
+    say = lines.append
+    rows = []
+    for n in [int(x) for x in args.sizes.split(",")]:
+        t0 = time.perf_counter()
+        ins, res, shown = valgrind(["core", str(n), str(args.sim_ms), "--run"], "*run_loop*",
+                                   cache_sim=True)
+        rows.append((n, res, shown))
+        print(f"  (core {n:,} vCPUs, cache simulation: {time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+    say(f"ipi-storm, seed 0, {args.sim_ms:g} ms of virtual time; collection inside `run_loop` "
+        "only; simulated caches: L1d 32 KiB 8-way, last level 32 MiB 16-way (this machine's "
+        "L3), 64-byte lines.  Per simulated halt:")
+    say("")
+    say("| vCPUs | halts | instructions | data reads | data writes | L1d misses "
+        "| last-level data misses | instructions per halt, relative to the first row "
+        "| LL misses per halt, relative to the first row |")
+    say("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    first = None
+    for n, res, _ in rows:
+        c, h = res["counters"], res["halts"]
+        per = {k: v / h for k, v in c.items()}
+        ll = per.get("DLmr", 0) + per.get("DLmw", 0)
+        d1 = per.get("D1mr", 0) + per.get("D1mw", 0)
+        if first is None:
+            first = (per["Ir"], ll)
+        say(f"| {n:,} | {h:,} | {per['Ir']:,.0f} | {per.get('Dr', 0):,.0f} | "
+            f"{per.get('Dw', 0):,.0f} | {d1:,.1f} | {ll:,.2f} | {per['Ir'] / first[0]:.2f}x | "
+            + (f"{ll / first[1]:,.1f}x |" if first[1] else "— |"))
+    say("")
+    say("Commands (under `PYTHONHASHSEED=0`):")
+    say("")
+    for _, _, shown in rows:
+        say(f"- `{shown}`")
+    say("")
+    print("\n".join(lines[printed:]), flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--child", nargs=3, metavar=("WHAT", "VCPUS", "SIM_MS"), help=argparse.SUPPRESS)
@@ -132,6 +190,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="1024,65536",
                    help="vCPU counts for the core's event loop alone (default: %(default)s)")
     p.add_argument("--no-peers", action="store_true", help="skip the reference and SimPy")
+    p.add_argument("--cache-sim", action="store_true",
+                   help="instead: the core's event loop at --sizes with callgrind's cache "
+                        "simulation (this machine's L1d and L3), misses per halt")
     p.add_argument("--out", metavar="PATH", help="also write the report to PATH")
     args = p.parse_args(argv)
     if args.child:
@@ -157,6 +218,8 @@ def main(argv=None) -> int:
     print("\n".join(lines), flush=True)
     printed = len(lines)
 
+    if args.cache_sim:
+        return cache_report(args, lines, printed)
     recs = []
     core_t = measure("core", args.vcpus, args.sim_ms, toggle="*run_loop*")
     core_s = measure("core", args.vcpus, args.sim_ms)

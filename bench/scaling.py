@@ -115,16 +115,18 @@ def plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for sc, marker in (("ipi-storm", "o"), ("default", "s")):
+    for sc, marker, color in (("ipi-storm", "o", "C0"), ("default", "s", "C1")):
         pts = [r for r in results if r["scenario"] == sc]
         if not pts:
             continue
         x = [r["vcpus"] for r in pts]
-        a1.plot(x, [r["halts_per_s"] / 1e6 for r in pts], marker=marker, label=sc)
-        a2.plot(x, [r["engine_per_vcpu"] for r in pts], marker=marker,
+        a1.plot(x, [r["halts_per_s"] / 1e6 for r in pts], marker=marker, color=color, label=sc)
+        a1.axhline(pts[0]["halts_per_s"] / 1e6 / TARGET_COST_RATIO, color=color, linestyle=":",
+                   linewidth=1, label=f"{sc}: half its rate at {pts[0]['vcpus']:,} (the target)")
+        a2.plot(x, [r["engine_per_vcpu"] for r in pts], marker=marker, color=color,
                 label=f"{sc}: engine state")
-        a2.plot(x, [r["rss_growth_per_vcpu"] for r in pts], marker=marker, linestyle="--",
-                label=f"{sc}: peak RSS growth")
+        a2.plot(x, [r["rss_growth_per_vcpu"] for r in pts], marker=marker, color=color,
+                linestyle="--", label=f"{sc}: peak RSS growth (engine + Python objects)")
     for a in (a1, a2):
         a.set_xscale("log", base=2)
         a.set_xticks(SIZES, [f"{s:,}" for s in SIZES])

@@ -15,11 +15,13 @@
 ``write_plot(host, path, sim_ns)`` (needs matplotlib: ``pip install
 "kvmwake[plot]"``) draws the wake-latency histogram, ``halt_poll_ns`` over
 time for a few vCPUs of VM 0 (from its ``kvm_halt_poll_ns`` trace records;
-the host needs a trace capacity), and host CPU time split into guest,
-polling and idle when the engine keeps a state timeline
-(``host._engine.timeline_totals()``); without one only the polling share is
-known exactly (``halt_poll_success_ns + halt_poll_fail_ns``) and the panel
-says so instead of guessing the rest.
+the host needs a trace capacity), and host CPU time split into guest
+(a vCPU thread running), polling and idle from the host's state timeline
+(``host.timeline_totals()``; ``enable_cpu_time(host)`` switches it on before
+the run, keeping the newest ``PLOT_TIMELINE_CAPACITY`` records, so on long
+runs the panel covers the end of the run and says which window).  Without a
+timeline only the polling share is known exactly (``halt_poll_success_ns +
+halt_poll_fail_ns``) and the panel says so instead of guessing the rest.
 """
 
 from __future__ import annotations
@@ -68,17 +70,34 @@ def write_npz(host, path, sim_ns: int) -> None:
         np.savez_compressed(fh, **arrays(host, sim_ns))
 
 
-def cpu_time_split(host, sim_ns: int) -> dict | None:
-    """``{"guest": ns, "polling": ns, "idle": ns, ...}`` from the engine's timeline, or
-    None when the engine keeps none."""
-    totals = getattr(host._engine, "timeline_totals", None)
-    if totals is None:
-        return None
+#: Timeline records ``kvmwake run --plot`` keeps for the CPU-time panel (the newest).
+PLOT_TIMELINE_CAPACITY = 1 << 18
+
+
+def enable_cpu_time(host, capacity: int = PLOT_TIMELINE_CAPACITY) -> bool:
+    """Switch on the host's state timeline (before it runs) if the engine has one."""
+    enable = getattr(host, "enable_timeline", None)
+    if enable is None or getattr(host, "timeline_capacity", 0):
+        return bool(getattr(host, "timeline_capacity", 0))
     try:
-        t = totals()
-    except Exception:          # a timeline that was not switched on
+        enable(capacity)
+    except ValueError:         # it has recorded already
+        return False
+    return True
+
+
+def cpu_time_split(host) -> dict | None:
+    """Host CPU time over the timeline's recorded window, summed over the host CPUs:
+    ``{"window_ns": (t0, now), "running": ns, "polling": ns, "idle": ns}``; None when
+    the host keeps no timeline.  "running" is a vCPU thread on the CPU (guest code
+    and KVM's work for it)."""
+    if not getattr(host, "timeline_capacity", 0) or not hasattr(host, "timeline_totals"):
         return None
-    return dict(t) if t else None
+    t = host.timeline_totals()
+    return {"window_ns": (int(t["t0"]), int(t["now"])),
+            "running": int(np.sum(t["running_ns"], dtype=np.uint64)),
+            "polling": int(np.sum(t["polling_ns"], dtype=np.uint64)),
+            "idle": int(np.sum(t["idle_ns"], dtype=np.uint64))}
 
 
 def write_plot(host, path, sim_ns: int, nr_vcpus_shown: int = 4) -> None:
@@ -123,11 +142,14 @@ def write_plot(host, path, sim_ns: int, nr_vcpus_shown: int = 4) -> None:
     # 3: host CPU time
     ax = axes[2]
     total = host.host_cpus * sim_ns
-    split = cpu_time_split(host, sim_ns)
-    if split:
-        names = list(split)
-        ax.bar(names, [100 * split[k] / total for k in names])
-        ax.set_title("host CPU time (engine timeline)")
+    split = cpu_time_split(host)
+    if split and split["window_ns"][1] > split["window_ns"][0]:
+        t0, t1 = split["window_ns"]
+        span = host.host_cpus * (t1 - t0)
+        names = ["running", "polling", "idle"]
+        ax.bar(["guest\n(vCPU running)", "polling", "idle"],
+               [100 * split[k] / span for k in names])
+        ax.set_title(f"host CPU time, {t0 / 1e6:,.1f}-{t1 / 1e6:,.1f} ms", fontsize="small")
     else:
         rows = np.concatenate([vm.stats_array() for vm in host.vms]).astype(np.float64)
         polling = rows[:, STAT_COUNTERS.index("halt_poll_success_ns")].sum() + \

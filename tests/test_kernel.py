@@ -38,6 +38,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------- binary stats
 
 
+
+def _child_env() -> dict:
+    """The environment for a child Python: the same kvmwake this process imported
+    (the source tree with its built extension, or the installed package)."""
+    import kvmwake
+    env = dict(os.environ)
+    where = os.path.dirname(os.path.dirname(os.path.abspath(kvmwake.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (where, env.get("PYTHONPATH")) if p)
+    return env
+
 def _kernel_like(extra=()):
     """Descriptors as KVM_GENERIC_VCPU_STATS() lays them out, plus ``extra``."""
     hist = list(range(32))
@@ -253,7 +263,7 @@ def test_calibration_recovers_the_costs_it_was_made_with(synthetic, tmp_path):
     assert co["vm_entry_ns"] + co["vm_exit_ns"] == pytest.approx(1_600, abs=300)
     assert cal["params"]["handler_ns"] == 12_000
     assert cal["params"]["delivery_ns"] == pytest.approx(900, abs=250)
-    assert cal["fit"]["free"] == ["wake_to_run_ns", "context_switch_ns"]
+    assert cal["fit"]["free"] == ["wake_to_run_ns", "context_switch_ns", "sched_slice_ns"]
     assert cal["fit"]["loss"] < 0.5
     C.save(rec, cal)
     c = CM.run(R.load(rec.path))
@@ -267,7 +277,9 @@ def test_calibration_of_one_vcpu_leaves_context_switch_alone(tmp_path):
     cal = C.fit(R.load(tmp_path / "one"), quick=True)
     assert cal["fit"]["free"] == ["wake_to_run_ns"]
     assert cal["params"]["costs"]["context_switch_ns"] == COST_DEFAULTS["context_switch_ns"]
-    assert any("context_switch_ns is not identified" in n for n in cal["notes"])
+    assert cal["params"]["costs"]["sched_slice_ns"] == COST_DEFAULTS["sched_slice_ns"]
+    assert any("context_switch_ns and sched_slice_ns are not identified" in n
+               for n in cal["notes"])
 
 
 def test_stats_only_recording_calibrates_and_compares(tmp_path):
@@ -646,10 +658,11 @@ def test_record_stats_only(kvm_ok, tmp_path, capsys):
 @pytest.mark.kvm
 def test_record_interrupted_by_ctrl_c(kvm_ok, tmp_path):
     state0 = T.state_snapshot()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = _child_env()
     p = subprocess.Popen([sys.executable, "-m", "kvmwake.kernel.cli", "record", "--vcpus", "2",
                           "--wakes", "4000", "--idle", "long", "-o", str(tmp_path / "o")],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)
     time.sleep(1.5)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=20)
@@ -657,3 +670,47 @@ def test_record_interrupted_by_ctrl_c(kvm_ok, tmp_path):
     assert "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "metadata.json").exists()
     assert T.state_snapshot() == state0
+
+
+@pytest.mark.kvm
+def test_record_when_tracefs_cannot_be_mounted(kvm_ok, tmp_path, monkeypatch, capsys):
+    from kvmwake.kernel import record as REC
+
+    def unmountable(*a, **k):
+        raise T.TracefsUnavailable("cannot mount tracefs on /sys/kernel/tracing: "
+                                   "Operation not permitted")
+    monkeypatch.setattr(REC, "TraceCapture", unmountable)
+    d = tmp_path / "s"
+    assert KC.main(["record", "--vcpus", "1", "--wakes", "30", "--idle", "short",
+                    "-o", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "stats-only mode" in out and "Operation not permitted" in out
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["trace"] == {"mode": "stats-only", "reason": "cannot mount tracefs on "
+                             "/sys/kernel/tracing: Operation not permitted"}
+    assert KC.main(["record", "--vcpus", "1", "--wakes", "30", "--idle", "short",
+                    "--trace", "require", "-o", str(tmp_path / "r")]) == 2
+    assert "tracefs is needed" in capsys.readouterr().err
+
+
+@pytest.mark.kvm
+def test_record_failure_mid_run_cleans_up(kvm_ok, tmp_path, monkeypatch, capsys):
+    """An error after the vCPU threads started: threads stopped, tracing restored, every
+    fd closed, a clear message, exit 2."""
+    if not AVAIL.tracefs:
+        pytest.skip(f"tracefs unusable: {AVAIL.tracefs_reason}")
+    from kvmwake.kernel import record as REC
+
+    class Broken(T.TraceCapture):
+        def start(self):
+            super().start()
+            raise OSError(5, "Input/output error writing tracing_on")
+    monkeypatch.setattr(REC, "TraceCapture", Broken)
+    state0 = T.state_snapshot()
+    fds0 = _open_fds()
+    assert KC.main(["record", "--vcpus", "2", "--wakes", "30", "--idle", "short",
+                    "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "Input/output error" in err and "Traceback" not in err
+    assert T.state_snapshot() == state0 and _open_fds() == fds0
+    assert not (tmp_path / "x").exists()

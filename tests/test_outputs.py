@@ -134,3 +134,23 @@ def test_no_tqdm_no_bar(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)      # import tqdm -> ImportError
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     assert cli._progress(10, quiet=False) is None
+
+
+@needs_mpl
+def test_plot_leaves_the_results_alone_and_splits_cpu_time(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert cli.main(["run", "default", *SMALL, "-q", "--json", str(a)]) == 0
+    assert cli.main(["run", "default", *SMALL, "-q", "--json", str(b),
+                     "--plot", str(tmp_path / "p.png")]) == 0
+    sa, sb = json.loads(a.read_text()), json.loads(b.read_text())
+    for key in ("stats", "events", "halts", "wake_latency_ns"):
+        assert sa[key] == sb[key]
+    from kvmwake import scenarios
+    host, end, _ = scenarios.build("default", vcpus=16, host_cpus=4, sim_ns=4_000_000)
+    if not outputs.enable_cpu_time(host):
+        pytest.skip("this engine keeps no state timeline")
+    host.run(end)
+    split = outputs.cpu_time_split(host)
+    t0, t1 = split["window_ns"]
+    assert split["running"] + split["polling"] + split["idle"] == 4 * (t1 - t0)
+    assert split["running"] > 0

@@ -41,6 +41,16 @@ SCENARIOS = ("ipi-storm", "default", "irq-storm", "suspend-cycle")
 
 # -- framing helpers ------------------------------------------------------------------------
 
+
+def _child_env() -> dict:
+    """The environment for a child Python: the same kvmwake this process imported
+    (the source tree with its built extension, or the installed package)."""
+    import kvmwake
+    env = dict(os.environ)
+    where = os.path.dirname(os.path.dirname(os.path.abspath(kvmwake.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (where, env.get("PYTHONPATH")) if p)
+    return env
+
 def unframe(data: bytes):
     """(header dict, inflated body) of a valid snapshot."""
     _, _, hlen, blen = S._PREFIX.unpack_from(data, 0)
@@ -242,10 +252,10 @@ def test_restore_in_a_fresh_process_continues_bit_for_bit(tmp_path, name):
         "h.run(int(sys.argv[3]))\n"
         "open(sys.argv[2], 'wb').write(h.snapshot())\n"
         "print(h.events, h.halts)\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    env = _child_env()
     proc = subprocess.run([sys.executable, "-c", child, str(snap_path), str(out_path),
-                           str(end)], env=env, capture_output=True, text=True, timeout=120)
+                           str(end)], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=snap_path.parent)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(direct.events), str(direct.halts)]
     final = out_path.read_bytes()
@@ -1211,10 +1221,9 @@ def test_cli_errors(tmp_path, capsys):
     assert cli.main(["run", "--restore", str(tmp_path / "norun.kws"), "--sim-ms", "2",
                      "-q"]) == 0
     # ...and through the real entry point.
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    env = _child_env()
     proc = subprocess.run([sys.executable, "-m", "kvmwake", "run", "--restore", str(bad)],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "kvmwake: error:" in proc.stderr
 
 

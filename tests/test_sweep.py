@@ -165,7 +165,7 @@ def dask_cluster():
     distributed = pytest.importorskip("dask.distributed",
                                       reason="dask.distributed is not installed")
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       host="127.0.0.1", dashboard_address=None,
+                                       host="127.0.0.1", dashboard_address=":0",
                                        silence_logs=40)
     try:
         yield cluster

@@ -52,13 +52,20 @@ class Halts:
 TRACE_TEXT_RESOLUTION_NS = 1000
 
 
-def halts_from_events(events, pid_to_vcpu: dict[int, int], resolution_ns: int = 0) -> Halts:
+def halts_from_events(events, pid_to_vcpu: dict[int, int], resolution_ns: int = 0,
+                      x86_prechecked: bool = False) -> Halts:
     """Halts of the vCPU threads in ``pid_to_vcpu``.  ``resolution_ns``: the events'
     timestamps are truncated to it (1000 for trace text); the end is taken in the
-    middle of that interval."""
+    middle of that interval.
+
+    ``x86_prechecked`` drops halts of length 0 (the model's): x86's ``vcpu_block()``
+    calls ``kvm_vcpu_halt()`` only when ``kvm_arch_vcpu_runnable()`` is false, so an
+    interrupt that arrived during the ``hlt`` exit gives no halt and no line on the
+    kernel, while the engine still traces a 0 ns halt."""
     half = resolution_ns // 2
     rows = [(pid_to_vcpu[e.pid], e.ts_ns + half, e.ns, e.waited) for e in events
-            if e.event == WAKEUP and e.pid in pid_to_vcpu]
+            if e.event == WAKEUP and e.pid in pid_to_vcpu
+            and not (x86_prechecked and e.ns == 0)]
     if not rows:
         z = np.zeros(0, dtype=np.int64)
         return Halts(z.astype(np.int32), z, z, z.astype(bool), z.astype(bool))
@@ -121,7 +128,8 @@ def hist_median(hist) -> float | None:
 
 
 def figures(h: Halts, waker: np.ndarray, send_ns: np.ndarray, stats: list[dict],
-            port_exit_ns: np.ndarray | float | None = None) -> dict:
+            port_exit_ns: np.ndarray | float | None = None,
+            nvcpus: int | None = None) -> dict:
     """The compared figures.  ``port_exit_ns``: per wake (kernel: seen time) or a
     constant added to the halt end (model: entry + exit); None leaves host-observed out."""
     body = ~h.first
@@ -152,7 +160,8 @@ def figures(h: Halts, waker: np.ndarray, send_ns: np.ndarray, stats: list[dict],
             host = (pe - send_ns[waker[has]])[ok]
         out["host_latency_halted_ns"] = quantiles(host)
     out["per_vcpu"] = []
-    for v in sorted(set(h.vcpu.tolist())):
+    nv = len(stats) if nvcpus is None else nvcpus
+    for v in range(nv):
         s = h.vcpu == v
         out["per_vcpu"].append({"vcpu": v, "halts": int((s & body).sum()),
                                 "poll": int((~h.waited & s & body).sum()),

@@ -20,20 +20,24 @@ Two kinds of parameters.
   injector's median lateness in the run (used by ``--arrivals target``).
 
 **Fitted** by weighted least squares on the model's output:
-``wake_to_run_ns`` (a thread woken on an idle host CPU) and
-``context_switch_ns``.  For each candidate the workload is simulated and
-the residuals are
+``wake_to_run_ns`` (a thread woken on an idle host CPU), and where a vCPU
+shares its host CPU with the injector, ``context_switch_ns`` and
+``sched_slice_ns`` (the model has no wake-up preemption; a short slice
+stands in for EEVDF letting the woken injector run before the vCPU's
+handler is done; it is kept above 1.2 times the handler's whole segment,
+since in the engine a shorter slice starves a preempted handler).  For each candidate the workload is simulated and the
+residuals are
 
 * the poll share of halts, in units of 5 percentage points;
 * ``ln(model / kernel)`` of the median wait time, in units of 0.15;
 * ``ln(model / kernel)`` of each vCPU's median send-to-halt-end time over
   halts that waited, in units of 0.25;
+* ``ln(model / kernel)`` of each vCPU's number of halts, in units of 0.15;
 
 and the sum of squares is minimised by a deterministic search: a log-spaced
-grid, then a shrinking pattern search around the best point.
-``context_switch_ns`` is only fitted where a vCPU shares its host CPU with
-the injector; otherwise nothing in the recording depends on it and it keeps
-the model's default (``calibration.json`` says so).
+grid, then a pattern search that halves its log step.  Costs that nothing
+in the recording depends on keep the model's defaults
+(``calibration.json`` says so).
 
 The result goes to ``DIR/calibration.json``; ``compare`` loads it.
 """
@@ -41,6 +45,7 @@ The result goes to ``DIR/calibration.json``; ``compare`` loads it.
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -59,6 +64,8 @@ WAIT_UNIT = 0.15
 D1_UNIT = 0.25
 W2R_RANGE = (1_000, 400_000)
 CTX_RANGE = (200, 100_000)
+SLICE_RANGE = (10_000, 750_000)
+HALTS_UNIT = 0.15
 FALLBACK_DELIVERY_NS = 1_000
 
 
@@ -185,7 +192,7 @@ def initial_params(kv: KernelView, est: dict, arrivals: str = "sent") -> tuple[S
 
 def sim_view(setup: Setup, params: SimParams, port_exit_ns: float | None, seed: int = 0):
     r = simulate(setup, params, seed=seed)
-    h = A.halts_from_events(r.events, r.pid_to_vcpu())
+    h = A.halts_from_events(r.events, r.pid_to_vcpu(), x86_prechecked=True)
     wk = A.match_wakers(h, r.send_ns, setup.vcpu, end_slack_ns=0)
     fig = A.figures(h, wk, r.send_ns, r.stats,
                     port_exit_ns if port_exit_ns is not None else None)
@@ -214,6 +221,8 @@ def residuals(kfig: dict, kd1: list, sfig: dict, sd1: list, traced: bool) -> dic
     for v, (a, b) in enumerate(zip(kd1, sd1)):
         if a and b:
             r[f"d1_wait_vcpu{v}"] = math.log(b / a) / D1_UNIT
+    for kv, sv in zip(kfig.get("per_vcpu", []), sfig.get("per_vcpu", [])):
+        r[f"halts_vcpu{kv['vcpu']}"] = math.log((sv["halts"] + 1) / (kv["halts"] + 1)) / HALTS_UNIT
     return r
 
 
@@ -233,6 +242,12 @@ class FitResult:
     notes: list
 
 
+#: The fitted costs: (name, range, coarse grid points, quick grid points).
+FREE = (("wake_to_run_ns", W2R_RANGE, 11, 7),
+        ("context_switch_ns", CTX_RANGE, 6, 4),
+        ("sched_slice_ns", SLICE_RANGE, 4, 3))
+
+
 def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -> dict:
     """Calibrate on ``rec``; returns the calibration dict (also what is saved)."""
     t_start = time.perf_counter()
@@ -246,57 +261,61 @@ def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -
     if not traced:
         notes.append("stats-only recording: fitted on the poll/wait split and the median of "
                      "halt_wait_hist only")
-    fit_ctx = shares_injector_cpu(rec.nvcpus, int(rec.meta["host_cpus"]))
-    if not fit_ctx:
-        notes.append("no vCPU shares its host CPU with the injector: context_switch_ns is not "
-                     "identified by this recording and keeps the model's default")
-    free = ["wake_to_run_ns"] + (["context_switch_ns"] if fit_ctx else [])
+    shared = shares_injector_cpu(rec.nvcpus, int(rec.meta["host_cpus"]))
+    if not shared:
+        notes.append("no vCPU shares its host CPU with the injector: context_switch_ns and "
+                     "sched_slice_ns are not identified by this recording and keep the "
+                     "model's defaults")
+    free = [f for f in FREE if shared or f[0] == "wake_to_run_ns"]
+    # A slice shorter than a handler's whole segment starves the preempted vCPU in the
+    # engine (its handler never completes while the injector keeps waking): keep above.
+    co = params.costs
+    slice_lo = int(max(SLICE_RANGE[0], 1.2 * (params.handler_ns + co["vm_entry_ns"] +
+                                              co["vm_exit_ns"])))
+    free = [(n, (slice_lo, rng[1]) if n == "sched_slice_ns" else rng, a, b)
+            for n, rng, a, b in free]
+    names = [f[0] for f in free]
     cache: dict = {}
 
-    def loss_of(w2r: int, ctx: int):
-        key = (w2r, ctx)
-        if key not in cache:
-            p = _with_costs(params, w2r, ctx)
+    def loss_of(x: tuple) -> float:
+        if x not in cache:
+            p = _with(params, dict(zip(names, x)))
             r, h, wk, sfig = sim_view(setup, p, est.get("port_exit_ns"))
             sd1 = (_d1_wait_by_vcpu(h, wk, r.send_ns, rec.nvcpus) if traced
                    else [None] * rec.nvcpus)
             if not traced:
                 sfig = stats_only_figures(r.stats)
             res = residuals(kv.figures, kd1, sfig, sd1, traced)
-            cache[key] = (sum(x * x for x in res.values()), res)
-        return cache[key][0]
+            cache[x] = (sum(v * v for v in res.values()), res)
+        return cache[x][0]
 
-    ctx0 = COST_DEFAULTS["context_switch_ns"]
-    n_w = 9 if quick else 17
-    n_c = 5 if quick else 9
-    w_grid = np.unique(np.round(np.geomspace(*W2R_RANGE, n_w)).astype(int))
-    c_grid = (np.unique(np.round(np.geomspace(*CTX_RANGE, n_c)).astype(int)) if fit_ctx
-              else np.array([ctx0]))
-    best = min(((loss_of(int(w), int(c)), int(w), int(c)) for w in w_grid for c in c_grid))
-    _, bw, bc = best
-    step = (W2R_RANGE[1] / W2R_RANGE[0]) ** (1 / (n_w - 1))
-    cstep = (CTX_RANGE[1] / CTX_RANGE[0]) ** (1 / (n_c - 1)) if fit_ctx else 1.0
-    min_step = 1.01 if not quick else 1.05
-    while step > min_step:
+    def clamp(v: float, rng) -> int:
+        return int(min(max(round(v), rng[0]), rng[1]))
+
+    grids = [np.unique(np.round(np.geomspace(rng[0], rng[1], nq if quick else n)).astype(int))
+             for _, rng, n, nq in free]
+    best = min(itertools.product(*[g.tolist() for g in grids]), key=loss_of)
+    steps = [(rng[1] / rng[0]) ** (1 / ((nq if quick else n) - 1)) for _, rng, n, nq in free]
+    min_step = 1.05 if quick else 1.01
+    while max(steps) > min_step:
         improved = True
         while improved:
             improved = False
-            cands = [(bw * step, bc), (bw / step, bc)]
-            if fit_ctx:
-                cands += [(bw, bc * cstep), (bw, bc / cstep)]
-            for w, c in cands:
-                w = int(min(max(round(w), W2R_RANGE[0]), W2R_RANGE[1]))
-                c = int(min(max(round(c), CTX_RANGE[0]), CTX_RANGE[1]))
-                if loss_of(w, c) < loss_of(bw, bc) - 1e-12:
-                    bw, bc, improved = w, c, True
-        step = math.sqrt(step)
-        cstep = math.sqrt(cstep)
-    final = _with_costs(params, bw, bc)
-    loss, res = cache[(bw, bc)]
+            for d, (_, rng, _, _) in enumerate(free):
+                for f in (steps[d], 1 / steps[d]):
+                    cand = list(best)
+                    cand[d] = clamp(best[d] * f, rng)
+                    cand = tuple(cand)
+                    if loss_of(cand) < loss_of(best) - 1e-12:
+                        best, improved = cand, True
+        steps = [math.sqrt(x) for x in steps]
+    fitted = dict(zip(names, best))
+    final = _with(params, fitted)
+    loss, res = cache[best]
     secs = time.perf_counter() - t_start
     if log:
-        log(f"fitted wake_to_run_ns {bw}, context_switch_ns {bc} in {len(cache)} simulations "
-            f"({secs:.1f} s), loss {loss:.3f}")
+        log("fitted " + ", ".join(f"{k} {v}" for k, v in fitted.items()) +
+            f" in {len(cache)} simulations ({secs:.1f} s), loss {loss:.3f}")
     return {
         "format": FORMAT,
         "kvmwake": __version__,
@@ -307,19 +326,25 @@ def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -
         "params": final.to_dict(),
         "port_exit_ns": est.get("port_exit_ns"),
         "direct": est,
-        "fit": {"method": "weighted least squares: log grid then pattern search",
-                "free": free, "wake_to_run_ns": bw, "context_switch_ns": bc,
+        "fit": {"method": "weighted least squares: log grid, then a pattern search that "
+                          "halves its log step",
+                "free": names, **fitted,
                 "loss": loss, "residuals": res, "evals": len(cache), "seconds": secs,
                 "units": {"split": f"{SPLIT_UNIT_PP} pp", "median_wait": f"ln ratio / {WAIT_UNIT}",
-                          "d1_wait": f"ln ratio / {D1_UNIT}"}},
+                          "d1_wait": f"ln ratio / {D1_UNIT}",
+                          "halts": f"ln ratio / {HALTS_UNIT}"}},
         "notes": notes,
     }
 
 
-def _with_costs(p: SimParams, w2r: int, ctx: int) -> SimParams:
+def _with(p: SimParams, costs: dict) -> SimParams:
     q = SimParams.from_dict(p.to_dict())
-    q.costs = {**q.costs, "wake_to_run_ns": int(w2r), "context_switch_ns": int(ctx)}
+    q.costs = {**q.costs, **{k: int(v) for k, v in costs.items()}}
     return q
+
+
+def _with_costs(p: SimParams, w2r: int, ctx: int) -> SimParams:
+    return _with(p, {"wake_to_run_ns": w2r, "context_switch_ns": ctx})
 
 
 def save(rec: Recording, cal: dict) -> None:

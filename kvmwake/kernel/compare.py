@@ -276,8 +276,11 @@ def write_png(c: dict, path: Path, kernel_lat=None, model_lat=None) -> str:
     """Both wait-time histograms (and the latency distributions); returns the backend."""
     kh = np.asarray(c["kernel"]["stats"]["halt_wait_hist"], dtype=float)
     mh = np.asarray(c["model"]["stats"]["halt_wait_hist"], dtype=float)
-    title = (f"{c['recording']['workload']} - {c['recording']['vcpus']} vCPU, cap "
-             f"{c['recording']['halt_poll_cap']}")
+    rc = c["recording"]
+    ceiling = (f"module halt_poll_ns {rc['module_halt_poll_ns']}" if rc["halt_poll_cap"] is None
+               else f"KVM_CAP_HALT_POLL {rc['halt_poll_cap']}")
+    title = (f"{rc.get('named') or rc['workload']} idle, {rc['vcpus']} vCPU(s), {ceiling}: "
+             f"kernel vs model")
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -53,6 +53,8 @@ MODULE_PARAM_DIRS = ("/sys/module/kvm/parameters", "/sys/module/kvm_amd/paramete
 READY_TIMEOUT_S = 5.0
 #: Above this share of the host's CPUs used by others, the summary warns.
 FOREIGN_WARN_PCT = 5.0
+#: The quiet windows before and after the injection that measure others' load.
+AMBIENT_S = 0.3
 DRAIN_S = 0.2
 
 
@@ -281,6 +283,9 @@ def record(opts: RecordOptions, log=print) -> dict:
                                   f"({_vcpu_problem(session)})")
             time.sleep(0.001)
         time.sleep(0.005)                      # let every vCPU reach its first hlt
+        quiet0 = cpu_times()                   # the guests are halted: the host is others'
+        time.sleep(AMBIENT_S)
+        ambient_before = foreign_load(quiet0, cpu_times(), os.cpu_count() or ncpu)
         if capture is not None:
             capture.start()
         before = [s.read() for s in stats_fds]
@@ -303,6 +308,9 @@ def record(opts: RecordOptions, log=print) -> dict:
         if capture is not None:
             capture.stop()
         after = [s.read() for s in stats_fds]
+        quiet1 = cpu_times()
+        time.sleep(AMBIENT_S)
+        ambient_after = foreign_load(quiet1, cpu_times(), os.cpu_count() or ncpu)
         if capture is not None:
             trace_text = capture.read()
             lost = capture.lost_events()
@@ -368,7 +376,9 @@ def record(opts: RecordOptions, log=print) -> dict:
         "wakes": {"sent": int((sent > 0).sum()), "delivered": int((ret > 0).sum()),
                   "seen": int(ok.sum()), "not_seen": int((~ok).sum())},
         "host_latency_ns": summarize(lat),
-        "host_load": foreign_load(load0, load1, os.cpu_count() or ncpu),
+        "host_load": {**foreign_load(load0, load1, os.cpu_count() or ncpu),
+                      "foreign_before_pct": ambient_before["foreign_pct"],
+                      "foreign_after_pct": ambient_after["foreign_pct"]},
         "vcpu_threads": status,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -454,9 +464,12 @@ def print_summary(meta: dict, out=None) -> None:
       f"{wk['seen']}\n")
     hl = meta.get("host_load")
     if hl:
-        w(f"  host load during the run: {hl['foreign_pct']:.1f} % of the CPUs used by other "
-          f"processes (load average {hl['loadavg'][0]:.2f})\n")
-        if hl["foreign_pct"] > FOREIGN_WARN_PCT:
+        worst = max(hl["foreign_pct"], hl.get("foreign_before_pct", 0),
+                    hl.get("foreign_after_pct", 0))
+        w(f"  other processes used {hl.get('foreign_before_pct', 0):.1f} % of the host CPUs "
+          f"just before the run, ~{hl['foreign_pct']:.1f} % during it (10 ms clock ticks), "
+          f"{hl.get('foreign_after_pct', 0):.1f} % just after\n")
+        if worst > FOREIGN_WARN_PCT:
             w(f"  warning: other processes were busy; the kernel's figures include their "
               f"interference, which the model does not know about\n")
     lat = meta["host_latency_ns"]

@@ -47,6 +47,13 @@ def wait_quiet(limit_pct: float, max_wait_s: float, log) -> float:
         time.sleep(2.0)
 
 
+def foreign_of(meta: dict) -> float:
+    """The worst of others' CPU share before, during and after the run."""
+    hl = meta["host_load"]
+    return max(hl["foreign_pct"], hl.get("foreign_before_pct", 0.0),
+               hl.get("foreign_after_pct", 0.0))
+
+
 def run_one(out: Path, workload: str, vcpus: int, cap, wakes: int, args, log) -> dict:
     name = f"{workload}-{vcpus}vcpu-{'default' if cap is None else f'cap{cap}'}"
     d = out / name
@@ -56,7 +63,7 @@ def run_one(out: Path, workload: str, vcpus: int, cap, wakes: int, args, log) ->
         meta = record(RecordOptions(vcpus=vcpus, wakes=wakes, idle=workload, out=d,
                                     halt_poll_ns=cap, seed=args.seed, force=True),
                       log=lambda m: None)
-        f = meta["host_load"]["foreign_pct"]
+        f = foreign_of(meta)
         log(f"{name}: attempt {attempt}, others used {f:.1f} % of the CPUs")
         if f <= args.quiet_pct:
             break
@@ -68,7 +75,7 @@ def run_one(out: Path, workload: str, vcpus: int, cap, wakes: int, args, log) ->
     else:                                   # a side study: leave the folder's files alone
         c = CM.run(rec, cal)
     row = CM.table_row(c)
-    row.update(name=name, foreign_pct=rec.meta["host_load"]["foreign_pct"],
+    row.update(name=name, foreign_pct=foreign_of(rec.meta),
                w2r=cal["params"]["costs"]["wake_to_run_ns"],
                ctx=cal["params"]["costs"]["context_switch_ns"],
                handler=cal["params"]["handler_ns"], delivery=cal["params"]["delivery_ns"],
