@@ -33,37 +33,16 @@ from .kernel.cli import build_parser as _kernel_parser
 from .kernel.cli import run as _kernel_run
 from .kernel.replay import build_parser as _replay_parser
 from .kernel.replay import run as _replay_run
+from .argtypes import nonneg_int as _nonneg_int
+from .argtypes import positive_float as _positive_float
+from .argtypes import positive_int as _positive_int
 from .model import STAT_COUNTERS
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must not be negative")
-    return v
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
-    return v
 
 
 DEFAULT_OUT_DIR = "kvmwake-out"

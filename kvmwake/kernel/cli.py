@@ -18,38 +18,11 @@ import sys
 from ..tracefmt import TraceFormatError
 from . import replay as _replay
 from .workload import NAMED, SpecError
+from ..argtypes import nonneg_int as _nonneg
+from ..argtypes import positive_int as _pos_int
+from ..argtypes import u32 as _u32
 
 COMMANDS = ("record", "calibrate", "compare")
-
-
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
-
-
-def _u32(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= v <= 0xFFFF_FFFF:
-        raise argparse.ArgumentTypeError(f"{v} does not fit an unsigned int (0..4294967295)")
-    return v
-
-
-def _nonneg(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must not be negative")
-    return v
 
 
 def build_parser(subparsers) -> None:

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+from ..argtypes import u32 as _u32
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -184,15 +185,6 @@ def replay_file(path: str | os.PathLike[str], params: HaltPollParams,
 
 
 # ---------------------------------------------------------------- command line
-
-def _u32(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= U32_MASK:
-        raise argparse.ArgumentTypeError(f"{value} does not fit an unsigned int (0..{U32_MASK})")
-    return value
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
