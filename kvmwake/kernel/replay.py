@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-from ..argtypes import u32 as _u32
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,8 @@ from kvmwake.haltpoll import (GROW, HALT_POLL_NS_GROW_DEFAULT, HALT_POLL_NS_GROW
                              HALT_POLL_NS_SHRINK_DEFAULT, SHRINK, U32_MASK, HaltPollParams,
                              adapt, check_u32, clamp_on_entry, shrink)
 from kvmwake.tracefmt import HALT_POLL_NS, TraceEvent, TraceFormatError, read
+
+from ..argtypes import u32 as _u32
 
 #: How many mismatches a ``ReplayResult`` keeps in detail.
 MAX_MISMATCHES = 20
