@@ -956,6 +956,11 @@ cdef class Engine:
         CPUs, costs); every index and link is checked first (ValueError)."""
         _engine_import(self, scalars, arrays)
 
+    def rehost(self, uint32_t host_cpus):
+        """Move the threads onto ``host_cpus`` host CPUs, as a migration would."""
+        self._guard()
+        _engine_rehost(self, host_cpus)
+
     def state_bytes(self):
         """Bytes of engine state: per thread, per thread stats, and the rest."""
         return {"thread_t": sizeof(thread_t), "virq_t": sizeof(virq_t),

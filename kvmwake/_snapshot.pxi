@@ -422,3 +422,96 @@ cdef inline bint _is_trap_op(uint16_t code) noexcept nogil:
     return code == OP_SGI or code == OP_IRQ_ENABLE or code == OP_IRQ_DISABLE \
         or code == OP_SET_PRIORITY or code == OP_DIST_ENABLE or code == OP_ROUTE_SPI \
         or code == OP_HVC or code == OP_SYNC
+
+
+def _engine_rehost(Engine self, uint32_t ncpu):
+    """Move every vCPU thread to a host of ``ncpu`` CPUs, as a migration would.
+
+    Thread g goes to host CPU g % ncpu.  Threads that had a CPU keep one if
+    their new CPU is free (in the old CPU order); otherwise a running thread
+    is preempted (the rest of its segment waits in the run queue), a polling
+    one stops polling and blocks (another thread is runnable on its CPU), and
+    one about to get its CPU queues instead.  Queued threads keep their order
+    behind them.  A CPU left idle with threads queued gives the first one the
+    CPU after a context switch.  The result is checked like an imported state.
+    """
+    cdef engine_t* e = &self.e
+    cdef uint32_t c, g, old_n = e.ncpu
+    cdef int32_t x
+    cdef thread_t* th
+    cdef cpu_t* cpu
+    cdef uint64_t t = e.now, extra
+    if ncpu == 0 or ncpu > (1 << 20):
+        raise ValueError(f"host_cpus = {ncpu} out of range 1..{1 << 20}")
+    curs = []
+    queues = []
+    for c in range(old_n):
+        cpu = &e.cpus[c]
+        if cpu.cur >= 0:
+            curs.append(cpu.cur)
+        q = []
+        x = cpu.rq_head
+        while x >= 0:
+            q.append(x)
+            x = e.th[x].rq_next
+        queues.append(q)
+    self._cpus = np.zeros(ncpu * sizeof(cpu_t), dtype=np.uint8)
+    e.ncpu = ncpu
+    self._bind()
+    for c in range(ncpu):
+        e.cpus[c].cur = -1
+        e.cpus[c].rq_head = -1
+        e.cpus[c].rq_tail = -1
+    for g in range(e.nth):
+        e.th[g].pcpu = g % ncpu
+        e.th[g].rq_next = -1
+    for g in curs:
+        th = &e.th[g]
+        cpu = &e.cpus[th.pcpu]
+        if cpu.cur < 0:
+            cpu.cur = g
+            continue
+        th.run_gen += 1
+        th.slice_armed = 0
+        if th.state == TS_RUNNING:
+            # Preempted, as slice_end does it.
+            th.rem_end = th.seg_end - t
+            th.rem_gfrom = (th.seg_gfrom if th.seg_gfrom > t else t) - t
+            th.rem_gto = (th.seg_gto if th.seg_gto > t else t) - t
+            if th.seg_gfrom <= t < th.seg_gto:
+                extra = e.costs.vm_exit_ns + e.costs.vm_entry_ns
+                th.rem_end += extra
+                th.rem_gfrom += extra
+                th.rem_gto += extra
+            th.gen += 1
+            th.state = TS_RUNNABLE
+            th.resume = RESUME_SEGMENT
+            rq_append(e, cpu, g)
+        elif th.state == TS_POLLING:
+            # kvm_vcpu_block: the poll ends now, without the CPU to release.
+            th.poll_end = t
+            e.stats[<uint64_t>g * NR_STATS + S_BLOCKING] = 1
+            th.state = TS_BLOCKED
+            th.gen += 1
+        else:
+            th.gen += 1                    # its EV_RUN is void: it queues instead
+            rq_append(e, cpu, g)
+    for q in queues:
+        for g in q:
+            rq_append(e, &e.cpus[e.th[g].pcpu], g)
+    for c in range(ncpu):
+        cpu = &e.cpus[c]
+        if not cpu.rq_len:
+            continue
+        if cpu.cur < 0:
+            g = <uint32_t>rq_popleft(e, cpu)
+            cpu.cur = g
+            if push_thread(e, &e.th[g], g, t + e.costs.context_switch_ns, EV_RUN):
+                raise MemoryError("the event heap could not grow")
+        elif e.th[cpu.cur].state == TS_POLLING:
+            if block(e, <uint32_t>cpu.cur, t, t):
+                raise MemoryError("the event heap could not grow")
+        elif e.th[cpu.cur].state == TS_RUNNING:
+            if arm_slice(e, &e.th[cpu.cur], <uint32_t>cpu.cur, t):
+                raise MemoryError("the event heap could not grow")
+    _check_state(self)

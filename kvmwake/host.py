@@ -212,7 +212,8 @@ class Host:
             fh.write(data)
 
     @classmethod
-    def restore(cls, src, vmm_classes: dict | None = None, **module_params) -> "Host":
+    def restore(cls, src, vmm_classes: dict | None = None, host_cpus: int | None = None,
+                **module_params) -> "Host":
         """A host from a snapshot (bytes or a path); it continues bit for bit.
 
         ``module_params`` (e.g. ``halt_poll_ns=...``) set the destination's kvm
@@ -220,7 +221,7 @@ class Host:
         a user-written VMM policy.
         """
         from . import snapshot
-        host, _ = snapshot.restore_host(src, vmm_classes, **module_params)
+        host, _ = snapshot.restore_host(src, vmm_classes, host_cpus, **module_params)
         return host
 
     def __reduce__(self):

@@ -21,11 +21,19 @@ have: same events, stats, traces and later snapshots.  The header holds the
 Python side: the VMs' configuration, each vCPU's held exit, and each VM's
 VMM policy with its own state.
 
-What carries over, and what may change on restore: everything carries over;
-``restore(..., halt_poll_ns=..., halt_poll_ns_grow=..., ...)`` can set new
-kvm module parameters for the destination host (a VM that enabled
-``KVM_CAP_HALT_POLL`` keeps its own ceiling, as it would after migration),
-applied from the restore point on.  Snapshots need the core engine.
+What carries over, and what may change on restore: everything carries over.
+``restore(..., host_cpus=N)`` puts the host on another machine with N host
+CPUs, as live migration would: thread g is placed on CPU g % N, the run
+queues are rebuilt (threads that had a CPU first, in the old CPU order,
+then the queued ones in their order), a running thread that finds its new
+CPU taken is preempted with the rest of its work kept, a polling one stops
+polling and blocks (``single_task_running()`` is false there), and an idle
+CPU with threads queued runs the first after a context switch.
+``restore(..., halt_poll_ns=..., halt_poll_ns_grow=..., ...)`` sets the
+destination's kvm module parameters (a VM that enabled ``KVM_CAP_HALT_POLL``
+keeps its own ceiling, as it would after migration), from the restore point
+on.  Recomputed: nothing else; stats, traces, policies, clocks and random
+streams continue.  Snapshots need the core engine.
 """
 
 from __future__ import annotations
@@ -264,9 +272,17 @@ def _check_header(h) -> None:
 
 # -- restoring ------------------------------------------------------------------------------
 
-def restore_host(src, vmm_classes: dict | None = None, **module_params):
-    """Rebuild a ``Host`` from a snapshot (bytes or a path)."""
-    from .host import Host
+def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = None,
+                 **module_params):
+    """Rebuild a ``Host`` from a snapshot (bytes or a path).
+
+    ``host_cpus``: restore onto a host with another CPU count (see
+    ``Engine.rehost``: thread g goes to CPU g % host_cpus; threads that lose
+    their CPU are preempted or stop polling, as on a migration).
+    """
+    from .host import Host, MAX_HOST_CPUS, check_int
+    if host_cpus is not None:
+        host_cpus = check_int("host_cpus", host_cpus, 1, MAX_HOST_CPUS)
     header, arrays = parse(_load_bytes(src))
     hc = header["host"]
     try:
@@ -292,11 +308,15 @@ def restore_host(src, vmm_classes: dict | None = None, **module_params):
         raise SnapshotError(f"inconsistent snapshot state: missing key {exc}") from None
     except (ValueError, TypeError, OverflowError, IndexError, AttributeError) as exc:
         raise SnapshotError(f"inconsistent snapshot state: {exc}") from None
-    for name, value in module_params.items():
+    for name in module_params:
         if name not in ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
                         "halt_poll_ns_shrink"):
             raise TypeError(f"restore() got an unknown module parameter {name!r}")
+    for name, value in module_params.items():
         setattr(host, name, value)
+    if host_cpus is not None and host_cpus != host.host_cpus:
+        host._engine.rehost(host_cpus)
+        host.host_cpus = host_cpus
     return host, header
 
 

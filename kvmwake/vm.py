@@ -381,10 +381,11 @@ class VM:
             fh.write(data)
 
     @classmethod
-    def restore(cls, src, vmm_classes: dict | None = None, **module_params) -> "VM":
+    def restore(cls, src, vmm_classes: dict | None = None, host_cpus: int | None = None,
+                **module_params) -> "VM":
         """The VM of a ``vm.snapshot()`` (bytes or a path), on its restored host."""
         from . import snapshot
-        host, header = snapshot.restore_host(src, vmm_classes, **module_params)
+        host, header = snapshot.restore_host(src, vmm_classes, host_cpus, **module_params)
         return snapshot._vm_of(host, header)
 
     def __reduce__(self):

@@ -1336,3 +1336,71 @@ def test_snapshot_size_and_speed_at_4096_vcpus(tmp_path):
     restored.run(6 * MS)
     host.run(6 * MS)
     assert restored.snapshot() == host.snapshot()
+
+
+# == restoring onto another host CPU count ========================================================
+
+@pytest.mark.parametrize("name", ["ipi-storm", "default", "irq-storm", "suspend-cycle"])
+@pytest.mark.parametrize("host_cpus", [1, 3, 16])
+def test_restore_onto_another_cpu_count(name, host_cpus):
+    h, _, _ = scenarios.build(name, vcpus=32, host_cpus=8)
+    h.run(4_000_000)
+    blob = h.snapshot()
+    a = kw.Host.restore(blob, host_cpus=host_cpus)
+    b = kw.Host.restore(blob, host_cpus=host_cpus)
+    assert a.host_cpus == host_cpus
+    assert [v.host_cpu for vm in a.vms for v in vm.vcpus] == \
+        [g % host_cpus for g in range(32)]
+    a.run(12_000_000)
+    b.run(12_000_000)
+    assert a.snapshot() == b.snapshot()                    # deterministic
+    assert a.halts > h.halts                                # it goes on
+    again = kw.Host.restore(a.snapshot())                   # and passes every check
+    again.run(14_000_000)
+    same = kw.Host.restore(blob, host_cpus=8)               # the same count: nothing moves
+    same.run(12_000_000)
+    direct = kw.Host.restore(blob)
+    direct.run(12_000_000)
+    assert same.snapshot() == direct.snapshot()
+
+
+def test_threads_that_lose_their_cpu_are_preempted_and_share_it():
+    vm = kw.VM(nr_vcpus=2, host_cpus=2, costs={"sched_slice_ns": 100_000})
+    for v in vm.vcpus:
+        v.load([g.loop([g.compute(1_000_000)])])
+    vm.run(500_000)
+    assert [v.thread_state for v in vm.vcpus] == ["RUNNING", "RUNNING"]
+    moved = kw.VM.restore(vm.snapshot(), host_cpus=1)
+    assert sorted(v.thread_state for v in moved.vcpus) == ["RUNNABLE", "RUNNING"]
+    pcs = []
+    for t in range(600_000, 3_000_000, 100_000):
+        moved.run(t)
+        pcs.append(tuple(moved.host._engine.thread_info(v._g)["state"] for v in moved.vcpus))
+    assert len(set(pcs)) > 1                                # the slice alternates them
+
+
+def test_a_polling_thread_that_loses_its_cpu_blocks():
+    vm = kw.VM(nr_vcpus=2, host_cpus=2, costs={"wake_to_run_ns": 0})
+    vm.enable_cap(kw.Cap.HALT_POLL, 1_000_000)
+    # They wake each other; vCPU 0's poll window grows past vCPU 1's 300 us of work.
+    vm.vcpus[0].load([g.loop([g.compute(50_000), g.wake(1), g.wfi()])])
+    vm.vcpus[1].load([g.loop([g.compute(300_000), g.wake(0), g.wfi()])])
+    for t in range(10_000, 5_000_000, 10_000):
+        vm.run(t)
+        if vm.vcpus[0].thread_state == "POLLING" and vm.vcpus[1].thread_state == "RUNNING":
+            break
+    else:
+        pytest.fail("never caught vCPU 0 polling while vCPU 1 runs")
+    moved = kw.VM.restore(vm.snapshot(), host_cpus=1)
+    states = sorted(v.thread_state for v in moved.vcpus)
+    assert "POLLING" not in states                           # single_task_running() is false
+    moved.run(vm.host.now + 2_000_000)
+    assert moved.vcpus[0].stats()["halt_poll_fail_ns"] > 0
+
+
+def test_restore_onto_a_bad_cpu_count_is_refused():
+    vm = kw.VM(nr_vcpus=2, host_cpus=2)
+    blob = vm.snapshot()
+    for bad in (0, -1, 1 << 21, "4", 2.0):
+        with pytest.raises((ValueError, TypeError)):
+            kw.Host.restore(blob, host_cpus=bad)
