@@ -470,8 +470,8 @@ def print_summary(meta: dict, out=None) -> None:
           f"just before the run, ~{hl['foreign_pct']:.1f} % during it (10 ms clock ticks), "
           f"{hl.get('foreign_after_pct', 0):.1f} % just after\n")
         if worst > FOREIGN_WARN_PCT:
-            w(f"  warning: other processes were busy; the kernel's figures include their "
-              f"interference, which the model does not know about\n")
+            w("  warning: other processes were busy; the kernel's figures include their "
+              "interference, which the model does not know about\n")
     lat = meta["host_latency_ns"]
     if lat.get("n"):
         w(f"  host-observed wake latency (MSI send -> port exit): p50 {lat['p50'] / 1e3:.1f} us, "

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvmwake.haltpoll import (GROW, HALT_POLL_NS_GROW_DEFAULT, HALT_POLL_NS_GROW_START_DEFAULT,
-                             HALT_POLL_NS_SHRINK_DEFAULT, SHRINK, U32_MASK, HaltPollParams,
+                             HALT_POLL_NS_SHRINK_DEFAULT, SHRINK, HaltPollParams,
                              adapt, check_u32, clamp_on_entry, shrink)
 from kvmwake.tracefmt import HALT_POLL_NS, TraceEvent, TraceFormatError, read
 
