@@ -7,6 +7,7 @@ host (counting over all its VMs) runs on host CPU ``g % host_cpus``.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import numbers
 
@@ -175,10 +176,11 @@ class Host:
                 self._dispatch(self._vcpu_of(g), eng.take_exit(g))
 
     def _vcpu_of(self, g):
-        for vm in self.vms:
-            if vm._first <= g < vm._first + vm.nr_vcpus:
-                return vm.vcpus[g - vm._first]
-        raise KeyError(g)
+        """The VCpu of engine thread g (VMs hold consecutive threads, in order)."""
+        i = bisect.bisect_right(self.vms, g, key=lambda vm: vm._first) - 1
+        if i < 0 or g >= self.vms[i]._first + self.vms[i].nr_vcpus:
+            raise KeyError(g)
+        return self.vms[i].vcpus[g - self.vms[i]._first]
 
     def _dispatch(self, vcpu, record):
         from .exits import from_engine
