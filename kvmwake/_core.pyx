@@ -1,16 +1,24 @@
 # cython: language_level=3
 """kvmwake's simulation core: the block / kick / halt-poll path of KVM.
 
-One extension module built from the ``.pxi`` pieces it includes:
+One extension module: this file holds the engine's C state (declared in
+``_core.pxd``), the ``Engine`` class and the run loop, and includes one piece
+per kernel concern from ``core/``.  Each piece has a plain-Python twin of the
+same name in ``kvmwake/reference/`` (``tests/test_layout.py`` keeps the pair
+whole):
 
-* ``_rng.pxi``    per-vCPU random streams
-* ``_heap.pxi``   the event heap (time, class, sequence) with cancellation
-* ``_host.pxi``   host CPUs, run queues, time slices
-* ``_guest.pxi``  the guest program interpreter
-* ``_halt.pxi``   kvm_vcpu_halt / kvm_vcpu_block, halt stats, tracepoints
-* ``_gic.pxi``    the vGICv3 and LAPIC subsets, acknowledge and EOI
-* ``_timer.pxi``  the arm64 virtual timer
-* ``_kick.pxi``   kvm_vcpu_wake_up, kvm_vcpu_kick, requests, ticks, sources
+* ``core/rng.pxi``       per-vCPU random streams
+* ``core/queue.pxi``     the event queue (time, class, sequence) with cancellation
+* ``core/host.pxi``      host CPUs, run queues, time slices
+* ``core/guest.pxi``     the guest program interpreter
+* ``core/halt.pxi``      kvm_vcpu_halt / kvm_vcpu_block, halt stats, tracepoints
+* ``core/run.pxi``       KVM_RUN's loop: entry, sleep, reset, exits to userspace
+* ``core/psci.pxi``      PSCI as arch/arm64/kvm/psci.c emulates it
+* ``core/gic.pxi``       the vGICv3 and LAPIC subsets, acknowledge and EOI
+* ``core/timer.pxi``     the arm64 virtual timer
+* ``core/kick.pxi``      kvm_vcpu_wake_up, kvm_vcpu_kick, requests, ticks, sources
+* ``core/snapshot.pxi``  engine state out and in, with the consistency checks
+* ``core/bench.pxi``     micro-benchmark hooks (no part of the model)
 
 The event loop runs without the GIL and creates no Python object per event.
 The model is the one of ``kvmwake.reference`` (plain Python), event for event.
@@ -233,16 +241,16 @@ cdef enum:
     KW_ERR_STALL = 2
     KW_ERR_STORM = 3
 
-include "_rng.pxi"
-include "_heap.pxi"
-include "_host.pxi"
-include "_guest.pxi"
-include "_halt.pxi"
-include "_run.pxi"
-include "_psci.pxi"
-include "_gic.pxi"
-include "_timer.pxi"
-include "_kick.pxi"
+include "core/rng.pxi"
+include "core/queue.pxi"
+include "core/host.pxi"
+include "core/guest.pxi"
+include "core/halt.pxi"
+include "core/run.pxi"
+include "core/psci.pxi"
+include "core/gic.pxi"
+include "core/timer.pxi"
+include "core/kick.pxi"
 
 
 def compiled_constants():
@@ -975,5 +983,5 @@ cdef class Engine:
                 "sources": self.e.nsrc * sizeof(source_t) + len(self._times) * 8}
 
 
-include "_snapshot.pxi"
-include "_bench.pxi"
+include "core/snapshot.pxi"
+include "core/bench.pxi"

@@ -1,3 +1,7 @@
+# core/snapshot.pxi (twin: kvmwake/reference/snapshot.py).
+# Mirrors: no kernel code; the state a VMM saves with KVM_GET_* ioctls, plus
+# the engine's own, out and in.
+#
 # Engine state out and in, for kvmwake.snapshot.  Everything that decides the
 # future is in the arrays and scalars exported here; the import checks every
 # index and link in them before the engine may run, so a file that passed the

@@ -1,3 +1,8 @@
+# core/gic.pxi (twin: kvmwake/reference/gic.py).
+# Mirrors: arch/arm64/kvm/vgic/vgic.c vgic_queue_irq_unlock,
+# vgic_target_oracle, kvm_vgic_vcpu_pending_irq; vgic-mmio.c;
+# arch/x86/kvm/lapic.c kvm_apic_has_interrupt, kvm_apic_set_irq.
+#
 # The interrupt controllers: the arm64 vGICv3 subset (arch/arm64/kvm/vgic/)
 # and the x86 LAPIC subset (arch/x86/kvm/lapic.c), and the guest side that
 # acknowledges and ends interrupts.  Pending state is kept in 64-bit words:

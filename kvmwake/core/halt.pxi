@@ -1,3 +1,8 @@
+# core/halt.pxi (twin: kvmwake/reference/halt.py).
+# Mirrors: virt/kvm/kvm_main.c kvm_vcpu_halt, kvm_vcpu_block,
+# kvm_vcpu_check_block, grow_halt_poll_ns, shrink_halt_poll_ns,
+# kvm_vcpu_max_halt_poll_ns, update_halt_poll_stats.
+#
 # kvm_vcpu_halt / kvm_vcpu_block (virt/kvm/kvm_main.c): the poll window, the
 # block on the vCPU's single-waiter rcuwait, the halt stats, the grow/shrink
 # rule with unsigned int arithmetic, and the two tracepoints.

@@ -1,3 +1,7 @@
+# core/run.pxi (twin: kvmwake/reference/run.py).
+# Mirrors: arch/arm64/kvm/arm.c kvm_arch_vcpu_ioctl_run, kvm_vcpu_suspend,
+# kvm_vcpu_sleep, check_vcpu_requests; arch/arm64/kvm/reset.c kvm_reset_vcpu.
+#
 # KVM_RUN's loop (arch/arm64/kvm/arm.c kvm_arch_vcpu_ioctl_run): what happens
 # before each guest entry (a signal, a STOPPED vCPU's sleep, a pending reset,
 # a SUSPENDED vCPU's WFI emulation), and the exits to userspace.

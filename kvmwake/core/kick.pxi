@@ -1,3 +1,7 @@
+# core/kick.pxi (twin: kvmwake/reference/kick.py).
+# Mirrors: virt/kvm/kvm_main.c kvm_vcpu_wake_up, kvm_vcpu_kick,
+# kvm_make_request, kvm_make_all_cpus_request.
+#
 # Kicks and requests: kvm_vcpu_wake_up, kvm_vcpu_kick, kvm_make_request
 # (virt/kvm/kvm_main.c); a VM's periodic tick and device interrupt sources.
 

@@ -1,3 +1,7 @@
+# core/host.pxi (twin: kvmwake/reference/host.py).
+# Mirrors: kernel/sched/core.c and fair.c in outline (try_to_wake_up,
+# schedule, a CPU's run queue); today a FIFO run queue with time slices.
+#
 # Host CPUs and their run queues: where vCPU threads wait, get a CPU, are
 # preempted.  Each host CPU runs at most one thread; the others queue FIFO.
 

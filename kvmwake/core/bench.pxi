@@ -1,3 +1,7 @@
+# core/bench.pxi (twin: kvmwake/reference/bench.py).
+# Mirrors: no kernel code; micro-benchmark hooks that leave the model
+# untouched.
+#
 # Micro-benchmark hooks, in the style of numpy.random's ``_benchmark``: each
 # runs its loop without the GIL and returns the elapsed wall time in ns
 # (CLOCK_MONOTONIC), so that bench/ can report a cost per operation that

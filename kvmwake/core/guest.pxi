@@ -1,3 +1,8 @@
+# core/guest.pxi (twin: kvmwake/reference/guest.py).
+# Mirrors: the guest CPU itself; trapping ops are handled by KVM as
+# arch/arm64/kvm/handle_exit.c (kvm_handle_wfx, kvm_handle_hvc) and
+# arch/x86/kvm/x86.c (kvm_emulate_halt) do.
+#
 # The guest program interpreter.  A thread runs ops from its pc, adding up
 # guest time, until an op that must act at an instant of its own (a trap, a
 # halt, a system register write, the end); then the segment's end goes on the

@@ -1,3 +1,7 @@
+# core/queue.pxi (twin: kvmwake/reference/queue.py).
+# Mirrors: no kernel code; the virtual clock's event queue, which stands in
+# for real time and the hrtimer base.
+#
 # The event heap: a binary min-heap of event_t ordered by (t, key), where
 # key = (event class << 56) | sequence number.  Cancellation is by generation:
 # an event whose gen no longer matches its owner's is skipped when popped.

@@ -1,3 +1,8 @@
+# core/psci.pxi (twin: kvmwake/reference/psci.py).
+# Mirrors: arch/arm64/kvm/psci.c kvm_psci_call, kvm_psci_0_1_call,
+# kvm_psci_0_2_call, kvm_psci_1_x_call, kvm_psci_vcpu_on,
+# kvm_psci_vcpu_affinity_info, kvm_psci_system_suspend.
+#
 # PSCI as KVM emulates it (arch/arm64/kvm/psci.c): kvm_psci_call and its
 # 0.1 / 0.2 / 1.x handlers, CPU_ON / CPU_OFF / AFFINITY_INFO, the system
 # events, and SYSTEM_SUSPEND's exit with the registers untouched.

@@ -1,3 +1,7 @@
+# core/rng.pxi (twin: kvmwake/reference/rng.py).
+# Mirrors: no kernel code; the model's own seeded streams (the draws of guest
+# compute times and device sources).
+#
 # Per-vCPU random streams: a 64-bit LCG with a per-stream increment and the
 # SplitMix64 finaliser as output (kvmwake.reference.Engine uses the same).
 

@@ -1,3 +1,7 @@
+# core/timer.pxi (twin: kvmwake/reference/timer.py).
+# Mirrors: arch/arm64/kvm/arch_timer.c kvm_timer_should_fire,
+# kvm_bg_timer_expire, timer_emulate.
+#
 # The virtual timer of each arm64 vCPU (arch/arm64/kvm/arch_timer.c): CVAL
 # in virtual-time ns, CTL's ENABLE and IMASK, the level-triggered PPI 27.
 # A blocked vCPU is woken at the deadline as kvm_bg_timer_expire does.
