@@ -125,33 +125,32 @@ def record_heap_ops(vcpus, sim_ns, seed):
     as (time, (class << 56) | sequence), every pop as ``POP``.  Events pushed
     while the host was built (the ticks) come first.
     """
-    import kvmwake.reference as ref
+    # Every push and pop of the reference engine goes through its queue module's heapq.
+    from kvmwake.reference import queue as ref_queue
     host, ns, _ = scenarios.build("ipi-storm", vcpus=vcpus, sim_ns=sim_ns, seed=seed,
                                   engine="reference", trace_capacity=0)
     eng = host._engine
     ops = array.array("Q")
     for t, cls, seq, _who, _gen in sorted(eng.heap, key=lambda e: e[2]):
         ops.extend((t, (cls << SEQ_BITS) | seq))
-    real_push = eng._push
-
-    def push(t, cls, who, gen):
-        real_push(t, cls, who, gen)
-        ops.extend((t, (int(cls) << SEQ_BITS) | eng.seq))
 
     class _Heapq:
-        heappush = staticmethod(heapq.heappush)
+        @staticmethod
+        def heappush(h, ev):
+            heapq.heappush(h, ev)
+            t, cls, seq = ev[:3]
+            ops.extend((t, (int(cls) << SEQ_BITS) | seq))
 
         @staticmethod
         def heappop(h):
             ops.append(POP)
             return heapq.heappop(h)
 
-    eng._push = push
-    real_heapq, ref.heapq = ref.heapq, _Heapq
+    real_heapq, ref_queue.heapq = ref_queue.heapq, _Heapq
     try:
         host.run(ns)
     finally:
-        ref.heapq = real_heapq
+        ref_queue.heapq = real_heapq
     arr = np.frombuffer(ops, dtype=np.uint64).copy()
     pops = int(np.count_nonzero(arr == POP))
     return arr, {"pushes": (len(arr) - pops) // 2, "pops": pops, "heap_len": len(eng.heap),

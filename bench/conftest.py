@@ -18,7 +18,7 @@ runs, in a few seconds, and times nothing useful).  The project's
 
 Only ``host.run`` is timed in the scenario benchmarks (the host is built in
 pedantic's untimed ``setup``); the micro benchmarks call the ``bench_*``
-hooks of ``kvmwake._core`` (``kvmwake/_bench.pxi``), which run their loop
+hooks of ``kvmwake._core`` (``kvmwake/core/bench.pxi``), which run their loop
 without the GIL and also return their own nanosecond count.  The summary at
 the end prints what pytest-benchmark's table does not: ns per operation and
 halts per wall second.

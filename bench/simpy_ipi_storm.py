@@ -10,7 +10,7 @@ identical to kvmwake; ``bench/compare_peers.py`` checks that the aggregate
 figures (halts, successful polls) agree within sampling noise.
 
 The workload (``kvmwake.scenarios``' ``ipi-storm``; the semantics of
-``kvmwake/reference.py`` for an x86 vCPU alone on its host CPU):
+``kvmwake/reference/`` for an x86 vCPU alone on its host CPU):
 
 * each vCPU loops: enter the guest (``vm_entry_ns``), compute Exp(20 us) in
   guest mode, trap (``vm_exit_ns``) and send the reschedule IPI to a

@@ -1,4 +1,4 @@
-"""Micro benchmarks of the core's hot paths, through the hooks of ``kvmwake/_bench.pxi``.
+"""Micro benchmarks of the core's hot paths, through the hooks of ``kvmwake/core/bench.pxi``.
 
 Each hook runs ``n`` operations in C without the GIL and returns its own
 nanosecond count; pytest-benchmark times the whole call (``n`` operations

@@ -14,7 +14,7 @@
 
 __version__ = "0.1.0"
 
-from . import guest, model, tracefmt, uapi, vmm  # noqa: E402
+from . import guest, model, uapi, vmm  # noqa: E402
 from .errors import EngineError, KvmError, ProgramError, ScenarioError, SnapshotError  # noqa: E402
 from .host import Host  # noqa: E402
 from .model import Request  # noqa: E402
@@ -23,6 +23,6 @@ from .vm import VCpu, VM  # noqa: E402
 
 __all__ = [
     "Host", "VM", "VCpu", "Cap", "Request", "KvmError", "ProgramError", "EngineError",
-    "ScenarioError", "SnapshotError", "guest", "model", "tracefmt", "uapi", "vmm",
+    "ScenarioError", "SnapshotError", "guest", "model", "uapi", "vmm",
     "__version__",
 ]

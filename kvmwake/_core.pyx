@@ -1,6 +1,10 @@
 # cython: language_level=3
 """kvmwake's simulation core: the block / kick / halt-poll path of KVM.
 
+Mirrors: virt/kvm/kvm_main.c and arch/arm64/kvm/arm.c as a whole, piece by
+piece below; the event loop (``run_loop``) stands in for the host's clock.
+Twin: ``kvmwake/reference/engine.py`` (and the package ``kvmwake/reference/``).
+
 One extension module: this file holds the engine's C state (declared in
 ``_core.pxd``), the ``Engine`` class and the run loop, and includes one piece
 per kernel concern from ``core/``.  Each piece has a plain-Python twin of the
@@ -894,7 +898,7 @@ cdef class Engine:
 
     def timeline_array(self):
         """The recorded state changes, oldest first (``timeline.TIMELINE_DTYPE``)."""
-        from .timeline import TIMELINE_DTYPE
+        from .outputs.timeline import TIMELINE_DTYPE
         cdef uint64_t n = self.e.tlcount
         buf = np.zeros(n * sizeof(tl_rec_t), dtype=np.uint8)
         _copy_timeline(&self.e, <tl_rec_t*>cnp.PyArray_DATA(buf))
@@ -906,7 +910,7 @@ cdef class Engine:
 
     def timeline_totals(self, uint64_t now):
         """Per host CPU, ns running, polling and idle over the recorded window."""
-        from .timeline import totals
+        from .outputs.timeline import totals
         t0, base = self.timeline_window()
         return totals(self.timeline_array(), base, t0, now, self.e.ncpu)
 

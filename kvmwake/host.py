@@ -12,7 +12,9 @@ import errno
 import numbers
 
 from . import haltpoll
-from .errors import KvmError
+from . import snapshot as _snapshot
+from .errors import KvmError, SnapshotError
+from .exits import from_engine
 from .model import ARCHES, COST_DEFAULTS, DEFAULT_NR_SPIS, MAX_NR_SPIS, MAX_VCPUS
 
 ENGINES = ("core", "reference")
@@ -69,9 +71,13 @@ class Host:
         Tracepoint records kept (the newest, like ftrace's ring buffer); 0
         turns tracing off.
     timeline_capacity : int
-        State-timeline records kept (the newest; see ``kvmwake.timeline``); 0,
-        the default, turns the timeline off.
+        State-timeline records kept (the newest; see ``kvmwake.outputs.timeline``);
+        0, the default, turns the timeline off.
     """
+
+    #: The class of the VMs ``create_vm`` and ``restore`` make: ``kvmwake.vm.VM``,
+    #: which sets it (vm.py builds on this module, not the other way round).
+    vm_class = None
 
     def __init__(self, host_cpus: int = 1, arch: str = "arm64", seed: int = 0,
                  costs: dict | None = None, engine: str = "core",
@@ -133,8 +139,8 @@ class Host:
     def create_vm(self, nr_vcpus: int, arch: str | None = None,
                   nr_spis: int = DEFAULT_NR_SPIS):
         """``KVM_CREATE_VM`` plus ``nr_vcpus`` x ``KVM_CREATE_VCPU`` (and the vGIC's SPIs)."""
-        from .vm import VM
-        return VM(nr_vcpus=nr_vcpus, arch=arch or self.arch, host=self, nr_spis=nr_spis)
+        return self.vm_class(nr_vcpus=nr_vcpus, arch=arch or self.arch, host=self,
+                             nr_spis=nr_spis)
 
     def _add_vm(self, vm, nr_vcpus: int, arch: str, nr_spis: int) -> int:
         if arch != self.arch:
@@ -183,7 +189,6 @@ class Host:
         return self.vms[i].vcpus[g - self.vms[i]._first]
 
     def _dispatch(self, vcpu, record):
-        from .exits import from_engine
         ex = from_engine(record)
         vm = vcpu.vm
         vm.exits += 1
@@ -204,8 +209,7 @@ class Host:
 
     def snapshot(self) -> bytes:
         """The whole host, every VM and policy, as bytes (see ``kvmwake.snapshot``)."""
-        from . import snapshot
-        return snapshot.host_to_bytes(self)
+        return host_to_bytes(self)
 
     def save(self, path) -> None:
         """Write ``snapshot()`` to ``path``."""
@@ -222,15 +226,13 @@ class Host:
         module parameters; ``vmm_classes`` maps "module:QualName" to the class of
         a user-written VMM policy.
         """
-        from . import snapshot
-        host, _ = snapshot.restore_host(src, vmm_classes, host_cpus, **module_params)
+        host, _ = restore_host(src, vmm_classes, host_cpus, **module_params)
         return host
 
     def __reduce__(self):
-        from . import snapshot
-        return (snapshot.restore_host_only, (self.snapshot(),))
+        return (Host.restore, (self.snapshot(),))
 
-    # -- the state timeline (kvmwake.timeline) ----------------------------------------------
+    # -- the state timeline (kvmwake.outputs.timeline) --------------------------------------
 
     def enable_timeline(self, capacity: int) -> None:
         """Turn the state timeline on (``capacity`` records; 0: off), at any time before
@@ -248,7 +250,7 @@ class Host:
         return self._engine.timeline_dropped
 
     def timeline_array(self):
-        """Recorded thread state changes, oldest first (``timeline.TIMELINE_DTYPE``)."""
+        """Recorded thread state changes, oldest first (``outputs.timeline.TIMELINE_DTYPE``)."""
         return self._engine.timeline_array()
 
     def timeline_totals(self, now: int | None = None) -> dict:
@@ -262,3 +264,62 @@ class Host:
     def __repr__(self):
         return (f"Host(arch={self.arch!r}, host_cpus={self.host_cpus}, vms={len(self.vms)}, "
                 f"now={self.now} ns, engine={self.engine_name!r})")
+
+
+# -- snapshots: the host's side of kvmwake.snapshot ---------------------------------------------
+
+MODULE_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
+                 "halt_poll_ns_shrink")
+
+
+def host_to_bytes(host: Host, vm_index: int | None = None, run: dict | None = None) -> bytes:
+    """Snapshot ``host`` (saying which of its VMs the snapshot is of, if any, and
+    ``run``: free data about the run, kept in the header)."""
+    desc = {"arch": host.arch, "host_cpus": host.host_cpus, "seed": host.seed,
+            "costs": host.costs, "engine": host.engine_name}
+    return _snapshot.encode(host._engine, desc, [vm._snapshot_record() for vm in host.vms],
+                            vm_index=vm_index, run=run)
+
+
+def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = None,
+                 **module_params) -> tuple[Host, dict]:
+    """Rebuild a ``Host`` and its VMs from a snapshot (bytes or a path); returns the
+    host and the snapshot's header (``header["vm_index"]``, ``header["run"]``).
+
+    ``host_cpus``: restore onto a host with another CPU count (see
+    ``Engine.rehost``: thread g goes to CPU g % host_cpus; threads that lose
+    their CPU are preempted or stop polling, as on a migration).
+    """
+    if host_cpus is not None:
+        host_cpus = check_int("host_cpus", host_cpus, 1, MAX_HOST_CPUS)
+    snap = _snapshot.decode(src)
+    hc = snap.host
+    try:
+        host = Host(host_cpus=hc["host_cpus"], arch=hc["arch"], seed=hc["seed"],
+                    costs=hc["costs"], engine="core", trace_capacity=snap.scalars["tcap"])
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise SnapshotError(f"snapshot host configuration is invalid: {exc}") from None
+    _snapshot.check_host_cpus(snap, host.host_cpus)
+    try:
+        for rec in snap.vms:
+            host.vm_class._from_record(host, rec)
+        host._nthreads = sum(rec["nr_vcpus"] for rec in snap.vms)
+        host._engine.import_state(snap.scalars, snap.arrays)
+        _snapshot.check_engine(snap, host._engine)
+        for vm, rec in zip(host.vms, snap.vms):
+            vm._restore_policy(rec["vmm"], vmm_classes or {})
+    except SnapshotError:
+        raise
+    except KeyError as exc:
+        raise SnapshotError(f"inconsistent snapshot state: missing key {exc}") from None
+    except (ValueError, TypeError, OverflowError, IndexError, AttributeError) as exc:
+        raise SnapshotError(f"inconsistent snapshot state: {exc}") from None
+    for name in module_params:
+        if name not in MODULE_PARAMS:
+            raise TypeError(f"restore() got an unknown module parameter {name!r}")
+    for name, value in module_params.items():
+        setattr(host, name, value)
+    if host_cpus is not None and host_cpus != host.host_cpus:
+        host._engine.rehost(host_cpus)
+        host.host_cpus = host_cpus
+    return host, snap.header

@@ -271,7 +271,7 @@ MAX_VCPUS = {"arm64": 512, "x86": 1024}
 ARCHES = ("arm64", "x86")
 
 # --------------------------------------------------------------------------
-# Trace records (see kvmwake.tracefmt for the text form).
+# Trace records (see kvmwake.outputs.tracefmt for the text form).
 
 TR_WAKEUP = 0
 TR_HALT_POLL_NS = 1

@@ -1,5 +1,15 @@
 """Snapshots: a host (or a VM and its host) saved as bytes, restored anywhere.
 
+This module is the format.  ``encode(engine, host, vms, ...)`` turns an engine's
+exported state and the Python side's plain description of its host and VMs
+into bytes; ``decode(src)`` reads bytes (or a file), checks everything in them
+and returns a ``Snapshot``: the header, the engine arrays and checked VM
+records, plain data that ``Host.restore`` and ``VM.restore`` rebuild the
+objects from (``kvmwake.host``, ``kvmwake.vm``).  ``check_host_cpus``,
+``check_engine`` and ``policy_class`` / ``check_policy_state`` are the checks
+of a restore that need the rebuilt host: its CPU count, its engine once the
+arrays are imported, and the VMM policy classes a caller allows.
+
 The format is versioned, self-describing and checksummed, and loading it
 never executes anything from the file (no pickle)::
 
@@ -39,16 +49,20 @@ streams continue.  Snapshots need the core engine.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import __version__
 from . import vmm as _vmm
 from .errors import SnapshotError
+from .exits import from_engine
+from .model import LAT_BUCKETS, MAX_VCPUS, NR_STATS
 
 MAGIC = b"KVMWSNAP"
 FORMAT_VERSION = 1
@@ -63,6 +77,8 @@ _ARRAYS = ("threads", "irqs", "vms", "gics", "srcs", "times", "cpus", "stats", "
 _SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdropped",
             "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len", "talloc",
             "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc")
+#: The fields of a held exit (an exit record of the engine).
+_HELD_KEYS = ("reason", "type", "ndata", "data0", "ucall", "value", "time")
 
 #: The arrays that are not bytes of engine structs ("u1"), and the struct of those that are.
 _ARRAY_DTYPES = {"times": "u8", "stats": "u8", "lat": "u8", "exitq": "u4"}
@@ -75,14 +91,25 @@ def _digest(data) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
 
 
+def _struct_sizes() -> dict:
+    from ._core import struct_sizes
+    return struct_sizes()
+
+
 # -- writing ------------------------------------------------------------------------------
 
-def host_to_bytes(host, vm_index: int | None = None, run: dict | None = None) -> bytes:
-    """Serialise ``host`` (and say which of its VMs the snapshot is of, if any)."""
-    if host.engine_name != "core":
+def encode(engine, host: dict, vms: list, vm_index: int | None = None,
+           run: dict | None = None) -> bytes:
+    """A snapshot of ``engine``'s state with the Python side's description.
+
+    ``host`` is ``{"arch", "host_cpus", "seed", "costs", "engine"}``; ``vms`` has one
+    record per VM (``vm_record``'s fields); ``vm_index`` says which VM the snapshot
+    is of (None: the whole host); ``run`` is free JSON data about the run (the
+    command line keeps its scenario and end time there).
+    """
+    if host["engine"] != "core":
         raise SnapshotError("snapshots need the core engine (this host runs the reference)")
-    from ._core import struct_sizes
-    scalars, arrays = host._engine.export_state()
+    scalars, arrays = engine.export_state()
     body = bytearray()
     descr = {}
     for name in _ARRAYS:
@@ -97,11 +124,10 @@ def host_to_bytes(host, vm_index: int | None = None, run: dict | None = None) ->
     header = {
         "kvmwake": __version__,
         "format": FORMAT_VERSION,
-        "host": {"arch": host.arch, "host_cpus": host.host_cpus, "seed": host.seed,
-                 "costs": host.costs, "engine": host.engine_name},
+        "host": host,
         "engine": {"scalars": {k: int(v) for k, v in scalars.items()}, "arrays": descr,
-                   "struct_sizes": struct_sizes()},
-        "vms": [_vm_state(vm) for vm in host.vms],
+                   "struct_sizes": _struct_sizes()},
+        "vms": vms,
         "vm_index": vm_index,
         "run": run or {},
         "body": {"compression": "zlib", "size": len(body)},
@@ -115,20 +141,48 @@ def host_to_bytes(host, vm_index: int | None = None, run: dict | None = None) ->
     return bytes(out)
 
 
-def _vm_state(vm) -> dict:
-    pol = vm.vmm
-    cls = type(pol)
+def vm_record(*, nr_vcpus: int, nr_spis: int, memory_size: int, halt_poll_cap: int | None,
+              tick_ns: int, suspend_cap: bool, exits: int, policy, vcpus: list) -> dict:
+    """One VM's record in the header: its configuration, its VMM policy (class and
+    ``to_state()``) and per vCPU ``{"loaded", "started", "held"}``."""
+    cls = type(policy)
     return {
-        "nr_vcpus": vm.nr_vcpus, "nr_spis": vm.nr_spis, "memory_size": vm.memory_size,
-        "halt_poll_cap": vm._halt_poll_cap, "tick_ns": vm._tick_ns,
-        "suspend_cap": vm._suspend_cap, "exits": vm.exits,
-        "vmm": {"class": f"{cls.__module__}:{cls.__qualname__}", "state": pol.to_state()},
-        "vcpus": [{"loaded": v._loaded, "started": v._started, "held": v._held}
-                  for v in vm.vcpus],
+        "nr_vcpus": nr_vcpus, "nr_spis": nr_spis, "memory_size": memory_size,
+        "halt_poll_cap": halt_poll_cap, "tick_ns": tick_ns,
+        "suspend_cap": suspend_cap, "exits": exits,
+        "vmm": {"class": f"{cls.__module__}:{cls.__qualname__}", "state": policy.to_state()},
+        "vcpus": vcpus,
     }
 
 
 # -- reading ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A decoded snapshot whose every part has been checked.
+
+    ``header`` is the JSON header as written (``header["vm_index"]``,
+    ``header["run"]``); ``arrays`` the engine's arrays by name; ``vms`` one record
+    per VM, its values checked and normalised: ``first`` (its first thread),
+    ``nr_vcpus``, ``nr_spis``, ``halt_poll_cap`` (None or an int), ``tick_ns``,
+    ``suspend_cap``, ``memory_size``, ``exits``, ``vmm`` (``{"class", "state"}``)
+    and ``vcpus`` (``{"loaded", "started", "held"}`` each, held an exit record
+    or None).
+    """
+
+    header: dict
+    arrays: dict
+    vms: list
+
+    @property
+    def host(self) -> dict:
+        """``{"arch", "host_cpus", "seed", "costs", "engine"}`` as written."""
+        return self.header["host"]
+
+    @property
+    def scalars(self) -> dict:
+        return self.header["engine"]["scalars"]
+
 
 def _load_bytes(src) -> bytes:
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -145,6 +199,22 @@ def _load_bytes(src) -> bytes:
             raise SnapshotError(f"cannot read snapshot {os.fspath(src)!r}: "
                                 f"{exc.strerror or exc}") from None
     raise TypeError(f"a snapshot is bytes or a path, not {type(src).__name__}")
+
+
+def decode(src) -> Snapshot:
+    """Read a snapshot (bytes or a path) and check it: framing, checksum, header,
+    arrays and VM records.  Raises ``SnapshotError`` (``TypeError`` if ``src`` is
+    neither bytes nor a path)."""
+    header, arrays = parse(_load_bytes(src))
+    try:
+        vms = _vm_records(header, len(arrays["threads"]) // _struct_sizes()["thread_t"])
+    except SnapshotError:
+        raise
+    except KeyError as exc:
+        raise SnapshotError(f"inconsistent snapshot state: missing key {exc}") from None
+    except (ValueError, TypeError, OverflowError, IndexError, AttributeError) as exc:
+        raise SnapshotError(f"inconsistent snapshot state: {exc}") from None
+    return Snapshot(header, arrays, vms)
 
 
 def parse(data: bytes) -> tuple[dict, dict]:
@@ -213,10 +283,8 @@ def _int(v, what) -> int:
 
 
 def _arrays(header, body, blen) -> dict:
-    from ._core import struct_sizes
-    from .model import LAT_BUCKETS, NR_STATS
     eng = header["engine"]
-    sizes = struct_sizes()
+    sizes = _struct_sizes()
     if eng["struct_sizes"] != sizes:
         raise SnapshotError("the snapshot was written by a kvmwake with other engine "
                             f"structure sizes ({eng['struct_sizes']})")
@@ -270,163 +338,119 @@ def _check_header(h) -> None:
         raise ValueError(f"vm_index is {i!r}, not an integer")
 
 
-# -- restoring ------------------------------------------------------------------------------
-
-def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = None,
-                 **module_params):
-    """Rebuild a ``Host`` from a snapshot (bytes or a path).
-
-    ``host_cpus``: restore onto a host with another CPU count (see
-    ``Engine.rehost``: thread g goes to CPU g % host_cpus; threads that lose
-    their CPU are preempted or stop polling, as on a migration).
-    """
-    from .host import Host, MAX_HOST_CPUS, check_int
-    if host_cpus is not None:
-        host_cpus = check_int("host_cpus", host_cpus, 1, MAX_HOST_CPUS)
-    header, arrays = parse(_load_bytes(src))
-    hc = header["host"]
-    try:
-        host = Host(host_cpus=hc["host_cpus"], arch=hc["arch"], seed=hc["seed"],
-                    costs=hc["costs"], engine="core",
-                    trace_capacity=header["engine"]["scalars"]["tcap"])
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise SnapshotError(f"snapshot host configuration is invalid: {exc}") from None
-    from ._core import struct_sizes
-    if len(arrays["cpus"]) != host.host_cpus * struct_sizes()["cpu_t"]:
-        raise SnapshotError(f"inconsistent array sizes: array cpus holds "
-                            f"{len(arrays['cpus']) // struct_sizes()['cpu_t']} host CPUs, "
-                            f"the host has {host.host_cpus}")
-    try:
-        _rebuild_vms(host, header, len(arrays["threads"]) // struct_sizes()["thread_t"])
-        host._engine.import_state(header["engine"]["scalars"], arrays)
-        _check_python_side(host, header)
-        for i, vd in enumerate(header["vms"]):
-            _restore_policy(host.vms[i], vd["vmm"], vmm_classes or {})
-    except SnapshotError:
-        raise
-    except KeyError as exc:
-        raise SnapshotError(f"inconsistent snapshot state: missing key {exc}") from None
-    except (ValueError, TypeError, OverflowError, IndexError, AttributeError) as exc:
-        raise SnapshotError(f"inconsistent snapshot state: {exc}") from None
-    for name in module_params:
-        if name not in ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
-                        "halt_poll_ns_shrink"):
-            raise TypeError(f"restore() got an unknown module parameter {name!r}")
-    for name, value in module_params.items():
-        setattr(host, name, value)
-    if host_cpus is not None and host_cpus != host.host_cpus:
-        host._engine.rehost(host_cpus)
-        host.host_cpus = host_cpus
-    return host, header
-
-
-def restore_host_only(src):
-    """Unpickling: the host alone."""
-    return restore_host(src)[0]
-
-
-def restore_vm_only(src):
-    """Unpickling: the VM the snapshot was taken of."""
-    host, header = restore_host(src)
-    return _vm_of(host, header)
-
-
-def _vm_of(host, header):
-    i = header.get("vm_index")
-    if not isinstance(i, int) or not 0 <= i < len(host.vms):
-        raise SnapshotError("this is a host snapshot, not a VM's; restore it with Host.restore")
-    return host.vms[i]
-
-
-def _rebuild_vms(host, header, nthreads: int) -> None:
-    """The Python objects of the VMs, without touching the engine's state (replaced next)."""
-    from .model import MAX_VCPUS
-    from .vm import VCpu, VM
+def _vm_records(header, nthreads: int) -> list:
+    """The header's VM records, checked and normalised (see ``Snapshot``)."""
+    arch = header["host"]["arch"]
     counts = []
     for i, vd in enumerate(header["vms"]):
         n = _int(vd["nr_vcpus"], f"VM {i}'s nr_vcpus")
-        if not 1 <= n <= MAX_VCPUS[host.arch]:
-            raise SnapshotError(f"VM {i}: nr_vcpus = {n} out of range 1..{MAX_VCPUS[host.arch]}")
+        if not 1 <= n <= MAX_VCPUS[arch]:
+            raise SnapshotError(f"VM {i}: nr_vcpus = {n} out of range 1..{MAX_VCPUS[arch]}")
         if not isinstance(vd["vcpus"], list) or len(vd["vcpus"]) != n:
             raise SnapshotError(f"VM {i}: the vCPU records do not match its {n} vCPUs")
         counts.append(n)
     if sum(counts) != nthreads:
         raise SnapshotError(f"inconsistent array sizes: the VMs have {sum(counts)} vCPUs, "
                             f"array threads holds {nthreads}")
+    out = []
     first = 0
-    for vd in header["vms"]:
-        vm = VM.__new__(VM)
-        vm.host = host
-        vm.arch = host.arch
-        vm.index = len(host.vms)
-        vm._first = first
-        vm.nr_vcpus = int(vd["nr_vcpus"])
-        vm.nr_spis = int(vd["nr_spis"])
-        vm._halt_poll_cap = vd["halt_poll_cap"]
-        vm._tick_ns = int(vd["tick_ns"])
-        vm._suspend_cap = bool(vd["suspend_cap"])
-        vm.memory_size = _int(vd["memory_size"], "memory_size")
-        if not 1 << 12 <= vm.memory_size <= 1 << 48 or vm.nr_spis < 0 or vm._tick_ns < 0 \
-                or _int(vd["exits"], "exits") < 0:
-            raise SnapshotError(f"VM {vm.index}: memory size, SPI count, tick or exit count "
+    for index, vd in enumerate(header["vms"]):
+        rec = {"first": first, "nr_vcpus": int(vd["nr_vcpus"]), "nr_spis": int(vd["nr_spis"]),
+               "halt_poll_cap": vd["halt_poll_cap"], "tick_ns": int(vd["tick_ns"]),
+               "suspend_cap": bool(vd["suspend_cap"]),
+               "memory_size": _int(vd["memory_size"], "memory_size")}
+        if not 1 << 12 <= rec["memory_size"] <= 1 << 48 or rec["nr_spis"] < 0 \
+                or rec["tick_ns"] < 0 or _int(vd["exits"], "exits") < 0:
+            raise SnapshotError(f"VM {index}: memory size, SPI count, tick or exit count "
                                 "out of range")
-        if vm._halt_poll_cap is not None and not 0 <= _int(vm._halt_poll_cap,
-                                                            "halt_poll_cap") <= 0xFFFF_FFFF:
-            raise SnapshotError(f"VM {vm.index}: halt_poll_cap out of range")
-        from .model import MEM_BASE
-        vm.memory_base = MEM_BASE[host.arch]
-        vm.exits = int(vd["exits"])
-        vm.vcpus = [VCpu(vm, i) for i in range(vm.nr_vcpus)]
-        for v, rec in zip(vm.vcpus, vd["vcpus"]):
-            v._loaded, v._started = bool(rec["loaded"]), bool(rec["started"])
-            held = rec["held"]
+        cap = rec["halt_poll_cap"]
+        if cap is not None and not 0 <= _int(cap, "halt_poll_cap") <= 0xFFFF_FFFF:
+            raise SnapshotError(f"VM {index}: halt_poll_cap out of range")
+        rec["exits"] = int(vd["exits"])
+        vcpus = []
+        for v in vd["vcpus"]:
+            held = v["held"]
             if held is not None:
-                held = {k: _int(held[k], "a held exit's " + k)
-                        for k in ("reason", "type", "ndata", "data0", "ucall", "value", "time")}
-            v._held = held
-        host.vms.append(vm)
-        first += vm.nr_vcpus
-    host._nthreads = first
+                held = {k: _int(held[k], "a held exit's " + k) for k in _HELD_KEYS}
+            vcpus.append({"loaded": bool(v["loaded"]), "started": bool(v["started"]),
+                          "held": held})
+        rec["vcpus"] = vcpus
+        pol = vd["vmm"]
+        if not isinstance(pol, dict) or not isinstance(pol.get("class"), str):
+            raise SnapshotError(f"VM {index}'s VMM policy record is invalid")
+        rec["vmm"] = pol
+        out.append(rec)
+        first += rec["nr_vcpus"]
+    return out
 
 
-def _check_python_side(host, header) -> None:
-    """The VMs' Python state against the engine's: VM layout, programs, held exits."""
+# -- checks that need the restored host ---------------------------------------------------
+
+def check_host_cpus(snap: Snapshot, host_cpus: int) -> None:
+    """The host CPU array must be that of a host of ``host_cpus`` CPUs (the host
+    configuration's count, once the host built from it has accepted it)."""
+    size = _struct_sizes()["cpu_t"]
+    if len(snap.arrays["cpus"]) != host_cpus * size:
+        raise SnapshotError(f"inconsistent array sizes: array cpus holds "
+                            f"{len(snap.arrays['cpus']) // size} host CPUs, "
+                            f"the host has {host_cpus}")
+
+
+def check_engine(snap: Snapshot, engine) -> None:
+    """The VM records against ``engine``, which has imported the snapshot's arrays:
+    VM layout, capabilities, programs and held exits."""
     from ._core import _engine_exit_record, _engine_view
-    from .exits import from_engine
-    vms, threads, queued = _engine_view(host._engine)
-    if len(vms) != len(host.vms):
+    vms, threads, queued = _engine_view(engine)
+    if len(vms) != len(snap.vms):
         raise SnapshotError(f"inconsistent array sizes: array vms holds {len(vms)} VMs, "
-                            f"the header describes {len(host.vms)}")
-    for vm, (first, n, spis, cap, tick, susp) in zip(host.vms, vms):
-        if (first, n, spis) != (vm._first, vm.nr_vcpus, vm.nr_spis):
-            raise SnapshotError(f"VM {vm.index}: the header's vCPUs and SPIs disagree with "
+                            f"the header describes {len(snap.vms)}")
+    for index, (rec, (first, n, spis, cap, tick, susp)) in enumerate(zip(snap.vms, vms)):
+        if (first, n, spis) != (rec["first"], rec["nr_vcpus"], rec["nr_spis"]):
+            raise SnapshotError(f"VM {index}: the header's vCPUs and SPIs disagree with "
                                 "the engine's")
-        if cap != vm._halt_poll_cap or tick != vm._tick_ns or susp != vm._suspend_cap:
-            raise SnapshotError(f"VM {vm.index}: the header's halt-poll cap, tick or "
+        if cap != rec["halt_poll_cap"] or tick != rec["tick_ns"] or susp != rec["suspend_cap"]:
+            raise SnapshotError(f"VM {index}: the header's halt-poll cap, tick or "
                                 "suspend cap disagrees with the engine's")
-        for v in vm.vcpus:
-            has_prog, state = threads[v._g]
-            if v._loaded and not has_prog:
-                raise SnapshotError(f"VM {vm.index} vCPU {v.id}: loaded, but the engine "
+        for vid, v in enumerate(rec["vcpus"]):
+            g = rec["first"] + vid
+            has_prog, state = threads[g]
+            if v["loaded"] and not has_prog:
+                raise SnapshotError(f"VM {index} vCPU {vid}: loaded, but the engine "
                                     "holds no program for it")
-            if v._held is not None and (state != 0 or v._held
-                                        != _engine_exit_record(host._engine, v._g)):
-                raise SnapshotError(f"VM {vm.index} vCPU {v.id}: its held exit is not the "
+            if v["held"] is not None and (state != 0 or v["held"]
+                                          != _engine_exit_record(engine, g)):
+                raise SnapshotError(f"VM {index} vCPU {vid}: its held exit is not the "
                                     "engine's last exit of a vCPU outside KVM_RUN")
     for g in set(queued):
         if threads[g][1] != 0:
             raise SnapshotError(f"thread {g}: in the exit queue but inside KVM_RUN")
-    for g in set(queued) | {v._g for vm in host.vms for v in vm.vcpus if v._held}:
+    held = {rec["first"] + vid for rec in snap.vms for vid, v in enumerate(rec["vcpus"])
+            if v["held"]}
+    for g in set(queued) | held:
         try:
-            from_engine(_engine_exit_record(host._engine, g))
+            from_engine(_engine_exit_record(engine, g))
         except (ValueError, KeyError) as exc:
             raise SnapshotError(f"thread {g}: an exit to userspace that is none "
                                 f"({exc})") from None
 
 
-def _check_policy_state(cls, state) -> None:
+def policy_class(index: int, name: str, vmm_classes: dict):
+    """The class of VM ``index``'s policy ``name`` ("module:QualName"): one the caller
+    passed in ``vmm_classes``, or one of ``kvmwake.vmm``'s; nothing else is looked up."""
+    cls = vmm_classes.get(name)
+    if cls is None:
+        mod, _, qual = name.partition(":")
+        if mod == _vmm.__name__ and hasattr(_vmm, qual) and isinstance(getattr(_vmm, qual), type) \
+                and issubclass(getattr(_vmm, qual), _vmm.Vmm):
+            cls = getattr(_vmm, qual)
+        else:
+            raise SnapshotError(f"VM {index}'s VMM policy is {name}; pass it to restore() "
+                                f"as vmm_classes={{{name!r}: TheClass}}")
+    return cls
+
+
+def check_policy_state(cls, state) -> None:
     """A policy's saved state may set data attributes, never replace its methods."""
-    import inspect
     if not isinstance(state, dict):
         raise SnapshotError(f"a VMM policy state is {type(state).__name__}, not an object")
     for k in state:
@@ -436,38 +460,3 @@ def _check_policy_state(cls, state) -> None:
         if callable(attr) or hasattr(attr, "__get__"):
             raise SnapshotError(f"a VMM policy state names {k!r}, which is a method or "
                                 f"property of {cls.__qualname__}")
-
-
-def _check_reference_vmm(vm, pol) -> None:
-    """ReferenceVmm's pending resumes must be ones it can carry out."""
-    u64 = (1 << 64) - 1
-    for vid, (entry, context, t0) in pol._pending.items():
-        if not 0 <= vid < vm.nr_vcpus or not 0 <= entry <= u64 or not 0 <= context <= u64 \
-                or not 0 <= t0 <= vm.host.now:
-            raise SnapshotError(f"VM {vm.index}'s ReferenceVmm: a pending resume of vCPU "
-                                f"{vid} out of range")
-
-
-def _restore_policy(vm, rec, vmm_classes) -> None:
-    if not isinstance(rec, dict) or not isinstance(rec.get("class"), str):
-        raise SnapshotError(f"VM {vm.index}'s VMM policy record is invalid")
-    name = rec["class"]
-    cls = vmm_classes.get(name)
-    if cls is None:
-        mod, _, qual = name.partition(":")
-        if mod == _vmm.__name__ and hasattr(_vmm, qual) and isinstance(getattr(_vmm, qual), type) \
-                and issubclass(getattr(_vmm, qual), _vmm.Vmm):
-            cls = getattr(_vmm, qual)
-        else:
-            raise SnapshotError(f"VM {vm.index}'s VMM policy is {name}; pass it to restore() "
-                                f"as vmm_classes={{{name!r}: TheClass}}")
-    _check_policy_state(cls, rec["state"])
-    pol = cls.__new__(cls)
-    try:
-        pol.load_state(rec["state"])
-        if isinstance(pol, _vmm.ReferenceVmm):
-            _check_reference_vmm(vm, pol)
-    except (TypeError, ValueError, KeyError, OverflowError) as exc:
-        raise SnapshotError(f"VM {vm.index}'s VMM policy state is invalid: {exc}") from None
-    pol.attach(vm)
-    vm.vmm = pol

@@ -8,15 +8,16 @@ import numbers
 import numpy as np
 
 from . import guest as _guest
-from . import stats as _stats
-from . import tracefmt
-from .errors import KvmError
-from .host import Host, check_arch, check_int
+from . import snapshot as _snapshot
 from . import vmm as _vmm
+from .errors import KvmError, SnapshotError
+from .exits import Exit, from_engine
+from .host import Host, check_arch, check_int, host_to_bytes, restore_host
 from .model import (DEFAULT_MEM_SIZE, DEFAULT_NR_SPIS, MAX_VCPUS, MEM_BASE, SourceKind,
                     ThreadState, mpidr_of)
-from .uapi import MpState, PsciVersion
-from .uapi import Cap
+from .outputs import stats as _stats
+from .outputs import tracefmt
+from .uapi import Cap, ExitReason, MpState, PsciVersion
 
 #: Capabilities answered by check_extension, per arch (value returned).
 _EXTENSIONS = {
@@ -372,8 +373,7 @@ class VM:
 
     def snapshot(self) -> bytes:
         """This VM as bytes: with its host (shared CPUs and clock), every VM on it included."""
-        from . import snapshot
-        return snapshot.host_to_bytes(self.host, vm_index=self.index)
+        return host_to_bytes(self.host, vm_index=self.index)
 
     def save(self, path) -> None:
         data = self.snapshot()
@@ -384,13 +384,71 @@ class VM:
     def restore(cls, src, vmm_classes: dict | None = None, host_cpus: int | None = None,
                 **module_params) -> "VM":
         """The VM of a ``vm.snapshot()`` (bytes or a path), on its restored host."""
-        from . import snapshot
-        host, header = snapshot.restore_host(src, vmm_classes, host_cpus, **module_params)
-        return snapshot._vm_of(host, header)
+        host, header = restore_host(src, vmm_classes, host_cpus, **module_params)
+        i = header.get("vm_index")
+        if not isinstance(i, int) or not 0 <= i < len(host.vms):
+            raise SnapshotError("this is a host snapshot, not a VM's; restore it with "
+                                "Host.restore")
+        return host.vms[i]
 
     def __reduce__(self):
-        from . import snapshot
-        return (snapshot.restore_vm_only, (self.snapshot(),))
+        return (VM.restore, (self.snapshot(),))
+
+    def _snapshot_record(self) -> dict:
+        """This VM's record in a snapshot's header (``snapshot.vm_record``)."""
+        return _snapshot.vm_record(
+            nr_vcpus=self.nr_vcpus, nr_spis=self.nr_spis, memory_size=self.memory_size,
+            halt_poll_cap=self._halt_poll_cap, tick_ns=self._tick_ns,
+            suspend_cap=self._suspend_cap, exits=self.exits, policy=self.vmm,
+            vcpus=[{"loaded": v._loaded, "started": v._started, "held": v._held}
+                   for v in self.vcpus])
+
+    @classmethod
+    def _from_record(cls, host: Host, rec: dict) -> "VM":
+        """The Python object of a VM of a decoded snapshot (``snapshot.Snapshot.vms``), added
+        to ``host`` without touching the engine's state (the snapshot's arrays replace it)."""
+        vm = cls.__new__(cls)
+        vm.host = host
+        vm.arch = host.arch
+        vm.index = len(host.vms)
+        vm._first = rec["first"]
+        vm.nr_vcpus = rec["nr_vcpus"]
+        vm.nr_spis = rec["nr_spis"]
+        vm._halt_poll_cap = rec["halt_poll_cap"]
+        vm._tick_ns = rec["tick_ns"]
+        vm._suspend_cap = rec["suspend_cap"]
+        vm.memory_size = rec["memory_size"]
+        vm.memory_base = MEM_BASE[host.arch]
+        vm.exits = rec["exits"]
+        vm.vcpus = [VCpu(vm, i) for i in range(vm.nr_vcpus)]
+        for v, vr in zip(vm.vcpus, rec["vcpus"]):
+            v._loaded, v._started, v._held = vr["loaded"], vr["started"], vr["held"]
+        host.vms.append(vm)
+        return vm
+
+    def _restore_policy(self, rec: dict, vmm_classes: dict) -> None:
+        """The VM's VMM policy from its snapshot record ``{"class", "state"}``."""
+        cls = _snapshot.policy_class(self.index, rec["class"], vmm_classes)
+        _snapshot.check_policy_state(cls, rec["state"])
+        pol = cls.__new__(cls)
+        try:
+            pol.load_state(rec["state"])
+            if isinstance(pol, _vmm.ReferenceVmm):
+                self._check_pending_resumes(pol)
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            raise SnapshotError(f"VM {self.index}'s VMM policy state is invalid: {exc}") \
+                from None
+        pol.attach(self)
+        self.vmm = pol
+
+    def _check_pending_resumes(self, pol) -> None:
+        """ReferenceVmm's pending resumes must be ones it can carry out."""
+        u64 = (1 << 64) - 1
+        for vid, (entry, context, t0) in pol._pending.items():
+            if not 0 <= vid < self.nr_vcpus or not 0 <= entry <= u64 \
+                    or not 0 <= context <= u64 or not 0 <= t0 <= self.host.now:
+                raise SnapshotError(f"VM {self.index}'s ReferenceVmm: a pending resume of "
+                                    f"vCPU {vid} out of range")
 
     # -- guest memory and PSCI ---------------------------------------------------------
 
@@ -532,8 +590,6 @@ class VCpu:
         does.  If the vCPU has not exited ``timeout_ns`` of virtual time
         later, it gets a signal (a VMM's watchdog), so the call always ends.
         """
-        from .exits import Exit, from_engine
-        from .uapi import ExitReason
         timeout_ns = check_int("timeout_ns", timeout_ns, 1, 1 << 62)
         eng = self.vm._engine
         host = self.vm.host
@@ -644,3 +700,7 @@ class VCpu:
     def __repr__(self):
         return f"VCpu(vm={self.vm.index}, id={self.id}, {self.thread_state})"
 
+
+# What Host.create_vm and Host.restore make: host.py is below this module and does not
+# import it.
+Host.vm_class = VM

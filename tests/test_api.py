@@ -7,7 +7,7 @@ import pytest
 
 import kvmwake as kw
 from kvmwake import guest as g
-from kvmwake import tracefmt
+from kvmwake.outputs import tracefmt
 from kvmwake.haltpoll import HaltPollParams
 from kvmwake.kernel.replay import replay
 

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from kvmwake import cli, scenarios, tracefmt
+from kvmwake import cli, scenarios
+from kvmwake.outputs import tracefmt
 
 DATA = pathlib.Path(__file__).parent / "data"
 

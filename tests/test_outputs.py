@@ -1,6 +1,7 @@
 """What `kvmwake run` writes: JSON summary, .npz arrays, trace, PNG plot, the default
 kvmwake-out/ directory; the progress bar; Ctrl-C writes what was computed and exits 130."""
 
+import importlib
 import json
 import sys
 import types
@@ -8,7 +9,10 @@ import types
 import numpy as np
 import pytest
 
-from kvmwake import cli, outputs, tracefmt
+from kvmwake.outputs import plots as outputs
+from kvmwake.outputs import tracefmt
+
+cli = importlib.import_module("kvmwake.cli.main")
 from kvmwake.model import LAT_BUCKETS, NR_STATS, STAT_COUNTERS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""kvmwake.perfetto writes valid Chrome trace-event JSON from the state timeline."""
+"""kvmwake.outputs.perfetto writes valid Chrome trace-event JSON from the state timeline."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from kvmwake import Host
 from kvmwake import guest as G
 from kvmwake.model import ThreadState
-from kvmwake.perfetto import write_perfetto
+from kvmwake.outputs.perfetto import write_perfetto
 
 SLICE_NAMES = {"RUNNING", "POLLING", "BLOCKED", "RUNNABLE"}
 METADATA = {"process_name", "thread_name", "process_sort_index", "thread_sort_index"}

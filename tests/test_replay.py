@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kvmwake.haltpoll import GROW, SHRINK, HaltPollParams, adapt, clamp_on_entry
 from kvmwake.kernel.replay import MAX_MISMATCHES, main, replay, replay_file
-from kvmwake.tracefmt import TraceEvent, TraceFormatError, events_to_text, parse
+from kvmwake.outputs.tracefmt import TraceEvent, TraceFormatError, events_to_text, parse
 
 DATA = Path(__file__).parent / "data"
 CAP_TRACE = DATA / "mixed-1vcpu-cap120000.trace"

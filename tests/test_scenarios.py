@@ -9,7 +9,8 @@ import pytest
 
 from kvmwake import ScenarioError, cli, scenarios
 from kvmwake import guest as g
-from kvmwake.scenarios import _ops
+from kvmwake.scenarios import ops as _ops
+from kvmwake.scenarios.expand import AddrVm, programs_for
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import _py_scenarios as py  # noqa: E402
@@ -61,12 +62,12 @@ def test_toml_host_equals_python_host(name, seed):
 def test_builtin_programs_compile_to_the_same_ops():
     host, _, _ = scenarios.build("suspend-cycle", vcpus=8, host_cpus=2)
     vm = host.vms[0]
-    progs, off = scenarios._programs_for(scenarios.get("suspend-cycle"), vm, 8)
+    progs, off = programs_for(scenarios.get("suspend-cycle"), vm, 8)
     assert progs[0] == py._suspend_cycle_primary(vm)
     assert progs[3] == py._suspend_cycle_program(3, 8)
     assert off == set(range(1, 8))
     sc = scenarios.get("default")
-    progs, off = scenarios._programs_for(sc, None, 64)
+    progs, off = programs_for(sc, None, 64)
     assert all(progs[v] == py._default_program(v, 64) for v in range(64)) and not off
 
 
@@ -123,7 +124,7 @@ ops = """
 
 def _prog(ops, n=4):
     sc = scenarios.loads(MINIMAL.replace("{ops}", ops), "t.toml")
-    progs, _ = scenarios._programs_for(sc, scenarios._AddrVm("arm64"), n)
+    progs, _ = programs_for(sc, AddrVm("arm64"), n)
     return progs
 
 
@@ -154,7 +155,7 @@ def test_ops_as_an_array_of_strings():
     text = ('name = "t"\nsim = "1ms"\n[vm]\nvcpus = 2\n[[vm.program]]\n'
             'ops = ["loop {", "compute exp 20us", "wake random-other", "wfi", "}"]\n')
     sc = scenarios.loads(text, "t.toml")
-    progs, _ = scenarios._programs_for(sc, None, 2)
+    progs, _ = programs_for(sc, None, 2)
     assert progs[0] == g.Program([g.loop([g.compute_exp(20_000), g.wake_random_other(),
                                           g.wfi()])])
 

@@ -30,6 +30,7 @@ import kvmwake as kw
 from kvmwake import cli, scenarios
 from kvmwake import guest as g
 from kvmwake import snapshot as S
+from kvmwake.host import host_to_bytes, restore_host
 from kvmwake.uapi import Cap, ExitReason, MpState, PsciFn, SystemEventType
 from kvmwake.vmm import ReferenceVmm
 
@@ -528,8 +529,8 @@ def refuses(data, *words, **kwargs):
 
 def test_valid_snapshots_restore(tiny, queued, storm):
     for snap in (tiny, queued, *storm.values()):
-        host, header = S.restore_host(snap)
-        assert S.host_to_bytes(host, header["vm_index"], header["run"]) == snap
+        host, header = restore_host(snap)
+        assert host_to_bytes(host, header["vm_index"], header["run"]) == snap
         assert reframe(snap) == snap                    # the helpers frame as the writer does
 
 
@@ -881,7 +882,7 @@ def test_body_logical_corruption(tiny, queued, storm):
     tls = tl.snapshot()
     h, b = unframe(tls)
     assert h["engine"]["scalars"]["tlcount"] > 2
-    from kvmwake.timeline import TIMELINE_DTYPE as tl_dtype
+    from kvmwake.outputs.timeline import TIMELINE_DTYPE as tl_dtype
     assert tl_dtype.itemsize == h["engine"]["struct_sizes"]["tl_rec_t"]
 
     def timeline_edit(fn):

@@ -1,4 +1,4 @@
-"""kvmwake.sweep: local and Dask sweeps agree exactly, survive dead workers, resume."""
+"""kvmwake.cli.sweep: local and Dask sweeps agree exactly, survive dead workers, resume."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kvmwake import sweep
+from kvmwake.cli import sweep
 
 SCENARIO = "ipi-storm"
 PARAMS = {"halt_poll_ns": [0, 20_000, 200_000], "vcpus": [4], "sim_ms": [2]}

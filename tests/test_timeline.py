@@ -16,7 +16,7 @@ from kvmwake import Host, _core, reference
 from kvmwake import guest as G
 from kvmwake.model import ThreadState
 from kvmwake.reference import EngineError
-from kvmwake.timeline import TIMELINE_DTYPE, totals
+from kvmwake.outputs.timeline import TIMELINE_DTYPE, totals
 
 ENGINES = (_core.Engine, reference.Engine)
 

@@ -1,4 +1,4 @@
-"""kvmwake.tracefmt: the kernel's kvm_vcpu_wakeup / kvm_halt_poll_ns text, in and out."""
+"""kvmwake.outputs.tracefmt: the kernel's kvm_vcpu_wakeup / kvm_halt_poll_ns text, in and out."""
 
 import io
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvmwake.tracefmt import (HALT_POLL_NS, TRACE_RECORD_DTYPE, WAKEUP, TraceEvent,
+from kvmwake.outputs.tracefmt import (HALT_POLL_NS, TRACE_RECORD_DTYPE, WAKEUP, TraceEvent,
                               TraceFormatError, events_to_text, format_event, parse, read,
                               records_to_events, write)
 

@@ -25,10 +25,13 @@ SECTIONS = [
     ("kvmwake.vmm", ["Vmm", "DenyAllVmm", "ReferenceVmm", "u64"]),
     ("kvmwake.exits", ["Exit", "SystemEvent"]),
     ("kvmwake.scenarios", ["build", "load", "loads", "get", "names", "path_of", "Scenario"]),
-    ("kvmwake.stats", ["row_to_dict", "sum_rows", "latency_percentiles"]),
-    ("kvmwake.outputs", ["arrays", "write_npz", "write_plot", "cpu_time_split"]),
-    ("kvmwake.tracefmt", ["TraceEvent", "parse", "read", "write", "events_to_text",
-                          "records_to_events", "format_event"]),
+    ("kvmwake.outputs", []),
+    ("kvmwake.outputs.stats", ["row_to_dict", "sum_rows", "latency_percentiles"]),
+    ("kvmwake.outputs.arrays", ["arrays", "write_npz"]),
+    ("kvmwake.outputs.plots", ["write_plot", "cpu_time_split"]),
+    ("kvmwake.outputs.summary", ["summarize", "to_json", "print_summary"]),
+    ("kvmwake.outputs.tracefmt", ["TraceEvent", "parse", "read", "write", "events_to_text",
+                                  "records_to_events", "format_event"]),
     ("kvmwake.cli", ["main", "run_chunked"]),
 ]
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..tracefmt import WAKEUP
+from ..outputs.tracefmt import WAKEUP
 
 QUANTILES = (50, 90, 99)
 

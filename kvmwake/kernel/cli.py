@@ -15,12 +15,12 @@ import argparse
 import json
 import sys
 
-from ..tracefmt import TraceFormatError
+from ..outputs.tracefmt import TraceFormatError
 from . import replay as _replay
 from .workload import NAMED, SpecError
-from ..argtypes import nonneg_int as _nonneg
-from ..argtypes import positive_int as _pos_int
-from ..argtypes import u32 as _u32
+from ..cli.argtypes import nonneg_int as _nonneg
+from ..cli.argtypes import positive_int as _pos_int
+from ..cli.argtypes import u32 as _u32
 
 COMMANDS = ("record", "calibrate", "compare")
 

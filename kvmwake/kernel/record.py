@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..tracefmt import HALT_POLL_NS, WAKEUP, parse as parse_trace
+from ..outputs.tracefmt import HALT_POLL_NS, WAKEUP, parse as parse_trace
 from . import microvm as mv
 from .kvm import DEV_KVM, Kvm, KvmIoctlError, KVM_CAP_MAX_VCPUS, KVM_CAP_NR_VCPUS
 from .recording import (FORMAT, METADATA, STATS, TRACE, WAKES, WAKE_COLUMNS, write_json)

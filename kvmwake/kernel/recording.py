@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tracefmt import TraceEvent, TraceFormatError, read as read_trace
+from ..outputs.tracefmt import TraceEvent, TraceFormatError, read as read_trace
 from .workload import SpecError, parse as parse_spec, schedule as make_schedule
 
 FORMAT = 1

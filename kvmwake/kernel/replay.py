@@ -34,9 +34,9 @@ from pathlib import Path
 from kvmwake.haltpoll import (GROW, HALT_POLL_NS_GROW_DEFAULT, HALT_POLL_NS_GROW_START_DEFAULT,
                              HALT_POLL_NS_SHRINK_DEFAULT, SHRINK, HaltPollParams,
                              adapt, check_u32, clamp_on_entry, shrink)
-from kvmwake.tracefmt import HALT_POLL_NS, TraceEvent, TraceFormatError, read
+from kvmwake.outputs.tracefmt import HALT_POLL_NS, TraceEvent, TraceFormatError, read
 
-from ..argtypes import u32 as _u32
+from ..cli.argtypes import u32 as _u32
 
 #: How many mismatches a ``ReplayResult`` keeps in detail.
 MAX_MISMATCHES = 20

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..haltpoll import HALT_POLL_NS_DEFAULT
-from ..tracefmt import WAKEUP, events_to_text
+from ..outputs.tracefmt import WAKEUP, events_to_text
 from . import analysis as A
 from .microvm import wake_vector
 from .recording import FORMAT, METADATA, STATS, TRACE, WAKES, WAKE_COLUMNS, write_json

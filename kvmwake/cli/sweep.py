@@ -44,7 +44,7 @@ import re
 import sys
 import time
 
-from .model import COST_NAMES
+from ..model import COST_NAMES
 
 MODULE_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
                  "halt_poll_ns_shrink")
@@ -122,7 +122,7 @@ def make_points(scenario: str, params: dict, seeds: int, base_seed: int = 0,
 def build_point(spec: dict):
     """The host, run length and scenario of a point (costs and module parameters
     applied through a copy of the scenario)."""
-    from . import scenarios
+    from .. import scenarios
     params = spec["params"]
     sc = scenarios.get(spec["scenario"]) if isinstance(spec["scenario"], str) \
         else spec["scenario"]
@@ -150,7 +150,7 @@ def run_point(spec: dict) -> dict:
     """Run one point; returns its result row (deterministic: no wall times)."""
     import numpy as np
 
-    from . import stats as _stats
+    from ..outputs import stats as _stats
     host, sim_ns, sc = build_point(spec)
     host.run(sim_ns)
     rows = np.concatenate([vm.stats_array() for vm in host.vms])
@@ -327,7 +327,7 @@ def run_sweep(scenario: str, params: dict, seeds: int, out_dir: str, *, workers:
         raise SweepError("--seeds must be at least 1")
     log = log or (lambda msg: None)
     fn = point_fn or run_point
-    from . import scenarios
+    from .. import scenarios
     try:
         scenarios.get(scenario)
     except Exception as exc:                           # noqa: BLE001

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import (
+from ..model import (
     HALT_EXIT_STAT, HALT_POLL_HIST_COUNT, LAT_BUCKETS, S_BLOCKING, S_HALT_EXITS,
     S_POLL_FAIL_HIST, S_POLL_SUCCESS_HIST, S_WAIT_HIST, STAT_COUNTERS, lat_bucket_low,
 )

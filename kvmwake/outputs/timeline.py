@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import ThreadState
+from ..model import ThreadState
 
 #: One record; the layout of the core's ``tl_rec_t`` (24 bytes).
 TIMELINE_DTYPE = np.dtype({"names": ["t", "g", "cpu", "state"],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from .model import ThreadState
+from ..model import ThreadState
 
 #: The states drawn as slices (USER, outside KVM_RUN, is left blank).
 DRAWN = (ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED, ThreadState.RUNNABLE)

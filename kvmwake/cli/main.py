@@ -18,31 +18,27 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-from . import __version__
-from . import outputs as _outputs
-from . import scenarios as _scenarios
-from . import snapshot as _snapshot
-from . import stats as _stats
-from .errors import EngineError, KvmError, ProgramError, ScenarioError, SnapshotError
-from .kernel.cli import build_parser as _kernel_parser
-from .kernel.cli import run as _kernel_run
-from .kernel.replay import build_parser as _replay_parser
-from .kernel.replay import run as _replay_run
+from .. import __version__
+from .. import host as _host
+from .. import scenarios as _scenarios
+from ..errors import EngineError, KvmError, ProgramError, ScenarioError, SnapshotError
+# kernel.cli and kernel.replay use this package's argtypes, so importing them first
+# loads this module while they are half loaded: take them as modules and look their
+# functions up when they are called (tests/test_imports.py imports each module first).
+from ..kernel import cli as _kernel_cli
+from ..kernel import replay as _kernel_replay
+from ..outputs import arrays as _arrays
+from ..outputs import perfetto as _perfetto
+from ..outputs import plots as _plots
+from ..outputs import summary as _summary
+from . import sweep as _sweep
 from .argtypes import nonneg_int as _nonneg_int
 from .argtypes import positive_float as _positive_float
 from .argtypes import positive_int as _positive_int
-from .model import STAT_COUNTERS
-
-
-
-
-
-
 
 
 DEFAULT_OUT_DIR = "kvmwake-out"
@@ -144,9 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the real kernel")
     ksub = k.add_subparsers(dest="kernel_command", required=True)
     rp = ksub.add_parser("replay", help="replay a recorded trace through the halt-poll rule")
-    _replay_parser(rp)
-    _kernel_parser(ksub)
-    from . import sweep as _sweep
+    _kernel_replay.build_parser(rp)
+    _kernel_cli.build_parser(ksub)
     _sweep.build_parser(sub)
     return p
 
@@ -158,7 +153,7 @@ def run_scenario(args) -> dict:
         raise ValueError("--snapshot-at and --snapshot go together")
     t0 = time.perf_counter()
     if args.restore:
-        host, header = _snapshot.restore_host(args.restore)
+        host, header = _host.restore_host(args.restore)
         run = header.get("run") or {}
         name = run.get("scenario", "?")
         if sim_ns is None:
@@ -180,7 +175,7 @@ def run_scenario(args) -> dict:
     if sim_ns < host.now:
         raise ValueError(f"the run ends at {sim_ns} ns, before the snapshot's {host.now} ns")
     if args.plot:
-        _outputs.enable_cpu_time(host)
+        _plots.enable_cpu_time(host)
     if args.perfetto and host.timeline_capacity == 0:
         host.enable_timeline(args.timeline_capacity)
     t1 = time.perf_counter()
@@ -192,7 +187,7 @@ def run_scenario(args) -> dict:
         if interrupted:
             return _summarize(args, host, name, path, host.now, t0, t1, start_events,
                               start_halts, interrupted=True)
-        data = _snapshot.host_to_bytes(host, run={"scenario": name, "sim_ns": sim_ns})
+        data = _host.host_to_bytes(host, run={"scenario": name, "sim_ns": sim_ns})
         with open(args.snapshot, "wb") as fh:
             fh.write(data)
     interrupted = _run_interruptible(host, sim_ns, args.quiet)
@@ -212,27 +207,10 @@ def _run_interruptible(host, until_ns, quiet) -> bool:
 def _summarize(args, host, name, path, sim_ns, t0, t1, start_events, start_halts,
                interrupted) -> dict:
     wall = time.perf_counter() - t1
-    rows = [vm.stats_array() for vm in host.vms]
-    import numpy as np
-    allrows = np.concatenate(rows)
-    stats = _stats.sum_rows(allrows, host.arch)
-    lat = _stats.latency_percentiles(host.latency_histogram())
-    summary = {
-        "scenario": name, "scenario_file": str(path) if path else None, "arch": host.arch, "engine": args.engine, "seed": args.seed,
-        "vcpus": int(allrows.shape[0]), "vms": len(host.vms), "host_cpus": host.host_cpus,
-        "sim_ns": sim_ns, "build_s": t1 - t0, "wall_s": wall,
-        "events": host.events, "halts": host.halts,
-        "halts_per_s": (host.halts - start_halts) / wall if wall > 0 else None,
-        "events_per_s": (host.events - start_events) / wall if wall > 0 else None,
-        "wake_latency_ns": lat,
-        "stats": _stats.to_jsonable(stats),
-        "exits": sum(vm.exits for vm in host.vms),
-    }
-    if interrupted:
-        summary["interrupted"] = True
-    vmm = _vmm_summary(host)
-    if vmm:
-        summary["vmm"] = vmm
+    summary = _summary.summarize(host, scenario=name, scenario_file=path, engine=args.engine,
+                                 seed=args.seed, sim_ns=sim_ns, build_s=t1 - t0, wall_s=wall,
+                                 start_events=start_events, start_halts=start_halts,
+                                 interrupted=interrupted)
     summary["_host"] = host
     return summary
 
@@ -252,11 +230,11 @@ def _resolve_outputs(args) -> list:
         args.json = args.json or os.path.join(args.out, "summary.json")
         args.trace = args.trace or os.path.join(args.out, "vm0.trace")
         if args.plot is None:
-            if _outputs.have_matplotlib():
+            if _plots.have_matplotlib():
                 args.plot = os.path.join(args.out, "plot.png")
             else:
                 notes.append("no plot: matplotlib is not installed (pip install 'kvmwake[plot]')")
-    elif args.plot and not _outputs.have_matplotlib():
+    elif args.plot and not _plots.have_matplotlib():
         raise ValueError("--plot needs matplotlib: pip install 'kvmwake[plot]'")
     return notes
 
@@ -271,20 +249,19 @@ def write_outputs(args, summary: dict) -> list:
         summary["trace"] = args.trace
         written.append(("trace of VM 0", args.trace))
     if args.npz:
-        _outputs.write_npz(host, args.npz, summary["sim_ns"])
+        _arrays.write_npz(host, args.npz, summary["sim_ns"])
         summary["npz"] = args.npz
         written.append(("arrays", args.npz))
     if args.plot:
-        _outputs.write_plot(host, args.plot, summary["sim_ns"])
+        _plots.write_plot(host, args.plot, summary["sim_ns"])
         summary["plot"] = args.plot
         written.append(("plot", args.plot))
     if args.perfetto:
-        from .perfetto import write_perfetto
-        write_perfetto(host, args.perfetto)
+        _perfetto.write_perfetto(host, args.perfetto)
         summary["perfetto"] = args.perfetto
         written.append(("Perfetto trace", args.perfetto))
     if args.json:
-        text = json.dumps(summary, indent=2, sort_keys=True)
+        text = _summary.to_json(summary)
         if args.json == "-":
             print(text)
         else:
@@ -292,65 +269,6 @@ def write_outputs(args, summary: dict) -> list:
                 fh.write(text + "\n")
             written.append(("summary", args.json))
     return written
-
-
-def _vmm_summary(host) -> dict:
-    """The VMM policies' counters summed over the VMs, and resume latencies."""
-    import numpy as np
-    total: dict = {}
-    lat: list = []
-    for vm in host.vms:
-        counters = getattr(vm.vmm, "counters", None)
-        if counters is None:
-            continue
-        for k, v in counters().items():
-            total[k] = total.get(k, 0) + v
-        lat += getattr(vm.vmm, "resume_latency_ns", [])
-    if total and lat:
-        p = np.percentile(np.array(lat, dtype=np.float64), [50, 90, 99], method="lower")
-        total["resume_latency_ns"] = {"count": len(lat), "p50": int(p[0]), "p90": int(p[1]),
-                                      "p99": int(p[2]), "max": int(max(lat))}
-    return total
-
-
-def print_summary(s: dict, out=None) -> None:
-    out = out or sys.stdout
-    st = s["stats"]
-    w = out.write
-    w(f"kvmwake run {s['scenario']}: {s['vcpus']} {s['arch']} vCPUs in {s['vms']} VM(s) on "
-      f"{s['host_cpus']} host CPUs, seed {s['seed']}, engine {s['engine']}\n\n")
-    w("halt stats (sum over vCPUs)\n")
-    for name in STAT_COUNTERS + (("wfi_exit_stat",) if s["arch"] == "arm64" else ("halt_exits",)):
-        w(f"  {name:<24} {st[name]:>16,}\n")
-    halts = s["halts"]
-    if halts:
-        polled = st["halt_successful_poll"]
-        w(f"  {'poll / wait split':<24} {100 * polled / halts:>15.1f}% polled, "
-          f"{100 * (halts - polled) / halts:.1f}% waited or immediate\n")
-    lat = s["wake_latency_ns"]
-    w("\nwake latency (wake-up to guest entry, ns)\n")
-    if lat["count"]:
-        w(f"  p50 {lat['p50']:,}  p90 {lat['p90']:,}  p99 {lat['p99']:,}  max {lat['max']:,}"
-          f"  ({lat['count']:,} wake-ups)\n")
-    else:
-        w("  no wake-ups\n")
-    if s.get("vmm"):
-        v = s["vmm"]
-        w("\nVMM policy (sum over VMs)\n  " + "  ".join(
-            f"{k} {v[k]:,}" for k in v if k != "resume_latency_ns") + "\n")
-        if "resume_latency_ns" in v:
-            r = v["resume_latency_ns"]
-            w(f"  resume latency (SUSPEND exit to WAKEUP exit, ns): p50 {r['p50']:,}  "
-              f"p90 {r['p90']:,}  p99 {r['p99']:,}  max {r['max']:,}  ({r['count']:,} resumes)\n")
-    w(f"\nsimulated {s['sim_ns'] / 1e6:,.3f} ms in {s['wall_s']:.3f} s wall "
-      f"(build {s['build_s']:.3f} s)\n")
-    w(f"  events {s['events']:,}   halts {halts:,}   exits to userspace {s['exits']:,}\n")
-    if s["halts_per_s"] is not None:
-        w(f"  {s['halts_per_s']:,.0f} halts per wall second, "
-          f"{s['events_per_s']:,.0f} events per wall second\n")
-    if s.get("interrupted"):
-        w(f"  interrupted at {s['sim_ns'] / 1e6:,.3f} ms of virtual time: the results cover "
-          "the run so far\n")
 
 
 def main(argv=None) -> int:
@@ -363,15 +281,15 @@ def main(argv=None) -> int:
             return 0
         if args.command == "kernel":
             if args.kernel_command == "replay":
-                return _replay_run(args)
-            return _kernel_run(args)
+                return _kernel_replay.run(args)
+            return _kernel_cli.run(args)
         if args.command == "sweep":
             return args.sweep_run(args)
         notes = _resolve_outputs(args)
         summary = run_scenario(args)
         written = write_outputs(args, summary)
         if not args.quiet and args.json != "-":
-            print_summary(summary)
+            _summary.print_summary(summary)
             for what, path in written:
                 print(f"  {what} written to {path}")
             for note in notes:

@@ -1,0 +1,119 @@
+"""reference/run.py (twin: kvmwake/core/run.pxi).
+Mirrors: arch/arm64/kvm/arm.c kvm_arch_vcpu_ioctl_run, kvm_vcpu_suspend,
+kvm_vcpu_sleep, check_vcpu_requests; arch/arm64/kvm/reset.c kvm_reset_vcpu.
+
+KVM_RUN's loop (arch/arm64/kvm/arm.c kvm_arch_vcpu_ioctl_run): what happens
+before each guest entry (a signal, a STOPPED vCPU's sleep, a pending reset,
+a SUSPENDED vCPU's WFI emulation), and the exits to userspace.
+"""
+
+from __future__ import annotations
+
+from ..model import HALT_MP_HALTED, HALT_SUSPEND, RESUME_SLEEP, RESUME_START, ThreadState
+from ..uapi import ExitReason, MpState
+
+# Functions of other pieces.  The pieces call each other in circles, as the
+# kernel's functions do, and imports may not: engine.py sets these as the
+# package loads (_link_pieces).
+advance = halt = release_cpu = segment = take_irqs = tl_note = None
+
+_USER, _BLOCKED = ThreadState.USER, ThreadState.BLOCKED
+
+
+def asleep(e, th) -> bool:
+    """A vCPU that kvm_vcpu_sleep (arm64 STOPPED) or kvm_vcpu_block (x86 waiting
+    for INIT/SIPI) keeps out of the guest."""
+    if e.x86:
+        return th.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED,
+                               MpState.AP_RESET_HOLD)
+    return th.mp_state == MpState.STOPPED
+
+
+def enter(e, th, t, pre):
+    """One trip round KVM_RUN's loop up to the guest entry (arm64:
+    xfer_to_guest_mode_handle_work, then check_vcpu_requests)."""
+    if th.sig_pending:
+        exit_to_user(e, th, t, ExitReason.INTR)
+        return
+    if asleep(e, th):
+        vcpu_sleep(e, th, t)
+        return
+    if th.reset_pending:
+        reset_vcpu(e, th)
+    if th.mp_state == MpState.SUSPENDED:
+        halt(e, th, t, HALT_SUSPEND)
+        return
+    if th.mp_state == MpState.HALTED:
+        halt(e, th, t, HALT_MP_HALTED)
+        return
+    if not th.pc_valid:
+        exit_to_user(e, th, t, ExitReason.INTERNAL_ERROR)
+        return
+    guest_entry(e, th, t, pre)
+
+
+def guest_entry(e, th, t, pre):
+    """Into the guest after ``pre`` ns: requests are handled, pending
+    interrupts taken, then the interrupted segment or the next op goes on."""
+    th.requests = 0              # check_vcpu_requests on the way in
+    if take_irqs(e, th, t, pre):
+        return
+    if th.sv_valid:
+        th.sv_valid = False
+        segment(e, th, t, pre, th.sv_guest, th.sv_cont)
+    else:
+        advance(e, th, t, pre)
+
+
+def vcpu_sleep(e, th, t):
+    """kvm_vcpu_sleep: wait on the rcuwait until no longer STOPPED (or a signal)."""
+    if e.tl_cap:
+        tl_note(e, th, t, _BLOCKED)
+    th.state = _BLOCKED
+    th.resume = RESUME_SLEEP
+    th.gen += 1
+    release_cpu(e, th, t)
+
+
+def exit_to_user(e, th, t, reason, type_=0, ndata=0, data0=0, ucall=0, value=0):
+    """KVM_RUN returns to userspace: the thread leaves its CPU with an exit."""
+    if reason == ExitReason.INTR:
+        th.sig_pending = False
+    th.exit_reason, th.exit_type, th.exit_ndata = int(reason), int(type_), ndata
+    th.exit_data0, th.exit_ucall, th.exit_value, th.exit_time = data0, ucall, value, t
+    if e.tl_cap:
+        tl_note(e, th, t, _USER)
+    th.state = _USER
+    th.resume = RESUME_START
+    th.gen += 1
+    e.exits.append(th.g)
+    release_cpu(e, th, t)
+
+
+def reset_vcpu(e, th):
+    """kvm_reset_vcpu for a pending KVM_REQ_VCPU_RESET (PSCI CPU_ON)."""
+    th.reset_pending = False
+    th.regs = [th.reset_r0, 0, 0, 0]
+    set_pc(e, th, th.reset_pc)
+    th.masked = True                 # PSTATE.DAIF all set at reset
+    th.timer_ctl = 0
+    th.timer_gen += 1
+    th.sv_valid = False
+
+
+def set_pc(e, th, v):
+    """The PC: op i of the program is at code_base + 4 * i."""
+    off = v - th.vm.code_base
+    # A new PC discards the rest of an interrupted segment: it belonged to
+    # the old instruction stream (its trap would run the op at the new PC).
+    th.sv_valid = False
+    if th.prog is not None and off >= 0 and off % 4 == 0 and off // 4 < len(th.prog):
+        th.pc = off // 4
+        th.pc_valid = True
+    else:
+        th.pc_valid = False
+        th.pc_raw = v
+
+
+def get_pc(e, th):
+    return th.vm.code_base + 4 * th.pc if th.pc_valid else th.pc_raw

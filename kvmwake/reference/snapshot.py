@@ -1,0 +1,427 @@
+"""reference/snapshot.py (twin: kvmwake/core/snapshot.pxi).
+Mirrors: no kernel code; the state a VMM saves with KVM_GET_* ioctls, plus
+the engine's own, out and in.
+
+Engine state out and in.  ``engine_export`` deep-copies everything that
+decides a reference engine's future into plain Python (dicts, lists, tuples,
+ints); ``engine_import`` loads such a copy into an engine, which then goes on
+exactly as the exported one would have.  The import checks every index and
+link first (``check_state``, the checks of the core's ``_check_state`` and
+``_check_links``) and raises ``EngineError`` naming the first inconsistency.
+``engine_rehost`` moves the threads to another number of host CPUs as the
+core's ``_engine_rehost`` does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+
+import numpy as np
+
+from ..model import (
+    CONT_EOI, CONT_IRQ, CONT_TRAP, HALT_MP_HALTED, LAT_BUCKETS, MAX_LOOP_DEPTH, MAX_NR_SPIS,
+    NR_INTIDS, NR_STATS, OP_DTYPE, RESUME_SEGMENT, RESUME_SLEEP, S_BLOCKING, EventClass, Op,
+    SourceKind, ThreadState,
+)
+from ..uapi import MpState, PsciVersion
+from . import EngineError, halt, host, queue
+from .engine import _Source, _Thread, _Vm
+
+_USER, _RUNNING, _POLLING, _BLOCKED, _RUNNABLE = (
+    ThreadState.USER, ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED,
+    ThreadState.RUNNABLE)
+_EV_TICK, _EV_SOURCE, _EV_TIMER, _EV_SEG, _EV_POLL, _EV_RUN, _EV_SLICE = (
+    EventClass.TICK, EventClass.SOURCE, EventClass.TIMER, EventClass.SEGMENT,
+    EventClass.POLL_END, EventClass.RUN, EventClass.SLICE)
+_MAX_CPUS = 1 << 20
+_MAX_VCPUS_PER_VM = 1024
+_PSCI_VERSIONS = frozenset(int(v) for v in PsciVersion)
+
+#: The fields of each state object, as exported (the random stream's included).
+THREAD_FIELDS = _Thread.__slots__ + ("rng_state", "rng_inc")
+VM_FIELDS = _Vm.__slots__
+SOURCE_FIELDS = _Source.__slots__ + ("rng_state", "rng_inc")
+#: Engine attributes exported in their own form; every other one is a scalar.
+_STRUCTURED = frozenset({"costs", "cpus", "vms", "threads", "sources", "heap", "lat_hist",
+                         "trace", "timeline", "tl_base", "exits", "failed"})
+
+
+def _index(x, n: int) -> bool:
+    """``x`` is an int in 0..n-1."""
+    return isinstance(x, int) and 0 <= x < n
+
+
+# -- out and in ---------------------------------------------------------------------------
+
+def engine_export(e) -> dict:
+    """Everything that decides the engine's future, as a deep copy in plain Python."""
+    if e.failed:
+        raise EngineError("this engine stopped on an earlier error; it cannot be saved")
+    state = {
+        "engine": {k: v for k, v in vars(e).items() if k not in _STRUCTURED},
+        "costs": e.costs,
+        "cpus": [{"cur": cpu.cur, "runq": list(cpu.runq)} for cpu in e.cpus],
+        "vms": [{f: getattr(vm, f) for f in VM_FIELDS} for vm in e.vms],
+        "threads": [dict({f: getattr(th, f) for f in THREAD_FIELDS}, vm=th.vm.index)
+                    for th in e.threads],
+        "sources": [{f: getattr(s, f) for f in SOURCE_FIELDS} for s in e.sources],
+        "heap": list(e.heap),
+        "lat_hist": e.lat_hist,
+        "trace": {"capacity": e.trace.maxlen if e.trace is not None else 0,
+                  "records": list(e.trace) if e.trace is not None else []},
+        "timeline": list(e.timeline),
+        "tl_base": e.tl_base,
+        "exits": list(e.exits),
+    }
+    return copy.deepcopy(state)
+
+
+def engine_import(e, state: dict) -> None:
+    """Load ``engine_export``'s output into ``e`` (whatever it held before).
+
+    Raises ``EngineError`` naming the first inconsistency; the engine is then
+    unusable (its ``failed`` flag stays set).
+    """
+    def restore(cls, fields, d: dict):
+        obj = cls.__new__(cls)
+        if set(d) != set(fields):
+            raise EngineError(f"{cls.__name__.strip('_').lower()} fields "
+                              f"{sorted(set(d) ^ set(fields))} missing or unknown")
+        for f in fields:
+            setattr(obj, f, d[f])
+        return obj
+
+    e.failed = True                    # until every check has passed
+    try:
+        s = copy.deepcopy(state)
+        scalars = {k for k in vars(e) if k not in _STRUCTURED}
+        if set(s["engine"]) != scalars:
+            raise EngineError(f"engine fields {sorted(set(s['engine']) ^ scalars)} "
+                              "missing or unknown")
+        for k, v in s["engine"].items():
+            setattr(e, k, v)
+        e.costs = dict(s["costs"])
+        e.cpus = []
+        for c in s["cpus"]:
+            cpu = host._Cpu()
+            cpu.cur = c["cur"]
+            cpu.runq = deque(c["runq"])
+            e.cpus.append(cpu)
+        e.vms = [restore(_Vm, VM_FIELDS, d) for d in s["vms"]]
+        e.threads = []
+        for d in s["threads"]:
+            th = restore(_Thread, THREAD_FIELDS, d)
+            if not _index(th.vm, len(e.vms)):
+                raise EngineError(f"thread {len(e.threads)}: VM {th.vm!r} does not exist")
+            th.vm = e.vms[th.vm]
+            e.threads.append(th)
+        e.sources = [restore(_Source, SOURCE_FIELDS, d) for d in s["sources"]]
+        e.heap = list(s["heap"])
+        e.lat_hist = list(s["lat_hist"])
+        cap = s["trace"]["capacity"]
+        e.trace = deque(s["trace"]["records"], maxlen=cap) if cap else None
+        if e.trace is None and s["trace"]["records"]:
+            raise EngineError("a trace without a trace capacity")
+        e.timeline = deque(s["timeline"])
+        e.tl_base = list(s["tl_base"])
+        e.exits = deque(s["exits"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise EngineError(f"malformed engine state: {exc!r}") from None
+    check_state(e)
+    e.failed = False
+
+
+def engine_view(e):
+    """Per VM (first thread, vCPUs, SPIs, KVM_CAP_HALT_POLL ceiling or None, tick,
+    suspend cap), per thread (has a program, thread state), and the threads in
+    the exit queue: what the core's ``_engine_view`` gives the restore checks."""
+    vms = [(v.first, v.nr_vcpus, v.nr_spis, v.max_halt_poll_ns if v.override else None,
+            v.tick_ns, bool(v.suspend_cap)) for v in e.vms]
+    threads = [(th.prog is not None, int(th.state)) for th in e.threads]
+    return vms, threads, list(e.exits)
+
+
+def engine_exit_record(e, g: int) -> dict:
+    """Thread g's last exit to userspace as take_exit() gives it, without taking it."""
+    if not 0 <= g < len(e.threads):
+        raise IndexError(f"thread {g} does not exist")
+    th = e.threads[g]
+    return {"reason": th.exit_reason, "type": th.exit_type, "ndata": th.exit_ndata,
+            "data0": th.exit_data0, "ucall": th.exit_ucall, "value": th.exit_value,
+            "time": th.exit_time}
+
+
+# -- the checks ---------------------------------------------------------------------------
+
+def check_state(e) -> None:
+    """Every index, count and link of the state, checked before the engine may run.
+
+    Raises ``EngineError`` naming the first thing found wrong.
+    """
+    threads, vms, cpus, sources = e.threads, e.vms, e.cpus, e.sources
+    nth, nvm, ncpu = len(threads), len(vms), len(cpus)
+    if len(e.tl_base) != nth:
+        raise EngineError("the timeline's base states disagree on the vCPU count")
+    if len(e.lat_hist) != LAT_BUCKETS:
+        raise EngineError(f"the latency histogram has {len(e.lat_hist)} buckets, "
+                          f"not {LAT_BUCKETS}")
+    if not 1 <= ncpu <= _MAX_CPUS:
+        raise EngineError(f"host CPU count {ncpu} out of range")
+    if bool(e.tracing) != (e.trace is not None):
+        raise EngineError("tracing on without a trace ring, or off with one")
+    if len(e.exits) > nth or not all(_index(g, nth) for g in e.exits):
+        raise EngineError("exit queue names a thread that does not exist")
+    if not isinstance(e.now, int) or e.now < 0 or not isinstance(e.seq, int) or e.seq < 0:
+        raise EngineError("clock or sequence number out of range")
+    # The state timeline.
+    tl = e.timeline
+    if len(tl) > e.tl_cap or e.tl_t0 > e.now or (e.timeline_dropped and len(tl) != e.tl_cap):
+        raise EngineError("timeline ring positions out of range")
+    for g in range(nth):
+        if not _index(e.tl_base[g], _RUNNABLE + 1):
+            raise EngineError(f"thread {g}: an unknown timeline base state")
+    prev = None
+    for i, rec in enumerate(tl):
+        ok = isinstance(rec, tuple) and len(rec) == 4
+        if ok:
+            t, g, cpu, st = rec
+            ok = (_index(g, nth) and cpu == threads[g].pcpu and _index(st, _RUNNABLE + 1)
+                  and isinstance(t, int) and e.tl_t0 <= t <= e.now
+                  and (prev is None or t >= prev))
+            prev = t
+        if not ok:
+            raise EngineError(f"timeline record {i}: out of range or out of order")
+    # VMs and their distributors.
+    n = 0
+    for v, vm in enumerate(vms):
+        if vm.index != v or vm.first != n or not 1 <= vm.nr_vcpus <= _MAX_VCPUS_PER_VM \
+                or not 0 <= vm.nr_spis <= MAX_NR_SPIS:
+            raise EngineError(f"VM {v}: vCPU range or SPI count inconsistent")
+        if vm.psci_version not in _PSCI_VERSIONS:
+            raise EngineError(f"VM {v}: PSCI version {vm.psci_version:#x} unknown")
+        if any(len(a) != NR_INTIDS for a in (vm.spi_prio, vm.spi_target, vm.spi_mpidr)):
+            raise EngineError(f"VM {v}: SPI tables of the wrong size")
+        for k, x in enumerate(vm.spi_target):
+            if not isinstance(x, int) or x < -1 or x >= vm.nr_vcpus:
+                raise EngineError(f"VM {v}: SPI {k} routed to vCPU {x}, which does not exist")
+        n += vm.nr_vcpus
+    if n != nth:
+        raise EngineError("the VMs' vCPUs do not add up to the thread count")
+    # Threads.
+    for g, th in enumerate(threads):
+        vm = th.vm
+        if th.g != g or not isinstance(vm, _Vm) or not _index(vm.index, nvm) \
+                or vms[vm.index] is not vm or th.vcpu_id != g - vm.first \
+                or not _index(th.pcpu, ncpu):
+            raise EngineError(f"thread {g}: VM, vCPU id or host CPU out of range")
+        if not _index(th.state, _RUNNABLE + 1) or not _index(th.resume, RESUME_SLEEP + 1) \
+                or not _index(th.cont, CONT_EOI + 1) \
+                or not _index(th.halt_kind, HALT_MP_HALTED + 1) \
+                or not _index(th.mp_state, MpState.SUSPENDED + 1):
+            raise EngineError(f"thread {g}: a state field holds an unknown value")
+        if len(th.stats) != NR_STATS or len(th.loops) != MAX_LOOP_DEPTH \
+                or len(th.priv_prio) != 32 or len(th.regs) != 4:
+            raise EngineError(f"thread {g}: stats, loop counters, priorities or registers "
+                              "of the wrong size")
+        if th.prog is not None:
+            if not th.prog or (th.pc_valid and not _index(th.pc, len(th.prog))):
+                raise EngineError(f"thread {g}: program or PC out of range")
+        elif th.state != _USER:
+            raise EngineError(f"thread {g}: in KVM_RUN without a program")
+        if not isinstance(th.cur_irq, int) or th.cur_irq < -1 or th.cur_irq > 1023 \
+                or not _index(th.sv_cont, CONT_EOI + 1):
+            raise EngineError(f"thread {g}: interrupt bookkeeping out of range")
+    check_programs(e)
+    # Host CPUs and their run queues.
+    for c, cpu in enumerate(cpus):
+        if not isinstance(cpu.cur, int) or cpu.cur < -1 or cpu.cur >= nth \
+                or not all(_index(x, nth) for x in cpu.runq):
+            raise EngineError(f"host CPU {c}: thread index out of range")
+        if any(threads[x].pcpu != c for x in cpu.runq):
+            raise EngineError(f"host CPU {c}: run queue broken")
+        if cpu.cur >= 0 and threads[cpu.cur].pcpu != c:
+            raise EngineError(f"host CPU {c}: runs a thread placed elsewhere")
+    # Interrupt sources.
+    for i, src in enumerate(sources):
+        svm = vms[src.vm] if _index(src.vm, nvm) else None
+        if svm is None or src.index != i or not _index(src.kind, SourceKind.TRACE + 1) \
+                or not _index(src.intid, 1024) or not 0 <= src.idx <= len(src.times) \
+                or (e.x86 and not svm.first <= src.target < svm.first + svm.nr_vcpus) \
+                or (src.kind == SourceKind.PERIODIC and src.p0 == 0) \
+                or (not e.x86 and not 32 <= src.intid < 32 + svm.nr_spis) \
+                or (e.x86 and src.intid > 255):
+            raise EngineError(f"interrupt source {i}: out of range")
+    # The event heap.
+    for i, ev in enumerate(e.heap):
+        if not isinstance(ev, tuple) or len(ev) != 5:
+            raise EngineError(f"event {i}: not a (t, class, sequence, who, gen) record")
+        t, cls, seq, who, gen = ev
+        if not _index(cls, _EV_SLICE + 1) or not isinstance(t, int) or t < e.now \
+                or not isinstance(seq, int) or seq > e.seq:
+            raise EngineError(f"event {i}: class, time or sequence out of range")
+        if (cls == _EV_TICK and not _index(who, nvm)) \
+                or (cls == _EV_SOURCE and not _index(who, len(sources))) \
+                or (cls >= _EV_TIMER and not _index(who, nth)):
+            raise EngineError(f"event {i}: names something that does not exist")
+        if cls == _EV_TICK and gen == vms[who].tick_gen and vms[who].tick_ns == 0:
+            raise EngineError(f"event {i}: a live tick of period 0")
+        if i and queue.ev_before(ev, e.heap[(i - 1) >> 1]):
+            raise EngineError(f"event {i}: the heap is out of order")
+    check_links(e)
+
+
+def check_programs(e) -> None:
+    """Each distinct program must pass the guest validation against its VM."""
+    from .. import guest as _guest
+    done = set()
+    for g, th in enumerate(e.threads):
+        if th.prog is None:
+            continue
+        key = (tuple(th.prog), th.vm.nr_vcpus, th.vm.nr_spis)
+        if key in done:
+            continue
+        done.add(key)
+        try:
+            ops = np.array(th.prog, dtype=OP_DTYPE)
+            _guest.validate(ops, th.vm.nr_vcpus, e.arch, th.vm.nr_spis)
+        except (_guest.ProgramError, TypeError, ValueError, OverflowError) as exc:
+            raise EngineError(f"thread {g}'s program: {exc}")
+
+
+def is_trap_op(code) -> bool:
+    """The ops advance() ends a segment on with CONT_TRAP, for trap_op to carry out."""
+    return code in (Op.SGI, Op.IRQ_ENABLE, Op.IRQ_DISABLE, Op.SET_PRIORITY, Op.DIST_ENABLE,
+                    Op.ROUTE_SPI, Op.HVC, Op.SYNC)
+
+
+def check_links(e) -> None:
+    """Each thread's state against where it is and what the heap holds for it.
+
+    Called at the end of check_state, once every index is known to be in range.
+    """
+    threads = e.threads
+    nth = len(threads)
+    where = [0] * nth        # 1: a host CPU's current, 2: queued
+    live = [0] * nth         # its live SEGMENT/POLL_END/RUN event
+    for c, cpu in enumerate(e.cpus):
+        x = cpu.cur
+        if x >= 0:
+            if threads[x].state not in (_RUNNABLE, _RUNNING, _POLLING):
+                raise EngineError(f"host CPU {c}: its current thread {x} is neither running "
+                                  "nor about to")
+            where[x] = 1
+        for x in cpu.runq:
+            if where[x] or threads[x].state != _RUNNABLE:
+                raise EngineError(f"host CPU {c}: run queue holds thread {x}, which is "
+                                  "current or not runnable")
+            where[x] = 2
+    for g, th in enumerate(threads):
+        if th.state in (_RUNNING, _POLLING) and where[g] != 1 \
+                or th.state == _RUNNABLE and where[g] == 0 \
+                or th.state in (_USER, _BLOCKED) and where[g] != 0:
+            raise EngineError(f"thread {g}: its state disagrees with its host CPU's run queue")
+    for i, (_t, cls, _seq, who, gen) in enumerate(e.heap):
+        if cls < _EV_SEG or cls > _EV_RUN or gen != threads[who].gen:
+            continue
+        th = threads[who]
+        if live[who]:
+            raise EngineError(f"event {i}: a second live event of thread {who}")
+        live[who] = 1
+        if cls == _EV_RUN and (th.state != _RUNNABLE or where[who] != 1) \
+                or cls == _EV_SEG and th.state != _RUNNING \
+                or cls == _EV_POLL and th.state != _POLLING:
+            raise EngineError(f"event {i}: thread {who}'s state does not expect it")
+    for g, th in enumerate(threads):
+        if th.cur_irq > (255 if e.x86 else 1023):
+            raise EngineError(f"thread {g}: interrupt in service {th.cur_irq} out of range")
+        if th.sv_valid and th.sv_cont in (CONT_IRQ, CONT_EOI):
+            raise EngineError(f"thread {g}: an interrupted segment that was itself an interrupt's")
+        if th.cont == CONT_EOI and th.cur_irq < 0 and (
+                live[g] and th.state == _RUNNING
+                or th.state == _RUNNABLE and th.resume == RESUME_SEGMENT):
+            raise EngineError(f"thread {g}: ends an interrupt handler with no interrupt in service")
+        if th.prog is not None and not _index(th.pc, len(th.prog)):
+            raise EngineError(f"thread {g}: program counter out of range")
+        # A segment that ends in a trap carries out the op at the PC (trap_op),
+        # which must then be a trapping op.  (Outside KVM_RUN userspace may move
+        # the PC.)
+        if th.prog is not None and th.state != _USER and not th.reset_pending and (
+                th.cont == CONT_TRAP and (live[g] and th.state == _RUNNING
+                                          or th.state == _RUNNABLE
+                                          and th.resume == RESUME_SEGMENT)
+                or th.sv_valid and th.sv_cont == CONT_TRAP) \
+                and not is_trap_op(th.prog[th.pc][0]):
+            raise EngineError(f"thread {g}: traps on op {th.pc}, which does not trap")
+
+
+# -- migration ----------------------------------------------------------------------------
+
+def engine_rehost(e, ncpu: int) -> None:
+    """Move every vCPU thread to a host of ``ncpu`` CPUs, as a migration would.
+
+    Thread g goes to host CPU g % ncpu.  Threads that had a CPU keep one if
+    their new CPU is free (in the old CPU order); otherwise a running thread
+    is preempted (the rest of its segment waits in the run queue), a polling
+    one stops polling and blocks (another thread is runnable on its CPU), and
+    one about to get its CPU queues instead.  Queued threads keep their order
+    behind them.  A CPU left idle with threads queued gives the first one the
+    CPU after a context switch.  The result is checked like an imported state.
+    """
+    if e.failed:
+        raise EngineError("this engine stopped on an earlier error")
+    if not isinstance(ncpu, int) or not 1 <= ncpu <= _MAX_CPUS:
+        raise ValueError(f"host_cpus = {ncpu} out of range 1..{_MAX_CPUS}")
+    t = e.now
+    threads = e.threads
+    curs = [cpu.cur for cpu in e.cpus if cpu.cur >= 0]
+    queues = [list(cpu.runq) for cpu in e.cpus]
+    e.cpus = [host._Cpu() for _ in range(ncpu)]
+    for g, th in enumerate(threads):
+        th.pcpu = g % ncpu
+    for g in curs:
+        th = threads[g]
+        cpu = e.cpus[th.pcpu]
+        if cpu.cur < 0:
+            cpu.cur = g
+            continue
+        th.run_gen += 1
+        th.slice_armed = False
+        if th.state == _RUNNING:
+            # Preempted, as slice_end does it.
+            th.rem_end = th.seg_end - t
+            th.rem_gfrom = max(th.seg_gfrom, t) - t
+            th.rem_gto = max(th.seg_gto, t) - t
+            if th.seg_gfrom <= t < th.seg_gto:
+                extra = e.costs["vm_exit_ns"] + e.costs["vm_entry_ns"]
+                th.rem_end += extra
+                th.rem_gfrom += extra
+                th.rem_gto += extra
+            th.gen += 1
+            th.state = _RUNNABLE
+            th.resume = RESUME_SEGMENT
+            host.rq_append(e, cpu, g)
+        elif th.state == _POLLING:
+            # kvm_vcpu_block: the poll ends now, without the CPU to release.
+            th.poll_end = t
+            th.stats[S_BLOCKING] = 1
+            th.state = _BLOCKED
+            th.gen += 1
+        else:
+            th.gen += 1                    # its EV_RUN is void: it queues instead
+            host.rq_append(e, cpu, g)
+    for q in queues:
+        for g in q:
+            host.rq_append(e, e.cpus[threads[g].pcpu], g)
+    for cpu in e.cpus:
+        if not cpu.runq:
+            continue
+        if cpu.cur < 0:
+            g = host.rq_popleft(e, cpu)
+            cpu.cur = g
+            queue.push_thread(e, threads[g], t + e.costs["context_switch_ns"], _EV_RUN)
+        elif threads[cpu.cur].state == _POLLING:
+            halt.block(e, threads[cpu.cur], t, t)
+        elif threads[cpu.cur].state == _RUNNING:
+            host.arm_slice(e, threads[cpu.cur], t)
+    check_state(e)

@@ -1,0 +1,70 @@
+"""A checked scenario built: a ``Host`` with its VMs, programs, capabilities, wake sources
+and VMM policies, ready to run."""
+
+from __future__ import annotations
+
+from .. import guest as g
+from ..errors import KvmError, ScenarioError
+from ..host import Host, check_int
+from ..uapi import Cap
+from .catalog import get
+from .expand import programs_for, source_targets
+from .parse import VMM_POLICIES, Scenario
+
+
+def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = None,
+          sim_ns: int | None = None, seed: int | None = None, engine: str = "core",
+          trace_capacity: int = 0) -> tuple[Host, int, Scenario]:
+    """Build a built-in scenario (by name) or a scenario file (by path, or a ``Scenario``).
+
+    ``vcpus`` overrides the total vCPU count (still split into VMs of at most
+    the file's ``per_vm``), ``host_cpus`` the host's CPUs, ``sim_ns`` the run
+    length, ``seed`` the file's seed.  Returns ``(host, sim_ns, scenario)``.
+    """
+    sc = name_or_path if isinstance(name_or_path, Scenario) else get(name_or_path)
+    total = sc.vcpus if vcpus is None else check_int("vcpus", vcpus, 1, 1 << 24)
+    if host_cpus is None:
+        host_cpus = sc.host_cpus if sc.host_cpus is not None else total
+    sim_ns = sc.sim_ns if sim_ns is None else check_int("sim_ns", sim_ns, 1, 1 << 62)
+    seed = sc.seed if seed is None else seed
+    host = Host(host_cpus=host_cpus, arch=sc.arch, seed=seed, costs=sc.costs,
+                engine=engine, trace_capacity=trace_capacity)
+    for pname, value in sc.module_params.items():
+        setattr(host, pname, value)
+    per_vm = min(sc.vcpus_per_vm, total)
+    left = total
+    while left:
+        n = min(per_vm, left)
+        vm = host.create_vm(n, nr_spis=sc.nr_spis)
+        progs, off = programs_for(sc, vm, n)
+        try:
+            for v in vm.vcpus:
+                if v.id in progs:
+                    v.load(progs[v.id])
+        except (g.ProgramError, KvmError) as exc:
+            raise ScenarioError(f"{sc.path}: scenario {sc.name}, VM {vm.index} of {n} "
+                                f"vCPUs: {exc}") from None
+        if sc.tick_ns:
+            vm.set_tick(sc.tick_ns)
+        for c in sc.caps:
+            vm.enable_cap(Cap[c])
+        if sc.halt_poll is not None:
+            vm.enable_cap(Cap.HALT_POLL, sc.halt_poll)
+        for vid in sorted(off):
+            vm.vcpus[vid].init(power_off=True)
+        for s in sc.sources:
+            spec = s.spec
+            timing = {k: spec[k] for k in ("mean_ns", "period_ns", "phase_ns", "times_ns")
+                      if k in spec}
+            for a, b in source_targets(sc, s, n):
+                if sc.arch == "arm64":
+                    vm.configure_irq(a, enabled=True, level=spec["level"])
+                    vm.route_spi(a, vcpu=b)
+                    vm.add_irq_source(a, **timing)
+                else:
+                    vm.add_msi_source(a, b, **timing)
+        if sc.vmm != "default":
+            vm.vmm = VMM_POLICIES[sc.vmm]()
+            vm.vmm.attach(vm)
+        left -= n
+    return host, sim_ns, sc

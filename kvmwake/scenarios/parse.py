@@ -1,0 +1,333 @@
+"""Scenario files, checked: TOML text in, a ``Scenario`` out.
+
+``loads(text, path)`` parses the TOML, checks every key, type and range, parses
+the ``ops`` of each ``[[vm.program]]`` (``ops.parse``) and expands the programs
+and sources once for a VM of the file's size (``expand.check_vm``), so that a
+bad file fails when it is loaded rather than when it is built.  Every error is
+a ``ScenarioError`` reading ``FILE:LINE: KEY: message`` (the lines come from
+``lines.key_lines``; tomllib gives none).  The file format is described in
+``kvmwake.scenarios``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+from dataclasses import dataclass, field
+
+from .. import vmm as _vmm
+from ..errors import ScenarioError
+from ..model import COST_DEFAULTS, DEFAULT_NR_SPIS, MAX_NR_SPIS, MAX_VCPUS
+from . import ops as _ops
+from .expand import check_vm, select
+from .lines import content_line, key_lines
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:                                    # pragma: no cover
+    import tomli as tomllib
+
+VMM_POLICIES = {"default": _vmm.Vmm, "reference": _vmm.ReferenceVmm,
+                "deny-all": _vmm.DenyAllVmm}
+MODULE_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
+                 "halt_poll_ns_shrink")
+_DURATION_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow_start")
+
+_KEYS = {
+    (): {"name", "description", "sim", "seed", "host", "vm"},
+    ("host",): {"cpus", "costs", *MODULE_PARAMS},
+    ("vm",): {"arch", "vcpus", "per_vm", "tick", "halt_poll", "caps", "spis", "vmm",
+              "program", "source"},
+    ("vm", "program"): {"vcpus", "power_off", "ops"},
+    ("vm", "source"): {"intids", "trigger", "route", "apic_ids", "vector", "poisson", "period",
+                       "phase", "times"},
+}
+
+
+@dataclass
+class Program:
+    selector: object
+    power_off: bool
+    nodes: list
+    key: tuple
+
+
+@dataclass
+class Source:
+    spec: dict
+    key: tuple
+
+
+@dataclass
+class Scenario:
+    """A checked scenario file."""
+
+    name: str
+    description: str
+    path: str
+    arch: str
+    vcpus: int
+    vcpus_per_vm: int
+    host_cpus: int | None          # None: one per vCPU
+    sim_ns: int
+    seed: int = 0
+    tick_ns: int = 0
+    module_params: dict = field(default_factory=dict)
+    costs: dict = field(default_factory=dict)
+    nr_spis: int = DEFAULT_NR_SPIS
+    halt_poll: int | None = None
+    caps: list = field(default_factory=list)
+    vmm: str = "default"
+    programs: list = field(default_factory=list)
+    sources: list = field(default_factory=list)
+    _lines: dict = field(default_factory=dict, repr=False)
+    _text: str = field(default="", repr=False)
+
+    def error(self, key: tuple, message: str, line: int | None = None) -> ScenarioError:
+        return _error(self.path, self._lines, key, message, line)
+
+
+def _dotted(key: tuple) -> str:
+    out = ""
+    for k in key:
+        out += f"[{k}]" if isinstance(k, int) else (("." if out else "") + str(k))
+    return out or "(top)"
+
+
+def _line_of(lines: dict, key: tuple) -> int:
+    k = tuple(key)
+    while k:
+        if k in lines:
+            return lines[k]
+        k = k[:-1]
+    return 1
+
+
+def _error(path, lines, key, message, line=None) -> ScenarioError:
+    line = _line_of(lines, key) if line is None else line
+    return ScenarioError(f"{path}:{line}: {_dotted(key)}: {message}")
+
+
+def load(path) -> Scenario:
+    """Read and check a scenario file."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ScenarioError(f"{path}: {exc.strerror or exc}") from None
+    return loads(text, str(path))
+
+
+def loads(text: str, path: str = "<string>") -> Scenario:
+    """Check a scenario given as TOML text; ``path`` names it in errors."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = re.search(r"\(at line (\d+), column \d+\)", msg)
+        line = m.group(1) if m else "1"
+        raise ScenarioError(f"{path}:{line}: (syntax): {re.sub(r' [(]at line.*', '', msg)}") \
+            from None
+    lines = key_lines(text)
+
+    def err(key, message, line=None):
+        return _error(path, lines, key, message, line)
+
+    def check_keys(table, key, kind):
+        if not isinstance(table, dict):
+            raise err(key, f"must be a table, not {type(table).__name__}")
+        for k in table:
+            if k not in _KEYS[kind]:
+                raise err(key + (k,), f"unknown key (known here: {', '.join(sorted(_KEYS[kind]))})")
+
+    def typed(table, key, name, types, default=None, required=False):
+        if name not in table:
+            if required:
+                raise err(key, f"missing key {name!r}")
+            return default
+        v = table[name]
+        if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+            want = " or ".join({int: "an integer", str: "a string", bool: "true or false",
+                                list: "an array", dict: "a table"}[t] for t in types)
+            raise err(key + (name,), f"must be {want}, not {v!r}")
+        return v
+
+    def dur(table, key, name, default=None, required=False):
+        v = typed(table, key, name, (int, str), default, required)
+        if v is None or v is default:
+            return v
+        try:
+            return _ops.duration(v, name)
+        except ValueError as exc:
+            raise err(key + (name,), str(exc)) from None
+
+    def count(table, key, name, lo, hi, default=None, required=False):
+        v = typed(table, key, name, (int,), default, required)
+        if v is not None and v is not default and not lo <= v <= hi:
+            raise err(key + (name,), f"{v} is outside {lo}..{hi}")
+        return v
+
+    check_keys(data, (), ())
+    name = typed(data, (), "name", (str,), pathlib.Path(path).stem)
+    description = typed(data, (), "description", (str,), "")
+    sim_ns = dur(data, (), "sim", required=True)
+    if sim_ns < 1:
+        raise err(("sim",), "must be positive")
+    seed = count(data, (), "seed", 0, (1 << 64) - 1, 0)
+
+    host = typed(data, (), "host", (dict,), {})
+    check_keys(host, ("host",), ("host",))
+    cpus = typed(host, ("host",), "cpus", (int, str), "per-vcpu")
+    if isinstance(cpus, str) and cpus != "per-vcpu":
+        raise err(("host", "cpus"), f"must be a number or \"per-vcpu\", not {cpus!r}")
+    if isinstance(cpus, int) and not 1 <= cpus <= 1 << 20:
+        raise err(("host", "cpus"), f"{cpus} is outside 1..{1 << 20}")
+    params = {}
+    for p in MODULE_PARAMS:
+        if p in host:
+            v = dur(host, ("host",), p) if p in _DURATION_PARAMS else \
+                count(host, ("host",), p, 0, 0xFFFF_FFFF)
+            if v > 0xFFFF_FFFF:
+                raise err(("host", p), f"{v} does not fit an unsigned int")
+            params[p] = v
+    costs = {}
+    for k, v in typed(host, ("host",), "costs", (dict,), {}).items():
+        if k not in COST_DEFAULTS:
+            raise err(("host", "costs", k), f"unknown cost (known: {', '.join(COST_DEFAULTS)})")
+        costs[k] = dur(host["costs"], ("host", "costs"), k)
+
+    vm = typed(data, (), "vm", (dict,), required=True)
+    check_keys(vm, ("vm",), ("vm",))
+    arch = typed(vm, ("vm",), "arch", (str,), "arm64")
+    if arch not in MAX_VCPUS:
+        raise err(("vm", "arch"), f"must be one of {', '.join(MAX_VCPUS)}, not {arch!r}")
+    limit = MAX_VCPUS[arch]
+    total = count(vm, ("vm",), "vcpus", 1, 1 << 24, required=True)
+    per_vm = typed(vm, ("vm",), "per_vm", (int,), None)
+    if per_vm is None:
+        if total > limit:
+            raise err(("vm", "vcpus"), f"{total} vCPUs is over the {arch} limit of {limit} "
+                                       "per VM (KVM_MAX_VCPUS); set per_vm to split them")
+        per_vm = total
+    elif not 1 <= per_vm <= limit:
+        raise err(("vm", "per_vm"), f"{per_vm} vCPUs per VM is outside 1..{limit} "
+                                    f"(KVM_MAX_VCPUS on {arch})")
+    tick = dur(vm, ("vm",), "tick", 0)
+    halt_poll = dur(vm, ("vm",), "halt_poll")
+    if halt_poll is not None and halt_poll > 0xFFFF_FFFF:
+        raise err(("vm", "halt_poll"), f"{halt_poll} does not fit an unsigned int")
+    nr_spis = count(vm, ("vm",), "spis", 0, MAX_NR_SPIS, DEFAULT_NR_SPIS)
+    if "spis" in vm and arch != "arm64":
+        raise err(("vm", "spis"), "SPIs are arm64 only")
+    caps = []
+    for i, c in enumerate(typed(vm, ("vm",), "caps", (list,), [])):
+        if c not in ("ARM_SYSTEM_SUSPEND",):
+            raise err(("vm", "caps", i), f"{c!r}: the capabilities a scenario can enable are "
+                                         "ARM_SYSTEM_SUSPEND (and halt_poll = ...)")
+        if arch != "arm64":
+            raise err(("vm", "caps", i), f"{c} is arm64 only")
+        caps.append(c)
+    vmm = typed(vm, ("vm",), "vmm", (str,), "default")
+    if vmm not in VMM_POLICIES:
+        raise err(("vm", "vmm"), f"must be one of {', '.join(VMM_POLICIES)}, not {vmm!r}")
+
+    programs = []
+    for i, p in enumerate(typed(vm, ("vm",), "program", (list,), [])):
+        key = ("vm", "program", i)
+        check_keys(p, key, ("vm", "program"))
+        sel = typed(p, key, "vcpus", (int, str, list), "all")
+        select(sel, per_vm, lambda m: err(key + ("vcpus",), m))      # check the syntax now
+        power_off = typed(p, key, "power_off", (bool,), False)
+        if power_off and arch != "arm64":
+            raise err(key + ("power_off",), "power_off (KVM_ARM_VCPU_INIT) is arm64 only")
+        ops = typed(p, key, "ops", (str, list), required=True)
+        try:
+            if isinstance(ops, str):
+                nodes = _ops.parse(ops, content_line(text, _line_of(lines, key + ("ops",))))
+            else:
+                for j, item in enumerate(ops):
+                    if not isinstance(item, str):
+                        raise err(key + ("ops", j), f"an op must be a string, not {item!r}")
+                nodes = _parse_list(ops, lines, key + ("ops",))
+        except _ops.OpError as exc:
+            raise err(key + ("ops",), exc.message, exc.line) from None
+        programs.append(Program(sel, power_off, nodes, key))
+
+    sources = []
+    for i, s in enumerate(typed(vm, ("vm",), "source", (list,), [])):
+        key = ("vm", "source", i)
+        check_keys(s, key, ("vm", "source"))
+        spec = {}
+        kinds = [k for k in ("poisson", "period", "times") if k in s]
+        if len(kinds) != 1:
+            raise err(key, "a source needs exactly one of poisson, period, times")
+        if "poisson" in s:
+            spec["mean_ns"] = dur(s, key, "poisson")
+            if spec["mean_ns"] < 1:
+                raise err(key + ("poisson",), "must be positive")
+        if "period" in s:
+            spec["period_ns"] = dur(s, key, "period")
+            if spec["period_ns"] < 1:
+                raise err(key + ("period",), "must be positive")
+            spec["phase_ns"] = dur(s, key, "phase", 0)
+        elif "phase" in s:
+            raise err(key + ("phase",), "phase goes with period")
+        if "times" in s:
+            t = typed(s, key, "times", (list,))
+            try:
+                spec["times_ns"] = [_ops.duration(x, "times") for x in t]
+            except ValueError as exc:
+                raise err(key + ("times",), str(exc)) from None
+        if arch == "arm64":
+            for bad in ("apic_ids", "vector"):
+                if bad in s:
+                    raise err(key + (bad,), "x86 MSI sources only; arm64 sources have intids")
+            typed(s, key, "intids", (int, str, list), required=True)
+            spec["intids"] = s["intids"]
+            trig = typed(s, key, "trigger", (str,), "edge")
+            if trig not in ("edge", "level"):
+                raise err(key + ("trigger",), f"must be \"edge\" or \"level\", not {trig!r}")
+            spec["level"] = trig == "level"
+            spec["route"] = str(typed(s, key, "route", (str, int), required=True))
+        else:
+            for bad in ("intids", "trigger", "route"):
+                if bad in s:
+                    raise err(key + (bad,), "arm64 SPI sources only; x86 sources have "
+                                            "apic_ids and vector")
+            spec["apic_ids"] = typed(s, key, "apic_ids", (int, str, list), required=True)
+            spec["vector"] = count(s, key, "vector", 16, 255, required=True)
+        sources.append(Source(spec, key))
+
+    sc = Scenario(name=name, description=description, path=path, arch=arch, vcpus=total,
+                  vcpus_per_vm=per_vm, host_cpus=None if cpus == "per-vcpu" else cpus,
+                  sim_ns=sim_ns, seed=seed, tick_ns=tick, module_params=params, costs=costs,
+                  nr_spis=nr_spis if arch == "arm64" else DEFAULT_NR_SPIS, halt_poll=halt_poll,
+                  caps=caps, vmm=vmm, programs=programs, sources=sources, _lines=lines,
+                  _text=text)
+    # Expand everything once for a VM of the usual size, so that a bad file fails at load.
+    check_vm(sc, per_vm)
+    if total % per_vm:
+        check_vm(sc, total % per_vm)
+    return sc
+
+
+def _parse_list(items, lines, key):
+    """Ops given as an array of strings (a block's '{' and '}' may be separate items)."""
+    idx = []
+    for j, item in enumerate(items):
+        idx += [_line_of(lines, key + (j,))] * (item.count("\n") + 1)
+    try:
+        root = _ops.parse("\n".join(items), 0)
+    except _ops.OpError as exc:
+        raise _ops.OpError(idx[exc.line] if 0 <= exc.line < len(idx) else exc.line,
+                           exc.message) from None
+    _renumber(root, idx)
+    return root
+
+
+def _renumber(nodes, idx):
+    for n in nodes:
+        n.line = idx[n.line] if 0 <= n.line < len(idx) else n.line
+        if n.body:
+            _renumber(n.body, idx)
