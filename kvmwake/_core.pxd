@@ -27,7 +27,9 @@ ctypedef struct thread_t:
     uint64_t rng_state
     uint64_t rng_inc
     uint64_t stall_t
-    uint64_t regs[4]          # x0..x3
+    uint64_t regs[31]         # x0..x30 (struct user_pt_regs.regs)
+    uint64_t sp               # SP_EL0 (user_pt_regs.sp)
+    uint64_t pstate           # PSTATE but its I bit, which is virq_t.masked
     uint64_t pc_raw           # the PC when it points at no op of the program
     uint64_t reset_pc         # KVM_REQ_VCPU_RESET's reset state (PSCI CPU_ON)
     uint64_t reset_r0
@@ -74,8 +76,10 @@ ctypedef struct vm_t:
     uint32_t override
     uint32_t nr_spis
     uint64_t code_base        # op i of a program is at code_base + 4 * i
-    uint32_t psci_version
+    uint32_t psci_version     # kvm->arch.psci_version (0: never written, KVM_ARM_PSCI_LATEST)
     uint32_t suspend_cap      # KVM_CAP_ARM_SYSTEM_SUSPEND enabled
+    uint32_t vcpu_features    # kvm->arch.vcpu_features (KVM_ARM_VCPU_* bits, not POWER_OFF)
+    uint32_t features_set     # KVM_ARCH_FLAG_VCPU_FEATURES_CONFIGURED
 
 
 # A VM's distributor (vGICv3 subset): SPI state in 16 words of 64 INTIDs;

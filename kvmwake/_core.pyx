@@ -190,6 +190,13 @@ cdef enum:
     PSCI_RET_ALREADY_ON = -4
     PSCI_RET_INTERNAL_FAILURE = -6
 
+# arch/arm64/include/uapi/asm/ptrace.h, arch/arm64/kvm/reset.c
+cdef enum:
+    PSR_MODE_EL1h = 0x5
+    PSR_I_BIT = 0x80
+    VCPU_RESET_PSTATE_EL1 = 0x3c5          # PSR_MODE_EL1h | A | I | F | D
+    KVM_ARM_VCPU_PSCI_0_2_BIT = 1 << 2     # BIT(KVM_ARM_VCPU_PSCI_0_2)
+
 cdef enum:
     CONT_NEXT = 0
     CONT_HALT = 1
@@ -507,6 +514,7 @@ cdef class Engine:
         vm.nr_spis = nr_spis
         vm.code_base = _model.MEM_BASE[self.arch]
         vm.psci_version = _uapi.KVM_ARM_PSCI_LATEST
+        vm.vcpu_features = KVM_ARM_VCPU_PSCI_0_2_BIT    # until the first KVM_ARM_VCPU_INIT
         # The distributor: enabled by the booted guest; SPIs disabled, level,
         # routed to MPIDR 0 (vCPU 0), as vgic_init leaves them.
         cdef gic_t* gic = &self.e.gic[vmi]
@@ -529,6 +537,7 @@ cdef class Engine:
             th.stall_t = <uint64_t>-1
             th.mp_state = MP_RUNNABLE
             th.pc_valid = 1
+            th.pstate = PSR_MODE_EL1h         # a booted guest: EL1h, DAIF clear
             rng_seed(th, <uint64_t>(self.seed & 0xFFFFFFFFFFFFFFFF), vmi, i)
             # A booted guest: SGIs, the timer PPI and the tick PPI enabled.
             q = &self.e.irq[g]
@@ -710,20 +719,64 @@ cdef class Engine:
             th.mp_state = MP_RUNNABLE          # only the field: no kick
 
     def get_reg(self, uint32_t g, uint32_t idx):
-        """KVM_GET_ONE_REG of x0..x3 (0..3) or the PC (4), a pending reset applied first."""
+        """KVM_GET_ONE_REG of a core register: x0..x30 (0..30), SP (31), PC (32),
+        PSTATE (33); a reset owed by PSCI CPU_ON is applied first (kvm_arch_vcpu_ioctl)."""
         cdef thread_t* th = &self.e.th[g]
         if th.reset_pending:
             reset_vcpu(&self.e, g)
-        return th.regs[idx] if idx < 4 else get_pc(&self.e, th)
+        if idx < 31:
+            return th.regs[idx]
+        if idx == 31:
+            return th.sp
+        if idx == 32:
+            return get_pc(&self.e, th)
+        return get_pstate(&self.e, g)
 
     def set_reg(self, uint32_t g, uint32_t idx, uint64_t value):
+        """KVM_SET_ONE_REG of a core register (the caller checked a PSTATE's mode)."""
         cdef thread_t* th = &self.e.th[g]
         if th.reset_pending:
             reset_vcpu(&self.e, g)
-        if idx < 4:
+        if idx < 31:
             th.regs[idx] = value
-        else:
+        elif idx == 31:
+            th.sp = value
+        elif idx == 32:
             set_pc(&self.e, g, value)
+        else:
+            set_pstate(&self.e, g, value)
+
+    def vm_psci_version(self, uint32_t vmi):
+        """kvm_psci_version: what KVM_REG_ARM_PSCI_VERSION reads."""
+        return psci_version(&self.e.vms[vmi])
+
+    def vcpu_features(self, uint32_t vmi):
+        """(kvm->arch.vcpu_features, KVM_ARCH_FLAG_VCPU_FEATURES_CONFIGURED)."""
+        return self.e.vms[vmi].vcpu_features, bool(self.e.vms[vmi].features_set)
+
+    def vcpu_init(self, uint32_t g, uint32_t features, bint off):
+        """KVM_ARM_VCPU_INIT with features the caller checked (POWER_OFF stripped):
+        the VM's feature set, kvm_reset_vcpu, then STOPPED (power-off) or RUNNABLE."""
+        cdef thread_t* th = &self.e.th[g]
+        self._guard()
+        self.e.vms[th.vm].vcpu_features = features
+        self.e.vms[th.vm].features_set = 1
+        reset_vcpu(&self.e, g)
+        if off:
+            self._check(power_off(&self.e, g, self.e.now))
+        else:
+            th.mp_state = MP_RUNNABLE
+
+    def uaccess_write_pending(self, uint32_t vmi, int64_t g, uint32_t intid, bint on):
+        self._guard()
+        self._check(uaccess_write_pending(&self.e, g, vmi, intid, on, self.e.now))
+
+    def uaccess_write_active(self, uint32_t vmi, int64_t g, uint32_t intid, bint on):
+        self._guard()
+        self._check(uaccess_write_active(&self.e, g, vmi, intid, on, self.e.now))
+
+    def uaccess_write_dist_ctlr(self, uint32_t vmi, bint on):
+        uaccess_write_dist_ctlr(&self.e, vmi, on)
 
     def enable_system_suspend(self, uint32_t vmi):
         self.e.vms[vmi].suspend_cap = 1
@@ -738,6 +791,11 @@ cdef class Engine:
     def kick(self, uint32_t g):
         self._guard()
         return self._check(kick(&self.e, g, self.e.now, 1)) == 1
+
+    def raise_irq_at(self, uint32_t g, uint32_t irq):
+        """SGI ``irq`` (arm64) or IPI vector ``irq`` (x86) arrives at vCPU ``g``."""
+        self._guard()
+        return self._check(raise_irq(&self.e, g, irq, self.e.now)) == 1
 
     def raise_pending(self, uint32_t g):
         """The arch's reschedule IPI arrives at vCPU ``g``."""
@@ -937,6 +995,7 @@ cdef class Engine:
                     "active": bool((q.priv_act >> intid) & 1),
                     "priority": q.priv_prio[intid], "level": bool((q.priv_level >> intid) & 1),
                     "line": bool((q.priv_line >> intid) & 1),
+                    "latch": bool((q.priv_latch >> intid) & 1),
                     "queued": bool((q.ap[0] >> intid) & 1),
                     "target": self.e.th[g].vcpu_id, "pmr": q.pmr, "masked": bool(q.masked)}
         tgt = gic.spi_target[intid]
@@ -945,6 +1004,7 @@ cdef class Engine:
                 "active": bool((gic.spi_act[w] >> sh) & 1),
                 "priority": gic.spi_prio[intid], "level": bool((gic.spi_level[w] >> sh) & 1),
                 "line": bool((gic.spi_line[w] >> sh) & 1),
+                "latch": bool((gic.spi_latch[w] >> sh) & 1),
                 "queued": tgt >= 0 and bool(
                     (self.e.irq[self.e.vms[vmi].first + tgt].ap[w] >> sh) & 1),
                 "target": tgt, "mpidr": gic.spi_mpidr[intid], "pmr": q.pmr,

@@ -275,6 +275,142 @@ KVM_ARM_VCPU_POWER_OFF = 0
 KVM_ARM_VCPU_EL1_32BIT = 1
 KVM_ARM_VCPU_PSCI_0_2 = 2
 
+
+class VcpuFeature(IntEnum):
+    """``KVM_ARM_VCPU_*``: bit numbers of ``struct kvm_vcpu_init.features[0]``
+    (arch/arm64/include/uapi/asm/kvm.h; HAS_EL2_E2H0 since v6.13)."""
+
+    POWER_OFF = 0
+    EL1_32BIT = 1
+    PSCI_0_2 = 2
+    PMU_V3 = 3
+    SVE = 4
+    PTRAUTH_ADDRESS = 5
+    PTRAUTH_GENERIC = 6
+    HAS_EL2 = 7
+    HAS_EL2_E2H0 = 8
+
+
+def vcpu_features(*bits: int) -> int:
+    """``features[0]`` with the given ``VcpuFeature`` bits set."""
+    out = 0
+    for b in bits:
+        out |= 1 << int(b)
+    return out
+
+
+#: arch/arm64/include/asm/kvm_host.h: ``KVM_VCPU_MAX_FEATURES`` (9 since v6.13).
+KVM_VCPU_MAX_FEATURES = 9
+#: ``KVM_VCPU_VALID_FEATURES``: a bit outside it is ENOENT.
+KVM_VCPU_VALID_FEATURES = (1 << KVM_VCPU_MAX_FEATURES) - 1
+#: What ``system_supported_vcpu_features()`` leaves on kvmwake's modelled host: no
+#: AArch32 EL1, PMU, SVE, pointer authentication or nested virtualisation (a valid
+#: bit outside this set is EINVAL, as on a host without the feature).  POWER_OFF is
+#: ephemeral and never stored.
+SUPPORTED_VCPU_FEATURES = vcpu_features(VcpuFeature.POWER_OFF, VcpuFeature.PSCI_0_2)
+#: ``KVM_ARM_TARGET_GENERIC_V8``: the one ``struct kvm_vcpu_init.target`` accepted
+#: (``KVM_ARM_PREFERRED_TARGET`` answers it).
+KVM_ARM_TARGET_GENERIC_V8 = 5
+#: The features ``VCpu.init`` passes by default: PSCI 0.2+, as QEMU and the PSCI
+#: selftest do.
+DEFAULT_VCPU_FEATURES = vcpu_features(VcpuFeature.PSCI_0_2)
+
+# --- arch/arm64/include/uapi/asm/kvm.h, include/uapi/linux/kvm.h: ONE_REG IDs ----------------
+
+KVM_REG_ARM64 = 0x6000000000000000
+KVM_REG_SIZE_U64 = 0x0030000000000000
+KVM_REG_SIZE_MASK = 0x00F0000000000000
+KVM_REG_ARM_COPROC_SHIFT = 16
+#: ``KVM_REG_ARM_CORE``: the coprocessor field of ``struct kvm_regs`` registers.
+KVM_REG_ARM_CORE = 0x0010 << KVM_REG_ARM_COPROC_SHIFT
+#: ``KVM_REG_ARM64_SYSREG``.
+KVM_REG_ARM64_SYSREG = 0x0013 << KVM_REG_ARM_COPROC_SHIFT
+#: ``KVM_REG_ARM_FW``: firmware pseudo-registers.
+KVM_REG_ARM_FW = 0x0014 << KVM_REG_ARM_COPROC_SHIFT
+
+
+def arm64_core_reg(u32_offset: int) -> int:
+    """``ARM64_CORE_REG(x)``: ``KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE |
+    KVM_REG_ARM_CORE_REG(x)``, with ``x``'s offset in ``struct kvm_regs`` in u32 words."""
+    return KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | u32_offset
+
+
+def arm64_sys_reg(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
+    """``ARM64_SYS_REG(op0, op1, crn, crm, op2)``."""
+    return (KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM64_SYSREG | op0 << 14 | op1 << 11
+            | crn << 7 | crm << 3 | op2)
+
+
+class KvmReg(IntEnum):
+    """The arm64 ONE_REG IDs kvmwake models (``KVM_GET/SET_ONE_REG``).
+
+    Core registers: ``struct user_pt_regs`` is ``regs[31]``, ``sp`` (SP_EL0),
+    ``pc``, ``pstate``, each a u64, so xN is u32 offset 2N, SP 62, PC 64,
+    PSTATE 66.  MPIDR_EL1 is ``SYS_MPIDR_EL1`` (op0 3, op1 0, CRn 0, CRm 0,
+    op2 5).  ``PSCI_VERSION`` is ``KVM_REG_ARM_PSCI_VERSION`` =
+    ``KVM_REG_ARM_FW_REG(0)``.
+    """
+
+    X0 = arm64_core_reg(0)
+    X1 = arm64_core_reg(2)
+    X2 = arm64_core_reg(4)
+    X3 = arm64_core_reg(6)
+    X4 = arm64_core_reg(8)
+    X5 = arm64_core_reg(10)
+    X6 = arm64_core_reg(12)
+    X7 = arm64_core_reg(14)
+    X8 = arm64_core_reg(16)
+    X9 = arm64_core_reg(18)
+    X10 = arm64_core_reg(20)
+    X11 = arm64_core_reg(22)
+    X12 = arm64_core_reg(24)
+    X13 = arm64_core_reg(26)
+    X14 = arm64_core_reg(28)
+    X15 = arm64_core_reg(30)
+    X16 = arm64_core_reg(32)
+    X17 = arm64_core_reg(34)
+    X18 = arm64_core_reg(36)
+    X19 = arm64_core_reg(38)
+    X20 = arm64_core_reg(40)
+    X21 = arm64_core_reg(42)
+    X22 = arm64_core_reg(44)
+    X23 = arm64_core_reg(46)
+    X24 = arm64_core_reg(48)
+    X25 = arm64_core_reg(50)
+    X26 = arm64_core_reg(52)
+    X27 = arm64_core_reg(54)
+    X28 = arm64_core_reg(56)
+    X29 = arm64_core_reg(58)
+    X30 = arm64_core_reg(60)
+    SP = arm64_core_reg(62)
+    PC = arm64_core_reg(64)
+    PSTATE = arm64_core_reg(66)
+    MPIDR_EL1 = arm64_sys_reg(3, 0, 0, 0, 5)
+    PSCI_VERSION = KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_FW | 0
+
+
+#: ``KVM_REG_ARM_PSCI_VERSION`` (0x6030000000140000).
+KVM_REG_ARM_PSCI_VERSION = KvmReg.PSCI_VERSION
+#: arch/arm64/include/uapi/asm/ptrace.h and arch/arm64/kvm/reset.c.
+PSR_MODE_EL0t = 0x0
+PSR_MODE_EL1t = 0x4
+PSR_MODE_EL1h = 0x5
+PSR_I_BIT = 0x80
+#: ``VCPU_RESET_PSTATE_EL1``: EL1h with D, A, I and F set.
+VCPU_RESET_PSTATE_EL1 = 0x3C5
+#: ``PSR_AA32_MODE_MASK``: the mode field ``set_core_reg`` checks.
+PSR_AA32_MODE_MASK = 0x1F
+
+# --- arch/arm64/include/uapi/asm/kvm.h: vGICv3 device attributes -----------------------------
+
+KVM_DEV_ARM_VGIC_GRP_DIST_REGS = 1
+KVM_DEV_ARM_VGIC_GRP_REDIST_REGS = 5
+#: include/linux/irqchip/arm-gic-v3.h: ``GICD_CTLR_ENABLE_SS_G1``, ``GICD_CTLR_ARE_NS``,
+#: ``GICD_CTLR_DS``.
+GICD_CTLR_ENABLE_SS_G1 = 1 << 1
+GICD_CTLR_ARE_NS = 1 << 4
+GICD_CTLR_DS = 1 << 6
+
 # --- include/kvm/arm_vgic.h ----------------------------------------------------------------------
 
 VGIC_NR_SGIS = 16

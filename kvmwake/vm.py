@@ -13,11 +13,16 @@ from . import vmm as _vmm
 from .errors import KvmError, SnapshotError
 from .exits import Exit, from_engine
 from .host import Host, check_arch, check_int, host_to_bytes, restore_host
-from .model import (DEFAULT_MEM_SIZE, DEFAULT_NR_SPIS, MAX_VCPUS, MEM_BASE, SourceKind,
-                    ThreadState, mpidr_of)
+from .model import (DEFAULT_MEM_SIZE, DEFAULT_NR_SPIS, MAX_VCPUS, MEM_BASE, S_BLOCKING,
+                    SourceKind, ThreadState, mpidr_of)
 from .outputs import stats as _stats
 from .outputs import tracefmt
-from .uapi import Cap, ExitReason, MpState, PsciVersion
+from .uapi import (
+    DEFAULT_VCPU_FEATURES, GICD_CTLR_ENABLE_SS_G1, KVM_ARM_TARGET_GENERIC_V8,
+    KVM_REG_SIZE_MASK, KVM_REG_SIZE_U64, KVM_VCPU_VALID_FEATURES, PSR_AA32_MODE_MASK,
+    PSR_MODE_EL0t, PSR_MODE_EL1h, PSR_MODE_EL1t, SUPPORTED_VCPU_FEATURES, Cap, ExitReason,
+    KvmReg, MpState, PsciVersion, VcpuFeature,
+)
 
 #: Capabilities answered by check_extension, per arch (value returned).
 _EXTENSIONS = {
@@ -35,8 +40,14 @@ MP_STATES = {
     "x86": frozenset({MpState.RUNNABLE, MpState.UNINITIALIZED, MpState.INIT_RECEIVED,
                       MpState.HALTED, MpState.SIPI_RECEIVED, MpState.AP_RESET_HOLD}),
 }
-#: KVM_GET/SET_ONE_REG names: the SMCCC argument registers and the PC.
-REGS = {"x0": 0, "x1": 1, "x2": 2, "x3": 3, "pc": 4}
+#: KVM_GET/SET_ONE_REG: each register's name (``KvmReg`` member name, lower case) and
+#: its kernel ID.  x0-x30, sp, pc and pstate are ``struct kvm_regs`` core registers
+#: (engine indices 0-33); mpidr_el1 a system register; psci_version a firmware one.
+REGS = {r.name.lower(): r for r in KvmReg}
+_CORE_INDEX = {**{KvmReg[f"X{i}"]: i for i in range(31)}, KvmReg.SP: 31, KvmReg.PC: 32,
+               KvmReg.PSTATE: 33}
+#: PSTATE modes set_core_reg accepts for an AArch64 vCPU without nested virtualisation.
+_PSTATE_MODES = frozenset({PSR_MODE_EL0t, PSR_MODE_EL1t, PSR_MODE_EL1h})
 #: Values KVM_REG_ARM_PSCI_VERSION accepts (with the PSCI 0.2 feature, and without).
 PSCI_VERSIONS = frozenset(PsciVersion)
 
@@ -249,7 +260,10 @@ class VM:
 
     def configure_irq(self, intid: int, *, vcpu=None, enabled: bool | None = None,
                       priority: int | None = None, level: bool | None = None) -> None:
-        """Set up an interrupt as the guest's drivers would (enable, priority, trigger).
+        """**Guest write**: set up an interrupt as the guest's drivers would (enable,
+        priority, trigger), at the host's current time.  Enabling queues a pending
+        interrupt and kicks its vCPU (``vgic_mmio_write_senable``).  A VMM restoring
+        state uses ``vgic_set_irq`` instead.
 
         Private INTIDs (< 32) need ``vcpu``.  Only SPIs can change trigger.
         Priorities keep their top 5 bits, as KVM's vGIC does.
@@ -267,8 +281,8 @@ class VM:
                                    -1 if level is None else int(bool(level)))
 
     def route_spi(self, intid: int, *, vcpu: int | None = None, mpidr: int | None = None) -> None:
-        """``GICD_IROUTER``: route SPI ``intid`` to ``vcpu`` (or to an MPIDR; one that
-        no vCPU has leaves the SPI undelivered)."""
+        """**Guest write** of ``GICD_IROUTER``: route SPI ``intid`` to ``vcpu`` (or to an
+        MPIDR; one that no vCPU has leaves the SPI undelivered)."""
         self._need_arm64("route_spi")
         intid, _ = self._check_intid(intid, None, "route_spi")
         if (vcpu is None) == (mpidr is None):
@@ -279,8 +293,11 @@ class VM:
         self._engine.route_spi(self.index, intid, mpidr)
 
     def set_distributor(self, enabled: bool) -> None:
-        """``GICD_CTLR``: enable or disable the distributor (enabling kicks every
-        vCPU with an interrupt pending)."""
+        """**Guest write** of ``GICD_CTLR`` (``vgic_mmio_write_v3_misc``): enable or
+        disable the distributor.  Enabling kicks every vCPU with an interrupt queued
+        on its ap_list (``vgic_kick_vcpus``); an interrupt that became pending while
+        the distributor was disabled was never queued and wakes nobody.  A VMM
+        restoring state uses ``vgic_set_ctlr`` (no kick)."""
         self._need_arm64("set_distributor")
         self._engine.set_dist_enabled(self.index, bool(enabled))
 
@@ -461,12 +478,124 @@ class VM:
         return self.memory_base <= addr < self.memory_base + self.memory_size
 
     def set_psci_version(self, version: int) -> None:
-        """Write the firmware register KVM_REG_ARM_PSCI_VERSION (0.1 .. 1.3)."""
+        """Write the firmware register KVM_REG_ARM_PSCI_VERSION (VM-wide), as
+        ``kvm_arm_set_fw_reg`` does: 0.1 only if the VM's vCPUs lack the
+        ``PSCI_0_2`` feature, 0.2 .. 1.3 only if they have it; anything else
+        EINVAL, the version unchanged.  No EBUSY after the VM has run."""
         self._need_arm64("KVM_REG_ARM_PSCI_VERSION")
         if not _is_int(version) or int(version) not in PSCI_VERSIONS:
             raise KvmError(errno.EINVAL, f"PSCI version {version!r} is not one KVM offers "
                                          f"({', '.join(hex(v) for v in sorted(PSCI_VERSIONS))})")
+        wants_02 = self.vcpu_features & (1 << VcpuFeature.PSCI_0_2)
+        if (int(version) == PsciVersion.V0_1) == bool(wants_02):
+            raise KvmError(errno.EINVAL, f"PSCI version {int(version):#x} needs the vCPUs "
+                                         f"{'without' if wants_02 else 'with'} the PSCI_0_2 "
+                                         "feature (kvm_arm_set_fw_reg)")
         self._engine.set_psci_version(self.index, int(version))
+
+    @property
+    def psci_version(self) -> int:
+        """KVM_REG_ARM_PSCI_VERSION as read (kvm_psci_version): 0.1 without the
+        PSCI_0_2 feature, else the version written (KVM_ARM_PSCI_LATEST if none)."""
+        self._need_arm64("KVM_REG_ARM_PSCI_VERSION")
+        return int(self._engine.vm_psci_version(self.index))
+
+    @property
+    def vcpu_features(self) -> int:
+        """``kvm->arch.vcpu_features``: the VM's ``features[0]`` (POWER_OFF never in it).
+        Before any KVM_ARM_VCPU_INIT it is ``DEFAULT_VCPU_FEATURES`` (PSCI_0_2), which
+        kvmwake's vCPUs behave as having from creation."""
+        return int(self._engine.vcpu_features(self.index)[0])
+
+    # -- the vGIC as userspace sees it (KVM_DEV_ARM_VGIC_GRP_DIST_REGS / REDIST_REGS) ------
+
+    def _need_outside_all(self, what):
+        """vgic_v3_attr_regs_access: EBUSY if any vCPU mutex is held (a vCPU in KVM_RUN)."""
+        busy = [v.id for v in self.vcpus if not v.outside_run]
+        if busy:
+            raise KvmError(errno.EBUSY, f"{what}: vCPU {busy[0]} is inside KVM_RUN "
+                                        "(kvm_trylock_all_vcpus fails); signal it out first")
+
+    def vgic_get_irq(self, intid: int, vcpu=None) -> dict:
+        """**Userspace read** (``KVM_GET_DEVICE_ATTR``, ``KVM_DEV_ARM_VGIC_GRP_DIST_REGS``
+        for SPIs, ``REDIST_REGS`` for a vCPU's SGIs/PPIs) of one interrupt's state.
+
+        Returns ``pending`` (the latch, as ``__read_pending`` with ``is_user`` reads
+        GICD_ISPENDR on GICv3: not the line level), ``active``, ``enabled``,
+        ``priority``, ``level`` (ICFGR: True for level-triggered), ``line`` (the
+        line level, ``KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO``) and, for SPIs, ``mpidr``
+        (GICD_IROUTER bits 23:0).  Private INTIDs need ``vcpu``.
+        """
+        self._need_arm64("KVM_DEV_ARM_VGIC_GRP_DIST_REGS")
+        intid, g = self._check_intid(intid, vcpu, "vGIC userspace access")
+        self._need_outside_all("KVM_GET_DEVICE_ATTR")
+        st = self._engine.irq_state(g if g >= 0 else self._first, intid)
+        out = {"pending": st["latch"], "active": st["active"], "enabled": st["enabled"],
+               "priority": st["priority"], "level": st["level"], "line": st["line"]}
+        if intid >= 32:
+            out["mpidr"] = st["mpidr"]
+        return out
+
+    def vgic_set_irq(self, intid: int, vcpu=None, *, pending: bool | None = None,
+                     active: bool | None = None, enabled: bool | None = None,
+                     priority: int | None = None, level: bool | None = None,
+                     mpidr: int | None = None) -> None:
+        """**Userspace write** (``KVM_SET_DEVICE_ATTR``, ``KVM_DEV_ARM_VGIC_GRP_DIST_REGS``
+        / ``REDIST_REGS``) of one interrupt's state, as a VMM restoring a vGIC does;
+        not the guest's own register write (``configure_irq``, ``route_spi``).
+
+        Applied in the order a VMM restores them (QEMU's ``kvm_arm_gicv3_put``):
+        ``level`` (GICD_ICFGR, SPIs only), ``priority`` (IPRIORITYR, top 5 bits
+        kept), ``mpidr`` (GICD_IROUTER, SPIs only; no re-queue), ``pending``
+        (ISPENDR: ``vgic_v3_uaccess_write_pending`` writes the latch whole, True
+        queues the interrupt, False clears it), ``active`` (ISACTIVER/ICACTIVER
+        through ``vgic_mmio_uaccess_write_sactive``: no guest halt; made active, it
+        is queued), ``enabled`` (ISENABLER queues, ``vgic_uaccess_write_senable``;
+        ICENABLER does not).  Queueing follows ``vgic_target_oracle``: with the
+        distributor disabled nothing is queued.  Every vCPU is outside KVM_RUN
+        (else EBUSY), so a queued interrupt's kick only leaves a request.
+        """
+        self._need_arm64("KVM_DEV_ARM_VGIC_GRP_DIST_REGS")
+        intid, g = self._check_intid(intid, vcpu, "vGIC userspace access")
+        if priority is not None:
+            priority = check_int("priority", priority, 0, 255)
+        if mpidr is not None:
+            if intid < 32:
+                raise ValueError(f"INTID {intid}: GICD_IROUTER exists for SPIs only")
+            mpidr = check_int("mpidr", mpidr, 0, (1 << 64) - 1)
+        if level is not None and intid < 32:
+            raise ValueError(f"INTID {intid}: SGIs are edge and PPIs fixed; only SPIs "
+                             "change trigger")
+        self._need_outside_all("KVM_SET_DEVICE_ATTR")
+        eng = self._engine
+        if level is not None or priority is not None:
+            eng.configure_irq(self.index, g, intid, -1, -1 if priority is None else priority,
+                              -1 if level is None else int(bool(level)))
+        if mpidr is not None:
+            eng.route_spi(self.index, intid, mpidr)
+        if pending is not None:
+            eng.uaccess_write_pending(self.index, g, intid, bool(pending))
+        if active is not None:
+            eng.uaccess_write_active(self.index, g, intid, bool(active))
+        if enabled is not None:
+            eng.configure_irq(self.index, g, intid, int(bool(enabled)), -1, -1)
+
+    def vgic_get_ctlr(self) -> int:
+        """**Userspace read** of GICD_CTLR: EnableGrp1 (``GICD_CTLR_ENABLE_SS_G1``) if
+        the distributor is enabled, with ARE_NS and DS always set."""
+        self._need_arm64("KVM_DEV_ARM_VGIC_GRP_DIST_REGS")
+        from .uapi import GICD_CTLR_ARE_NS, GICD_CTLR_DS
+        on = self._engine.vm_gic_enabled(self.index)
+        return (GICD_CTLR_ENABLE_SS_G1 if on else 0) | GICD_CTLR_ARE_NS | GICD_CTLR_DS
+
+    def vgic_set_ctlr(self, value: int) -> None:
+        """**Userspace write** of GICD_CTLR (``vgic_mmio_uaccess_write_v3_misc``): sets the
+        distributor's enable from ``GICD_CTLR_ENABLE_SS_G1`` and, unlike the guest's
+        write (``set_distributor``), kicks no vCPU (no ``vgic_kick_vcpus``)."""
+        self._need_arm64("KVM_DEV_ARM_VGIC_GRP_DIST_REGS")
+        value = check_int("value", value, 0, 0xFFFF_FFFF)
+        self._need_outside_all("KVM_SET_DEVICE_ATTR")
+        self._engine.uaccess_write_dist_ctlr(self.index, bool(value & GICD_CTLR_ENABLE_SS_G1))
 
     # -- read-out ------------------------------------------------------------------------
 
@@ -529,12 +658,64 @@ class VCpu:
             raise KvmError(errno.EBUSY, f"{what}: vCPU {self.id} is inside KVM_RUN; "
                                         "signal it out first")
 
-    def init(self, power_off: bool = False) -> None:
-        """``KVM_ARM_VCPU_INIT``: with the ``power_off`` feature the vCPU starts STOPPED."""
+    def init(self, features=DEFAULT_VCPU_FEATURES, *, power_off: bool = False,
+             target: int = KVM_ARM_TARGET_GENERIC_V8) -> None:
+        """``KVM_ARM_VCPU_INIT`` (``kvm_arch_vcpu_ioctl_vcpu_init``).
+
+        ``features`` is ``struct kvm_vcpu_init.features``: an int (``features[0]``,
+        e.g. ``kw.uapi.vcpu_features(kw.VcpuFeature.PSCI_0_2)``) or a sequence of
+        up to 7 u32 words.  The default is PSCI_0_2 alone (as QEMU and the PSCI
+        selftest pass).  ``power_off=True`` adds ``POWER_OFF``.
+
+        Checked as ``kvm_vcpu_set_target`` and ``kvm_vcpu_init_check_features``
+        do: a target other than ``KVM_ARM_TARGET_GENERIC_V8`` is EINVAL; a bit
+        outside ``KVM_VCPU_VALID_FEATURES`` or a non-zero ``features[1..6]`` is
+        ENOENT; a valid feature the modelled host lacks (EL1_32BIT, PMU_V3, SVE,
+        PTRAUTH_*, HAS_EL2*) is EINVAL; and once any vCPU of the VM was
+        initialised, every init must pass the same features but POWER_OFF (the
+        set is VM-wide, ``kvm_vcpu_init_changed``), else EINVAL.  Nothing changes
+        on an error.
+
+        Then every init resets the vCPU (``kvm_reset_vcpu``): x0-x30, SP and PC
+        zeroed, PSTATE ``VCPU_RESET_PSTATE_EL1`` (0x3c5: EL1h, D, A, I, F set),
+        the timer off, and a reset owed by PSCI CPU_ON applied (PC = entry, x0 =
+        context); and the MP state becomes STOPPED with POWER_OFF (ephemeral: it
+        is not stored), RUNNABLE without.  Set the PC (``set_reg("pc", ...)``,
+        or ``load`` a program) before running it.
+        """
         self.vm._need_arm64("KVM_ARM_VCPU_INIT")
+        if not _is_int(target) or int(target) != KVM_ARM_TARGET_GENERIC_V8:
+            raise KvmError(errno.EINVAL, f"KVM_ARM_VCPU_INIT: target {target!r} is not "
+                                         f"KVM_ARM_TARGET_GENERIC_V8 ({KVM_ARM_TARGET_GENERIC_V8})")
+        if _is_int(features):
+            words = [int(features)]
+        elif isinstance(features, (list, tuple)) and 1 <= len(features) <= 7 \
+                and all(_is_int(w) for w in features):
+            words = [int(w) for w in features]
+        else:
+            raise TypeError("features must be an int (features[0]) or a sequence of 1 to 7 "
+                            f"u32 words, not {features!r}")
+        if any(not 0 <= w <= 0xFFFF_FFFF for w in words):
+            raise ValueError(f"features words must be u32, not {words}")
+        f0 = words[0] | ((1 << VcpuFeature.POWER_OFF) if power_off else 0)
+        off = bool(f0 & (1 << VcpuFeature.POWER_OFF))
+        f0 &= ~(1 << VcpuFeature.POWER_OFF)     # ephemeral, stripped first
+        if f0 & ~KVM_VCPU_VALID_FEATURES or any(words[1:]):
+            raise KvmError(errno.ENOENT, f"KVM_ARM_VCPU_INIT: features {words} name a bit "
+                                         "KVM does not know (kvm_vcpu_init_check_features)")
+        if f0 & ~SUPPORTED_VCPU_FEATURES:
+            names = [b.name for b in VcpuFeature if f0 >> b & 1
+                     and not SUPPORTED_VCPU_FEATURES >> b & 1]
+            raise KvmError(errno.EINVAL, f"KVM_ARM_VCPU_INIT: feature {', '.join(names)} is "
+                                         "not supported by the modelled host "
+                                         "(system_supported_vcpu_features)")
+        current, configured = self.vm._engine.vcpu_features(self.vm.index)
+        if configured and f0 != current:
+            raise KvmError(errno.EINVAL, f"KVM_ARM_VCPU_INIT: features {f0:#x} differ from "
+                                         f"the VM's {current:#x}; every vCPU of a VM must "
+                                         "pass the same ones (kvm_vcpu_init_changed)")
         self._need_outside("KVM_ARM_VCPU_INIT")
-        self.vm._engine.set_mp_state(self._g, MpState.STOPPED if power_off
-                                     else MpState.RUNNABLE)
+        self.vm._engine.vcpu_init(self._g, f0, off)
 
     def get_mp_state(self) -> MpState:
         """``KVM_GET_MP_STATE``."""
@@ -550,29 +731,81 @@ class VCpu:
         self._need_outside("KVM_SET_MP_STATE")
         self.vm._engine.set_mp_state(self._g, int(state))
 
-    def _reg(self, name) -> int:
+    def _reg(self, reg) -> KvmReg:
+        """The register named by ``reg``: a name of ``REGS`` or a kernel register ID."""
         if self.vm.arch != "arm64":
-            raise KvmError(errno.ENOENT, "KVM_GET/SET_ONE_REG: only arm64's x0-x3 and pc "
-                                         "are modelled")
+            raise KvmError(errno.ENOENT, "KVM_GET/SET_ONE_REG: only arm64 registers are "
+                                         "modelled")
+        if isinstance(reg, str):
+            r = REGS.get(reg)
+            if r is None:
+                raise KvmError(errno.ENOENT, f"KVM_GET/SET_ONE_REG: no register {reg!r} "
+                                             f"(known: x0-x30, sp, pc, pstate, mpidr_el1, "
+                                             "psci_version)")
+            return r
+        if not _is_int(reg) or not 0 <= int(reg) < 1 << 64:
+            raise KvmError(errno.ENOENT, f"KVM_GET/SET_ONE_REG: {reg!r} is not a register "
+                                         "name or ID")
+        reg = int(reg)
         try:
-            return REGS[name]
-        except (KeyError, TypeError):
-            raise KvmError(errno.ENOENT, f"KVM_GET/SET_ONE_REG: no register {name!r} "
-                                         f"(known: {', '.join(REGS)})") from None
+            return KvmReg(reg)
+        except ValueError:
+            pass
+        if (reg & ~KVM_REG_SIZE_MASK) in {r & ~KVM_REG_SIZE_MASK for r in KvmReg}:
+            # core_reg_size_from_offset / kvm_arm_set_fw_reg: a wrong size field.
+            raise KvmError(errno.EINVAL if reg & ~KVM_REG_SIZE_MASK != KvmReg.PSCI_VERSION
+                           & ~KVM_REG_SIZE_MASK else errno.ENOENT,
+                           f"KVM_GET/SET_ONE_REG: register {reg:#x} has size field "
+                           f"{reg & KVM_REG_SIZE_MASK:#x}, not KVM_REG_SIZE_U64 "
+                           f"({KVM_REG_SIZE_U64:#x})")
+        raise KvmError(errno.ENOENT, f"KVM_GET/SET_ONE_REG: register {reg:#x} is not "
+                                     "modelled (x0-x30, SP, PC, PSTATE, MPIDR_EL1, "
+                                     "KVM_REG_ARM_PSCI_VERSION are)")
 
-    def get_reg(self, name: str) -> int:
-        """``KVM_GET_ONE_REG`` of x0..x3 or pc; a reset owed by PSCI CPU_ON is applied
-        first, as the kernel does."""
-        idx = self._reg(name)
+    def get_reg(self, reg) -> int:
+        """``KVM_GET_ONE_REG``: ``reg`` is a name (``"x0"`` .. ``"x30"``, ``"sp"``,
+        ``"pc"``, ``"pstate"``, ``"mpidr_el1"``, ``"psci_version"``) or the kernel's
+        register ID (``kw.KvmReg.PC``, ``0x6030000000100040``).
+
+        A reset owed by PSCI CPU_ON is applied first, as ``kvm_arch_vcpu_ioctl``
+        does (so the psci selftest's read of a never-run target sees the entry
+        point and context).  MPIDR_EL1 is ``reset_mpidr``'s value (Aff0 = id &
+        0xf, Aff1 = (id >> 4) & 0xff, Aff2 = (id >> 12) & 0xff, bit 31 set);
+        PSCI_VERSION is the VM's (``kvm_psci_version``).
+        """
+        r = self._reg(reg)
         self._need_outside("KVM_GET_ONE_REG")
-        return int(self.vm._engine.get_reg(self._g, idx))
+        if r == KvmReg.MPIDR_EL1:
+            return mpidr_of(self.id) | (1 << 31)
+        if r == KvmReg.PSCI_VERSION:
+            return self.vm.psci_version
+        return int(self.vm._engine.get_reg(self._g, _CORE_INDEX[r]))
 
-    def set_reg(self, name: str, value: int) -> None:
-        """``KVM_SET_ONE_REG`` of x0..x3 or pc (a u64)."""
-        idx = self._reg(name)
-        value = check_int(name, value, 0, (1 << 64) - 1)
+    def set_reg(self, reg, value: int) -> None:
+        """``KVM_SET_ONE_REG`` (a u64; ``reg`` as for ``get_reg``).
+
+        PSTATE must hold a mode ``set_core_reg`` accepts for an AArch64 vCPU
+        (EL0t, EL1t, EL1h), else EINVAL; its I bit is the mask interrupts are
+        taken under.  PSCI_VERSION is ``VM.set_psci_version``.  MPIDR_EL1 takes
+        only its present value (restoring what was read): kvmwake routes by
+        ``reset_mpidr``'s layout, so another value is EINVAL (a deliberate
+        difference: the kernel would store it).
+        """
+        r = self._reg(reg)
+        value = check_int("value", value, 0, (1 << 64) - 1)
+        if r == KvmReg.PSTATE and value & PSR_AA32_MODE_MASK not in _PSTATE_MODES:
+            raise KvmError(errno.EINVAL, f"KVM_SET_ONE_REG: PSTATE {value:#x} has mode "
+                                         f"{value & PSR_AA32_MODE_MASK:#x}; an AArch64 vCPU "
+                                         "without NV takes EL0t, EL1t or EL1h (set_core_reg)")
+        if r == KvmReg.MPIDR_EL1 and value != mpidr_of(self.id) | (1 << 31):
+            raise KvmError(errno.EINVAL, f"KVM_SET_ONE_REG: MPIDR_EL1 {value:#x} is not vCPU "
+                                         f"{self.id}'s reset_mpidr value; kvmwake does not "
+                                         "model renumbered vCPUs")
         self._need_outside("KVM_SET_ONE_REG")
-        self.vm._engine.set_reg(self._g, idx, value)
+        if r == KvmReg.PSCI_VERSION:
+            self.vm.set_psci_version(value)
+        elif r != KvmReg.MPIDR_EL1:
+            self.vm._engine.set_reg(self._g, _CORE_INDEX[r], value)
 
     # -- KVM_RUN ----------------------------------------------------------------------------
 
@@ -585,19 +818,29 @@ class VCpu:
 
         Other vCPUs whose threads are inside ``KVM_RUN`` make progress
         meanwhile; one that exits stays outside with its exit held for its
-        own ``run()`` (or for ``vm.run``'s policy).  ``immediate_exit``
-        returns ``KVM_EXIT_INTR`` at once, as ``kvm_run->immediate_exit``
-        does.  If the vCPU has not exited ``timeout_ns`` of virtual time
-        later, it gets a signal (a VMM's watchdog), so the call always ends.
+        own ``run()`` (or for ``vm.run``'s policy).  If the vCPU has not
+        exited ``timeout_ns`` of virtual time later, it gets a signal (a
+        VMM's watchdog), so the call always ends.
+
+        Returns the ``Exit``.  A signal's exit is ``Exit(INTR)``: the ioctl's
+        -EINTR with ``exit_reason = KVM_EXIT_INTR`` (``kvm_handle_signal_exit``).
+        ``immediate_exit=True`` is ``kvm_run->immediate_exit``: KVM_RUN returns
+        -EINTR at once and leaves ``exit_reason`` as it was
+        (``kvm_arch_vcpu_ioctl_run``), so this raises ``KvmError(errno.EINTR)``
+        and ``vcpu.exit_reason`` keeps the previous exit's reason.  An exit
+        already made (held for this vCPU) is returned first, as the kernel
+        returned it before this call.
         """
         timeout_ns = check_int("timeout_ns", timeout_ns, 1, 1 << 62)
         eng = self.vm._engine
         host = self.vm.host
         if self._held is not None:
             held, self._held = self._held, None
-            return from_engine(held)
+            return self._exited(from_engine(held))
         if immediate_exit:
-            return Exit(ExitReason.INTR, time_ns=host.now)
+            raise KvmError(errno.EINTR, f"KVM_RUN with immediate_exit: vCPU {self.id} "
+                                        "returns at once, exit_reason unchanged "
+                                        f"({self.exit_reason.name})")
         if not self._loaded:
             raise KvmError(errno.ENOEXEC, f"vCPU {self.id} has no guest program to run")
         self._started = True
@@ -620,7 +863,17 @@ class VCpu:
                 else:
                     host._vcpu_of(g)._held = rec
             if mine is not None:
-                return from_engine(mine)
+                return self._exited(from_engine(mine))
+
+    def _exited(self, ex: Exit) -> Exit:
+        self._exit_reason = ex.reason
+        return ex
+
+    @property
+    def exit_reason(self) -> ExitReason:
+        """``kvm_run->exit_reason``: the reason of the last exit ``run()`` returned
+        (``KVM_EXIT_UNKNOWN`` before the first)."""
+        return getattr(self, "_exit_reason", ExitReason.UNKNOWN)
 
     def load(self, program) -> None:
         """Give the vCPU its guest program (a ``guest.Program``, or a list of ops)."""
@@ -646,16 +899,58 @@ class VCpu:
         return self.vm._engine.make_request(self._g, req)
 
     def raise_wake(self) -> bool:
-        """Send this vCPU the reschedule IPI (arm64 SGI 0, x86 vector 0xFD)."""
+        """Send this vCPU the guest's reschedule IPI, whatever the arch (arm64: SGI 0,
+        as ``raise_sgi(0)``; x86: vector 0xFD, as ``send_ipi(0xFD)``)."""
         return self.vm._engine.raise_pending(self._g)
 
+    def _arch_only(self, arch, what, instead):
+        if self.vm.arch != arch:
+            raise KvmError(errno.EINVAL, f"{what} is {arch}'s; on this {self.vm.arch} vCPU "
+                                         f"use {instead}")
+
+    def raise_sgi(self, intid: int = 0) -> bool:
+        """arm64: SGI ``intid`` (0-15) arrives at this vCPU, as another vCPU's
+        ICC_SGI1R_EL1 write delivers it (``vgic_v3_dispatch_sgi``): the latch is set
+        and, per ``vgic_target_oracle``, queued with a kick.  True if an IPI went.
+        x86: KvmError naming ``send_ipi``."""
+        self._arch_only("arm64", "raise_sgi (an SGI)", "send_ipi(vector)")
+        intid = check_int("intid", intid, 0, 15)
+        return self.vm._engine.raise_irq_at(self._g, intid)
+
+    def send_ipi(self, vector: int = 0xFD) -> bool:
+        """x86: a fixed-mode IPI of ``vector`` (16-255) arrives at this vCPU's LAPIC,
+        as an ICR write delivers it (``kvm_apic_send_ipi`` -> ``__apic_accept_irq``):
+        IRR, KVM_REQ_EVENT, kick.  True if an IPI went.  arm64: KvmError naming
+        ``raise_sgi``."""
+        self._arch_only("x86", "send_ipi (a LAPIC IPI)", "raise_sgi(intid)")
+        vector = check_int("vector", vector, 16, 255)
+        return self.vm._engine.raise_irq_at(self._g, vector)
+
     def set_pmr(self, pmr: int) -> None:
-        """ICC_PMR_EL1 (arm64, top 5 bits kept) or the TPR (x86)."""
+        """arm64: ICC_PMR_EL1 (top 5 bits kept, ``VGIC_PRI_BITS``).  On x86 a KvmError
+        naming ``set_tpr``."""
+        self._arch_only("arm64", "set_pmr (ICC_PMR_EL1)", "set_tpr(tpr)")
         self.vm._engine.set_pmr(self._g, check_int("pmr", pmr, 0, 255))
 
+    def set_tpr(self, tpr: int) -> None:
+        """x86: the LAPIC's TPR (``APIC_TASKPRI``; CR8 is ``tpr >> 4``).  An IRR vector
+        is deliverable when its class is above the PPR (``__apic_update_ppr``).  On
+        arm64 a KvmError naming ``set_pmr``."""
+        self._arch_only("x86", "set_tpr (the LAPIC TPR)", "set_pmr(pmr)")
+        self.vm._engine.set_pmr(self._g, check_int("tpr", tpr, 0, 255))
+
     def set_masked(self, masked: bool) -> None:
-        """PSTATE.I (arm64) / not IF (x86)."""
+        """arm64: PSTATE.I (the I bit of the ``pstate`` register).  On x86 a KvmError
+        naming ``set_interrupt_flag``."""
+        self._arch_only("arm64", "set_masked (PSTATE.I)", "set_interrupt_flag(enabled)")
         self.vm._engine.set_masked(self._g, bool(masked))
+
+    def set_interrupt_flag(self, enabled: bool) -> None:
+        """x86: RFLAGS.IF (``kvm_run->if_flag``); with IF=0 a maskable interrupt
+        neither is taken nor ends a HLT (``kvm_vcpu_has_events``).  On arm64 a
+        KvmError naming ``set_masked``."""
+        self._arch_only("x86", "set_interrupt_flag (RFLAGS.IF)", "set_masked(masked)")
+        self.vm._engine.set_masked(self._g, not enabled)
 
     def irq_state(self, intid: int) -> dict:
         """The vGIC's view of ``intid`` for this vCPU (pending, enabled, active,
@@ -670,6 +965,13 @@ class VCpu:
         """The virtual timer: cval (virtual ns), ctl bits, re-arm period, istatus."""
         self.vm._need_arm64("timer_state")
         return self.vm._engine.timer_state(self._g)
+
+    @property
+    def blocking(self) -> bool:
+        """The kernel's ``blocking`` stat (instant, boolean): True exactly while the
+        vCPU thread is inside ``kvm_vcpu_block`` (not while halt-polling, and not for
+        an arm64 STOPPED vCPU, which sleeps in ``kvm_vcpu_sleep``)."""
+        return bool(self.vm._engine.stats_array()[self._g][S_BLOCKING])
 
     @property
     def runnable(self) -> bool:

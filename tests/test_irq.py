@@ -146,21 +146,38 @@ def test_distributor_disabled_does_not_wake(engine):
     assert_kick_does_not_end_halt(vm)
 
 
-def test_distributor_enable_kicks_vcpus_with_pending_interrupts(engine):
+def test_distributor_enable_kicks_only_interrupts_queued_before(engine):
+    """An SPI or SGI made pending while the distributor is disabled is never queued
+    (vgic_target_oracle returns NULL, so vgic_queue_irq_unlock puts it on no
+    ap_list), and enabling the distributor (vgic_mmio_write_v3_misc ->
+    vgic_kick_vcpus) kicks only vCPUs whose ap_list holds something: a vCPU
+    blocked in WFI stays blocked until the interrupt is queued again."""
     vm = blocked_vm(engine, n=3)
     vm.set_distributor(False)
     vm.configure_irq(SPI, enabled=True)
     vm.route_spi(SPI, vcpu=1)
     vm.irq_line(SPI, 1)
-    vm.vcpus[2].raise_wake()                               # SGI 0 pending on vCPU 2
+    vm.vcpus[2].raise_sgi(0)                               # SGI 0 pending on vCPU 2
     vm.run(20_000)
     assert [wakeup_stat(vm, i) for i in range(3)] == [0, 0, 0] and vm.host.halts == 0
-    vm.set_distributor(True)                               # at 20000
-    assert [wakeup_stat(vm, i) for i in range(3)] == [0, 1, 1]
-    assert [v.thread_state for v in vm.vcpus] == ["BLOCKED", "RUNNABLE", "RUNNABLE"]
-    assert requests(vm, 1) == requests(vm, 2) == IRQ_PENDING_BIT and requests(vm, 0) == 0
+    assert vm.vcpus[1].irq_state(SPI)["pending"] and not vm.vcpus[1].irq_state(SPI)["queued"]
+    assert vm.vcpus[2].irq_state(0)["pending"] and not vm.vcpus[2].irq_state(0)["queued"]
+    vm.set_distributor(True)                               # at 20000: nobody is kicked
+    assert [wakeup_stat(vm, i) for i in range(3)] == [0, 0, 0]
+    assert requests(vm, 1) == requests(vm, 2) == 0
     vm.run(30_000)
-    assert wakeups(vm, 1) == wakeups(vm, 2) == [(20_000, True, 20_000)]
+    assert [v.thread_state for v in vm.vcpus] == ["BLOCKED"] * 3 and vm.host.halts == 0
+    assert not vm.vcpus[1].runnable and not vm.vcpus[2].runnable
+    # Re-asserting a line already high is no new event (vgic_validate_injection) ...
+    vm.irq_line(SPI, 1)
+    assert wakeup_stat(vm, 1) == 0
+    # ... a new SGI edge and the guest's ISENABLER write queue them (vgic_queue_irq_unlock).
+    vm.vcpus[2].raise_sgi(0)
+    vm.configure_irq(SPI, enabled=True)
+    assert [wakeup_stat(vm, i) for i in range(3)] == [0, 1, 1]
+    assert requests(vm, 1) == requests(vm, 2) == IRQ_PENDING_BIT and requests(vm, 0) == 0
+    vm.run(40_000)
+    assert wakeups(vm, 1) == wakeups(vm, 2) == [(30_000, True, 30_000)]
     assert wakeups(vm, 0) == [] and vm.vcpus[0].thread_state == "BLOCKED"
     # Both took their interrupt on entry.
     assert not vm.vcpus[1].irq_state(SPI)["pending"] and not vm.vcpus[2].irq_state(0)["pending"]
@@ -168,6 +185,41 @@ def test_distributor_enable_kicks_vcpus_with_pending_interrupts(engine):
     vm.set_distributor(False)
     vm.set_distributor(True)
     assert [wakeup_stat(vm, i) for i in range(3)] == [0, 1, 1]
+
+
+def test_distributor_reenable_kicks_an_interrupt_still_queued(engine):
+    """The exception (vgic_kick_vcpus, vgic_prune_ap_list): an SGI queued while the
+    distributor was enabled stays on the ap_list until its vCPU next enters the
+    guest; if the distributor is disabled and enabled again before that, the
+    enable finds it (kvm_vgic_vcpu_pending_irq) and kicks the vCPU."""
+    vm = blocked_vm(engine, n=1)
+    vm.vcpus[0].raise_sgi(3)                     # queued and kicked at 10000 ...
+    vm.set_distributor(False)                    # ... disabled before it runs
+    assert vm.vcpus[0].irq_state(3)["queued"]
+    vm.run(20_000)                               # it re-checks and blocks again
+    assert vm.vcpus[0].thread_state == "BLOCKED" and vm.host.halts == 0
+    assert vm.vcpus[0].irq_state(3)["queued"]    # not pruned: it never entered the guest
+    vm.set_distributor(True)
+    assert wakeup_stat(vm) == 2 and requests(vm, 0) == IRQ_PENDING_BIT
+    vm.run(30_000)
+    assert [w[0] for w in wakeups(vm)] == [20_000]
+
+
+def test_disabled_distributor_prunes_at_guest_entry(engine):
+    """vgic_prune_ap_list drops what vgic_target_oracle no longer names: a vCPU that
+    entered the guest with the distributor disabled has an empty ap_list, and a
+    later enable does not wake it."""
+    vm = make_vm(engine, [[g.compute(5_000), g.wfi()]])
+    vm.run(1_000)                                # in the guest, computing
+    vm.set_distributor(False)
+    vm.configure_irq(SPI, enabled=True)
+    vm.irq_line(SPI, 1)
+    vm.run(20_000)                               # WFI at 5000 (+ exit): blocked
+    assert vm.vcpus[0].thread_state == "BLOCKED"
+    assert not vm.vcpus[0].irq_state(SPI)["queued"]
+    vm.set_distributor(True)
+    vm.run(30_000)
+    assert vm.vcpus[0].thread_state == "BLOCKED" and wakeup_stat(vm) == 0
 
 
 def test_disabled_interrupt_does_not_wake_until_enabled(engine):
@@ -701,7 +753,7 @@ def test_hlt_with_interrupts_disabled_does_not_wake(engine):
     vm.run(20_000)                       # ... but kvm_vcpu_has_events needs IF = 1
     assert vm.vcpus[0].thread_state == "BLOCKED" and vm.host.halts == 0
     assert vm.vcpus[0].irq_state(0x41)["irr"]
-    vm.vcpus[0].set_masked(False)        # (sti from outside) + a kick: now it wakes
+    vm.vcpus[0].set_interrupt_flag(True)      # (sti from outside) + a kick: now it wakes
     vm.vcpus[0].kick()
     vm.run(30_000)
     assert wakeups(vm) == [(20_000, True, 20_000)]
@@ -714,7 +766,7 @@ def test_hlt_with_interrupts_disabled_does_not_wake(engine):
 ], ids=lambda v: f"{v:#x}" if isinstance(v, int) else str(v))
 def test_tpr_blocks_vector_classes_at_or_below_it(engine, tpr, vector, wakes):
     vm = make_vm(engine, [[g.hlt()]], arch="x86")
-    vm.vcpus[0].set_pmr(tpr)
+    vm.vcpus[0].set_tpr(tpr)
     vm.run(10_000)
     vm.signal_msi(msi_address(0), vector)
     assert vm.vcpus[0].runnable == wakes
@@ -995,7 +1047,7 @@ def x86_vm(engine):
     vm = make_vm(engine, [[g.loop([g.hlt()])]] * 2, arch="x86")
     vm.run(10_000)
     vm.signal_msi(msi_address(1), 0x41)
-    vm.vcpus[0].set_pmr(0x70)
+    vm.vcpus[0].set_tpr(0x70)
     vm.signal_msi(msi_address(0), 0x61)
     vm.run(20_000)
     return vm

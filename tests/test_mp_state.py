@@ -10,8 +10,9 @@ import pytest
 import kvmwake as kw
 from kvmwake import guest as g
 from kvmwake import haltpoll
+from kvmwake.model import mpidr_of
 from kvmwake.uapi import (
-    KVM_HALT_POLL_NS_DEFAULT, Cap, ExitReason, MpState, PsciFn, SystemEventType,
+    KVM_HALT_POLL_NS_DEFAULT, Cap, ExitReason, KvmReg, MpState, PsciFn, SystemEventType,
 )
 
 ENGINES = ("core", "reference")
@@ -289,7 +290,7 @@ def test_vcpu_ioctls_inside_kvm_run_are_ebusy(engine):
         assert v.get_mp_state() == MpState.RUNNABLE
         # Bad input is still reported as such.
         kvm_error(errno.EINVAL, v.set_mp_state, 7)
-        kvm_error(errno.ENOENT, v.get_reg, "x9")
+        kvm_error(errno.ENOENT, v.get_reg, "x31")
     # Both vCPUs kept running: the state writes did not happen.
     vm.run(2_000_000)
     assert v1.outside_run                       # v1 reached its END
@@ -304,12 +305,14 @@ def test_vcpu_ioctls_inside_kvm_run_are_ebusy(engine):
 def test_registers_and_unknown_names(engine):
     vm = make_vm(engine)
     v = vm.vcpus[0]
-    assert [v.get_reg(r) for r in ("x0", "x1", "x2", "x3")] == [0, 0, 0, 0]
+    assert [v.get_reg(f"x{i}") for i in range(31)] == [0] * 31
     assert v.get_reg("pc") == vm.code_address(0)
-    for name, value in (("x0", 1), ("x1", (1 << 64) - 1), ("x2", 0), ("x3", 1 << 63)):
+    for name, value in (("x0", 1), ("x1", (1 << 64) - 1), ("x2", 0), ("x3", 1 << 63),
+                        ("x17", 0x1234), ("x30", 0xDEAD_BEEF), ("sp", 0x4000_8000)):
         v.set_reg(name, value)
         assert v.get_reg(name) == value
-    for bad in ("x4", "x31", "sp", "PC", "X0", "", None, 0, 4, "mpidr", "pstate"):
+    for bad in ("x31", "x-1", "PC", "X0", "mpidr", "", None, 0, 4, 1.0, "sp_el1",
+                0x6030000000100044, 0x603000000013C006, 1 << 64, -1):
         kvm_error(errno.ENOENT, v.get_reg, bad)
         kvm_error(errno.ENOENT, v.set_reg, bad, 1)
     for bad_value in (-1, 1 << 64):
@@ -322,6 +325,62 @@ def test_registers_and_unknown_names(engine):
     x86 = make_vm(engine, arch="x86")
     kvm_error(errno.ENOENT, x86.vcpus[0].get_reg, "x0")
     kvm_error(errno.ENOENT, x86.vcpus[0].set_reg, "pc", 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_registers_by_kernel_id(engine):
+    """ARM64_CORE_REG(regs.regs[N]) etc. (arch/arm64/include/uapi/asm/kvm.h): the IDs
+    the psci selftest and QEMU use reach the same registers as the names."""
+    vm = make_vm(engine, 2)
+    v = vm.vcpus[1]
+    assert KvmReg.X0 == 0x6030000000100000 and KvmReg.X30 == 0x603000000010003C
+    assert KvmReg.SP == 0x603000000010003E and KvmReg.PC == 0x6030000000100040
+    assert KvmReg.PSTATE == 0x6030000000100042
+    assert KvmReg.MPIDR_EL1 == 0x603000000013C005
+    assert KvmReg.PSCI_VERSION == 0x6030000000140000 == kw.uapi.KVM_REG_ARM_PSCI_VERSION
+    for i in range(31):
+        v.set_reg(0x6030000000100000 + 2 * i, 100 + i)
+        assert v.get_reg(f"x{i}") == 100 + i
+    v.set_reg(KvmReg.SP, 0x8000)
+    assert v.get_reg("sp") == 0x8000
+    v.set_reg(KvmReg.PC, vm.code_address(0))
+    assert v.get_reg(0x6030000000100040) == vm.code_address(0)
+    # A core register with the wrong size field: EINVAL (core_reg_size_from_offset);
+    # the firmware register with it: ENOENT (kvm_arm_set_fw_reg).
+    u32 = 0x0020000000000000
+    kvm_error(errno.EINVAL, v.get_reg, (KvmReg.X0 & ~0x00F0000000000000) | u32)
+    kvm_error(errno.ENOENT, v.set_reg, (KvmReg.PSCI_VERSION & ~0x00F0000000000000) | u32, 2)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_mpidr_is_reset_mpidrs(engine):
+    """reset_mpidr (arch/arm64/kvm/sys_regs.c): Aff0 = id & 0xf, Aff1 = (id >> 4) & 0xff,
+    Aff2 = (id >> 12) & 0xff, bit 31 (RES1) set."""
+    vm = make_vm(engine, 18)
+    assert [vm.vcpus[i].get_reg("mpidr_el1") for i in (0, 1, 15, 16, 17)] == \
+        [0x80000000, 0x80000001, 0x8000000F, 0x80000100, 0x80000101]
+    assert vm.vcpus[16].get_reg(KvmReg.MPIDR_EL1) & kw.uapi.MPIDR_HWID_BITMASK == mpidr_of(16)
+    vm.vcpus[16].set_reg("mpidr_el1", 0x80000100)     # restoring what was read
+    kvm_error(errno.EINVAL, vm.vcpus[16].set_reg, "mpidr_el1", 0x80000200)
+    assert vm.vcpus[16].get_reg("mpidr_el1") == 0x80000100
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pstate_modes_and_mask(engine):
+    """set_core_reg: PSTATE's mode must be EL0t, EL1t or EL1h for an AArch64 vCPU
+    without NV (else EINVAL); its I bit is the interrupt mask."""
+    vm = make_vm(engine)
+    v = vm.vcpus[0]
+    assert v.get_reg("pstate") == 0x5                 # the booted guest: EL1h, DAIF clear
+    for mode in (0x0, 0x4, 0x5):
+        v.set_reg("pstate", 0x3C0 | mode)
+        assert v.get_reg("pstate") == 0x3C0 | mode
+        assert v.irq_state(0)["masked"]
+    v.set_reg("pstate", 0x5)
+    assert not v.irq_state(0)["masked"]
+    for bad in (0x1, 0x9, 0x8, 0x10, 0x13, 0x1F, 0x3C9):
+        kvm_error(errno.EINVAL, v.set_reg, "pstate", bad)
+        assert v.get_reg("pstate") == 0x5
 
 
 @pytest.mark.parametrize("engine", ENGINES)

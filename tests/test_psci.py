@@ -76,6 +76,15 @@ def run_done(vcpu, **kwargs):
     return syncs
 
 
+def set_version(vm, version):
+    """KVM_REG_ARM_PSCI_VERSION; for 0.1 the vCPUs are first initialised without the
+    PSCI_0_2 feature, which the kernel requires (kvm_arm_set_fw_reg)."""
+    if version == PsciVersion.V0_1:
+        for v in vm.vcpus:
+            v.init(0)
+    vm.set_psci_version(version)
+
+
 def guest_results(engine, ops, n=1, setup=None, **vm_kwargs):
     """Run ``ops`` on vCPU 0 of a fresh VM (others powered off); the synced values."""
     vm = make_vm(engine, n, **vm_kwargs)
@@ -509,7 +518,7 @@ def test_system_suspend_cap_can_be_enabled_after_running(engine):
 def test_system_suspend_is_unknown_before_psci_1_0(engine, version):
     vm = make_vm(engine, 1)
     vm.enable_cap(Cap.ARM_SYSTEM_SUSPEND)
-    vm.set_psci_version(version)
+    set_version(vm, version)
     v = vm.vcpus[0]
     v.load(call(PsciFn.FN64_SYSTEM_SUSPEND, vm.code_address(0), 1)
            + call(PsciFn.SYSTEM_SUSPEND, vm.code_address(0), 1)
@@ -812,10 +821,10 @@ def test_system_event_then_cpu_on_restarts_a_vcpu(engine):
 
 def test_psci_0_1_private_ids(engine):
     vm = make_vm(engine, 3)
-    vm.set_psci_version(PsciVersion.V0_1)
+    set_version(vm, PsciVersion.V0_1)
     vm.enable_cap(Cap.ARM_SYSTEM_SUSPEND)
     v0, v1, v2 = vm.vcpus
-    v1.init(power_off=True)
+    v1.init(0, power_off=True)
     entry = vm.code_address(0)
     v1.load([g.sync_reg(0)] + g.psci(KVM_PSCI_FN_CPU_OFF) + [g.sync(0x0FF), g.end()])
     ops = (call_all(KVM_PSCI_FN_CPU_ON, mpidr_of(1), entry, 0x77)          # SUCCESS
@@ -921,7 +930,7 @@ def _random_session(engine, seed):
     if rnd.random() < 0.7:
         vm.enable_cap(Cap.ARM_SYSTEM_SUSPEND)
     if rnd.random() < 0.3:
-        vm.set_psci_version(rnd.choice(list(PsciVersion)))
+        set_version(vm, rnd.choice(list(PsciVersion)))
     if rnd.random() < 0.5:
         vm.enable_cap(Cap.HALT_POLL, rnd.choice([0, 5_000, 100_000]))
     for intid in (40, 41):

@@ -93,8 +93,8 @@ THREAD_DTYPE = np.dtype(
     [(n, "<u8") for n in ("seg_end", "seg_gfrom", "seg_gto", "rem_end", "rem_gfrom", "rem_gto",
                           "run_start", "halt_start", "poll_end", "wake_ts", "rng_state",
                           "rng_inc", "stall_t")]
-    + [("regs", "<u8", (4,))]
-    + [(n, "<u8") for n in ("pc_raw", "reset_pc", "reset_r0", "exit_data0", "exit_value",
+    + [("regs", "<u8", (31,))]
+    + [(n, "<u8") for n in ("sp", "pstate", "pc_raw", "reset_pc", "reset_r0", "exit_data0", "exit_value",
                             "exit_time")]
     + [(n, "<u4") for n in ("exit_reason", "exit_type", "exit_ndata", "exit_ucall", "gen",
                             "run_gen", "halt_poll_ns", "requests", "prog", "pc", "vm",
@@ -114,7 +114,8 @@ VIRQ_DTYPE = np.dtype([
 VM_DTYPE = np.dtype([("tick_ns", "<u8"), ("first", "<u4"), ("nr_vcpus", "<u4"),
                      ("max_halt_poll_ns", "<u4"), ("tick_gen", "<u4"), ("override", "<u4"),
                      ("nr_spis", "<u4"), ("code_base", "<u8"), ("psci_version", "<u4"),
-                     ("suspend_cap", "<u4")], align=True)
+                     ("suspend_cap", "<u4"), ("vcpu_features", "<u4"),
+                     ("features_set", "<u4")], align=True)
 SOURCE_DTYPE = np.dtype([(n, "<u8") for n in ("p0", "p1", "rng_state", "rng_inc", "times_off",
                                                "times_len", "idx")]
                         + [(n, "<u4") for n in ("vm", "intid", "kind", "gen", "target",

@@ -237,21 +237,37 @@ def test_stopped_vcpu_woken_by_another_vcpus_cpu_on(engine):
 
 # -- INTR: immediate_exit and the watchdog ---------------------------------------------------------
 
+def immediate_exit(v):
+    """KVM_RUN with kvm_run->immediate_exit set: the errno of the -EINTR return."""
+    with pytest.raises(kw.KvmError) as ei:
+        v.run(immediate_exit=True)
+    return ei.value.errno
+
+
 def test_immediate_exit(engine):
+    """kvm_arch_vcpu_ioctl_run (arm64 and x86): with immediate_exit KVM_RUN returns
+    -EINTR before run->exit_reason is written, so exit_reason keeps its old value;
+    it is not a KVM_EXIT_INTR exit (kvm_handle_signal_exit is not reached)."""
     vm = make_vm(engine)
     v = vm.vcpus[0]
     t0 = vm.host.now
-    ex = v.run(immediate_exit=True)           # even without a program
-    assert ex.reason == ExitReason.INTR and ex.time_ns == t0
-    v.load([g.compute(5_000), g.sync(9), g.end()])
-    ex = v.run(immediate_exit=True)
-    assert ex.reason == ExitReason.INTR and ex.time_ns == t0 and vm.host.now == t0
-    assert v.outside_run
+    assert immediate_exit(v) == errno.EINTR          # even without a program
+    assert v.exit_reason == ExitReason.UNKNOWN and vm.host.now == t0
+    v.load([g.compute(5_000), g.sync(9), g.sync(10), g.end()])
+    assert immediate_exit(v) == errno.EINTR
+    assert vm.host.now == t0 and v.outside_run
+    ex = v.run()
+    assert ex.reason == ExitReason.MMIO and ex.value == 9
+    assert immediate_exit(v) == errno.EINTR
+    assert v.exit_reason == ExitReason.MMIO          # left unchanged
     v.set_mp_state(MpState.SUSPENDED)
-    assert v.run(immediate_exit=True).reason == ExitReason.INTR
-    assert v.get_mp_state() == MpState.SUSPENDED and vm.host.now == t0
+    assert immediate_exit(v) == errno.EINTR
+    assert v.get_mp_state() == MpState.SUSPENDED and v.exit_reason == ExitReason.MMIO
     v.set_mp_state(MpState.RUNNABLE)
-    assert run_done(v) == [9]
+    assert run_done(v) == [10]
+    assert v.exit_reason == ExitReason.MMIO
+    x86 = kw.VM(arch="x86", nr_vcpus=1, engine=engine)
+    assert immediate_exit(x86.vcpus[0]) == errno.EINTR
 
 
 def test_watchdog_timeout_gives_intr_and_the_guest_resumes(engine):

@@ -33,15 +33,35 @@ cdef inline int64_t owner_of(engine_t* e, int64_t gp, uint32_t vmi, uint32_t b) 
 
 
 cdef inline void refresh(engine_t* e, int64_t gp, uint32_t vmi, uint32_t b) noexcept nogil:
-    """Put INTID b's pending bit into its owner's pending set."""
+    """Put INTID b's pending bit into its owner's pending set (its ap_list).
+
+    While the distributor is disabled a newly pending interrupt is not queued:
+    vgic_target_oracle returns NULL for it, and vgic_queue_irq_unlock leaves
+    it on no ap_list (one queued before stays until pruned, prune_ap_list).
+    """
     cdef int64_t o = owner_of(e, gp, vmi, b)
     cdef uint64_t bit = (<uint64_t>1) << (b & 63)
     if o < 0:
         return
     if pending_bit(e, gp, vmi, b):
-        e.irq[o].ap[b >> 6] |= bit
+        if e.gic[vmi].enabled:
+            e.irq[o].ap[b >> 6] |= bit
     else:
         e.irq[o].ap[b >> 6] &= ~bit
+
+
+cdef void prune_ap_list(engine_t* e, uint32_t g) noexcept nogil:
+    """vgic_prune_ap_list with the distributor disabled: every interrupt whose
+    vgic_target_oracle is now NULL (all but the active ones) leaves the ap_list.
+    Run at each guest entry of an arm64 vCPU (the kernel prunes at each exit)."""
+    cdef virq_t* q = &e.irq[g]
+    cdef gic_t* gic = &e.gic[e.th[g].vm]
+    cdef uint32_t w
+    if gic.enabled:
+        return
+    q.ap[0] &= (gic.spi_act[0] & <uint64_t>0xFFFFFFFF00000000) | q.priv_act
+    for w in range(1, 16):
+        q.ap[w] &= gic.spi_act[w]
 
 
 cdef inline bint irq_enabled(engine_t* e, int64_t gp, uint32_t vmi, uint32_t b) noexcept nogil:
@@ -70,10 +90,13 @@ cdef inline int64_t oracle(engine_t* e, int64_t gp, uint32_t vmi, uint32_t b) no
 
 cdef inline int queue_irq(engine_t* e, int64_t gp, uint32_t vmi, uint32_t b,
                           uint64_t t) noexcept nogil:
-    """vgic_queue_irq_unlock: request + kick the oracle's vCPU.  1 if an IPI went."""
+    """vgic_queue_irq_unlock: onto the oracle's vCPU's ap_list, request + kick.
+    1 if an IPI went."""
     cdef int64_t tgt = oracle(e, gp, vmi, b)
     if tgt < 0:
         return 0
+    if pending_bit(e, gp, vmi, b):
+        e.irq[tgt].ap[b >> 6] |= (<uint64_t>1) << (b & 63)
     e.th[tgt].requests |= e.inject_req_bit
     return kick(e, <uint32_t>tgt, t, 1)
 
@@ -200,7 +223,10 @@ cdef int set_enabled(engine_t* e, int64_t gp, uint32_t vmi, uint32_t b, bint on,
 
 
 cdef int set_dist_enabled(engine_t* e, uint32_t vmi, bint on, uint64_t t) noexcept nogil:
-    """GICD_CTLR: enabling the distributor kicks every vCPU with something pending."""
+    """GICD_CTLR written by the guest (vgic_mmio_write_v3_misc): enabling the
+    distributor kicks every vCPU with something queued on its ap_list
+    (vgic_kick_vcpus), not the interrupts that became pending while it was
+    disabled: those were never queued (vgic_target_oracle returned NULL)."""
     cdef vm_t* vm = &e.vms[vmi]
     cdef gic_t* gic = &e.gic[vmi]
     cdef uint32_t was = gic.enabled, g
@@ -213,6 +239,61 @@ cdef int set_dist_enabled(engine_t* e, uint32_t vmi, bint on, uint64_t t) noexce
                 if kick(e, g, t, 1) < 0:
                     return -1
     return 0
+
+
+cdef int uaccess_write_pending(engine_t* e, int64_t gp, uint32_t vmi, uint32_t b, bint on,
+                               uint64_t t) noexcept nogil:
+    """GICD_ISPENDR / GICR_ISPENDR0 written by userspace (vgic_v3_uaccess_write_pending):
+    the latch is written whole, 1 sets it and queues (vgic_queue_irq_unlock), 0
+    clears it; no physical side effects.  1 if an IPI went."""
+    cdef uint32_t pbit
+    cdef uint64_t bit
+    if b < 32:
+        pbit = (<uint32_t>1) << b
+        if on:
+            e.irq[gp].priv_latch |= pbit
+        else:
+            e.irq[gp].priv_latch &= ~pbit
+    else:
+        bit = (<uint64_t>1) << (b & 63)
+        if on:
+            e.gic[vmi].spi_latch[b >> 6] |= bit
+        else:
+            e.gic[vmi].spi_latch[b >> 6] &= ~bit
+    refresh(e, gp, vmi, b)
+    if on:
+        return queue_irq(e, gp, vmi, b, t)
+    return 0
+
+
+cdef int uaccess_write_active(engine_t* e, int64_t gp, uint32_t vmi, uint32_t b, bint on,
+                              uint64_t t) noexcept nogil:
+    """GICD_ISACTIVER / ICACTIVER written by userspace (vgic_mmio_uaccess_write_sactive /
+    cactive -> vgic_mmio_change_active): no guest halt; an interrupt made active
+    is queued (vgic_queue_irq_unlock).  1 if an IPI went."""
+    cdef uint32_t pbit
+    cdef uint64_t bit
+    if b < 32:
+        pbit = (<uint32_t>1) << b
+        if on:
+            e.irq[gp].priv_act |= pbit
+        else:
+            e.irq[gp].priv_act &= ~pbit
+    else:
+        bit = (<uint64_t>1) << (b & 63)
+        if on:
+            e.gic[vmi].spi_act[b >> 6] |= bit
+        else:
+            e.gic[vmi].spi_act[b >> 6] &= ~bit
+    if on:
+        return queue_irq(e, gp, vmi, b, t)
+    return 0
+
+
+cdef void uaccess_write_dist_ctlr(engine_t* e, uint32_t vmi, bint on) noexcept nogil:
+    """GICD_CTLR written by userspace (vgic_mmio_uaccess_write_v3_misc): the enable
+    bit only; no vgic_kick_vcpus."""
+    e.gic[vmi].enabled = 1 if on else 0
 
 
 cdef int route_spi(engine_t* e, uint32_t vmi, uint32_t b, uint64_t mpidr,

@@ -207,7 +207,7 @@ cdef int segment_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef uint8_t cont = th.cont
     cdef int rc
     if cont == CONT_HALT:
-        return halt(e, g, t, HALT_WFI)
+        return emulate_halt(e, g, t)
     if cont == CONT_TRAP:
         return trap_op(e, g, t)
     if cont == CONT_END:

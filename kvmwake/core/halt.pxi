@@ -1,7 +1,9 @@
 # core/halt.pxi (twin: kvmwake/reference/halt.py).
 # Mirrors: virt/kvm/kvm_main.c kvm_vcpu_halt, kvm_vcpu_block,
 # kvm_vcpu_check_block, grow_halt_poll_ns, shrink_halt_poll_ns,
-# kvm_vcpu_max_halt_poll_ns, update_halt_poll_stats.
+# kvm_vcpu_max_halt_poll_ns, update_halt_poll_stats; the trapped WFI
+# (arch/arm64/kvm/handle_exit.c kvm_handle_wfx -> kvm_vcpu_wfi) and HLT
+# (arch/x86/kvm/x86.c __kvm_emulate_halt).
 #
 # kvm_vcpu_halt / kvm_vcpu_block (virt/kvm/kvm_main.c): the poll window, the
 # block on the vCPU's single-waiter rcuwait, the halt stats, the grow/shrink
@@ -54,6 +56,25 @@ cdef inline uint32_t shrink_halt_poll_ns(engine_t* e, uint32_t val) noexcept nog
     if val < e.grow_start:
         val = 0
     return val
+
+
+cdef int emulate_halt(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """The trapped WFI or HLT (its halt_exits / wfi_exit_stat was counted when the
+    guest executed it).
+
+    arm64 (kvm_handle_wfx -> kvm_vcpu_wfi): kvm_vcpu_halt; the MP state stays
+    RUNNABLE and the WFI is complete when the halt ends, whatever ended it.
+    x86 (__kvm_emulate_halt with an in-kernel LAPIC): the vCPU becomes HALTED
+    unless kvm_vcpu_has_events, and vcpu_run's loop then blocks it (vcpu_block,
+    in enter()); with an event already pending it stays RUNNABLE and re-enters
+    the guest without entering kvm_vcpu_halt at all.
+    """
+    cdef thread_t* th = &e.th[g]
+    if e.x86:
+        if not runnable(e, g):
+            th.mp_state = MP_HALTED
+        return enter(e, g, t, e.costs.vm_entry_ns)
+    return halt(e, g, t, HALT_WFI)
 
 
 cdef int halt(engine_t* e, uint32_t g, uint64_t t, uint8_t kind) noexcept nogil:
@@ -177,7 +198,9 @@ cdef int halt_done(engine_t* e, uint32_t g, uint64_t cur, bint waited, uint64_t 
             e.lat_hist[lat_bucket(cur + entry - th.wake_ts)] += 1
         if th.halt_kind == HALT_CPU_SUSPEND:
             retval(th, 0)
-        elif th.halt_kind == HALT_MP_HALTED:
+        elif th.halt_kind == HALT_MP_HALTED and runnable(e, g):
+            # vcpu_block: RUNNABLE only if kvm_arch_vcpu_runnable; a signal or
+            # KVM_REQ_UNBLOCK leaves the activity state alone (still HALTED).
             th.mp_state = MP_RUNNABLE
     return enter(e, g, cur, entry)
 

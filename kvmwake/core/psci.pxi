@@ -49,7 +49,7 @@ cdef int psci_call(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef thread_t* th = &e.th[g]
     cdef vm_t* vm = &e.vms[th.vm]
     cdef uint64_t fn = th.regs[0] & KW_U32MASK, arg
-    cdef uint32_t ver = vm.psci_version, minor
+    cdef uint32_t ver = psci_version(vm), minor
     cdef int64_t r
     if ver == PSCI_V0_1:
         # kvm_psci_0_1_call: KVM's private function IDs.
@@ -128,6 +128,14 @@ cdef int psci_call(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         retval(th, ret_code(PSCI_RET_INTERNAL_FAILURE))
         return PSCI_EXIT
     return retval(th, ret_code(PSCI_RET_NOT_SUPPORTED))
+
+
+cdef inline uint32_t psci_version(vm_t* vm) noexcept nogil:
+    """kvm_psci_version (include/kvm/arm_psci.h): the VM's stored version with the
+    KVM_ARM_VCPU_PSCI_0_2 feature, else 0.1."""
+    if vm.vcpu_features & KVM_ARM_VCPU_PSCI_0_2_BIT:
+        return vm.psci_version
+    return PSCI_V0_1
 
 
 cdef int64_t psci_features(vm_t* vm, uint64_t arg, uint32_t minor) noexcept nogil:

@@ -1,6 +1,7 @@
 # core/run.pxi (twin: kvmwake/reference/run.py).
 # Mirrors: arch/arm64/kvm/arm.c kvm_arch_vcpu_ioctl_run, kvm_vcpu_suspend,
-# kvm_vcpu_sleep, check_vcpu_requests; arch/arm64/kvm/reset.c kvm_reset_vcpu.
+# kvm_vcpu_sleep, check_vcpu_requests; arch/arm64/kvm/reset.c kvm_reset_vcpu;
+# arch/x86/kvm/x86.c vcpu_run, vcpu_block.
 #
 # KVM_RUN's loop (arch/arm64/kvm/arm.c kvm_arch_vcpu_ioctl_run): what happens
 # before each guest entry (a signal, a STOPPED vCPU's sleep, a pending reset,
@@ -28,7 +29,11 @@ cdef int enter(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nogil
     if th.mp_state == MP_SUSPENDED:
         return halt(e, g, t, HALT_SUSPEND)
     if th.mp_state == MP_HALTED:
-        return halt(e, g, t, HALT_MP_HALTED)
+        # x86 vcpu_block: kvm_vcpu_halt only if not kvm_arch_vcpu_runnable; a
+        # runnable vCPU becomes RUNNABLE and enters the guest at once.
+        if not runnable(e, g):
+            return halt(e, g, t, HALT_MP_HALTED)
+        th.mp_state = MP_RUNNABLE
     if not th.pc_valid:
         return exit_to_user(e, g, t, EXIT_INTERNAL_ERROR, 0, 0, 0, 0, 0)
     return guest_entry(e, g, t, pre)
@@ -41,6 +46,8 @@ cdef int guest_entry(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept
     cdef virq_t* q = &e.irq[g]
     cdef int rc
     th.requests = 0               # check_vcpu_requests on the way in
+    if not e.x86:
+        prune_ap_list(e, g)
     rc = take_irqs(e, g, t, pre)
     if rc:
         return -1 if rc < 0 else 0
@@ -86,19 +93,36 @@ cdef int exit_to_user(engine_t* e, uint32_t g, uint64_t t, uint32_t reason, uint
 
 
 cdef void reset_vcpu(engine_t* e, uint32_t g) noexcept nogil:
-    """kvm_reset_vcpu for a pending KVM_REQ_VCPU_RESET (PSCI CPU_ON)."""
+    """kvm_reset_vcpu (arch/arm64/kvm/reset.c): the core registers zeroed (x0-x30,
+    SP, PC), PSTATE = VCPU_RESET_PSTATE_EL1 (EL1h, D, A, I, F set), the timer
+    off (kvm_timer_vcpu_reset); then the reset state a PSCI CPU_ON left
+    (KVM_REQ_VCPU_RESET) is taken and applied: PC = entry, x0 = context."""
     cdef thread_t* th = &e.th[g]
     cdef virq_t* q = &e.irq[g]
+    cdef bint owed = th.reset_pending
     th.reset_pending = 0
-    th.regs[0] = th.reset_r0
-    th.regs[1] = 0
-    th.regs[2] = 0
-    th.regs[3] = 0
-    set_pc(e, g, th.reset_pc)
-    q.masked = 1                  # PSTATE.DAIF all set at reset
+    memset(th.regs, 0, sizeof(th.regs))
+    th.sp = 0
+    th.pstate = VCPU_RESET_PSTATE_EL1 & ~(<uint64_t>PSR_I_BIT)
+    q.masked = 1                  # PSTATE.I (the rest of DAIF is in th.pstate)
     q.timer_ctl = 0
     q.timer_gen += 1
     q.sv_valid = 0
+    if owed:
+        set_pc(e, g, th.reset_pc)
+        th.regs[0] = th.reset_r0
+    else:
+        set_pc(e, g, 0)
+
+
+cdef inline uint64_t get_pstate(engine_t* e, uint32_t g) noexcept nogil:
+    """PSTATE as KVM_GET_ONE_REG reads it: its I bit is the mask the GIC side uses."""
+    return (e.th[g].pstate & ~(<uint64_t>PSR_I_BIT)) | (PSR_I_BIT if e.irq[g].masked else 0)
+
+
+cdef inline void set_pstate(engine_t* e, uint32_t g, uint64_t v) noexcept nogil:
+    e.th[g].pstate = v & ~(<uint64_t>PSR_I_BIT)
+    e.irq[g].masked = 1 if v & PSR_I_BIT else 0
 
 
 cdef void set_pc(engine_t* e, uint32_t g, uint64_t v) noexcept nogil:

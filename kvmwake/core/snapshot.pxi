@@ -213,6 +213,8 @@ cdef _check_state(Engine self):
             raise ValueError(f"VM {v}: vCPU range or SPI count inconsistent")
         if vm.psci_version not in (1, 2, 0x10000, 0x10001, 0x10002, 0x10003):
             raise ValueError(f"VM {v}: PSCI version {vm.psci_version:#x} unknown")
+        if vm.vcpu_features & ~(<uint32_t>_uapi.SUPPORTED_VCPU_FEATURES) or vm.features_set > 1:
+            raise ValueError(f"VM {v}: vCPU features {vm.vcpu_features:#x} not supported")
         for k in range(988 + 32):
             x = e.gic[v].spi_target[k]
             if x < -1 or x >= <int32_t>vm.nr_vcpus:
@@ -227,6 +229,8 @@ cdef _check_state(Engine self):
         if th.state > TS_RUNNABLE or th.resume > RESUME_SLEEP or th.cont > CONT_EOI \
                 or th.halt_kind > HALT_MP_HALTED or th.mp_state > MP_SUSPENDED:
             raise ValueError(f"thread {g}: a state field holds an unknown value")
+        if (th.pstate & 0x1F) not in (0x0, 0x4, 0x5) or th.pstate & PSR_I_BIT:
+            raise ValueError(f"thread {g}: PSTATE {th.pstate:#x} has a mode KVM refuses")
         if th.has_prog:
             if th.prog_n == 0 or <uint64_t>th.prog + th.prog_n > nops \
                     or (th.pc_valid and th.pc >= th.prog_n):

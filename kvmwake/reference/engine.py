@@ -21,7 +21,7 @@ from ..model import (
     NR_INTIDS, NR_STATS, RESCHEDULE_IRQ, RESUME_START, TICK_IRQ, VGIC_PRI_MASK, VTIMER_IRQ,
     EventClass, Request, SourceKind, ThreadState,
 )
-from ..uapi import KVM_ARM_PSCI_LATEST, MpState
+from ..uapi import DEFAULT_VCPU_FEATURES, KVM_ARM_PSCI_LATEST, PSR_MODE_EL1h, MpState
 from . import EngineError, gic, guest, halt, host, kick, psci, queue, rng, run, timer
 from .rng import SOURCE_STREAM_BASE, _Stream, rng_seed
 
@@ -74,7 +74,7 @@ class _Thread(_Stream):
         "pmr", "masked", "handler_ns", "cur_irq", "sv_guest", "sv_cont", "sv_valid",
         "timer_cval", "timer_ctl", "timer_gen", "timer_period", "irr", "isr", "tpr",
         # what userspace sees: MP state, registers, signals, the last exit
-        "mp_state", "regs", "pc_valid", "pc_raw", "sig_pending", "reset_pending", "reset_pc",
+        "mp_state", "regs", "sp", "pstate", "pc_valid", "pc_raw", "sig_pending", "reset_pending", "reset_pc",
         "reset_r0", "halt_kind", "exit_reason", "exit_type", "exit_ndata", "exit_data0",
         "exit_ucall", "exit_value", "exit_time",
     )
@@ -124,7 +124,9 @@ class _Thread(_Stream):
         self.isr = 0
         self.tpr = 0
         self.mp_state = MpState.RUNNABLE
-        self.regs = [0, 0, 0, 0]
+        self.regs = [0] * 31
+        self.sp = 0
+        self.pstate = PSR_MODE_EL1h         # a booted guest: EL1h, DAIF clear
         self.pc_valid = True
         self.pc_raw = 0
         self.sig_pending = False
@@ -147,7 +149,7 @@ class _Vm:
     __slots__ = ("index", "nr_vcpus", "first", "override", "max_halt_poll_ns", "tick_ns",
                  "tick_gen", "gic_enabled", "nr_spis", "spi_en", "spi_act", "spi_latch",
                  "spi_line", "spi_level", "spi_prio", "spi_target", "spi_mpidr",
-                 "psci_version", "suspend_cap", "code_base")
+                 "psci_version", "suspend_cap", "code_base", "vcpu_features", "features_set")
 
     def __init__(self, index, nr_vcpus, first, nr_spis):
         self.index, self.nr_vcpus, self.first = index, nr_vcpus, first
@@ -169,6 +171,8 @@ class _Vm:
         self.spi_mpidr = [0] * NR_INTIDS
         self.psci_version = KVM_ARM_PSCI_LATEST
         self.suspend_cap = False
+        self.vcpu_features = DEFAULT_VCPU_FEATURES   # until the first KVM_ARM_VCPU_INIT
+        self.features_set = False
         self.code_base = 0
 
 
@@ -420,20 +424,66 @@ class Engine:
             th.mp_state = MpState.RUNNABLE       # only the field: no kick
 
     def get_reg(self, g: int, idx: int) -> int:
-        """KVM_GET_ONE_REG of x0..x3 (0..3) or the PC (4), a pending reset applied first."""
+        """KVM_GET_ONE_REG of a core register: x0..x30 (0..30), SP (31), PC (32),
+        PSTATE (33); a reset owed by PSCI CPU_ON is applied first (kvm_arch_vcpu_ioctl)."""
         th = self.threads[g]
         if th.reset_pending:
             run.reset_vcpu(self, th)
-        return th.regs[idx] if idx < 4 else run.get_pc(self, th)
+        if idx < 31:
+            return th.regs[idx]
+        if idx == 31:
+            return th.sp
+        if idx == 32:
+            return run.get_pc(self, th)
+        return run.get_pstate(self, th)
 
     def set_reg(self, g: int, idx: int, value: int) -> None:
+        """KVM_SET_ONE_REG of a core register (the caller checked a PSTATE's mode)."""
         th = self.threads[g]
         if th.reset_pending:
             run.reset_vcpu(self, th)
-        if idx < 4:
+        if idx < 31:
             th.regs[idx] = value
-        else:
+        elif idx == 31:
+            th.sp = value
+        elif idx == 32:
             run.set_pc(self, th, value)
+        else:
+            run.set_pstate(self, th, value)
+
+    def vm_psci_version(self, vm_index: int) -> int:
+        """kvm_psci_version: what KVM_REG_ARM_PSCI_VERSION reads."""
+        return int(psci.psci_version(self.vms[vm_index]))
+
+    def vcpu_features(self, vm_index: int):
+        """(kvm->arch.vcpu_features, KVM_ARCH_FLAG_VCPU_FEATURES_CONFIGURED)."""
+        vm = self.vms[vm_index]
+        return vm.vcpu_features, bool(vm.features_set)
+
+    def vcpu_init(self, g: int, features: int, off: bool) -> None:
+        """KVM_ARM_VCPU_INIT with features the caller checked (POWER_OFF stripped):
+        the VM's feature set, kvm_reset_vcpu, then STOPPED (power-off) or RUNNABLE."""
+        th = self.threads[g]
+        th.vm.vcpu_features = features
+        th.vm.features_set = True
+        run.reset_vcpu(self, th)
+        if off:
+            self._guard(psci.power_off, self, th, self.now)
+        else:
+            th.mp_state = MpState.RUNNABLE
+
+    def uaccess_write_pending(self, vm_index: int, g: int, intid: int, on: bool) -> None:
+        th = self.threads[g] if g >= 0 else None
+        self._guard(gic.uaccess_write_pending, self, self.vms[vm_index], th, intid, on,
+                    self.now)
+
+    def uaccess_write_active(self, vm_index: int, g: int, intid: int, on: bool) -> None:
+        th = self.threads[g] if g >= 0 else None
+        self._guard(gic.uaccess_write_active, self, self.vms[vm_index], th, intid, on,
+                    self.now)
+
+    def uaccess_write_dist_ctlr(self, vm_index: int, on: bool) -> None:
+        gic.uaccess_write_dist_ctlr(self, vm_index, on)
 
     def enable_system_suspend(self, vm_index: int) -> None:
         self.vms[vm_index].suspend_cap = True
@@ -443,6 +493,10 @@ class Engine:
 
     def kick(self, g: int) -> bool:
         return self._guard(kick.kick, self, self.threads[g], self.now)
+
+    def raise_irq_at(self, g: int, irq: int) -> bool:
+        """SGI ``irq`` (arm64) or IPI vector ``irq`` (x86) arrives at vCPU ``g``."""
+        return self._guard(gic.raise_irq, self, self.threads[g], irq, self.now)
 
     def raise_pending(self, g: int) -> bool:
         """The arch's reschedule IPI arrives at vCPU ``g``."""
@@ -509,12 +563,13 @@ class Engine:
             return {"pending": bool(gic.pending_bit(self, vm, th, b)),
                     "enabled": bool(th.priv_en >> b & 1), "active": bool(th.priv_act >> b & 1),
                     "priority": th.priv_prio[b], "level": bool(th.priv_level >> b & 1),
-                    "line": bool(th.priv_line >> b & 1), "queued": bool(th.ap >> b & 1),
+                    "line": bool(th.priv_line >> b & 1), "latch": bool(th.priv_latch >> b & 1),
+                    "queued": bool(th.ap >> b & 1),
                     "target": th.vcpu_id, "pmr": th.pmr, "masked": th.masked}
         return {"pending": bool(gic.pending_bit(self, vm, th, b)),
                 "enabled": bool(vm.spi_en >> b & 1), "active": bool(vm.spi_act >> b & 1),
                 "priority": vm.spi_prio[b], "level": bool(vm.spi_level >> b & 1),
-                "line": bool(vm.spi_line >> b & 1),
+                "line": bool(vm.spi_line >> b & 1), "latch": bool(vm.spi_latch >> b & 1),
                 "queued": vm.spi_target[b] >= 0 and bool(
                     self.threads[vm.first + vm.spi_target[b]].ap >> b & 1),
                 "target": vm.spi_target[b], "mpidr": vm.spi_mpidr[b],

@@ -44,14 +44,30 @@ def owner_of(e, vm, th, b):
 
 
 def refresh(e, vm, th, b):
-    """Put INTID b's pending bit into its owner's pending set."""
+    """Put INTID b's pending bit into its owner's pending set (its ap_list).
+
+    While the distributor is disabled a newly pending interrupt is not queued:
+    vgic_target_oracle returns NULL for it, and vgic_queue_irq_unlock leaves
+    it on no ap_list (one queued before stays until pruned, prune_ap_list).
+    """
     owner = owner_of(e, vm, th, b)
     if owner is None:
         return
     if pending_bit(e, vm, th, b):
-        owner.ap |= 1 << b
+        if vm.gic_enabled:
+            owner.ap |= 1 << b
     else:
         owner.ap &= ~(1 << b)
+
+
+def prune_ap_list(e, th):
+    """vgic_prune_ap_list with the distributor disabled: every interrupt whose
+    vgic_target_oracle is now NULL (all but the active ones) leaves the ap_list.
+    Run at each guest entry of an arm64 vCPU (the kernel prunes at each exit)."""
+    vm = th.vm
+    if vm.gic_enabled:
+        return
+    th.ap &= (vm.spi_act & ~_PRIV_MASK) | th.priv_act
 
 
 def irq_enabled(e, vm, th, b):
@@ -75,10 +91,13 @@ def oracle(e, vm, th, b):
 
 
 def queue_irq(e, vm, th, b, t) -> bool:
-    """vgic_queue_irq_unlock: request + kick the oracle's vCPU.  True if an IPI went."""
+    """vgic_queue_irq_unlock: onto the oracle's vCPU's ap_list, request + kick.
+    True if an IPI went."""
     tgt = oracle(e, vm, th, b)
     if tgt is None:
         return False
+    if pending_bit(e, vm, th, b):
+        tgt.ap |= 1 << b
     tgt.requests |= 1 << (e.inject_req & KVM_REQUEST_MASK)
     return kick(e, tgt, t)
 
@@ -158,7 +177,10 @@ def set_enabled(e, vm, th, b, on, t):
 
 
 def set_dist_enabled(e, vm_index, on, t):
-    """GICD_CTLR: enabling the distributor kicks every vCPU with something pending."""
+    """GICD_CTLR written by the guest (vgic_mmio_write_v3_misc): enabling the
+    distributor kicks every vCPU with something queued on its ap_list
+    (vgic_kick_vcpus), not the interrupts that became pending while it was
+    disabled: those were never queued (vgic_target_oracle returned NULL)."""
     vm = e.vms[vm_index]
     was = vm.gic_enabled
     vm.gic_enabled = on
@@ -169,6 +191,41 @@ def set_dist_enabled(e, vm_index, on, t):
             if gic_pending(e, th):
                 th.requests |= 1 << (e.inject_req & KVM_REQUEST_MASK)
                 kick(e, th, t)
+
+
+def uaccess_write_pending(e, vm, th, b, on, t):
+    """GICD_ISPENDR / GICR_ISPENDR0 written by userspace (vgic_v3_uaccess_write_pending):
+    the latch is written whole, 1 sets it and queues (vgic_queue_irq_unlock), 0
+    clears it; no physical side effects.  True if an IPI went."""
+    bit = 1 << b
+    if b < 32:
+        th.priv_latch = th.priv_latch | bit if on else th.priv_latch & ~bit
+    else:
+        vm.spi_latch = vm.spi_latch | bit if on else vm.spi_latch & ~bit
+    refresh(e, vm, th, b)
+    if on:
+        return queue_irq(e, vm, th, b, t)
+    return False
+
+
+def uaccess_write_active(e, vm, th, b, on, t):
+    """GICD_ISACTIVER / ICACTIVER written by userspace (vgic_mmio_uaccess_write_sactive /
+    cactive -> vgic_mmio_change_active): no guest halt; an interrupt made active
+    is queued (vgic_queue_irq_unlock).  True if an IPI went."""
+    bit = 1 << b
+    if b < 32:
+        th.priv_act = th.priv_act | bit if on else th.priv_act & ~bit
+    else:
+        vm.spi_act = vm.spi_act | bit if on else vm.spi_act & ~bit
+    if on:
+        return queue_irq(e, vm, th, b, t)
+    return False
+
+
+def uaccess_write_dist_ctlr(e, vm_index, on):
+    """GICD_CTLR written by userspace (vgic_mmio_uaccess_write_v3_misc): the enable
+    bit only; no vgic_kick_vcpus."""
+    e.vms[vm_index].gic_enabled = bool(on)
 
 
 def route_spi(e, vm_index, b, mpidr, t):

@@ -24,7 +24,7 @@ from .rng import draw_ns, rng_next
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
-enter = eoi = exit_to_user = halt = hvc = raise_irq = route_spi = set_dist_enabled = None
+emulate_halt = enter = eoi = exit_to_user = halt = hvc = raise_irq = route_spi = set_dist_enabled = None
 set_enabled = take_irqs = timer_program = None
 
 _EV_SEG = EventClass.SEGMENT
@@ -202,7 +202,7 @@ def interrupt_segment(e, th, base, cost):
 def segment_end(e, th, t):
     cont = th.cont
     if cont == CONT_HALT:
-        halt(e, th, t, HALT_WFI)
+        emulate_halt(e, th, t)
     elif cont == CONT_TRAP:
         trap_op(e, th, t)
     elif cont == CONT_END:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .. import haltpoll
 from ..model import (
-    HALT_CPU_SUSPEND, HALT_MP_HALTED, HALT_POLL_HIST_COUNT, HALT_SUSPEND, KVM_REQUEST_MASK,
+    HALT_CPU_SUSPEND, HALT_MP_HALTED, HALT_POLL_HIST_COUNT, HALT_WFI, HALT_SUSPEND, KVM_REQUEST_MASK,
     RESUME_HALT, S_ATTEMPTED_POLL, S_BLOCKING, S_POLL_FAIL_HIST, S_POLL_FAIL_NS,
     S_POLL_SUCCESS_HIST, S_POLL_SUCCESS_NS, S_SUCCESSFUL_POLL, S_WAIT_HIST, S_WAIT_NS,
     TR_HALT_POLL_NS, TR_WAKEUP, EventClass, Request, ThreadState,
@@ -65,6 +65,25 @@ def grow_halt_poll_ns(e, val):
 def shrink_halt_poll_ns(e, val):
     """shrink_halt_poll_ns, with the module's shrink and grow_start."""
     return haltpoll.shrink(val, e.halt_poll_ns_shrink, e.halt_poll_ns_grow_start)
+
+
+def emulate_halt(e, th, t):
+    """The trapped WFI or HLT (its halt_exits / wfi_exit_stat was counted when the
+    guest executed it).
+
+    arm64 (kvm_handle_wfx -> kvm_vcpu_wfi): kvm_vcpu_halt; the MP state stays
+    RUNNABLE and the WFI is complete when the halt ends, whatever ended it.
+    x86 (__kvm_emulate_halt with an in-kernel LAPIC): the vCPU becomes HALTED
+    unless kvm_vcpu_has_events, and vcpu_run's loop then blocks it (vcpu_block,
+    in enter()); with an event already pending it stays RUNNABLE and re-enters
+    the guest without entering kvm_vcpu_halt at all.
+    """
+    if e.x86:
+        if not runnable(e, th):
+            th.mp_state = MpState.HALTED
+        enter(e, th, t, e.costs["vm_entry_ns"])
+        return
+    halt(e, th, t, HALT_WFI)
 
 
 def halt(e, th, t, kind):
@@ -158,7 +177,9 @@ def halt_done(e, th, cur, waited, poll_end, immediate=False):
         if not immediate:
             e.lat_hist[lat_bucket(cur + entry - th.wake_ts)] += 1
         if kind == HALT_CPU_SUSPEND:
-            th.regs = [PsciRet.SUCCESS, 0, 0, 0]
-        elif kind == HALT_MP_HALTED:
+            th.regs[0:4] = [PsciRet.SUCCESS, 0, 0, 0]
+        elif kind == HALT_MP_HALTED and runnable(e, th):
+            # vcpu_block: RUNNABLE only if kvm_arch_vcpu_runnable; a signal or
+            # KVM_REQ_UNBLOCK leaves the activity state alone (still HALTED).
             th.mp_state = MpState.RUNNABLE
     enter(e, th, cur, entry)

@@ -19,7 +19,7 @@ from ..uapi import (
     KVM_SYSTEM_EVENT_RESET_FLAG_PSCI_RESET2, KVM_SYSTEM_EVENT_SHUTDOWN_FLAG_PSCI_OFF2,
     MPIDR_HWID_BITMASK, PSCI_0_2_TOS_MP, PSCI_1_1_RESET_TYPE_VENDOR_START,
     PSCI_1_3_OFF_TYPE_HIBERNATE_OFF, AffinityInfo, ExitReason, MpState, PsciFn, PsciRet,
-    PsciVersion, SystemEventType,
+    PsciVersion, SystemEventType, VcpuFeature,
 )
 from .rng import M64
 
@@ -50,9 +50,17 @@ def hvc(e, th, t):
         halt(e, th, t, HALT_CPU_SUSPEND)
 
 
+def psci_version(vm):
+    """kvm_psci_version (include/kvm/arm_psci.h): the VM's stored version with the
+    KVM_ARM_VCPU_PSCI_0_2 feature, else 0.1."""
+    if vm.vcpu_features & (1 << VcpuFeature.PSCI_0_2):
+        return vm.psci_version
+    return PsciVersion.V0_1
+
+
 def retval(th, val):
     """smccc_set_retval(vcpu, val, 0, 0, 0)."""
-    th.regs = [val & M64, 0, 0, 0]
+    th.regs[0:4] = [val & M64, 0, 0, 0]
     return PSCI_RESUME
 
 
@@ -73,7 +81,7 @@ def psci_call(e, th, t):
     vm = th.vm
     regs = th.regs
     fn = regs[0] & U32
-    ver = vm.psci_version
+    ver = psci_version(vm)
     if ver == PsciVersion.V0_1:
         # kvm_psci_0_1_call: KVM's private function IDs.
         if fn == KVM_PSCI_FN_CPU_OFF:

@@ -1,6 +1,7 @@
 """reference/run.py (twin: kvmwake/core/run.pxi).
 Mirrors: arch/arm64/kvm/arm.c kvm_arch_vcpu_ioctl_run, kvm_vcpu_suspend,
-kvm_vcpu_sleep, check_vcpu_requests; arch/arm64/kvm/reset.c kvm_reset_vcpu.
+kvm_vcpu_sleep, check_vcpu_requests; arch/arm64/kvm/reset.c kvm_reset_vcpu;
+arch/x86/kvm/x86.c vcpu_run, vcpu_block.
 
 KVM_RUN's loop (arch/arm64/kvm/arm.c kvm_arch_vcpu_ioctl_run): what happens
 before each guest entry (a signal, a STOPPED vCPU's sleep, a pending reset,
@@ -10,12 +11,13 @@ a SUSPENDED vCPU's WFI emulation), and the exits to userspace.
 from __future__ import annotations
 
 from ..model import HALT_MP_HALTED, HALT_SUSPEND, RESUME_SLEEP, RESUME_START, ThreadState
-from ..uapi import ExitReason, MpState
+from ..uapi import PSR_I_BIT, VCPU_RESET_PSTATE_EL1, ExitReason, MpState
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
-advance = halt = release_cpu = segment = take_irqs = tl_note = None
+advance = halt = prune_ap_list = release_cpu = runnable = segment = take_irqs = None
+tl_note = None
 
 _USER, _BLOCKED = ThreadState.USER, ThreadState.BLOCKED
 
@@ -44,8 +46,12 @@ def enter(e, th, t, pre):
         halt(e, th, t, HALT_SUSPEND)
         return
     if th.mp_state == MpState.HALTED:
-        halt(e, th, t, HALT_MP_HALTED)
-        return
+        # x86 vcpu_block: kvm_vcpu_halt only if not kvm_arch_vcpu_runnable; a
+        # runnable vCPU becomes RUNNABLE and enters the guest at once.
+        if not runnable(e, th):
+            halt(e, th, t, HALT_MP_HALTED)
+            return
+        th.mp_state = MpState.RUNNABLE
     if not th.pc_valid:
         exit_to_user(e, th, t, ExitReason.INTERNAL_ERROR)
         return
@@ -56,6 +62,8 @@ def guest_entry(e, th, t, pre):
     """Into the guest after ``pre`` ns: requests are handled, pending
     interrupts taken, then the interrupted segment or the next op goes on."""
     th.requests = 0              # check_vcpu_requests on the way in
+    if not e.x86:
+        prune_ap_list(e, th)
     if take_irqs(e, th, t, pre):
         return
     if th.sv_valid:
@@ -91,14 +99,34 @@ def exit_to_user(e, th, t, reason, type_=0, ndata=0, data0=0, ucall=0, value=0):
 
 
 def reset_vcpu(e, th):
-    """kvm_reset_vcpu for a pending KVM_REQ_VCPU_RESET (PSCI CPU_ON)."""
+    """kvm_reset_vcpu (arch/arm64/kvm/reset.c): the core registers zeroed (x0-x30,
+    SP, PC), PSTATE = VCPU_RESET_PSTATE_EL1 (EL1h, D, A, I, F set), the timer
+    off (kvm_timer_vcpu_reset); then the reset state a PSCI CPU_ON left
+    (KVM_REQ_VCPU_RESET) is taken and applied: PC = entry, x0 = context."""
+    owed = th.reset_pending
     th.reset_pending = False
-    th.regs = [th.reset_r0, 0, 0, 0]
-    set_pc(e, th, th.reset_pc)
-    th.masked = True                 # PSTATE.DAIF all set at reset
+    th.regs = [0] * 31
+    th.sp = 0
+    th.pstate = VCPU_RESET_PSTATE_EL1 & ~PSR_I_BIT
+    th.masked = True                 # PSTATE.I (the rest of DAIF is in th.pstate)
     th.timer_ctl = 0
     th.timer_gen += 1
     th.sv_valid = False
+    if owed:
+        set_pc(e, th, th.reset_pc)
+        th.regs[0] = th.reset_r0
+    else:
+        set_pc(e, th, 0)
+
+
+def get_pstate(e, th):
+    """PSTATE as KVM_GET_ONE_REG reads it: its I bit is the mask the GIC side uses."""
+    return (th.pstate & ~PSR_I_BIT) | (PSR_I_BIT if th.masked else 0)
+
+
+def set_pstate(e, th, v):
+    th.pstate = v & ~PSR_I_BIT
+    th.masked = bool(v & PSR_I_BIT)
 
 
 def set_pc(e, th, v):

@@ -24,7 +24,7 @@ from ..model import (
     NR_INTIDS, NR_STATS, OP_DTYPE, RESUME_SEGMENT, RESUME_SLEEP, S_BLOCKING, EventClass, Op,
     SourceKind, ThreadState,
 )
-from ..uapi import MpState, PsciVersion
+from ..uapi import PSR_I_BIT, SUPPORTED_VCPU_FEATURES, MpState, PsciVersion
 from . import EngineError, halt, host, queue
 from .engine import _Source, _Thread, _Vm
 
@@ -200,6 +200,10 @@ def check_state(e) -> None:
             raise EngineError(f"VM {v}: vCPU range or SPI count inconsistent")
         if vm.psci_version not in _PSCI_VERSIONS:
             raise EngineError(f"VM {v}: PSCI version {vm.psci_version:#x} unknown")
+        if not isinstance(vm.vcpu_features, int) \
+                or vm.vcpu_features & ~SUPPORTED_VCPU_FEATURES or vm.vcpu_features < 0 \
+                or not isinstance(vm.features_set, bool):
+            raise EngineError(f"VM {v}: vCPU features {vm.vcpu_features!r} not supported")
         if any(len(a) != NR_INTIDS for a in (vm.spi_prio, vm.spi_target, vm.spi_mpidr)):
             raise EngineError(f"VM {v}: SPI tables of the wrong size")
         for k, x in enumerate(vm.spi_target):
@@ -221,9 +225,12 @@ def check_state(e) -> None:
                 or not _index(th.mp_state, MpState.SUSPENDED + 1):
             raise EngineError(f"thread {g}: a state field holds an unknown value")
         if len(th.stats) != NR_STATS or len(th.loops) != MAX_LOOP_DEPTH \
-                or len(th.priv_prio) != 32 or len(th.regs) != 4:
+                or len(th.priv_prio) != 32 or len(th.regs) != 31:
             raise EngineError(f"thread {g}: stats, loop counters, priorities or registers "
                               "of the wrong size")
+        if not isinstance(th.pstate, int) or th.pstate & 0x1F not in (0x0, 0x4, 0x5) \
+                or th.pstate & PSR_I_BIT:
+            raise EngineError(f"thread {g}: PSTATE {th.pstate!r} has a mode KVM refuses")
         if th.prog is not None:
             if not th.prog or (th.pc_valid and not _index(th.pc, len(th.prog))):
                 raise EngineError(f"thread {g}: program or PC out of range")
