@@ -18,11 +18,15 @@ from . import guest, model, uapi, vmm  # noqa: E402
 from .errors import EngineError, KvmError, ProgramError, ScenarioError, SnapshotError  # noqa: E402
 from .host import Host  # noqa: E402
 from .model import Request  # noqa: E402
-from .uapi import Cap  # noqa: E402
+from .uapi import (  # noqa: E402
+    Cap, ExitReason, KvmReg, MpState, PsciFn, PsciRet, PsciVersion, SystemEventType,
+    VcpuFeature,
+)
 from .vm import VCpu, VM  # noqa: E402
 
 __all__ = [
-    "Host", "VM", "VCpu", "Cap", "Request", "KvmError", "ProgramError", "EngineError",
+    "Host", "VM", "VCpu", "Cap", "ExitReason", "KvmReg", "MpState", "PsciFn", "PsciRet",
+    "PsciVersion", "SystemEventType", "VcpuFeature", "Request", "KvmError", "ProgramError", "EngineError",
     "ScenarioError", "SnapshotError", "guest", "model", "uapi", "vmm",
     "__version__",
 ]

@@ -189,3 +189,62 @@ class ReferenceVmm(Vmm):
             self.resume_latency_ns.append(ex.time_ns - t0)
         vcpu.set_mp_state(MpState.RUNNABLE)
         return True
+
+
+#: The policies named by a word in scenario files and on the command line.
+POLICIES = {"default": Vmm, "reference": ReferenceVmm, "deny-all": DenyAllVmm}
+
+
+def load_policy(spec: str) -> type:
+    """The VMM policy class a spec names: a word of ``POLICIES`` (``"reference"``) or
+    ``"package.module:Class"`` (``Class`` may be dotted, ``"pkg.mod:Outer.Inner"``),
+    which is imported.  The class must subclass ``Vmm`` and be constructible
+    without arguments (``vm.run`` calls ``attach`` on the instance).
+
+    Raises ``ValueError`` naming what is wrong: the spec's form, a module that
+    cannot be imported, a missing attribute, or a class that is not a policy.
+    This is the spec ``kvmwake run --vmm`` and a scenario's ``vmm = "..."`` take;
+    it is also how a snapshot names a VM's policy.
+    """
+    import importlib
+    import inspect
+
+    if not isinstance(spec, str):
+        raise ValueError(f"a VMM policy is a name or 'package.module:Class', not {spec!r}")
+    if spec in POLICIES:
+        return POLICIES[spec]
+    mod_name, sep, qual = spec.partition(":")
+    ident = r"[A-Za-z_][A-Za-z0-9_]*"
+    import re
+    if not sep or not re.fullmatch(rf"{ident}(\.{ident})*", mod_name) \
+            or not re.fullmatch(rf"{ident}(\.{ident})*", qual):
+        raise ValueError(f"VMM policy {spec!r}: expected one of {', '.join(POLICIES)} or "
+                         "'package.module:Class'")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as exc:       # an ImportError, or an error raised by the module itself
+        raise ValueError(f"VMM policy {spec!r}: cannot import {mod_name!r}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    obj = mod
+    for part in qual.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"VMM policy {spec!r}: {mod_name} has no {qual!r}")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, Vmm)):
+        raise ValueError(f"VMM policy {spec!r}: {qual} is not a subclass of kvmwake.vmm.Vmm")
+    try:
+        inspect.signature(obj).bind()
+    except TypeError:
+        raise ValueError(f"VMM policy {spec!r}: {qual}() needs arguments; a policy named "
+                         "by a spec is built without any") from None
+    except ValueError:           # no signature to inspect (a C type): try it when built
+        pass
+    return obj
+
+
+def policy_spec(cls: type) -> str:
+    """The spec naming ``cls``: its word in ``POLICIES``, else ``"module:QualName"``."""
+    for name, c in POLICIES.items():
+        if c is cls:
+            return name
+    return f"{cls.__module__}:{cls.__qualname__}"

@@ -24,6 +24,7 @@ import time
 
 from .. import __version__
 from .. import host as _host
+from .. import vmm as _vmm
 from .. import scenarios as _scenarios
 from ..errors import EngineError, KvmError, ProgramError, ScenarioError, SnapshotError
 # kernel.cli and kernel.replay use this package's argtypes, so importing them first
@@ -103,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed (default: the scenario's, 0 for the built-ins)")
     r.add_argument("--engine", choices=("core", "reference"), default="core",
                    help="simulation engine (default: %(default)s)")
+    r.add_argument("--vmm", metavar="SPEC",
+                   help="the VMM policy of every VM: default, reference, deny-all or "
+                        "package.module:Class (a kvmwake.vmm.Vmm subclass, importable from "
+                        "the current directory or PYTHONPATH); overrides the scenario's.  With "
+                        "--restore: the class a custom policy saved in the snapshot needs")
     r.add_argument("--json", metavar="PATH", help="write the summary as JSON ('-' for stdout)")
     r.add_argument("--trace", metavar="PATH",
                    help="write kvm_vcpu_wakeup / kvm_halt_poll_ns lines of VM 0 in the kernel's text")
@@ -152,8 +158,14 @@ def run_scenario(args) -> dict:
     if (args.snapshot_at is None) != (args.snapshot is None):
         raise ValueError("--snapshot-at and --snapshot go together")
     t0 = time.perf_counter()
+    policy = None
+    if getattr(args, "vmm", None) is not None:
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())      # as `python -m` would find the module
+        policy = _vmm.load_policy(args.vmm)
     if args.restore:
-        host, header = _host.restore_host(args.restore)
+        classes = {_vmm.policy_spec(policy): policy} if policy is not None else None
+        host, header = _host.restore_host(args.restore, vmm_classes=classes)
         run = header.get("run") or {}
         name = run.get("scenario", "?")
         if sim_ns is None:
@@ -171,6 +183,10 @@ def run_scenario(args) -> dict:
         name = sc.name
         path = sc.path
         args.seed = host.seed
+        if policy is not None:
+            for vm in host.vms:
+                vm.vmm = policy()
+                vm.vmm.attach(vm)
         start_events = start_halts = 0
     if sim_ns < host.now:
         raise ValueError(f"the run ends at {sim_ns} ns, before the snapshot's {host.now} ns")

@@ -9,7 +9,8 @@ from ..host import Host, check_int
 from ..uapi import Cap
 from .catalog import get
 from .expand import programs_for, source_targets
-from .parse import VMM_POLICIES, Scenario
+from ..vmm import load_policy
+from .parse import Scenario
 
 
 def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = None,
@@ -64,7 +65,7 @@ def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = Non
                 else:
                     vm.add_msi_source(a, b, **timing)
         if sc.vmm != "default":
-            vm.vmm = VMM_POLICIES[sc.vmm]()
+            vm.vmm = load_policy(sc.vmm)()
             vm.vmm.attach(vm)
         left -= n
     return host, sim_ns, sc
