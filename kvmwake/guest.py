@@ -169,6 +169,11 @@ def unmask() -> _Ins:
     return _Ins(Op.UNMASK)
 
 
+#: x86's words for mask / unmask (RFLAGS.IF; ``VCpu.set_interrupt_flag`` from outside).
+cli = mask
+sti = unmask
+
+
 def set_handler(ns: int) -> _Ins:
     """From now on the guest's interrupt handler runs for ``ns`` ns (then EOI)."""
     return _Ins(Op.SET_HANDLER, 0, 0, _dur("set_handler", ns))

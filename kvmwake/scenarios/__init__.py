@@ -24,7 +24,7 @@ A scenario file::
     halt_poll = "100us"           # KVM_CAP_HALT_POLL on each VM (optional)
     caps = ["ARM_SYSTEM_SUSPEND"]
     spis = 224                    # arm64 vGIC SPIs
-    vmm = "default"               # or "reference", "deny-all"
+    vmm = "default"               # or "reference", "deny-all", "package.module:Class"
 
     [[vm.program]]
     vcpus = "all"                 # or 3, [0, 2], "1:", "0::4" (Python slices of the VM's ids)
