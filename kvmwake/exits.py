@@ -33,7 +33,8 @@ class Exit:
     ``reason`` is a ``uapi.ExitReason``.  For ``SYSTEM_EVENT``,
     ``system_event`` holds the event; for ``MMIO`` (the selftests' ucall
     channel) ``ucall`` is ``"SYNC"`` or ``"DONE"`` and ``value`` the synced
-    value; ``INTR`` is the ``-EINTR`` return (a signal or ``immediate_exit``);
+    value; ``INTR`` is a signal's ``-EINTR`` return with ``KVM_EXIT_INTR``
+    (``immediate_exit`` raises ``KvmError(EINTR)`` instead: no exit reason);
     ``INTERNAL_ERROR`` means the guest's PC held no code.
     """
 

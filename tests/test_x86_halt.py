@@ -89,21 +89,27 @@ def test_hlt_with_an_event_pending_counts_no_poll(engine):
     """A HLT that finds a deliverable interrupt pending is no halt at all
     (__kvm_emulate_halt leaves the vCPU RUNNABLE, vcpu_run enters the guest): no
     poll attempted or counted successful, no kvm_vcpu_wakeup; halt_exits counts it.
-    The MSI arrives while the vCPU is leaving the guest for the HLT (the exit part
-    of its segment: entry 1000 ns, guest 5000 ns, exit 1000 ns)."""
+
+    The first HLT blocks and is woken at 10000, which grows the poll window to
+    10000 ns; the vCPU re-enters at 16000, computes 5000 ns and leaves the guest
+    for the second HLT at 21000 (trap at 22000).  The MSI at 21500 arrives in that
+    exit: the second HLT finds it pending (the old model counted a 0 ns
+    successful poll for it)."""
     vm = x86_vm(engine, poll=200_000)
     v = vm.vcpus[0]
-    v.load([g.compute(5_000), g.hlt(), g.sync(1), g.end()])
-    vm.run(6_500)
-    assert v.thread_state == "RUNNING"
+    v.load([g.hlt(), g.compute(5_000), g.hlt(), g.sync(1), g.end()])
+    vm.run(10_000)
     msi(vm, 0, 0x41)
+    vm.run(21_500)
+    assert v.thread_state == "RUNNING" and v.halt_poll_ns == 10_000
+    msi(vm, 0, 0x42)
     ex = v.run()
-    assert ex.reason == ExitReason.MMIO and ex.value == 1 and ex.time_ns < 20_000
+    assert ex.reason == ExitReason.MMIO and ex.value == 1 and ex.time_ns == 24_000
     st = v.stats()
-    assert st["halt_exits"] == 1
+    assert st["halt_exits"] == 2 and st["halt_wakeup"] == 1
     assert st["halt_attempted_poll"] == 0 and st["halt_successful_poll"] == 0
-    assert st["halt_poll_success_ns"] == 0 and wakeup_records(vm) == 0
-    assert v.get_mp_state() == MpState.RUNNABLE and not v.irq_state(0x41)["irr"]
+    assert st["halt_poll_success_ns"] == 0 and wakeup_records(vm) == 1
+    assert v.get_mp_state() == MpState.RUNNABLE and not v.irq_state(0x42)["irr"]
 
 
 def test_cli_hlt_halts_with_an_interrupt_pending(engine):

@@ -46,7 +46,7 @@ cdef int guest_entry(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept
     cdef virq_t* q = &e.irq[g]
     cdef int rc
     th.requests = 0               # check_vcpu_requests on the way in
-    if not e.x86:
+    if not e.x86 and not e.gic[th.vm].enabled:
         prune_ap_list(e, g)
     rc = take_irqs(e, g, t, pre)
     if rc:

@@ -62,7 +62,7 @@ def guest_entry(e, th, t, pre):
     """Into the guest after ``pre`` ns: requests are handled, pending
     interrupts taken, then the interrupted segment or the next op goes on."""
     th.requests = 0              # check_vcpu_requests on the way in
-    if not e.x86:
+    if not e.x86 and not th.vm.gic_enabled:
         prune_ap_list(e, th)
     if take_irqs(e, th, t, pre):
         return
