@@ -189,3 +189,55 @@ def test_init_is_arm64_only_and_busy_in_kvm_run(engine):
     vm.run(10_000)
     kvm_error(errno.EBUSY, v.init)
     assert vm.vcpu_features == PSCI_0_2
+
+
+def _session(engine, seed):
+    """A random VMM session over the new calls (init, registers, userspace vGIC
+    writes, distributor toggles, SGIs) and runs; everything userspace can see."""
+    import random
+    rnd = random.Random(seed)
+    n = rnd.randint(1, 3)
+    vm = kw.VM(arch="arm64", nr_vcpus=n, engine=engine, seed=seed)
+    out = []
+    for v in vm.vcpus:
+        v.load(g.psci(PsciFn.FN64_CPU_ON, rnd.randrange(n), vm.code_address(0), 5)
+               + [g.loop([g.compute_exp(20_000), g.wake_random_other() if n > 1
+                          else g.compute(1_000), g.wfi(), g.sync_reg(0)], 6), g.end()])
+    for step in range(25):
+        k = rnd.randrange(9)
+        v = vm.vcpus[rnd.randrange(n)]
+        try:
+            if k == 0:
+                v.init(power_off=rnd.random() < 0.3)
+                v.set_reg("pc", vm.code_address(0))
+            elif k == 1:
+                v.set_reg(f"x{rnd.randrange(31)}", rnd.getrandbits(64))
+            elif k == 2:
+                v.set_reg("pstate", rnd.choice([0x5, 0x3C5, 0x4, 0x0, 0x85]))
+            elif k == 3:
+                vm.vgic_set_irq(rnd.choice([40, 41]), pending=rnd.random() < 0.7,
+                                enabled=rnd.random() < 0.8, mpidr=rnd.randrange(n))
+            elif k == 4:
+                vm.vgic_set_ctlr(rnd.choice([0, 2]))
+            elif k == 5:
+                vm.set_distributor(rnd.random() < 0.6)
+            elif k == 6:
+                v.raise_sgi(rnd.randrange(16))
+            elif k == 7:
+                vm.vgic_set_irq(rnd.randrange(16, 32), vcpu=v, active=rnd.random() < 0.5)
+            else:
+                ex = v.run(timeout_ns=rnd.choice([30_000, 200_000]))
+                out.append((v.id, repr(ex)))
+        except kw.KvmError as exc:
+            out.append(("err", exc.errno))
+        out.append(tuple(w.get_mp_state() for w in vm.vcpus))
+    regs = [[w.get_reg(r) for r in ("x0", "x1", "sp", "pc", "pstate")]
+            for w in vm.vcpus if w.outside_run]
+    irqs = [vm.vgic_get_irq(i) for i in (40, 41)] if all(w.outside_run for w in vm.vcpus) \
+        else None
+    return out, regs, irqs, vm.stats_array().tolist(), vm.trace_text(), vm.host.now
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_engines_agree_on_random_vmm_sessions(seed):
+    assert _session("core", seed) == _session("reference", seed)

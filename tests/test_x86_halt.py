@@ -213,3 +213,47 @@ def test_x86_names_and_arm64_names_refuse_the_other_arch(engine):
         xv.send_ipi(15)
     with pytest.raises(ValueError):
         av.raise_sgi(16)
+
+
+def _x86_session(engine, seed):
+    """A random x86 session: HLT loops, MSIs, IPIs, TPR / IF writes, MP-state writes,
+    signals and runs; everything userspace can see."""
+    import random
+    rnd = random.Random(seed)
+    n = rnd.randint(1, 3)
+    vm = kw.VM(arch="x86", nr_vcpus=n, engine=engine, seed=seed)
+    vm.host.halt_poll_ns = rnd.choice([0, 20_000, 200_000])
+    for v in vm.vcpus:
+        v.load([g.loop([g.compute_exp(15_000), g.hlt(), g.sync(v.id)], 8), g.end()])
+    out = []
+    for _ in range(30):
+        k = rnd.randrange(8)
+        v = vm.vcpus[rnd.randrange(n)]
+        try:
+            if k == 0:
+                msi(vm, v.id, rnd.choice([0x41, 0x61, 0xEC]))
+            elif k == 1:
+                v.send_ipi(rnd.choice([0x41, 0xFD]))
+            elif k == 2:
+                v.set_tpr(rnd.choice([0, 0x50, 0x70]))
+            elif k == 3:
+                v.set_interrupt_flag(rnd.random() < 0.7)
+            elif k == 4:
+                v.set_mp_state(rnd.choice([MpState.RUNNABLE, MpState.HALTED]))
+            elif k == 5:
+                v.signal()
+            elif k == 6:
+                vm.run(vm.host.now + rnd.randrange(1, 60_000))
+            else:
+                ex = v.run(timeout_ns=rnd.choice([20_000, 100_000]))
+                out.append((v.id, repr(ex), int(v.get_mp_state())))
+        except kw.KvmError as exc:
+            out.append(("err", exc.errno))
+        out.append(tuple(int(w.get_mp_state()) for w in vm.vcpus))
+        out.append(tuple(w.blocking for w in vm.vcpus))
+    return out, vm.stats_array().tolist(), vm.trace_text(), vm.host.now
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_engines_agree_on_random_x86_halt_sessions(seed):
+    assert _x86_session("core", seed) == _x86_session("reference", seed)
