@@ -969,8 +969,9 @@ class VCpu:
     @property
     def blocking(self) -> bool:
         """The kernel's ``blocking`` stat (instant, boolean): True exactly while the
-        vCPU thread is inside ``kvm_vcpu_block`` (not while halt-polling, and not for
-        an arm64 STOPPED vCPU, which sleeps in ``kvm_vcpu_sleep``)."""
+        vCPU thread is inside ``kvm_vcpu_block``: halted after its poll, or an x86
+        vCPU waiting for INIT; not while halt-polling, and not for an arm64
+        STOPPED vCPU, which sleeps in ``kvm_vcpu_sleep``)."""
         return bool(self.vm._engine.stats_array()[self._g][S_BLOCKING])
 
     @property

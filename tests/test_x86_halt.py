@@ -257,3 +257,16 @@ def _x86_session(engine, seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_engines_agree_on_random_x86_halt_sessions(seed):
     assert _x86_session("core", seed) == _x86_session("reference", seed)
+
+
+def test_blocking_while_waiting_for_init(engine):
+    """x86 UNINITIALIZED: vcpu_run -> kvm_vcpu_block, so `blocking` is 1 (until the
+    signal that ends the wait)."""
+    vm = x86_vm(engine)
+    v = vm.vcpus[0]
+    v.load([g.sync(1), g.end()])
+    v.set_mp_state(MpState.UNINITIALIZED)
+    vm.run(50_000)
+    assert v.thread_state == "BLOCKED" and v.blocking
+    v.signal()
+    assert v.run().reason == ExitReason.INTR and not v.blocking

@@ -58,8 +58,12 @@ cdef int guest_entry(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept
 
 
 cdef int vcpu_sleep(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
-    """kvm_vcpu_sleep: wait on the rcuwait until no longer STOPPED (or a signal)."""
+    """kvm_vcpu_sleep (arm64): wait on the rcuwait until no longer STOPPED (or a
+    signal).  x86 waits for INIT/SIPI in kvm_vcpu_block, which sets the blocking
+    stat (only a signal ends that wait here: no INIT/SIPI is modelled)."""
     cdef thread_t* th = &e.th[g]
+    if e.x86:
+        e.stats[<uint64_t>g * NR_STATS + S_BLOCKING] = 1
     if e.tlcap:
         tl_note(e, th, g, t, TS_BLOCKED)
     th.state = TS_BLOCKED
@@ -75,6 +79,7 @@ cdef int exit_to_user(engine_t* e, uint32_t g, uint64_t t, uint32_t reason, uint
     cdef thread_t* th = &e.th[g]
     if reason == EXIT_INTR:
         th.sig_pending = 0
+    e.stats[<uint64_t>g * NR_STATS + S_BLOCKING] = 0
     th.exit_reason = reason
     th.exit_type = type_
     th.exit_ndata = ndata

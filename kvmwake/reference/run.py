@@ -10,7 +10,9 @@ a SUSPENDED vCPU's WFI emulation), and the exits to userspace.
 
 from __future__ import annotations
 
-from ..model import HALT_MP_HALTED, HALT_SUSPEND, RESUME_SLEEP, RESUME_START, ThreadState
+from ..model import (
+    HALT_MP_HALTED, HALT_SUSPEND, RESUME_SLEEP, RESUME_START, S_BLOCKING, ThreadState,
+)
 from ..uapi import PSR_I_BIT, VCPU_RESET_PSTATE_EL1, ExitReason, MpState
 
 # Functions of other pieces.  The pieces call each other in circles, as the
@@ -74,7 +76,11 @@ def guest_entry(e, th, t, pre):
 
 
 def vcpu_sleep(e, th, t):
-    """kvm_vcpu_sleep: wait on the rcuwait until no longer STOPPED (or a signal)."""
+    """kvm_vcpu_sleep (arm64): wait on the rcuwait until no longer STOPPED (or a
+    signal).  x86 waits for INIT/SIPI in kvm_vcpu_block, which sets the blocking
+    stat (only a signal ends that wait here: no INIT/SIPI is modelled)."""
+    if e.x86:
+        th.stats[S_BLOCKING] = 1
     if e.tl_cap:
         tl_note(e, th, t, _BLOCKED)
     th.state = _BLOCKED
@@ -87,6 +93,7 @@ def exit_to_user(e, th, t, reason, type_=0, ndata=0, data0=0, ucall=0, value=0):
     """KVM_RUN returns to userspace: the thread leaves its CPU with an exit."""
     if reason == ExitReason.INTR:
         th.sig_pending = False
+    th.stats[S_BLOCKING] = 0
     th.exit_reason, th.exit_type, th.exit_ndata = int(reason), int(type_), ndata
     th.exit_data0, th.exit_ucall, th.exit_value, th.exit_time = data0, ucall, value, t
     if e.tl_cap:
