@@ -977,7 +977,7 @@ cdef class Engine:
         return {"state": th.state, "halt_poll_ns": th.halt_poll_ns,
                 "requests": th.requests, "pcpu": th.pcpu, "pc": th.pc,
                 "runnable": bool(runnable(&self.e, g)), "mp_state": th.mp_state,
-                "sig_pending": bool(th.sig_pending)}
+                "sig_pending": bool(th.sig_pending), "exit_reason": th.exit_reason}
 
     def irq_state(self, uint32_t g, uint32_t intid):
         """What the vGIC (or LAPIC) holds for ``intid`` as seen by thread g."""

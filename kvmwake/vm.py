@@ -836,7 +836,7 @@ class VCpu:
         host = self.vm.host
         if self._held is not None:
             held, self._held = self._held, None
-            return self._exited(from_engine(held))
+            return from_engine(held)
         if immediate_exit:
             raise KvmError(errno.EINTR, f"KVM_RUN with immediate_exit: vCPU {self.id} "
                                         "returns at once, exit_reason unchanged "
@@ -863,17 +863,13 @@ class VCpu:
                 else:
                     host._vcpu_of(g)._held = rec
             if mine is not None:
-                return self._exited(from_engine(mine))
-
-    def _exited(self, ex: Exit) -> Exit:
-        self._exit_reason = ex.reason
-        return ex
+                return from_engine(mine)
 
     @property
     def exit_reason(self) -> ExitReason:
-        """``kvm_run->exit_reason``: the reason of the last exit ``run()`` returned
-        (``KVM_EXIT_UNKNOWN`` before the first)."""
-        return getattr(self, "_exit_reason", ExitReason.UNKNOWN)
+        """``kvm_run->exit_reason``: the reason of the vCPU's last exit to userspace
+        (``KVM_EXIT_UNKNOWN`` before the first; kept in snapshots)."""
+        return ExitReason(self.vm._engine.thread_info(self._g)["exit_reason"])
 
     def load(self, program) -> None:
         """Give the vCPU its guest program (a ``guest.Program``, or a list of ops)."""

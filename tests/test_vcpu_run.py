@@ -263,6 +263,9 @@ def test_immediate_exit(engine):
     v.set_mp_state(MpState.SUSPENDED)
     assert immediate_exit(v) == errno.EINTR
     assert v.get_mp_state() == MpState.SUSPENDED and v.exit_reason == ExitReason.MMIO
+    if engine == "core":                             # kept in a snapshot
+        w = kw.VM.restore(vm.snapshot()).vcpus[0]
+        assert immediate_exit(w) == errno.EINTR and w.exit_reason == ExitReason.MMIO
     v.set_mp_state(MpState.RUNNABLE)
     assert run_done(v) == [10]
     assert v.exit_reason == ExitReason.MMIO

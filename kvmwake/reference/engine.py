@@ -622,4 +622,4 @@ class Engine:
         return {"state": int(th.state), "halt_poll_ns": th.halt_poll_ns,
                 "requests": th.requests, "pcpu": th.pcpu, "pc": th.pc,
                 "runnable": gic.runnable(self, th), "mp_state": int(th.mp_state),
-                "sig_pending": th.sig_pending}
+                "sig_pending": th.sig_pending, "exit_reason": int(th.exit_reason)}
