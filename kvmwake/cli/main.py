@@ -160,9 +160,14 @@ def run_scenario(args) -> dict:
     t0 = time.perf_counter()
     policy = None
     if getattr(args, "vmm", None) is not None:
-        if "" not in sys.path and os.getcwd() not in sys.path:
+        added = "" not in sys.path and os.getcwd() not in sys.path
+        if added:
             sys.path.insert(0, os.getcwd())      # as `python -m` would find the module
-        policy = _vmm.load_policy(args.vmm)
+        try:
+            policy = _vmm.load_policy(args.vmm)
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
     if args.restore:
         classes = {_vmm.policy_spec(policy): policy} if policy is not None else None
         host, header = _host.restore_host(args.restore, vmm_classes=classes)
