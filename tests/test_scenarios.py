@@ -162,9 +162,11 @@ def test_ops_as_an_array_of_strings():
 
 def test_durations():
     assert _ops.duration("20us") == 20_000 and _ops.duration("4ms") == 4_000_000
-    assert _ops.duration("1s") == 10 ** 9 and _ops.duration(7) == 7
-    assert _ops.duration("0.5us") == 500 and _ops.duration("3 ns") == 3
-    for bad in ("0.5ns", "5 parsecs", "-1us", -1, True, 1.5):
+    assert _ops.duration("1s") == 10 ** 9 and _ops.duration(7, bare_ns=True) == 7
+    assert _ops.duration("0.5us") == 500 and _ops.duration("3ns") == 3
+    assert _ops.duration(0) == 0 and _ops.duration("0") == 0
+    for bad in ("0.5ns", "5 parsecs", "-1us", -1, True, 1.5, 7, "7", "3 ns", " 3ns", "5 ms",
+                "4611686018427387905ns", "1" * 60 + "s", "²ms"):
         with pytest.raises(ValueError):
             _ops.duration(bad)
 

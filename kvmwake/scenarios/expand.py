@@ -63,6 +63,9 @@ def intids(spec, nr_spis, fail) -> list:
             lo, hi = (int(x, 0) for x in v.split(":"))
         except ValueError:
             raise fail(f"{v!r} is not a range FIRST:END") from None
+        if not first <= lo <= hi <= end:          # checked before the range is expanded
+            raise fail(f"{v!r} is not an SPI range of the VM (within {first}:{end}, "
+                       f"spis = {nr_spis}; FIRST <= END)")
         ids = list(range(lo, hi))
     else:
         raise fail(f"{v!r}: intids are \"spis\" (every SPI), an INTID, a list, or FIRST:END")
@@ -72,8 +75,16 @@ def intids(spec, nr_spis, fail) -> list:
     return ids
 
 
+#: Ops (plus ``for`` iterations) compiled for all the vCPUs of one VM together, so
+#: that a file of a few bytes cannot make the loader expand billions of ops (about a
+#: second of compiling; 256 ops for each of 1,024 vCPUs).  A limit of scenario files
+#: only: ``guest.Program`` itself takes up to ``MAX_PROGRAM_OPS`` ops per vCPU.
+MAX_VM_OPS = 1 << 18
+
+
 def programs_for(sc, vm_or_none, n: int) -> tuple[dict, set]:
     """vCPU id -> compiled guest.Program; the ids that start powered off."""
+    budget = MAX_VM_OPS
     assigned: dict = {}
     off: set = set()
     ctxs = {}
@@ -84,8 +95,10 @@ def programs_for(sc, vm_or_none, n: int) -> tuple[dict, set]:
                 raise sc.error(p.key + ("vcpus",), f"vCPU {vid} already has a program "
                                                    f"(from an earlier [[vm.program]])")
             ctx = _ops.Ctx(vm_or_none, {"nr_vcpus": n, "vcpu": vid})
+            ctx.budget, ctx.budget_total = budget, MAX_VM_OPS
             try:
                 items = _ops.compile(p.nodes, ctx)
+                budget = ctx.budget
                 prog = g.Program(items)
             except g.ProgramError as exc:
                 raise sc.error(p.key + ("ops",), f"vCPU {vid} of a VM of {n}: {exc}") from None

@@ -22,9 +22,10 @@ def _split_key(s: str) -> tuple:
         if c in " \t.":
             i += 1
         elif c in "\"'":
-            j = s.index(c, i + 1)
-            parts.append(s[i + 1:j])
-            i = j + 1
+            j = _quote_end(s, i)
+            raw = s[i + 1:j - 1] if j - 1 > i else s[i + 1:j]
+            parts.append(_unescape(raw) if c == '"' else raw)
+            i = j
         else:
             m = _BARE.match(s, i)
             if not m:
@@ -32,6 +33,32 @@ def _split_key(s: str) -> tuple:
             parts.append(m.group())
             i = m.end()
     return tuple(parts)
+
+
+def _quote_end(s: str, i: int) -> int:
+    """The index just past the quoted string that opens at ``s[i]`` (basic strings
+    honour backslash escapes); the end of the line if it is not closed."""
+    q, j, n = s[i], i + 1, len(s)
+    while j < n and s[j] != q and s[j] != "\n":
+        j += 2 if q == '"' and s[j] == "\\" else 1
+    return min(j + 1, n) if j < n and s[j] == q else min(j, n)
+
+
+def _unescape(raw: str) -> str:
+    try:
+        return raw.encode("utf-8", "surrogatepass").decode("unicode_escape") \
+            if "\\" in raw else raw
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return raw
+
+
+def _key_end(s: str, i: int, stops: str) -> int:
+    """The index of the first character of ``stops`` at or after ``i`` that is not inside
+    a quoted key part (or of the line's end): keys may quote '=', ']' and '.'."""
+    n = len(s)
+    while i < n and s[i] != "\n" and s[i] not in stops:
+        i = _quote_end(s, i) if s[i] in "\"'" else i + 1
+    return i
 
 
 class _Scan:
@@ -104,13 +131,13 @@ class _Scan:
                 if self.peek() == ",":
                     self.adv()
                     continue
-                m = re.compile(r"[^=}\n]+").match(self.t, self.pos)
-                if not m:
+                end = _key_end(self.t, self.pos, "=}")
+                if end == self.pos:
                     self.adv()
                     continue
-                key = path + _split_key(m.group())
+                key = path + _split_key(self.t[self.pos:end])
                 out.setdefault(key, self.line)
-                self.adv(m.end() - self.pos)
+                self.adv(end - self.pos)
                 if self.peek() == "=":
                     self.adv()
                     self.skip_ws()
@@ -130,30 +157,30 @@ def key_lines(text: str) -> dict:
         if s.pos >= len(s.t):
             return out
         if s.peek(2) == "[[":
-            end = s.t.index("]]", s.pos)
+            end = _key_end(s.t, s.pos + 2, "]")
             name = _split_key(s.t[s.pos + 2:end])
             idx = counts[name] = counts.get(name, -1) + 1
             table = name + (idx,)
             out.setdefault(table, s.line)
             out.setdefault(name, s.line)
-            s.adv(end + 2 - s.pos)
+            s.adv(min(end + 2, len(s.t)) - s.pos)
         elif s.peek() == "[":
-            end = s.t.index("]", s.pos)
+            end = _key_end(s.t, s.pos + 1, "]")
             name = _split_key(s.t[s.pos + 1:end])
             # a [a.b] under an array of tables [[a]] belongs to its last element
             if name[:1] and name[:1] in counts:
                 name = name[:1] + (counts[name[:1]],) + name[1:]
             table = name
             out.setdefault(table, s.line)
-            s.adv(end + 1 - s.pos)
+            s.adv(min(end + 1, len(s.t)) - s.pos)
         else:
-            m = re.compile(r"[^=\n]+").match(s.t, s.pos)
-            if not m or s.t[m.end():m.end() + 1] != "=":
-                s.adv(1)
+            end = _key_end(s.t, s.pos, "=")
+            if end >= len(s.t) or s.t[end] != "=":
+                s.adv(max(1, end - s.pos))
                 continue
-            key = table + _split_key(m.group())
+            key = table + _split_key(s.t[s.pos:end])
             out.setdefault(key, s.line)
-            s.adv(m.end() + 1 - s.pos)
+            s.adv(end + 1 - s.pos)
             s.skip_ws()
             s.value(key, out)
 

@@ -29,7 +29,10 @@ from ..model import mpidr_of
 from ..uapi import PsciFn
 
 UNITS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
-_DUR = re.compile(r"^(\d+(?:\.\d+)?)\s*(ns|us|ms|s)$")
+_DUR = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|ms|s)")
+#: The largest duration anything accepts (virtual times are below 2**62 ns).
+MAX_DURATION_NS = 1 << 62
+_ACCEPTED = "a number directly followed by its unit, ns, us, ms or s, like \"20us\""
 
 
 class OpError(ValueError):
@@ -39,30 +42,45 @@ class OpError(ValueError):
         self.message = message
 
 
-def duration(text, what="duration") -> int:
-    """``"20us"`` -> 20000; ints are ns; a fraction must come out a whole ns."""
-    if isinstance(text, bool):
-        raise ValueError(f"{what}: expected a duration like \"20us\", not {text!r}")
-    if isinstance(text, int):
-        if text < 0:
-            raise ValueError(f"{what}: {text} is negative")
-        return text
-    if not isinstance(text, str):
-        raise ValueError(f"{what}: expected a duration like \"20us\", not {text!r}")
-    m = _DUR.match(text.strip())
-    if not m:
-        if text.strip().isdigit():
-            return int(text.strip())
-        raise ValueError(f"{what}: {text!r} is not a duration (a number with ns, us, ms or s)")
-    num, unit = m.groups()
-    if "." in num:
-        whole, frac = num.split(".")
+def duration(text, what="duration", bare_ns: bool = False) -> int:
+    """``"20us"`` -> 20000; a fraction must come out a whole ns.
+
+    A duration needs its unit: a bare number (``20`` or ``"20"``) is an error
+    unless ``bare_ns`` (a key whose name says ns, like ``halt_poll_ns``) or it
+    is 0, so that ``sim = 20`` is not silently 20 ns.  No space between number and unit.
+    Values above ``MAX_DURATION_NS`` are rejected before any arithmetic on them.
+    """
+    pre = f"{what}: " if what else ""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ValueError(f"{pre}expected a duration, {_ACCEPTED}, not {text!r}")
+    if isinstance(text, int) or re.fullmatch(r"[0-9]+", text):
+        if not bare_ns and int(text) != 0:
+            raise ValueError(f"{pre}{text!r} has no unit; write {_ACCEPTED}")
+        value = int(text)
+        if value < 0:
+            raise ValueError(f"{pre}{text} is negative")
+    else:
+        m = _DUR.fullmatch(text)
+        if not m:
+            if text.startswith("-"):
+                raise ValueError(f"{pre}{text!r} is negative")
+            raise ValueError(f"{pre}{text!r} is not a duration; write {_ACCEPTED}")
+        num, unit = m.groups()
+        if len(num) > 40:
+            raise ValueError(f"{pre}{text!r} is too long a number")
         scale = UNITS[unit]
-        value = int(whole) * scale + int(frac.ljust(18, "0")[:18]) * scale // 10 ** 18
-        if int(frac.ljust(18, "0")[:18]) * scale % 10 ** 18:
-            raise ValueError(f"{what}: {text!r} is not a whole number of ns")
-        return value
-    return int(num) * UNITS[unit]
+        if "." in num:
+            whole, frac = num.split(".")
+            f18 = int(frac.ljust(18, "0")[:18]) if len(frac) <= 18 else None
+            if f18 is None or f18 * scale % 10 ** 18:
+                raise ValueError(f"{pre}{text!r} is not a whole number of ns")
+            value = int(whole) * scale + f18 * scale // 10 ** 18
+        else:
+            value = int(num) * scale
+    if value > MAX_DURATION_NS:
+        raise ValueError(f"{pre}{text!r} is above the longest duration, 2**62 ns "
+                         f"(about 146 years)")
+    return value
 
 
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
@@ -186,6 +204,9 @@ class Ctx:
         self.env = env
         self.entries: list = []      # (line, op index)
         self.line = 0
+        #: Work left for ``compile``: ops emitted plus ``for`` iterations.  A program
+        #: has at most MAX_PROGRAM_OPS ops, so no valid file needs more.
+        self.budget = self.budget_total = g.MAX_PROGRAM_OPS
 
 
 def compile(nodes: list, ctx: Ctx) -> list:
@@ -194,6 +215,7 @@ def compile(nodes: list, ctx: Ctx) -> list:
         try:
             if n.kind == "op":
                 ctx.line = n.line
+                _spend(ctx, n, 1)
                 out.append(_compile_op(n, ctx))
             elif n.kind == "loop":
                 count = expr(n.words[0], ctx.env) if n.words else 0
@@ -202,6 +224,7 @@ def compile(nodes: list, ctx: Ctx) -> list:
                 name, _, rng = n.words
                 lo, hi = rng.split("..", 1)
                 lo, hi = expr(lo, ctx.env), expr(hi, ctx.env)
+                _spend(ctx, n, max(0, hi - lo))      # before the range is expanded
                 saved = ctx.env.get(name)
                 for v in range(lo, hi):
                     ctx.env[name] = v
@@ -216,6 +239,15 @@ def compile(nodes: list, ctx: Ctx) -> list:
             raise OpError(n.line, f"{' '.join(n.words) if n.kind == 'op' else n.kind}: "
                                   f"{exc}") from None
     return out
+
+
+def _spend(ctx, node, work: int) -> None:
+    if work > ctx.budget:
+        raise OpError(node.line, f"{' '.join(node.words) if node.kind == 'op' else node.kind}"
+                                 f"{' ' + ' '.join(node.words) if node.kind == 'for' else ''}: "
+                                 f"the programs of a VM would exceed {ctx.budget_total} ops "
+                                 f"(a for range or the ops it expands to is too large)")
+    ctx.budget -= work
 
 
 def _int(word, ctx):

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 from .. import vmm as _vmm
 from ..errors import ScenarioError
+from ..host import MAX_COST_NS, MAX_HOST_CPUS
 from ..model import COST_DEFAULTS, DEFAULT_NR_SPIS, MAX_NR_SPIS, MAX_VCPUS
 from . import ops as _ops
-from .expand import check_vm, select
+from .expand import check_vm, intids, select
 from .lines import content_line, key_lines
 
 if sys.version_info >= (3, 11):
@@ -34,6 +35,10 @@ VMM_POLICIES = _vmm.POLICIES
 MODULE_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
                  "halt_poll_ns_shrink")
 _DURATION_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow_start")
+#: Virtual times (sim, tick, period, phase, times) end below 2**62 ns (the engines' bound).
+MAX_TIME_NS = 1 << 62
+#: The longest Poisson mean an interrupt source takes (``VM.add_irq_source``).
+MAX_POISSON_MEAN_NS = 1 << 50
 
 _KEYS = {
     (): {"name", "description", "sim", "seed", "host", "vm"},
@@ -154,14 +159,17 @@ def loads(text: str, path: str = "<string>") -> Scenario:
             raise err(key + (name,), f"must be {want}, not {v!r}")
         return v
 
-    def dur(table, key, name, default=None, required=False):
+    def dur(table, key, name, default=None, required=False, lo=0, hi=MAX_TIME_NS):
         v = typed(table, key, name, (int, str), default, required)
         if v is None or v is default:
             return v
         try:
-            return _ops.duration(v, name)
+            ns = _ops.duration(v, None, bare_ns=name.endswith("_ns"))
         except ValueError as exc:
             raise err(key + (name,), str(exc)) from None
+        if not lo <= ns <= hi:
+            raise err(key + (name,), f"{v!r} ({ns} ns) is outside {lo}..{hi} ns")
+        return ns
 
     def count(table, key, name, lo, hi, default=None, required=False):
         v = typed(table, key, name, (int,), default, required)
@@ -172,9 +180,7 @@ def loads(text: str, path: str = "<string>") -> Scenario:
     check_keys(data, (), ())
     name = typed(data, (), "name", (str,), pathlib.Path(path).stem)
     description = typed(data, (), "description", (str,), "")
-    sim_ns = dur(data, (), "sim", required=True)
-    if sim_ns < 1:
-        raise err(("sim",), "must be positive")
+    sim_ns = dur(data, (), "sim", required=True, lo=1)
     seed = count(data, (), "seed", 0, (1 << 64) - 1, 0)
 
     host = typed(data, (), "host", (dict,), {})
@@ -182,21 +188,18 @@ def loads(text: str, path: str = "<string>") -> Scenario:
     cpus = typed(host, ("host",), "cpus", (int, str), "per-vcpu")
     if isinstance(cpus, str) and cpus != "per-vcpu":
         raise err(("host", "cpus"), f"must be a number or \"per-vcpu\", not {cpus!r}")
-    if isinstance(cpus, int) and not 1 <= cpus <= 1 << 20:
-        raise err(("host", "cpus"), f"{cpus} is outside 1..{1 << 20}")
+    if isinstance(cpus, int) and not 1 <= cpus <= MAX_HOST_CPUS:
+        raise err(("host", "cpus"), f"{cpus} is outside 1..{MAX_HOST_CPUS}")
     params = {}
     for p in MODULE_PARAMS:
         if p in host:
-            v = dur(host, ("host",), p) if p in _DURATION_PARAMS else \
-                count(host, ("host",), p, 0, 0xFFFF_FFFF)
-            if v > 0xFFFF_FFFF:
-                raise err(("host", p), f"{v} does not fit an unsigned int")
-            params[p] = v
+            params[p] = dur(host, ("host",), p, hi=0xFFFF_FFFF) if p in _DURATION_PARAMS \
+                else count(host, ("host",), p, 0, 0xFFFF_FFFF)
     costs = {}
     for k, v in typed(host, ("host",), "costs", (dict,), {}).items():
         if k not in COST_DEFAULTS:
             raise err(("host", "costs", k), f"unknown cost (known: {', '.join(COST_DEFAULTS)})")
-        costs[k] = dur(host["costs"], ("host", "costs"), k)
+        costs[k] = dur(host["costs"], ("host", "costs"), k, hi=MAX_COST_NS)
 
     vm = typed(data, (), "vm", (dict,), required=True)
     check_keys(vm, ("vm",), ("vm",))
@@ -215,9 +218,7 @@ def loads(text: str, path: str = "<string>") -> Scenario:
         raise err(("vm", "per_vm"), f"{per_vm} vCPUs per VM is outside 1..{limit} "
                                     f"(KVM_MAX_VCPUS on {arch})")
     tick = dur(vm, ("vm",), "tick", 0)
-    halt_poll = dur(vm, ("vm",), "halt_poll")
-    if halt_poll is not None and halt_poll > 0xFFFF_FFFF:
-        raise err(("vm", "halt_poll"), f"{halt_poll} does not fit an unsigned int")
+    halt_poll = dur(vm, ("vm",), "halt_poll", hi=0xFFFF_FFFF)
     nr_spis = count(vm, ("vm",), "spis", 0, MAX_NR_SPIS, DEFAULT_NR_SPIS)
     if "spis" in vm and arch != "arm64":
         raise err(("vm", "spis"), "SPIs are arm64 only")
@@ -266,28 +267,32 @@ def loads(text: str, path: str = "<string>") -> Scenario:
         if len(kinds) != 1:
             raise err(key, "a source needs exactly one of poisson, period, times")
         if "poisson" in s:
-            spec["mean_ns"] = dur(s, key, "poisson")
-            if spec["mean_ns"] < 1:
-                raise err(key + ("poisson",), "must be positive")
+            spec["mean_ns"] = dur(s, key, "poisson", lo=1, hi=MAX_POISSON_MEAN_NS)
         if "period" in s:
-            spec["period_ns"] = dur(s, key, "period")
-            if spec["period_ns"] < 1:
-                raise err(key + ("period",), "must be positive")
+            spec["period_ns"] = dur(s, key, "period", lo=1)
             spec["phase_ns"] = dur(s, key, "phase", 0)
         elif "phase" in s:
             raise err(key + ("phase",), "phase goes with period")
         if "times" in s:
             t = typed(s, key, "times", (list,))
-            try:
-                spec["times_ns"] = [_ops.duration(x, "times") for x in t]
-            except ValueError as exc:
-                raise err(key + ("times",), str(exc)) from None
+            spec["times_ns"] = []
+            for j, x in enumerate(t):
+                try:
+                    ns = _ops.duration(x, None)
+                except ValueError as exc:
+                    raise err(key + ("times", j), str(exc)) from None
+                if spec["times_ns"] and ns < spec["times_ns"][-1]:
+                    raise err(key + ("times", j), f"{x!r} is earlier than the time before it "
+                                                  "(times must not decrease)")
+                spec["times_ns"].append(ns)
         if arch == "arm64":
             for bad in ("apic_ids", "vector"):
                 if bad in s:
                     raise err(key + (bad,), "x86 MSI sources only; arm64 sources have intids")
             typed(s, key, "intids", (int, str, list), required=True)
             spec["intids"] = s["intids"]
+            intids(s["intids"], nr_spis if arch == "arm64" else DEFAULT_NR_SPIS,
+                   lambda m: err(key + ("intids",), m))            # before anything expands
             trig = typed(s, key, "trigger", (str,), "edge")
             if trig not in ("edge", "level"):
                 raise err(key + ("trigger",), f"must be \"edge\" or \"level\", not {trig!r}")
