@@ -44,3 +44,12 @@ def positive_float(text: str) -> float:
     if not v > 0 or not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
     return v
+
+
+def nonempty_path(text: str) -> str:
+    """A file or folder path: not empty (``-o ""`` would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (give a file or folder name)")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} holds a NUL byte")
+    return text

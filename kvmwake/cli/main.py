@@ -37,6 +37,7 @@ from ..outputs import perfetto as _perfetto
 from ..outputs import plots as _plots
 from ..outputs import summary as _summary
 from . import sweep as _sweep
+from .argtypes import nonempty_path as _path
 from .argtypes import nonneg_int as _nonneg_int
 from .argtypes import positive_float as _positive_float
 from .argtypes import positive_int as _positive_int
@@ -86,46 +87,78 @@ def run_chunked(host, until_ns: int, quiet: bool = True) -> None:
             bar.close()
 
 
+MAIN_EPILOG = """\
+What it models: vCPU halts (x86 HLT, arm64 WFI), halt polling (halt_poll_ns and
+KVM_CAP_HALT_POLL), kicks and IPIs, the arm64 vGIC and arch timer, PSCI
+(CPU_ON/CPU_OFF and SYSTEM_SUSPEND with KVM_CAP_ARM_SYSTEM_SUSPEND), x86 MSIs,
+and host CPUs shared by vCPU threads.  VMM policies (kvmwake.vmm: default,
+reference, deny-all, or your own) answer the exits KVM leaves to userspace.
+
+  kvmwake scenarios                       the built-in scenarios
+  kvmwake run ipi-storm --vcpus 64        run one and print its halt stats
+  kvmwake run suspend-cycle               arm64 PSCI SYSTEM_SUSPEND cycles
+  kvmwake sweep ipi-storm --param halt_poll_ns=0,200us --seeds 3 -o sweep-out
+
+Tutorials: docs/tutorial-perf.md (halt polling, sweeps, plots) and
+docs/tutorial-vmm.md (a VMM policy, SYSTEM_SUSPEND); outputs: docs/outputs.md.
+"""
+
+RUN_EPILOG = """\
+SCENARIO is a built-in name (default, irq-storm, suspend-cycle, ipi-storm; see
+'kvmwake scenarios') unless it looks like a path (contains '/' or ends in .toml):
+a scenario file (format: docs/design.md, 'Scenario files'), which may set the
+VMM policy (vm.vmm = "default" | "reference" | "deny-all") and capabilities
+such as ARM_SYSTEM_SUSPEND (the suspend-cycle built-in uses PSCI
+SYSTEM_SUSPEND).  --restore continues a snapshot: it takes no SCENARIO,
+--vcpus, --host-cpus, --seed or --engine (the snapshot fixes them).
+Exit status: 0 done, 1 runtime error, 2 bad arguments or input, 130 interrupted.
+Tutorials: docs/tutorial-perf.md, docs/tutorial-vmm.md; outputs: docs/outputs.md.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmwake", description=(
-        "A fast, deterministic model of how Linux KVM halts, polls, blocks and wakes vCPUs."))
+        "A fast, deterministic model of how Linux KVM halts, polls, blocks and wakes vCPUs."),
+        epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"kvmwake {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a scenario (built-in or a .toml file) and print its "
-                                   "halt stats")
-    r.add_argument("scenario", nargs="?", default="default",
-                   help="built-in scenario name (see 'kvmwake scenarios') or a scenario .toml "
-                        "file (default: %(default)s)")
+                                   "halt stats", epilog=RUN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("scenario", nargs="?", default=None,
+                   help="built-in scenario name (see 'kvmwake scenarios') or a scenario file "
+                        "(a path: contains '/' or ends in .toml) (default: default)")
     r.add_argument("--vcpus", type=_positive_int, help="total vCPUs (scenario default if omitted)")
     r.add_argument("--host-cpus", type=_positive_int, help="host CPUs")
     r.add_argument("--sim-ms", type=_positive_float, help="virtual time to simulate, ms")
     r.add_argument("--seed", type=_nonneg_int, default=None,
                    help="seed (default: the scenario's, 0 for the built-ins)")
-    r.add_argument("--engine", choices=("core", "reference"), default="core",
-                   help="simulation engine (default: %(default)s)")
+    r.add_argument("--engine", choices=("core", "reference"), default=None,
+                   help="simulation engine (default: core)")
     r.add_argument("--vmm", metavar="SPEC",
                    help="the VMM policy of every VM: default, reference, deny-all or "
                         "package.module:Class (a kvmwake.vmm.Vmm subclass, importable from "
                         "the current directory or PYTHONPATH); overrides the scenario's.  With "
                         "--restore: the class a custom policy saved in the snapshot needs")
-    r.add_argument("--json", metavar="PATH", help="write the summary as JSON ('-' for stdout)")
-    r.add_argument("--trace", metavar="PATH",
+    r.add_argument("--json", metavar="PATH", type=_path,
+                   help="write the summary as JSON ('-' for stdout)")
+    r.add_argument("--trace", metavar="PATH", type=_path,
                    help="write kvm_vcpu_wakeup / kvm_halt_poll_ns lines of VM 0 in the kernel's text")
     r.add_argument("--trace-capacity", type=_nonneg_int, default=1 << 20,
                    help="tracepoint records kept with --trace (newest; default: %(default)s)")
-    r.add_argument("--npz", metavar="PATH",
+    r.add_argument("--npz", metavar="PATH", type=_path,
                    help="write per-vCPU stats, histograms and wake latencies as .npz arrays")
-    r.add_argument("--plot", metavar="PATH",
+    r.add_argument("--plot", metavar="PATH", type=_path,
                    help="write a PNG: wake-latency histogram, halt_poll_ns over time, host "
                         "CPU time (needs matplotlib: pip install 'kvmwake[plot]')")
-    r.add_argument("--perfetto", metavar="PATH",
+    r.add_argument("--perfetto", metavar="PATH", type=_path,
                    help="write the vCPU thread state timeline (RUNNING/POLLING/BLOCKED/RUNNABLE "
                         "per host CPU) as Chrome trace-event JSON (ui.perfetto.dev, "
                         "chrome://tracing)")
     r.add_argument("--timeline-capacity", type=_nonneg_int, default=1 << 18,
                    help="state changes kept for --perfetto (the newest; default: %(default)s)")
-    r.add_argument("--out", metavar="DIR",
+    r.add_argument("--out", metavar="DIR", type=_path,
                    help="write summary.json, vm0.trace and plot.png (with matplotlib) into DIR; "
                         "the default when no other output option is given is "
                         f"{DEFAULT_OUT_DIR}")
@@ -135,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print nothing but errors (and no progress bar)")
     r.add_argument("--snapshot-at", type=_positive_float, metavar="MS",
                    help="save a snapshot at this virtual time (ms; with --snapshot)")
-    r.add_argument("--snapshot", metavar="PATH", help="where --snapshot-at writes the snapshot")
-    r.add_argument("--restore", metavar="PATH",
+    r.add_argument("--snapshot", metavar="PATH", type=_path,
+                   help="where --snapshot-at writes the snapshot")
+    r.add_argument("--restore", metavar="PATH", type=_path,
                    help="continue the run saved in a snapshot (to its --sim-ms end, or "
                         "to --sim-ms if given)")
 
@@ -152,11 +186,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_scenario(args) -> dict:
+class UsageError(ValueError):
+    """Arguments that cannot go together (exit status 2)."""
+
+
+def check_run_args(args):
+    """Check ``kvmwake run``'s arguments before anything is built or created; returns the
+    checked ``Scenario`` (None with --restore)."""
+    if (args.snapshot_at is None) != (args.snapshot is None):
+        raise UsageError("--snapshot-at and --snapshot go together")
+    if args.no_out and args.out:
+        raise UsageError("--out and --no-out contradict each other")
+    if args.restore is not None:
+        fixed = [opt for opt, v in (("a SCENARIO", args.scenario), ("--vcpus", args.vcpus),
+                                    ("--host-cpus", args.host_cpus), ("--seed", args.seed),
+                                    ("--engine", args.engine)) if v is not None]
+        if fixed:
+            raise UsageError(f"--restore continues the run saved in {args.restore}, whose "
+                             f"snapshot fixes the scenario, vCPUs, host CPUs, seed and engine: "
+                             f"{', '.join(fixed)} cannot apply")
+        if not os.path.isfile(args.restore):
+            raise UsageError(f"--restore {args.restore}: no such file")
+        return None
+    args.scenario = "default" if args.scenario is None else args.scenario
+    args.engine = args.engine or "core"
+    return _scenarios.get(args.scenario)
+
+
+def _note(args, msg: str) -> None:
+    """A line about what the run does (snapshots, restores); stderr, so --json - stays JSON."""
+    if not args.quiet:
+        print(f"kvmwake: {msg}", file=sys.stderr)
+
+
+def run_scenario(args, sc=None) -> dict:
+    if not hasattr(args, "_checked"):
+        sc = check_run_args(args)
     sim_ns = None if args.sim_ms is None else int(round(args.sim_ms * 1_000_000))
     trace_cap = args.trace_capacity if (args.trace or args.plot) else 0
-    if (args.snapshot_at is None) != (args.snapshot is None):
-        raise ValueError("--snapshot-at and --snapshot go together")
     t0 = time.perf_counter()
     policy = None
     if getattr(args, "vmm", None) is not None:
@@ -176,12 +243,16 @@ def run_scenario(args) -> dict:
         if sim_ns is None:
             sim_ns = run.get("sim_ns")
             if not isinstance(sim_ns, int):
-                raise ValueError(f"{args.restore}: the snapshot names no end time; give --sim-ms")
+                raise UsageError(f"{args.restore}: the snapshot names no end time; give --sim-ms")
         args.seed, args.engine = host.seed, host.engine_name
         path = None
         start_events, start_halts = host.events, host.halts
+        _note(args, f"restored {args.restore} (scenario {name}, seed {host.seed}): continuing "
+                    f"from virtual time {host.now / 1e6:.3f} ms ({host.now} ns) to "
+                    f"{sim_ns / 1e6:.3f} ms")
     else:
-        host, sim_ns, sc = _scenarios.build(args.scenario, vcpus=args.vcpus,
+        host, sim_ns, sc = _scenarios.build(sc if sc is not None else args.scenario,
+                                            vcpus=args.vcpus,
                                             host_cpus=args.host_cpus, sim_ns=sim_ns,
                                             seed=args.seed, engine=args.engine,
                                             trace_capacity=trace_cap)
@@ -194,7 +265,7 @@ def run_scenario(args) -> dict:
                 vm.vmm.attach(vm)
         start_events = start_halts = 0
     if sim_ns < host.now:
-        raise ValueError(f"the run ends at {sim_ns} ns, before the snapshot's {host.now} ns")
+        raise UsageError(f"the run ends at {sim_ns} ns, before the snapshot's {host.now} ns")
     if args.plot:
         _plots.enable_cpu_time(host)
     if args.perfetto and host.timeline_capacity == 0:
@@ -203,7 +274,8 @@ def run_scenario(args) -> dict:
     if args.snapshot_at is not None:
         at = int(round(args.snapshot_at * 1_000_000))
         if not host.now <= at <= sim_ns:
-            raise ValueError(f"--snapshot-at {args.snapshot_at} ms is outside the run")
+            raise UsageError(f"--snapshot-at {args.snapshot_at} ms is outside the run "
+                             f"({host.now / 1e6:g} to {sim_ns / 1e6:g} ms)")
         interrupted = _run_interruptible(host, at, args.quiet)
         if interrupted:
             return _summarize(args, host, name, path, host.now, t0, t1, start_events,
@@ -211,6 +283,9 @@ def run_scenario(args) -> dict:
         data = _host.host_to_bytes(host, run={"scenario": name, "sim_ns": sim_ns})
         with open(args.snapshot, "wb") as fh:
             fh.write(data)
+        _note(args, f"snapshot at virtual time {host.now / 1e6:.3f} ms ({host.now} ns) written "
+                    f"to {args.snapshot} ({len(data):,} bytes); continue it with "
+                    f"'kvmwake run --restore {args.snapshot}'")
     interrupted = _run_interruptible(host, sim_ns, args.quiet)
     return _summarize(args, host, name, path, host.now if interrupted else sim_ns, t0, t1,
                       start_events, start_halts, interrupted)
@@ -240,14 +315,13 @@ def _resolve_outputs(args) -> list:
     """Fill in --out's files; returns notes for the summary's end."""
     notes = []
     if args.no_out:
-        if args.out:
-            raise ValueError("--out and --no-out contradict each other")
         return notes
     if args.out is None and not (args.json or args.trace or args.npz or args.plot
                                  or args.perfetto):
         args.out = DEFAULT_OUT_DIR
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out}: exists and is not a folder")
         args.json = args.json or os.path.join(args.out, "summary.json")
         args.trace = args.trace or os.path.join(args.out, "vm0.trace")
         if args.plot is None:
@@ -293,6 +367,27 @@ def write_outputs(args, summary: dict) -> list:
 
 
 def main(argv=None) -> int:
+    """``kvmwake``: returns the exit status (0 done, 1 runtime error, 2 bad arguments or
+    input, 130 interrupted, 141 stdout closed early as by ``| head``)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _pipe_closed()
+
+
+def _pipe_closed() -> int:
+    """stdout's reader went away (``kvmwake ... | head``): stop quietly, as a process
+    that SIGPIPE ends would (status 128 + SIGPIPE)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())         # no second error when Python flushes
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 128 + 13
+
+
+def _main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -306,8 +401,12 @@ def main(argv=None) -> int:
             return _kernel_cli.run(args)
         if args.command == "sweep":
             return args.sweep_run(args)
+        sc = check_run_args(args)                # nothing is created before this passes
+        args._checked = True
         notes = _resolve_outputs(args)
-        summary = run_scenario(args)
+        summary = run_scenario(args, sc)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
         written = write_outputs(args, summary)
         if not args.quiet and args.json != "-":
             _summary.print_summary(summary)
@@ -319,10 +418,25 @@ def main(argv=None) -> int:
             print("kvmwake: interrupted; wrote what was computed", file=sys.stderr)
             return 130
         return 0
-    except (ScenarioError, ProgramError, KvmError, EngineError, SnapshotError, ValueError,
+    except BrokenPipeError:
+        raise
+    except (ScenarioError, ProgramError, KvmError, SnapshotError, ValueError,
             TypeError, OSError) as exc:
         print(f"kvmwake: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("kvmwake: error: out of memory (fewer --vcpus, a shorter trace with "
+              "--trace-capacity, or more memory)", file=sys.stderr)
+        return 1
+    except EngineError as exc:
+        print(f"kvmwake: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kvmwake: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:                     # noqa: BLE001 (never a traceback)
+        if os.environ.get("KVMWAKE_TRACEBACK"):
+            raise
+        print(f"kvmwake: error: internal error: {type(exc).__name__}: {exc} (set "
+              f"KVMWAKE_TRACEBACK=1 to see where)", file=sys.stderr)
+        return 1
