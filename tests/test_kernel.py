@@ -663,7 +663,10 @@ def test_record_interrupted_by_ctrl_c(kvm_ok, tmp_path):
                           "--wakes", "4000", "--idle", "long", "-o", str(tmp_path / "o")],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=tmp_path)
-    time.sleep(1.5)
+    if AVAIL.tracefs:
+        _wait_tracing(p)                         # recording, not still importing
+    else:
+        time.sleep(1.5)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=20)
     assert p.returncode == 130, (out, err)
@@ -714,3 +717,116 @@ def test_record_failure_mid_run_cleans_up(kvm_ok, tmp_path, monkeypatch, capsys)
     assert "Input/output error" in err and "Traceback" not in err
     assert T.state_snapshot() == state0 and _open_fds() == fds0
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- signals, lock, output path
+
+def _instances() -> list:
+    root = T.tracefs_mounts()
+    if not root:
+        return []
+    inst = root[0] / "instances"
+    return sorted(d.name for d in inst.iterdir()) if inst.is_dir() else []
+
+
+def _start_record(tmp_path, name, wakes=4000, extra=()):
+    return subprocess.Popen([sys.executable, "-m", "kvmwake", "kernel", "record", "--vcpus",
+                             "2", "--wakes", str(wakes), "--idle", "long", "-o",
+                             str(tmp_path / name), *extra],
+                            env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+
+
+def _wait_tracing(p, timeout=20.0) -> str:
+    """Wait until the child's tracefs instance exists and traces (it is recording)."""
+    want = f"{T.INSTANCE_PREFIX}{p.pid}-"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for name in _instances():
+            if name.startswith(want):
+                try:
+                    on = (T.tracefs_mounts()[0] / "instances" / name / "tracing_on").read_text()
+                except (OSError, IndexError):
+                    continue
+                if on.strip() == "1":
+                    return name
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.02)
+    p.kill()
+    raise AssertionError(f"no tracefs instance {want} within {timeout} s: {p.communicate()}")
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_record_stopped_by_sigterm_or_sighup_cleans_up(kvm_ok, tmp_path, sig, code):
+    """SIGTERM and SIGHUP used to leave the instance and the tracefs mount behind."""
+    if not AVAIL.tracefs:
+        pytest.skip(f"tracefs unusable: {AVAIL.tracefs_reason}")
+    state0 = T.state_snapshot()
+    p = _start_record(tmp_path, "o")
+    inst = _wait_tracing(p)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == code, (out, err)
+    assert f"stopped by {signal.Signals(sig).name}" in err and "Traceback" not in err
+    assert inst not in _instances()
+    assert T.state_snapshot() == state0          # instance gone, tracefs unmounted as found
+    assert not (tmp_path / "o").exists()         # created for the recording, left empty
+
+
+@pytest.mark.kvm
+def test_concurrent_recordings_are_refused_at_once(kvm_ok, tmp_path):
+    if not AVAIL.tracefs:
+        pytest.skip(f"tracefs unusable: {AVAIL.tracefs_reason}")
+    state0 = T.state_snapshot()
+    first = _start_record(tmp_path, "a")
+    try:
+        _wait_tracing(first)
+        t0 = time.monotonic()
+        second = _start_record(tmp_path, "b", wakes=50)
+        out, err = second.communicate(timeout=30)
+        assert second.returncode == 2, (out, err)
+        assert "another 'kvmwake kernel record' is running" in err
+        assert f"pid {first.pid}" in err
+        assert time.monotonic() - t0 < 10 and "micro-VM" not in out
+        assert not (tmp_path / "b").exists()
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=30)
+    assert first.returncode == 130
+    assert T.state_snapshot() == state0
+
+
+def test_record_lock_is_exclusive(tmp_path, monkeypatch):
+    from kvmwake.kernel import record as REC
+    monkeypatch.setenv("KVMWAKE_RECORD_LOCK", str(tmp_path / "lock"))
+    with REC.recording_lock():
+        with pytest.raises(REC.RecordError, match=f"pid {os.getpid()}"):
+            with REC.recording_lock():
+                pass
+    with REC.recording_lock():                   # released
+        pass
+
+
+@pytest.mark.parametrize("out, message", [
+    ("", "empty path"), ("   ", "empty path")])
+def test_record_empty_out_is_refused(tmp_path, out, message):
+    r = subprocess.run([sys.executable, "-m", "kvmwake", "kernel", "record", "--vcpus", "1",
+                        "--wakes", "10", "--idle", "short", "-o", out], env=_child_env(),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []        # nothing recorded into the current folder
+
+
+def test_record_unwritable_out_fails_before_recording(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file" / "sub", Path("/proc/kvmwake-no-such-dir")):
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "kvmwake", "kernel", "record", "--vcpus", "1",
+                            "--wakes", "10", "--idle", "short", "-o", str(bad)],
+                           env=_child_env(), capture_output=True, text=True, cwd=tmp_path,
+                           timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert "kvmwake: error:" in r.stderr and str(bad) in r.stderr, r.stderr
+        assert "micro-VM" not in r.stdout + r.stderr      # failed before recording
+        assert time.monotonic() - t0 < 20

@@ -4,7 +4,9 @@
 sub-command's subparsers; ``run(args)`` carries out a parsed one.  Exit
 codes: 0 done, 1 ``compare --check`` found a missed acceptance figure,
 2 bad input or an environment that cannot do it (no ``/dev/kvm``, no
-permission, too many vCPUs, a broken recording folder), 130 interrupted.
+permission, too many vCPUs, a broken recording folder, an unwritable ``-o``,
+another recording running), 130 interrupted (Ctrl-C), 143 SIGTERM, 129 SIGHUP
+(after the same cleanup).
 
 ``python -m kvmwake.kernel.cli`` runs them (and ``replay``) on its own.
 """
@@ -18,6 +20,7 @@ import sys
 from ..outputs.tracefmt import TraceFormatError
 from . import replay as _replay
 from .workload import NAMED, SpecError
+from ..cli.argtypes import nonempty_path as _path
 from ..cli.argtypes import nonneg_int as _nonneg
 from ..cli.argtypes import positive_int as _pos_int
 from ..cli.argtypes import u32 as _u32
@@ -42,7 +45,9 @@ def build_parser(subparsers) -> None:
     r.add_argument("--halt-poll-ns", type=_u32, metavar="X",
                    help="set the VM's KVM_CAP_HALT_POLL to X (default: not set, the module's "
                         "halt_poll_ns applies)")
-    r.add_argument("-o", "--out", required=True, metavar="DIR", help="recording folder")
+    r.add_argument("-o", "--out", required=True, metavar="DIR", type=_path,
+                   help="recording folder (created if missing; checked writable before "
+                        "recording)")
     r.add_argument("--seed", type=_nonneg, default=0, help="workload seed (default 0)")
     r.add_argument("--injector", choices=("sleep", "spin", "hybrid"), default="sleep",
                    help="how the injector waits for a target time (default: sleep, "
@@ -87,7 +92,7 @@ def _err(msg: str) -> int:
 def run(args: argparse.Namespace) -> int:
     """Carry out a parsed ``kernel record|calibrate|compare`` (``args.kernel_command``)."""
     from .kvm import KvmIoctlError
-    from .record import RecordError
+    from .record import RecordError, Stopped
     from .recording import RecordingError
     cmd = args.kernel_command
     try:
@@ -107,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
                     f"'python setup.py build_ext --inplace' or reinstall")
     except (OSError, ValueError) as exc:
         return _err(str(exc))
+    except Stopped as exc:                   # SIGTERM, SIGHUP: cleaned up, say so
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("kvmwake: interrupted", file=sys.stderr)
         return 130

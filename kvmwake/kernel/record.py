@@ -18,15 +18,22 @@ The run, step by step:
    tracing, read the stats again, stop the threads (a stop MSI), close the VM.
 7. Write the folder (``recording.py`` describes it).
 
-Whatever happens (an error, Ctrl-C), the ``finally`` blocks stop the
-threads, switch tracing off and remove the trace instance, and close every
-fd, with SIGINT held off while they run.
+Whatever happens (an error, Ctrl-C, SIGTERM, SIGHUP), the ``finally`` blocks
+stop the threads, switch tracing off, remove the trace instance, unmount
+tracefs if it was mounted for the recording, and close every fd, with SIGINT,
+SIGTERM and SIGHUP held off while they run (``Stopped`` carries the signal out;
+the command exits 128 + its number).  One recording at a time: ``record``
+takes an exclusive ``fcntl.flock`` on ``LOCK_PATH`` first, and a second
+concurrent recording fails at once naming the first's pid.  The output folder
+is checked (created if needed, and written to) before anything is recorded.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import errno
+import fcntl
 import os
 import platform
 import signal
@@ -58,8 +65,103 @@ AMBIENT_S = 0.3
 DRAIN_S = 0.2
 
 
+#: The lock that keeps recordings one at a time (tracefs mounts, instances and the
+#: host's quiet are shared by them); ``KVMWAKE_RECORD_LOCK`` overrides it.
+LOCK_PATH = "/run/lock/kvmwake-record.lock"
+#: The signals that stop a recording cleanly (SIGINT arrives as KeyboardInterrupt).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class RecordError(RuntimeError):
     """The recording could not be made; the message says why."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a recording; ``signum`` says which (cleanup runs as for
+    Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGHUP raise ``Stopped`` (in the main thread; elsewhere nothing changes)."""
+    def handler(signum, frame):
+        raise Stopped(signum)
+    old = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:                           # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _lock_path() -> str:
+    return os.environ.get("KVMWAKE_RECORD_LOCK") or LOCK_PATH
+
+
+@contextmanager
+def recording_lock():
+    """Hold the one-recording-at-a-time lock, or raise RecordError at once."""
+    path = _lock_path()
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise RecordError(f"cannot open the recording lock {path}: "
+                          f"{exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RecordError(f"cannot lock {path}: {exc.strerror or exc}") from None
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise RecordError(f"another 'kvmwake kernel record' is running (pid {holder}, "
+                              f"lock {path}); recordings share tracefs and the host, so "
+                              f"one runs at a time") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)                             # releases the lock
+
+
+def check_out_dir(out: Path, force: bool) -> bool:
+    """The output folder: not empty, a folder (created if missing) where files can be
+    written, without a recording unless ``force``.  True if it was created here."""
+    if str(out) == "":
+        raise RecordError("-o: an empty path (give a folder name)")
+    if out.exists() and not out.is_dir():
+        raise RecordError(f"{out} exists and is not a folder")
+    if (out / METADATA).exists() and not force:
+        raise RecordError(f"{out} already holds a recording (use --force to overwrite)")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".kvmwake-write-test-{os.getpid()}"
+        with open(probe, "w") as fh:
+            fh.write("x")
+        probe.unlink()
+    except OSError as exc:
+        if created:
+            _remove_empty(out)
+        raise RecordError(f"cannot write into {out}: {exc.strerror or exc}") from None
+    return created
+
+
+def _remove_empty(out: Path) -> None:
+    try:
+        out.rmdir()
+    except OSError:
+        pass
 
 
 @dataclass
@@ -150,9 +252,9 @@ def summarize(a) -> dict:
 
 @contextmanager
 def sigint_held():
-    """Hold SIGINT off while cleanup runs (it is delivered afterwards)."""
+    """Hold SIGINT, SIGTERM and SIGHUP off while cleanup runs (delivered afterwards)."""
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
     except (AttributeError, ValueError, OSError):      # pragma: no cover
         yield
         return
@@ -205,18 +307,31 @@ def _harness_baseline(vm: mv.MicroVm, inj_cpu: int) -> dict:
 
 
 def record(opts: RecordOptions, log=print) -> dict:
-    """Make one recording into ``opts.out``; returns the metadata written."""
+    """Make one recording into ``opts.out``; returns the metadata written.
+
+    Raises ``RecordError`` (at once if another recording holds the lock or the
+    output folder cannot be written), ``KeyboardInterrupt`` on Ctrl-C and
+    ``Stopped`` on SIGTERM/SIGHUP, each after the cleanup."""
     from . import _inject
     spec = parse_spec(opts.idle)
     if opts.vcpus < 1:
         raise RecordError(f"--vcpus must be at least 1, not {opts.vcpus}")
     if opts.wakes < 1:
         raise RecordError(f"--wakes must be at least 1, not {opts.wakes}")
+    if isinstance(opts.out, str) and not opts.out.strip():
+        raise RecordError("-o: an empty path (give a folder name)")
     out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise RecordError(f"{out} exists and is not a folder")
-    if (out / METADATA).exists() and not opts.force:
-        raise RecordError(f"{out} already holds a recording (use --force to overwrite)")
+    with stop_on_signals(), recording_lock():
+        created = check_out_dir(out, opts.force)
+        try:
+            return _record(opts, spec, out, _inject, log)
+        except BaseException:
+            if created:
+                _remove_empty(out)
+            raise
+
+
+def _record(opts, spec, out, _inject, log) -> dict:
     sched = make_schedule(spec, opts.wakes, opts.vcpus, opts.seed)
     allowed = sorted(os.sched_getaffinity(0))
     ncpu = len(allowed)
@@ -228,7 +343,7 @@ def record(opts: RecordOptions, log=print) -> dict:
     trace_text = None
     trace_info: dict = {}
     lost = 0
-    interrupted = False
+    interrupted = ""
     try:
         caps = _check_caps(kvm)
         try:
@@ -314,8 +429,8 @@ def record(opts: RecordOptions, log=print) -> dict:
         if capture is not None:
             trace_text = capture.read()
             lost = capture.lost_events()
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupted = f"stopped by {exc}" if isinstance(exc, Stopped) else "interrupted"
         raise
     finally:
         with sigint_held():
@@ -330,7 +445,7 @@ def record(opts: RecordOptions, log=print) -> dict:
             for p in problems:
                 print(f"kvmwake: warning: tracefs: {p}", file=sys.stderr)
             if interrupted:
-                print("kvmwake: interrupted: threads stopped, tracing off, VM closed",
+                print(f"kvmwake: {interrupted}: threads stopped, tracing off, VM closed",
                       file=sys.stderr)
 
     status = session.vcpu_status()
