@@ -200,3 +200,90 @@ def test_dask_worker_killed_mid_sweep(tmp_path, dask_cluster):
     assert marker.exists(), "the worker did not die"
     assert not res["failed"] and len(res["rows"]) == 6
     assert _table(remote) == _table(local)
+
+
+# ---------------------------------------------------------------- the grid, checked first
+
+def _sweep_cli(tmp_path, *argv):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "kvmwake", "sweep", *argv],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("param, words", [
+    ("vcpus=0", "--param vcpus: '0' (0) is outside 1..16777216"),
+    ("vcpus=4,1025", "--param vcpus=1025: ipi-storm cannot run with 1025 vCPUs"),
+    ("halt_poll_ns=abc", "--param halt_poll_ns: bad value 'abc'"),
+    ("halt_poll_ns=5s", "--param halt_poll_ns: '5s' (5000000000) is outside"),
+    ("sim_ms=0", "--param sim_ms: '0' is outside"),
+    ("sim_ms=nan", "--param sim_ms: bad value 'nan'"),
+    ("wake_to_run_ns=2000s", "--param wake_to_run_ns"),
+])
+def test_bad_grid_fails_before_anything_runs(tmp_path, param, words):
+    r = _sweep_cli(tmp_path, "ipi-storm", "--param", param, "-o", "out")
+    assert r.returncode == 2, r.stderr
+    assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()       # nothing started, nothing created
+
+
+def test_sim_ms_takes_decimals_like_run():
+    assert sweep.parse_params(["sim_ms=0.5,2"]) == {"sim_ms": [0.5, 2]}
+    spec = sweep.make_points("ipi-storm", {"sim_ms": [0.5], "vcpus": [4]}, 1)[0]
+    _, sim_ns, _ = sweep.build_point(spec)
+    assert sim_ns == 500_000
+
+
+def test_mean_and_confidence_interval():
+    st = sweep.mean_ci([10, 12, 14])
+    # mean 12, sd 2, t(0.975, 2) = 4.3027: half-width 4.3027 * 2 / sqrt(3)
+    assert st["mean"] == 12 and st["sd"] == 2
+    assert abs(st["ci95"] - 4.302653 * 2 / 3 ** 0.5) < 1e-4
+    assert sweep.mean_ci([5])["ci95"] is None and sweep.mean_ci([])["mean"] is None
+    assert abs(sweep.t_quantile_975(30) - 2.0423) < 1e-3
+
+
+def test_sweep_reports_spread_over_seeds(tmp_path):
+    r = _sweep_cli(tmp_path, "ipi-storm", "--param", "halt_poll_ns=0,200us", "--param",
+                   "vcpus=4", "--param", "sim_ms=1.5", "--seeds", "3", "--workers", "2",
+                   "-o", "out", "--no-plot")
+    assert r.returncode == 0, r.stderr
+    assert "+-" in r.stdout and "95% confidence" in r.stdout
+    doc = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert doc["confidence"] == 0.95 and len(doc["points"]) == 2
+    with open(tmp_path / "out" / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for p in doc["points"]:
+        assert p["seeds"] == 3
+        mine = [float(x["halts"]) for x in rows
+                if int(x["halt_poll_ns"]) == p["params"]["halt_poll_ns"]]
+        assert p["halts"] == sweep.mean_ci(mine) and p["halts"]["ci95"] is not None
+
+
+def test_tradeoff_plot_has_error_bars(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"halt_poll_ns": h, "poll_cpu_fraction": 0.01 * k + h * 1e-8, "wake_p50_ns": 5000 + k,
+             "wake_p99_ns": 9000 + 100 * k, "halts": 10 + k} for h in (0, 200000) for k in range(3)]
+    import matplotlib.axes
+    calls = []
+    orig = matplotlib.axes.Axes.errorbar
+
+    def spy(self, *a, **k):
+        calls.append(k)
+        return orig(self, *a, **k)
+    matplotlib.axes.Axes.errorbar = spy
+    try:
+        assert sweep._plot(str(tmp_path), rows, ["halt_poll_ns"], scenario="ipi-storm")
+    finally:
+        matplotlib.axes.Axes.errorbar = orig
+    assert len(calls) == 2 and all(any(v > 0 for v in c["yerr"]) for c in calls)
+    assert (tmp_path / "tradeoff.png").stat().st_size > 1000
+
+
+def test_help_texts(capsys):
+    parser = argparse.ArgumentParser()
+    sweep.build_parser(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sweep", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "simulation engine" in out and "print nothing but errors" in out

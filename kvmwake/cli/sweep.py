@@ -17,7 +17,18 @@ Parameters:
 * ``halt_poll`` (the scenario's per-VM KVM_CAP_HALT_POLL ceiling).
 
 Values are integers (``_`` allowed) with an optional ``ns``/``us``/``ms``/``s``
-suffix for the time-valued ones.
+suffix for the time-valued ones; ``sim_ms`` takes decimals (``0.5``) as ``run
+--sim-ms`` does.  The whole grid is checked before any point runs: each value
+against its range (``vcpus`` 1..2**24, ``host_cpus`` 1..2**20, the module
+parameters and ``halt_poll`` an unsigned int, costs 0..2**40 ns, run lengths
+1 ns..2**62 ns) and each ``vcpus`` value against the scenario's programs and
+sources (``scenarios.expand.check_vm``), so a bad grid fails at once with the
+parameter named.
+
+Over the seeds of each parameter assignment the sweep reports the mean and
+a 95% confidence interval (Student's t, ``ci95`` = half-width) of the wake
+latency p50/p99, the polling CPU share and the halts: printed as a table,
+written to ``DIR/summary.json`` and drawn as error bars in ``tradeoff.png``.
 
 Points run in local processes (``--workers``) or on a Dask distributed
 cluster (``--scheduler ADDRESS``).  Each finished point is written at once:
@@ -45,6 +56,7 @@ import sys
 import time
 
 from ..model import COST_NAMES
+from . import argtypes as _argtypes
 
 MODULE_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
                  "halt_poll_ns_shrink")
@@ -68,11 +80,66 @@ class SweepError(Exception):
 
 # -- the points --------------------------------------------------------------------------
 
-def parse_value(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9][0-9_]*)\s*(ns|us|ms|s)?\s*", text)
-    if not m:
-        raise SweepError(f"bad value {text!r}: an integer, optionally with ns/us/ms/s")
-    return int(m.group(1).replace("_", "")) * _UNITS[m.group(2) or "ns"]
+def _ranges() -> dict:
+    from ..host import MAX_COST_NS, MAX_HOST_CPUS
+    r = {name: (0, 0xFFFF_FFFF) for name in MODULE_PARAMS + SCENARIO_PARAMS}
+    r.update({name: (0, MAX_COST_NS) for name in COST_NAMES})
+    r.update({"vcpus": (1, 1 << 24), "host_cpus": (1, MAX_HOST_CPUS), "sim_ns": (1, 1 << 62),
+              "sim_ms": (1e-6, (1 << 62) / 1e6)})
+    return r
+
+
+def parse_value(text: str, name: str | None = None):
+    """One value of ``--param NAME=...``: an integer with an optional ns/us/ms/s suffix
+    (``sim_ms``: a decimal number of ms), checked against NAME's range."""
+    what = f"--param {name}: " if name else ""
+    if name == "sim_ms":
+        try:
+            v = float(text.replace("_", ""))
+        except ValueError:
+            raise SweepError(f"{what}bad value {text!r}: a number of ms, like 2 or 0.5") \
+                from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise SweepError(f"{what}bad value {text!r}: a finite number of ms")
+        if v == int(v):
+            v = int(v)
+        elif (v * 1_000_000) != int(v * 1_000_000):
+            raise SweepError(f"{what}{text!r} ms is not a whole number of ns")
+    else:
+        m = re.fullmatch(r"\s*([0-9][0-9_]*)\s*(ns|us|ms|s)?\s*", text)
+        if not m or len(m.group(1)) > 30:
+            raise SweepError(f"{what}bad value {text!r}: an integer, optionally with "
+                             f"ns/us/ms/s")
+        v = int(m.group(1).replace("_", "")) * _UNITS[m.group(2) or "ns"]
+    if name is not None:
+        lo, hi = _ranges()[name]
+        if not lo <= v <= hi:
+            raise SweepError(f"{what}{text!r} is outside {lo:g}..{hi:g}" if name == "sim_ms"
+                             else f"{what}{text!r} ({v}) is outside {lo}..{hi}")
+    return v
+
+
+def check_grid(scenario, params: dict) -> None:
+    """Every value against the scenario before anything runs: the vCPU counts (split
+    into VMs of at most the file's per_vm) against its programs and sources."""
+    from .. import scenarios
+    from ..scenarios.expand import check_vm
+    try:
+        sc = scenarios.get(scenario) if isinstance(scenario, str) else scenario
+    except Exception as exc:                           # noqa: BLE001
+        raise SweepError(str(exc)) from None
+    for v in params.get("vcpus", []):
+        per = min(sc.vcpus_per_vm, v)
+        try:
+            check_vm(sc, per)
+            if v % per:
+                check_vm(sc, v % per)
+        except scenarios.ScenarioError as exc:
+            raise SweepError(f"--param vcpus={v}: {sc.name} cannot run with {v} vCPUs "
+                             f"(VMs of {per}{f' and {v % per}' if v % per else ''}): "
+                             f"{exc}") from None
+    if "sim_ms" in params and "sim_ns" in params:
+        raise SweepError("--param sim_ms and sim_ns: give one of them")
 
 
 def parse_params(specs) -> dict:
@@ -87,7 +154,7 @@ def parse_params(specs) -> dict:
             raise SweepError(f"--param {name}: unknown parameter (known: {', '.join(PARAM_NAMES)})")
         if name in out:
             raise SweepError(f"--param {name} given twice")
-        vals = [parse_value(v) for v in values.split(",")]
+        vals = [parse_value(v, name) for v in values.split(",")]
         if len(set(vals)) != len(vals):
             raise SweepError(f"--param {name}: a value is repeated")
         out[name] = vals
@@ -139,7 +206,7 @@ def build_point(spec: dict):
     sc = dataclasses.replace(sc, costs=costs, module_params=module, **changes)
     sim_ns = params.get("sim_ns")
     if "sim_ms" in params:
-        sim_ns = params["sim_ms"] * 1_000_000
+        sim_ns = int(round(params["sim_ms"] * 1_000_000))
     host, sim_ns, sc = scenarios.build(sc, vcpus=params.get("vcpus"),
                                        host_cpus=params.get("host_cpus"), sim_ns=sim_ns,
                                        seed=spec["seed"], engine=spec.get("engine", "core"))
@@ -327,11 +394,7 @@ def run_sweep(scenario: str, params: dict, seeds: int, out_dir: str, *, workers:
         raise SweepError("--seeds must be at least 1")
     log = log or (lambda msg: None)
     fn = point_fn or run_point
-    from .. import scenarios
-    try:
-        scenarios.get(scenario)
-    except Exception as exc:                           # noqa: BLE001
-        raise SweepError(str(exc)) from None
+    check_grid(scenario, params)
     points = make_points(scenario, params, seeds, base_seed, engine)
     store = _Store(out_dir, list(params))
     todo = [p for p in points if not store.done(p["id"])]
@@ -369,9 +432,81 @@ def run_sweep(scenario: str, params: dict, seeds: int, out_dir: str, *, workers:
     elif os.path.exists(failed_path):
         os.remove(failed_path)
     _write_parquet(out_dir, rows, store.columns)
+    summary = summarize(rows, list(params))
+    tmp = os.path.join(out_dir, "summary.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"scenario": scenario if isinstance(scenario, str) else scenario.name,
+                   "seeds": seeds, "confidence": 0.95, "metrics": list(SUMMARY_METRICS),
+                   "points": summary}, fh, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(out_dir, "summary.json"))
     if plot:
-        _plot(out_dir, rows, list(params))
-    return {"rows": rows, "failed": failed, "skipped": skipped, "ran": len(todo)}
+        _plot(out_dir, rows, list(params), summary,
+              scenario if isinstance(scenario, str) else scenario.name)
+    return {"rows": rows, "failed": failed, "skipped": skipped, "ran": len(todo),
+            "summary": summary}
+
+
+#: The figures summarised over the seeds of each parameter assignment.
+SUMMARY_METRICS = ("wake_p50_ns", "wake_p99_ns", "poll_cpu_fraction", "halts")
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95%)."""
+    try:
+        from scipy import stats as _st
+        return float(_st.t.ppf(0.975, df))
+    except ImportError:
+        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365,
+                 8: 2.306, 9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042,
+                 60: 2.000, 120: 1.980}
+        for k in sorted(table):
+            if df <= k:
+                return table[k]
+        return 1.960
+
+
+def mean_ci(values) -> dict:
+    """Mean, sample standard deviation and the 95% Student-t half-width over seeds
+    (``ci95`` is None with fewer than two values)."""
+    vals = [float(v) for v in values if v is not None]
+    n = len(vals)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci95": None}
+    mean = sum(vals) / n
+    if n < 2:
+        return {"n": 1, "mean": mean, "sd": None, "ci95": None}
+    sd = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5
+    return {"n": n, "mean": mean, "sd": sd, "ci95": t_quantile_975(n - 1) * sd / n ** 0.5}
+
+
+def summarize(rows, names) -> list:
+    """Per parameter assignment (in the sweep's order): its values and ``mean_ci`` of
+    each of ``SUMMARY_METRICS`` over its seeds."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(tuple(r[n] for n in names), []).append(r)
+    return [{"params": dict(zip(names, key)), "seeds": len(rs),
+             **{m: mean_ci([r[m] for r in rs]) for m in SUMMARY_METRICS}}
+            for key, rs in groups.items()]
+
+
+def format_summary(summary, names) -> str:
+    """The table ``kvmwake sweep`` prints: mean +- 95% CI half-width over seeds."""
+    def cell(st, scale, fmt):
+        if st["mean"] is None:
+            return "-"
+        ci = "" if st["ci95"] is None else f" +- {fmt.format(st['ci95'] * scale)}"
+        return fmt.format(st["mean"] * scale) + ci
+    head = [*names, "seeds", "wake p50 (us)", "wake p99 (us)", "polling CPU (%)", "halts"]
+    body = [[*(str(p["params"][n]) for n in names), str(p["seeds"]),
+             cell(p["wake_p50_ns"], 1e-3, "{:.1f}"), cell(p["wake_p99_ns"], 1e-3, "{:.1f}"),
+             cell(p["poll_cpu_fraction"], 100, "{:.2f}"), cell(p["halts"], 1, "{:.0f}")]
+            for p in summary]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
+              for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(lines) + "\n(mean +- 95% confidence half-width over seeds, Student t)"
 
 
 def _write_parquet(out_dir, rows, columns) -> bool:
@@ -385,9 +520,9 @@ def _write_parquet(out_dir, rows, columns) -> bool:
     return True
 
 
-def _plot(out_dir, rows, names) -> bool:
+def _plot(out_dir, rows, names, summary=None, scenario="") -> bool:
     """tradeoff.png: host CPU spent polling vs wake latency p50/p99, one point per
-    parameter assignment (mean over seeds)."""
+    parameter assignment: the mean over seeds with 95% confidence error bars."""
     if not rows:
         return False
     try:
@@ -396,27 +531,27 @@ def _plot(out_dir, rows, names) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    groups: dict = {}
-    for r in rows:
-        key = tuple(r[n] for n in names)
-        groups.setdefault(key, []).append(r)
+    summary = summary if summary is not None else summarize(rows, names)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for q, marker in (("wake_p50_ns", "o"), ("wake_p99_ns", "^")):
-        xs, ys, labels = [], [], []
-        for key, rs in groups.items():
-            vals = [r[q] for r in rs if r[q] is not None]
-            if not vals:
-                continue
-            xs.append(100 * sum(r["poll_cpu_fraction"] for r in rs) / len(rs))
-            ys.append(sum(vals) / len(vals) / 1000)
-            labels.append(", ".join(f"{n}={v}" for n, v in zip(names, key)))
-        ax.scatter(xs, ys, marker=marker, label=q.replace("wake_", "").replace("_ns", ""))
-        for x, y, lab in zip(xs, ys, labels):
+        pts = [p for p in summary if p[q]["mean"] is not None]
+        if not pts:
+            continue
+        xs = [100 * p["poll_cpu_fraction"]["mean"] for p in pts]
+        ys = [p[q]["mean"] / 1000 for p in pts]
+        xerr = [100 * (p["poll_cpu_fraction"]["ci95"] or 0) for p in pts]
+        yerr = [(p[q]["ci95"] or 0) / 1000 for p in pts]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=marker, capsize=3,
+                    label=q.replace("wake_", "").replace("_ns", "") + " (95% CI over seeds)")
+        for x, y, p in zip(xs, ys, pts):
+            lab = ", ".join(f"{n}={v}" for n, v in p["params"].items())
             ax.annotate(lab, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("host CPU spent polling (% of simulated time x host CPUs)")
     ax.set_ylabel("wake latency (us)")
     ax.set_yscale("log")
-    ax.set_title("halt polling: CPU cost vs wake latency")
+    seeds = max((p["seeds"] for p in summary), default=0)
+    ax.set_title(f"halt polling: CPU cost vs wake latency ({scenario}, {seeds} seed(s) "
+                 "per point)".replace("(, ", "("))
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "tradeoff.png"), dpi=120)
@@ -435,20 +570,24 @@ def build_parser(subparsers):
     p.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="a swept parameter and its values (repeatable; known: "
                         f"{', '.join(PARAM_NAMES)})")
-    p.add_argument("--seeds", type=int, default=1, metavar="K",
+    p.add_argument("--seeds", type=_argtypes.positive_int, default=1, metavar="K",
                    help="seed indices per parameter assignment (default: %(default)s)")
-    p.add_argument("--base-seed", type=int, default=0,
+    p.add_argument("--base-seed", type=_argtypes.nonneg_int, default=0,
                    help="base of the per-point seeds (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    p.add_argument("--workers", type=_argtypes.positive_int, default=None, metavar="N",
                    help="local worker processes (default: the CPU count)")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="run on this Dask distributed scheduler (e.g. tcp://host:8786)")
     p.add_argument("--scheduler-timeout", type=float, default=5.0, metavar="S",
                    help="seconds to wait for the scheduler (default: %(default)s)")
-    p.add_argument("--engine", choices=("core", "reference"), default="core")
+    p.add_argument("--engine", choices=("core", "reference"), default="core",
+                   help="simulation engine: the Cython core or the plain-Python reference "
+                        "twin (default: %(default)s)")
     p.add_argument("--no-plot", action="store_true", help="do not write tradeoff.png")
-    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", type=_argtypes.nonempty_path,
+                   help="output directory")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="print nothing but errors (no per-point log, no table)")
     p.set_defaults(sweep_run=run)
     return p
 
@@ -466,6 +605,7 @@ def run(args) -> int:
         print(f"kvmwake sweep: error: {exc}", file=sys.stderr)
         return 2
     if not args.quiet:
+        print(format_summary(res["summary"], list(params)))
         print(f"{len(res['rows'])} points in {args.out}/results.csv ({res['ran']} run, "
               f"{res['skipped']} resumed) in {time.perf_counter() - t0:.1f} s")
     if res["failed"]:
