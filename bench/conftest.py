@@ -134,3 +134,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_sep("-", f"kvmwake per-operation figures (size {SIZE}, from medians)")
         for r in rows:
             terminalreporter.write_line(r)
+
+
+# Benchmarks write nothing in the current folder or the repository root either
+# (tests/_cwd_guard.py): a benchmark that does fails.
+import importlib.util as _ilu  # noqa: E402
+import pathlib as _pl  # noqa: E402
+
+_spec = _ilu.spec_from_file_location(
+    "_kvmwake_cwd_guard", _pl.Path(__file__).resolve().parent.parent / "tests" / "_cwd_guard.py")
+_cwd_guard = _ilu.module_from_spec(_spec)
+_spec.loader.exec_module(_cwd_guard)
+_writes_nothing_in_cwd_or_root = _cwd_guard.Guard().fixture()

@@ -124,3 +124,141 @@ def test_sweep_is_mounted(capsys):
         cli.main(["sweep", "--help"])
     assert ei.value.code == 0
     assert "--scheduler" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- through the real command line
+
+def _kvmwake(*argv, cwd, timeout=120, **kw):
+    import os
+    env = dict(os.environ)
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "kvmwake", *argv], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=env, **kw)
+
+
+def _clean_error(r, code=2):
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "kvmwake: error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+SMALL = ["--vcpus", "8", "--host-cpus", "4", "--sim-ms", "1"]
+
+
+def test_restore_empty_path_is_an_error(tmp_path):
+    r = _kvmwake("run", "--restore", "", cwd=tmp_path)
+    assert r.returncode == 2 and "empty path" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []         # the default scenario did not run
+
+
+@pytest.mark.parametrize("opt", ["--json", "--out", "--trace", "--snapshot", "--npz"])
+def test_empty_output_paths_are_errors(tmp_path, opt):
+    r = _kvmwake("run", "ipi-storm", *SMALL, opt, "", cwd=tmp_path)
+    assert r.returncode == 2 and "empty path" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_snapshot_and_restore_say_what_they_do(tmp_path):
+    r = _kvmwake("run", "ipi-storm", "--vcpus", "8", "--sim-ms", "3", "--snapshot-at", "1",
+                 "--snapshot", "s.kws", "--no-out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "snapshot at virtual time 1.000 ms (1000000 ns) written to s.kws" in r.stderr
+    assert (tmp_path / "s.kws").is_file()
+    r = _kvmwake("run", "--restore", "s.kws", "--no-out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "restored s.kws (scenario ipi-storm" in r.stderr
+    assert "continuing from virtual time 1.000 ms (1000000 ns) to 3.000 ms" in r.stderr
+    # options the snapshot fixes cannot apply
+    r = _kvmwake("run", "ipi-storm", "--restore", "s.kws", "--vcpus", "8", "--seed", "5",
+                 "--no-out", cwd=tmp_path)
+    _clean_error(r)
+    assert "a SCENARIO, --vcpus, --seed cannot apply" in r.stderr
+    for extra in (["--engine", "reference"], ["--host-cpus", "2"]):
+        r = _kvmwake("run", "--restore", "s.kws", *extra, "--no-out", cwd=tmp_path)
+        _clean_error(r)
+        assert extra[0] in r.stderr
+    r = _kvmwake("run", "--restore", "missing.kws", cwd=tmp_path)
+    _clean_error(r)
+    assert "no such file" in r.stderr and not (tmp_path / "kvmwake-out").exists()
+
+
+@pytest.mark.parametrize("shadow", ["dir", "file"])
+def test_builtin_names_are_not_shadowed(tmp_path, shadow):
+    """`kvmwake run --out default` made ./default first, which then shadowed the
+    built-in; a file named like a built-in did the same."""
+    if shadow == "file":
+        (tmp_path / "default").write_text("not a scenario")
+        r = _kvmwake("run", "default", "--vcpus", "64", "--host-cpus", "8", "--sim-ms", "1",
+                     "--no-out", cwd=tmp_path)
+    else:
+        r = _kvmwake("run", "--vcpus", "64", "--host-cpus", "8", "--sim-ms", "1", "--out",
+                     "default", cwd=tmp_path)
+        assert (tmp_path / "default" / "summary.json").is_file()
+    assert r.returncode == 0, r.stderr
+    assert "kvmwake run default" in r.stdout
+    # a path is a path: ./default is the file
+    if shadow == "file":
+        r = _kvmwake("run", "./default", "--no-out", cwd=tmp_path)
+        _clean_error(r)
+        assert "error: default:1: (syntax)" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "no-such-scenario", "--out", "o"],
+    ["run", "ipi-storm", "--vcpus", "1025", "--host-cpus", "2", "--sim-ms", "1", "--out", "o"],
+    ["run", "ipi-storm", *SMALL, "--snapshot-at", "1"],
+    ["run", "ipi-storm", *SMALL, "--snapshot-at", "5", "--snapshot", "s.kws", "--out", "o"],
+    ["run", "ipi-storm", "--vcpus", "1025", "--host-cpus", "2", "--sim-ms", "1"],
+    ["run", "ipi-storm", *SMALL, "--restore", "x.kws"],
+])
+def test_failed_runs_create_nothing(tmp_path, argv):
+    r = _kvmwake(*argv, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []         # no empty output folder, no kvmwake-out
+
+
+def test_sim_without_unit_is_an_error_through_the_cli(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text((scenarios.BUILTIN_DIR / "ipi-storm.toml").read_text()
+                 .replace('sim = "100ms"', "sim = 20"))
+    r = _kvmwake("run", str(f), "--no-out", cwd=tmp_path)
+    _clean_error(r)
+    assert f"{f}:3: sim: 20 has no unit" in r.stderr
+
+
+def test_out_of_memory_is_a_runtime_error(tmp_path):
+    import resource
+
+    def limit():
+        # a little above what importing kvmwake and numpy takes (about 150 MB)
+        resource.setrlimit(resource.RLIMIT_AS, (240 << 20, 240 << 20))
+    r = _kvmwake("run", "ipi-storm", "--vcpus", "16000000", "--host-cpus", "8", "--sim-ms",
+                 "1", "--no-out", cwd=tmp_path, preexec_fn=limit)
+    _clean_error(r, code=1)
+    assert "out of memory" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["scenarios"], ["--help"], ["run", "--help"]])
+def test_closed_pipe_is_quiet(tmp_path, argv):
+    import os
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parent.parent)
+    p = subprocess.Popen([sys.executable, "-m", "kvmwake", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    p.stdout.close()                              # like `| head` that has had enough
+    err = p.stderr.read().decode()
+    p.wait(timeout=60)
+    # 141 = 128 + SIGPIPE; argparse's help swallows the write error itself and exits 0
+    assert p.returncode in ((0, 141) if "--help" in argv else (141,)), (p.returncode, err)
+    assert err == "", err
+
+
+def test_help_names_the_model_policies_and_tutorials(tmp_path):
+    for argv in (["--help"], ["run", "--help"]):
+        r = _kvmwake(*argv, cwd=tmp_path)
+        assert r.returncode == 0
+        text = " ".join(r.stdout.split())
+        for words in ("SYSTEM_SUSPEND", "VMM polic", "docs/tutorial-perf.md",
+                      "docs/tutorial-vmm.md", "docs/outputs.md"):
+            assert words in text, (argv, words)

@@ -370,9 +370,17 @@ def main(argv=None) -> int:
     """``kvmwake``: returns the exit status (0 done, 1 runtime error, 2 bad arguments or
     input, 130 interrupted, 141 stdout closed early as by ``| head``)."""
     try:
-        return _main(argv)
+        rc = _main(argv)
+        sys.stdout.flush()                       # a closed pipe shows here, not at exit
+        return rc
     except BrokenPipeError:
         return _pipe_closed()
+    except SystemExit as exc:                    # argparse: --help, usage errors
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return _pipe_closed()
+        raise exc
 
 
 def _pipe_closed() -> int:
