@@ -262,3 +262,26 @@ def test_help_names_the_model_policies_and_tutorials(tmp_path):
         for words in ("SYSTEM_SUSPEND", "VMM polic", "docs/tutorial-perf.md",
                       "docs/tutorial-vmm.md", "docs/outputs.md"):
             assert words in text, (argv, words)
+
+
+def test_outputs_schema_is_documented(tmp_path):
+    """docs/outputs.md lists every key of summary.json and every .npz array, and the npz
+    names the stats matrix's columns."""
+    import numpy as np
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "outputs.md").read_text()
+    r = _kvmwake("run", "suspend-cycle", "--vcpus", "8", "--host-cpus", "4", "--sim-ms", "2",
+                 "--json", "s.json", "--npz", "a.npz", "--trace", "t", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    for key in list(s) + list(s["stats"]) + list(s["wake_latency_ns"]) + list(s["vmm"]):
+        assert f"`{key}`" in doc, key
+    a = np.load(tmp_path / "a.npz")
+    for name in a.files:
+        assert f"`{name}`" in doc or name in ("halt_attempted_poll", "halt_poll_invalid",
+                                              "halt_wakeup", "halt_poll_success_ns",
+                                              "halt_poll_fail_ns"), name
+    cols = list(a["stats_columns"])
+    assert len(cols) == a["stats"].shape[1] == 105
+    assert cols[3] == "halt_wakeup" and cols[-1] == "wfi_exit_stat" and cols[103] == "blocking"
+    assert (a["stats"][:, cols.index("halt_wakeup")] == a["halt_wakeup"]).all()
+    assert (a["stats"][:, cols.index("halt_wait_hist[5]")] == a["halt_wait_hist"][:, 5]).all()
