@@ -48,6 +48,13 @@ A scenario file::
     vector = 0x40
     period = "1ms"
 
+Durations need their unit, written against the number (``"20us"``, ``"4ms"``,
+``"1.5s"``): a bare number is an error naming the key and the units, except 0
+and keys whose name ends in ``_ns`` (``halt_poll_ns = 200000``).  Ranges and
+sizes are checked when the file is loaded, before anything is expanded:
+times below 2**62 ns, INTID ranges within the VM's SPIs, and at most
+``expand.MAX_VM_OPS`` ops (plus ``for`` iterations) compiled per VM.
+
 Every error is a ``ScenarioError`` reading ``FILE:LINE: KEY: message``.
 
 The modules: ``parse`` (TOML text -> checked ``Scenario``), ``lines`` (the line
