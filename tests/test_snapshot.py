@@ -1225,7 +1225,7 @@ def test_cli_errors(tmp_path, capsys):
     assert cli.main(["run", "--restore", str(tmp_path / "norun.kws")]) == 2
     assert "--sim-ms" in capsys.readouterr().err
     assert cli.main(["run", "--restore", str(tmp_path / "norun.kws"), "--sim-ms", "2",
-                     "-q"]) == 0
+                     "-q", "--no-out"]) == 0
     # ...and through the real entry point.
     env = _child_env()
     proc = subprocess.run([sys.executable, "-m", "kvmwake", "run", "--restore", str(bad)],
