@@ -1,7 +1,9 @@
 """Build the kvmwake._core and kvmwake.kernel._inject extensions.
 
 Cython directives live here and only here.  ``KVMWAKE_DEBUG=1 pip install .``
-builds a debug variant: bounds and wraparound checks on, C asserts kept.
+builds a debug variant: bounds and wraparound checks on, C asserts kept, and
+the engine's whole state checked every ``kvmwake._core.CHECK_EVERY`` events
+of a run (``kvmwake._core.DEBUG`` is then True).
 """
 
 import os
@@ -27,7 +29,9 @@ extensions = [
         "kvmwake._core",
         ["kvmwake/_core.pyx"],
         include_dirs=[np.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        # KVMWAKE_DEBUG: kvmwake._core.DEBUG, and run_loop's periodic state checks.
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+                       ("KVMWAKE_DEBUG", "1" if DEBUG else "0")],
         extra_compile_args=(["-O0", "-g"] if DEBUG else ["-O3"]),
         undef_macros=(["NDEBUG"] if DEBUG else []),
     ),

@@ -50,10 +50,22 @@ cdef extern from *:
     #define KW_LCG_MULT 6364136223846793005ULL
     #define KW_MAX_DRAW_NS 4611686018427387904ULL
     #define KW_SEQ_BITS 56
+    #ifndef KVMWAKE_DEBUG
+    #define KVMWAKE_DEBUG 0
+    #endif
+    #define KW_DEBUG KVMWAKE_DEBUG
+    #define KW_CHECK_EVERY 1024
+    #define KW_CHECKPOINT 1
     """
     const uint64_t KW_LCG_MULT
     const uint64_t KW_MAX_DRAW_NS
     const uint64_t KW_SEQ_BITS
+    # The debug build (KVMWAKE_DEBUG=1, setup.py): run_loop stops every
+    # KW_CHECK_EVERY events with KW_CHECKPOINT, and the engine checks its whole
+    # state (_check_state) before it goes on.
+    const int KW_DEBUG
+    const uint64_t KW_CHECK_EVERY
+    const int KW_CHECKPOINT
     int __builtin_clzll(unsigned long long x) nogil
     int __builtin_ctzll(unsigned long long x) nogil
 
@@ -331,7 +343,9 @@ def compiled_constants():
 cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil:
     """Process every event before ``until``; with ``stop_on_exit``, stop after the
     first event in which a vCPU exited to userspace (then e.now is that event's
-    time).  Returns -1 on error (e.error)."""
+    time).  Returns -1 on error (e.error).  The debug build returns KW_CHECKPOINT
+    after every KW_CHECK_EVERY-th event, for the caller to check the state and
+    call again (which goes on exactly where it stopped)."""
     cdef event_t ev
     cdef thread_t* th
     cdef vm_t* vm
@@ -381,6 +395,8 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
                     rc = got_cpu(e, ev.who, ev.t)
         if rc < 0 or e.error:
             return -1
+        if KW_DEBUG and e.events % KW_CHECK_EVERY == 0:
+            return KW_CHECKPOINT
     if stop_on_exit and e.exq_len:
         return 0
     e.now = until
@@ -653,6 +669,15 @@ cdef class Engine:
                               f"({self.e.err_n} interrupts taken at t={self.e.err_t} ns)")
         raise MemoryError("the event heap could not grow")
 
+    cdef _debug_check(self):
+        """The debug build's periodic check of the whole state (see run_loop)."""
+        try:
+            _check_state(self, False)
+        except ValueError as exc:
+            self._failed = True
+            raise EngineError(f"inconsistent engine state after {self.e.events} events "
+                              f"at t={self.e.now} ns: {exc}") from None
+
     cdef _guard(self):
         if self._failed:
             raise EngineError("this engine stopped on an earlier error")
@@ -661,8 +686,12 @@ cdef class Engine:
         """Process every event before ``until_ns``; then the clock reads ``until_ns``."""
         cdef int rc
         self._guard()
-        with nogil:
-            rc = run_loop(&self.e, until_ns, 0)
+        while True:
+            with nogil:
+                rc = run_loop(&self.e, until_ns, 0)
+            if rc != KW_CHECKPOINT:
+                break
+            self._debug_check()
         self._check(rc)
 
     def run_until_exit(self, uint64_t until_ns):
@@ -670,8 +699,12 @@ cdef class Engine:
         userspace; returns that thread, or -1 when ``until_ns`` was reached."""
         cdef int rc
         self._guard()
-        with nogil:
-            rc = run_loop(&self.e, until_ns, 1)
+        while True:
+            with nogil:
+                rc = run_loop(&self.e, until_ns, 1)
+            if rc != KW_CHECKPOINT:
+                break
+            self._debug_check()
         self._check(rc)
         return self.e.exitq[self.e.exq_head] if self.e.exq_len else -1
 

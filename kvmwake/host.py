@@ -305,7 +305,10 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
             host.vm_class._from_record(host, rec)
         host._nthreads = sum(rec["nr_vcpus"] for rec in snap.vms)
         host._engine.import_state(snap.scalars, snap.arrays)
-        _snapshot.check_engine(snap, host._engine)
+        flags = _snapshot.check_engine(snap, host._engine)
+        for vm in host.vms:                 # recomputed from the engine, not trusted
+            for v in vm.vcpus:
+                v._loaded, v._started = flags[v._g]
         for vm, rec in zip(host.vms, snap.vms):
             vm._restore_policy(rec["vmm"], vmm_classes or {})
     except SnapshotError:

@@ -15,14 +15,24 @@ never executes anything from the file (no pickle)::
 
     offset  size  field
     0       8     magic  b"KVMWSNAP"
-    8       4     format version (u32, little-endian), currently 1
+    8       4     format version (u32, little-endian), currently 2
     12      4     header length H (u32)
-    16      8     body length B (u64)
-    24      H     header: UTF-8 JSON (configuration, Python-side state, and
+    16      8     body length B (u64), compressed
+    24      8     inflated body length R (u64)
+    32      H     header: UTF-8 JSON (configuration, Python-side state, and
                   the name, dtype, shape, offset and size of every array)
-    24+H    B     body: zlib-compressed; inflated, the arrays, each at an
-                  8-byte aligned offset (the header gives the inflated size)
-    24+H+B  16    BLAKE2b-128 of everything before it
+    32+H    B     body: zlib-compressed; inflated, the arrays in the order of
+                  ``_ARRAYS``, each at the next 8-byte aligned offset
+    32+H+B  16    BLAKE2b-128 of everything before it
+
+Reading checks, in this order and before anything is inflated: the frame
+(R at most ``ZLIB_MAX_RATIO`` times B), the checksum, then the whole header:
+its scalars, and every array's size against the counts the header gives
+(vCPUs, VMs, host CPUs, trace and timeline records), laid out end to end;
+the body must be exactly R bytes, the header's ``body.size`` and the end of
+that layout.  Only then is the body inflated, and inflation stops at R
+bytes.  Version 1 (no R in the prefix; R is the header's ``body.size``) is
+still read, with the same checks.
 
 The arrays are the engine's own state (vCPU threads, interrupt controllers,
 host CPUs and run queues, the event heap, stats, trace ring, programs, device
@@ -65,8 +75,11 @@ from .exits import from_engine
 from .model import LAT_BUCKETS, MAX_VCPUS, NR_STATS
 
 MAGIC = b"KVMWSNAP"
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sIIQ")
+FORMAT_VERSION = 2
+_PREFIX = struct.Struct("<8sIIQQ")      # magic, version, header, body, inflated body
+_PREFIX_V1 = struct.Struct("<8sIIQ")    # version 1: no inflated size in the frame
+#: deflate inflates at most 1032 bytes from one: a larger declared size is a lie.
+ZLIB_MAX_RATIO = 1032
 DIGEST_SIZE = 16
 MAX_HEADER = 16 << 20          # 16 MiB of JSON
 MAX_BODY = 1 << 40             # 1 TiB: anything larger is not a snapshot of ours
@@ -134,7 +147,7 @@ def encode(engine, host: dict, vms: list, vm_index: int | None = None,
     }
     packed = zlib.compress(bytes(body), ZLIB_LEVEL)
     hjson = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    out = bytearray(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(hjson), len(packed)))
+    out = bytearray(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(hjson), len(packed), len(body)))
     out += hjson
     out += packed
     out += _digest(out)
@@ -190,15 +203,34 @@ def _load_bytes(src) -> bytes:
     if isinstance(src, (str, os.PathLike)):
         try:
             with open(src, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size > MAX_BODY + MAX_HEADER + _PREFIX.size + DIGEST_SIZE:
-                    raise SnapshotError(f"{os.fspath(src)!r} is {size} bytes: too large to be "
-                                        "a kvmwake snapshot")
-                return fh.read()
+                # The frame says how long the file is: read no more than that (a pipe
+                # or /dev/zero has no size to trust, and would never end).
+                head = fh.read(_PREFIX.size)
+                want = _frame_size(head)
+                rest = fh.read(want - len(head) + 1) if want is not None else b""
+                if want is not None and len(head) + len(rest) > want:
+                    raise SnapshotError(f"oversized snapshot {os.fspath(src)!r}: more than "
+                                        f"the {want} bytes its frame declares")
+                return head + rest
         except OSError as exc:
             raise SnapshotError(f"cannot read snapshot {os.fspath(src)!r}: "
                                 f"{exc.strerror or exc}") from None
     raise TypeError(f"a snapshot is bytes or a path, not {type(src).__name__}")
+
+
+def _frame_size(head: bytes):
+    """The whole length a snapshot's prefix declares, or None if ``head`` is not one
+    of our prefixes (``parse`` then says what is wrong)."""
+    if len(head) < _PREFIX_V1.size or head[:8] != MAGIC:
+        return None
+    version = struct.unpack_from("<I", head, 8)[0]
+    prefix = _PREFIX if version == FORMAT_VERSION else _PREFIX_V1 if version == 1 else None
+    if prefix is None or len(head) < prefix.size:
+        return None
+    _, _, hlen, blen = _PREFIX_V1.unpack_from(head, 0)
+    if hlen > MAX_HEADER or blen > MAX_BODY:
+        return None
+    return prefix.size + hlen + blen + DIGEST_SIZE
 
 
 def decode(src) -> Snapshot:
@@ -218,42 +250,60 @@ def decode(src) -> Snapshot:
 
 
 def parse(data: bytes) -> tuple[dict, dict]:
-    """Check a snapshot's framing, checksum and header; return (header, arrays)."""
+    """Check a snapshot's framing, checksum and header; return (header, arrays).
+
+    Everything the header says is checked before the body is inflated, and the
+    inflation stops at the size the checked header and frame agree on."""
     n = len(data)
     if n < _PREFIX.size + DIGEST_SIZE:
         raise SnapshotError(f"truncated snapshot: {n} bytes, less than the "
                             f"{_PREFIX.size + DIGEST_SIZE}-byte frame")
-    magic, version, hlen, blen = _PREFIX.unpack_from(data, 0)
+    magic, version = struct.unpack_from("<8sI", data, 0)
     if magic != MAGIC:
         raise SnapshotError(f"not a kvmwake snapshot: magic {magic!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
+    if version == FORMAT_VERSION:
+        prefix = _PREFIX
+        _, _, hlen, blen, raw = _PREFIX.unpack_from(data, 0)
+    elif version == 1:
+        prefix = _PREFIX_V1
+        _, _, hlen, blen = _PREFIX_V1.unpack_from(data, 0)
+        raw = None                        # the header's body.size
+    else:
         raise SnapshotError(f"unknown snapshot format version {version} "
-                            f"(this kvmwake reads version {FORMAT_VERSION})")
+                            f"(this kvmwake reads versions 1 and {FORMAT_VERSION})")
     if hlen > MAX_HEADER:
         raise SnapshotError(f"absurd header length {hlen} (at most {MAX_HEADER})")
     if blen > MAX_BODY:
         raise SnapshotError(f"absurd body length {blen} (at most {MAX_BODY})")
-    want = _PREFIX.size + hlen + blen + DIGEST_SIZE
+    if raw is not None and raw > ZLIB_MAX_RATIO * blen + 64:
+        raise SnapshotError(f"absurd inflated body length {raw}: {blen} compressed bytes "
+                            f"inflate to at most {ZLIB_MAX_RATIO * blen + 64}")
+    want = prefix.size + hlen + blen + DIGEST_SIZE
     if n != want:
         raise SnapshotError(f"{'truncated' if n < want else 'oversized'} snapshot: {n} bytes, "
                             f"the frame declares {want}")
     if _digest(memoryview(data)[:-DIGEST_SIZE]) != data[-DIGEST_SIZE:]:
         raise SnapshotError("checksum mismatch: the snapshot is corrupted")
     try:
-        header = json.loads(data[_PREFIX.size:_PREFIX.size + hlen].decode("utf-8"))
+        header = json.loads(data[prefix.size:prefix.size + hlen].decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SnapshotError(f"unreadable snapshot header: {exc}") from None
     if not isinstance(header, dict):
         raise SnapshotError(f"the snapshot header is a JSON {type(header).__name__}, "
                             "not an object")
     try:
+        _check_header(header)
         size = header["body"]["size"]
         if header["body"]["compression"] != "zlib" or not isinstance(size, int) \
-                or not 0 <= size <= MAX_BODY:
-            raise SnapshotError(f"bad body description {header['body']!r}")
-        body = _inflate(data[_PREFIX.size + hlen:_PREFIX.size + hlen + blen], size)
-        arrays = _arrays(header, memoryview(body), size)
-        _check_header(header)
+                or isinstance(size, bool) or not 0 <= size <= MAX_BODY \
+                or (raw is not None and size != raw) \
+                or size > ZLIB_MAX_RATIO * blen + 64:
+            raise SnapshotError(f"bad body description {header['body']!r} (the frame "
+                                f"declares {blen} compressed bytes"
+                                + (f", {raw} inflated)" if raw is not None else ")"))
+        layout = _layout(header, size)
+        body = _inflate(data[prefix.size + hlen:prefix.size + hlen + blen], size)
+        arrays = _arrays(layout, memoryview(body))
     except SnapshotError:
         raise
     except KeyError as exc:
@@ -282,13 +332,35 @@ def _int(v, what) -> int:
     return v
 
 
-def _arrays(header, body, blen) -> dict:
+def _layout(header, size: int) -> dict:
+    """Every array's (dtype, shape, offset, size) as the header describes it, checked
+    against the counts the header gives and laid out end to end in ``size`` bytes
+    (the inflated body's size), before anything is inflated."""
     eng = header["engine"]
     sizes = _struct_sizes()
     if eng["struct_sizes"] != sizes:
         raise SnapshotError("the snapshot was written by a kvmwake with other engine "
                             f"structure sizes ({eng['struct_sizes']})")
+    scalars = eng["scalars"]
+    arch = header["host"]["arch"]
+    nth = 0
+    for i, vd in enumerate(header["vms"]):
+        n = _int(vd["nr_vcpus"], f"VM {i}'s nr_vcpus")
+        if not 1 <= n <= MAX_VCPUS[arch]:
+            raise SnapshotError(f"VM {i}: nr_vcpus = {n} out of range 1..{MAX_VCPUS[arch]}")
+        nth += n
+    nvm = len(header["vms"])
+    ncpu = header["host"]["host_cpus"]
+    if isinstance(ncpu, bool) or not isinstance(ncpu, int) or not 1 <= ncpu <= 1 << 20:
+        raise SnapshotError(f"snapshot host configuration is invalid: host_cpus = {ncpu!r}")
+    if scalars["tcount"] > scalars["tcap"] or scalars["tlcount"] > scalars["tlcap"]:
+        raise SnapshotError("trace or timeline record count above its capacity")
+    # Records each array must hold, from the header's counts (None: any number).
+    expect = {"threads": nth, "irqs": nth, "stats": nth, "exitq": nth, "tlbase": nth,
+              "vms": nvm, "gics": nvm, "cpus": ncpu, "lat": LAT_BUCKETS,
+              "trace": scalars["tcount"], "timeline": scalars["tlcount"]}
     out = {}
+    end = 0
     for name in _ARRAYS:
         d = eng["arrays"][name]
         want = _ARRAY_DTYPES.get(name, "u1")
@@ -303,22 +375,36 @@ def _arrays(header, body, blen) -> dict:
         if any(x < 0 for x in shape) or len(shape) != (2 if name == "stats" else 1):
             raise SnapshotError(f"array {name}: bad shape {shape}")
         count = int(np.prod(shape, dtype=object))
-        if count * np.dtype(dtype).itemsize != nbytes or off < 0 or off % 8 \
-                or off + nbytes > blen:
+        start = end + (-end) % 8
+        if count * np.dtype(dtype).itemsize != nbytes or off != start or off + nbytes > size:
             raise SnapshotError(f"array {name}: shape {shape}, {nbytes} bytes at offset "
-                                f"{off} do not fit the {blen}-byte body")
+                                f"{off} do not fit the {size}-byte body (next offset {start})")
         struct = _ARRAY_STRUCTS.get(name)
-        if struct is not None and nbytes % sizes[struct]:
+        rec = sizes[struct] if struct is not None else (
+            NR_STATS * 8 if name == "stats" else np.dtype(dtype).itemsize)
+        if nbytes % rec:
             raise SnapshotError(f"array {name}: size {nbytes} is not a whole number of "
-                                f"{sizes[struct]}-byte {struct} records")
-        out[name] = np.frombuffer(body, dtype=dtype, count=count, offset=off).reshape(shape).copy()
-    if out["stats"].shape[1] != NR_STATS:
-        raise SnapshotError(f"array stats: {out['stats'].shape[1]} stats per vCPU, "
+                                f"{rec}-byte {struct or name} records")
+        if name in expect and nbytes // rec != expect[name]:
+            what = {"cpus": "host CPUs", "lat": "latency buckets", "threads": "vCPU threads",
+                    "vms": "VMs"}.get(name, "records")
+            raise SnapshotError(f"inconsistent array sizes: array {name} holds "
+                                f"{nbytes // rec} {what}, which disagrees with the "
+                                f"header's count {expect[name]}")
+        out[name] = (dtype, shape, off, count)
+        end = off + nbytes
+    if end != size:
+        raise SnapshotError(f"the arrays end at byte {end} of the {size}-byte body")
+    if out["stats"][1][1] != NR_STATS:
+        raise SnapshotError(f"array stats: {out['stats'][1][1]} stats per vCPU, "
                             f"expected {NR_STATS}")
-    if out["lat"].shape != (LAT_BUCKETS,):
-        raise SnapshotError(f"array lat: {out['lat'].shape[0]} latency buckets, "
-                            f"expected {LAT_BUCKETS}")
     return out
+
+
+def _arrays(layout: dict, body) -> dict:
+    """The arrays of an inflated body, by ``_layout``'s description."""
+    return {name: np.frombuffer(body, dtype=dtype, count=count, offset=off).reshape(shape).copy()
+            for name, (dtype, shape, off, count) in layout.items()}
 
 
 def _check_header(h) -> None:
@@ -327,7 +413,7 @@ def _check_header(h) -> None:
         raise ValueError(f"host arch/engine {host['arch']!r}/{host['engine']!r}")
     for k in _SCALARS:
         v = h["engine"]["scalars"][k]
-        if not isinstance(v, int) or not 0 <= v < (1 << 64):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < (1 << 64):
             raise ValueError(f"scalar {k} = {v!r}")
     if not isinstance(h["vms"], list) or not all(isinstance(vd, dict) for vd in h["vms"]):
         raise ValueError("vms is not a list of objects")
@@ -396,9 +482,14 @@ def check_host_cpus(snap: Snapshot, host_cpus: int) -> None:
                             f"the host has {host_cpus}")
 
 
-def check_engine(snap: Snapshot, engine) -> None:
+def check_engine(snap: Snapshot, engine) -> list:
     """The VM records against ``engine``, which has imported the snapshot's arrays:
-    VM layout, capabilities, programs and held exits."""
+    VM layout, capabilities, programs and held exits.
+
+    Returns per thread the vCPU's ``(loaded, started)`` as the engine's state
+    says, not as the header does: loaded is having a program; started is the
+    header's flag for a vCPU outside ``KVM_RUN`` with a program (one that ran
+    and exited, or one still to be started), and true for one inside it."""
     from ._core import _engine_exit_record, _engine_view
     vms, threads, queued = _engine_view(engine)
     if len(vms) != len(snap.vms):
@@ -432,6 +523,9 @@ def check_engine(snap: Snapshot, engine) -> None:
         except (ValueError, KeyError) as exc:
             raise SnapshotError(f"thread {g}: an exit to userspace that is none "
                                 f"({exc})") from None
+    return [(has_prog, state != 0 or (has_prog and v["started"]))
+            for rec in snap.vms for v, (has_prog, state)
+            in zip(rec["vcpus"], threads[rec["first"]:rec["first"] + rec["nr_vcpus"]])]
 
 
 def policy_class(index: int, name: str, vmm_classes: dict):

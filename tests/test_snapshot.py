@@ -54,16 +54,18 @@ def _child_env() -> dict:
 
 def unframe(data: bytes):
     """(header dict, inflated body) of a valid snapshot."""
-    _, _, hlen, blen = S._PREFIX.unpack_from(data, 0)
+    _, _, hlen, blen, _raw = S._PREFIX.unpack_from(data, 0)
     header = json.loads(data[S._PREFIX.size:S._PREFIX.size + hlen])
     body = bytearray(zlib.decompress(data[S._PREFIX.size + hlen:S._PREFIX.size + hlen + blen]))
     return header, body
 
 
 def frame(header, body, *, version=S.FORMAT_VERSION, magic=S.MAGIC, fix_size=True,
-          packed=None) -> bytes:
+          packed=None, raw=None) -> bytes:
     """A snapshot with a correct checksum around ``header`` (a dict, or raw JSON bytes)
-    and ``body`` (inflated bytes; or ``packed``, the compressed body as is)."""
+    and ``body`` (inflated bytes; or ``packed``, the compressed body as is); ``raw``
+    the inflated size the frame declares (default: the body's); version 1 frames
+    have none."""
     if isinstance(header, dict):
         if fix_size and isinstance(header.get("body"), dict):
             header = dict(header, body=dict(header["body"], size=len(body)))
@@ -72,7 +74,11 @@ def frame(header, body, *, version=S.FORMAT_VERSION, magic=S.MAGIC, fix_size=Tru
         hjson = bytes(header)
     if packed is None:
         packed = zlib.compress(bytes(body), 1)
-    out = bytearray(S._PREFIX.pack(magic, version, len(hjson), len(packed)))
+    if version == 1:
+        out = bytearray(S._PREFIX_V1.pack(magic, version, len(hjson), len(packed)))
+    else:
+        out = bytearray(S._PREFIX.pack(magic, version, len(hjson), len(packed),
+                                       len(body) if raw is None else raw))
     out += hjson + packed
     out += hashlib.blake2b(bytes(out), digest_size=S.DIGEST_SIZE).digest()
     return bytes(out)
@@ -559,10 +565,12 @@ def test_every_single_bit_flip_is_refused(tiny):
                 want = ("version",)
             elif i < 24:
                 want = ("truncated", "oversized", "absurd")
+            elif i < 32:                                # the inflated size
+                want = ("absurd", "checksum")
             else:
                 want = ("checksum",)
             assert any(w in msg for w in want), (i, bit, msg)
-            region = "prefix" if i < 24 else "header" if i < 24 + hlen else \
+            region = "prefix" if i < 32 else "header" if i < 32 + hlen else \
                 "checksum" if i >= len(tiny) - 16 else "body"
             counts[region] = counts.get(region, 0) + 1
     assert set(counts) == {"prefix", "header", "body", "checksum"}
@@ -584,7 +592,7 @@ def test_wrong_magic_and_unknown_version(tiny):
     refuses(b"NOTASNAP" + tiny[8:], "magic")
     refuses(b"\0" * 100, "magic")
     header, body = unframe(tiny)
-    for v in (0, 2, 7, 2**32 - 1):
+    for v in (0, 3, 7, 2**32 - 1):
         msg = refuses(frame(header, body, version=v), "version")
         assert str(v) in msg
     # A valid frame that is not ours at all.
@@ -593,12 +601,12 @@ def test_wrong_magic_and_unknown_version(tiny):
 
 def test_absurd_declared_sizes(tiny):
     header, body = unframe(tiny)
-    _, _, hlen, blen = S._PREFIX.unpack_from(tiny, 0)
+    _, _, hlen, blen, raw = S._PREFIX.unpack_from(tiny, 0)
     rest = tiny[S._PREFIX.size:]
     for h, b, word in ((hlen, 2**60, "absurd body length"), (2**31, blen, "absurd header"),
                        (hlen, 2**40 - 1, "truncated"), (hlen + 1, blen, "truncated"),
                        (hlen, blen - 1, "oversized")):
-        refuses(S._PREFIX.pack(S.MAGIC, 1, h, b) + rest, word)
+        refuses(S._PREFIX.pack(S.MAGIC, S.FORMAT_VERSION, h, b, raw) + rest, word)
     # Behind a valid checksum: the header declares an absurd inflated size.
     for size in (2**60, -1, len(body) + 1, len(body) - 1, 0, "big", None, 1.5):
         h2 = json.loads(json.dumps(header))
@@ -618,7 +626,7 @@ def test_body_that_does_not_inflate(tiny):
     packed = zlib.compress(bytes(body), 1)
     refuses(frame(header, body, packed=packed[:-5]), "inflate")          # cut stream
     refuses(frame(header, body, packed=packed + b"tail"), "inflate")     # data after it
-    refuses(frame(header, body[:-8], packed=packed), "inflate")          # size differs
+    refuses(frame(header, body[:-8], packed=packed), "body")             # size differs
     bomb = zlib.compress(b"\0" * (8 << 20), 9)                           # 8 MiB of zeros
     refuses(frame(header, body, packed=bomb), "inflate")
 
@@ -757,11 +765,22 @@ def test_body_logical_corruption(tiny, queued, storm):
     d = header["engine"]["arrays"]
 
     def shrink(name, by):
-        """Array ``name`` shorter by ``by`` bytes, the header saying so."""
+        """Array ``name`` shorter by ``by`` bytes (its last ones), the header saying so
+        and the arrays after it laid out anew, end to end as the writer does."""
         def edit(h, b):
-            a = h["engine"]["arrays"][name]
+            arrays = h["engine"]["arrays"]
+            parts = {n: bytes(b[a["offset"]:a["offset"] + a["nbytes"]])
+                     for n, a in arrays.items()}
+            a = arrays[name]
             a["nbytes"] -= by
             a["shape"][0] -= by // np.dtype(S._DTYPES[a["dtype"]]).itemsize
+            parts[name] = parts[name][:a["nbytes"]]
+            out = bytearray()
+            for n in S._ARRAYS:
+                out += b"\0" * ((-len(out)) % 8)
+                arrays[n]["offset"] = len(out)
+                out += parts[n]
+            b[:] = out
         return edit
 
     for name, by, words in (("threads", THREAD_DTYPE.itemsize, ("array sizes",)),

@@ -7,6 +7,19 @@
 # index and link in them before the engine may run, so a file that passed the
 # checksum but was crafted to be inconsistent is refused instead of crashing.
 
+#: The debug build (setup.py's KVMWAKE_DEBUG=1): run_loop's periodic checks are on.
+DEBUG = bool(KW_DEBUG)
+#: Events between two of the debug build's checks of the whole state.
+CHECK_EVERY = KW_CHECK_EVERY
+#: The latest clock a state may hold (twin: kvmwake.model.MAX_NOW); runs end by then.
+MAX_NOW = 1 << 62
+#: Latest event or segment time (kvmwake.model.MAX_TIME): a time below it plus any
+#: duration the engine adds (each below 2**62) cannot wrap a uint64.
+MAX_TIME = 1 << 63
+#: Largest sequence number a state may hold (kvmwake.model.MAX_SEQ): events are keyed
+#: (class << 56) | sequence, and this leaves 2**55 pushes before the class bits.
+MAX_SEQ = 1 << 55
+
 #: The engine_t scalars a snapshot carries (the rest is derived).
 SNAPSHOT_SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdropped",
                     "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len",
@@ -160,7 +173,7 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     e.halt_poll_ns, e.grow = scalars["halt_poll_ns"], scalars["grow"]
     e.grow_start, e.shrink = scalars["grow_start"], scalars["shrink"]
     e.exq_head, e.exq_len = scalars["exq_head"], scalars["exq_len"]
-    _check_state(self)
+    _check_state(self, True)
     self._prog_index = {}
     cdef uint32_t g
     for g in range(e.nth):
@@ -171,8 +184,10 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     self._failed = False
 
 
-cdef _check_state(Engine self):
-    """Every index, count and link of the state, checked before the engine may run."""
+cdef _check_state(Engine self, bint programs):
+    """Every index, count and link of the state, checked before the engine may run
+    (and, in the debug build, every CHECK_EVERY events of a run; ``programs``
+    False then skips the programs' validation, which a run cannot change)."""
     cdef engine_t* e = &self.e
     cdef uint32_t g, v, c, s, k, n, w
     cdef uint64_t nops = len(self._ops) // sizeof(op_t), i, cls
@@ -182,6 +197,8 @@ cdef _check_state(Engine self):
     cdef source_t* src
     cdef int32_t x
     cdef event_t* ev
+    cdef tl_rec_t* tr
+    cdef uint64_t start, prev
     cdef list seen
     if len(self._stats) != e.nth or len(self._irqs) != e.nth * sizeof(virq_t) \
             or len(self._gics) != e.nvm * sizeof(gic_t) or len(self._exitq) != e.nth:
@@ -196,16 +213,26 @@ cdef _check_state(Engine self):
         raise ValueError("exit queue positions out of range")
     if len(self._tlbase) != e.nth:
         raise ValueError("the timeline's base states disagree on the vCPU count")
-    if e.tlcount > e.tlcap or e.tlt0 > e.now or (e.tldropped and e.tlcount != e.tlcap):
+    if e.now > MAX_NOW:
+        raise ValueError(f"clock {e.now} ns beyond the engine's limit 2**62 ns")
+    if e.seq > MAX_SEQ:
+        raise ValueError(f"event sequence number {e.seq} beyond the limit 2**55")
+    if e.tlcount > e.tlcap or e.tlcount > e.tlalloc or e.tlalloc > e.tlcap \
+            or e.tlhead > e.tlalloc or e.tlt0 > e.now \
+            or (e.tldropped and e.tlcount != e.tlcap):
         raise ValueError("timeline ring positions out of range")
     for g in range(e.nth):
         if e.tlbase[g] > TS_RUNNABLE:
             raise ValueError(f"thread {g}: an unknown timeline base state")
+    # Oldest record first (an imported ring starts at 0; a running one may wrap).
+    start = (e.tlhead + e.tlcap - e.tlcount) % e.tlcap if e.tlcount and e.tlcount == e.tlcap else 0
+    prev = e.tlt0
     for i in range(e.tlcount):
-        if e.tl[i].g >= e.nth or e.tl[i].cpu != e.th[e.tl[i].g].pcpu \
-                or e.tl[i].state > TS_RUNNABLE or e.tl[i].t < e.tlt0 or e.tl[i].t > e.now \
-                or (i and e.tl[i].t < e.tl[i - 1].t):
+        tr = &e.tl[(start + i) % e.tlcap]
+        if tr.g >= e.nth or tr.cpu != e.th[tr.g].pcpu or tr.state > TS_RUNNABLE \
+                or tr.t < prev or tr.t > e.now:
             raise ValueError(f"timeline record {i}: out of range or out of order")
+        prev = tr.t
     n = 0
     for v in range(e.nvm):
         vm = &e.vms[v]
@@ -215,7 +242,7 @@ cdef _check_state(Engine self):
             raise ValueError(f"VM {v}: PSCI version {vm.psci_version:#x} unknown")
         if vm.vcpu_features & ~(<uint32_t>_uapi.SUPPORTED_VCPU_FEATURES) or vm.features_set > 1:
             raise ValueError(f"VM {v}: vCPU features {vm.vcpu_features:#x} not supported")
-        for k in range(988 + 32):
+        for k in range(1024):           # INTIDs 1020..1023 too: owner_of reads them all
             x = e.gic[v].spi_target[k]
             if x < -1 or x >= <int32_t>vm.nr_vcpus:
                 raise ValueError(f"VM {v}: SPI {k} routed to vCPU {x}, which does not exist")
@@ -241,7 +268,8 @@ cdef _check_state(Engine self):
             raise ValueError(f"thread {g}: run-queue link out of range")
         if e.irq[g].cur_irq < -1 or e.irq[g].cur_irq > 1023 or e.irq[g].sv_cont > CONT_EOI:
             raise ValueError(f"thread {g}: interrupt bookkeeping out of range")
-    _check_programs(self, nops)
+    if programs:
+        _check_programs(self, nops)
     for c in range(e.ncpu):
         cpu = &e.cpus[c]
         if cpu.cur < -1 or cpu.cur >= <int32_t>e.nth or cpu.rq_head < -1 \
@@ -279,7 +307,8 @@ cdef _check_state(Engine self):
     for i in range(e.hlen):
         ev = &e.heap[i]
         cls = ev.key >> KW_SEQ_BITS
-        if cls > EV_SLICE or ev.t < e.now or (ev.key & ((1ULL << KW_SEQ_BITS) - 1)) > e.seq:
+        if cls > EV_SLICE or ev.t < e.now or ev.t > MAX_TIME \
+                or (ev.key & ((1ULL << KW_SEQ_BITS) - 1)) > e.seq:
             raise ValueError(f"event {i}: class, time or sequence out of range")
         if (cls == EV_TICK and ev.who >= e.nvm) or (cls == EV_SOURCE and ev.who >= e.nsrc) \
                 or (cls >= EV_TIMER and ev.who >= e.nth):
@@ -289,6 +318,25 @@ cdef _check_state(Engine self):
         if i and ev_before(ev, &e.heap[(i - 1) >> 1]):
             raise ValueError(f"event {i}: the heap is out of order")
     _check_links(self)
+
+
+cdef _check_times(engine_t* e, uint32_t g):
+    """Thread g's times against the clock, so that no difference the engine takes
+    (slice_end's seg_end - t, halt_done's cur - halt_start, cur - poll_end and
+    poll_end - start, the latency's cur + entry - wake_ts) can wrap, and no sum
+    (got_cpu's t + rem_end) can either."""
+    cdef thread_t* th = &e.th[g]
+    cdef uint64_t now = e.now
+    if th.run_start > now or th.halt_start > now or th.poll_end > now or th.wake_ts > now:
+        raise ValueError(f"thread {g}: a time of its past lies in the future")
+    if th.seg_end > MAX_TIME or th.seg_gfrom > th.seg_gto or th.seg_gto > th.seg_end \
+            or th.rem_gfrom > th.rem_gto or th.rem_gto > th.rem_end or th.rem_end > MAX_TIME:
+        raise ValueError(f"thread {g}: segment times out of order or out of range")
+    if th.state == TS_RUNNING and th.seg_end < now:
+        raise ValueError(f"thread {g}: running a segment that ended before the clock")
+    if th.resume == RESUME_HALT and (th.state == TS_BLOCKED or th.state == TS_RUNNABLE) \
+            and th.poll_end < th.halt_start:
+        raise ValueError(f"thread {g}: its halt-polling ended before its halt began")
 
 
 cdef int32_t _rq_last(engine_t* e, cpu_t* cpu):
@@ -337,8 +385,10 @@ cdef _check_links(Engine self):
     cdef virq_t* q
     where_arr = np.zeros(e.nth, dtype=np.uint8)     # 1: a host CPU's current, 2: queued
     live_arr = np.zeros(e.nth, dtype=np.uint8)      # its live SEGMENT/POLL_END/RUN event
+    slice_arr = np.zeros(e.nth, dtype=np.uint8)     # its live SLICE event
     cdef uint8_t[::1] where = where_arr
     cdef uint8_t[::1] live = live_arr
+    cdef uint8_t[::1] slices = slice_arr
     for c in range(e.ncpu):
         x = e.cpus[c].cur
         if x >= 0:
@@ -365,6 +415,11 @@ cdef _check_links(Engine self):
     for i in range(e.hlen):
         ev = &e.heap[i]
         cls = ev.key >> KW_SEQ_BITS
+        if cls == EV_SLICE and ev.gen == e.th[ev.who].run_gen:
+            if slices[ev.who] or not e.th[ev.who].slice_armed or where[ev.who] != 1:
+                raise ValueError(f"event {i}: a time slice of thread {ev.who}, which is "
+                                 "not on its host CPU with one slice armed")
+            slices[ev.who] = 1
         if cls < EV_SEGMENT or cls > EV_RUN or ev.gen != e.th[ev.who].gen:
             continue
         th = &e.th[ev.who]
@@ -375,6 +430,19 @@ cdef _check_links(Engine self):
                 or cls == EV_SEGMENT and th.state != TS_RUNNING \
                 or cls == EV_POLL_END and th.state != TS_POLLING:
             raise ValueError(f"event {i}: thread {ev.who}'s state does not expect it")
+        if cls == EV_SEGMENT and ev.t != th.seg_end:
+            raise ValueError(f"event {i}: thread {ev.who}'s segment ends at another time")
+    for g in range(e.nth):
+        th = &e.th[g]
+        # The thread's own event, both ways: a running, polling or about-to-run thread
+        # has exactly one live event (checked above), every other thread none.
+        if live[g] != (th.state == TS_RUNNING or th.state == TS_POLLING
+                       or th.state == TS_RUNNABLE and where[g] == 1):
+            raise ValueError(f"thread {g}: {'no' if not live[g] else 'a'} live event in "
+                             f"state {th.state}")
+        if th.slice_armed and not slices[g]:
+            raise ValueError(f"thread {g}: a time slice armed without its event")
+        _check_times(e, g)
     for g in range(e.nth):
         th = &e.th[g]
         q = &e.irq[g]
@@ -522,4 +590,4 @@ def _engine_rehost(Engine self, uint32_t ncpu):
         elif e.th[cpu.cur].state == TS_RUNNING:
             if arm_slice(e, &e.th[cpu.cur], <uint32_t>cpu.cur, t):
                 raise MemoryError("the event heap could not grow")
-    _check_state(self)
+    _check_state(self, True)

@@ -21,8 +21,8 @@ import numpy as np
 
 from ..model import (
     CONT_EOI, CONT_IRQ, CONT_TRAP, HALT_MP_HALTED, LAT_BUCKETS, MAX_LOOP_DEPTH, MAX_NR_SPIS,
-    NR_INTIDS, NR_STATS, OP_DTYPE, RESUME_SEGMENT, RESUME_SLEEP, S_BLOCKING, EventClass, Op,
-    SourceKind, ThreadState,
+    NR_INTIDS, NR_STATS, OP_DTYPE, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP, S_BLOCKING,
+    EventClass, Op, SourceKind, ThreadState,
 )
 from ..uapi import PSR_I_BIT, SUPPORTED_VCPU_FEATURES, MpState, PsciVersion
 from . import EngineError, halt, host, queue
@@ -35,6 +35,13 @@ _EV_TICK, _EV_SOURCE, _EV_TIMER, _EV_SEG, _EV_POLL, _EV_RUN, _EV_SLICE = (
     EventClass.TICK, EventClass.SOURCE, EventClass.TIMER, EventClass.SEGMENT,
     EventClass.POLL_END, EventClass.RUN, EventClass.SLICE)
 _MAX_CPUS = 1 << 20
+#: The latest clock a state may hold (the core's MAX_NOW); runs end by then.
+MAX_NOW = 1 << 62
+#: Latest event or segment time (the core's MAX_TIME): no sum the engine takes wraps.
+MAX_TIME = 1 << 63
+#: Largest sequence number a state may hold (the core's MAX_SEQ): the core keys its
+#: events (class << 56) | sequence, and this leaves 2**55 pushes.
+MAX_SEQ = 1 << 55
 _MAX_VCPUS_PER_VM = 1024
 _PSCI_VERSIONS = frozenset(int(v) for v in PsciVersion)
 
@@ -154,8 +161,10 @@ def engine_exit_record(e, g: int) -> dict:
 
 # -- the checks ---------------------------------------------------------------------------
 
-def check_state(e) -> None:
+def check_state(e, programs: bool = True) -> None:
     """Every index, count and link of the state, checked before the engine may run.
+
+    ``programs`` False skips the programs' validation (a run cannot change them).
 
     Raises ``EngineError`` naming the first thing found wrong.
     """
@@ -174,6 +183,10 @@ def check_state(e) -> None:
         raise EngineError("exit queue names a thread that does not exist")
     if not isinstance(e.now, int) or e.now < 0 or not isinstance(e.seq, int) or e.seq < 0:
         raise EngineError("clock or sequence number out of range")
+    if e.now > MAX_NOW:
+        raise EngineError(f"clock {e.now} ns beyond the engine's limit 2**62 ns")
+    if e.seq > MAX_SEQ:
+        raise EngineError(f"event sequence number {e.seq} beyond the limit 2**55")
     # The state timeline.
     tl = e.timeline
     if len(tl) > e.tl_cap or e.tl_t0 > e.now or (e.timeline_dropped and len(tl) != e.tl_cap):
@@ -239,7 +252,8 @@ def check_state(e) -> None:
         if not isinstance(th.cur_irq, int) or th.cur_irq < -1 or th.cur_irq > 1023 \
                 or not _index(th.sv_cont, CONT_EOI + 1):
             raise EngineError(f"thread {g}: interrupt bookkeeping out of range")
-    check_programs(e)
+    if programs:
+        check_programs(e)
     # Host CPUs and their run queues.
     for c, cpu in enumerate(cpus):
         if not isinstance(cpu.cur, int) or cpu.cur < -1 or cpu.cur >= nth \
@@ -265,7 +279,7 @@ def check_state(e) -> None:
             raise EngineError(f"event {i}: not a (t, class, sequence, who, gen) record")
         t, cls, seq, who, gen = ev
         if not _index(cls, _EV_SLICE + 1) or not isinstance(t, int) or t < e.now \
-                or not isinstance(seq, int) or seq > e.seq:
+                or t > MAX_TIME or not isinstance(seq, int) or seq > e.seq:
             raise EngineError(f"event {i}: class, time or sequence out of range")
         if (cls == _EV_TICK and not _index(who, nvm)) \
                 or (cls == _EV_SOURCE and not _index(who, len(sources))) \
@@ -276,6 +290,28 @@ def check_state(e) -> None:
         if i and queue.ev_before(ev, e.heap[(i - 1) >> 1]):
             raise EngineError(f"event {i}: the heap is out of order")
     check_links(e)
+
+
+def check_times(e, th) -> None:
+    """A thread's times against the clock, so that no difference the engine takes
+    (slice_end's seg_end - t, halt_done's cur - halt_start, cur - poll_end and
+    poll_end - start, the latency's cur + entry - wake_ts) goes negative, and no
+    sum (got_cpu's t + rem_end) leaves the core's uint64."""
+    now, g = e.now, th.g
+    times = (th.run_start, th.halt_start, th.poll_end, th.wake_ts, th.seg_end, th.seg_gfrom,
+             th.seg_gto, th.rem_end, th.rem_gfrom, th.rem_gto)
+    if not all(isinstance(x, int) and x >= 0 for x in times):
+        raise EngineError(f"thread {g}: a time that is not a non-negative integer")
+    if th.run_start > now or th.halt_start > now or th.poll_end > now or th.wake_ts > now:
+        raise EngineError(f"thread {g}: a time of its past lies in the future")
+    if th.seg_end > MAX_TIME or th.seg_gfrom > th.seg_gto or th.seg_gto > th.seg_end \
+            or th.rem_gfrom > th.rem_gto or th.rem_gto > th.rem_end or th.rem_end > MAX_TIME:
+        raise EngineError(f"thread {g}: segment times out of order or out of range")
+    if th.state == _RUNNING and th.seg_end < now:
+        raise EngineError(f"thread {g}: running a segment that ended before the clock")
+    if th.resume == RESUME_HALT and th.state in (_BLOCKED, _RUNNABLE) \
+            and th.poll_end < th.halt_start:
+        raise EngineError(f"thread {g}: its halt-polling ended before its halt began")
 
 
 def check_programs(e) -> None:
@@ -311,6 +347,7 @@ def check_links(e) -> None:
     nth = len(threads)
     where = [0] * nth        # 1: a host CPU's current, 2: queued
     live = [0] * nth         # its live SEGMENT/POLL_END/RUN event
+    slices = [0] * nth       # its live SLICE event
     for c, cpu in enumerate(e.cpus):
         x = cpu.cur
         if x >= 0:
@@ -328,7 +365,12 @@ def check_links(e) -> None:
                 or th.state == _RUNNABLE and where[g] == 0 \
                 or th.state in (_USER, _BLOCKED) and where[g] != 0:
             raise EngineError(f"thread {g}: its state disagrees with its host CPU's run queue")
-    for i, (_t, cls, _seq, who, gen) in enumerate(e.heap):
+    for i, (t, cls, _seq, who, gen) in enumerate(e.heap):
+        if cls == _EV_SLICE and gen == threads[who].run_gen:
+            if slices[who] or not threads[who].slice_armed or where[who] != 1:
+                raise EngineError(f"event {i}: a time slice of thread {who}, which is not "
+                                  "on its host CPU with one slice armed")
+            slices[who] = 1
         if cls < _EV_SEG or cls > _EV_RUN or gen != threads[who].gen:
             continue
         th = threads[who]
@@ -339,6 +381,18 @@ def check_links(e) -> None:
                 or cls == _EV_SEG and th.state != _RUNNING \
                 or cls == _EV_POLL and th.state != _POLLING:
             raise EngineError(f"event {i}: thread {who}'s state does not expect it")
+        if cls == _EV_SEG and t != th.seg_end:
+            raise EngineError(f"event {i}: thread {who}'s segment ends at another time")
+    for g, th in enumerate(threads):
+        # The thread's own event, both ways: a running, polling or about-to-run
+        # thread has exactly one live event (checked above), every other none.
+        if live[g] != (th.state in (_RUNNING, _POLLING)
+                       or th.state == _RUNNABLE and where[g] == 1):
+            raise EngineError(f"thread {g}: {'no' if not live[g] else 'a'} live event in "
+                              f"state {int(th.state)}")
+        if th.slice_armed and not slices[g]:
+            raise EngineError(f"thread {g}: a time slice armed without its event")
+        check_times(e, th)
     for g, th in enumerate(threads):
         if th.cur_irq > (255 if e.x86 else 1023):
             raise EngineError(f"thread {g}: interrupt in service {th.cur_irq} out of range")
