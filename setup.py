@@ -46,5 +46,7 @@ extensions = [
     ),
 ]
 
+# The debug build's C in a directory of its own: cythonize regenerates C only when the
+# .pyx is newer, not when the directives change.
 setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES,
-                            build_dir="build/cython"))
+                            build_dir="build/cython-debug" if DEBUG else "build/cython"))

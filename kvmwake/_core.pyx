@@ -50,6 +50,7 @@ cdef extern from *:
     #define KW_LCG_MULT 6364136223846793005ULL
     #define KW_MAX_DRAW_NS 4611686018427387904ULL
     #define KW_SEQ_BITS 56
+    #define KW_MAX_SEQ (1ULL << 55)
     #ifndef KVMWAKE_DEBUG
     #define KVMWAKE_DEBUG 0
     #endif
@@ -60,6 +61,7 @@ cdef extern from *:
     const uint64_t KW_LCG_MULT
     const uint64_t KW_MAX_DRAW_NS
     const uint64_t KW_SEQ_BITS
+    const uint64_t KW_MAX_SEQ
     # The debug build (KVMWAKE_DEBUG=1, setup.py): run_loop stops every
     # KW_CHECK_EVERY events with KW_CHECKPOINT, and the engine checks its whole
     # state (_check_state) before it goes on.
@@ -263,6 +265,7 @@ cdef enum:
     KW_ERR_NOMEM = 1
     KW_ERR_STALL = 2
     KW_ERR_STORM = 3
+    KW_ERR_SEQ = 4            # the event sequence numbers ran out (KW_MAX_SEQ)
 
 include "core/rng.pxi"
 include "core/queue.pxi"
@@ -667,10 +670,15 @@ cdef class Engine:
                     f"ran {self.e.err_n} ops at t={self.e.err_t} ns without virtual time passing")
             raise EngineError(f"vCPU {th.vcpu_id} of VM {th.vm}: interrupt storm "
                               f"({self.e.err_n} interrupts taken at t={self.e.err_t} ns)")
+        if err == KW_ERR_SEQ:
+            raise EngineError(f"the event sequence numbers ran out at t={self.e.now} ns "
+                              f"(at most 2**55 events are ever scheduled)")
         raise MemoryError("the event heap could not grow")
 
     cdef _debug_check(self):
         """The debug build's periodic check of the whole state (see run_loop)."""
+        global DEBUG_CHECKS
+        DEBUG_CHECKS += 1
         try:
             _check_state(self, False)
         except ValueError as exc:

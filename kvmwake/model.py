@@ -75,6 +75,19 @@ OP_DTYPE = np.dtype([("code", "<u2"), ("dist", "<u2"), ("arg", "<u4"),
                      ("p0", "<u8"), ("p1", "<u8")])
 #: Nesting depth of loops (counter slots per vCPU).
 MAX_LOOP_DEPTH = 4
+#: Latest clock an engine state may hold (snapshots are checked against it).
+MAX_NOW = 1 << 62
+#: Latest time of an event, a segment's end or a timer in a state.  Runs end by
+#: MAX_NOW and add at most a span to the clock, so they stay below it, and a uint64
+#: holds it with room to spare.
+MAX_TIME = 3 << 62
+#: Longest span a state holds (what is left of a preempted or interrupted segment, an
+#: interrupt handler's time): a duration (at most 2**62, a random draw's limit) plus
+#: costs (each at most 2**40).
+MAX_SPAN = (1 << 62) + (1 << 48)
+#: Sequence numbers an engine hands out: events are keyed (class << 56) | sequence,
+#: and past this a run stops with an error instead of reaching the class bits.
+MAX_SEQ = 1 << 55
 #: Longest program accepted.
 MAX_PROGRAM_OPS = 1 << 20
 #: Ops one vCPU may execute at one instant of virtual time before the engine

@@ -255,12 +255,13 @@ def parse(data: bytes) -> tuple[dict, dict]:
     Everything the header says is checked before the body is inflated, and the
     inflation stops at the size the checked header and frame agree on."""
     n = len(data)
+    if n >= len(MAGIC) and data[:len(MAGIC)] != MAGIC:
+        raise SnapshotError(f"not a kvmwake snapshot: magic {bytes(data[:8])!r}, "
+                            f"expected {MAGIC!r}")
     if n < _PREFIX.size + DIGEST_SIZE:
         raise SnapshotError(f"truncated snapshot: {n} bytes, less than the "
                             f"{_PREFIX.size + DIGEST_SIZE}-byte frame")
-    magic, version = struct.unpack_from("<8sI", data, 0)
-    if magic != MAGIC:
-        raise SnapshotError(f"not a kvmwake snapshot: magic {magic!r}, expected {MAGIC!r}")
+    version = struct.unpack_from("<I", data, 8)[0]
     if version == FORMAT_VERSION:
         prefix = _PREFIX
         _, _, hlen, blen, raw = _PREFIX.unpack_from(data, 0)
@@ -517,6 +518,8 @@ def check_engine(snap: Snapshot, engine) -> list:
             raise SnapshotError(f"thread {g}: in the exit queue but inside KVM_RUN")
     held = {rec["first"] + vid for rec in snap.vms for vid, v in enumerate(rec["vcpus"])
             if v["held"]}
+    if len(set(queued)) != len(queued) or held & set(queued):
+        raise SnapshotError("a vCPU's exit both held and queued, or queued twice")
     for g in set(queued) | held:
         try:
             from_engine(_engine_exit_record(engine, g))

@@ -1429,3 +1429,169 @@ def test_restore_onto_a_bad_cpu_count_is_refused():
     for bad in (0, -1, 1 << 21, "4", 2.0):
         with pytest.raises((ValueError, TypeError)):
             kw.Host.restore(blob, host_cpus=bad)
+
+
+# -- issue 12: checksum-valid snapshots that the old loader accepted and then crashed on ----
+
+def _heap_and_threads(data):
+    header, body = unframe(data)
+    return header, body, records(header, body, "heap"), records(header, body, "threads")
+
+
+def _running_with_live_segment(data):
+    """(thread, heap index) of a RUNNING thread and its live SEGMENT event."""
+    _, _, heap, th = _heap_and_threads(data)
+    for i, ev in enumerate(heap):
+        g = int(ev["who"])
+        if int(ev["key"]) >> SEQ_BITS == EV_SEGMENT and ev["gen"] == th["gen"][g] \
+                and th["state"][g] == TS_RUNNING:
+            return g, i
+    return None
+
+
+@pytest.fixture(scope="module")
+def running():
+    """A snapshot with a vCPU thread RUNNING a segment (its SEGMENT event live)."""
+    host = small_host("ipi-storm", 4, 1, seed=3, trace_capacity=64)
+    for _ in range(400):
+        host.run(host.now + 13 * US)
+        snap = host.snapshot()
+        if _running_with_live_segment(snap):
+            return snap
+    raise AssertionError("no running thread found")
+
+
+def test_issue12_1_running_thread_with_a_stale_event_is_refused(running):
+    # The thread's generation moves on: its SEGMENT event is stale, nothing will end
+    # its segment, and the next kick would run eoi() with no interrupt (-1).
+    g, _ = _running_with_live_segment(running)
+    bad = edit_records(running, "threads", lambda r: r["gen"].__setitem__(g, r["gen"][g] + 1))
+    refuses(bad, f"thread {g}", "no live event")
+
+
+def test_issue12_5_running_thread_without_event_or_with_a_past_segment_is_refused(running):
+    g, i = _running_with_live_segment(running)
+    # Its event made stale from the event's side.
+    bad = edit_records(running, "heap", lambda r: r["gen"].__setitem__(i, r["gen"][i] + 7))
+    refuses(bad, f"thread {g}", "no live event")
+    # Its segment ended before the clock: slice_end's seg_end - t would underflow.
+    now = unframe(running)[0]["engine"]["scalars"]["now"]
+    for f, v in (("seg_end", now - 1), ("seg_gfrom", 2**63 + 5), ("seg_gto", (3 << 62) + 1)):
+        bad = edit_records(running, "threads", lambda r: r[f].__setitem__(g, v))
+        with pytest.raises(kw.SnapshotError, match=f"thread {g}"):
+            kw.Host.restore(bad)
+    # A slice armed with no slice event, and a time of its past in the future.
+    bad = edit_records(running, "threads", lambda r: r["slice_armed"].__setitem__(g, 1))
+    if not (records(*unframe(running), "threads")["slice_armed"][g]):
+        refuses(bad, f"thread {g}", "slice")
+    bad = edit_records(running, "threads", lambda r: r["run_start"].__setitem__(g, now + 1))
+    refuses(bad, f"thread {g}", "future")
+
+
+def test_issue12_2_spi_routes_of_intids_1020_to_1023_are_checked(tiny):
+    header, body = unframe(tiny)
+    d = header["engine"]["arrays"]["gics"]
+    # spi_target[1024] (int32) follows the five 16-word bitmaps of gic_t.
+    base = d["offset"] + 5 * 16 * 8
+    for k in (1020, 1023):
+        b = bytearray(body)
+        b[base + 4 * k:base + 4 * k + 4] = struct.pack("<i", 7)
+        refuses(frame(header, b), f"SPI {k}", "does not exist")
+        b[base + 4 * k:base + 4 * k + 4] = struct.pack("<i", -5)
+        refuses(frame(header, b), f"SPI {k}")
+
+
+def test_issue12_3_sequence_numbers_that_reach_the_event_class_bits_are_refused(tiny):
+    for seq in (2**56 - 1, 2**60, 2**64 - 1, kw.model.MAX_SEQ + 1):
+        bad = logical(tiny, set_path(["engine", "scalars", "seq"], seq))
+        refuses(bad, "sequence")
+    # Just below the limit it is accepted; a run that reaches the limit stops with
+    # a clear error instead of writing into the event class bits.
+    host, _ = restore_host(logical(tiny, set_path(["engine", "scalars", "seq"],
+                                                  kw.model.MAX_SEQ - 3)))
+    with pytest.raises(kw.EngineError, match="sequence numbers ran out"):
+        host.run(host.now + 5 * MS)
+    ref = kw.reference.Engine("arm64", 1, 1)
+    ref.seq = kw.model.MAX_SEQ
+    with pytest.raises(kw.EngineError, match="sequence numbers ran out"):
+        kw.reference.queue.heap_push(ref, 0, 0, 0, 0)
+
+
+def test_issue12_4_started_is_recomputed_from_the_thread_state(running):
+    g, _ = _running_with_live_segment(running)
+    header, _ = unframe(running)
+    vm_i, vid = 0, g
+    while vid >= header["vms"][vm_i]["nr_vcpus"]:
+        vid -= header["vms"][vm_i]["nr_vcpus"]
+        vm_i += 1
+
+    def unstart(h):
+        h["vms"][vm_i]["vcpus"][vid]["started"] = False
+    host, _ = restore_host(logical(running, unstart))
+    vcpu = host.vms[vm_i].vcpus[vid]
+    assert vcpu._started and vcpu._loaded          # the engine's state, not the header's
+    # Loading a program into a vCPU inside KVM_RUN (here mid-segment) is refused, as
+    # it is before a snapshot, instead of replacing the program under its PC.
+    with pytest.raises(kw.KvmError, match="KVM_RUN"):
+        vcpu.load([g_.compute(1000) for g_ in (g,)] if False else [kw.guest.compute(1000)])
+
+
+def test_issue12_6_the_header_is_checked_before_inflating(tiny, monkeypatch):
+    header, body = unframe(tiny)
+    # A decompression bomb: 64 MiB of zeros, a few KiB compressed, which the
+    # header claims as the program table; the counts cannot be checked for ops, so
+    # this one goes to inflation, which stops at the declared size.
+    bomb = 64 << 20
+    h2 = json.loads(json.dumps(header))
+    h2["body"]["size"] = bomb
+    calls = []
+    real = S._inflate
+    monkeypatch.setattr(S, "_inflate", lambda p, n: calls.append(n) or real(p, n))
+    # The inflated size declared in the frame must agree with the header's.
+    refuses(frame(h2, body, fix_size=False), "body")
+    assert calls == []
+    # The header's arrays must end exactly where the body does.
+    refuses(frame(h2, b"\0" * bomb, fix_size=False), "arrays end")
+    assert calls == []
+    # A frame whose inflated size is beyond what its compressed size can give.
+    refuses(frame(header, body, raw=S.ZLIB_MAX_RATIO * 5000), "absurd inflated")
+    # Per-vCPU arrays sized by the header's vCPU count, before inflating.
+    h3 = json.loads(json.dumps(header))
+    h3["engine"]["arrays"]["tlbase"]["shape"] = [bomb]
+    h3["engine"]["arrays"]["tlbase"]["nbytes"] = bomb
+    refuses(frame(h3, body, fix_size=False), "body")
+    assert calls == []
+
+
+def test_issue12_6_restore_from_dev_zero_ends_at_once():
+    code = ("import kvmwake as kw\n"
+            "try:\n    kw.Host.restore('/dev/zero')\n"
+            "except kw.SnapshotError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=_child_env())
+    assert out.returncode == 0 and "refused:" in out.stdout and "magic" in out.stdout, out
+
+
+def test_issue12_6_version_1_is_still_read(tiny):
+    header, body = unframe(tiny)
+    h1 = dict(header)
+    v1 = frame(h1, body, version=1)
+    host, _ = restore_host(v1)
+    assert host_to_bytes(host, header["vm_index"], header["run"]) == tiny
+
+
+def test_issue12_7_a_clock_beyond_2_62_is_refused(tiny):
+    header, body = unframe(tiny)
+    now = header["engine"]["scalars"]["now"]
+    delta = (1 << 62) + 1000 - now
+
+    def later(h, b):
+        h["engine"]["scalars"]["now"] += delta
+        heap = records(h, b, "heap")
+        heap["t"] += np.uint64(delta)
+        store(h, b, "heap", heap)
+        th = records(h, b, "threads")
+        for f in ("seg_end", "seg_gfrom", "seg_gto"):
+            th[f] += np.uint64(delta)
+        store(h, b, "threads", th)
+    refuses(logical(tiny, body_edit=later), "clock", "2**62")

@@ -17,10 +17,14 @@ cdef inline bint ev_before(const event_t* a, const event_t* b) noexcept nogil:
 
 cdef int heap_push(engine_t* e, uint64_t t, uint64_t cls, uint32_t who,
                    uint32_t gen) noexcept nogil:
-    """Push an event; returns -1 when memory runs out."""
+    """Push an event; returns -1 when memory runs out, or the sequence numbers do
+    (KW_MAX_SEQ: above it, they would reach the class bits of the key)."""
     cdef uint64_t i, parent, ncap
     cdef event_t ev
     cdef event_t* h
+    if e.seq >= KW_MAX_SEQ:
+        e.error = KW_ERR_SEQ
+        return -1
     if e.hlen == e.hcap:
         ncap = e.hcap * 2 if e.hcap else 1024
         h = <event_t*>realloc(e.heap, ncap * sizeof(event_t))

@@ -11,14 +11,17 @@
 DEBUG = bool(KW_DEBUG)
 #: Events between two of the debug build's checks of the whole state.
 CHECK_EVERY = KW_CHECK_EVERY
+#: How many of those checks this process has run (0 in the normal build).
+DEBUG_CHECKS = 0
 #: The latest clock a state may hold (twin: kvmwake.model.MAX_NOW); runs end by then.
 MAX_NOW = 1 << 62
-#: Latest event or segment time (kvmwake.model.MAX_TIME): a time below it plus any
-#: duration the engine adds (each below 2**62) cannot wrap a uint64.
-MAX_TIME = 1 << 63
+#: Latest event, segment end or timer in a state (kvmwake.model.MAX_TIME).
+MAX_TIME = 3 << 62
+#: Longest span a state holds (kvmwake.model.MAX_SPAN): a segment's rest, a handler.
+MAX_SPAN = (1 << 62) + (1 << 48)
 #: Largest sequence number a state may hold (kvmwake.model.MAX_SEQ): events are keyed
 #: (class << 56) | sequence, and this leaves 2**55 pushes before the class bits.
-MAX_SEQ = 1 << 55
+MAX_SEQ = KW_MAX_SEQ
 
 #: The engine_t scalars a snapshot carries (the rest is derived).
 SNAPSHOT_SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdropped",
@@ -215,7 +218,7 @@ cdef _check_state(Engine self, bint programs):
         raise ValueError("the timeline's base states disagree on the vCPU count")
     if e.now > MAX_NOW:
         raise ValueError(f"clock {e.now} ns beyond the engine's limit 2**62 ns")
-    if e.seq > MAX_SEQ:
+    if e.seq > KW_MAX_SEQ:
         raise ValueError(f"event sequence number {e.seq} beyond the limit 2**55")
     if e.tlcount > e.tlcap or e.tlcount > e.tlalloc or e.tlalloc > e.tlcap \
             or e.tlhead > e.tlalloc or e.tlt0 > e.now \
@@ -330,10 +333,14 @@ cdef _check_times(engine_t* e, uint32_t g):
     if th.run_start > now or th.halt_start > now or th.poll_end > now or th.wake_ts > now:
         raise ValueError(f"thread {g}: a time of its past lies in the future")
     if th.seg_end > MAX_TIME or th.seg_gfrom > th.seg_gto or th.seg_gto > th.seg_end \
-            or th.rem_gfrom > th.rem_gto or th.rem_gto > th.rem_end or th.rem_end > MAX_TIME:
+            or th.rem_gfrom > th.rem_gto or th.rem_gto > th.rem_end or th.rem_end > MAX_SPAN:
         raise ValueError(f"thread {g}: segment times out of order or out of range")
     if th.state == TS_RUNNING and th.seg_end < now:
         raise ValueError(f"thread {g}: running a segment that ended before the clock")
+    if e.irq[g].timer_cval > MAX_TIME or e.irq[g].handler_ns > MAX_SPAN \
+            or e.irq[g].sv_guest > MAX_SPAN:
+        raise ValueError(f"thread {g}: its timer, handler time or interrupted segment "
+                         "out of range")
     if th.resume == RESUME_HALT and (th.state == TS_BLOCKED or th.state == TS_RUNNABLE) \
             and th.poll_end < th.halt_start:
         raise ValueError(f"thread {g}: its halt-polling ended before its halt began")
@@ -412,6 +419,14 @@ cdef _check_links(Engine self):
             raise ValueError(f"thread {g}: its state disagrees with its host CPU's run queue")
         if where[g] != 2 and th.rq_next != -1:
             raise ValueError(f"thread {g}: a run-queue link but in no run queue")
+    # The exit queue: threads that left KVM_RUN, each once (take_exit removes one).
+    exited_arr = np.zeros(e.nth, dtype=np.uint8)
+    cdef uint8_t[::1] exited = exited_arr
+    for i in range(e.exq_len):
+        g = e.exitq[(e.exq_head + i) % e.nth]
+        if exited[g] or e.th[g].state != TS_USER:
+            raise ValueError(f"thread {g}: in the exit queue twice, or inside KVM_RUN")
+        exited[g] = 1
     for i in range(e.hlen):
         ev = &e.heap[i]
         cls = ev.key >> KW_SEQ_BITS

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import heapq
 
+from ..model import MAX_SEQ
+from . import EngineError
+
 
 def ev_before(a: tuple, b: tuple) -> bool:
     """Event ``a`` comes before event ``b``: (time, class, sequence) order."""
@@ -21,6 +24,10 @@ def ev_before(a: tuple, b: tuple) -> bool:
 
 
 def heap_push(e, t: int, cls: int, who: int, gen: int) -> None:
+    if e.seq >= MAX_SEQ:
+        e.failed = True
+        raise EngineError(f"the event sequence numbers ran out at t={e.now} ns "
+                          f"(at most 2**55 events are ever scheduled)")
     e.seq += 1
     heapq.heappush(e.heap, (t, cls, e.seq, who, gen))
 

@@ -20,7 +20,8 @@ from collections import deque
 import numpy as np
 
 from ..model import (
-    CONT_EOI, CONT_IRQ, CONT_TRAP, HALT_MP_HALTED, LAT_BUCKETS, MAX_LOOP_DEPTH, MAX_NR_SPIS,
+    CONT_EOI, CONT_IRQ, CONT_TRAP, HALT_MP_HALTED, LAT_BUCKETS, MAX_LOOP_DEPTH, MAX_NOW,
+    MAX_NR_SPIS, MAX_SEQ, MAX_SPAN, MAX_TIME,
     NR_INTIDS, NR_STATS, OP_DTYPE, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP, S_BLOCKING,
     EventClass, Op, SourceKind, ThreadState,
 )
@@ -35,13 +36,7 @@ _EV_TICK, _EV_SOURCE, _EV_TIMER, _EV_SEG, _EV_POLL, _EV_RUN, _EV_SLICE = (
     EventClass.TICK, EventClass.SOURCE, EventClass.TIMER, EventClass.SEGMENT,
     EventClass.POLL_END, EventClass.RUN, EventClass.SLICE)
 _MAX_CPUS = 1 << 20
-#: The latest clock a state may hold (the core's MAX_NOW); runs end by then.
-MAX_NOW = 1 << 62
-#: Latest event or segment time (the core's MAX_TIME): no sum the engine takes wraps.
-MAX_TIME = 1 << 63
-#: Largest sequence number a state may hold (the core's MAX_SEQ): the core keys its
-#: events (class << 56) | sequence, and this leaves 2**55 pushes.
-MAX_SEQ = 1 << 55
+
 _MAX_VCPUS_PER_VM = 1024
 _PSCI_VERSIONS = frozenset(int(v) for v in PsciVersion)
 
@@ -305,10 +300,14 @@ def check_times(e, th) -> None:
     if th.run_start > now or th.halt_start > now or th.poll_end > now or th.wake_ts > now:
         raise EngineError(f"thread {g}: a time of its past lies in the future")
     if th.seg_end > MAX_TIME or th.seg_gfrom > th.seg_gto or th.seg_gto > th.seg_end \
-            or th.rem_gfrom > th.rem_gto or th.rem_gto > th.rem_end or th.rem_end > MAX_TIME:
+            or th.rem_gfrom > th.rem_gto or th.rem_gto > th.rem_end or th.rem_end > MAX_SPAN:
         raise EngineError(f"thread {g}: segment times out of order or out of range")
     if th.state == _RUNNING and th.seg_end < now:
         raise EngineError(f"thread {g}: running a segment that ended before the clock")
+    if not all(isinstance(x, int) for x in (th.timer_cval, th.handler_ns, th.sv_guest)) \
+            or th.timer_cval > MAX_TIME or th.handler_ns > MAX_SPAN or th.sv_guest > MAX_SPAN:
+        raise EngineError(f"thread {g}: its timer, handler time or interrupted segment "
+                          "out of range")
     if th.resume == RESUME_HALT and th.state in (_BLOCKED, _RUNNABLE) \
             and th.poll_end < th.halt_start:
         raise EngineError(f"thread {g}: its halt-polling ended before its halt began")
@@ -360,6 +359,9 @@ def check_links(e) -> None:
                 raise EngineError(f"host CPU {c}: run queue holds thread {x}, which is "
                                   "current or not runnable")
             where[x] = 2
+    # The exit queue: threads that left KVM_RUN, each once (take_exit removes one).
+    if len(set(e.exits)) != len(e.exits) or any(threads[g].state != _USER for g in e.exits):
+        raise EngineError("a thread in the exit queue twice, or inside KVM_RUN")
     for g, th in enumerate(threads):
         if th.state in (_RUNNING, _POLLING) and where[g] != 1 \
                 or th.state == _RUNNABLE and where[g] == 0 \
