@@ -52,8 +52,9 @@ CPU with threads queued runs the first after a context switch.
 ``restore(..., halt_poll_ns=..., halt_poll_ns_grow=..., ...)`` sets the
 destination's kvm module parameters (a VM that enabled ``KVM_CAP_HALT_POLL``
 keeps its own ceiling, as it would after migration), from the restore point
-on.  Recomputed: nothing else; stats, traces, policies, clocks and random
-streams continue.  Snapshots need the core engine.
+on.  Recomputed: each vCPU's ``loaded`` and ``started`` flags, from the
+engine's thread state (``check_engine``); stats, traces, policies, clocks and
+random streams continue.  Snapshots need the core engine.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ class Snapshot:
     ``nr_vcpus``, ``nr_spis``, ``halt_poll_cap`` (None or an int), ``tick_ns``,
     ``suspend_cap``, ``memory_size``, ``exits``, ``vmm`` (``{"class", "state"}``)
     and ``vcpus`` (``{"loaded", "started", "held"}`` each, held an exit record
-    or None).
+    or None; ``check_engine`` recomputes the flags from the engine).
     """
 
     header: dict
@@ -459,8 +460,10 @@ def _vm_records(header, nthreads: int) -> list:
             held = v["held"]
             if held is not None:
                 held = {k: _int(held[k], "a held exit's " + k) for k in _HELD_KEYS}
-            vcpus.append({"loaded": bool(v["loaded"]), "started": bool(v["started"]),
-                          "held": held})
+            if not isinstance(v["loaded"], bool) or not isinstance(v["started"], bool):
+                raise SnapshotError(f"VM {index}: a vCPU's loaded or started flag is not "
+                                    "a boolean")
+            vcpus.append({"loaded": v["loaded"], "started": v["started"], "held": held})
         rec["vcpus"] = vcpus
         pol = vd["vmm"]
         if not isinstance(pol, dict) or not isinstance(pol.get("class"), str):
@@ -526,9 +529,13 @@ def check_engine(snap: Snapshot, engine) -> list:
         except (ValueError, KeyError) as exc:
             raise SnapshotError(f"thread {g}: an exit to userspace that is none "
                                 f"({exc})") from None
-    return [(has_prog, state != 0 or (has_prog and v["started"]))
-            for rec in snap.vms for v, (has_prog, state)
-            in zip(rec["vcpus"], threads[rec["first"]:rec["first"] + rec["nr_vcpus"]])]
+    # A vCPU inside KVM_RUN, or whose exit waits (held or queued), has started; one
+    # outside with nothing waiting may be either (not run yet, or ran and exited).
+    waiting = held | set(queued)
+    return [(has_prog, state != 0 or rec["first"] + vid in waiting
+             or (has_prog and v["started"]))
+            for rec in snap.vms for vid, (v, (has_prog, state))
+            in enumerate(zip(rec["vcpus"], threads[rec["first"]:rec["first"] + rec["nr_vcpus"]]))]
 
 
 def policy_class(index: int, name: str, vmm_classes: dict):

@@ -515,7 +515,7 @@ def write_spec(path: str, seeds: dict, seed: int) -> None:
 
 def campaign(seeds: dict, seed: int, cases: int, jobs: int = 1, batch: int = 200,
              timeout: float = CASE_TIMEOUT, spec_path: str | None = None,
-             progress=None) -> dict:
+             progress=None, on_finding=None) -> dict:
     """Run cases 0..cases-1; returns {"counts": {outcome: n}, "findings": [...]}."""
     import concurrent.futures as cf
     import tempfile
@@ -538,6 +538,8 @@ def campaign(seeds: dict, seed: int, cases: int, jobs: int = 1, batch: int = 200
                     if a["outcome"] in ("crash", "hang", "broken"):
                         name, desc, _ = make_case(seeds, seed, a["i"])
                         findings.append(dict(a, seed_state=name, mutation=desc))
+                        if on_finding:
+                            on_finding(findings[-1])
                 done += len(answers)
                 if progress:
                     progress(done, counts, time.monotonic() - t0)

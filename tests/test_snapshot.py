@@ -54,10 +54,14 @@ def _child_env() -> dict:
 
 def unframe(data: bytes):
     """(header dict, inflated body) of a valid snapshot."""
-    _, _, hlen, blen, _raw = S._PREFIX.unpack_from(data, 0)
-    header = json.loads(data[S._PREFIX.size:S._PREFIX.size + hlen])
-    body = bytearray(zlib.decompress(data[S._PREFIX.size + hlen:S._PREFIX.size + hlen + blen]))
+    prefix = _PREFIX_V1 if struct.unpack_from("<I", data, 8)[0] == 1 else S._PREFIX
+    _, _, hlen, blen = _PREFIX_V1.unpack_from(data, 0)
+    header = json.loads(data[prefix.size:prefix.size + hlen])
+    body = bytearray(zlib.decompress(data[prefix.size + hlen:prefix.size + hlen + blen]))
     return header, body
+
+
+_PREFIX_V1 = struct.Struct("<8sIIQ")       # format version 1: no inflated size
 
 
 def frame(header, body, *, version=S.FORMAT_VERSION, magic=S.MAGIC, fix_size=True,
@@ -75,7 +79,7 @@ def frame(header, body, *, version=S.FORMAT_VERSION, magic=S.MAGIC, fix_size=Tru
     if packed is None:
         packed = zlib.compress(bytes(body), 1)
     if version == 1:
-        out = bytearray(S._PREFIX_V1.pack(magic, version, len(hjson), len(packed)))
+        out = bytearray(_PREFIX_V1.pack(magic, version, len(hjson), len(packed)))
     else:
         out = bytearray(S._PREFIX.pack(magic, version, len(hjson), len(packed),
                                        len(body) if raw is None else raw))
@@ -1595,3 +1599,20 @@ def test_issue12_7_a_clock_beyond_2_62_is_refused(tiny):
             th[f] += np.uint64(delta)
         store(h, b, "threads", th)
     refuses(logical(tiny, body_edit=later), "clock", "2**62")
+
+
+def test_issue12_4_a_vcpu_with_a_held_exit_has_started_whatever_the_header_says():
+    # Found by the fuzzer: "started" false on a vCPU whose WAKEUP exit is held made
+    # the next run start it again, and the policy then met a vCPU inside KVM_RUN.
+    import fuzz_snapshot
+    snap = fuzz_snapshot._arm64_suspended()
+    for value in (False, None, 0):
+        def unstart(h, value=value):
+            h["vms"][0]["vcpus"][0]["started"] = value
+        if value is False:
+            host, _ = restore_host(logical(snap, unstart))
+            assert host.vms[0].vcpus[0]._started and host.vms[0].vcpus[0]._held
+            host.run(host.now + 3 * MS)
+            restore_host(host.snapshot())
+        else:
+            refuses(logical(snap, unstart), "boolean")

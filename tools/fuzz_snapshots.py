@@ -62,8 +62,12 @@ def main(argv=None) -> int:
                   + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
 
     t0 = time.monotonic()
+    def finding(f):
+        print(f"  FOUND case {f['i']} [{f['outcome']}] {f['seed_state']}: {f['mutation']}: "
+              f"{f.get('detail', '')}", flush=True)
+
     res = F.campaign(seeds, args.seed, args.cases, jobs=args.jobs, batch=args.batch,
-                     timeout=args.timeout, progress=progress)
+                     timeout=args.timeout, progress=progress, on_finding=finding)
     dt = time.monotonic() - t0
     c = res["counts"]
     print(f"cases {args.cases} in {dt:.0f} s: rejected {c['rejected']}, "

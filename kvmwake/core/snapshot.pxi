@@ -323,7 +323,7 @@ cdef _check_state(Engine self, bint programs):
     _check_links(self)
 
 
-cdef _check_times(engine_t* e, uint32_t g):
+cdef check_times(engine_t* e, uint32_t g):
     """Thread g's times against the clock, so that no difference the engine takes
     (slice_end's seg_end - t, halt_done's cur - halt_start, cur - poll_end and
     poll_end - start, the latency's cur + entry - wake_ts) can wrap, and no sum
@@ -457,7 +457,7 @@ cdef _check_links(Engine self):
                              f"state {th.state}")
         if th.slice_armed and not slices[g]:
             raise ValueError(f"thread {g}: a time slice armed without its event")
-        _check_times(e, g)
+        check_times(e, g)
     for g in range(e.nth):
         th = &e.th[g]
         q = &e.irq[g]
