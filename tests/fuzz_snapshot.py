@@ -478,33 +478,32 @@ class _Child:
 
 
 def run_batch(spec_path: str, cases: list, timeout: float = CASE_TIMEOUT) -> list:
-    """Answers for ``cases``, run in one child; when it dies or hangs, the unanswered
-    cases are re-run one child each, so the culprit is named alone."""
+    """Answers for ``cases``, run in one child.  When the child dies or stops answering,
+    the case it was at is run again alone in a child of its own (a crash or a hang
+    there is that case's outcome), and the rest of the batch goes on in a new child."""
     answers = []
-    child = _Child(spec_path)
-    child.ask(cases)
     pending = list(cases)
     while pending:
-        a = child.answer(timeout)
-        if a is None:
-            child.kill()
-            break
-        answers.append(a)
-        pending.remove(a["i"])
-    else:
-        child.kill()
-        return answers
-    for i in pending:
         child = _Child(spec_path)
-        child.ask([i])
-        a = child.answer(timeout)
-        if a is None:
-            rc = child.kill()
-            answers.append({"i": i, "outcome": "hang" if rc == -signal.SIGKILL else "crash",
-                            "detail": f"exit status {rc}"})
-        else:
-            child.kill()
+        child.ask(pending)
+        while pending:
+            a = child.answer(timeout)
+            if a is None:
+                break
             answers.append(a)
+            pending.remove(a["i"])
+        child.kill()
+        if not pending:
+            break
+        culprit = pending.pop(0)
+        alone = _Child(spec_path)
+        alone.ask([culprit])
+        a = alone.answer(timeout)
+        rc = alone.kill()
+        if a is None:
+            a = {"i": culprit, "outcome": "hang" if rc == -signal.SIGKILL else "crash",
+                 "detail": f"exit status {rc}"}
+        answers.append(a)
     return answers
 
 
