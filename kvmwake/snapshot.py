@@ -62,6 +62,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import struct
 import zlib
@@ -376,7 +377,7 @@ def _layout(header, size: int) -> dict:
             _int(d["nbytes"], f"array {name}'s size")
         if any(x < 0 for x in shape) or len(shape) != (2 if name == "stats" else 1):
             raise SnapshotError(f"array {name}: bad shape {shape}")
-        count = int(np.prod(shape, dtype=object))
+        count = math.prod(shape)
         start = end + (-end) % 8
         if count * np.dtype(dtype).itemsize != nbytes or off != start or off + nbytes > size:
             raise SnapshotError(f"array {name}: shape {shape}, {nbytes} bytes at offset "
