@@ -67,9 +67,9 @@ THREAD_DTYPE = np.dtype(
     [(n, "<u8") for n in ("seg_end", "seg_gfrom", "seg_gto", "rem_end", "rem_gfrom", "rem_gto",
                           "run_start", "halt_start", "poll_end", "wake_ts", "rng_state",
                           "rng_inc", "stall_t")]
-    + [("regs", "<u8", (4,))]
-    + [(n, "<u8") for n in ("pc_raw", "reset_pc", "reset_r0", "exit_data0", "exit_value",
-                            "exit_time")]
+    + [("regs", "<u8", (31,))]
+    + [(n, "<u8") for n in ("sp", "pstate", "pc_raw", "reset_pc", "reset_r0", "exit_data0",
+                            "exit_value", "exit_time")]
     + [(n, "<u4") for n in ("exit_reason", "exit_type", "exit_ndata", "exit_ucall", "gen",
                             "run_gen", "halt_poll_ns", "requests", "prog", "pc", "vm",
                             "vcpu_id", "pcpu", "prog_n")]
@@ -88,7 +88,8 @@ VIRQ_DTYPE = np.dtype([
 VM_DTYPE = np.dtype([("tick_ns", "<u8"), ("first", "<u4"), ("nr_vcpus", "<u4"),
                      ("max_halt_poll_ns", "<u4"), ("tick_gen", "<u4"), ("override", "<u4"),
                      ("nr_spis", "<u4"), ("code_base", "<u8"), ("psci_version", "<u4"),
-                     ("suspend_cap", "<u4")], align=True)
+                     ("suspend_cap", "<u4"), ("vcpu_features", "<u4"),
+                     ("features_set", "<u4")], align=True)
 GIC_DTYPE = np.dtype([(n, "<u8", (16,)) for n in ("spi_en", "spi_act", "spi_latch", "spi_line",
                                                    "spi_level")]
                      + [("spi_target", "<i4", (1024,)), ("spi_mpidr", "<u4", (1024,)),
@@ -336,12 +337,12 @@ def mutate(data: bytes, rng: random.Random):
         n = d["nbytes"] // dt.itemsize
         if n == 0:
             return mutate(data, rng)
-        a = np.frombuffer(bytes(body[d["offset"]:d["offset"] + d["nbytes"]]), dtype=dt).copy()
+        # A view of the body itself: copies of structured arrays lose padding bytes.
+        a = np.frombuffer(memoryview(body)[d["offset"]:d["offset"] + d["nbytes"]], dtype=dt)
         i = rng.randrange(n)
         old = int(a[i])
         lo, hi = _int_range(dt)
         a[i] = _values(rng, old, lo, hi, counts)
-        body[d["offset"]:d["offset"] + d["nbytes"]] = a.tobytes()
         return f"{name}[{i}]: {old} -> {int(a[i])}", frame(header, body)
     # One field of one struct record (most cases: the engine's own state).
     names = [n for n in STRUCTS if nrec[n]]
@@ -350,24 +351,25 @@ def mutate(data: bytes, rng: random.Random):
     name = rng.choices(names, weights)[0]
     dt = STRUCTS[name]
     d = arrays[name]
-    recs = np.frombuffer(bytes(body[d["offset"]:d["offset"] + d["nbytes"]]), dtype=dt).copy()
+    recs = np.frombuffer(memoryview(body)[d["offset"]:d["offset"] + d["nbytes"]], dtype=dt)
     i = rng.randrange(len(recs))
     fields = [f for f in dt.names if f != "_pad"]
     f = rng.choice(fields)
     fdt, shape = dt.fields[f][0].base, dt.fields[f][0].shape
     lo, hi = _int_range(fdt)
+    flat_views = None
     if shape:
         j = rng.randrange(int(np.prod(shape)))
-        flat = recs[f][i].reshape(-1)
+        flat = recs[f][i].reshape(-1)          # a view: writes go to the body
         old = int(flat[j])
         flat[j] = _values(rng, old, lo, hi, counts)
-        recs[f][i] = flat.reshape(shape)
         where, new = f"{f}[{j}]", int(flat[j])
+        flat_views = flat
     else:
         old = int(recs[f][i])
         recs[f][i] = _values(rng, old, lo, hi, counts)
         where, new = f, int(recs[f][i])
-    body[d["offset"]:d["offset"] + d["nbytes"]] = recs.tobytes()
+    del recs, flat_views
     return f"{name}[{i}].{where}: {old} -> {new}", frame(header, body)
 
 
@@ -453,19 +455,28 @@ class _Child:
             [sys.executable, "-c", "import fuzz_snapshot as f; f._child_main()",
              "child", spec_path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=_child_env(), text=True, bufsize=1)
+            env=_child_env(), bufsize=0)
+        self.buf = b""
 
     def ask(self, cases) -> None:
-        self.p.stdin.write("".join(f"{i}\n" for i in cases))
-        self.p.stdin.flush()
+        self.p.stdin.write("".join(f"{i}\n" for i in cases).encode())
 
     def answer(self, timeout: float):
-        """The next answer, or None (the child died or said nothing for ``timeout`` s)."""
-        ready, _, _ = select.select([self.p.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self.p.stdout.readline()
-        return json.loads(line) if line else None
+        """The next answer, or None (the child died or said nothing for ``timeout`` s).
+        Lines are split here, from raw reads: a buffered reader could hold answers
+        that select() on the pipe no longer sees."""
+        deadline = time.monotonic() + timeout
+        fd = self.p.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
 
     def kill(self) -> int | None:
         if self.p.poll() is None:
