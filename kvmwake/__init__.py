@@ -14,6 +14,48 @@
 
 __version__ = "0.1.0"
 
+
+class CoreMissingError(ImportError):
+    """The compiled core ``kvmwake._core`` is missing or does not load (an ImportError)."""
+
+
+def _check_core() -> None:
+    """Import the compiled core, or fail with one line that says what to do.
+
+    The usual cause: Python runs in a source tree (the repository root, or with
+    it on sys.path) where ``_core`` was never built, so the tree shadows an
+    installed kvmwake.  ``pip install -e .`` builds the core in place there.
+    """
+    import importlib.util
+    import os
+
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(pkg)
+    in_tree = os.path.exists(os.path.join(root, "pyproject.toml"))
+    if in_tree:
+        fix = (f"run pip install -e . in {root} (or pip install . and run from another "
+               "folder)")
+    else:
+        fix = "reinstall it: pip install --force-reinstall kvmwake"
+    try:
+        spec = importlib.util.find_spec(__name__ + "._core")
+    except ImportError:
+        spec = None
+    if spec is None or spec.origin is None:
+        raise CoreMissingError(f"kvmwake: the compiled core kvmwake._core is missing from "
+                               f"{pkg}: {fix}", name=__name__ + "._core")
+    if os.path.realpath(os.path.dirname(spec.origin)) != os.path.realpath(pkg):
+        # An editable install elsewhere maps kvmwake._core to its own tree: a core
+        # built from other sources, which must not run this tree's Python.
+        raise CoreMissingError(f"kvmwake: the compiled core kvmwake._core is missing from "
+                               f"{pkg} (the one found, {spec.origin}, belongs to another "
+                               f"copy of kvmwake): {fix}", name=__name__ + "._core")
+    try:
+        from . import _core  # noqa: F401
+    except ImportError as exc:
+        raise CoreMissingError(f"kvmwake: the compiled core {spec.origin} does not load "
+                               f"({exc}): {fix}", name=__name__ + "._core") from None
+
 from . import guest, model, uapi, vmm  # noqa: E402
 from .errors import EngineError, KvmError, ProgramError, ScenarioError, SnapshotError  # noqa: E402
 from .host import Host  # noqa: E402
@@ -24,9 +66,11 @@ from .uapi import (  # noqa: E402
 )
 from .vm import VCpu, VM  # noqa: E402
 
+_check_core()
+
 __all__ = [
     "Host", "VM", "VCpu", "Cap", "ExitReason", "KvmReg", "MpState", "PsciFn", "PsciRet",
     "PsciVersion", "SystemEventType", "VcpuFeature", "Request", "KvmError", "ProgramError", "EngineError",
     "ScenarioError", "SnapshotError", "guest", "model", "uapi", "vmm",
-    "__version__",
+    "CoreMissingError", "__version__",
 ]

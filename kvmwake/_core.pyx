@@ -254,7 +254,7 @@ cdef enum:
     NR_STATS = 105
 
 cdef enum:
-    LAT_BUCKETS = 16 + 60 * 16
+    LAT_BUCKETS = 64 + 58 * 64     # model.LAT_BUCKETS (LAT_SUB_BITS = 6)
     MAX_OPS_PER_INSTANT = 100000
     PID_BASE = 1000
     TR_WAKEUP = 0

@@ -21,6 +21,8 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
+from . import durations as _durations
+
 from .model import (IPI_RESCHEDULE, MAX_LOOP_DEPTH, MAX_NR_SPIS, MAX_PROGRAM_OPS, OP_DTYPE,
                     SYNC_IMMEDIATE, Dist, Op, WakeTarget)
 
@@ -51,8 +53,9 @@ class _Loop:
 Item = Union[_Ins, _Loop]
 
 
-def compute(ns: int) -> _Ins:
-    """Run guest code for exactly ``ns`` nanoseconds."""
+def compute(ns: int | str) -> _Ins:
+    """Run guest code for exactly ``ns`` nanoseconds (an int, or a duration string as in
+    scenario files: ``compute("20us")``; so do the other builders' durations)."""
     return _Ins(Op.COMPUTE, Dist.FIXED, 0, _dur("compute", ns), 0)
 
 
@@ -277,8 +280,16 @@ def end() -> _Ins:
 
 
 def _dur(what: str, ns) -> int:
+    """A duration argument: an integer number of ns, or a string with its unit as
+    scenario files write it (``"20us"``, ``"1.5ms"``; ``kvmwake.durations``)."""
+    if isinstance(ns, str):
+        try:
+            ns = _durations.duration(ns, what)
+        except ValueError as exc:
+            raise ProgramError(str(exc)) from None
     if isinstance(ns, bool) or not isinstance(ns, (int, np.integer)):
-        raise ProgramError(f"{what}: duration must be an integer number of ns, not {ns!r}")
+        raise ProgramError(f"{what}: duration must be an integer number of ns or a string "
+                           f"like \"20us\", not {ns!r}")
     ns = int(ns)
     if not 0 <= ns <= MAX_DURATION_NS:
         raise ProgramError(f"{what}: duration {ns} ns out of range 0..{MAX_DURATION_NS}")

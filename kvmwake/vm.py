@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import numbers
+import warnings
 
 import numpy as np
 
@@ -599,8 +600,29 @@ class VM:
 
     # -- read-out ------------------------------------------------------------------------
 
-    def stats(self) -> dict:
-        """The VM's halt stats: each vCPU's, summed, under the kernel's names."""
+    @property
+    def now(self) -> int:
+        """Virtual time, ns (the host's clock, which every VM on it shares)."""
+        return self.host.now
+
+    def latency_histogram(self) -> np.ndarray:
+        """Wake-latency histogram (``model.lat_bucket`` buckets, error <= 1/64; read it with
+        ``kvmwake.outputs.stats.latency_percentiles``).
+
+        The engines keep one histogram per host: this is it when the VM is alone on its
+        host (``kw.VM(...)``); on a shared host it raises ValueError (use
+        ``vm.host.latency_histogram()``, which covers every VM)."""
+        if len(self.host.vms) != 1:
+            raise ValueError(f"the wake-latency histogram is kept per host and VM {self.index} "
+                             f"shares its host with {len(self.host.vms) - 1} other VM(s): use "
+                             "vm.host.latency_histogram()")
+        return self.host.latency_histogram()
+
+    def stats(self) -> "_stats.HaltStats":
+        """The VM's halt stats: each vCPU's, summed, under the kernel's names.
+
+        A ``HaltStats``: a dict whose histograms are numpy arrays, that compares with
+        ``==`` (``vm.stats() == vm2.stats()``) and prints its non-empty buckets."""
         rows = self._engine.stats_array()[self._first:self._first + self.nr_vcpus]
         return _stats.sum_rows(rows, self.arch)
 
@@ -813,7 +835,7 @@ class VCpu:
         """Send the vCPU thread a signal: inside KVM_RUN it returns KVM_EXIT_INTR."""
         self.vm._engine.signal(self._g)
 
-    def run(self, timeout_ns: int = DEFAULT_RUN_TIMEOUT_NS, immediate_exit: bool = False):
+    def run(self, timeout_ns: int | None = None, immediate_exit: bool = False):
         """One ``KVM_RUN``: advance virtual time until this vCPU exits to userspace.
 
         Other vCPUs whose threads are inside ``KVM_RUN`` make progress
@@ -830,7 +852,18 @@ class VCpu:
         and ``vcpu.exit_reason`` keeps the previous exit's reason.  An exit
         already made (held for this vCPU) is returned first, as the kernel
         returned it before this call.
+
+        The host has one clock: while this call waits, every VM on the host runs.
+        A vCPU that does not exit (after ``vm.run()``, a vCPU whose program loops
+        in the guest has no exit to return) makes the call run the whole host
+        for ``timeout_ns``.  Left out, the watchdog is ``DEFAULT_RUN_TIMEOUT_NS``
+        (1 s of virtual time) and a ``RuntimeWarning`` says when it fired;
+        given, it fires silently (the caller chose it) and the call returns
+        ``KVM_EXIT_INTR``.
         """
+        warn = timeout_ns is None
+        if warn:
+            timeout_ns = DEFAULT_RUN_TIMEOUT_NS
         timeout_ns = check_int("timeout_ns", timeout_ns, 1, 1 << 62)
         eng = self.vm._engine
         host = self.vm.host
@@ -854,6 +887,13 @@ class VCpu:
                     continue
                 eng.signal(self._g)
                 signalled = True
+                if warn:
+                    warnings.warn(
+                        f"vcpu.run(): vCPU {self.id} of VM {self.vm.index} did not exit in "
+                        f"{DEFAULT_RUN_TIMEOUT_NS / 1e9:g} s of virtual time, so the whole "
+                        f"host ran to {host.now / 1e6:,.3f} ms; the watchdog signalled it "
+                        "(KVM_EXIT_INTR); pass timeout_ns to choose the window",
+                        RuntimeWarning, stacklevel=2)
                 continue
             mine = None
             for g in eng.pending_exits():
@@ -991,8 +1031,8 @@ class VCpu:
     def host_cpu(self) -> int:
         return self.vm._engine.thread_info(self._g)["pcpu"]
 
-    def stats(self) -> dict:
-        """This vCPU's halt stats under the kernel's names."""
+    def stats(self) -> "_stats.HaltStats":
+        """This vCPU's halt stats under the kernel's names (a ``HaltStats``, see VM.stats)."""
         row = self.vm._engine.stats_array()[self._g]
         return _stats.row_to_dict(row, self.vm.arch)
 

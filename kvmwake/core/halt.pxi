@@ -206,8 +206,9 @@ cdef int halt_done(engine_t* e, uint32_t g, uint64_t cur, bint waited, uint64_t 
 
 
 cdef inline uint32_t lat_bucket(uint64_t v) noexcept nogil:
+    # model.lat_bucket: 64 log-linear sub-buckets per power of two (error <= 1/64).
     cdef uint32_t ex
-    if v < 16:
+    if v < 64:
         return <uint32_t>v
     ex = 63 - __builtin_clzll(v)
-    return 16 + (ex - 4) * 16 + <uint32_t>((v >> (ex - 4)) & 15)
+    return 64 + (ex - 6) * 64 + <uint32_t>((v >> (ex - 6)) & 63)

@@ -88,12 +88,8 @@ def print_summary(s: dict, out=None) -> None:
         w(f"  {'poll / wait split':<24} {100 * polled / halts:>15.1f}% polled, "
           f"{100 * (halts - polled) / halts:.1f}% waited or immediate\n")
     lat = s["wake_latency_ns"]
-    w("\nwake latency (wake-up to guest entry, ns)\n")
-    if lat["count"]:
-        w(f"  p50 {lat['p50']:,}  p90 {lat['p90']:,}  p99 {lat['p99']:,}  max {lat['max']:,}"
-          f"  ({lat['count']:,} wake-ups)\n")
-    else:
-        w("  no wake-ups\n")
+    w("\nwake latency (wake-up to guest entry)\n")
+    w(f"  {_stats.format_latency(lat)}\n")
     if s.get("vmm"):
         v = s["vmm"]
         w("\nVMM policy (sum over VMs)\n  " + "  ".join(
