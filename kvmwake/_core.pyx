@@ -958,6 +958,12 @@ cdef class Engine:
     def stats_array(self):
         return self._stats.copy()
 
+    def stats_rows(self, Py_ssize_t first, Py_ssize_t n):
+        """A copy of the stats rows of threads ``first .. first + n - 1`` only."""
+        if first < 0 or n < 0 or first + n > self._stats.shape[0]:
+            raise IndexError(f"stats rows {first}..{first + n - 1} out of range")
+        return self._stats[first:first + n].copy()
+
     def lat_hist_array(self):
         return self._lat.copy()
 

@@ -257,6 +257,11 @@ class Host:
         """Per host CPU, ns running, polling and idle over the recorded window."""
         return self._engine.timeline_totals(self.now if now is None else now)
 
+    def stats_array(self) -> "np.ndarray":
+        """Every vCPU's stats row, VM after VM (threads x model.NR_STATS, uint64): one
+        copy for the whole host (``vm.stats_array()`` copies only its VM's rows)."""
+        return self._engine.stats_array()
+
     def latency_histogram(self):
         """Wake-latency histogram over the host (see ``model.lat_bucket``)."""
         return self._engine.lat_hist_array()

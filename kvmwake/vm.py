@@ -623,12 +623,12 @@ class VM:
 
         A ``HaltStats``: a dict whose histograms are numpy arrays, that compares with
         ``==`` (``vm.stats() == vm2.stats()``) and prints its non-empty buckets."""
-        rows = self._engine.stats_array()[self._first:self._first + self.nr_vcpus]
+        rows = self._engine.stats_rows(self._first, self.nr_vcpus)
         return _stats.sum_rows(rows, self.arch)
 
     def stats_array(self) -> np.ndarray:
         """Per-vCPU stats rows (nr_vcpus x model.NR_STATS, uint64)."""
-        return self._engine.stats_array()[self._first:self._first + self.nr_vcpus]
+        return self._engine.stats_rows(self._first, self.nr_vcpus)
 
     def trace_records(self) -> np.ndarray:
         """This VM's tracepoint records (``tracefmt.TRACE_RECORD_DTYPE``), oldest first."""
@@ -1033,7 +1033,7 @@ class VCpu:
 
     def stats(self) -> "_stats.HaltStats":
         """This vCPU's halt stats under the kernel's names (a ``HaltStats``, see VM.stats)."""
-        row = self.vm._engine.stats_array()[self._g]
+        row = self.vm._engine.stats_rows(self._g, 1)[0]
         return _stats.row_to_dict(row, self.vm.arch)
 
     def __repr__(self):

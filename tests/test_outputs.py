@@ -116,6 +116,12 @@ class _FakeBar:
     def update(self, d):
         self.n += d
 
+    def refresh(self):
+        pass
+
+    def set_description(self, desc):
+        self.kw["desc"] = desc
+
     def close(self):
         self.closed = True
 
@@ -130,8 +136,12 @@ def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, tty, quiet, show
     assert cli.main(argv) == 0
     assert bool(_FakeBar.made) == shown
     if shown:
-        bar = _FakeBar.made[0]
-        assert bar.closed and bar.kw["delay"] >= 2 and abs(bar.n - 4.0) < 1e-9
+        # One line per phase: build, simulation, summary, writing; all closed.
+        descs = [b.kw["desc"] for b in _FakeBar.made]
+        assert descs[0].startswith("building default") and "summarizing" in descs
+        assert all(b.closed and b.kw["file"] is sys.stderr for b in _FakeBar.made)
+        bar = next(b for b in _FakeBar.made if b.kw["desc"] == "simulating")
+        assert bar.kw["delay"] > 0 and abs(bar.n - 4.0) < 1e-9
 
 
 def test_no_tqdm_no_bar(monkeypatch):

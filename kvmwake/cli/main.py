@@ -6,10 +6,14 @@
 
     With no output option, ``kvmwake run`` writes kvmwake-out/summary.json,
     kvmwake-out/vm0.trace and (with matplotlib) kvmwake-out/plot.png.
-    The run goes in chunks of virtual time: a progress bar (tqdm, if
-    installed) appears on runs longer than two seconds when stderr is a
-    terminal, and Ctrl-C stops between chunks, writes what was computed and
-    exits 130.
+    On a terminal, each long phase (building the VMs, simulating, summarizing,
+    writing the outputs) shows its progress on stderr (tqdm; not with --quiet
+    or --no-progress, nor when stderr is not a terminal).  The run goes in
+    chunks of virtual time: Ctrl-C stops between chunks, writes what was
+    computed (summary.json first, then the trace, arrays and plot) and exits
+    130.  Every file is written atomically (a temporary file, then
+    os.replace): a second Ctrl-C while writing stops there, keeps the files
+    already written and never leaves a truncated one.
     kvmwake scenarios
     kvmwake kernel record|calibrate|compare ...    (see kvmwake.kernel)
     kvmwake kernel replay TRACE --halt-poll-ns N [--grow G] [--grow-start S] [--shrink K] [--json]
@@ -36,6 +40,8 @@ from ..outputs import arrays as _arrays
 from ..outputs import perfetto as _perfetto
 from ..outputs import plots as _plots
 from ..outputs import summary as _summary
+from ..outputs import atomic as _atomic
+from . import progress as _prog
 from . import sweep as _sweep
 from .argtypes import nonempty_path as _path
 from .argtypes import nonneg_int as _nonneg_int
@@ -53,16 +59,11 @@ def _on_chunk(host, now_ns: int, end_ns: int) -> None:
 
 
 def _progress(total_ns: int, quiet: bool):
-    """A tqdm bar shown once the run has taken 2 s, on a terminal only; or None."""
-    if quiet or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total_ns / 1e6, unit="ms", unit_scale=False, delay=2.0, leave=False,
-                desc="simulating", bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} virtual ms "
-                                              "[{elapsed}<{remaining}]")
+    """The simulation's tqdm bar (virtual ms) on a terminal, or None (see cli.progress)."""
+    return _prog.bar(_prog.enabled(quiet), total=total_ns / 1e6, unit="ms", unit_scale=False,
+                     desc="simulating",
+                     bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} virtual ms "
+                                "[{elapsed}<{remaining}]")
 
 
 def run_chunked(host, until_ns: int, quiet: bool = True) -> None:
@@ -165,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-out", action="store_true",
                    help=f"write no files (not even to {DEFAULT_OUT_DIR})")
     r.add_argument("--quiet", "-q", action="store_true",
-                   help="print nothing but errors (and no progress bar)")
+                   help="print nothing but errors (and no progress)")
+    r.add_argument("--no-progress", action="store_true",
+                   help="no progress lines on stderr (shown by default on a terminal, for "
+                        "the build, the simulation, the summary and the writing)")
     r.add_argument("--snapshot-at", type=_positive_float, metavar="MS",
                    help="save a snapshot at this virtual time (ms; with --snapshot)")
     r.add_argument("--snapshot", metavar="PATH", type=_path,
@@ -235,9 +239,12 @@ def run_scenario(args, sc=None) -> dict:
         finally:
             if added:
                 sys.path.remove(os.getcwd())
+    quiet = args.quiet or getattr(args, "no_progress", False)
+    on = _prog.enabled(quiet)
     if args.restore:
         classes = {_vmm.policy_spec(policy): policy} if policy is not None else None
-        host, header = _host.restore_host(args.restore, vmm_classes=classes)
+        with _prog.phase(on, f"restoring {args.restore}"):
+            host, header = _host.restore_host(args.restore, vmm_classes=classes)
         run = header.get("run") or {}
         name = run.get("scenario", "?")
         if sim_ns is None:
@@ -251,11 +258,13 @@ def run_scenario(args, sc=None) -> dict:
                     f"from virtual time {host.now / 1e6:.3f} ms ({host.now} ns) to "
                     f"{sim_ns / 1e6:.3f} ms")
     else:
-        host, sim_ns, sc = _scenarios.build(sc if sc is not None else args.scenario,
-                                            vcpus=args.vcpus,
-                                            host_cpus=args.host_cpus, sim_ns=sim_ns,
-                                            seed=args.seed, engine=args.engine,
-                                            trace_capacity=trace_cap)
+        what = str(args.scenario) + (f", {args.vcpus:,} vCPUs" if args.vcpus else "")
+        with _prog.phase(on, f"building {what}"):
+            host, sim_ns, sc = _scenarios.build(sc if sc is not None else args.scenario,
+                                                vcpus=args.vcpus,
+                                                host_cpus=args.host_cpus, sim_ns=sim_ns,
+                                                seed=args.seed, engine=args.engine,
+                                                trace_capacity=trace_cap)
         name = sc.name
         path = sc.path
         args.seed = host.seed
@@ -276,17 +285,17 @@ def run_scenario(args, sc=None) -> dict:
         if not host.now <= at <= sim_ns:
             raise UsageError(f"--snapshot-at {args.snapshot_at} ms is outside the run "
                              f"({host.now / 1e6:g} to {sim_ns / 1e6:g} ms)")
-        interrupted = _run_interruptible(host, at, args.quiet)
+        interrupted = _run_interruptible(host, at, quiet)
         if interrupted:
             return _summarize(args, host, name, path, host.now, t0, t1, start_events,
                               start_halts, interrupted=True)
         data = _host.host_to_bytes(host, run={"scenario": name, "sim_ns": sim_ns})
-        with open(args.snapshot, "wb") as fh:
+        with _atomic.atomic_path(args.snapshot) as tmp, open(tmp, "wb") as fh:
             fh.write(data)
         _note(args, f"snapshot at virtual time {host.now / 1e6:.3f} ms ({host.now} ns) written "
                     f"to {args.snapshot} ({len(data):,} bytes); continue it with "
                     f"'kvmwake run --restore {args.snapshot}'")
-    interrupted = _run_interruptible(host, sim_ns, args.quiet)
+    interrupted = _run_interruptible(host, sim_ns, quiet)
     return _summarize(args, host, name, path, host.now if interrupted else sim_ns, t0, t1,
                       start_events, start_halts, interrupted)
 
@@ -303,10 +312,12 @@ def _run_interruptible(host, until_ns, quiet) -> bool:
 def _summarize(args, host, name, path, sim_ns, t0, t1, start_events, start_halts,
                interrupted) -> dict:
     wall = time.perf_counter() - t1
-    summary = _summary.summarize(host, scenario=name, scenario_file=path, engine=args.engine,
-                                 seed=args.seed, sim_ns=sim_ns, build_s=t1 - t0, wall_s=wall,
-                                 start_events=start_events, start_halts=start_halts,
-                                 interrupted=interrupted)
+    quiet = args.quiet or getattr(args, "no_progress", False)
+    with _prog.phase(_prog.enabled(quiet), "summarizing"):
+        summary = _summary.summarize(host, scenario=name, scenario_file=path,
+                                     engine=args.engine, seed=args.seed, sim_ns=sim_ns,
+                                     build_s=t1 - t0, wall_s=wall, start_events=start_events,
+                                     start_halts=start_halts, interrupted=interrupted)
     summary["_host"] = host
     return summary
 
@@ -334,35 +345,80 @@ def _resolve_outputs(args) -> list:
     return notes
 
 
+class WriteInterrupted(Exception):
+    """Ctrl-C while writing the outputs: ``written`` are complete, ``missing`` not written."""
+
+    def __init__(self, written, missing):
+        super().__init__("interrupted while writing")
+        self.written, self.missing = written, missing
+
+
 def write_outputs(args, summary: dict) -> list:
-    """Write the files asked for; returns [(what, path)] written."""
+    """Write the files asked for, each atomically; returns [(what, path)] written.
+
+    The JSON summary goes first (it holds the results), then the trace, the
+    arrays, the plot and the Perfetto trace; at the end the summary is written
+    again, now naming the files written.  Ctrl-C while writing raises
+    ``WriteInterrupted``: the files written so far stay complete, the one being
+    written is not left behind (``outputs.atomic``).
+    """
     host = summary.pop("_host")
-    written = []
+    sim_ns = summary["sim_ns"]
+    json_file = args.json if args.json and args.json != "-" else None
+
+    def write_json():
+        _atomic.write_text(json_file, _summary.to_json(summary) + "\n")
+
+    def write_trace():
+        _atomic.write_text(args.trace, host.vms[0].trace_text())
+
+    def write_npz():
+        with _atomic.atomic_path(args.npz) as tmp:
+            _arrays.write_npz(host, tmp, sim_ns)
+
+    def write_plot():
+        with _atomic.atomic_path(args.plot) as tmp:
+            _plots.write_plot(host, tmp, sim_ns, summary=summary)
+
+    def write_perfetto():
+        with _atomic.atomic_path(args.perfetto) as tmp:
+            _perfetto.write_perfetto(host, tmp)
+
+    jobs = []           # (what, path, summary key, writer)
+    if json_file:
+        jobs.append(("summary", json_file, None, write_json))
     if args.trace:
-        with open(args.trace, "w") as fh:
-            fh.write(host.vms[0].trace_text())
-        summary["trace"] = args.trace
-        written.append(("trace of VM 0", args.trace))
+        jobs.append(("trace of VM 0", args.trace, "trace", write_trace))
     if args.npz:
-        _arrays.write_npz(host, args.npz, summary["sim_ns"])
-        summary["npz"] = args.npz
-        written.append(("arrays", args.npz))
+        jobs.append(("arrays", args.npz, "npz", write_npz))
     if args.plot:
-        _plots.write_plot(host, args.plot, summary["sim_ns"])
-        summary["plot"] = args.plot
-        written.append(("plot", args.plot))
+        jobs.append(("plot", args.plot, "plot", write_plot))
     if args.perfetto:
-        _perfetto.write_perfetto(host, args.perfetto)
-        summary["perfetto"] = args.perfetto
-        written.append(("Perfetto trace", args.perfetto))
-    if args.json:
-        text = _summary.to_json(summary)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as fh:
-                fh.write(text + "\n")
-            written.append(("summary", args.json))
+        jobs.append(("Perfetto trace", args.perfetto, "perfetto", write_perfetto))
+    quiet = args.quiet or getattr(args, "no_progress", False)
+    bar = _prog.bar(_prog.enabled(quiet), total=len(jobs) + bool(json_file), unit="file",
+                    desc="writing", bar_format="{desc} {n}/{total} files [{elapsed}]")
+    written = []
+    try:
+        for what, path, key, writer in jobs:
+            if bar is not None:
+                bar.set_description(f"writing {os.path.basename(path)}")
+            writer()
+            if key:
+                summary[key] = path
+            written.append((what, path))
+            if bar is not None:
+                bar.update(1)
+        if json_file and len(jobs) > 1:
+            write_json()         # again, naming the files written
+    except KeyboardInterrupt:
+        done = {p for _, p in written}
+        raise WriteInterrupted(written, [p for _, p, _, _ in jobs if p not in done]) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json == "-":
+        print(_summary.to_json(summary))
     return written
 
 
@@ -415,13 +471,22 @@ def _main(argv=None) -> int:
         summary = run_scenario(args, sc)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-        written = write_outputs(args, summary)
+        cut = None
+        try:
+            written = write_outputs(args, summary)
+        except WriteInterrupted as exc:
+            written, cut = exc.written, exc
         if not args.quiet and args.json != "-":
             _summary.print_summary(summary)
             for what, path in written:
                 print(f"  {what} written to {path}")
             for note in notes:
                 print(f"  {note}")
+        if cut is not None:
+            kept = ", ".join(p for _, p in cut.written) or "nothing"
+            print(f"kvmwake: interrupted while writing: kept {kept} (complete); not written: "
+                  f"{', '.join(cut.missing)}", file=sys.stderr)
+            return 130
         if summary.get("interrupted"):
             print("kvmwake: interrupted; wrote what was computed", file=sys.stderr)
             return 130

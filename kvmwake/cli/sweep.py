@@ -57,6 +57,9 @@ import time
 
 from ..model import COST_NAMES
 from . import argtypes as _argtypes
+from ..outputs import plots as _plots
+from ..durations import UNITS as _UNITS
+from ..outputs.stats import mean_ci, t_quantile_975  # noqa: F401  (one CI for table and plot)
 
 MODULE_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
                  "halt_poll_ns_shrink")
@@ -71,7 +74,6 @@ RESULT_COLUMNS = ("point", "seed_index", "seed", "scenario", "arch", "vcpus", "h
                   "halt_wakeup", "halt_poll_success_ns", "halt_poll_fail_ns", "halt_wait_ns",
                   "poll_cpu_fraction", "wake_count", "wake_p50_ns", "wake_p90_ns",
                   "wake_p99_ns", "wake_max_ns")
-_UNITS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
 
 
 class SweepError(Exception):
@@ -450,35 +452,6 @@ def run_sweep(scenario: str, params: dict, seeds: int, out_dir: str, *, workers:
 SUMMARY_METRICS = ("wake_p50_ns", "wake_p99_ns", "poll_cpu_fraction", "halts")
 
 
-def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95%)."""
-    try:
-        from scipy import stats as _st
-        return float(_st.t.ppf(0.975, df))
-    except ImportError:
-        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365,
-                 8: 2.306, 9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042,
-                 60: 2.000, 120: 1.980}
-        for k in sorted(table):
-            if df <= k:
-                return table[k]
-        return 1.960
-
-
-def mean_ci(values) -> dict:
-    """Mean, sample standard deviation and the 95% Student-t half-width over seeds
-    (``ci95`` is None with fewer than two values)."""
-    vals = [float(v) for v in values if v is not None]
-    n = len(vals)
-    if n == 0:
-        return {"n": 0, "mean": None, "sd": None, "ci95": None}
-    mean = sum(vals) / n
-    if n < 2:
-        return {"n": 1, "mean": mean, "sd": None, "ci95": None}
-    sd = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5
-    return {"n": n, "mean": mean, "sd": sd, "ci95": t_quantile_975(n - 1) * sd / n ** 0.5}
-
-
 def summarize(rows, names) -> list:
     """Per parameter assignment (in the sweep's order): its values and ``mean_ci`` of
     each of ``SUMMARY_METRICS`` over its seeds."""
@@ -521,41 +494,11 @@ def _write_parquet(out_dir, rows, columns) -> bool:
 
 
 def _plot(out_dir, rows, names, summary=None, scenario="") -> bool:
-    """tradeoff.png: host CPU spent polling vs wake latency p50/p99, one point per
-    parameter assignment: the mean over seeds with 95% confidence error bars."""
-    if not rows:
+    """tradeoff.png (``outputs.plots.tradeoff_figure``): host CPU spent polling vs wake
+    latency p50/p99, one point per parameter assignment (mean and 95% CI over seeds)."""
+    if not rows or not _plots.have_matplotlib():
         return False
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    summary = summary if summary is not None else summarize(rows, names)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for q, marker in (("wake_p50_ns", "o"), ("wake_p99_ns", "^")):
-        pts = [p for p in summary if p[q]["mean"] is not None]
-        if not pts:
-            continue
-        xs = [100 * p["poll_cpu_fraction"]["mean"] for p in pts]
-        ys = [p[q]["mean"] / 1000 for p in pts]
-        xerr = [100 * (p["poll_cpu_fraction"]["ci95"] or 0) for p in pts]
-        yerr = [(p[q]["ci95"] or 0) / 1000 for p in pts]
-        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=marker, capsize=3,
-                    label=q.replace("wake_", "").replace("_ns", "") + " (95% CI over seeds)")
-        for x, y, p in zip(xs, ys, pts):
-            lab = ", ".join(f"{n}={v}" for n, v in p["params"].items())
-            ax.annotate(lab, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("host CPU spent polling (% of simulated time x host CPUs)")
-    ax.set_ylabel("wake latency (us)")
-    ax.set_yscale("log")
-    seeds = max((p["seeds"] for p in summary), default=0)
-    ax.set_title(f"halt polling: CPU cost vs wake latency ({scenario}, {seeds} seed(s) "
-                 "per point)".replace("(, ", "("))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "tradeoff.png"), dpi=120)
-    plt.close(fig)
+    _plots.write_tradeoff(rows, names, os.path.join(out_dir, "tradeoff.png"))
     return True
 
 

@@ -137,7 +137,7 @@ def format_ns(ns) -> str:
     for unit, scale in (("s", 1e9), ("ms", 1e6), ("us", 1e3)):
         if abs(ns) >= scale:
             v = ns / scale
-            return f"{v:.3g} {unit}" if v < 1000 else f"{v:,.0f} {unit}"
+            return f"{v:#.3g}".rstrip(".") + f" {unit}" if v < 1000 else f"{v:,.0f} {unit}"
     return f"{ns:.0f} ns"
 
 
@@ -148,3 +148,41 @@ def format_latency(lat: dict) -> str:
     ps = [k for k in lat if k.startswith("p") and k[1:].isdigit()]
     body = "  ".join(f"{k} {format_ns(lat[k])}" for k in ps + ["max"])
     return f"{body}  (±{100 * lat['rel_error']:.1f}%, {lat['count']:,} wake-ups)"
+
+
+# -- spread over seeds -----------------------------------------------------------------------
+
+#: Two-sided 95% Student t quantiles (0.975) for 1..30 degrees of freedom; beyond, the
+#: listed points, then the normal 1.960.  A table, not scipy, so that every machine
+#: prints the same intervals.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
+         2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074,
+         2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975_TAIL = ((40, 2.021), (60, 2.000), (120, 1.980))
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95%);
+    for ``df`` between the tabulated points, the next larger one's (conservative)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be at least 1, not {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    for k, q in _T975_TAIL:
+        if df <= k:
+            return q
+    return 1.960
+
+
+def mean_ci(values) -> dict:
+    """Mean, sample standard deviation and the 95% Student-t half-width ``ci95`` of
+    ``values`` (``None`` entries skipped; ``ci95`` is None with fewer than two)."""
+    vals = [float(v) for v in values if v is not None]
+    n = len(vals)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci95": None}
+    mean = sum(vals) / n
+    if n < 2:
+        return {"n": 1, "mean": mean, "sd": None, "ci95": None}
+    sd = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5
+    return {"n": n, "mean": mean, "sd": sd, "ci95": t_quantile_975(n - 1) * sd / n ** 0.5}

@@ -25,8 +25,7 @@ def summarize(host, *, scenario: str, scenario_file, engine: str, seed: int, sim
     """The summary of a run of ``host`` to ``sim_ns`` that took ``wall_s`` seconds (after
     ``build_s`` seconds of building); ``start_events`` and ``start_halts`` are the counts
     the run started from (a restored snapshot's), left out of the rates."""
-    rows = [vm.stats_array() for vm in host.vms]
-    allrows = np.concatenate(rows)
+    allrows = host.stats_array()       # one copy for the host, not one per VM
     stats = _stats.sum_rows(allrows, host.arch)
     lat = _stats.latency_percentiles(host.latency_histogram())
     summary = {

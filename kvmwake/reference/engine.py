@@ -611,6 +611,13 @@ class Engine:
         return np.array([th.stats for th in self.threads], dtype=np.uint64).reshape(
             len(self.threads), NR_STATS)
 
+    def stats_rows(self, first: int, n: int) -> np.ndarray:
+        """A copy of the stats rows of threads ``first .. first + n - 1`` only."""
+        if first < 0 or n < 0 or first + n > len(self.threads):
+            raise IndexError(f"stats rows {first}..{first + n - 1} out of range")
+        return np.array([th.stats for th in self.threads[first:first + n]],
+                        dtype=np.uint64).reshape(n, NR_STATS)
+
     def lat_hist_array(self) -> np.ndarray:
         return np.array(self.lat_hist, dtype=np.uint64)
 
