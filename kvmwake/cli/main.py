@@ -66,18 +66,33 @@ def _progress(total_ns: int, quiet: bool):
                                 "[{elapsed}<{remaining}]")
 
 
+#: Wall time aimed at per chunk: how long Ctrl-C may wait for the engine to return.
+CHUNK_WALL_S = 0.1
+
+
 def run_chunked(host, until_ns: int, quiet: bool = True) -> None:
-    """``host.run(until_ns)`` in chunks (the result does not depend on them), with a
-    progress bar; KeyboardInterrupt propagates between (or inside) chunks."""
+    """``host.run(until_ns)`` in chunks of virtual time (the result does not depend on
+    them), with a progress bar; KeyboardInterrupt propagates between (or inside) chunks.
+
+    The engine does not look at signals while it runs, so a Ctrl-C takes effect when
+    the chunk ends: chunks are sized to take about ``CHUNK_WALL_S`` of wall time each
+    (the first is 1/4096 of the run, then each is scaled by how long the last took),
+    and are at most 1/``RUN_CHUNKS`` of the run so the bar moves."""
     start = host.now
     span = until_ns - start
-    step = max(1, -(-span // RUN_CHUNKS)) if span > 0 else 1
+    most = max(1, -(-span // RUN_CHUNKS)) if span > 0 else 1
+    least = max(1, span // (1 << 22))        # at most ~4 million chunks
+    step = max(least, min(most, span // (RUN_CHUNKS * 64)))
     bar = _progress(span, quiet)
     try:
         t = start
         while t < until_ns:
             t = min(until_ns, t + step)
+            w0 = time.perf_counter()
             host.run(t)
+            dt = time.perf_counter() - w0
+            step = int(min(most, step * 4, max(step / 4, step * CHUNK_WALL_S / max(dt, 1e-6))))
+            step = max(least, step)
             if bar is not None:
                 bar.update((t - start) / 1e6 - bar.n)
             _on_chunk(host, t, until_ns)
@@ -396,24 +411,32 @@ def write_outputs(args, summary: dict) -> list:
     if args.perfetto:
         jobs.append(("Perfetto trace", args.perfetto, "perfetto", write_perfetto))
     quiet = args.quiet or getattr(args, "no_progress", False)
-    bar = _prog.bar(_prog.enabled(quiet), total=len(jobs) + bool(json_file), unit="file",
+    rewrite = bool(json_file) and len(jobs) > 1
+    bar = _prog.bar(_prog.enabled(quiet), total=len(jobs) + rewrite, unit="file",
                     desc="writing", bar_format="{desc} {n}/{total} files [{elapsed}]")
     written = []
     try:
         for what, path, key, writer in jobs:
             if bar is not None:
-                bar.set_description(f"writing {os.path.basename(path)}")
+                bar.set_description(f"writing {os.path.basename(path)}", refresh=False)
             writer()
             if key:
                 summary[key] = path
             written.append((what, path))
             if bar is not None:
                 bar.update(1)
-        if json_file and len(jobs) > 1:
+        if rewrite:
+            if bar is not None:
+                bar.set_description(f"writing {os.path.basename(json_file)}", refresh=False)
             write_json()         # again, naming the files written
+            if bar is not None:
+                bar.update(1)
     except KeyboardInterrupt:
         done = {p for _, p in written}
-        raise WriteInterrupted(written, [p for _, p, _, _ in jobs if p not in done]) from None
+        missing = [p for _, p, _, _ in jobs if p not in done]
+        raise WriteInterrupted(written, missing or [f"the final {json_file} (the first one, "
+                                                    "without the list of files, stays)"]) \
+            from None
     finally:
         if bar is not None:
             bar.close()
