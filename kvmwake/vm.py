@@ -618,7 +618,7 @@ class VM:
                              "vm.host.latency_histogram()")
         return self.host.latency_histogram()
 
-    def stats(self) -> "_stats.HaltStats":
+    def stats(self) -> _stats.HaltStats:
         """The VM's halt stats: each vCPU's, summed, under the kernel's names.
 
         A ``HaltStats``: a dict whose histograms are numpy arrays, that compares with
@@ -1031,7 +1031,7 @@ class VCpu:
     def host_cpu(self) -> int:
         return self.vm._engine.thread_info(self._g)["pcpu"]
 
-    def stats(self) -> "_stats.HaltStats":
+    def stats(self) -> _stats.HaltStats:
         """This vCPU's halt stats under the kernel's names (a ``HaltStats``, see VM.stats)."""
         row = self.vm._engine.stats_rows(self._g, 1)[0]
         return _stats.row_to_dict(row, self.vm.arch)
