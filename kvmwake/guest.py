@@ -283,6 +283,9 @@ def _dur(what: str, ns) -> int:
     """A duration argument: an integer number of ns, or a string with its unit as
     scenario files write it (``"20us"``, ``"1.5ms"``; ``kvmwake.durations``)."""
     if isinstance(ns, str):
+        if ns.strip().isdigit():
+            raise ProgramError(f"{what}: {ns!r} has no unit: give an integer number of ns "
+                               "or a string with its unit, like \"20us\"")
         try:
             ns = _durations.duration(ns, what)
         except ValueError as exc:

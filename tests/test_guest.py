@@ -230,9 +230,11 @@ def test_uniform_lo_above_hi():
 @pytest.mark.parametrize("make, value, problem", [
     (G.compute, -1, r"compute: duration -1 ns out of range"),
     (G.compute, MAX_DURATION_NS + 1, r"compute: duration \d+ ns out of range"),
-    (G.compute, 1.5, r"compute: duration must be an integer number of ns, not 1.5"),
-    (G.compute, True, r"compute: duration must be an integer number of ns, not True"),
-    (G.compute, "10", r"compute: duration must be an integer"),
+    (G.compute, 1.5, r"compute: duration must be an integer number of ns or a string "
+                     r"like \"20us\", not 1.5"),
+    (G.compute, True, r"compute: duration must be an integer number of ns or a string "
+                      r"like \"20us\", not True"),
+    (G.compute, "10", r"compute: '10' has no unit"),
     (G.compute_exp, -5, r"compute_exp mean: duration -5 ns out of range"),
     (G.compute_exp, 2.0, r"compute_exp mean: duration must be an integer"),
     (lambda v: G.compute_uniform(v, 10), -1, r"compute_uniform lo: duration -1 ns"),

@@ -147,6 +147,8 @@ def test_compute_takes_duration_strings():
         g.compute("20 parsecs")
     with pytest.raises(ProgramError):
         g.compute(2.5)
+    with pytest.raises(ProgramError, match="no unit"):
+        g.compute("10")            # a string says its unit; an int is ns
 
 
 def test_stats_compare_and_print():
