@@ -645,8 +645,13 @@ cdef class Engine:
     def start_vcpu(self, uint32_t g):
         """The thread enters KVM_RUN now (at the current virtual time)."""
         cdef thread_t* th = &self.e.th[g]
+        cdef uint32_t k
         if th.state != TS_USER:
             return
+        for k in range(self.e.exq_len):
+            if self.e.exitq[(self.e.exq_head + k) % self.e.nth] == g:
+                # KVM_RUN returned that exit: no second KVM_RUN before it is taken.
+                raise EngineError(f"vCPU thread {g} has an exit not yet taken")
         th.resume = RESUME_START
         if self.e.tlcap:
             tl_note(&self.e, th, g, self.e.now, TS_RUNNABLE)

@@ -523,3 +523,24 @@ def test_setting_the_pc_discards_an_interrupted_segment(engine):
     assert ex.reason == ExitReason.INTR
     assert vm.vcpus[0].timer_state()["period"] == 4_000_000
     assert vm.vcpus[1].stats()["halt_wakeup"] == 0            # the skipped wake never ran
+
+
+def test_a_second_kvm_run_before_the_exit_is_taken_is_refused(engine):
+    """KVM_RUN returned the exit: the engine refuses to start the thread again
+    before the exit is taken (it used to queue a second exit for the same thread,
+    past the core's exit ring)."""
+    from kvmwake import _core, reference
+    from kvmwake import guest as G
+    from kvmwake.reference import EngineError
+    E = _core.Engine if engine == "core" else reference.Engine
+    e = E("arm64", 1, 0)
+    e.add_vm(1)
+    e.load_program(0, G.Program([G.compute(0), G.end()]).ops)
+    e.start_vcpu(0)
+    e.run(1_000_000)
+    assert e.pending_exits() == [0]
+    with pytest.raises(EngineError, match="exit not yet taken"):
+        e.start_vcpu(0)
+    assert e.pending_exits() == [0]
+    e.take_exit(0)
+    e.start_vcpu(0)

@@ -350,6 +350,9 @@ class Engine:
         th = self.threads[g]
         if th.state != _USER:
             return
+        if g in self.exits:
+            # KVM_RUN returned that exit: no second KVM_RUN before it is taken.
+            raise EngineError(f"vCPU thread {g} has an exit not yet taken")
         th.resume = RESUME_START
         if self.tl_cap:
             host.tl_note(self, th, self.now, _RUNNABLE)
