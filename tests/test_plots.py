@@ -125,5 +125,5 @@ def test_tradeoff_png_says_what_was_swept(tmp_path):
 
 def test_mean_ci():
     m, h = plots._mean_ci([1.0, 2.0, 3.0])
-    assert m == 2.0 and abs(h - 4.303 * 1.0 / 3 ** 0.5) < 1e-9
+    assert m == 2.0 and abs(h - 4.302653 * 1.0 / 3 ** 0.5) < 1e-9      # t(0.975, 2 df)
     assert plots._mean_ci([5.0]) == (5.0, 0.0)

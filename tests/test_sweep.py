@@ -263,7 +263,9 @@ def test_sweep_reports_spread_over_seeds(tmp_path):
 def test_tradeoff_plot_has_error_bars(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [{"halt_poll_ns": h, "poll_cpu_fraction": 0.01 * k + h * 1e-8, "wake_p50_ns": 5000 + k,
-             "wake_p99_ns": 9000 + 100 * k, "halts": 10 + k} for h in (0, 200000) for k in range(3)]
+             "wake_p99_ns": 9000 + 100 * k, "halts": 10 + k, "scenario": "ipi-storm",
+             "arch": "x86", "vcpus": 8, "host_cpus": 4, "sim_ns": 10_000_000}
+            for h in (0, 200000) for k in range(3)]
     import matplotlib.axes
     calls = []
     orig = matplotlib.axes.Axes.errorbar
@@ -276,7 +278,8 @@ def test_tradeoff_plot_has_error_bars(tmp_path):
         assert sweep._plot(str(tmp_path), rows, ["halt_poll_ns"], scenario="ipi-storm")
     finally:
         matplotlib.axes.Axes.errorbar = orig
-    assert len(calls) == 2 and all(any(v > 0 for v in c["yerr"]) for c in calls)
+    # p50 and p99 of each of the two points, each with its spread over the three seeds.
+    assert len(calls) == 4 and all(c["yerr"][0] > 0 and c["xerr"][0] > 0 for c in calls)
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
 
 
