@@ -48,10 +48,18 @@ class Guard:
 
 
 def no_hypothesis_database() -> None:
-    """Hypothesis keeps its example database in ./.hypothesis: not in the repository."""
+    """Hypothesis keeps its example database and caches in ./.hypothesis: not in the
+    repository.  Its home goes to a temporary folder, and no database is kept."""
     try:
         from hypothesis import settings
+        from hypothesis.configuration import set_hypothesis_home_dir
     except ImportError:
         return
+    import atexit
+    import shutil
+    import tempfile
+    home = tempfile.mkdtemp(prefix="kvmwake-hypothesis-")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    set_hypothesis_home_dir(home)
     settings.register_profile("kvmwake-tests", database=None)
     settings.load_profile("kvmwake-tests")
