@@ -36,6 +36,7 @@ ctypedef struct thread_t:
     uint64_t exit_data0       # the last exit to userspace
     uint64_t exit_value
     uint64_t exit_time
+    uint64_t requests         # vcpu->requests (u64: request bits 0..63)
     uint32_t exit_reason
     uint32_t exit_type
     uint32_t exit_ndata
@@ -43,7 +44,6 @@ ctypedef struct thread_t:
     uint32_t gen              # generation of its pending SEGMENT/POLL_END/RUN event
     uint32_t run_gen          # generation of its time slice
     uint32_t halt_poll_ns     # vcpu->halt_poll_ns (unsigned int)
-    uint32_t requests         # vcpu->requests
     uint32_t prog             # offset of its program in the op table
     uint32_t pc
     uint32_t vm

@@ -511,21 +511,23 @@ cdef class Engine:
 
     def add_vm(self, uint32_t nr_vcpus, uint32_t nr_spis=_model.DEFAULT_NR_SPIS):
         cdef uint32_t first = self.e.nth, vmi = self.e.nvm, i, g, b
-        self._threads = Engine._grow(self._threads, (first + nr_vcpus) * sizeof(thread_t))
-        self._irqs = Engine._grow(self._irqs, (first + nr_vcpus) * sizeof(virq_t))
-        self._vms = Engine._grow(self._vms, (vmi + 1) * sizeof(vm_t))
-        self._gics = Engine._grow(self._gics, (vmi + 1) * sizeof(gic_t))
+        # Every new array is made before any is swapped in: a failure (memory)
+        # leaves the engine as it was.
+        threads = Engine._grow(self._threads, (first + nr_vcpus) * sizeof(thread_t))
+        irqs = Engine._grow(self._irqs, (first + nr_vcpus) * sizeof(virq_t))
+        vms = Engine._grow(self._vms, (vmi + 1) * sizeof(vm_t))
+        gics = Engine._grow(self._gics, (vmi + 1) * sizeof(gic_t))
         stats = np.zeros((first + nr_vcpus, NR_STATS), dtype=np.uint64)
         stats[:first] = self._stats
-        self._stats = stats
         # The exit ring keeps its order: unroll it into the new, larger one.
         cdef uint32_t k
         exitq = np.zeros(first + nr_vcpus, dtype=np.uint32)
         for k in range(self.e.exq_len):
             exitq[k] = self.e.exitq[(self.e.exq_head + k) % self.e.nth]
-        self._exitq = exitq
+        tlbase = Engine._grow(self._tlbase, first + nr_vcpus)
+        self._threads, self._irqs, self._vms, self._gics = threads, irqs, vms, gics
+        self._stats, self._exitq, self._tlbase = stats, exitq, tlbase
         self.e.exq_head = 0
-        self._tlbase = Engine._grow(self._tlbase, first + nr_vcpus)
         self._bind()
         cdef vm_t* vm = &self.e.vms[vmi]
         vm.first = first

@@ -87,6 +87,11 @@ class Host:
         seed = check_int("seed", seed, 0, (1 << 64) - 1)
         trace_capacity = check_int("trace_capacity", trace_capacity, 0, 1 << 32)
         timeline_capacity = check_int("timeline_capacity", timeline_capacity, 0, 1 << 32)
+        if costs is not None and not isinstance(costs, dict):
+            raise TypeError(f"costs must be a dict of cost names to ns, not "
+                            f"{type(costs).__name__}")
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
         merged = dict(COST_DEFAULTS)
         for name, value in (costs or {}).items():
             if name not in COST_DEFAULTS:
@@ -100,6 +105,9 @@ class Host:
         self.host_cpus = host_cpus
         self.vms: list = []
         self._nthreads = 0
+        # The VMM policy call in progress (vm, vcpu id), or None: run() from inside
+        # a policy is refused (see _no_policy_reentry).
+        self._in_policy = None
 
     # -- module parameters (/sys/module/kvm/parameters) ---------------------------
 
@@ -137,14 +145,18 @@ class Host:
     # -- VMs -------------------------------------------------------------------------
 
     def create_vm(self, nr_vcpus: int, arch: str | None = None,
-                  nr_spis: int = DEFAULT_NR_SPIS):
-        """``KVM_CREATE_VM`` plus ``nr_vcpus`` x ``KVM_CREATE_VCPU`` (and the vGIC's SPIs)."""
-        return self.vm_class(nr_vcpus=nr_vcpus, arch=arch or self.arch, host=self,
-                             nr_spis=nr_spis)
+                  nr_spis: int = DEFAULT_NR_SPIS, memory_size: int | None = None):
+        """``KVM_CREATE_VM`` plus ``nr_vcpus`` x ``KVM_CREATE_VCPU`` (and the vGIC's SPIs).
 
-    def _add_vm(self, vm, nr_vcpus: int, arch: str, nr_spis: int) -> int:
-        if arch != self.arch:
-            raise ValueError(f"a {arch} VM cannot run on an {self.arch} host")
+        On any invalid argument it raises and the host is left as it was.
+        """
+        kw = {} if memory_size is None else {"memory_size": memory_size}
+        return self.vm_class(nr_vcpus=nr_vcpus, arch=self.arch if arch is None else arch,
+                             host=self, nr_spis=nr_spis, **kw)
+
+    @staticmethod
+    def _check_vm_args(nr_vcpus, arch: str, nr_spis) -> int:
+        """Validate a new VM's vCPU and SPI counts; returns nr_spis."""
         if isinstance(nr_vcpus, bool) or not isinstance(nr_vcpus, numbers.Integral):
             raise TypeError(f"nr_vcpus must be an integer, not {type(nr_vcpus).__name__}")
         if nr_vcpus < 1:
@@ -152,9 +164,20 @@ class Host:
         if nr_vcpus > MAX_VCPUS[arch]:
             raise KvmError(errno.EINVAL, f"nr_vcpus = {nr_vcpus} exceeds KVM_MAX_VCPUS "
                                          f"({MAX_VCPUS[arch]} on {arch})")
+        return check_int("nr_spis", nr_spis, 0, MAX_NR_SPIS)
+
+    def _check_vm(self, nr_vcpus, arch: str, nr_spis) -> int:
+        """Validate a new VM's arguments against this host; returns nr_spis."""
+        if arch != self.arch:
+            raise ValueError(f"a {arch} VM cannot run on an {self.arch} host")
+        nr_spis = self._check_vm_args(nr_vcpus, arch, nr_spis)
         if self._nthreads + nr_vcpus > MAX_HOST_THREADS:
             raise ValueError(f"a host holds at most {MAX_HOST_THREADS} vCPU threads")
-        nr_spis = check_int("nr_spis", nr_spis, 0, MAX_NR_SPIS)
+        return nr_spis
+
+    def _add_vm(self, vm, nr_vcpus: int, arch: str, nr_spis: int) -> int:
+        """Add ``vm`` (whose other arguments its constructor validated already)."""
+        nr_spis = self._check_vm(nr_vcpus, arch, nr_spis)
         index = self._engine.add_vm(int(nr_vcpus), nr_spis)
         first = self._nthreads
         self._nthreads += int(nr_vcpus)
@@ -170,6 +193,7 @@ class Host:
         goes to its VM's policy (``vm.vmm``, a ``vmm.Vmm``), which re-enters
         the vCPU or leaves it outside.
         """
+        self._no_policy_reentry("host.run()")
         until_ns = check_int("until_ns", until_ns, 0, MAX_TIME_NS)
         if until_ns < self.now:
             raise ValueError(f"until_ns = {until_ns} is before the current time {self.now}")
@@ -178,8 +202,24 @@ class Host:
         eng = self._engine
         self._dispatch_held()
         while eng.run_until_exit(until_ns) >= 0:
-            for g in eng.pending_exits():
-                self._dispatch(self._vcpu_of(g), eng.take_exit(g))
+            self._collect_exits()
+            self._dispatch_held()
+
+    def _no_policy_reentry(self, what: str) -> None:
+        """KVM_RUN from inside a VMM policy would run the engine under the policy's
+        feet (and the exit it handles would be lost): refused with EBUSY."""
+        if self._in_policy is not None:
+            vm, vid = self._in_policy
+            raise KvmError(errno.EBUSY, f"{what} called from inside a VMM policy (the "
+                                        f"handle_exit of vCPU {vid} of VM {vm}): return "
+                                        "from the policy instead; the run goes on after it")
+
+    def _collect_exits(self) -> None:
+        """The engine's exits, each held by its vCPU (as kvm_run stays filled) until
+        its policy has handled it or its vCPU runs again."""
+        eng = self._engine
+        for g in eng.pending_exits():
+            self._vcpu_of(g)._held = eng.take_exit(g)
 
     def _vcpu_of(self, g):
         """The VCpu of engine thread g (VMs hold consecutive threads, in order)."""
@@ -188,22 +228,35 @@ class Host:
             raise KeyError(g)
         return self.vms[i].vcpus[g - self.vms[i]._first]
 
-    def _dispatch(self, vcpu, record):
-        ex = from_engine(record)
+    def _dispatch(self, vcpu):
+        """Offer ``vcpu``'s held exit to its VM's policy.
+
+        The exit stays held until the policy returns: if it raises (or is
+        interrupted), the exit is still pending, as KVM leaves ``kvm_run``
+        filled until the next KVM_RUN; the next ``run`` offers it again (and
+        ``vcpu.run()`` returns it).  A snapshot taken inside the policy saves
+        it as pending too.
+        """
+        held = vcpu._held
         vm = vcpu.vm
+        self._in_policy = (vm.index, vcpu.id)
+        try:
+            again = vm.vmm.handle_exit(vcpu, from_engine(held))
+        finally:
+            self._in_policy = None
         vm.exits += 1
-        if vm.vmm.handle_exit(vcpu, ex):
-            vm._reenter(vcpu)
-        else:
+        if vcpu._held is held:
             vcpu._held = None
+        if again:
+            vm._reenter(vcpu)
 
     def _dispatch_held(self):
-        """Exits made while one vCPU's run() waited go to the policies first."""
+        """Every held exit goes to its policy, in VM and vCPU order (the order a
+        restored snapshot's held exits are offered in, too)."""
         for vm in self.vms:
             for v in vm.vcpus:
                 if v._held is not None:
-                    held, v._held = v._held, None
-                    self._dispatch(v, held)
+                    self._dispatch(v)
 
     # -- snapshots ---------------------------------------------------------------------------
 

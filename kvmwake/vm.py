@@ -14,7 +14,7 @@ from . import vmm as _vmm
 from .errors import KvmError, SnapshotError
 from .exits import Exit, from_engine
 from .host import Host, check_arch, check_int, host_to_bytes, restore_host
-from .model import (DEFAULT_MEM_SIZE, DEFAULT_NR_SPIS, MAX_VCPUS, MEM_BASE, S_BLOCKING,
+from .model import (DEFAULT_MEM_SIZE, DEFAULT_NR_SPIS, KVM_REQUEST_MASK, MEM_BASE, S_BLOCKING,
                     SourceKind, ThreadState, mpidr_of)
 from .outputs import stats as _stats
 from .outputs import tracefmt
@@ -94,30 +94,37 @@ class VM:
                  seed: int = 0, host: Host | None = None, costs: dict | None = None,
                  engine: str = "core", trace_capacity: int = 1 << 20,
                  nr_spis: int = DEFAULT_NR_SPIS, memory_size: int = DEFAULT_MEM_SIZE):
+        # Every argument is checked before the host is touched: a constructor that
+        # fails leaves the host (and its snapshot) exactly as it was.
         check_arch(arch)
+        if host is not None:
+            if not isinstance(host, Host):
+                raise TypeError(f"host must be a kvmwake.Host, not {type(host).__name__}")
+            if host_cpus is not None or costs is not None:
+                raise ValueError("host_cpus and costs belong to the host: pass them to Host()")
+        memory_size = check_int("memory_size", memory_size, 1 << 12, 1 << 48)
         if host is None:
-            if host_cpus is None:
-                # One host CPU per vCPU; a bad nr_vcpus is reported by _add_vm.
-                valid = isinstance(nr_vcpus, int) and 1 <= nr_vcpus <= MAX_VCPUS[arch]
-                host_cpus = nr_vcpus if valid else 1
-            host = Host(host_cpus=host_cpus, arch=arch, seed=seed, costs=costs,
-                        engine=engine, trace_capacity=trace_capacity)
-        elif host_cpus is not None or costs is not None:
-            raise ValueError("host_cpus and costs belong to the host: pass them to Host()")
+            # One host CPU per vCPU (checked first, so that a bad count is named).
+            Host._check_vm_args(nr_vcpus, arch, nr_spis)
+            host = Host(host_cpus=int(nr_vcpus) if host_cpus is None else host_cpus, arch=arch,
+                        seed=seed, costs=costs, engine=engine, trace_capacity=trace_capacity)
+        nr_spis = host._check_vm(nr_vcpus, arch, nr_spis)
+        vcpus = int(nr_vcpus)
         self.host = host
         self.arch = arch
-        self.index, self._first = host._add_vm(self, nr_vcpus, arch, nr_spis)
-        self.nr_vcpus = int(nr_vcpus)
-        self.nr_spis = int(nr_spis)
-        self.vcpus = [VCpu(self, i) for i in range(self.nr_vcpus)]
+        self.nr_vcpus = vcpus
+        self.nr_spis = nr_spis
         self._halt_poll_cap: int | None = None
         self._tick_ns = 0
         self._suspend_cap = False
         self.memory_base = MEM_BASE[arch]
-        self.memory_size = check_int("memory_size", memory_size, 1 << 12, 1 << 48)
+        self.memory_size = memory_size
         self.vmm = _vmm.Vmm()
-        self.vmm.attach(self)
         self.exits = 0
+        # The only step that changes the host, last.
+        self.index, self._first = host._add_vm(self, vcpus, arch, nr_spis)
+        self.vcpus = [VCpu(self, i) for i in range(vcpus)]
+        self.vmm.attach(self)
 
     @property
     def _engine(self):
@@ -375,6 +382,7 @@ class VM:
         default policy re-enters after INTR and ucall SYNC, and leaves a vCPU
         out after DONE, a shutdown or an error.
         """
+        self.host._no_policy_reentry("vm.run()")
         if vmm is not None:
             if not isinstance(vmm, _vmm.Vmm):
                 raise TypeError(f"vmm must be a kvmwake.vmm.Vmm, not {type(vmm).__name__}")
@@ -861,12 +869,13 @@ class VCpu:
         given, it fires silently (the caller chose it) and the call returns
         ``KVM_EXIT_INTR``.
         """
+        host = self.vm.host
+        host._no_policy_reentry("vcpu.run()")
         warn = timeout_ns is None
         if warn:
             timeout_ns = DEFAULT_RUN_TIMEOUT_NS
         timeout_ns = check_int("timeout_ns", timeout_ns, 1, 1 << 62)
         eng = self.vm._engine
-        host = self.vm.host
         if self._held is not None:
             held, self._held = self._held, None
             return from_engine(held)
@@ -879,31 +888,50 @@ class VCpu:
         self._started = True
         eng.start_vcpu(self._g)
         deadline = host.now + timeout_ns
-        signalled = False
+        signalled_at = None
         while True:
             if eng.run_until_exit(deadline) < 0:
-                if signalled:
-                    deadline = host.now + timeout_ns
-                    continue
-                eng.signal(self._g)
-                signalled = True
-                if warn:
-                    warnings.warn(
-                        f"vcpu.run(): vCPU {self.id} of VM {self.vm.index} did not exit in "
-                        f"{DEFAULT_RUN_TIMEOUT_NS / 1e9:g} s of virtual time, so the whole "
-                        f"host ran to {host.now / 1e6:,.3f} ms; the watchdog signalled it "
-                        "(KVM_EXIT_INTR); pass timeout_ns to choose the window",
-                        RuntimeWarning, stacklevel=2)
+                if signalled_at is None:
+                    eng.signal(self._g)
+                    signalled_at = host.now
+                    if warn:
+                        warnings.warn(
+                            f"vcpu.run(): vCPU {self.id} of VM {self.vm.index} did not exit in "
+                            f"{DEFAULT_RUN_TIMEOUT_NS / 1e9:g} s of virtual time, so the whole "
+                            f"host ran to {host.now / 1e6:,.3f} ms; the watchdog signalled it "
+                            "(KVM_EXIT_INTR); pass timeout_ns to choose the window",
+                            RuntimeWarning, stacklevel=2)
+                elif host.now - signalled_at >= self._signal_grace(timeout_ns):
+                    raise KvmError(errno.ETIMEDOUT, self._stuck_message(signalled_at))
+                deadline = host.now + timeout_ns
                 continue
-            mine = None
-            for g in eng.pending_exits():
-                rec = eng.take_exit(g)
-                if g == self._g:
-                    mine = rec
-                else:
-                    host._vcpu_of(g)._held = rec
-            if mine is not None:
-                return from_engine(mine)
+            host._collect_exits()
+            if self._held is not None:
+                held, self._held = self._held, None
+                return from_engine(held)
+
+    #: Rounds of the watchdog's timeout a signalled vCPU gets to leave KVM_RUN.
+    SIGNAL_GRACE_ROUNDS = 64
+
+    def _signal_grace(self, timeout_ns: int) -> int:
+        """Virtual time a signalled vCPU may take to leave KVM_RUN before run() gives
+        up: enough for every thread on its host CPU to use a time slice first."""
+        costs = self.vm.host.costs
+        per_turn = (costs["sched_slice_ns"] + costs["context_switch_ns"]
+                    + costs["wake_to_run_ns"] + costs["vm_exit_ns"] + costs["vm_entry_ns"])
+        host = self.vm.host
+        sharing = -(-host._nthreads // host.host_cpus)
+        return self.SIGNAL_GRACE_ROUNDS * max(timeout_ns, sharing * per_turn)
+
+    def _stuck_message(self, signalled_at: int) -> str:
+        info = self.vm._engine.thread_info(self._g)
+        state = ThreadState(info["state"]).name
+        hint = ""
+        if state == "RUNNABLE" and self.vm.host.costs["sched_slice_ns"] == 0:
+            hint = (f"; it waits for host CPU {info['pcpu']}, whose thread is never "
+                    "preempted (sched_slice_ns = 0)")
+        return (f"vCPU {self.id} did not leave KVM_RUN: signalled at {signalled_at} ns, "
+                f"still {state} at {self.vm.host.now} ns{hint}")
 
     @property
     def exit_reason(self) -> ExitReason:
@@ -922,6 +950,7 @@ class VCpu:
         self.vm._engine.load_program(self._g, program.ops)
         self._loaded = True
         self._started = False
+        self._held = None          # the last exit belonged to the old program
 
     # -- kicks and requests (acting at the host's current virtual time) ---------------------
 
@@ -932,6 +961,12 @@ class VCpu:
     def make_request(self, req: int) -> bool:
         """``kvm_make_request`` + kick, honouring ``KVM_REQUEST_NO_WAKEUP``."""
         req = check_int("req", req, 0, 0x7FF)
+        if req & KVM_REQUEST_MASK >= 64:
+            # vcpu->requests is a u64: the kernel's KVM_ARCH_REQ_FLAGS refuses
+            # request numbers from 64 on at build time.
+            raise KvmError(errno.EINVAL, f"req = {req:#x}: request number "
+                                         f"{req & KVM_REQUEST_MASK} does not fit "
+                                         "vcpu->requests (0..63)")
         return self.vm._engine.make_request(self._g, req)
 
     def raise_wake(self) -> bool:

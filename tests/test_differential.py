@@ -11,6 +11,7 @@ outcome.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,11 +21,21 @@ from hypothesis import strategies as st
 from kvmwake import _core, reference
 from kvmwake import guest as G
 from kvmwake.guest import ProgramError
-from kvmwake.model import (ARCHES, COST_NAMES, MAX_LOOP_DEPTH, MAX_NR_SPIS, Op, Request,
+from kvmwake.guest import MAX_DURATION_NS
+from kvmwake.model import (ARCHES, COST_NAMES, KVM_REQUEST_NO_ACTION, KVM_REQUEST_NO_WAKEUP,
+                           KVM_REQUEST_WAIT, MAX_LOOP_DEPTH, MAX_NR_SPIS, MEM_BASE, Op, Request,
                            SourceKind, mpidr_of)
 from kvmwake.reference import EngineError
 
 ENGINES = {"core": _core.Engine, "reference": reference.Engine}
+#: Examples of the main property: a few hundred by default; the long campaign
+#: (tools/diff_campaign.py) sets KVMWAKE_DIFF_EXAMPLES.
+DIFF_EXAMPLES = int(os.environ.get("KVMWAKE_DIFF_EXAMPLES", "200"))
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+#: Boundary durations: the largest a program may hold, and sums of them that pass
+#: 2^62 and 2^64 within one segment.
+BIG_NS = (MAX_DURATION_NS, MAX_DURATION_NS - 1, 1 << 60, (1 << 50) + 1)
 ZERO_COSTS = dict.fromkeys(COST_NAMES, 0)
 #: Scenarios with more events than this (on the core) are skipped.
 EVENT_BUDGET = 30_000
@@ -73,6 +84,7 @@ class Scenario:
     # [(vm, intid, kind, p0, p1, times, target), ...]; target: x86 MSI destination thread
     sources: list = field(default_factory=list)
     setup: list = field(default_factory=list)    # interventions made before anything runs
+    pcs: list = field(default_factory=list)      # set_pc / set_reg made before the start
 
     @property
     def n_threads(self):
@@ -158,16 +170,30 @@ def guest_op(draw, arch, nr_vcpus, nr_spis, irq_weight):
     if nr_vcpus >= 2:
         kinds += ["wake_random_other", "wake_random_other"]
     kinds += IRQ_KINDS[arch] * irq_weight
+    kinds += ["set_reg", "sync"]
     if draw(st.integers(0, 15)) == 15:
         kinds = ["end"]
     kind = draw(st.sampled_from(kinds))
+    # One op in 20 takes its numbers at the edges of their ranges.
+    edge = draw(st.integers(0, 19)) == 0
     if kind == "compute":
-        return G.compute(draw(st.integers(0, 30_000)))
+        return G.compute(draw(st.sampled_from(BIG_NS)) if edge else draw(st.integers(0, 30_000)))
     if kind == "compute_exp":
-        return G.compute_exp(draw(st.integers(0, 30_000)))
+        return G.compute_exp(draw(st.sampled_from(BIG_NS)) if edge
+                             else draw(st.integers(0, 30_000)))
     if kind == "compute_uniform":
+        if edge:
+            return G.compute_uniform(draw(st.sampled_from([0, 1, MAX_DURATION_NS])),
+                                     MAX_DURATION_NS)
         lo, hi = sorted(draw(st.lists(st.integers(0, 30_000), min_size=2, max_size=2)))
         return G.compute_uniform(lo, hi)
+    if kind == "set_reg":
+        return G.set_reg(draw(st.integers(0, 3)),
+                         draw(st.one_of(st.sampled_from([0, 1, U32_MAX, U32_MAX + 1, U64_MAX]),
+                                        st.integers(0, U64_MAX))))
+    if kind == "sync":
+        return (G.sync(draw(st.sampled_from([0, U64_MAX]))) if draw(st.booleans())
+                else G.sync_reg(draw(st.integers(0, 3))))
     if kind == "wfi":
         return G.wfi()
     if kind == "wake":
@@ -190,12 +216,16 @@ def guest_op(draw, arch, nr_vcpus, nr_spis, irq_weight):
     if kind == "unmask":
         return G.unmask()
     if kind == "set_handler":
-        return G.set_handler(draw(st.sampled_from([0, 0, 1, 500, 3_000, 20_000])))
+        return G.set_handler(draw(st.sampled_from([0, 0, 1, 500, 3_000, 20_000]
+                                                  + ([MAX_DURATION_NS] if edge else []))))
     if kind in ("timer_arm", "timer_arm_exp"):
         # Short periods let a late handler find the next deadline already due.
         period = draw(st.one_of(st.just(0), st.just(0), st.integers(1, 60_000),
                                 st.integers(1, 2_000)))
         delay = draw(st.one_of(st.just(0), st.integers(1, 60_000)))
+        if edge:
+            period = draw(st.sampled_from([period, U32_MAX]))
+            delay = draw(st.sampled_from(BIG_NS))
         return (G.timer_arm if kind == "timer_arm" else G.timer_arm_exp)(delay, period)
     if kind == "timer_cancel":
         return G.timer_cancel()
@@ -214,7 +244,7 @@ def _takes_time(items):
         if isinstance(it, G._Loop):
             if _takes_time(it.body):
                 return True
-        elif it.code == Op.WFI or (it.code == Op.COMPUTE and it.p0 > 0):
+        elif it.code in (Op.WFI, Op.SYNC) or (it.code == Op.COMPUTE and it.p0 > 0):
             return True
     return False
 
@@ -228,7 +258,7 @@ def guest_items(draw, arch, nr_vcpus, nr_spis, irq_weight, depth=0):
             if not _takes_time(body):
                 # guest.Program would reject it: give the body some time.
                 body.append(draw(st.sampled_from([G.wfi(), G.compute(1), G.compute(2_500)])))
-            items.append(G.loop(body, draw(st.sampled_from([0, 0, 1, 2, 3, 7]))))
+            items.append(G.loop(body, draw(st.sampled_from([0, 0, 1, 2, 3, 7, U32_MAX]))))
         else:
             items.append(draw(guest_op(arch, nr_vcpus, nr_spis, irq_weight)))
     return items
@@ -242,7 +272,7 @@ def program_ops(draw, arch, nr_vcpus, nr_spis, irq_weight):
         # Most vCPUs run an idle loop (as guests do) rather than ending at once.
         if not _takes_time(items):
             items.append(G.wfi())
-        items = [G.loop(items, draw(st.sampled_from([0, 0, 0, 5, 50])))]
+        items = [G.loop(items, draw(st.sampled_from([0, 0, 0, 5, 50, U32_MAX])))]
     try:
         prog = G.Program(items)
     except ProgramError:   # not expected: guest_items builds valid programs
@@ -306,10 +336,24 @@ def vm_setup(draw, arch, vm, first, nr_vcpus, nr_spis):
 
 
 @st.composite
+def reg_write(draw, n_threads, kind=None):
+    """KVM_SET_ONE_REG on a vCPU outside KVM_RUN: its PC at an op of its program (a
+    loop body whose LOOP op never ran, ...) or at an address with no op; or x0..x3."""
+    kind = kind or draw(st.sampled_from(["set_pc", "set_pc", "set_reg"]))
+    g = draw(st.integers(0, n_threads - 1))
+    if kind == "set_pc":
+        return ("set_pc", g, draw(st.one_of(st.integers(0, 12).map(lambda i: ("op", i)),
+                                            st.sampled_from([("raw", 0), ("raw", U64_MAX),
+                                                             ("op", 1 << 40)]))))
+    return ("set_reg", g, draw(st.integers(0, 3)),
+            draw(st.sampled_from([0, U32_MAX, U64_MAX, 0x84000001])))
+
+
+@st.composite
 def intervention(draw, arch, vm_sizes, nr_spis, end_ns):
     n_threads, n_vms = sum(vm_sizes), len(vm_sizes)
-    kinds = ["request", "kick", "raise", "param", "cap", "start", "tick", "set_pmr",
-             "set_masked"]
+    kinds = ["request", "request", "kick", "raise", "param", "cap", "start", "tick", "set_pmr",
+             "set_masked", "signal", "set_pc", "set_reg"]
     if arch == "x86":
         kinds += ["msi", "msi", "source"]
     else:
@@ -317,10 +361,20 @@ def intervention(draw, arch, vm_sizes, nr_spis, end_ns):
                   "source", "source"]
     kind = draw(st.sampled_from(kinds))
     if kind == "request":
-        return ("request", draw(st.integers(0, n_threads - 1)),
-                int(draw(st.sampled_from(list(Request)))))
-    if kind in ("kick", "raise", "start"):
+        # The kernel's requests, or any request number 0..63 (vcpu->requests is a
+        # u64) with any of the flags.
+        req = draw(st.one_of(st.sampled_from(list(Request)).map(int),
+                             st.builds(lambda nr, fl: nr | fl, st.integers(0, 63),
+                                       st.sampled_from([0, KVM_REQUEST_NO_WAKEUP,
+                                                        KVM_REQUEST_WAIT,
+                                                        KVM_REQUEST_NO_ACTION,
+                                                        KVM_REQUEST_WAIT
+                                                        | KVM_REQUEST_NO_WAKEUP]))))
+        return ("request", draw(st.integers(0, n_threads - 1)), req)
+    if kind in ("kick", "raise", "start", "signal"):
         return (kind, draw(st.integers(0, n_threads - 1)))
+    if kind in ("set_pc", "set_reg"):
+        return draw(reg_write(n_threads, kind))
     if kind == "param":
         name = draw(st.sampled_from(PARAMS))
         return ("param", name, draw(st.integers(0, PARAM_MAX[name])))
@@ -388,6 +442,7 @@ def scenarios(draw):
         if arch == "x86" or spis(ns):
             sources += draw(st.lists(source(arch, vm, first, nr, ns, end_ns), max_size=3))
         setup += draw(vm_setup(arch, vm, first, nr, ns))
+    pcs = draw(st.lists(reg_write(sum(vm_sizes)), max_size=2))
     split_times = sorted(draw(st.lists(st.integers(0, end_ns), max_size=3)))
     splits = [(t, draw(st.lists(intervention(arch, vm_sizes, nr_spis, end_ns), max_size=4)))
               for t in split_times]
@@ -409,6 +464,7 @@ def scenarios(draw):
         nr_spis=nr_spis,
         sources=sources,
         setup=setup,
+        pcs=pcs,
     )
 
 
@@ -437,6 +493,8 @@ def build(engine_cls, sc: Scenario):
     for g, ops in enumerate(sc.programs):
         if ops is not None:
             e.load_program(g, ops)
+    for act in sc.pcs:
+        apply(e, sc, None, act)
     for g, go in enumerate(sc.start):
         if go:
             e.start_vcpu(g)
@@ -448,6 +506,19 @@ def apply(e, sc: Scenario, book: dict, act):
     kind = act[0]
     if kind == "request":
         e.make_request(act[1], act[2])
+    elif kind == "signal":
+        e.signal(act[1])
+    elif kind in ("set_pc", "set_reg"):
+        # Only outside KVM_RUN, as the API allows it (the thread states are the
+        # same in both engines, so both skip the same calls).
+        if e.thread_info(act[1])["state"] != 0:
+            return
+        if kind == "set_reg":
+            e.set_reg(act[1], act[2], act[3])
+        else:
+            where, v = act[2]
+            base = MEM_BASE[sc.arch]
+            e.set_reg(act[1], 4, base + 4 * v if where == "op" else v)
     elif kind == "kick":
         e.kick(act[1])
     elif kind == "raise":
@@ -533,7 +604,7 @@ def assert_same(a, b, what):
 
 # ---------------------------------------------------------------- properties
 
-@settings(max_examples=200, deadline=None,
+@settings(max_examples=DIFF_EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.filter_too_much])
 @given(sc=scenarios())

@@ -544,3 +544,71 @@ def test_a_second_kvm_run_before_the_exit_is_taken_is_refused(engine):
     assert e.pending_exits() == [0]
     e.take_exit(0)
     e.start_vcpu(0)
+
+
+# -- the watchdog's signal is never dropped (issue 12 item 8) ------------------------------------
+
+def _engine_cls(engine):
+    from kvmwake import _core, reference
+    return _core.Engine if engine == "core" else reference.Engine
+
+
+def test_signal_at_a_segment_boundary_is_not_dropped(engine):
+    """loop{compute 1000}: each segment ends at a multiple of 1000 ns after the entry;
+    a signal landing exactly on such a boundary must still make the vCPU exit."""
+    e = _engine_cls(engine)("arm64", 1, 0, costs={"vm_entry_ns": 0, "vm_exit_ns": 0})
+    e.add_vm(1)
+    e.load_program(0, g.Program([g.loop([g.compute(1000)])]).ops)
+    e.start_vcpu(0)
+    assert e.run_until_exit(50_000) == -1          # a boundary is due at 50 us
+    e.signal(0)
+    assert e.run_until_exit(100_000) == 0, "the signal was dropped"
+    rec = e.take_exit(0)
+    assert rec["reason"] == ExitReason.INTR and rec["time"] == 50_000
+
+
+@pytest.mark.parametrize("compute_ns", [1000, 999, 1])
+def test_run_with_the_default_watchdog_returns_on_a_compute_loop(engine, compute_ns):
+    vm = make_vm(engine)
+    v = vm.vcpus[0]
+    v.load([g.loop([g.compute(compute_ns * (1 if engine == "core" else 1000))])])
+    # The reference engine is slow: a shorter watchdog, still a multiple of the loop.
+    timeout = kw.vm.DEFAULT_RUN_TIMEOUT_NS if engine == "core" else 1_000_000
+    ex = v.run(timeout_ns=timeout)
+    assert ex.reason == ExitReason.INTR
+    assert timeout <= ex.time_ns <= timeout + 10_000
+    ex = v.run(timeout_ns=timeout)                  # and again: the guest resumes
+    assert ex.reason == ExitReason.INTR
+
+
+def test_signal_during_an_interrupt_handler_exits_when_it_ends(engine):
+    """A kick in a handler IPIs the vCPU out; KVM_RUN's loop then sees the signal (the
+    model acts on it at the handler's end), not only at the next trap."""
+    e = _engine_cls(engine)("arm64", 1, 0)
+    e.add_vm(1)
+    e.load_program(0, g.Program([g.set_handler(50_000), g.timer_arm(10_000),
+                                 g.loop([g.compute(1000)])]).ops)
+    e.start_vcpu(0)
+    e.run(30_000)
+    assert e.thread_info(0)["state"] == 1               # RUNNING, in the handler
+    assert e.timer_state(0)["ctl"] & 2                  # its handler masked the timer
+    e.signal(0)
+    assert e.run_until_exit(1_000_000) == 0, "the signal was lost in the handler"
+    rec = e.take_exit(0)
+    assert rec["reason"] == ExitReason.INTR
+    # The handler (50 us from ~10 us) plus the IPI's exit and entry.
+    assert 60_000 <= rec["time"] <= 70_000
+
+
+def test_run_gives_up_on_a_vcpu_that_cannot_get_its_cpu(engine):
+    """No preemption (sched_slice_ns = 0) and another vCPU thread computing forever on
+    the same host CPU: the signalled vCPU can never leave KVM_RUN; run() says so."""
+    host = kw.Host(host_cpus=1, engine=engine, costs={"sched_slice_ns": 0})
+    vm = host.create_vm(2)
+    vm.vcpus[0].load([g.loop([g.compute(100_000)])])
+    vm.vcpus[1].load([g.sync(1), g.end()])
+    host.run(10_000)                                  # vCPU 0 holds the CPU; 1 queues
+    with pytest.raises(kw.KvmError) as ei:
+        vm.vcpus[1].run(timeout_ns=1_000_000)
+    assert ei.value.errno == errno.ETIMEDOUT
+    assert "sched_slice_ns = 0" in str(ei.value) and "RUNNABLE" in str(ei.value)

@@ -136,7 +136,7 @@ def bench_kick(Engine engine, uint32_t g, uint64_t n):
     cdef uint64_t saved_tlcap
     cdef event_t* saved_heap
     cdef event_t* priv
-    cdef uint32_t req0
+    cdef uint64_t req0
     cdef uint64_t ap0, irr3
     cdef uint32_t latch0
     cdef int rc = 0

@@ -25,14 +25,17 @@ cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nog
     cdef thread_t* th = &e.th[g]
     cdef const op_t* ops = &e.ops[th.prog]
     cdef const op_t* op
-    cdef uint64_t guest = 0
+    cdef uint64_t guest = 0, d
     cdef uint32_t n = 0
     cdef int rc = 0
     while True:
         op = &ops[th.pc]
         n += 1
         if op.code == OP_COMPUTE:
-            guest += draw_ns(th, op.dist, op.p0, op.p1)
+            # A segment's guest time saturates at KW_MAX_DRAW_NS (2^62 ns), as a
+            # single draw does: a sum of many long computes cannot wrap.
+            d = draw_ns(th, op.dist, op.p0, op.p1)
+            guest = guest + d if d < KW_MAX_DRAW_NS - guest else KW_MAX_DRAW_NS
             th.pc += 1
         elif op.code == OP_WFI:
             e.stats[<uint64_t>g * NR_STATS + S_HALT_EXITS] += 1
@@ -219,6 +222,11 @@ cdef int segment_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         if eoi(e, g, e.irq[g].cur_irq, t) < 0:
             return -1
         e.irq[g].cur_irq = -1
+        if th.sig_pending or asleep(e, th):
+            # A kick during the handler IPI'd the vCPU out (kick() added the exit
+            # and entry to the handler's time); KVM_RUN's loop has work to do
+            # before the guest continues: a signal, a power-off.
+            return enter(e, g, t, 0)
         rc = take_irqs(e, g, t, 0)
         if rc:
             return -1 if rc < 0 else 0

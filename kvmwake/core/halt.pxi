@@ -22,7 +22,7 @@ cdef inline bint check_block(engine_t* e, uint32_t g) noexcept nogil:
     if runnable(e, g) or th.sig_pending:
         return True
     if th.requests & REQ_UNBLOCK_BIT:
-        th.requests &= ~(<uint32_t>REQ_UNBLOCK_BIT)
+        th.requests &= ~(<uint64_t>REQ_UNBLOCK_BIT)
         return True
     return False
 

@@ -51,7 +51,11 @@ cdef int kick(engine_t* e, uint32_t g, uint64_t t, bint wake) noexcept nogil:
             th.wake_ts = t
             return -1 if halt_done(e, g, t, 0, t, 0) else 0
         return 0
-    if th.state == TS_RUNNING and t < th.seg_gto:
+    if th.state == TS_RUNNING and (t < th.seg_gto or (t == th.seg_gto and th.cont == CONT_NEXT)):
+        # (At the very end of a guest-only segment the vCPU is still in guest
+        # mode: the boundary is the model's, not an exit.  Its end event is still
+        # due at t, so it is interrupted here, not left to run on with the kick
+        # (a signal, a request, an interrupt) unseen.)
         if th.cont == CONT_IRQ:
             return 0                           # on its way to take interrupts
         if th.cont == CONT_EOI:

@@ -228,6 +228,9 @@ cdef int system_event(engine_t* e, uint32_t g, uint64_t t, uint32_t type_,
 
 cdef inline int request(engine_t* e, uint32_t g, uint32_t req, uint64_t t) noexcept nogil:
     """kvm_make_request + kick, as kvm_make_vcpu_request does it."""
-    if not (req & KVM_REQUEST_NO_ACTION):
-        e.th[g].requests |= (<uint32_t>1) << (req & KVM_REQUEST_MASK)
+    cdef uint32_t bit = req & KVM_REQUEST_MASK
+    # vcpu->requests is a u64: request numbers 0..63 (the API rejects the rest;
+    # a shift by 64 or more would be undefined, so they set nothing here).
+    if not (req & KVM_REQUEST_NO_ACTION) and bit < 64:
+        e.th[g].requests |= (<uint64_t>1) << bit
     return kick(e, g, t, not (req & KVM_REQUEST_NO_WAKEUP))

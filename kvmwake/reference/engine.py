@@ -286,12 +286,15 @@ class Engine:
     # -- set-up -------------------------------------------------------------
 
     def add_vm(self, nr_vcpus: int, nr_spis: int = DEFAULT_NR_SPIS) -> int:
-        vm = _Vm(len(self.vms), nr_vcpus, len(self.threads), nr_spis)
+        # Everything is built before the engine's lists change: a failure (memory)
+        # leaves the engine as it was.
+        first = len(self.threads)
+        vm = _Vm(len(self.vms), nr_vcpus, first, nr_spis)
         vm.code_base = self.code_base
-        for i in range(nr_vcpus):
-            g = len(self.threads)
-            self.threads.append(_Thread(g, vm, i, g % len(self.cpus), self.seed))
-            self.tl_base.append(int(_USER))
+        new = [_Thread(first + i, vm, i, (first + i) % len(self.cpus), self.seed)
+               for i in range(nr_vcpus)]
+        self.threads.extend(new)
+        self.tl_base.extend([int(_USER)] * nr_vcpus)
         self.vms.append(vm)
         return vm.index
 

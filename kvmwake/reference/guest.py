@@ -19,13 +19,13 @@ from ..model import (
 from ..uapi import ExitReason
 from . import EngineError
 from .queue import push_thread
-from .rng import draw_ns, rng_next
+from .rng import MAX_DRAW_NS, draw_ns, rng_next
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
-emulate_halt = enter = eoi = exit_to_user = halt = hvc = raise_irq = route_spi = set_dist_enabled = None
-set_enabled = take_irqs = timer_program = None
+asleep = emulate_halt = enter = eoi = exit_to_user = halt = hvc = raise_irq = route_spi = None
+set_dist_enabled = set_enabled = take_irqs = timer_program = None
 
 _EV_SEG = EventClass.SEGMENT
 
@@ -55,7 +55,9 @@ def advance(e, th, t, pre):
         code, dist, arg, p0, p1 = ops[th.pc]
         n += 1
         if code == Op.COMPUTE:
-            guest += draw_ns(th, dist, p0, p1)
+            # A segment's guest time saturates at MAX_DRAW_NS (2^62 ns), as a
+            # single draw does (the core's u64 sum cannot wrap).
+            guest = min(guest + draw_ns(th, dist, p0, p1), MAX_DRAW_NS)
             th.pc += 1
         elif code == Op.WFI:
             th.stats[S_HALT_EXITS] += 1
@@ -69,7 +71,9 @@ def advance(e, th, t, pre):
             if p0 == 0:
                 th.pc = arg + 1
             else:
-                th.loops[p1] -= 1
+                # The counter is a u32, as in the core: one whose LOOP op never ran
+                # (a PC set into the body) wraps from 0 to 2^32 - 1.
+                th.loops[p1] = (th.loops[p1] - 1) & 0xFFFF_FFFF
                 th.pc = arg + 1 if th.loops[p1] > 0 else th.pc + 1
             if guest and th.pc == arg + 1:
                 # A loop back-edge after guest time ends the segment.
@@ -213,7 +217,12 @@ def segment_end(e, th, t):
     elif cont == CONT_EOI:
         eoi(e, th, th.cur_irq, t)
         th.cur_irq = -1
-        if not take_irqs(e, th, t, 0):
+        if th.sig_pending or asleep(e, th):
+            # A kick during the handler IPI'd the vCPU out (kick() added the exit
+            # and entry to the handler's time); KVM_RUN's loop has work to do
+            # before the guest continues: a signal, a power-off.
+            enter(e, th, t, 0)
+        elif not take_irqs(e, th, t, 0):
             resume_program(e, th, t)
     else:
         advance(e, th, t, 0)

@@ -9,7 +9,7 @@ Kicks and requests: kvm_vcpu_wake_up, kvm_vcpu_kick, kvm_make_request
 from __future__ import annotations
 
 from ..model import (
-    CONT_EOI, CONT_IRQ, RESUME_HALT, S_WAKEUP, Dist, EventClass, SourceKind, ThreadState,
+    CONT_EOI, CONT_IRQ, CONT_NEXT, RESUME_HALT, S_WAKEUP, Dist, EventClass, SourceKind, ThreadState,
 )
 from .queue import heap_push, push_thread
 from .rng import draw_ns
@@ -63,7 +63,11 @@ def kick(e, th, t, wake=True) -> bool:
             th.wake_ts = t
             halt_done(e, th, t, False, t)
         return False
-    if th.state == _RUNNING and t < th.seg_gto:
+    if th.state == _RUNNING and (t < th.seg_gto or (t == th.seg_gto and th.cont == CONT_NEXT)):
+        # (At the very end of a guest-only segment the vCPU is still in guest
+        # mode: the boundary is the model's, not an exit.  Its end event is still
+        # due at t, so it is interrupted here, not left to run on with the kick
+        # (a signal, a request, an interrupt) unseen.)
         cont = th.cont
         if cont == CONT_IRQ:
             return False                      # on its way to take interrupts

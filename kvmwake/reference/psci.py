@@ -223,6 +223,9 @@ def system_event(e, th, t, type_, flags):
 
 def request(e, th, req, t):
     """kvm_make_request + kvm_vcpu_kick, as kvm_make_vcpu_request does it."""
-    if not req & KVM_REQUEST_NO_ACTION:
-        th.requests |= 1 << (req & KVM_REQUEST_MASK)
+    bit = req & KVM_REQUEST_MASK
+    # vcpu->requests is a u64: request numbers 0..63 (the API rejects the rest;
+    # the core cannot shift by 64 or more, so they set nothing here either).
+    if not req & KVM_REQUEST_NO_ACTION and bit < 64:
+        th.requests |= 1 << bit
     return kick(e, th, t, not req & KVM_REQUEST_NO_WAKEUP)
