@@ -191,7 +191,9 @@ class Host:
 
         Every vCPU with a program enters ``KVM_RUN``; each exit to userspace
         goes to its VM's policy (``vm.vmm``, a ``vmm.Vmm``), which re-enters
-        the vCPU or leaves it outside.
+        the vCPU or leaves it outside.  An exit whose policy raised stays
+        pending and is offered again first.  From inside a policy:
+        ``KvmError(EBUSY)``.
         """
         self._no_policy_reentry("host.run()")
         until_ns = check_int("until_ns", until_ns, 0, MAX_TIME_NS)

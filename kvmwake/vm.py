@@ -380,7 +380,9 @@ class VM:
         Every vCPU with a program is inside ``KVM_RUN``; exits go to ``vmm``
         (a ``vmm.Vmm``; it stays the VM's policy for later runs).  The
         default policy re-enters after INTR and ucall SYNC, and leaves a vCPU
-        out after DONE, a shutdown or an error.
+        out after DONE, a shutdown or an error.  If the policy raises, the exit
+        stays pending and the next run offers it again.  From inside a policy:
+        ``KvmError(EBUSY)``.
         """
         self.host._no_policy_reentry("vm.run()")
         if vmm is not None:
@@ -850,7 +852,9 @@ class VCpu:
         meanwhile; one that exits stays outside with its exit held for its
         own ``run()`` (or for ``vm.run``'s policy).  If the vCPU has not
         exited ``timeout_ns`` of virtual time later, it gets a signal (a
-        VMM's watchdog), so the call always ends.
+        VMM's watchdog), so the call always ends: with that exit, or, if the
+        signalled vCPU can never get its host CPU back (another thread holds
+        it and ``sched_slice_ns`` is 0), with ``KvmError(ETIMEDOUT)``.
 
         Returns the ``Exit``.  A signal's exit is ``Exit(INTR)``: the ioctl's
         -EINTR with ``exit_reason = KVM_EXIT_INTR`` (``kvm_handle_signal_exit``).
@@ -858,8 +862,9 @@ class VCpu:
         -EINTR at once and leaves ``exit_reason`` as it was
         (``kvm_arch_vcpu_ioctl_run``), so this raises ``KvmError(errno.EINTR)``
         and ``vcpu.exit_reason`` keeps the previous exit's reason.  An exit
-        already made (held for this vCPU) is returned first, as the kernel
-        returned it before this call.
+        already made (held for this vCPU, or one its VM's policy failed on) is
+        returned first, as the kernel returned it before this call.  From
+        inside a VMM policy: ``KvmError(EBUSY)``.
 
         The host has one clock: while this call waits, every VM on the host runs.
         A vCPU that does not exit (after ``vm.run()``, a vCPU whose program loops
@@ -959,7 +964,11 @@ class VCpu:
         return self.vm._engine.kick(self._g)
 
     def make_request(self, req: int) -> bool:
-        """``kvm_make_request`` + kick, honouring ``KVM_REQUEST_NO_WAKEUP``."""
+        """``kvm_make_request`` + kick, honouring ``KVM_REQUEST_NO_WAKEUP``.
+
+        ``req`` is a request number 0..63 (a bit of the u64 ``vcpu->requests``)
+        with the flag bits 8..10; a number from 64 on is EINVAL.
+        """
         req = check_int("req", req, 0, 0x7FF)
         if req & KVM_REQUEST_MASK >= 64:
             # vcpu->requests is a u64: the kernel's KVM_ARCH_REQ_FLAGS refuses

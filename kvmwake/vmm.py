@@ -11,10 +11,17 @@ Subclass ``Vmm`` and override ``handle_exit(vcpu, ex)``.  It runs between two
 steps of the simulation, with the exiting vCPU outside ``KVM_RUN``; it may
 use every vCPU and VM call (``get_reg``, ``set_reg``, ``set_mp_state``,
 ``irq_line``, ...) and returns True to call ``KVM_RUN`` again for that vCPU
-at once, False to leave it outside.  Whatever a policy does in one call is
-one step: a snapshot never falls inside it.  Keep the policy's own state in
-plain attributes (ints, strs, lists, dicts of those) so it can be saved with
-the VM.
+at once, False to leave it outside.  Keep the policy's own state in plain
+attributes (ints, strs, lists, dicts of those) so it can be saved with the VM.
+
+The exit a policy handles stays pending until ``handle_exit`` returns, as KVM
+leaves ``kvm_run`` filled until the next ``KVM_RUN``: if the policy raises
+(or is interrupted), the next ``vm.run`` offers the same exit again and
+``vcpu.run()`` returns it.  A snapshot taken inside ``handle_exit`` saves the
+exit as pending, so the restored VM offers it to its policy again: take it
+before the policy changes anything for that exit, and the restored VM goes on
+exactly as the original.  A policy may not run the VM: ``host.run``,
+``vm.run`` and ``vcpu.run`` called from inside it raise ``KvmError(EBUSY)``.
 """
 
 from __future__ import annotations

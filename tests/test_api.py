@@ -10,6 +10,7 @@ from kvmwake import guest as g
 from kvmwake.outputs import tracefmt
 from kvmwake.haltpoll import HaltPollParams
 from kvmwake.kernel.replay import replay
+from kvmwake.uapi import Cap
 
 ENGINES = ("core", "reference")
 
@@ -235,3 +236,108 @@ def test_self_wake_is_taken_at_entry_even_with_zero_costs(engine):
     vm.run(1_000)
     assert vm.vcpus[0].thread_state == "BLOCKED"
     assert vm.vcpus[0].stats()["wfi_exit_stat"] == 1
+
+
+# -- constructors and set-up calls that fail change nothing (issue 12 item 11) --------------------
+
+def _busy_host():
+    host = kw.Host(host_cpus=2, seed=3)
+    vm = host.create_vm(2, nr_spis=32)
+    vm.vcpus[0].load([g.loop([g.compute(5_000), g.wfi()])])
+    vm.set_tick(40_000)
+    host.run(100_000)
+    return host, vm
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    (dict(nr_vcpus=1, memory_size=1), ValueError),
+    (dict(nr_vcpus=1, memory_size=1 << 49), ValueError),
+    (dict(nr_vcpus=1, memory_size="4096"), TypeError),
+    (dict(nr_vcpus=1, nr_spis=-1), ValueError),
+    (dict(nr_vcpus=1, nr_spis=989), ValueError),
+    (dict(nr_vcpus=1, nr_spis=1.0), TypeError),
+    (dict(nr_vcpus=0), ValueError),
+    (dict(nr_vcpus=513), kw.KvmError),
+    (dict(nr_vcpus="2"), TypeError),
+    (dict(nr_vcpus=True), TypeError),
+    (dict(nr_vcpus=1, arch="x86"), ValueError),
+    (dict(nr_vcpus=1, arch="riscv"), ValueError),
+    (dict(nr_vcpus=1, host_cpus=2), ValueError),
+    (dict(nr_vcpus=1, costs={}), ValueError),
+])
+def test_a_failed_vm_constructor_leaves_the_host_unchanged(kwargs, exc):
+    host, vm = _busy_host()
+    before = host.snapshot()
+    with pytest.raises(exc):
+        kw.VM(host=host, **kwargs)
+    assert len(host.vms) == 1 and host.snapshot() == before
+    with pytest.raises(exc):
+        host.create_vm(**kwargs) if "host_cpus" not in kwargs and "costs" not in kwargs \
+            else kw.VM(host=host, **kwargs)
+    assert len(host.vms) == 1 and host.snapshot() == before
+    # ... and the host still works: a good VM, a snapshot, a run.
+    host.create_vm(1, nr_spis=1)
+    host.run(200_000)
+    kw.Host.restore(host.snapshot())
+
+
+def test_a_vm_on_something_that_is_not_a_host():
+    with pytest.raises(TypeError, match="kvmwake.Host"):
+        kw.VM(host="not a host")
+
+
+def test_bad_host_arguments_are_named():
+    with pytest.raises(TypeError, match="costs"):
+        kw.Host(costs=[("vm_exit_ns", 1)])
+    with pytest.raises(ValueError, match="unknown engine"):
+        kw.Host(engine="fast")
+
+
+@pytest.mark.parametrize("call,exc", [
+    (lambda vm: vm.vcpus[1].load([g.wake(7)]), kw.ProgramError),
+    (lambda vm: vm.vcpus[1].load([g.irq_enable(40 + 32)]), kw.ProgramError),
+    (lambda vm: vm.vcpus[1].load("nonsense"), kw.ProgramError),
+    (lambda vm: vm.vcpus[0].load([g.end()]), kw.KvmError),           # inside KVM_RUN
+    (lambda vm: vm.add_irq_source(40, period_ns=0), ValueError),
+    (lambda vm: vm.add_irq_source(40, period_ns=10, phase_ns=-1), ValueError),
+    (lambda vm: vm.add_irq_source(40, mean_ns=1 << 51), ValueError),
+    (lambda vm: vm.add_irq_source(40, times_ns=[5, 3]), ValueError),
+    (lambda vm: vm.add_irq_source(40, times_ns=[[1]]), ValueError),
+    (lambda vm: vm.add_irq_source(40, period_ns=10, mean_ns=10), ValueError),
+    (lambda vm: vm.add_irq_source(64 + 32, period_ns=10), kw.KvmError),
+    (lambda vm: vm.add_irq_source(20, period_ns=10), kw.KvmError),
+    (lambda vm: vm.add_msi_source(0, 40, period_ns=10), kw.KvmError),
+    (lambda vm: vm.set_tick(-1), ValueError),
+    (lambda vm: vm.set_tick((1 << 62) + 1), ValueError),
+    (lambda vm: vm.set_tick(1.5), TypeError),
+    (lambda vm: vm.enable_cap(Cap.HALT_POLL, 1 << 32), kw.KvmError),
+    (lambda vm: vm.enable_cap(Cap.HALT_POLL, 10, flags=1), kw.KvmError),
+    (lambda vm: vm.enable_cap(12345), kw.KvmError),
+    (lambda vm: vm.enable_cap(Cap.ARM_SYSTEM_SUSPEND, flags=2), kw.KvmError),
+    (lambda vm: vm.vcpus[0].make_request(64), kw.KvmError),
+    (lambda vm: vm.vcpus[0].make_request(0x100 | 255), kw.KvmError),
+    (lambda vm: vm.vcpus[0].make_request(0x800), ValueError),
+])
+def test_failed_set_up_calls_leave_the_host_unchanged(call, exc):
+    host, vm = _busy_host()
+    before = host.snapshot()
+    with pytest.raises(exc):
+        call(vm)
+    assert host.snapshot() == before
+
+
+def test_make_request_of_a_high_bit_does_not_unblock():
+    """Request 34 is bit 34 of the u64 vcpu->requests, not KVM_REQ_UNBLOCK (bit 2)."""
+    for engine in ("core", "reference"):
+        vm = kw.VM(nr_vcpus=1, engine=engine)
+        vm.host.halt_poll_ns = 0
+        vm.vcpus[0].load([g.wfi(), g.sync(1), g.end()])
+        vm.host.run(10_000)
+        assert vm.vcpus[0].thread_state == "BLOCKED"
+        vm.vcpus[0].make_request(34)
+        vm.host.run(20_000)
+        assert vm.vcpus[0].thread_state == "BLOCKED", engine
+        assert vm._engine.thread_info(vm.vcpus[0]._g)["requests"] == 1 << 34
+        with pytest.raises(kw.KvmError) as ei:
+            vm.vcpus[0].make_request(64)
+        assert ei.value.errno == errno.EINVAL and "request number 64" in str(ei.value)

@@ -792,3 +792,97 @@ def test_interrupt_corner_cases_agree(name):
         assert wakeups == [(60_000, 40_000)]
     if name == "masked-hlt-loop":
         assert core[1]["stats"][0][3] == 1 and core[1]["halts"] == 0
+
+
+# ---------------------------------------------------------------- integer widths (issue 12 item 9)
+
+def _both(arch, programs, setup=None, n_vcpus=None, costs=None, host_cpus=1):
+    """Both engines with one VM running ``programs``; ``setup(e)`` before the start."""
+    out = {}
+    for name, cls in ENGINES.items():
+        e = cls(arch, host_cpus, 3, costs=costs)
+        e.add_vm(n_vcpus or len(programs))
+        for g, items in enumerate(programs):
+            e.load_program(g, G.Program(items).ops)
+        if setup:
+            setup(e)
+        out[name] = e
+    return out
+
+
+def _state(e, n):
+    return {"now": e.now, "events": e.events, "halts": e.halts,
+            "exits": [(g, e.take_exit(g)) for g in e.pending_exits()],
+            "threads": [e.thread_info(g) for g in range(n)],
+            "stats": e.stats_array().tolist(), "trace": e.trace_list()}
+
+
+def test_pc_into_a_loop_body_whose_loop_never_ran():
+    """The counter of a loop whose LOOP op never ran is 0: ENDLOOP takes it to 2^32 - 1
+    in both engines (a u32, as the core holds it), so the loop goes on."""
+    prog = [G.loop([G.compute(1_000), G.sync(7)], count=3), G.end()]
+    engines = _both("arm64", [prog],
+                    setup=lambda e: (e.set_reg(0, 4, MEM_BASE["arm64"] + 4 * 1),
+                                     e.start_vcpu(0)))
+    seen = {}
+    for name, e in engines.items():
+        syncs = 0
+        while syncs < 5:
+            assert e.run_until_exit(10_000_000) == 0
+            rec = e.take_exit(0)
+            assert rec["ucall"] == 1 and rec["value"] == 7, (name, rec)   # SYNC, never DONE
+            syncs += 1
+            e.start_vcpu(0)
+        seen[name] = _state(e, 1)
+    assert seen["core"] == seen["reference"]
+
+
+def test_guest_time_of_a_segment_saturates_at_2_62():
+    """Nine computes of 2^61 ns in one segment sum past 2^64: both engines saturate the
+    segment's guest time at 2^62 ns (the core's u64 sum used to wrap)."""
+    prog = [G.compute(MAX_DURATION_NS)] * 9 + [G.sync(1), G.end()]
+    engines = _both("arm64", [prog], setup=lambda e: e.start_vcpu(0))
+    seen = {}
+    for name, e in engines.items():
+        assert e.run_until_exit(1 << 62) == -1, name          # not out before 2^62
+        assert e.run_until_exit((1 << 62) + 10_000) == 0, name
+        seen[name] = _state(e, 1)
+        assert seen[name]["exits"][0][1]["time"] == (1 << 62) + e.costs["vm_entry_ns"] \
+            + e.costs["vm_exit_ns"]
+    assert seen["core"] == seen["reference"]
+
+
+def test_exp_computes_saturate_alike():
+    """Exponential draws of a huge mean are each capped at 2^62; their sum is too."""
+    prog = [G.loop([G.compute_exp(MAX_DURATION_NS)] * 6 + [G.sync_reg(0)], count=3), G.end()]
+    engines = _both("x86", [prog], setup=lambda e: e.start_vcpu(0))
+    seen = {}
+    for name, e in engines.items():
+        e.run(1 << 62)
+        seen[name] = _state(e, 1)
+    assert seen["core"] == seen["reference"]
+
+
+@pytest.mark.parametrize("flags", [0, KVM_REQUEST_NO_WAKEUP])
+def test_every_request_bit_agrees(flags):
+    """make_request of every request number 0..63 on a blocked vCPU: only UNBLOCK (2)
+    ends the halt; the bit lands in vcpu->requests (a u64) in both engines."""
+    for nr in range(64):
+        engines = _both("arm64", [[G.loop([G.wfi()])]],
+                        costs={"sched_slice_ns": 0},
+                        setup=lambda e: e.start_vcpu(0))
+        seen = {}
+        for name, e in engines.items():
+            e.halt_poll_ns = 0
+            e.run(50_000)
+            assert e.thread_info(0)["state"] == 3             # BLOCKED
+            e.make_request(0, nr | flags)
+            info = e.thread_info(0)
+            assert info["requests"] == 1 << nr, (name, nr)
+            e.run(100_000)
+            seen[name] = _state(e, 1)
+        assert seen["core"] == seen["reference"], nr
+        stats = seen["core"]["stats"][0]
+        assert stats[3] == (0 if flags else 1), nr             # halt_wakeup: the kick
+        # Only KVM_REQ_UNBLOCK ends the halt (kvm_vcpu_check_block): a second WFI exit.
+        assert stats[104] == (2 if nr == Request.UNBLOCK and not flags else 1), nr

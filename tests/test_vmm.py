@@ -3,6 +3,8 @@ DEN0022D.b 5.19 on top of KVM's bare SUSPEND exit, DenyAllVmm, shutdown, reset, 
 the default policy (spec sections 1.1, 4, 6.4 "What a conforming VMM does").
 """
 
+import errno
+
 import pytest
 
 import kvmwake as kw
@@ -373,3 +375,137 @@ def test_resume_latency_includes_the_scheduler_wakeup(engine):
     assert t_w == 500_000 + COST_DEFAULTS["wake_to_run_ns"]
     assert vmm.resume_latency_ns == [t_w - t_s]
     assert vmm.syncs(0) == [9]
+
+
+# -- policies that fail, re-enter or snapshot (issue 12 item 10) -----------------------------------
+
+class Failing(Vmm):
+    """The default policy, logging each exit it handles; raises ``exc`` once, on the
+    ``at``-th exit offered."""
+
+    def __init__(self, at=None, exc=None):
+        self.log = []
+        self.offered = 0
+        self.at = at
+        self.exc = exc
+
+    def handle_exit(self, vcpu, ex):
+        self.offered += 1
+        if self.offered == self.at:
+            self.failed_on = (vcpu.id, ex.time_ns)
+            raise self.exc
+        self.log.append((vcpu.id, int(ex.reason), ex.ucall, ex.value, ex.time_ns))
+        return super().handle_exit(vcpu, ex)
+
+
+def sync_vm(engine):
+    vm = kw.VM(nr_vcpus=2, host_cpus=1, engine=engine, seed=4)
+    for i in range(2):
+        vm.vcpus[i].load([g.loop([g.compute_exp(20_000), g.sync(10 + i), g.wfi()], count=6),
+                          g.end()])
+    vm.set_tick(50_000)
+    return vm
+
+
+def outcome(vm):
+    return (vm.vmm.log, vm.exits, vm.stats_array().tolist(), vm.trace_records().tolist(),
+            vm.host.now, vm.host.events)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("policy bug"), KeyboardInterrupt()])
+def test_a_failing_policy_leaves_the_exit_pending(engine, exc):
+    ref = sync_vm(engine)
+    ref.run(2_000_000, vmm=Failing())
+    vm = sync_vm(engine)
+    pol = Failing(at=3, exc=exc)
+    with pytest.raises(type(exc)):
+        vm.run(2_000_000, vmm=pol)
+    assert len(pol.log) == 2 and vm.exits == 2
+    t = vm.host.now
+    # The exit is still there, as kvm_run stays filled: the next run offers it again.
+    vm.run(2_000_000)
+    assert vm.host.now == 2_000_000 and t < 2_000_000
+    assert outcome(vm) == outcome(ref)
+    assert len(pol.log) == 2 * 7                      # 6 SYNCs and DONE per vCPU: none lost
+
+
+def test_vcpu_run_returns_the_exit_a_policy_failed_on(engine):
+    vm = sync_vm(engine)
+    pol = Failing(at=1, exc=RuntimeError("policy bug"))
+    with pytest.raises(RuntimeError):
+        vm.run(2_000_000, vmm=pol)
+    vid, t = pol.failed_on
+    ex = vm.vcpus[vid].run()
+    assert ex.reason == ExitReason.MMIO and ex.ucall == "SYNC" and ex.value == 10 + vid
+    assert ex.time_ns == t                         # that very exit, not a later one
+
+
+class Reentering(Vmm):
+    """Tries KVM_RUN from inside the policy, each way, and logs what it got."""
+
+    def __init__(self):
+        self.errors = []
+
+    def handle_exit(self, vcpu, ex):
+        for call_ in (lambda: vcpu.vm.host.run(vcpu.vm.host.now + 1000),
+                      lambda: vcpu.vm.run(vcpu.vm.host.now + 1000),
+                      lambda: vcpu.run(),
+                      lambda: vcpu.vm.vcpus[1 - vcpu.id].run()):
+            try:
+                call_()
+            except kw.KvmError as err:
+                self.errors.append((err.errno, err.message))
+            else:
+                self.errors.append(None)
+        return super().handle_exit(vcpu, ex)
+
+
+def test_run_from_inside_a_policy_is_ebusy(engine):
+    ref = sync_vm(engine)
+    ref.run(1_000_000)
+    vm = sync_vm(engine)
+    pol = Reentering()
+    vm.run(1_000_000, vmm=pol)
+    assert pol.errors and all(e is not None and e[0] == errno.EBUSY for e in pol.errors)
+    assert "inside a VMM policy" in pol.errors[0][1]
+    assert {e[1].split(" called")[0] for e in pol.errors} == \
+        {"host.run()", "vm.run()", "vcpu.run()"}
+    # Nothing ran under the policy's feet.
+    assert vm.stats_array().tolist() == ref.stats_array().tolist()
+    assert vm.exits == ref.exits and vm.host.events == ref.host.events
+
+
+SNAPS = []
+
+
+class Snapshotting(Vmm):
+    """Takes a host snapshot first thing in its ``at``-th call (once per test)."""
+
+    def __init__(self, at=0):
+        self.calls = 0
+        self.at = at
+
+    def handle_exit(self, vcpu, ex):
+        if self.calls == self.at and not SNAPS:
+            SNAPS.append(vcpu.vm.host.snapshot())
+        self.calls += 1
+        return super().handle_exit(vcpu, ex)
+
+
+@pytest.mark.parametrize("at", [0, 3, 7])
+def test_snapshot_inside_handle_exit_continues_identically(engine, at):
+    if engine != "core":
+        pytest.skip("snapshots need the core engine")
+    SNAPS.clear()
+    vm = sync_vm(engine)
+    vm.run(2_000_000, vmm=Snapshotting(at))
+    assert len(SNAPS) == 1
+    classes = {f"{__name__}:Snapshotting": Snapshotting}
+    restored = kw.Host.restore(SNAPS[0], vmm_classes=classes)
+    rvm = restored.vms[0]
+    assert any(v._held is not None for v in rvm.vcpus)       # the exit being handled
+    rvm.run(2_000_000)
+    assert rvm.vmm.calls == vm.vmm.calls and rvm.exits == vm.exits
+    assert rvm.stats_array().tolist() == vm.stats_array().tolist()
+    assert rvm.trace_records().tolist() == vm.trace_records().tolist()
+    assert restored.snapshot() == vm.host.snapshot()
