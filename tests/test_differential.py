@@ -26,6 +26,7 @@ from kvmwake.model import (ARCHES, COST_NAMES, KVM_REQUEST_NO_ACTION, KVM_REQUES
                            KVM_REQUEST_WAIT, MAX_LOOP_DEPTH, MAX_NR_SPIS, MEM_BASE, Op, Request,
                            SourceKind, mpidr_of)
 from kvmwake.reference import EngineError
+from kvmwake.uapi import PsciFn
 
 ENGINES = {"core": _core.Engine, "reference": reference.Engine}
 #: Examples of the main property: a few hundred by default; the long campaign
@@ -36,6 +37,8 @@ U64_MAX = (1 << 64) - 1
 #: Boundary durations: the largest a program may hold, and sums of them that pass
 #: 2^62 and 2^64 within one segment.
 BIG_NS = (MAX_DURATION_NS, MAX_DURATION_NS - 1, 1 << 60, (1 << 50) + 1)
+#: PSCI function IDs for x0 (32- and 64-bit calling conventions, KVM's 0.1 IDs).
+PSCI_FNS = tuple(int(f) for f in PsciFn) + (0x95C1BA5F, 0x95C1BA60, 0x80000000)
 ZERO_COSTS = dict.fromkeys(COST_NAMES, 0)
 #: Scenarios with more events than this (on the core) are skipped.
 EVENT_BUDGET = 30_000
@@ -85,6 +88,7 @@ class Scenario:
     sources: list = field(default_factory=list)
     setup: list = field(default_factory=list)    # interventions made before anything runs
     pcs: list = field(default_factory=list)      # set_pc / set_reg made before the start
+    suspend_caps: list = field(default_factory=list)   # VMs with KVM_CAP_ARM_SYSTEM_SUSPEND
 
     @property
     def n_threads(self):
@@ -171,6 +175,8 @@ def guest_op(draw, arch, nr_vcpus, nr_spis, irq_weight):
         kinds += ["wake_random_other", "wake_random_other"]
     kinds += IRQ_KINDS[arch] * irq_weight
     kinds += ["set_reg", "sync"]
+    if arch == "arm64":
+        kinds += ["hvc"]
     if draw(st.integers(0, 15)) == 15:
         kinds = ["end"]
     kind = draw(st.sampled_from(kinds))
@@ -190,7 +196,13 @@ def guest_op(draw, arch, nr_vcpus, nr_spis, irq_weight):
     if kind == "set_reg":
         return G.set_reg(draw(st.integers(0, 3)),
                          draw(st.one_of(st.sampled_from([0, 1, U32_MAX, U32_MAX + 1, U64_MAX]),
+                                        st.sampled_from(PSCI_FNS),
+                                        st.builds(mpidr_of, st.integers(0, nr_vcpus)),
                                         st.integers(0, U64_MAX))))
+    if kind == "hvc":
+        # An SMCCC call with x0..x3 as the program left them (PSCI IDs among the
+        # values set_reg writes).
+        return G.hvc()
     if kind == "sync":
         return (G.sync(draw(st.sampled_from([0, U64_MAX]))) if draw(st.booleans())
                 else G.sync_reg(draw(st.integers(0, 3))))
@@ -244,7 +256,7 @@ def _takes_time(items):
         if isinstance(it, G._Loop):
             if _takes_time(it.body):
                 return True
-        elif it.code in (Op.WFI, Op.SYNC) or (it.code == Op.COMPUTE and it.p0 > 0):
+        elif it.code in (Op.WFI, Op.SYNC, Op.HVC) or (it.code == Op.COMPUTE and it.p0 > 0):
             return True
     return False
 
@@ -465,6 +477,7 @@ def scenarios(draw):
         sources=sources,
         setup=setup,
         pcs=pcs,
+        suspend_caps=[vm for vm in range(n_vms) if arch == "arm64" and draw(st.booleans())],
     )
 
 
@@ -483,6 +496,8 @@ def build(engine_cls, sc: Scenario):
     for vm, cap in enumerate(sc.caps):
         if cap is not None:
             e.set_vm_halt_poll(vm, cap)
+    for vm in sc.suspend_caps:
+        e.enable_system_suspend(vm)
     for vm, period in enumerate(sc.ticks):
         if period:
             e.set_tick(vm, period)
