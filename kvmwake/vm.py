@@ -908,7 +908,7 @@ class VCpu:
                             RuntimeWarning, stacklevel=2)
                 elif host.now - signalled_at >= self._signal_grace(timeout_ns):
                     raise KvmError(errno.ETIMEDOUT, self._stuck_message(signalled_at))
-                deadline = host.now + timeout_ns
+                deadline = min(host.now + timeout_ns, (1 << 64) - 1)
                 continue
             host._collect_exits()
             if self._held is not None:
@@ -926,7 +926,8 @@ class VCpu:
                     + costs["wake_to_run_ns"] + costs["vm_exit_ns"] + costs["vm_entry_ns"])
         host = self.vm.host
         sharing = -(-host._nthreads // host.host_cpus)
-        return self.SIGNAL_GRACE_ROUNDS * max(timeout_ns, sharing * per_turn)
+        # (At most 2^60 ns, so that the clock cannot run past 2^64 meanwhile.)
+        return min(self.SIGNAL_GRACE_ROUNDS * max(timeout_ns, sharing * per_turn), 1 << 60)
 
     def _stuck_message(self, signalled_at: int) -> str:
         info = self.vm._engine.thread_info(self._g)

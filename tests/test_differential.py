@@ -127,13 +127,17 @@ costs_st = st.fixed_dictionaries({
 
 
 # Mostly values that let vCPUs poll and adapt; any value in range otherwise.
+# ... and, now and then, the edges of their unsigned int: a grow that wraps the u32
+# multiply, a poll window of 4.29 s.
+_U32_EDGES = st.sampled_from([(1 << 32) - 1, 1 << 31, 65_537])
 params_st = st.fixed_dictionaries({
     "halt_poll_ns": st.one_of(st.sampled_from([500_000, 200_000, 600_000]),
-                              st.integers(0, PARAM_MAX["halt_poll_ns"])),
-    "halt_poll_ns_grow": st.sampled_from([2, 2, 0, 1, 3, 4]),
+                              st.integers(0, PARAM_MAX["halt_poll_ns"]), _U32_EDGES),
+    "halt_poll_ns_grow": st.one_of(st.sampled_from([2, 2, 0, 1, 3, 4]), _U32_EDGES),
     "halt_poll_ns_grow_start": st.one_of(st.sampled_from([10_000, 1_000]),
-                                         st.integers(0, PARAM_MAX["halt_poll_ns_grow_start"])),
-    "halt_poll_ns_shrink": st.sampled_from([2, 0, 1, 3, 4]),
+                                         st.integers(0, PARAM_MAX["halt_poll_ns_grow_start"]),
+                                         _U32_EDGES),
+    "halt_poll_ns_shrink": st.one_of(st.sampled_from([2, 0, 1, 3, 4]), _U32_EDGES),
 })
 
 #: Interrupt ops per arch (the GIC and timer ops exist on arm64 only).
@@ -389,7 +393,7 @@ def intervention(draw, arch, vm_sizes, nr_spis, end_ns):
         return draw(reg_write(n_threads, kind))
     if kind == "param":
         name = draw(st.sampled_from(PARAMS))
-        return ("param", name, draw(st.integers(0, PARAM_MAX[name])))
+        return ("param", name, draw(st.one_of(st.integers(0, PARAM_MAX[name]), _U32_EDGES)))
     if kind == "cap":
         # lower the VM's current ceiling to pct % of it
         return ("cap", draw(st.integers(0, n_vms - 1)), draw(st.integers(0, 100)))
@@ -466,7 +470,8 @@ def scenarios(draw):
         trace_capacity=draw(st.sampled_from([0, 1, 7, 64, 1 << 20])),
         params=draw(params_st),
         vm_sizes=vm_sizes,
-        caps=[draw(st.one_of(st.none(), st.integers(0, 600_000))) for _ in vm_sizes],
+        caps=[draw(st.one_of(st.none(), st.integers(0, 600_000), st.just(U32_MAX)))
+              for _ in vm_sizes],
         ticks=[0 if draw(st.booleans()) else draw(st.integers(5_000, 400_000))
                for _ in vm_sizes],
         programs=programs,
