@@ -612,3 +612,20 @@ def test_run_gives_up_on_a_vcpu_that_cannot_get_its_cpu(engine):
         vm.vcpus[1].run(timeout_ns=1_000_000)
     assert ei.value.errno == errno.ETIMEDOUT
     assert "sched_slice_ns = 0" in str(ei.value) and "RUNNABLE" in str(ei.value)
+
+
+def test_power_off_during_an_interrupt_handler_sleeps_when_it_ends(engine):
+    """KVM_REQ_SLEEP's kick in a handler: KVM_RUN's loop puts the vCPU to sleep once
+    the handler is done, instead of letting the guest compute on."""
+    e = _engine_cls(engine)("arm64", 1, 0)
+    e.add_vm(1)
+    e.load_program(0, g.Program([g.set_handler(50_000), g.timer_arm(10_000),
+                                 g.loop([g.compute(1000)])]).ops)
+    e.start_vcpu(0)
+    e.run(30_000)
+    e.set_mp_state(0, MpState.STOPPED)
+    e.run(100_000)
+    assert e.thread_info(0)["state"] == 3                 # BLOCKED in kvm_vcpu_sleep
+    events = e.events
+    e.run(1_000_000)
+    assert e.events == events                             # and no guest runs meanwhile
