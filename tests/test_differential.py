@@ -7,6 +7,14 @@ one on both engines; every observable must be identical: stats, trace,
 latency histogram, counters, clock, per-thread state, and the interrupt
 controller and timer state of every vCPU.  Splitting a run must not change its
 outcome.
+
+The strategies reach the edges of every integer the engines hold: durations of
+2^61 ns and sums of them past 2^62 and 2^64 in one segment, loop counts of
+2^32 - 1, timer periods of 2^32 - 1, u64 register values, PSCI calls, PCs set
+into loop bodies whose LOOP op never ran, every request number 0..63 with its
+flags, and module parameters at the edges of their unsigned int.  The default
+run is a few hundred examples; ``KVMWAKE_DIFF_EXAMPLES=N`` (or
+``tools/diff_campaign.py``) runs a long campaign.
 """
 
 from __future__ import annotations
