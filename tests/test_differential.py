@@ -34,7 +34,8 @@ from kvmwake.model import (ARCHES, COST_NAMES, KVM_REQUEST_NO_ACTION, KVM_REQUES
                            KVM_REQUEST_WAIT, MAX_LOOP_DEPTH, MAX_NR_SPIS, MEM_BASE, Op, Request,
                            SourceKind, mpidr_of)
 from kvmwake.reference import EngineError
-from kvmwake.uapi import PsciFn
+from kvmwake.uapi import KvmReg, PsciFn
+from kvmwake.vm import _CORE_INDEX
 
 ENGINES = {"core": _core.Engine, "reference": reference.Engine}
 #: Examples of the main property: a few hundred by default; the long campaign
@@ -45,6 +46,8 @@ U64_MAX = (1 << 64) - 1
 #: Boundary durations: the largest a program may hold, and sums of them that pass
 #: 2^62 and 2^64 within one segment.
 BIG_NS = (MAX_DURATION_NS, MAX_DURATION_NS - 1, 1 << 60, (1 << 50) + 1)
+#: The engines' index of the PC among the core registers (x0-x30, SP, PC, PSTATE).
+PC_INDEX = _CORE_INDEX[KvmReg.PC]
 #: PSCI function IDs for x0 (32- and 64-bit calling conventions, KVM's 0.1 IDs).
 PSCI_FNS = tuple(int(f) for f in PsciFn) + (0x95C1BA5F, 0x95C1BA60, 0x80000000)
 ZERO_COSTS = dict.fromkeys(COST_NAMES, 0)
@@ -546,7 +549,7 @@ def apply(e, sc: Scenario, book: dict, act):
         else:
             where, v = act[2]
             base = MEM_BASE[sc.arch]
-            e.set_reg(act[1], 4, base + 4 * v if where == "op" else v)
+            e.set_reg(act[1], PC_INDEX, base + 4 * v if where == "op" else v)
     elif kind == "kick":
         e.kick(act[1])
     elif kind == "raise":
@@ -850,7 +853,7 @@ def test_pc_into_a_loop_body_whose_loop_never_ran():
     in both engines (a u32, as the core holds it), so the loop goes on."""
     prog = [G.loop([G.compute(1_000), G.sync(7)], count=3), G.end()]
     engines = _both("arm64", [prog],
-                    setup=lambda e: (e.set_reg(0, 4, MEM_BASE["arm64"] + 4 * 1),
+                    setup=lambda e: (e.set_reg(0, PC_INDEX, MEM_BASE["arm64"] + 4 * 1),
                                      e.start_vcpu(0)))
     seen = {}
     for name, e in engines.items():
