@@ -11,7 +11,8 @@ Runs the property in chunks of ``--chunk`` examples, chunk i with Hypothesis
 seed ``seed + i`` (so a campaign is reproducible), each in its own pytest
 process; prints each chunk's counts and the total, and stops at the first
 divergence (pytest's output then shows the falsifying example).  Exit status 0
-when every example agreed.
+when every example agreed, 1 on a divergence or error, 2 when a chunk's pytest
+was killed from outside.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def main(argv=None) -> int:
         print(f"chunk {i} (seed {args.seed + i}): {passing} agreed, {failing} diverged, "
               f"{invalid} skipped (over the event budget) [{time.monotonic() - t0:.0f} s]",
               flush=True)
+        if rc < 0:
+            # Killed from outside (a signal): no verdict on this chunk's examples.
+            print(f"chunk {i}: pytest was killed by signal {-rc}; stopping after {total} "
+                  "agreeing examples (no divergence seen)", flush=True)
+            return 2
         if rc != 0 or failing or passing == 0:
             print(out)
             print(f"DIVERGENCE (or error) after {total} agreeing examples", flush=True)
