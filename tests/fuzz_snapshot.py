@@ -69,9 +69,9 @@ THREAD_DTYPE = np.dtype(
                           "rng_inc", "stall_t")]
     + [("regs", "<u8", (31,))]
     + [(n, "<u8") for n in ("sp", "pstate", "pc_raw", "reset_pc", "reset_r0", "exit_data0",
-                            "exit_value", "exit_time")]
+                            "exit_value", "exit_time", "requests")]
     + [(n, "<u4") for n in ("exit_reason", "exit_type", "exit_ndata", "exit_ucall", "gen",
-                            "run_gen", "halt_poll_ns", "requests", "prog", "pc", "vm",
+                            "run_gen", "halt_poll_ns", "prog", "pc", "vm",
                             "vcpu_id", "pcpu", "prog_n")]
     + [("rq_next", "<i4"), ("stall_n", "<u4"), ("loops", "<u4", (4,))]
     + [(n, "u1") for n in ("state", "resume", "cont", "slice_armed", "do_poll", "has_prog",
