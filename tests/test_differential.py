@@ -556,6 +556,10 @@ def apply(e, sc: Scenario, book: dict, act):
         e.raise_pending(act[1])
     elif kind == "start":
         if sc.programs[act[1]] is not None:
+            # KVM_RUN again, as VCpu.run does it: the thread's last exit is taken
+            # (kvm_run is refilled) before it re-enters.
+            if act[1] in e.pending_exits():
+                e.take_exit(act[1])
             e.start_vcpu(act[1])
     elif kind == "param":
         setattr(e, act[1], act[2])
