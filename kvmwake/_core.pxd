@@ -2,7 +2,7 @@
 # numpy structured dtype with align=True has the same layout (see
 # kvmwake/_layout.py and tests/test_core_mirrors.py).
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 
 
 cdef extern from *:
@@ -27,6 +27,12 @@ ctypedef struct thread_t:
     uint64_t rng_state
     uint64_t rng_inc
     uint64_t stall_t
+    # EEVDF (kernel/sched/fair.c, struct sched_entity; nice 0, so weights cancel).
+    int64_t vruntime          # se->vruntime
+    int64_t deadline          # se->deadline (virtual)
+    int64_t vlag              # se->vlag, meaningful while not on its run queue
+    int64_t vprot             # se->vprot (RUN_TO_PARITY), meaningful while current
+    uint64_t exec_start       # se->exec_start
     uint64_t regs[31]         # x0..x30 (struct user_pt_regs.regs)
     uint64_t sp               # SP_EL0 (user_pt_regs.sp)
     uint64_t pstate           # PSTATE but its I bit, which is virq_t.masked
@@ -64,7 +70,9 @@ ctypedef struct thread_t:
     uint8_t sig_pending
     uint8_t reset_pending
     uint8_t halt_kind         # HALT_*
-    uint8_t _pad[7]
+    uint8_t on_rq             # EEVDF: se->on_rq (current, waiting, or delayed)
+    uint8_t sched_delayed     # EEVDF: se->sched_delayed (DELAY_DEQUEUE)
+    uint8_t _pad[5]
 
 
 ctypedef struct vm_t:
@@ -141,10 +149,16 @@ ctypedef struct source_t:
 
 
 ctypedef struct cpu_t:
-    int32_t cur
-    int32_t rq_head
+    # EEVDF (struct cfs_rq): sum_v = sum of (v - zero_v) over the queued entities,
+    # the current one included (all nice 0); zero_v is the offset (zero_vruntime).
+    int64_t zero_v
+    int64_t sum_v
+    int32_t cur               # the thread that has the CPU (or is switching in), or -1
+    int32_t rq_head           # the waiting threads (EEVDF: the tree, delayed included)
     int32_t rq_tail
     uint32_t rq_len
+    uint8_t need_resched      # EEVDF: TIF_NEED_RESCHED set while the current switches in
+    uint8_t _pad[7]
 
 
 ctypedef struct event_t:
@@ -245,3 +259,6 @@ ctypedef struct engine_t:
     uint64_t tlcount
     uint64_t tldropped
     uint64_t tlt0             # time of the newest dropped record (window start)
+    uint64_t base_slice       # EEVDF: sysctl_sched_base_slice
+    uint32_t sched            # the host scheduler: SCHED_POLICY_FIFO or SCHED_POLICY_EEVDF
+    uint32_t _pad_sched

@@ -267,6 +267,12 @@ cdef enum:
     KW_ERR_STORM = 3
     KW_ERR_SEQ = 4            # the event sequence numbers ran out (KW_MAX_SEQ)
 
+# The host scheduler (kvmwake.model.SCHEDULERS, in order); HZ=250's tick.
+cdef enum:
+    SCHED_POLICY_FIFO = 0
+    SCHED_POLICY_EEVDF = 1
+    SCHED_TICK_NSEC = 4000000
+
 include "core/rng.pxi"
 include "core/queue.pxi"
 include "core/host.pxi"
@@ -409,7 +415,8 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
 cdef class Engine:
     """The Cython engine.
 
-    Engine(arch, host_cpus, seed, costs=None, trace_capacity=1 << 20)
+    Engine(arch, host_cpus, seed, costs=None, trace_capacity=1 << 20,
+           timeline_capacity=0, scheduler="fifo")
 
     A low-level object: ``kvmwake.Host`` and ``kvmwake.VM`` are the public
     API and validate every argument before it gets here.  The interface is
@@ -438,8 +445,14 @@ cdef class Engine:
         memset(&self.e, 0, sizeof(engine_t))
 
     def __init__(self, str arch, uint32_t host_cpus, seed, costs=None,
-                 uint64_t trace_capacity=1 << 20, uint64_t timeline_capacity=0):
+                 uint64_t trace_capacity=1 << 20, uint64_t timeline_capacity=0,
+                 str scheduler="fifo"):
         cdef dict c = dict(_COST_DEFAULTS)
+        if scheduler not in _model.SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r} "
+                             f"(choose from {', '.join(_model.SCHEDULERS)})")
+        self.e.sched = _model.SCHEDULERS.index(scheduler)
+        self.e.base_slice = _model.sched_base_slice(host_cpus)
         if costs:
             c.update(costs)
         self.arch = arch
@@ -1033,6 +1046,48 @@ cdef class Engine:
                 "runnable": bool(runnable(&self.e, g)), "mp_state": th.mp_state,
                 "sig_pending": bool(th.sig_pending), "exit_reason": th.exit_reason}
 
+    @property
+    def scheduler(self):
+        """The host scheduler's name (``kvmwake.model.SCHEDULERS``)."""
+        return _model.SCHEDULERS[self.e.sched]
+
+    @property
+    def base_slice(self):
+        """EEVDF's sysctl_sched_base_slice, ns."""
+        return self.e.base_slice
+
+    def sched_state(self):
+        """The scheduler's state: per thread (vruntime, deadline, vlag, vprot,
+        exec_start, on_rq, sched_delayed) and per host CPU (current thread,
+        run-queue list in order, nr_running, V)."""
+        cdef uint32_t g, c
+        cdef thread_t* th
+        cdef cpu_t* cpu
+        cdef int32_t x
+        cdef int64_t n, s
+        threads = []
+        for g in range(self.e.nth):
+            th = &self.e.th[g]
+            threads.append({"vruntime": th.vruntime, "deadline": th.deadline,
+                            "vlag": th.vlag, "vprot": th.vprot,
+                            "exec_start": th.exec_start, "on_rq": bool(th.on_rq),
+                            "sched_delayed": bool(th.sched_delayed)})
+        cpus = []
+        for c in range(self.e.ncpu):
+            cpu = &self.e.cpus[c]
+            queue = []
+            x = cpu.rq_head
+            while x >= 0:
+                queue.append(x)
+                x = self.e.th[x].rq_next
+            n = nr_queued(cpu)
+            s = cpu.sum_v
+            if n and s < 0:
+                s -= n - 1
+            cpus.append({"cur": cpu.cur, "queue": queue, "nr_running": n,
+                         "V": cpu.zero_v + (s / n if n else 0)})
+        return {"threads": threads, "cpus": cpus}
+
     def irq_state(self, uint32_t g, uint32_t intid):
         """What the vGIC (or LAPIC) holds for ``intid`` as seen by thread g."""
         cdef virq_t* q = &self.e.irq[g]
@@ -1084,6 +1139,9 @@ cdef class Engine:
 
     def rehost(self, uint32_t host_cpus):
         """Move the threads onto ``host_cpus`` host CPUs, as a migration would."""
+        if self.e.sched != SCHED_POLICY_FIFO:
+            raise ValueError("restoring onto another host CPU count is only "
+                             "implemented for the fifo scheduler")
         self._guard()
         _engine_rehost(self, host_cpus)
 

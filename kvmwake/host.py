@@ -2,7 +2,9 @@
 
 Several VMs share one host, as on a real server.  vCPU threads are placed on
 host CPUs round-robin by creation order: the g-th vCPU thread created on the
-host (counting over all its VMs) runs on host CPU ``g % host_cpus``.
+host (counting over all its VMs) runs on host CPU ``g % host_cpus``.  Each host
+CPU schedules its threads with the host's scheduler: ``"fifo"`` (FIFO run
+queues, a fixed slice) or ``"eevdf"`` (Linux 6.18's fair class).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from . import haltpoll
 from . import snapshot as _snapshot
 from .errors import KvmError, SnapshotError
 from .exits import from_engine
-from .model import ARCHES, COST_DEFAULTS, DEFAULT_NR_SPIS, MAX_NR_SPIS, MAX_VCPUS
+from .model import (ARCHES, COST_DEFAULTS, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, MAX_NR_SPIS,
+                    MAX_VCPUS, SCHEDULERS)
 
 ENGINES = ("core", "reference")
 #: Largest host the engines accept.
@@ -43,6 +46,13 @@ def check_int(name: str, value, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ValueError(f"{name} = {value} is out of range {lo}..{hi}")
     return value
+
+
+def check_scheduler(scheduler) -> str:
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r} "
+                         f"(choose from {', '.join(SCHEDULERS)})")
+    return scheduler
 
 
 def check_arch(arch) -> str:
@@ -73,6 +83,14 @@ class Host:
     timeline_capacity : int
         State-timeline records kept (the newest; see ``kvmwake.outputs.timeline``);
         0, the default, turns the timeline off.
+    scheduler : {"fifo", "eevdf"}
+        The host scheduler: ``"fifo"`` (default), FIFO run queues where a
+        running thread is preempted only when its ``sched_slice_ns`` ends; or
+        ``"eevdf"``, Linux 6.18's fair class (kernel/sched/fair.c: virtual
+        runtime, lag, virtual deadlines, wake-up preemption, slice ends at
+        HZ=250 ticks, delayed dequeue), every thread nice 0, with the base
+        slice 0.7 ms x (1 + ilog2(min(host_cpus, 8))) (``sched_slice_ns`` is
+        then unused).
     """
 
     #: The class of the VMs ``create_vm`` and ``restore`` make: ``kvmwake.vm.VM``,
@@ -81,8 +99,10 @@ class Host:
 
     def __init__(self, host_cpus: int = 1, arch: str = "arm64", seed: int = 0,
                  costs: dict | None = None, engine: str = "core",
-                 trace_capacity: int = 1 << 20, timeline_capacity: int = 0):
+                 trace_capacity: int = 1 << 20, timeline_capacity: int = 0,
+                 scheduler: str = DEFAULT_SCHEDULER):
         host_cpus = check_int("host_cpus", host_cpus, 1, MAX_HOST_CPUS)
+        scheduler = check_scheduler(scheduler)
         arch = check_arch(arch)
         seed = check_int("seed", seed, 0, (1 << 64) - 1)
         trace_capacity = check_int("trace_capacity", trace_capacity, 0, 1 << 32)
@@ -101,7 +121,8 @@ class Host:
         self.seed = seed
         self.engine_name = engine
         self._engine = _engine_class(engine)(arch, host_cpus, seed, merged, trace_capacity,
-                                             timeline_capacity)
+                                             timeline_capacity, scheduler)
+        self.scheduler = scheduler
         self.host_cpus = host_cpus
         self.vms: list = []
         self._nthreads = 0
@@ -124,6 +145,12 @@ class Host:
     halt_poll_ns_grow_start = _param("halt_poll_ns_grow_start")
     halt_poll_ns_shrink = _param("halt_poll_ns_shrink")
     del _param
+
+    def sched_state(self) -> dict:
+        """The host scheduler's state: per thread (vruntime, deadline, vlag, vprot,
+        exec_start, on_rq, sched_delayed; EEVDF only) and per host CPU (current
+        thread, run-queue list in order, nr_running, V)."""
+        return self._engine.sched_state()
 
     @property
     def costs(self) -> dict:
@@ -323,7 +350,8 @@ class Host:
 
     def __repr__(self):
         return (f"Host(arch={self.arch!r}, host_cpus={self.host_cpus}, vms={len(self.vms)}, "
-                f"now={self.now} ns, engine={self.engine_name!r})")
+                f"now={self.now} ns, engine={self.engine_name!r}, "
+                f"scheduler={self.scheduler!r})")
 
 
 # -- snapshots: the host's side of kvmwake.snapshot ---------------------------------------------
@@ -337,6 +365,8 @@ def host_to_bytes(host: Host, vm_index: int | None = None, run: dict | None = No
     ``run``: free data about the run, kept in the header)."""
     desc = {"arch": host.arch, "host_cpus": host.host_cpus, "seed": host.seed,
             "costs": host.costs, "engine": host.engine_name}
+    if host.scheduler != "fifo":
+        desc["scheduler"] = host.scheduler      # absent: fifo (older snapshots)
     return _snapshot.encode(host._engine, desc, [vm._snapshot_record() for vm in host.vms],
                             vm_index=vm_index, run=run)
 
@@ -356,7 +386,8 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
     hc = snap.host
     try:
         host = Host(host_cpus=hc["host_cpus"], arch=hc["arch"], seed=hc["seed"],
-                    costs=hc["costs"], engine="core", trace_capacity=snap.scalars["tcap"])
+                    costs=hc["costs"], engine="core", trace_capacity=snap.scalars["tcap"],
+                    scheduler=hc.get("scheduler", "fifo"))
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise SnapshotError(f"snapshot host configuration is invalid: {exc}") from None
     _snapshot.check_host_cpus(snap, host.host_cpus)
@@ -383,6 +414,10 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
     for name, value in module_params.items():
         setattr(host, name, value)
     if host_cpus is not None and host_cpus != host.host_cpus:
+        if host.scheduler != "fifo":
+            raise SnapshotError(f"restoring onto another host CPU count is only "
+                                f"implemented for the fifo scheduler, not "
+                                f"{host.scheduler!r}")
         host._engine.rehost(host_cpus)
         host.host_cpus = host_cpus
     return host, snap.header

@@ -296,6 +296,24 @@ COST_DEFAULTS = {
 }
 COST_NAMES = tuple(COST_DEFAULTS)
 
+# --------------------------------------------------------------------------
+# The host scheduler (kvmwake/core/host.pxi): FIFO run queues with a fixed slice
+# (``sched_slice_ns``), or Linux 6.18's fair class, EEVDF (kernel/sched/fair.c).
+
+SCHEDULERS = ("fifo", "eevdf")
+DEFAULT_SCHEDULER = "fifo"
+#: TICK_NSEC at HZ=250 (the kernel of the recorded machines).
+SCHED_TICK_NSEC = 4_000_000
+#: normalized_sysctl_sched_base_slice (0.70 ms since Linux 6.15).
+SCHED_BASE_SLICE_NS = 700_000
+
+
+def sched_base_slice(ncpus: int) -> int:
+    """sysctl_sched_base_slice on ``ncpus`` online CPUs: update_sysctl() with
+    SCHED_TUNABLESCALING_LOG, 0.70 ms x (1 + ilog2(min(ncpus, 8)))."""
+    return SCHED_BASE_SLICE_NS * (1 + (min(ncpus, 8).bit_length() - 1))
+
+
 #: Default vCPU limit per VM (KVM_MAX_VCPUS with the arch's in-kernel irqchip).
 MAX_VCPUS = {"arm64": 512, "x86": 1024}
 ARCHES = ("arm64", "x86")

@@ -20,9 +20,11 @@ run is a few hundred examples; ``KVMWAKE_DIFF_EXAMPLES=N`` (or
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
+
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -100,6 +102,7 @@ class Scenario:
     setup: list = field(default_factory=list)    # interventions made before anything runs
     pcs: list = field(default_factory=list)      # set_pc / set_reg made before the start
     suspend_caps: list = field(default_factory=list)   # VMs with KVM_CAP_ARM_SYSTEM_SUSPEND
+    scheduler: str = "fifo"     # the host scheduler (kvmwake.model.SCHEDULERS)
 
     @property
     def n_threads(self):
@@ -501,7 +504,7 @@ def scenarios(draw):
 
 def build(engine_cls, sc: Scenario):
     e = engine_cls(sc.arch, sc.host_cpus, sc.seed, costs=sc.costs,
-                   trace_capacity=sc.trace_capacity)
+                   trace_capacity=sc.trace_capacity, scheduler=sc.scheduler)
     for name, value in sc.params.items():
         setattr(e, name, value)
     for vm, nr in enumerate(sc.vm_sizes):
@@ -607,6 +610,7 @@ def snapshot(e, sc: Scenario):
                       for g in range(n_threads)],
         "timer_state": [e.timer_state(g) for g in range(n_threads)],
         "distributor": [e.vm_gic_enabled(vm) for vm in range(len(sc.vm_sizes))],
+        "sched": e.sched_state(),
     }
 
 
@@ -655,6 +659,26 @@ def test_core_and_reference_agree(sc):
     assert_same(play(_core.Engine, sc, interventions=False), direct, "split vs direct")
     if not sc.has_interventions():
         assert_same(ref, direct, "reference split vs core direct")
+
+
+def _eevdf(sc):
+    """The scenario on an EEVDF host, run 4 times as long (ticks are 4 ms apart)."""
+    return dataclasses.replace(sc, scheduler="eevdf", end_ns=sc.end_ns * 4)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.filter_too_much])
+@given(sc=scenarios().map(_eevdf))
+def test_core_and_reference_agree_eevdf(sc):
+    """The EEVDF host scheduler (core/host.pxi, reference/host.py): both engines
+    identical event for event, split runs equal to direct ones."""
+    core = play(_core.Engine, sc)
+    assume(core[1]["events"] <= EVENT_BUDGET)
+    ref = play(reference.Engine, sc)
+    assert_same(core, ref, "core vs reference (eevdf)")
+    direct = play(_core.Engine, sc, split=False)
+    assert_same(play(_core.Engine, sc, interventions=False), direct, "split vs direct (eevdf)")
 
 
 @settings(max_examples=25, deadline=None,

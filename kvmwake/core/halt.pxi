@@ -90,7 +90,7 @@ cdef int halt(engine_t* e, uint32_t g, uint64_t t, uint8_t kind) noexcept nogil:
     if check_block(e, g):
         th.wake_ts = t
         return halt_done(e, g, t, 0, t, 1)
-    if th.do_poll and not e.cpus[th.pcpu].rq_len:
+    if th.do_poll and single_task_running(e, th.pcpu):
         if e.tlcap:
             tl_note(e, th, g, t, TS_POLLING)
         th.state = TS_POLLING

@@ -1,9 +1,19 @@
 # core/host.pxi (twin: kvmwake/reference/host.py).
-# Mirrors: kernel/sched/core.c and fair.c in outline (try_to_wake_up,
-# schedule, a CPU's run queue); today a FIFO run queue with time slices.
+# Mirrors: kernel/sched/core.c (try_to_wake_up, ttwu_runnable, __schedule,
+# single_task_running) and kernel/sched/fair.c of Linux 6.18 (avg_vruntime,
+# vruntime_eligible, update_curr, update_deadline, update_entity_lag,
+# place_entity, requeue_delayed_entity, dequeue_entity with DELAY_DEQUEUE,
+# finish_delayed_dequeue_entity, pick_eevdf, pick_next_task_fair,
+# set_next_entity, check_preempt_wakeup_fair, task_tick_fair).
 #
 # Host CPUs and their run queues: where vCPU threads wait, get a CPU, are
-# preempted.  Each host CPU runs at most one thread; the others queue FIFO.
+# preempted.  Each host CPU runs at most one thread.  Two schedulers, chosen
+# per host (e.sched): FIFO run queues with a fixed time slice
+# (SCHED_POLICY_FIFO), or the fair class as Linux 6.18 runs it, EEVDF
+# (SCHED_POLICY_EEVDF), all threads nice 0 (docs/design.md, "Host CPUs and
+# vCPU threads").  Under EEVDF the run-queue list is the cfs_rq's tree: the
+# waiting threads and the delayed ones, in insertion order (the kernel's
+# tie-break among equal deadlines); the current thread is cpu.cur.
 
 
 cdef void tl_note(engine_t* e, thread_t* th, uint32_t g, uint64_t t,
@@ -69,6 +79,8 @@ cdef int make_runnable(engine_t* e, uint32_t g, uint64_t t, uint64_t delay) noex
     cdef thread_t* th = &e.th[g]
     cdef cpu_t* cpu = &e.cpus[th.pcpu]
     cdef thread_t* cur
+    if e.sched == SCHED_POLICY_EEVDF:
+        return ttwu_fair(e, g, t, delay)
     if cpu.cur < 0:
         cpu.cur = g
         return push_thread(e, th, g, t + delay, EV_RUN)
@@ -85,6 +97,8 @@ cdef int make_runnable(engine_t* e, uint32_t g, uint64_t t, uint64_t delay) noex
 cdef inline int arm_slice(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:
     cdef uint64_t sl = e.costs.sched_slice_ns
     cdef uint64_t at
+    if e.sched == SCHED_POLICY_EEVDF:
+        return arm_tick(e, th, g, t)
     if sl and not th.slice_armed:
         th.slice_armed = 1
         at = th.run_start + sl
@@ -98,6 +112,10 @@ cdef int release_cpu(engine_t* e, thread_t* th, uint64_t t) noexcept nogil:
     cdef int32_t nxt
     th.run_gen += 1
     th.slice_armed = 0
+    if e.sched == SCHED_POLICY_EEVDF:
+        # It sleeps (blocks, exits to userspace): dequeue_entity(DEQUEUE_SLEEP).
+        dequeue_sleep(e, cpu, th, t)
+        return schedule_fair(e, cpu, t, e.costs.context_switch_ns)
     if cpu.rq_len:
         nxt = rq_popleft(e, cpu)
         cpu.cur = nxt
@@ -108,6 +126,13 @@ cdef int release_cpu(engine_t* e, thread_t* th, uint64_t t) noexcept nogil:
 
 cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef thread_t* th = &e.th[g]
+    cdef cpu_t* cpu = &e.cpus[th.pcpu]
+    if e.sched == SCHED_POLICY_EEVDF and cpu.need_resched:
+        # A reschedule was requested while it switched in: __schedule() again.
+        if preempt_fair(e, cpu, g, t):
+            return -1
+        if cpu.cur != <int32_t>g:
+            return 0
     if e.tlcap:
         tl_note(e, th, g, t, TS_RUNNING)
     th.state = TS_RUNNING
@@ -150,13 +175,9 @@ cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     return 0
 
 
-cdef int slice_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
-    cdef thread_t* th = &e.th[g]
+cdef void preempt_segment(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:
+    """A running thread is preempted at t: it keeps the rest of its segment."""
     cdef uint64_t extra
-    th.slice_armed = 0
-    if th.state != TS_RUNNING or not e.cpus[th.pcpu].rq_len:
-        return 0
-    # Preempted: keep the rest of the segment for later.
     th.rem_end = th.seg_end - t
     th.rem_gfrom = (th.seg_gfrom if th.seg_gfrom > t else t) - t
     th.rem_gto = (th.seg_gto if th.seg_gto > t else t) - t
@@ -171,5 +192,335 @@ cdef int slice_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         tl_note(e, th, g, t, TS_RUNNABLE)
     th.state = TS_RUNNABLE
     th.resume = RESUME_SEGMENT
+
+
+cdef int slice_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    cdef thread_t* th = &e.th[g]
+    th.slice_armed = 0
+    if e.sched == SCHED_POLICY_EEVDF:
+        return task_tick_fair(e, g, t)
+    if th.state != TS_RUNNING or not e.cpus[th.pcpu].rq_len:
+        return 0
+    # Preempted: keep the rest of the segment for later.
+    preempt_segment(e, th, g, t)
     rq_append(e, &e.cpus[th.pcpu], g)
     return release_cpu(e, th, t)
+
+
+cdef inline bint single_task_running(engine_t* e, uint32_t c) noexcept nogil:
+    """single_task_running(): rq->nr_running == 1 on the (polling) thread's CPU.
+    Under EEVDF a delayed-dequeue thread is still queued and counts."""
+    return e.cpus[c].rq_len == 0
+
+
+# -- EEVDF: kernel/sched/fair.c of Linux 6.18, every thread nice 0 ------------------------
+# With equal weights (NICE_0_LOAD) calc_delta_fair() is the identity and the
+# weighted sums reduce to plain ones: V = floor(sum v / n), eligible(v) iff
+# sum v >= n v, lag scaling (n + 1) / n.  All slices are the base slice, so
+# set_protect_slice() sets vprot = deadline and PREEMPT_SHORT never applies.
+
+cdef inline uint32_t nr_queued(cpu_t* cpu) noexcept nogil:
+    """cfs_rq->nr_queued (= rq->nr_running here): current, waiting and delayed."""
+    return cpu.rq_len + (1 if cpu.cur >= 0 else 0)
+
+
+cdef inline int64_t avg_vruntime(cpu_t* cpu) noexcept nogil:
+    """avg_vruntime(): V, the floor of the queued vruntimes' mean; it moves
+    zero_vruntime to V (update_zero_vruntime); an empty queue keeps the last V."""
+    cdef int64_t n = nr_queued(cpu)
+    cdef int64_t s, delta
+    if n:
+        s = cpu.sum_v
+        if s < 0:
+            s -= n - 1
+        delta = s / n
+        cpu.zero_v += delta
+        cpu.sum_v -= delta * n
+    return cpu.zero_v
+
+
+cdef inline bint vruntime_eligible(cpu_t* cpu, int64_t v) noexcept nogil:
+    """vruntime_eligible(): v <= V, without a division."""
+    return cpu.sum_v >= (v - cpu.zero_v) * <int64_t>nr_queued(cpu)
+
+
+cdef inline void update_entity_lag(engine_t* e, cpu_t* cpu, thread_t* th) noexcept nogil:
+    """update_entity_lag(): vlag = V - v, clamped to +-(max slice + TICK_NSEC)."""
+    cdef int64_t lim = <int64_t>e.base_slice + SCHED_TICK_NSEC
+    cdef int64_t lag = avg_vruntime(cpu) - th.vruntime
+    if lag > lim:
+        lag = lim
+    elif lag < -lim:
+        lag = -lim
+    th.vlag = lag
+
+
+cdef inline void place_entity(engine_t* e, cpu_t* cpu, thread_t* th) noexcept nogil:
+    """place_entity() (PLACE_LAG; no ENQUEUE_INITIAL: a vCPU thread exists before
+    it first runs): v = V - vlag * (n + 1) / n (C division), d = v + slice."""
+    cdef int64_t vr = avg_vruntime(cpu)
+    cdef int64_t n = nr_queued(cpu)
+    cdef int64_t lag = 0
+    if n and th.vlag:
+        lag = th.vlag * (n + 1) / n
+    th.vruntime = vr - lag
+    th.deadline = th.vruntime + <int64_t>e.base_slice
+
+
+cdef inline int64_t next_tick(uint64_t t) noexcept nogil:
+    """The first jiffy (HZ=250, one grid for every CPU) after t."""
+    return <int64_t>((t / SCHED_TICK_NSEC + 1) * SCHED_TICK_NSEC)
+
+
+cdef bint update_curr(engine_t* e, cpu_t* cpu, uint64_t t) noexcept nogil:
+    """update_curr() + update_deadline(): the current thread's vruntime advances by
+    its run time; 1 if it asks for a reschedule (its request is used up, or its
+    protected slice, with another thread queued).
+
+    The ticks that fell in (exec_start, t] without an event of their own (a
+    thread alone on its CPU needs none) ran update_deadline() too: a deadline
+    reached at a tick was renewed from that tick's vruntime, and (the base
+    slice being shorter than a tick) at every later tick as well."""
+    cdef int32_t g = cpu.cur
+    cdef thread_t* th
+    cdef int64_t a, v0, first, need, last
+    cdef bint resched = 0
+    if g < 0:
+        return 0
+    th = &e.th[g]
+    if t <= th.exec_start:
+        return 0
+    a = <int64_t>th.exec_start
+    v0 = th.vruntime
+    th.exec_start = t
+    th.vruntime += <int64_t>t - a
+    cpu.sum_v += <int64_t>t - a
+    first = next_tick(<uint64_t>a)
+    if first <= <int64_t>t:
+        need = a + (th.deadline - v0)           # v(T) = v0 + T - a >= deadline
+        if need > first:
+            first = (need + SCHED_TICK_NSEC - 1) / SCHED_TICK_NSEC * SCHED_TICK_NSEC
+        if first <= <int64_t>t:
+            last = <int64_t>(t / SCHED_TICK_NSEC * SCHED_TICK_NSEC)
+            th.deadline = v0 + (last - a) + <int64_t>e.base_slice
+    if th.vruntime >= th.deadline:              # update_deadline()
+        th.deadline = th.vruntime + <int64_t>e.base_slice
+        avg_vruntime(cpu)
+        resched = 1
+    if nr_queued(cpu) == 1:
+        return 0
+    return resched or th.vruntime >= th.vprot
+
+
+cdef int32_t pick_eevdf(engine_t* e, cpu_t* cpu) noexcept nogil:
+    """pick_eevdf() (__pick_eevdf with protect): the one queued entity; else the
+    current one inside its protected slice (RUN_TO_PARITY) if eligible; else
+    the eligible entity with the earliest deadline (the earlier queued on a
+    tie), the current one only if strictly earlier."""
+    cdef int32_t c = cpu.cur
+    cdef int32_t best = -1
+    cdef int32_t x
+    if nr_queued(cpu) == 1:
+        return c if c >= 0 else cpu.rq_head
+    if c >= 0 and not vruntime_eligible(cpu, e.th[c].vruntime):
+        c = -1
+    if c >= 0 and e.th[c].vruntime < e.th[c].vprot:
+        return c
+    x = cpu.rq_head
+    while x >= 0:
+        if (best < 0 or e.th[x].deadline < e.th[best].deadline) \
+                and vruntime_eligible(cpu, e.th[x].vruntime):
+            best = x
+        x = e.th[x].rq_next
+    if best < 0 or (c >= 0 and e.th[c].deadline < e.th[best].deadline):
+        best = c
+    return best
+
+
+cdef void rq_remove(engine_t* e, cpu_t* cpu, int32_t g) noexcept nogil:
+    """__dequeue_entity(): take g out of the run-queue list."""
+    cdef int32_t x = cpu.rq_head
+    cdef int32_t prev = -1
+    while x != g:
+        prev = x
+        x = e.th[x].rq_next
+    if prev < 0:
+        cpu.rq_head = e.th[g].rq_next
+    else:
+        e.th[prev].rq_next = e.th[g].rq_next
+    if cpu.rq_tail == g:
+        cpu.rq_tail = prev
+    cpu.rq_len -= 1
+    e.th[g].rq_next = -1
+
+
+cdef void finish_delayed_dequeue(engine_t* e, cpu_t* cpu, int32_t g) noexcept nogil:
+    """dequeue_entities(DEQUEUE_SLEEP | DEQUEUE_DELAYED) of a delayed thread picked
+    by pick_next_entity(): update_entity_lag(), out of the queue, and
+    finish_delayed_dequeue_entity(): DELAY_ZERO clips a positive lag to 0."""
+    cdef thread_t* th = &e.th[g]
+    update_entity_lag(e, cpu, th)
+    cpu.sum_v -= th.vruntime - cpu.zero_v
+    rq_remove(e, cpu, g)
+    th.on_rq = 0
+    th.sched_delayed = 0
+    if th.vlag > 0:
+        th.vlag = 0
+
+
+cdef int32_t pick_next_task_fair(engine_t* e, cpu_t* cpu) noexcept nogil:
+    """pick_next_task_fair(): pick_eevdf(), dequeueing the delayed entities it
+    returns and picking again; -1 when nothing is left (the CPU goes idle)."""
+    cdef int32_t x
+    while nr_queued(cpu):
+        x = pick_eevdf(e, cpu)
+        if x != cpu.cur and e.th[x].sched_delayed:
+            finish_delayed_dequeue(e, cpu, x)
+            continue
+        return x
+    return -1
+
+
+cdef int set_next_entity(engine_t* e, cpu_t* cpu, int32_t g, uint64_t t,
+                         uint64_t delay) noexcept nogil:
+    """set_next_entity(first): g leaves the tree and becomes current, its
+    protected slice set (set_protect_slice: vprot = deadline with equal slices);
+    it runs after ``delay`` ns (the context switch, or the wake-up from idle)."""
+    cdef thread_t* th = &e.th[g]
+    rq_remove(e, cpu, g)
+    cpu.cur = g
+    th.exec_start = t
+    th.vprot = th.deadline
+    return push_thread(e, th, <uint32_t>g, t + delay, EV_RUN)
+
+
+cdef int schedule_fair(engine_t* e, cpu_t* cpu, uint64_t t, uint64_t delay) noexcept nogil:
+    """__schedule() on a CPU whose thread has left it: the next pick, or idle."""
+    cdef int32_t x = pick_next_task_fair(e, cpu)
+    cpu.need_resched = 0
+    if x < 0:
+        return 0
+    return set_next_entity(e, cpu, x, t, delay)
+
+
+cdef void dequeue_sleep(engine_t* e, cpu_t* cpu, thread_t* th, uint64_t t) noexcept nogil:
+    """dequeue_entity(DEQUEUE_SLEEP) of the current thread, then put_prev_entity():
+    an ineligible sleeper stays queued, delayed (DELAY_DEQUEUE), and counts in
+    nr_running; an eligible one leaves with its lag."""
+    cdef int32_t g = cpu.cur
+    update_curr(e, cpu, t)
+    if not vruntime_eligible(cpu, th.vruntime):
+        th.sched_delayed = 1
+        cpu.cur = -1
+        rq_append(e, cpu, g)
+    else:
+        update_entity_lag(e, cpu, th)
+        cpu.sum_v -= th.vruntime - cpu.zero_v
+        cpu.cur = -1
+        th.on_rq = 0
+
+
+cdef int preempt_fair(engine_t* e, cpu_t* cpu, uint32_t g, uint64_t t) noexcept nogil:
+    """__schedule() with the current thread g still runnable (a reschedule
+    request): pick again; a re-pick keeps g (and its stale vprot), another
+    pick preempts it."""
+    cdef thread_t* th = &e.th[g]
+    cdef int32_t x
+    update_curr(e, cpu, t)
+    cpu.need_resched = 0
+    x = pick_next_task_fair(e, cpu)
+    if x == <int32_t>g:
+        if th.state == TS_RUNNING:
+            return arm_tick(e, th, g, t)
+        return 0
+    if th.state == TS_RUNNING:
+        preempt_segment(e, th, g, t)
+    th.run_gen += 1
+    th.slice_armed = 0
+    cpu.cur = -1
+    rq_append(e, cpu, <int32_t>g)                   # put_prev_entity
+    return set_next_entity(e, cpu, x, t, e.costs.context_switch_ns)
+
+
+cdef int arm_tick(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:
+    """The first tick at which task_tick_fair() will reschedule the running
+    thread g (v >= vprot), if another thread is queued (no HRTICK: a slice's
+    end is noticed at a tick).  Ticks with nothing to do get no event."""
+    cdef cpu_t* cpu = &e.cpus[th.pcpu]
+    cdef int64_t target, at
+    if th.slice_armed or nr_queued(cpu) < 2:
+        return 0
+    th.slice_armed = 1
+    target = <int64_t>th.exec_start
+    if th.vprot > th.vruntime:
+        target += th.vprot - th.vruntime
+    at = (target + SCHED_TICK_NSEC - 1) / SCHED_TICK_NSEC * SCHED_TICK_NSEC
+    if at <= <int64_t>t:
+        at = next_tick(t)
+    return heap_push(e, <uint64_t>at, EV_SLICE, g, th.run_gen)
+
+
+cdef int task_tick_fair(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """task_tick_fair() -> entity_tick() -> update_curr() on the running thread."""
+    cdef thread_t* th = &e.th[g]
+    cdef cpu_t* cpu = &e.cpus[th.pcpu]
+    if th.state != TS_RUNNING or cpu.cur != <int32_t>g:
+        return 0
+    if update_curr(e, cpu, t):
+        return preempt_fair(e, cpu, g, t)
+    return arm_tick(e, th, g, t)
+
+
+cdef void check_preempt_wakeup_fair(engine_t* e, cpu_t* cpu, int32_t p,
+                                    uint64_t t) noexcept nogil:
+    """check_preempt_wakeup_fair(): nothing if a reschedule is pending; else
+    update_curr(), and preempt if p is now what pick_eevdf() would run."""
+    if cpu.need_resched:
+        return
+    if update_curr(e, cpu, t) or pick_eevdf(e, cpu) == p:
+        cpu.need_resched = 1
+
+
+cdef int ttwu_fair(engine_t* e, uint32_t g, uint64_t t, uint64_t delay) noexcept nogil:
+    """try_to_wake_up() under EEVDF: a delayed thread is requeued in place
+    (ttwu_runnable -> requeue_delayed_entity); another is enqueued with its lag
+    (enqueue_entity -> place_entity); then wakeup_preempt().  A CPU that was
+    idle switches to it after ``delay`` ns; a polling thread stops polling
+    (single_task_running() is false); a running one is preempted at once if a
+    reschedule was requested (TIF_NEED_RESCHED acted on at once for vCPU
+    threads), else its next slice-ending tick is armed."""
+    cdef thread_t* th = &e.th[g]
+    cdef cpu_t* cpu = &e.cpus[th.pcpu]
+    cdef thread_t* cur
+    if th.on_rq:
+        # requeue_delayed_entity(): no update_curr() first.
+        update_entity_lag(e, cpu, th)
+        if th.vlag > 0:
+            cpu.sum_v -= th.vruntime - cpu.zero_v
+            rq_remove(e, cpu, <int32_t>g)
+            th.vlag = 0
+            place_entity(e, cpu, th)
+            cpu.sum_v += th.vruntime - cpu.zero_v
+            rq_append(e, cpu, <int32_t>g)
+        th.sched_delayed = 0
+    else:
+        # enqueue_entity(ENQUEUE_WAKEUP): update_curr() with the old nr_queued.
+        if update_curr(e, cpu, t):
+            cpu.need_resched = 1
+        place_entity(e, cpu, th)
+        cpu.sum_v += th.vruntime - cpu.zero_v
+        th.on_rq = 1
+        rq_append(e, cpu, <int32_t>g)
+        if cpu.cur < 0:
+            # Woken onto the idle task: resched_curr(), and the pick is g.
+            return schedule_fair(e, cpu, t, delay)
+    check_preempt_wakeup_fair(e, cpu, <int32_t>g, t)
+    cur = &e.th[cpu.cur]
+    if cur.state == TS_POLLING:
+        # kvm_vcpu_can_poll: single_task_running() is now false.
+        return block(e, <uint32_t>cpu.cur, t, t)
+    if cur.state != TS_RUNNING:
+        return 0                    # it switches in; got_cpu() acts on need_resched
+    if cpu.need_resched:
+        return preempt_fair(e, cpu, <uint32_t>cpu.cur, t)
+    return arm_tick(e, cur, <uint32_t>cpu.cur, t)

@@ -346,6 +346,42 @@ cdef check_times(engine_t* e, uint32_t g):
         raise ValueError(f"thread {g}: its halt-polling ended before its halt began")
 
 
+cdef _check_sched(Engine self, uint8_t[::1] where):
+    """The host scheduler's fields (core/host.pxi) against the run queues: FIFO
+    leaves them zero; under EEVDF on_rq is "current or queued", only a queued
+    sleeper is delayed (and every queued sleeper is), need_resched waits only
+    for a current thread switching in, and sum_v is the queued vruntimes' sum."""
+    cdef engine_t* e = &self.e
+    cdef uint32_t g, c
+    cdef thread_t* th
+    cdef cpu_t* cpu
+    sums = [0] * e.ncpu
+    for g in range(e.nth):
+        th = &e.th[g]
+        if e.sched == SCHED_POLICY_FIFO:
+            if th.on_rq or th.sched_delayed:
+                raise ValueError(f"thread {g}: EEVDF state on a fifo host")
+            continue
+        if th.on_rq > 1 or th.sched_delayed > 1 or th.on_rq != (where[g] != 0) \
+                or th.sched_delayed != (where[g] == 2 and th.state != TS_RUNNABLE):
+            raise ValueError(f"thread {g}: on_rq or sched_delayed disagrees with its "
+                             "host CPU's run queue")
+        if th.on_rq:
+            sums[th.pcpu] += th.vruntime - e.cpus[th.pcpu].zero_v
+    for c in range(e.ncpu):
+        cpu = &e.cpus[c]
+        if e.sched == SCHED_POLICY_FIFO:
+            if cpu.need_resched or cpu.sum_v or cpu.zero_v:
+                raise ValueError(f"host CPU {c}: EEVDF state on a fifo host")
+            continue
+        if cpu.need_resched > 1 or cpu.need_resched and (
+                cpu.cur < 0 or e.th[cpu.cur].state != TS_RUNNABLE):
+            raise ValueError(f"host CPU {c}: a pending reschedule without a thread "
+                             "switching in")
+        if sums[c] != cpu.sum_v:
+            raise ValueError(f"host CPU {c}: its vruntime sum disagrees with its queue")
+
+
 cdef int32_t _rq_last(engine_t* e, cpu_t* cpu):
     cdef int32_t x = cpu.rq_head
     while e.th[x].rq_next >= 0:
@@ -406,16 +442,19 @@ cdef _check_links(Engine self):
             where[x] = 1
         x = e.cpus[c].rq_head
         while x >= 0:
-            if where[x] or e.th[x].state != TS_RUNNABLE:
+            # (EEVDF: a delayed-dequeue sleeper stays queued.)
+            if where[x] or (e.th[x].state != TS_RUNNABLE and not e.th[x].sched_delayed):
                 raise ValueError(f"host CPU {c}: run queue holds thread {x}, which is "
                                  "current or not runnable")
             where[x] = 2
             x = e.th[x].rq_next
+    _check_sched(self, where)
     for g in range(e.nth):
         th = &e.th[g]
         if (th.state == TS_RUNNING or th.state == TS_POLLING) and where[g] != 1 \
                 or th.state == TS_RUNNABLE and where[g] == 0 \
-                or (th.state == TS_USER or th.state == TS_BLOCKED) and where[g] != 0:
+                or (th.state == TS_USER or th.state == TS_BLOCKED) and where[g] != 0 \
+                and not th.sched_delayed:
             raise ValueError(f"thread {g}: its state disagrees with its host CPU's run queue")
         if where[g] != 2 and th.rq_next != -1:
             raise ValueError(f"thread {g}: a run-queue link but in no run queue")

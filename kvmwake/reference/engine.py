@@ -18,8 +18,8 @@ from .. import haltpoll
 from ..model import (
     ARCH_TIMER_CTRL_ENABLE, CONT_NEXT, COST_DEFAULTS, DEFAULT_NR_SPIS, GIC_DEFAULT_PMR,
     GIC_DEFAULT_PRIORITY, HALT_WFI, INJECT_REQUEST, LAT_BUCKETS, MAX_LOOP_DEPTH, MEM_BASE,
-    NR_INTIDS, NR_STATS, RESCHEDULE_IRQ, RESUME_START, TICK_IRQ, VGIC_PRI_MASK, VTIMER_IRQ,
-    EventClass, Request, SourceKind, ThreadState,
+    NR_INTIDS, NR_STATS, RESCHEDULE_IRQ, RESUME_START, SCHEDULERS, TICK_IRQ, VGIC_PRI_MASK,
+    VTIMER_IRQ, EventClass, sched_base_slice, Request, SourceKind, ThreadState,
 )
 from ..uapi import DEFAULT_VCPU_FEATURES, KVM_ARM_PSCI_LATEST, PSR_MODE_EL1h, MpState
 from . import EngineError, gic, guest, halt, host, kick, psci, queue, rng, run, timer
@@ -66,6 +66,8 @@ class _Thread(_Stream):
     __slots__ = (
         "g", "vm", "vcpu_id", "pcpu", "state", "resume", "gen", "run_gen",
         "slice_armed", "run_start",
+        # EEVDF (struct sched_entity, nice 0)
+        "vruntime", "deadline", "vlag", "vprot", "exec_start", "on_rq", "sched_delayed",
         "seg_end", "seg_gfrom", "seg_gto", "cont", "rem_end", "rem_gfrom", "rem_gto",
         "halt_start", "poll_end", "do_poll", "wake_ts", "halt_poll_ns", "requests",
         "prog", "pc", "loops", "stall_t", "stall_n", "stats",
@@ -87,6 +89,8 @@ class _Thread(_Stream):
         self.run_gen = 0
         self.slice_armed = False
         self.run_start = 0
+        self.vruntime = self.deadline = self.vlag = self.vprot = self.exec_start = 0
+        self.on_rq = self.sched_delayed = False
         self.seg_end = self.seg_gfrom = self.seg_gto = 0
         self.cont = CONT_NEXT
         self.rem_end = self.rem_gfrom = self.rem_gto = 0
@@ -245,7 +249,13 @@ class Engine:
     """The plain-Python engine.  See ``kvmwake._core.Engine`` for the interface."""
 
     def __init__(self, arch: str, host_cpus: int, seed: int, costs: dict | None = None,
-                 trace_capacity: int = 1 << 20, timeline_capacity: int = 0):
+                 trace_capacity: int = 1 << 20, timeline_capacity: int = 0,
+                 scheduler: str = "fifo"):
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r} "
+                             f"(choose from {', '.join(SCHEDULERS)})")
+        self.sched = SCHEDULERS.index(scheduler)
+        self.base_slice = sched_base_slice(host_cpus)
         self.arch = arch
         self.x86 = arch == "x86"
         self.seed = seed
@@ -629,6 +639,23 @@ class Engine:
 
     def trace_list(self) -> list:
         return list(self.trace) if self.trace is not None else []
+
+    @property
+    def scheduler(self) -> str:
+        """The host scheduler's name (``kvmwake.model.SCHEDULERS``)."""
+        return SCHEDULERS[self.sched]
+
+    def sched_state(self) -> dict:
+        """The scheduler's state (see ``kvmwake._core.Engine.sched_state``)."""
+        threads = [{"vruntime": th.vruntime, "deadline": th.deadline, "vlag": th.vlag,
+                    "vprot": th.vprot, "exec_start": th.exec_start, "on_rq": bool(th.on_rq),
+                    "sched_delayed": bool(th.sched_delayed)} for th in self.threads]
+        cpus = []
+        for cpu in self.cpus:
+            n = host.nr_queued(cpu)
+            cpus.append({"cur": cpu.cur, "queue": list(cpu.runq), "nr_running": n,
+                         "V": cpu.zero_v + (cpu.sum_v // n if n else 0)})
+        return {"threads": threads, "cpus": cpus}
 
     def thread_info(self, g: int) -> dict:
         th = self.threads[g]

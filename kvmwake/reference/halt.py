@@ -26,7 +26,7 @@ from .queue import push_thread
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
-enter = exit_to_user = release_cpu = runnable = tl_note = None
+enter = exit_to_user = release_cpu = runnable = single_task_running = tl_note = None
 
 #: The trace's pid of thread g is PID_BASE + g.
 PID_BASE = 1000
@@ -99,7 +99,7 @@ def halt(e, th, t, kind):
         th.wake_ts = t
         halt_done(e, th, t, False, t, immediate=True)
         return
-    if th.do_poll and not e.cpus[th.pcpu].runq:
+    if th.do_poll and single_task_running(e, th.pcpu):
         if e.tl_cap:
             tl_note(e, th, t, _POLLING)
         th.state = _POLLING

@@ -1,10 +1,18 @@
 """reference/host.py (twin: kvmwake/core/host.pxi).
-Mirrors: kernel/sched/core.c and fair.c in outline (try_to_wake_up,
-schedule, a CPU's run queue); today a FIFO run queue with time slices.
+Mirrors: kernel/sched/core.c (try_to_wake_up, ttwu_runnable, __schedule,
+single_task_running) and kernel/sched/fair.c of Linux 6.18 (avg_vruntime,
+vruntime_eligible, update_curr, update_deadline, update_entity_lag,
+place_entity, requeue_delayed_entity, dequeue_entity with DELAY_DEQUEUE,
+finish_delayed_dequeue_entity, pick_eevdf, pick_next_task_fair,
+set_next_entity, check_preempt_wakeup_fair, task_tick_fair).
 
 Host CPUs and their run queues: where vCPU threads wait, get a CPU, are
-preempted.  Each host CPU runs at most one thread; the others queue FIFO
-(a ``deque`` of thread indices per CPU).
+preempted.  Each host CPU runs at most one thread.  Two schedulers, chosen
+per host (``e.sched``): FIFO run queues with a fixed time slice (a ``deque``
+of thread indices per CPU), or the fair class as Linux 6.18 runs it, EEVDF,
+all threads nice 0.  Under EEVDF the deque is the cfs_rq's tree: the waiting
+threads and the delayed ones, in insertion order (the kernel's tie-break
+among equal deadlines); the current thread is ``cpu.cur``.
 """
 
 from __future__ import annotations
@@ -12,8 +20,8 @@ from __future__ import annotations
 from collections import deque
 
 from ..model import (
-    CONT_EOI, CONT_IRQ, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP, RESUME_START, EventClass,
-    ThreadState,
+    CONT_EOI, CONT_IRQ, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP, RESUME_START,
+    SCHED_TICK_NSEC, EventClass, ThreadState,
 )
 from ..uapi import ExitReason
 from .queue import heap_push, push_thread
@@ -29,14 +37,24 @@ _RUNNING, _POLLING, _BLOCKED, _RUNNABLE = (
 _EV_SEG, _EV_RUN, _EV_SLICE = EventClass.SEGMENT, EventClass.RUN, EventClass.SLICE
 
 
-class _Cpu:
-    """A host CPU: the thread it runs (-1: idle) and its run queue."""
+#: e.sched values (kvmwake.model.SCHEDULERS, in order).
+SCHED_POLICY_FIFO, SCHED_POLICY_EEVDF = 0, 1
+_TICK = SCHED_TICK_NSEC
 
-    __slots__ = ("cur", "runq")
+
+class _Cpu:
+    """A host CPU: the thread it runs (-1: idle) and its run queue; under EEVDF
+    also the cfs_rq's sum of (v - zero_v) over the queued threads (the current
+    one included), zero_v, and TIF_NEED_RESCHED while the current switches in."""
+
+    __slots__ = ("cur", "runq", "zero_v", "sum_v", "need_resched")
 
     def __init__(self):
         self.cur = -1
         self.runq = deque()
+        self.zero_v = 0
+        self.sum_v = 0
+        self.need_resched = False
 
 
 def tl_note(e, th, t, s):
@@ -65,6 +83,9 @@ def rq_popleft(e, cpu):
 
 def make_runnable(e, th, t, delay):
     """try_to_wake_up: the thread waits for its host CPU (``delay`` ns on an idle one)."""
+    if e.sched == SCHED_POLICY_EEVDF:
+        ttwu_fair(e, th, t, delay)
+        return
     cpu = e.cpus[th.pcpu]
     if cpu.cur == -1:
         cpu.cur = th.g
@@ -80,6 +101,9 @@ def make_runnable(e, th, t, delay):
 
 
 def arm_slice(e, th, t):
+    if e.sched == SCHED_POLICY_EEVDF:
+        arm_tick(e, th, t)
+        return
     sl = e.costs["sched_slice_ns"]
     if sl and not th.slice_armed:
         th.slice_armed = True
@@ -91,6 +115,11 @@ def release_cpu(e, th, t):
     th.run_gen += 1
     th.slice_armed = False
     cpu = e.cpus[th.pcpu]
+    if e.sched == SCHED_POLICY_EEVDF:
+        # It sleeps (blocks, exits to userspace): dequeue_entity(DEQUEUE_SLEEP).
+        dequeue_sleep(e, cpu, th, t)
+        schedule_fair(e, cpu, t, e.costs["context_switch_ns"])
+        return
     if cpu.runq:
         nxt = e.threads[rq_popleft(e, cpu)]
         cpu.cur = nxt.g
@@ -100,6 +129,12 @@ def release_cpu(e, th, t):
 
 
 def got_cpu(e, th, t):
+    cpu = e.cpus[th.pcpu]
+    if e.sched == SCHED_POLICY_EEVDF and cpu.need_resched:
+        # A reschedule was requested while it switched in: __schedule() again.
+        preempt_fair(e, cpu, th, t)
+        if cpu.cur != th.g:
+            return
     if e.tl_cap:
         tl_note(e, th, t, _RUNNING)
     th.state = _RUNNING
@@ -144,11 +179,8 @@ def got_cpu(e, th, t):
                 interrupt_segment(e, th, th.seg_gfrom, 0)
 
 
-def slice_end(e, th, t):
-    th.slice_armed = False
-    if th.state != _RUNNING or not e.cpus[th.pcpu].runq:
-        return
-    # Preempted: keep the rest of the segment for later.
+def preempt_segment(e, th, t):
+    """A running thread is preempted at t: it keeps the rest of its segment."""
     th.rem_end = th.seg_end - t
     th.rem_gfrom = max(th.seg_gfrom, t) - t
     th.rem_gto = max(th.seg_gto, t) - t
@@ -163,5 +195,306 @@ def slice_end(e, th, t):
         tl_note(e, th, t, _RUNNABLE)
     th.state = _RUNNABLE
     th.resume = RESUME_SEGMENT
+
+
+def slice_end(e, th, t):
+    th.slice_armed = False
+    if e.sched == SCHED_POLICY_EEVDF:
+        task_tick_fair(e, th, t)
+        return
+    if th.state != _RUNNING or not e.cpus[th.pcpu].runq:
+        return
+    # Preempted: keep the rest of the segment for later.
+    preempt_segment(e, th, t)
     rq_append(e, e.cpus[th.pcpu], th.g)
     release_cpu(e, th, t)
+
+
+def single_task_running(e, c):
+    """single_task_running(): rq->nr_running == 1 on the (polling) thread's CPU.
+    Under EEVDF a delayed-dequeue thread is still queued and counts."""
+    return not e.cpus[c].runq
+
+
+# -- EEVDF: kernel/sched/fair.c of Linux 6.18, every thread nice 0 ------------------------
+# With equal weights (NICE_0_LOAD) calc_delta_fair() is the identity and the
+# weighted sums reduce to plain ones: V = floor(sum v / n), eligible(v) iff
+# sum v >= n v, lag scaling (n + 1) / n.  All slices are the base slice, so
+# set_protect_slice() sets vprot = deadline and PREEMPT_SHORT never applies.
+# Integers as the core's int64_t (C division truncates toward 0: _trunc_div).
+
+def _trunc_div(a, b):
+    q = abs(a) // b
+    return -q if a < 0 else q
+
+
+def nr_queued(cpu):
+    """cfs_rq->nr_queued (= rq->nr_running here): current, waiting and delayed."""
+    return len(cpu.runq) + (1 if cpu.cur >= 0 else 0)
+
+
+def avg_vruntime(cpu):
+    """avg_vruntime(): V, the floor of the queued vruntimes' mean; it moves
+    zero_vruntime to V (update_zero_vruntime); an empty queue keeps the last V."""
+    n = nr_queued(cpu)
+    if n:
+        delta = cpu.sum_v // n
+        cpu.zero_v += delta
+        cpu.sum_v -= delta * n
+    return cpu.zero_v
+
+
+def vruntime_eligible(cpu, v):
+    """vruntime_eligible(): v <= V, without a division."""
+    return cpu.sum_v >= (v - cpu.zero_v) * nr_queued(cpu)
+
+
+def update_entity_lag(e, cpu, th):
+    """update_entity_lag(): vlag = V - v, clamped to +-(max slice + TICK_NSEC)."""
+    lim = e.base_slice + _TICK
+    th.vlag = max(-lim, min(lim, avg_vruntime(cpu) - th.vruntime))
+
+
+def place_entity(e, cpu, th):
+    """place_entity() (PLACE_LAG; no ENQUEUE_INITIAL: a vCPU thread exists before
+    it first runs): v = V - vlag * (n + 1) / n (C division), d = v + slice."""
+    vr = avg_vruntime(cpu)
+    n = nr_queued(cpu)
+    lag = 0
+    if n and th.vlag:
+        lag = _trunc_div(th.vlag * (n + 1), n)
+    th.vruntime = vr - lag
+    th.deadline = th.vruntime + e.base_slice
+
+
+def next_tick(t):
+    """The first jiffy (HZ=250, one grid for every CPU) after t."""
+    return (t // _TICK + 1) * _TICK
+
+
+def update_curr(e, cpu, t):
+    """update_curr() + update_deadline(): the current thread's vruntime advances by
+    its run time; True if it asks for a reschedule (its request is used up, or
+    its protected slice, with another thread queued).
+
+    The ticks that fell in (exec_start, t] without an event of their own (a
+    thread alone on its CPU needs none) ran update_deadline() too: a deadline
+    reached at a tick was renewed from that tick's vruntime, and (the base
+    slice being shorter than a tick) at every later tick as well."""
+    if cpu.cur < 0:
+        return False
+    th = e.threads[cpu.cur]
+    if t <= th.exec_start:
+        return False
+    a = th.exec_start
+    v0 = th.vruntime
+    th.exec_start = t
+    th.vruntime += t - a
+    cpu.sum_v += t - a
+    first = next_tick(a)
+    if first <= t:
+        need = a + (th.deadline - v0)           # v(T) = v0 + T - a >= deadline
+        if need > first:
+            first = (need + _TICK - 1) // _TICK * _TICK
+        if first <= t:
+            th.deadline = v0 + (t // _TICK * _TICK - a) + e.base_slice
+    resched = False
+    if th.vruntime >= th.deadline:              # update_deadline()
+        th.deadline = th.vruntime + e.base_slice
+        avg_vruntime(cpu)
+        resched = True
+    if nr_queued(cpu) == 1:
+        return False
+    return resched or th.vruntime >= th.vprot
+
+
+def pick_eevdf(e, cpu):
+    """pick_eevdf() (__pick_eevdf with protect): the one queued entity; else the
+    current one inside its protected slice (RUN_TO_PARITY) if eligible; else
+    the eligible entity with the earliest deadline (the earlier queued on a
+    tie), the current one only if strictly earlier."""
+    c = cpu.cur
+    if nr_queued(cpu) == 1:
+        return c if c >= 0 else cpu.runq[0]
+    threads = e.threads
+    if c >= 0 and not vruntime_eligible(cpu, threads[c].vruntime):
+        c = -1
+    if c >= 0 and threads[c].vruntime < threads[c].vprot:
+        return c
+    best = -1
+    for x in cpu.runq:
+        if (best < 0 or threads[x].deadline < threads[best].deadline) \
+                and vruntime_eligible(cpu, threads[x].vruntime):
+            best = x
+    if best < 0 or (c >= 0 and threads[c].deadline < threads[best].deadline):
+        best = c
+    return best
+
+
+def rq_remove(e, cpu, g):
+    """__dequeue_entity(): take g out of the run-queue list."""
+    cpu.runq.remove(g)
+
+
+def finish_delayed_dequeue(e, cpu, g):
+    """dequeue_entities(DEQUEUE_SLEEP | DEQUEUE_DELAYED) of a delayed thread picked
+    by pick_next_entity(): update_entity_lag(), out of the queue, and
+    finish_delayed_dequeue_entity(): DELAY_ZERO clips a positive lag to 0."""
+    th = e.threads[g]
+    update_entity_lag(e, cpu, th)
+    cpu.sum_v -= th.vruntime - cpu.zero_v
+    rq_remove(e, cpu, g)
+    th.on_rq = False
+    th.sched_delayed = False
+    if th.vlag > 0:
+        th.vlag = 0
+
+
+def pick_next_task_fair(e, cpu):
+    """pick_next_task_fair(): pick_eevdf(), dequeueing the delayed entities it
+    returns and picking again; -1 when nothing is left (the CPU goes idle)."""
+    while nr_queued(cpu):
+        x = pick_eevdf(e, cpu)
+        if x != cpu.cur and e.threads[x].sched_delayed:
+            finish_delayed_dequeue(e, cpu, x)
+            continue
+        return x
+    return -1
+
+
+def set_next_entity(e, cpu, g, t, delay):
+    """set_next_entity(first): g leaves the tree and becomes current, its
+    protected slice set (set_protect_slice: vprot = deadline with equal slices);
+    it runs after ``delay`` ns (the context switch, or the wake-up from idle)."""
+    th = e.threads[g]
+    rq_remove(e, cpu, g)
+    cpu.cur = g
+    th.exec_start = t
+    th.vprot = th.deadline
+    push_thread(e, th, t + delay, _EV_RUN)
+
+
+def schedule_fair(e, cpu, t, delay):
+    """__schedule() on a CPU whose thread has left it: the next pick, or idle."""
+    x = pick_next_task_fair(e, cpu)
+    cpu.need_resched = False
+    if x >= 0:
+        set_next_entity(e, cpu, x, t, delay)
+
+
+def dequeue_sleep(e, cpu, th, t):
+    """dequeue_entity(DEQUEUE_SLEEP) of the current thread, then put_prev_entity():
+    an ineligible sleeper stays queued, delayed (DELAY_DEQUEUE), and counts in
+    nr_running; an eligible one leaves with its lag."""
+    g = cpu.cur
+    update_curr(e, cpu, t)
+    if not vruntime_eligible(cpu, th.vruntime):
+        th.sched_delayed = True
+        cpu.cur = -1
+        rq_append(e, cpu, g)
+    else:
+        update_entity_lag(e, cpu, th)
+        cpu.sum_v -= th.vruntime - cpu.zero_v
+        cpu.cur = -1
+        th.on_rq = False
+
+
+def preempt_fair(e, cpu, th, t):
+    """__schedule() with the current thread still runnable (a reschedule
+    request): pick again; a re-pick keeps it (and its stale vprot), another
+    pick preempts it."""
+    update_curr(e, cpu, t)
+    cpu.need_resched = False
+    x = pick_next_task_fair(e, cpu)
+    if x == th.g:
+        if th.state == _RUNNING:
+            arm_tick(e, th, t)
+        return
+    if th.state == _RUNNING:
+        preempt_segment(e, th, t)
+    th.run_gen += 1
+    th.slice_armed = False
+    cpu.cur = -1
+    rq_append(e, cpu, th.g)                       # put_prev_entity
+    set_next_entity(e, cpu, x, t, e.costs["context_switch_ns"])
+
+
+def arm_tick(e, th, t):
+    """The first tick at which task_tick_fair() will reschedule the running
+    thread (v >= vprot), if another thread is queued (no HRTICK: a slice's
+    end is noticed at a tick).  Ticks with nothing to do get no event."""
+    cpu = e.cpus[th.pcpu]
+    if th.slice_armed or nr_queued(cpu) < 2:
+        return
+    th.slice_armed = True
+    target = th.exec_start + max(0, th.vprot - th.vruntime)
+    at = (target + _TICK - 1) // _TICK * _TICK
+    if at <= t:
+        at = next_tick(t)
+    heap_push(e, at, _EV_SLICE, th.g, th.run_gen)
+
+
+def task_tick_fair(e, th, t):
+    """task_tick_fair() -> entity_tick() -> update_curr() on the running thread."""
+    cpu = e.cpus[th.pcpu]
+    if th.state != _RUNNING or cpu.cur != th.g:
+        return
+    if update_curr(e, cpu, t):
+        preempt_fair(e, cpu, th, t)
+    else:
+        arm_tick(e, th, t)
+
+
+def check_preempt_wakeup_fair(e, cpu, p, t):
+    """check_preempt_wakeup_fair(): nothing if a reschedule is pending; else
+    update_curr(), and preempt if p is now what pick_eevdf() would run."""
+    if cpu.need_resched:
+        return
+    if update_curr(e, cpu, t) or pick_eevdf(e, cpu) == p:
+        cpu.need_resched = True
+
+
+def ttwu_fair(e, th, t, delay):
+    """try_to_wake_up() under EEVDF: a delayed thread is requeued in place
+    (ttwu_runnable -> requeue_delayed_entity); another is enqueued with its lag
+    (enqueue_entity -> place_entity); then wakeup_preempt().  A CPU that was
+    idle switches to it after ``delay`` ns; a polling thread stops polling
+    (single_task_running() is false); a running one is preempted at once if a
+    reschedule was requested (TIF_NEED_RESCHED acted on at once for vCPU
+    threads), else its next slice-ending tick is armed."""
+    cpu = e.cpus[th.pcpu]
+    g = th.g
+    if th.on_rq:
+        # requeue_delayed_entity(): no update_curr() first.
+        update_entity_lag(e, cpu, th)
+        if th.vlag > 0:
+            cpu.sum_v -= th.vruntime - cpu.zero_v
+            rq_remove(e, cpu, g)
+            th.vlag = 0
+            place_entity(e, cpu, th)
+            cpu.sum_v += th.vruntime - cpu.zero_v
+            rq_append(e, cpu, g)
+        th.sched_delayed = False
+    else:
+        # enqueue_entity(ENQUEUE_WAKEUP): update_curr() with the old nr_queued.
+        if update_curr(e, cpu, t):
+            cpu.need_resched = True
+        place_entity(e, cpu, th)
+        cpu.sum_v += th.vruntime - cpu.zero_v
+        th.on_rq = True
+        rq_append(e, cpu, g)
+        if cpu.cur < 0:
+            # Woken onto the idle task: resched_curr(), and the pick is g.
+            schedule_fair(e, cpu, t, delay)
+            return
+    check_preempt_wakeup_fair(e, cpu, g, t)
+    cur = e.threads[cpu.cur]
+    if cur.state == _POLLING:
+        # kvm_vcpu_can_poll: single_task_running() is now false.
+        block(e, cur, t, t)
+    elif cur.state == _RUNNING:
+        if cpu.need_resched:
+            preempt_fair(e, cpu, cur, t)
+        else:
+            arm_tick(e, cur, t)
+    # else it switches in; got_cpu() acts on need_resched

@@ -23,7 +23,7 @@ from ..model import (
     CONT_EOI, CONT_IRQ, CONT_TRAP, HALT_MP_HALTED, LAT_BUCKETS, MAX_LOOP_DEPTH, MAX_NOW,
     MAX_NR_SPIS, MAX_SEQ, MAX_SPAN, MAX_TIME,
     NR_INTIDS, NR_STATS, OP_DTYPE, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP, S_BLOCKING,
-    EventClass, Op, SourceKind, ThreadState,
+    EventClass, Op, SourceKind, ThreadState, sched_base_slice,
 )
 from ..uapi import PSR_I_BIT, SUPPORTED_VCPU_FEATURES, MpState, PsciVersion
 from . import EngineError, halt, host, queue
@@ -63,7 +63,8 @@ def engine_export(e) -> dict:
     state = {
         "engine": {k: v for k, v in vars(e).items() if k not in _STRUCTURED},
         "costs": e.costs,
-        "cpus": [{"cur": cpu.cur, "runq": list(cpu.runq)} for cpu in e.cpus],
+        "cpus": [{"cur": cpu.cur, "runq": list(cpu.runq), "zero_v": cpu.zero_v,
+                  "sum_v": cpu.sum_v, "need_resched": cpu.need_resched} for cpu in e.cpus],
         "vms": [{f: getattr(vm, f) for f in VM_FIELDS} for vm in e.vms],
         "threads": [dict({f: getattr(th, f) for f in THREAD_FIELDS}, vm=th.vm.index)
                     for th in e.threads],
@@ -109,6 +110,8 @@ def engine_import(e, state: dict) -> None:
             cpu = host._Cpu()
             cpu.cur = c["cur"]
             cpu.runq = deque(c["runq"])
+            cpu.zero_v, cpu.sum_v = c["zero_v"], c["sum_v"]
+            cpu.need_resched = c["need_resched"]
             e.cpus.append(cpu)
         e.vms = [restore(_Vm, VM_FIELDS, d) for d in s["vms"]]
         e.threads = []
@@ -337,6 +340,47 @@ def is_trap_op(code) -> bool:
                     Op.ROUTE_SPI, Op.HVC, Op.SYNC)
 
 
+def check_sched(e, where) -> None:
+    """The host scheduler's fields (host.py) against the run queues: FIFO leaves
+    them zero; under EEVDF on_rq is "current or queued", only a queued sleeper
+    is delayed (and every queued sleeper is), need_resched waits only for a
+    current thread switching in, and sum_v is the queued vruntimes' sum."""
+    if e.sched not in (host.SCHED_POLICY_FIFO, host.SCHED_POLICY_EEVDF) \
+            or e.base_slice != sched_base_slice(len(e.cpus)):
+        raise EngineError(f"scheduler {e.sched!r} or base slice {e.base_slice!r} unknown")
+    fifo = e.sched == host.SCHED_POLICY_FIFO
+    sums = [0] * len(e.cpus)
+    for g, th in enumerate(e.threads):
+        if not all(isinstance(getattr(th, f), int) for f in
+                   ("vruntime", "deadline", "vlag", "vprot", "exec_start", "on_rq",
+                    "sched_delayed")):
+            raise EngineError(f"thread {g}: a scheduler field is not an integer")
+        if fifo:
+            if th.on_rq or th.sched_delayed:
+                raise EngineError(f"thread {g}: EEVDF state on a fifo host")
+            continue
+        if th.on_rq not in (0, 1) or th.sched_delayed not in (0, 1) \
+                or bool(th.on_rq) != (where[g] != 0) \
+                or bool(th.sched_delayed) != (where[g] == 2 and th.state != _RUNNABLE):
+            raise EngineError(f"thread {g}: on_rq or sched_delayed disagrees with its "
+                              "host CPU's run queue")
+        if th.on_rq:
+            sums[th.pcpu] += th.vruntime - e.cpus[th.pcpu].zero_v
+    for c, cpu in enumerate(e.cpus):
+        if not all(isinstance(x, int) for x in (cpu.zero_v, cpu.sum_v, cpu.need_resched)):
+            raise EngineError(f"host CPU {c}: a scheduler field is not an integer")
+        if fifo:
+            if cpu.need_resched or cpu.sum_v or cpu.zero_v:
+                raise EngineError(f"host CPU {c}: EEVDF state on a fifo host")
+            continue
+        if cpu.need_resched not in (0, 1) or cpu.need_resched and (
+                cpu.cur < 0 or e.threads[cpu.cur].state != _RUNNABLE):
+            raise EngineError(f"host CPU {c}: a pending reschedule without a thread "
+                              "switching in")
+        if sums[c] != cpu.sum_v:
+            raise EngineError(f"host CPU {c}: its vruntime sum disagrees with its queue")
+
+
 def check_links(e) -> None:
     """Each thread's state against where it is and what the heap holds for it.
 
@@ -355,17 +399,19 @@ def check_links(e) -> None:
                                   "nor about to")
             where[x] = 1
         for x in cpu.runq:
-            if where[x] or threads[x].state != _RUNNABLE:
+            # (EEVDF: a delayed-dequeue sleeper stays queued.)
+            if where[x] or (threads[x].state != _RUNNABLE and not threads[x].sched_delayed):
                 raise EngineError(f"host CPU {c}: run queue holds thread {x}, which is "
                                   "current or not runnable")
             where[x] = 2
     # The exit queue: threads that left KVM_RUN, each once (take_exit removes one).
     if len(set(e.exits)) != len(e.exits) or any(threads[g].state != _USER for g in e.exits):
         raise EngineError("a thread in the exit queue twice, or inside KVM_RUN")
+    check_sched(e, where)
     for g, th in enumerate(threads):
         if th.state in (_RUNNING, _POLLING) and where[g] != 1 \
                 or th.state == _RUNNABLE and where[g] == 0 \
-                or th.state in (_USER, _BLOCKED) and where[g] != 0:
+                or th.state in (_USER, _BLOCKED) and where[g] != 0 and not th.sched_delayed:
             raise EngineError(f"thread {g}: its state disagrees with its host CPU's run queue")
     for i, (t, cls, _seq, who, gen) in enumerate(e.heap):
         if cls == _EV_SLICE and gen == threads[who].run_gen:
