@@ -39,6 +39,7 @@ ALIASES = {
     ("snapshot", "_engine_exit_record"): "engine_exit_record",
     ("snapshot", "_is_trap_op"): "is_trap_op",
     ("snapshot", "_engine_rehost"): "engine_rehost",
+    ("snapshot", "_check_sched"): "check_sched",
 }
 
 #: (piece, core name): why the reference has no twin of it.
@@ -66,6 +67,8 @@ REFERENCE_ONLY = {
     ("snapshot", "_index"):
         "the range check of an index read from plain Python, which the C code gets from its "
         "unsigned types",
+    ("host", "_trunc_div"):
+        "C's division of int64_t truncates toward zero (cdivision), Python's // floors",
     ("engine", "_link_pieces"):
         "gives each piece the other pieces' functions it calls: the core's pieces share one "
         "module, the reference's are modules whose calls go round in circles",
