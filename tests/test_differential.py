@@ -38,6 +38,7 @@ from kvmwake.model import (ARCHES, COST_NAMES, KVM_REQUEST_NO_ACTION, KVM_REQUES
 from kvmwake.reference import EngineError
 from kvmwake.uapi import KvmReg, PsciFn
 from kvmwake.vm import _CORE_INDEX
+from kvmwake.reference import snapshot as reference_snapshot
 
 ENGINES = {"core": _core.Engine, "reference": reference.Engine}
 #: Examples of the main property: a few hundred by default; the long campaign
@@ -614,9 +615,12 @@ def snapshot(e, sc: Scenario):
     }
 
 
-def play(engine_cls, sc: Scenario, split=True, interventions=True):
-    """Play the scenario; returns (error message or None, snapshot)."""
+def play(engine_cls, sc: Scenario, split=True, interventions=True, keep=None):
+    """Play the scenario; returns (error message or None, snapshot); ``keep``: a
+    list to append the engine to."""
     e = build(engine_cls, sc)
+    if keep is not None:
+        keep.append(e)
     book = {"module": sc.params["halt_poll_ns"], "caps": list(sc.caps)}
     err = None
     try:
@@ -675,8 +679,12 @@ def test_core_and_reference_agree_eevdf(sc):
     identical event for event, split runs equal to direct ones."""
     core = play(_core.Engine, sc)
     assume(core[1]["events"] <= EVENT_BUDGET)
-    ref = play(reference.Engine, sc)
+    kept = []
+    ref = play(reference.Engine, sc, keep=kept)
     assert_same(core, ref, "core vs reference (eevdf)")
+    if ref[0] is None:
+        # Every run queue, on_rq/delayed flag and vruntime sum still consistent.
+        reference_snapshot.check_state(kept[0])
     direct = play(_core.Engine, sc, split=False)
     assert_same(play(_core.Engine, sc, interventions=False), direct, "split vs direct (eevdf)")
 

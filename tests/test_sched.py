@@ -234,6 +234,28 @@ def test_wakeup_with_positive_lag_preempts(engine_cls):
     assert se(e, 1)["vruntime"] == 2 * MS and se(e, 1)["deadline"] == 2 * MS + SLICE1
 
 
+def test_wakee_preempting_its_waker(engine_cls):
+    """resched_curr() of the waker itself: thread 0 wakes thread 1 (positive lag,
+    as in the case above) at 6 ms on its own CPU; the switch happens at the
+    waker's next preemption point, after the wake, and leaves the run queue
+    consistent (the state checks of a snapshot import pass)."""
+    a = [G.compute(5 * MS), G.wake(1)] + FOREVER
+    b = [G.compute(MS), G.wfi()] + FOREVER
+    e = make(engine_cls, a, b, halt_poll_ns=0)
+    e.run(6 * MS + 1)
+    assert rq(e)["cur"] == 1 and state(e, 1) == RUNNING and state(e, 0) == RUNNABLE
+    assert rq(e)["queue"] == [0] and se(e, 1)["vruntime"] == 2 * MS
+    if engine_cls is reference.Engine:
+        rsnap.check_state(e)
+    else:
+        scalars, arrays = e.export_state()
+        fresh = _core.Engine("arm64", 1, 0, costs=ZERO, scheduler="eevdf")
+        fresh.add_vm(2)
+        fresh.import_state(scalars, arrays)
+    e.run(20 * MS)                                  # and goes on
+    assert e.thread_info(0)["pcpu"] == 0
+
+
 # Thread 0 first halts for 5 us (its per-vCPU halt_poll_ns grows from 0 to
 # grow_start, 10 us, so that its next halt may poll), then computes 1.6 ms
 # (0.005-1.005 ms and 3.905-4.505 ms) and halts again.  Thread 1 starts at
@@ -298,6 +320,7 @@ def test_eevdf_is_deterministic(engine_cls):
 def storm_host(scheduler="eevdf", seed=3):
     host = kw.Host(host_cpus=2, seed=seed, scheduler=scheduler)
     vm = host.create_vm(6)
+    vm.set_tick(4 * MS)
     for v in vm.vcpus:
         v.load([G.loop([G.compute_exp(40_000), G.wake_random_other(), G.wfi()])])
     return host, vm
@@ -315,7 +338,9 @@ def test_eevdf_snapshot_continues_bit_identically():
     """A restored EEVDF host (the scheduler fields ride in the thread and CPU
     structs) goes on exactly as the original."""
     host, vm = storm_host()
-    host.run(3 * MS)
+    host.run(5 * MS)
+    # (a thread is delayed on a CPU at this instant: its state rides along)
+    assert any(x["sched_delayed"] for x in host.sched_state()["threads"])
     data = host.snapshot()
     twin = kw.Host.restore(data)
     assert twin.scheduler == "eevdf"
@@ -325,8 +350,6 @@ def test_eevdf_snapshot_continues_bit_identically():
     assert host._engine.stats_array().tolist() == twin._engine.stats_array().tolist()
     assert host._engine.trace_list() == twin._engine.trace_list()
     assert host.events == twin.events
-    # The run did use the scheduler: some thread was delayed or preempted on wake-up.
-    assert any(c["nr_running"] for c in host.sched_state()["cpus"])
 
 
 def test_eevdf_snapshot_refuses_a_changed_cpu_count():
@@ -341,17 +364,14 @@ CPU_DTYPE = np.dtype([("zero_v", "<i8"), ("sum_v", "<i8"), ("cur", "<i4"), ("rq_
                       ("_pad", "u1", (7,))], align=True)
 
 
-def _core_with_delayed():
-    e = delayed_host(_core.Engine)
-    e.run(T0 + 3_900_001)                           # thread 1 delayed on CPU 0
-    return e
-
-
-@pytest.mark.parametrize("field, delta, what", [("sum_v", 1, "vruntime sum"),
-                                                ("need_resched", 1, "reschedule")])
-def test_core_import_checks_the_cpu_fields(field, delta, what):
+@pytest.mark.parametrize("at, field, delta, what", [
+    (T0 + 3_900_001, "sum_v", 1, "vruntime sum"),       # thread 1 delayed on CPU 0
+    (T0 + 4_600_000, "need_resched", 1, "reschedule"),  # CPU 0 idle
+])
+def test_core_import_checks_the_cpu_fields(at, field, delta, what):
     """_check_state/_check_sched: a CPU's EEVDF fields must agree with its queue."""
-    e = _core_with_delayed()
+    e = delayed_host(_core.Engine)
+    e.run(at)
     scalars, arrays = e.export_state()
     cpus = np.frombuffer(bytes(arrays["cpus"]), dtype=CPU_DTYPE).copy()
     cpus[field][0] += delta
@@ -382,3 +402,41 @@ def test_reference_import_checks_the_sched_fields(edit, what):
     edit(state_)
     with pytest.raises(EngineError, match=what):
         rsnap.engine_import(reference.Engine("arm64", 1, 0, scheduler="eevdf"), state_)
+
+
+# ---------------------------------------------------------------- scenarios and the CLI
+
+def _scenario_file(tmp_path, scheduler_line):
+    from kvmwake import scenarios
+    text = scenarios.path_of("ipi-storm").read_text().replace(
+        'cpus = "per-vcpu"', 'cpus = 2\n' + scheduler_line)
+    f = tmp_path / "sched.toml"
+    f.write_text(text)
+    return f
+
+
+def test_scenario_host_scheduler(tmp_path):
+    """[host] scheduler = "eevdf" builds an EEVDF host; build(scheduler=...) (the
+    CLI's --scheduler) overrides the file; an unknown name is refused by key."""
+    from kvmwake import scenarios
+    host, _, sc = scenarios.build(str(_scenario_file(tmp_path, 'scheduler = "eevdf"')),
+                                  vcpus=4)
+    assert sc.scheduler == "eevdf" and host.scheduler == "eevdf"
+    host, _, _ = scenarios.build(str(_scenario_file(tmp_path, 'scheduler = "eevdf"')),
+                                 vcpus=4, scheduler="fifo")
+    assert host.scheduler == "fifo"
+    host, _, sc = scenarios.build(str(_scenario_file(tmp_path, "")), vcpus=4)
+    assert sc.scheduler == "fifo" and host.scheduler == "fifo"
+    with pytest.raises(kw.ScenarioError, match=r"host\.scheduler.*'cfs'"):
+        scenarios.build(str(_scenario_file(tmp_path, 'scheduler = "cfs"')))
+    with pytest.raises(kw.ScenarioError, match=r"host\.scheduler"):
+        scenarios.build(str(_scenario_file(tmp_path, "scheduler = 3")))
+
+
+def test_cli_scheduler(tmp_path, capsys):
+    from kvmwake import cli
+    out = tmp_path / "s.json"
+    assert cli.main(["run", "ipi-storm", "--vcpus", "8", "--host-cpus", "2", "--sim-ms", "5",
+                     "--scheduler", "eevdf", "--json", str(out), "--no-out"]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["run", "ipi-storm", "--scheduler", "cfs"])

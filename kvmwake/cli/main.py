@@ -1,7 +1,8 @@
 """The ``kvmwake`` command line.
 
     kvmwake run [SCENARIO | FILE.toml] [--vcpus N] [--host-cpus N] [--sim-ms MS] [--seed S]
-                [--engine core|reference] [--json PATH] [--trace PATH] [--npz PATH]
+                [--engine core|reference] [--scheduler fifo|eevdf] [--json PATH]
+                [--trace PATH] [--npz PATH]
                 [--plot PATH] [--out DIR | --no-out] [--quiet]
 
     With no output option, ``kvmwake run`` writes kvmwake-out/summary.json,
@@ -31,6 +32,7 @@ from .. import host as _host
 from .. import vmm as _vmm
 from .. import scenarios as _scenarios
 from ..errors import EngineError, KvmError, ProgramError, ScenarioError, SnapshotError
+from ..model import SCHEDULERS
 # kernel.cli and kernel.replay use this package's argtypes, so importing them first
 # loads this module while they are half loaded: take them as modules and look their
 # functions up when they are called (tests/test_imports.py imports each module first).
@@ -157,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "package.module:Class (a kvmwake.vmm.Vmm subclass, importable from "
                         "the current directory or PYTHONPATH); overrides the scenario's.  With "
                         "--restore: the class a custom policy saved in the snapshot needs")
+    r.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                   help="host scheduler: fifo run queues or Linux's EEVDF (default: the "
+                        "scenario's [host] scheduler, else fifo)")
     r.add_argument("--json", metavar="PATH", type=_path,
                    help="write the summary as JSON ('-' for stdout)")
     r.add_argument("--trace", metavar="PATH", type=_path,
@@ -266,6 +271,9 @@ def run_scenario(args, sc=None) -> dict:
             sim_ns = run.get("sim_ns")
             if not isinstance(sim_ns, int):
                 raise UsageError(f"{args.restore}: the snapshot names no end time; give --sim-ms")
+        if args.scheduler is not None and args.scheduler != host.scheduler:
+            raise UsageError(f"{args.restore}: the snapshot's host runs the "
+                             f"{host.scheduler} scheduler, not {args.scheduler}")
         args.seed, args.engine = host.seed, host.engine_name
         path = None
         start_events, start_halts = host.events, host.halts
@@ -279,7 +287,8 @@ def run_scenario(args, sc=None) -> dict:
                                                 vcpus=args.vcpus,
                                                 host_cpus=args.host_cpus, sim_ns=sim_ns,
                                                 seed=args.seed, engine=args.engine,
-                                                trace_capacity=trace_cap)
+                                                trace_capacity=trace_cap,
+                                                scheduler=args.scheduler)
         name = sc.name
         path = sc.path
         args.seed = host.seed

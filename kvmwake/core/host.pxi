@@ -461,12 +461,13 @@ cdef int arm_tick(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept no
 
 
 cdef int task_tick_fair(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
-    """task_tick_fair() -> entity_tick() -> update_curr() on the running thread."""
+    """task_tick_fair() -> entity_tick() -> update_curr() on the running thread;
+    or the preemption point after a resched_curr()."""
     cdef thread_t* th = &e.th[g]
     cdef cpu_t* cpu = &e.cpus[th.pcpu]
     if th.state != TS_RUNNING or cpu.cur != <int32_t>g:
         return 0
-    if update_curr(e, cpu, t):
+    if update_curr(e, cpu, t) or cpu.need_resched:
         return preempt_fair(e, cpu, g, t)
     return arm_tick(e, th, g, t)
 
@@ -522,5 +523,14 @@ cdef int ttwu_fair(engine_t* e, uint32_t g, uint64_t t, uint64_t delay) noexcept
     if cur.state != TS_RUNNING:
         return 0                    # it switches in; got_cpu() acts on need_resched
     if cpu.need_resched:
-        return preempt_fair(e, cpu, <uint32_t>cpu.cur, t)
+        return resched_curr(e, cur, <uint32_t>cpu.cur, t)
     return arm_tick(e, cur, <uint32_t>cpu.cur, t)
+
+
+cdef int resched_curr(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:
+    """resched_curr(): the running thread g reschedules at its next preemption
+    point, an event at t after the one being handled (g may be the waker, in
+    the middle of its own work); it replaces g's armed tick."""
+    th.run_gen += 1
+    th.slice_armed = 1
+    return heap_push(e, t, EV_SLICE, g, th.run_gen)

@@ -349,8 +349,8 @@ cdef check_times(engine_t* e, uint32_t g):
 cdef _check_sched(Engine self, uint8_t[::1] where):
     """The host scheduler's fields (core/host.pxi) against the run queues: FIFO
     leaves them zero; under EEVDF on_rq is "current or queued", only a queued
-    sleeper is delayed (and every queued sleeper is), need_resched waits only
-    for a current thread switching in, and sum_v is the queued vruntimes' sum."""
+    sleeper is delayed (and every queued sleeper is), need_resched needs a
+    current thread, and sum_v is the queued vruntimes' sum."""
     cdef engine_t* e = &self.e
     cdef uint32_t g, c
     cdef thread_t* th
@@ -375,9 +375,10 @@ cdef _check_sched(Engine self, uint8_t[::1] where):
                 raise ValueError(f"host CPU {c}: EEVDF state on a fifo host")
             continue
         if cpu.need_resched > 1 or cpu.need_resched and (
-                cpu.cur < 0 or e.th[cpu.cur].state != TS_RUNNABLE):
-            raise ValueError(f"host CPU {c}: a pending reschedule without a thread "
-                             "switching in")
+                cpu.cur < 0 or e.th[cpu.cur].state != TS_RUNNABLE
+                and e.th[cpu.cur].state != TS_RUNNING):
+            raise ValueError(f"host CPU {c}: a pending reschedule without a current "
+                             "thread")
         if sums[c] != cpu.sum_v:
             raise ValueError(f"host CPU {c}: its vruntime sum disagrees with its queue")
 

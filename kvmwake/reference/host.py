@@ -435,11 +435,12 @@ def arm_tick(e, th, t):
 
 
 def task_tick_fair(e, th, t):
-    """task_tick_fair() -> entity_tick() -> update_curr() on the running thread."""
+    """task_tick_fair() -> entity_tick() -> update_curr() on the running thread;
+    or the preemption point after a resched_curr()."""
     cpu = e.cpus[th.pcpu]
     if th.state != _RUNNING or cpu.cur != th.g:
         return
-    if update_curr(e, cpu, t):
+    if update_curr(e, cpu, t) or cpu.need_resched:
         preempt_fair(e, cpu, th, t)
     else:
         arm_tick(e, th, t)
@@ -494,7 +495,16 @@ def ttwu_fair(e, th, t, delay):
         block(e, cur, t, t)
     elif cur.state == _RUNNING:
         if cpu.need_resched:
-            preempt_fair(e, cpu, cur, t)
+            resched_curr(e, cur, t)
         else:
             arm_tick(e, cur, t)
     # else it switches in; got_cpu() acts on need_resched
+
+
+def resched_curr(e, th, t):
+    """resched_curr(): the running thread reschedules at its next preemption
+    point, an event at t after the one being handled (it may be the waker, in
+    the middle of its own work); it replaces the thread's armed tick."""
+    th.run_gen += 1
+    th.slice_armed = True
+    heap_push(e, t, _EV_SLICE, th.g, th.run_gen)

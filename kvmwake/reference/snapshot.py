@@ -343,8 +343,8 @@ def is_trap_op(code) -> bool:
 def check_sched(e, where) -> None:
     """The host scheduler's fields (host.py) against the run queues: FIFO leaves
     them zero; under EEVDF on_rq is "current or queued", only a queued sleeper
-    is delayed (and every queued sleeper is), need_resched waits only for a
-    current thread switching in, and sum_v is the queued vruntimes' sum."""
+    is delayed (and every queued sleeper is), need_resched needs a
+    current thread, and sum_v is the queued vruntimes' sum."""
     if e.sched not in (host.SCHED_POLICY_FIFO, host.SCHED_POLICY_EEVDF) \
             or e.base_slice != sched_base_slice(len(e.cpus)):
         raise EngineError(f"scheduler {e.sched!r} or base slice {e.base_slice!r} unknown")
@@ -374,9 +374,9 @@ def check_sched(e, where) -> None:
                 raise EngineError(f"host CPU {c}: EEVDF state on a fifo host")
             continue
         if cpu.need_resched not in (0, 1) or cpu.need_resched and (
-                cpu.cur < 0 or e.threads[cpu.cur].state != _RUNNABLE):
-            raise EngineError(f"host CPU {c}: a pending reschedule without a thread "
-                              "switching in")
+                cpu.cur < 0 or e.threads[cpu.cur].state not in (_RUNNABLE, _RUNNING)):
+            raise EngineError(f"host CPU {c}: a pending reschedule without a current "
+                              "thread")
         if sums[c] != cpu.sum_v:
             raise EngineError(f"host CPU {c}: its vruntime sum disagrees with its queue")
 

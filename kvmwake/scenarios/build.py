@@ -15,12 +15,13 @@ from .parse import Scenario
 
 def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = None,
           sim_ns: int | None = None, seed: int | None = None, engine: str = "core",
-          trace_capacity: int = 0) -> tuple[Host, int, Scenario]:
+          trace_capacity: int = 0, scheduler: str | None = None) -> tuple[Host, int, Scenario]:
     """Build a built-in scenario (by name) or a scenario file (by path, or a ``Scenario``).
 
     ``vcpus`` overrides the total vCPU count (still split into VMs of at most
     the file's ``per_vm``), ``host_cpus`` the host's CPUs, ``sim_ns`` the run
-    length, ``seed`` the file's seed.  Returns ``(host, sim_ns, scenario)``.
+    length, ``seed`` the file's seed, ``scheduler`` the file's host scheduler
+    (``[host] scheduler``).  Returns ``(host, sim_ns, scenario)``.
     """
     sc = name_or_path if isinstance(name_or_path, Scenario) else get(name_or_path)
     total = sc.vcpus if vcpus is None else check_int("vcpus", vcpus, 1, 1 << 24)
@@ -29,7 +30,8 @@ def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = Non
     sim_ns = sc.sim_ns if sim_ns is None else check_int("sim_ns", sim_ns, 1, 1 << 62)
     seed = sc.seed if seed is None else seed
     host = Host(host_cpus=host_cpus, arch=sc.arch, seed=seed, costs=sc.costs,
-                engine=engine, trace_capacity=trace_capacity)
+                engine=engine, trace_capacity=trace_capacity,
+                scheduler=sc.scheduler if scheduler is None else scheduler)
     for pname, value in sc.module_params.items():
         setattr(host, pname, value)
     per_vm = min(sc.vcpus_per_vm, total)

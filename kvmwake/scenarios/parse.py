@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from .. import vmm as _vmm
 from ..errors import ScenarioError
 from ..host import MAX_COST_NS, MAX_HOST_CPUS
-from ..model import COST_DEFAULTS, DEFAULT_NR_SPIS, MAX_NR_SPIS, MAX_VCPUS
+from ..model import (COST_DEFAULTS, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, MAX_NR_SPIS, MAX_VCPUS,
+                     SCHEDULERS)
 from . import ops as _ops
 from .expand import check_vm, intids, select
 from .lines import content_line, key_lines
@@ -42,7 +43,7 @@ MAX_POISSON_MEAN_NS = 1 << 50
 
 _KEYS = {
     (): {"name", "description", "sim", "seed", "host", "vm"},
-    ("host",): {"cpus", "costs", *MODULE_PARAMS},
+    ("host",): {"cpus", "costs", "scheduler", *MODULE_PARAMS},
     ("vm",): {"arch", "vcpus", "per_vm", "tick", "halt_poll", "caps", "spis", "vmm",
               "program", "source"},
     ("vm", "program"): {"vcpus", "power_off", "ops"},
@@ -78,6 +79,7 @@ class Scenario:
     host_cpus: int | None          # None: one per vCPU
     sim_ns: int
     seed: int = 0
+    scheduler: str = DEFAULT_SCHEDULER   # the host scheduler (model.SCHEDULERS)
     tick_ns: int = 0
     module_params: dict = field(default_factory=dict)
     costs: dict = field(default_factory=dict)
@@ -196,6 +198,10 @@ def loads(text: str, path: str = "<string>") -> Scenario:
             params[p] = dur(host, ("host",), p, hi=0xFFFF_FFFF) if p in _DURATION_PARAMS \
                 else count(host, ("host",), p, 0, 0xFFFF_FFFF)
     costs = {}
+    scheduler = typed(host, ("host",), "scheduler", (str,), DEFAULT_SCHEDULER)
+    if scheduler not in SCHEDULERS:
+        raise err(("host", "scheduler"), f"unknown scheduler {scheduler!r} "
+                                         f"(choose from {', '.join(SCHEDULERS)})")
     for k, v in typed(host, ("host",), "costs", (dict,), {}).items():
         if k not in COST_DEFAULTS:
             raise err(("host", "costs", k), f"unknown cost (known: {', '.join(COST_DEFAULTS)})")
@@ -309,7 +315,7 @@ def loads(text: str, path: str = "<string>") -> Scenario:
 
     sc = Scenario(name=name, description=description, path=path, arch=arch, vcpus=total,
                   vcpus_per_vm=per_vm, host_cpus=None if cpus == "per-vcpu" else cpus,
-                  sim_ns=sim_ns, seed=seed, tick_ns=tick, module_params=params, costs=costs,
+                  scheduler=scheduler, sim_ns=sim_ns, seed=seed, tick_ns=tick, module_params=params, costs=costs,
                   nr_spis=nr_spis if arch == "arm64" else DEFAULT_NR_SPIS, halt_poll=halt_poll,
                   caps=caps, vmm=vmm, programs=programs, sources=sources, _lines=lines,
                   _text=text)
