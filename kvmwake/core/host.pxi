@@ -504,6 +504,17 @@ cdef int ttwu_fair(engine_t* e, uint32_t g, uint64_t t, uint64_t delay) noexcept
             cpu.sum_v += th.vruntime - cpu.zero_v
             rq_append(e, cpu, <int32_t>g)
         th.sched_delayed = 0
+    elif cpu.cur < 0 and cpu.rq_len == 0:
+        # An idle CPU (empty queue): place_entity() puts it at V (no lag with
+        # nothing queued), and the pick is it (the general path, shortened).
+        th.vruntime = cpu.zero_v
+        th.deadline = th.vruntime + <int64_t>e.base_slice
+        th.on_rq = 1
+        cpu.cur = <int32_t>g
+        cpu.need_resched = 0
+        th.exec_start = t
+        th.vprot = th.deadline
+        return push_thread(e, th, g, t + delay, EV_RUN)
     else:
         # enqueue_entity(ENQUEUE_WAKEUP): update_curr() with the old nr_queued.
         if update_curr(e, cpu, t):

@@ -476,6 +476,18 @@ def ttwu_fair(e, th, t, delay):
             cpu.sum_v += th.vruntime - cpu.zero_v
             rq_append(e, cpu, g)
         th.sched_delayed = False
+    elif cpu.cur < 0 and not cpu.runq:
+        # An idle CPU (empty queue): place_entity() puts it at V (no lag with
+        # nothing queued), and the pick is it (the general path, shortened).
+        th.vruntime = cpu.zero_v
+        th.deadline = th.vruntime + e.base_slice
+        th.on_rq = True
+        cpu.cur = g
+        cpu.need_resched = False
+        th.exec_start = t
+        th.vprot = th.deadline
+        push_thread(e, th, t + delay, _EV_RUN)
+        return
     else:
         # enqueue_entity(ENQUEUE_WAKEUP): update_curr() with the old nr_queued.
         if update_curr(e, cpu, t):

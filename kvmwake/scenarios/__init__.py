@@ -13,6 +13,7 @@ A scenario file::
 
     [host]
     cpus = "per-vcpu"             # or a number
+    scheduler = "fifo"            # or "eevdf": Linux 6.18's fair class (default fifo)
     halt_poll_ns = "200us"        # kvm module parameters (and _grow, _grow_start, _shrink)
     costs = { wake_to_run_ns = "5us" }
 
