@@ -353,10 +353,16 @@ def test_eevdf_snapshot_continues_bit_identically():
 
 
 def test_eevdf_snapshot_refuses_a_changed_cpu_count():
+    """Re-placement onto another CPU count is FIFO-only for now (docs/design.md)."""
     host, vm = storm_host()
     host.run(MS)
     with pytest.raises(kw.SnapshotError, match="fifo"):
         kw.Host.restore(host.snapshot(), host_cpus=3)
+    with pytest.raises(ValueError, match="fifo"):
+        host._engine.rehost(3)
+    e = delayed_host(reference.Engine)
+    with pytest.raises(ValueError, match="fifo"):
+        rsnap.engine_rehost(e, 2)
 
 
 CPU_DTYPE = np.dtype([("zero_v", "<i8"), ("sum_v", "<i8"), ("cur", "<i4"), ("rq_head", "<i4"),

@@ -481,6 +481,9 @@ def engine_rehost(e, ncpu: int) -> None:
         raise EngineError("this engine stopped on an earlier error")
     if not isinstance(ncpu, int) or not 1 <= ncpu <= _MAX_CPUS:
         raise ValueError(f"host_cpus = {ncpu} out of range 1..{_MAX_CPUS}")
+    if e.sched != host.SCHED_POLICY_FIFO:
+        raise ValueError("restoring onto another host CPU count is only "
+                         "implemented for the fifo scheduler")
     t = e.now
     threads = e.threads
     curs = [cpu.cur for cpu in e.cpus if cpu.cur >= 0]
