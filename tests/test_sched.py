@@ -399,6 +399,7 @@ def test_core_import_checks_the_cpu_fields(at, field, delta, what):
     (lambda s: s["threads"][0].update(on_rq=False), "on_rq"),
     (lambda s: s["cpus"][0].update(sum_v=s["cpus"][0]["sum_v"] + 1), "vruntime sum"),
     (lambda s: s["engine"].update(sched=7), "scheduler"),
+    (lambda s: s["cpus"][0].update(cur=-1), "idle CPU|on_rq"),
 ])
 def test_reference_import_checks_the_sched_fields(edit, what):
     """check_state/check_sched, the reference's twin of the core's checks."""

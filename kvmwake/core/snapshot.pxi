@@ -381,6 +381,8 @@ cdef _check_sched(Engine self, uint8_t[::1] where):
                              "thread")
         if sums[c] != cpu.sum_v:
             raise ValueError(f"host CPU {c}: its vruntime sum disagrees with its queue")
+        if cpu.rq_len and cpu.cur < 0:
+            raise ValueError(f"host CPU {c}: threads queued on an idle CPU")
 
 
 cdef int32_t _rq_last(engine_t* e, cpu_t* cpu):

@@ -379,6 +379,8 @@ def check_sched(e, where) -> None:
                               "thread")
         if sums[c] != cpu.sum_v:
             raise EngineError(f"host CPU {c}: its vruntime sum disagrees with its queue")
+        if cpu.runq and cpu.cur < 0:
+            raise EngineError(f"host CPU {c}: threads queued on an idle CPU")
 
 
 def check_links(e) -> None:
