@@ -1144,6 +1144,7 @@ cdef class Engine:
                              "implemented for the fifo scheduler")
         self._guard()
         _engine_rehost(self, host_cpus)
+        self.e.base_slice = _model.sched_base_slice(host_cpus)   # update_sysctl() on hotplug
 
     def state_bytes(self):
         """Bytes of engine state: per thread, per thread stats, and the rest."""

@@ -486,6 +486,7 @@ def engine_rehost(e, ncpu: int) -> None:
     if e.sched != host.SCHED_POLICY_FIFO:
         raise ValueError("restoring onto another host CPU count is only "
                          "implemented for the fifo scheduler")
+    e.base_slice = sched_base_slice(ncpu)        # update_sysctl() on CPU hotplug
     t = e.now
     threads = e.threads
     curs = [cpu.cur for cpu in e.cpus if cpu.cur >= 0]
