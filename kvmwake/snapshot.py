@@ -513,9 +513,6 @@ def check_engine(snap: Snapshot, engine) -> list:
             if v["loaded"] and not has_prog:
                 raise SnapshotError(f"VM {index} vCPU {vid}: loaded, but the engine "
                                     "holds no program for it")
-            if not v["started"] and (state != 0 or v["held"] is not None):
-                raise SnapshotError(f"VM {index} vCPU {vid}: not started, but inside "
-                                    "KVM_RUN or holding an exit")
             if v["held"] is not None and (state != 0 or v["held"]
                                           != _engine_exit_record(engine, g)):
                 raise SnapshotError(f"VM {index} vCPU {vid}: its held exit is not the "

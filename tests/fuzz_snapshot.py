@@ -67,6 +67,8 @@ THREAD_DTYPE = np.dtype(
     [(n, "<u8") for n in ("seg_end", "seg_gfrom", "seg_gto", "rem_end", "rem_gfrom", "rem_gto",
                           "run_start", "halt_start", "poll_end", "wake_ts", "rng_state",
                           "rng_inc", "stall_t")]
+    + [(n, "<i8") for n in ("vruntime", "deadline", "vlag", "vprot")]
+    + [("exec_start", "<u8")]
     + [("regs", "<u8", (31,))]
     + [(n, "<u8") for n in ("sp", "pstate", "pc_raw", "reset_pc", "reset_r0", "exit_data0",
                             "exit_value", "exit_time", "requests")]
@@ -76,8 +78,8 @@ THREAD_DTYPE = np.dtype(
     + [("rq_next", "<i4"), ("stall_n", "<u4"), ("loops", "<u4", (4,))]
     + [(n, "u1") for n in ("state", "resume", "cont", "slice_armed", "do_poll", "has_prog",
                            "mp_state", "pc_valid", "sig_pending", "reset_pending",
-                           "halt_kind")]
-    + [("_pad", "u1", (7,))], align=True)
+                           "halt_kind", "on_rq", "sched_delayed")]
+    + [("_pad", "u1", (5,))], align=True)
 VIRQ_DTYPE = np.dtype([
     ("ap", "<u8", (16,)), ("irr", "<u8", (4,)), ("isr", "<u8", (4,)),
     ("timer_cval", "<u8"), ("handler_ns", "<u8"), ("sv_guest", "<u8"),
@@ -99,7 +101,9 @@ SOURCE_DTYPE = np.dtype([(n, "<u8") for n in ("p0", "p1", "rng_state", "rng_inc"
                                                "times_len", "idx")]
                         + [(n, "<u4") for n in ("vm", "intid", "kind", "gen", "target",
                                                 "_pad")], align=True)
-CPU_DTYPE = np.dtype([("cur", "<i4"), ("rq_head", "<i4"), ("rq_tail", "<i4"), ("rq_len", "<u4")])
+CPU_DTYPE = np.dtype([("zero_v", "<i8"), ("sum_v", "<i8"), ("cur", "<i4"), ("rq_head", "<i4"),
+                      ("rq_tail", "<i4"), ("rq_len", "<u4"), ("need_resched", "u1"),
+                      ("_pad", "u1", (7,))], align=True)
 EVENT_DTYPE = np.dtype([("t", "<u8"), ("key", "<u8"), ("who", "<u4"), ("gen", "<u4")])
 TRACE_DTYPE = np.dtype([("ts", "<u8"), ("a", "<u8"), ("pid", "<u4"), ("cpu", "<u4"),
                         ("vcpu_id", "<u4"), ("b", "<u4"), ("kind", "u1"), ("flag", "u1"),

@@ -1620,17 +1620,3 @@ def test_issue12_4_a_vcpu_with_a_held_exit_has_started_whatever_the_header_says(
             restore_host(host.snapshot())
         else:
             refuses(logical(snap, unstart), "boolean")
-
-def test_unstarted_vcpu_inside_kvm_run_is_refused():
-    """A vCPU record saying "not started" while the engine has its thread inside
-    KVM_RUN (or the record holds an exit) would let a policy act on a vCPU it
-    believes is outside (KVM_SET_ONE_REG: EBUSY); the restore refuses it."""
-    host = kw.Host(host_cpus=2, seed=3)
-    vm = host.create_vm(4)
-    for v in vm.vcpus:
-        v.load([g.loop([g.compute_exp(40_000), g.wake_random_other(), g.wfi()])])
-    host.run(MS)
-
-    def unstart(header):
-        header["vms"][0]["vcpus"][0]["started"] = False
-    refuses(reframe(host.snapshot(), edit_header=unstart), "vCPU 0", "not started")
