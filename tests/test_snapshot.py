@@ -98,47 +98,11 @@ def reframe(data: bytes, edit_header=None, edit_body=None) -> bytes:
     return frame(header, body)
 
 
-# Mirrors of the engine's structs (kvmwake/_core.pxd), to edit single fields of the body.
-THREAD_DTYPE = np.dtype(
-    [(n, "<u8") for n in ("seg_end", "seg_gfrom", "seg_gto", "rem_end", "rem_gfrom", "rem_gto",
-                          "run_start", "halt_start", "poll_end", "wake_ts", "rng_state",
-                          "rng_inc", "stall_t")]
-    + [(n, "<i8") for n in ("vruntime", "deadline", "vlag", "vprot")]
-    + [("exec_start", "<u8")]
-    + [("regs", "<u8", (31,))]
-    + [(n, "<u8") for n in ("sp", "pstate", "pc_raw", "reset_pc", "reset_r0", "exit_data0",
-                            "exit_value", "exit_time", "requests")]
-    + [(n, "<u4") for n in ("exit_reason", "exit_type", "exit_ndata", "exit_ucall", "gen",
-                            "run_gen", "halt_poll_ns", "prog", "pc", "vm",
-                            "vcpu_id", "pcpu", "prog_n")]
-    + [("rq_next", "<i4"), ("stall_n", "<u4"), ("loops", "<u4", (4,))]
-    + [(n, "u1") for n in ("state", "resume", "cont", "slice_armed", "do_poll", "has_prog",
-                           "mp_state", "pc_valid", "sig_pending", "reset_pending",
-                           "halt_kind", "on_rq", "sched_delayed")]
-    + [("_pad", "u1", (5,))], align=True)
-VIRQ_DTYPE = np.dtype([
-    ("ap", "<u8", (16,)), ("irr", "<u8", (4,)), ("isr", "<u8", (4,)),
-    ("timer_cval", "<u8"), ("handler_ns", "<u8"), ("sv_guest", "<u8"),
-    ("priv_en", "<u4"), ("priv_act", "<u4"), ("priv_latch", "<u4"), ("priv_line", "<u4"),
-    ("priv_level", "<u4"), ("timer_gen", "<u4"), ("timer_period", "<u4"), ("cur_irq", "<i4"),
-    ("priv_prio", "u1", (32,)), ("pmr", "u1"), ("masked", "u1"), ("timer_ctl", "u1"),
-    ("sv_cont", "u1"), ("sv_valid", "u1"), ("tpr", "u1"), ("_pad", "u1", (2,))], align=True)
-VM_DTYPE = np.dtype([("tick_ns", "<u8"), ("first", "<u4"), ("nr_vcpus", "<u4"),
-                     ("max_halt_poll_ns", "<u4"), ("tick_gen", "<u4"), ("override", "<u4"),
-                     ("nr_spis", "<u4"), ("code_base", "<u8"), ("psci_version", "<u4"),
-                     ("suspend_cap", "<u4"), ("vcpu_features", "<u4"),
-                     ("features_set", "<u4")], align=True)
-SOURCE_DTYPE = np.dtype([(n, "<u8") for n in ("p0", "p1", "rng_state", "rng_inc", "times_off",
-                                               "times_len", "idx")]
-                        + [(n, "<u4") for n in ("vm", "intid", "kind", "gen", "target",
-                                                "_pad")], align=True)
-CPU_DTYPE = np.dtype([("zero_v", "<i8"), ("sum_v", "<i8"), ("cur", "<i4"), ("rq_head", "<i4"),
-                      ("rq_tail", "<i4"), ("rq_len", "<u4"), ("need_resched", "u1"),
-                      ("_pad", "u1", (7,))], align=True)
-EVENT_DTYPE = np.dtype([("t", "<u8"), ("key", "<u8"), ("who", "<u4"), ("gen", "<u4")])
+# Mirrors of the engine's structs (kvmwake/_core.pxd), to edit single fields of the body:
+# one copy, the fuzzer's.
+from fuzz_snapshot import (CPU_DTYPE, STRUCTS, THREAD_DTYPE, VIRQ_DTYPE,  # noqa: E402
+                           check_layouts)
 OP_DTYPE = kw.model.OP_DTYPE
-STRUCTS = {"threads": THREAD_DTYPE, "irqs": VIRQ_DTYPE, "vms": VM_DTYPE, "srcs": SOURCE_DTYPE,
-           "cpus": CPU_DTYPE, "heap": EVENT_DTYPE, "ops": OP_DTYPE}
 # Thread states, continuations and event classes of the core (tests/test_core_mirrors.py).
 TS_USER, TS_RUNNING, TS_POLLING, TS_BLOCKED, TS_RUNNABLE = range(5)
 CONT_TRAP, CONT_EOI = 2, 5
@@ -147,12 +111,7 @@ SEQ_BITS = 56
 
 
 def test_struct_mirrors_match_the_engine():
-    from kvmwake._core import struct_sizes
-    sizes = struct_sizes()
-    for name, struct_name in (("threads", "thread_t"), ("irqs", "virq_t"), ("vms", "vm_t"),
-                              ("srcs", "source_t"), ("cpus", "cpu_t"), ("heap", "event_t"),
-                              ("ops", "op_t")):
-        assert STRUCTS[name].itemsize == sizes[struct_name], name
+    check_layouts()
 
 
 def records(header, body, name):
