@@ -391,7 +391,7 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise SnapshotError(f"snapshot host configuration is invalid: {exc}") from None
     _snapshot.check_host_cpus(snap, host.host_cpus)
-    try:
+    with _snapshot.inconsistent("state"):
         for rec in snap.vms:
             host.vm_class._from_record(host, rec)
         host._nthreads = sum(rec["nr_vcpus"] for rec in snap.vms)
@@ -402,12 +402,6 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
                 v._loaded, v._started = flags[v._g]
         for vm, rec in zip(host.vms, snap.vms):
             vm._restore_policy(rec["vmm"], vmm_classes or {})
-    except SnapshotError:
-        raise
-    except KeyError as exc:
-        raise SnapshotError(f"inconsistent snapshot state: missing key {exc}") from None
-    except (ValueError, TypeError, OverflowError, IndexError, AttributeError) as exc:
-        raise SnapshotError(f"inconsistent snapshot state: {exc}") from None
     for name in module_params:
         if name not in MODULE_PARAMS:
             raise TypeError(f"restore() got an unknown module parameter {name!r}")

@@ -59,6 +59,7 @@ random streams continue.  Snapshots need the core engine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -235,19 +236,28 @@ def _frame_size(head: bytes):
     return prefix.size + hlen + blen + DIGEST_SIZE
 
 
+@contextlib.contextmanager
+def inconsistent(what: str, detail=str):
+    """Inside: the errors a malformed description raises (a missing key, a value of
+    the wrong type or range) become ``SnapshotError("inconsistent snapshot WHAT:
+    ...")``; a ``SnapshotError`` passes as it is."""
+    try:
+        yield
+    except SnapshotError:
+        raise
+    except KeyError as exc:
+        raise SnapshotError(f"inconsistent snapshot {what}: missing key {exc}") from None
+    except (ValueError, TypeError, OverflowError, IndexError, AttributeError) as exc:
+        raise SnapshotError(f"inconsistent snapshot {what}: {detail(exc)}") from None
+
+
 def decode(src) -> Snapshot:
     """Read a snapshot (bytes or a path) and check it: framing, checksum, header,
     arrays and VM records.  Raises ``SnapshotError`` (``TypeError`` if ``src`` is
     neither bytes nor a path)."""
     header, arrays = parse(_load_bytes(src))
-    try:
+    with inconsistent("state"):
         vms = _vm_records(header, len(arrays["threads"]) // _struct_sizes()["thread_t"])
-    except SnapshotError:
-        raise
-    except KeyError as exc:
-        raise SnapshotError(f"inconsistent snapshot state: missing key {exc}") from None
-    except (ValueError, TypeError, OverflowError, IndexError, AttributeError) as exc:
-        raise SnapshotError(f"inconsistent snapshot state: {exc}") from None
     return Snapshot(header, arrays, vms)
 
 
@@ -294,7 +304,7 @@ def parse(data: bytes) -> tuple[dict, dict]:
     if not isinstance(header, dict):
         raise SnapshotError(f"the snapshot header is a JSON {type(header).__name__}, "
                             "not an object")
-    try:
+    with inconsistent("header", repr):
         _check_header(header)
         size = header["body"]["size"]
         if header["body"]["compression"] != "zlib" or not isinstance(size, int) \
@@ -307,12 +317,6 @@ def parse(data: bytes) -> tuple[dict, dict]:
         layout = _layout(header, size)
         body = _inflate(data[prefix.size + hlen:prefix.size + hlen + blen], size)
         arrays = _arrays(layout, memoryview(body))
-    except SnapshotError:
-        raise
-    except KeyError as exc:
-        raise SnapshotError(f"inconsistent snapshot header: missing key {exc}") from None
-    except (TypeError, ValueError, AttributeError, OverflowError, IndexError) as exc:
-        raise SnapshotError(f"inconsistent snapshot header: {exc!r}") from None
     return header, arrays
 
 

@@ -175,8 +175,9 @@ cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     return 0
 
 
-cdef void preempt_segment(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:
-    """A running thread is preempted at t: it keeps the rest of its segment."""
+cdef inline void keep_segment_rest(engine_t* e, thread_t* th, uint64_t t) noexcept nogil:
+    """A running thread leaves its CPU at t: the rest of its segment, for later; its
+    pending segment event is void (``th.gen``)."""
     cdef uint64_t extra
     th.rem_end = th.seg_end - t
     th.rem_gfrom = (th.seg_gfrom if th.seg_gfrom > t else t) - t
@@ -188,6 +189,11 @@ cdef void preempt_segment(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noe
         th.rem_gfrom += extra
         th.rem_gto += extra
     th.gen += 1
+
+
+cdef void preempt_segment(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:
+    """A running thread is preempted at t: it keeps the rest of its segment."""
+    keep_segment_rest(e, th, t)
     if e.tlcap:
         tl_note(e, th, g, t, TS_RUNNABLE)
     th.state = TS_RUNNABLE

@@ -573,7 +573,7 @@ def _engine_rehost(Engine self, uint32_t ncpu):
     cdef int32_t x
     cdef thread_t* th
     cdef cpu_t* cpu
-    cdef uint64_t t = e.now, extra
+    cdef uint64_t t = e.now
     if ncpu == 0 or ncpu > (1 << 20):
         raise ValueError(f"host_cpus = {ncpu} out of range 1..{1 << 20}")
     curs = []
@@ -608,15 +608,7 @@ def _engine_rehost(Engine self, uint32_t ncpu):
         th.slice_armed = 0
         if th.state == TS_RUNNING:
             # Preempted, as slice_end does it.
-            th.rem_end = th.seg_end - t
-            th.rem_gfrom = (th.seg_gfrom if th.seg_gfrom > t else t) - t
-            th.rem_gto = (th.seg_gto if th.seg_gto > t else t) - t
-            if th.seg_gfrom <= t < th.seg_gto:
-                extra = e.costs.vm_exit_ns + e.costs.vm_entry_ns
-                th.rem_end += extra
-                th.rem_gfrom += extra
-                th.rem_gto += extra
-            th.gen += 1
+            keep_segment_rest(e, th, t)
             th.state = TS_RUNNABLE
             th.resume = RESUME_SEGMENT
             rq_append(e, cpu, g)

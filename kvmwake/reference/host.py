@@ -179,8 +179,9 @@ def got_cpu(e, th, t):
                 interrupt_segment(e, th, th.seg_gfrom, 0)
 
 
-def preempt_segment(e, th, t):
-    """A running thread is preempted at t: it keeps the rest of its segment."""
+def keep_segment_rest(e, th, t):
+    """A running thread leaves its CPU at t: the rest of its segment, for later; its
+    pending segment event is void (``th.gen``)."""
     th.rem_end = th.seg_end - t
     th.rem_gfrom = max(th.seg_gfrom, t) - t
     th.rem_gto = max(th.seg_gto, t) - t
@@ -191,6 +192,11 @@ def preempt_segment(e, th, t):
         th.rem_gfrom += extra
         th.rem_gto += extra
     th.gen += 1
+
+
+def preempt_segment(e, th, t):
+    """A running thread is preempted at t: it keeps the rest of its segment."""
+    keep_segment_rest(e, th, t)
     if e.tl_cap:
         tl_note(e, th, t, _RUNNABLE)
     th.state = _RUNNABLE

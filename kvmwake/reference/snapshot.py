@@ -504,15 +504,7 @@ def engine_rehost(e, ncpu: int) -> None:
         th.slice_armed = False
         if th.state == _RUNNING:
             # Preempted, as slice_end does it.
-            th.rem_end = th.seg_end - t
-            th.rem_gfrom = max(th.seg_gfrom, t) - t
-            th.rem_gto = max(th.seg_gto, t) - t
-            if th.seg_gfrom <= t < th.seg_gto:
-                extra = e.costs["vm_exit_ns"] + e.costs["vm_entry_ns"]
-                th.rem_end += extra
-                th.rem_gfrom += extra
-                th.rem_gto += extra
-            th.gen += 1
+            host.keep_segment_rest(e, th, t)
             th.state = _RUNNABLE
             th.resume = RESUME_SEGMENT
             host.rq_append(e, cpu, g)
