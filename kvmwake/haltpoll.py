@@ -22,6 +22,9 @@ HALT_POLL_NS_GROW_DEFAULT = 2
 HALT_POLL_NS_GROW_START_DEFAULT = 10_000
 #: ``halt_poll_ns_shrink`` default: 2 since v6.11 (commit aeb1b22a3ac8).
 HALT_POLL_NS_SHRINK_DEFAULT = 2
+#: The kvm module parameters that steer halt polling (``/sys/module/kvm/parameters/``).
+MODULE_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
+                 "halt_poll_ns_shrink")
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,7 @@ class HaltPollParams:
     halt_poll_ns_shrink: int = HALT_POLL_NS_SHRINK_DEFAULT
 
     def __post_init__(self):
-        for name in ("halt_poll_ns", "halt_poll_ns_grow",
-                     "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
+        for name in MODULE_PARAMS:
             check_u32(name, getattr(self, name))
 
 

@@ -356,8 +356,7 @@ class Host:
 
 # -- snapshots: the host's side of kvmwake.snapshot ---------------------------------------------
 
-MODULE_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
-                 "halt_poll_ns_shrink")
+MODULE_PARAMS = haltpoll.MODULE_PARAMS
 
 
 def host_to_bytes(host: Host, vm_index: int | None = None, run: dict | None = None) -> bytes:

@@ -59,10 +59,9 @@ from ..model import COST_NAMES
 from . import argtypes as _argtypes
 from ..outputs import plots as _plots
 from ..durations import UNITS as _UNITS
+from ..haltpoll import MODULE_PARAMS
 from ..outputs.stats import mean_ci, t_quantile_975  # noqa: F401  (one CI for table and plot)
 
-MODULE_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
-                 "halt_poll_ns_shrink")
 BUILD_PARAMS = ("vcpus", "host_cpus", "sim_ms", "sim_ns")
 SCENARIO_PARAMS = ("halt_poll",)
 PARAM_NAMES = MODULE_PARAMS + BUILD_PARAMS + tuple(COST_NAMES) + SCENARIO_PARAMS

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .. import vmm as _vmm
+from ..haltpoll import MODULE_PARAMS
 from ..errors import ScenarioError
 from ..host import MAX_COST_NS, MAX_HOST_CPUS
 from ..model import (COST_DEFAULTS, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, MAX_NR_SPIS, MAX_VCPUS,
@@ -33,8 +34,6 @@ else:                                    # pragma: no cover
 #: The policies a scenario names by a word; ``vmm = "package.module:Class"`` names one
 #: of the user's own (``kvmwake.vmm.load_policy``).
 VMM_POLICIES = _vmm.POLICIES
-MODULE_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
-                 "halt_poll_ns_shrink")
 _DURATION_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow_start")
 #: Virtual times (sim, tick, period, phase, times) end below 2**62 ns (the engines' bound).
 MAX_TIME_NS = 1 << 62
