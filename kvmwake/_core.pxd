@@ -33,6 +33,7 @@ ctypedef struct thread_t:
     int64_t vlag              # se->vlag, meaningful while not on its run queue
     int64_t vprot             # se->vprot (RUN_TO_PARITY), meaningful while current
     uint64_t exec_start       # se->exec_start
+    uint64_t nr_migrations    # se->nr_migrations (set_task_cpu onto another CPU)
     uint64_t regs[31]         # x0..x30 (struct user_pt_regs.regs)
     uint64_t sp               # SP_EL0 (user_pt_regs.sp)
     uint64_t pstate           # PSTATE but its I bit, which is virq_t.masked
@@ -58,6 +59,7 @@ ctypedef struct thread_t:
     uint32_t prog_n           # its program's length in ops
     int32_t rq_next           # next thread in its host CPU's run queue, or -1
     uint32_t stall_n
+    uint32_t aff_off          # AFF_LIST: word offset of its CPU mask in engine_t.affmask
     uint32_t loops[KW_MAX_LOOP_DEPTH]
     uint8_t state
     uint8_t resume
@@ -72,7 +74,8 @@ ctypedef struct thread_t:
     uint8_t halt_kind         # HALT_*
     uint8_t on_rq             # EEVDF: se->on_rq (current, waiting, or delayed)
     uint8_t sched_delayed     # EEVDF: se->sched_delayed (DELAY_DEQUEUE)
-    uint8_t _pad[5]
+    uint8_t aff_kind          # p->cpus_ptr: AFF_PINNED (g % ncpu), AFF_ALL, AFF_LIST
+    uint8_t _pad[4]
 
 
 ctypedef struct vm_t:
@@ -262,3 +265,13 @@ ctypedef struct engine_t:
     uint64_t base_slice       # EEVDF: sysctl_sched_base_slice
     uint32_t sched            # the host scheduler: SCHED_POLICY_FIFO or SCHED_POLICY_EEVDF
     uint32_t _pad_sched
+    # Placement (core/host.pxi): CPU affinity masks (aff_words uint64 words per
+    # AFF_LIST mask, bit c = CPU c), each CPU's LLC group, the thread whose event
+    # is being handled (the waker of any wake-up it causes; -1: none), and how
+    # many threads are not AFF_PINNED (0: nothing ever migrates).
+    uint64_t* affmask
+    uint32_t* llc
+    uint32_t aff_words
+    int32_t waker
+    uint32_t nunpinned
+    uint32_t _pad_place

@@ -360,12 +360,15 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
     cdef vm_t* vm
     cdef int rc = 0
     cdef uint64_t cls
+    e.waker = -1
     while e.hlen and e.heap[0].t < until:
         if stop_on_exit and e.exq_len:
+            e.waker = -1
             return 0
         heap_pop(e, &ev)
         e.now = ev.t
         cls = ev.key >> KW_SEQ_BITS
+        e.waker = -1
         if cls == EV_TICK:
             vm = &e.vms[ev.who]
             if ev.gen != vm.tick_gen:
@@ -386,6 +389,7 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
             rc = timer_fire(e, ev.who, ev.t)
         else:
             th = &e.th[ev.who]
+            e.waker = <int32_t>ev.who           # the waker of what it wakes
             if cls == EV_SLICE:
                 if ev.gen != th.run_gen:
                     continue
@@ -403,9 +407,12 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
                 else:
                     rc = got_cpu(e, ev.who, ev.t)
         if rc < 0 or e.error:
+            e.waker = -1
             return -1
         if KW_DEBUG and e.events % KW_CHECK_EVERY == 0:
+            e.waker = -1
             return KW_CHECKPOINT
+    e.waker = -1
     if stop_on_exit and e.exq_len:
         return 0
     e.now = until
@@ -439,6 +446,9 @@ cdef class Engine:
     cdef object _exitq
     cdef object _tlbase       # per thread: timeline base state (u1)
     cdef dict _prog_index     # program bytes -> offset in the op table
+    cdef object _aff          # AFF_LIST CPU masks (u8 words), shared by equal sets
+    cdef dict _aff_index      # mask bytes -> word offset in _aff
+    cdef object _llc          # per host CPU: its LLC group (u4)
     cdef bint _failed
 
     def __cinit__(self):
@@ -487,6 +497,11 @@ cdef class Engine:
         self.e.ncpu = host_cpus
         self.e.tcap = trace_capacity
         self.e.tlcap = timeline_capacity
+        self.e.waker = -1
+        self.e.aff_words = (host_cpus + 63) // 64
+        self._aff = np.zeros(0, dtype=np.uint64)
+        self._aff_index = {}
+        self._llc = np.zeros(host_cpus, dtype=np.uint32)
         self._bind()
         cdef uint32_t i
         for i in range(host_cpus):
@@ -513,6 +528,8 @@ cdef class Engine:
         self.e.ops = <op_t*>cnp.PyArray_DATA(self._ops)
         self.e.exitq = <uint32_t*>cnp.PyArray_DATA(self._exitq)
         self.e.tlbase = <uint8_t*>cnp.PyArray_DATA(self._tlbase)
+        self.e.affmask = <uint64_t*>cnp.PyArray_DATA(self._aff)
+        self.e.llc = <uint32_t*>cnp.PyArray_DATA(self._llc)
 
     @staticmethod
     def _grow(arr, uint64_t nbytes):
@@ -668,6 +685,9 @@ cdef class Engine:
                 # KVM_RUN returned that exit: no second KVM_RUN before it is taken.
                 raise EngineError(f"vCPU thread {g} has an exit not yet taken")
         th.resume = RESUME_START
+        if not cpu_allowed(&self.e, g, th.pcpu):
+            # Its CPU was taken from its affinity while it was outside KVM_RUN.
+            set_task_cpu(&self.e, g, select_task_rq(&self.e, g, -1))
         if self.e.tlcap:
             tl_note(&self.e, th, g, self.e.now, TS_RUNNABLE)
         th.state = TS_RUNNABLE
@@ -1044,7 +1064,76 @@ cdef class Engine:
         return {"state": th.state, "halt_poll_ns": th.halt_poll_ns,
                 "requests": th.requests, "pcpu": th.pcpu, "pc": th.pc,
                 "runnable": bool(runnable(&self.e, g)), "mp_state": th.mp_state,
-                "sig_pending": bool(th.sig_pending), "exit_reason": th.exit_reason}
+                "sig_pending": bool(th.sig_pending), "exit_reason": th.exit_reason,
+                "nr_migrations": th.nr_migrations}
+
+    # -- placement (core/host.pxi) -------------------------------------------------
+
+    def set_llc(self, groups):
+        """Each host CPU's LLC group (a list of ``host_cpus`` ints, each < host_cpus;
+        validated by ``kvmwake.Host``): cpus_share_cache() and the LLC domain."""
+        arr = np.ascontiguousarray(groups, dtype=np.uint32)
+        if arr.shape != (self.e.ncpu,) or (self.e.ncpu and int(arr.max()) >= self.e.ncpu):
+            raise ValueError(f"LLC groups: one group number below {self.e.ncpu} per host CPU")
+        self._llc = arr.copy()
+        self._bind()
+
+    def llc(self):
+        """Each host CPU's LLC group number."""
+        return [int(x) for x in self._llc]
+
+    def set_affinity(self, uint32_t g, cpus, bint initial=False):
+        """sched_setaffinity() of thread g: ``cpus`` is "pinned" (CPU g % host_cpus),
+        "all", or a list of CPUs (validated by the caller).  ``initial``: the thread
+        was just created and takes its first CPU from the set (select_task_rq_fork);
+        otherwise a waiting thread on a CPU it may no longer use moves now, a running
+        one at its next preemption point, a sleeping one at its next wake-up."""
+        cdef thread_t* th = &self.e.th[g]
+        cdef uint8_t old = th.aff_kind
+        cdef uint32_t c
+        if g >= self.e.nth:
+            raise IndexError(f"thread {g} does not exist")
+        if cpus == "pinned":
+            th.aff_kind = AFF_PINNED
+        elif cpus == "all":
+            th.aff_kind = AFF_ALL
+        else:
+            mask = np.zeros(self.e.aff_words, dtype=np.uint64)
+            for c in cpus:
+                if c >= self.e.ncpu:
+                    raise ValueError(f"CPU {c} does not exist on this host")
+                mask[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+            if not mask.any():
+                raise ValueError("an empty CPU set")
+            key = mask.tobytes()
+            off = self._aff_index.get(key)
+            if off is None:
+                off = len(self._aff)
+                self._aff = np.concatenate([self._aff, mask])
+                self._aff_index[key] = off
+                self._bind()
+                th = &self.e.th[g]
+            th.aff_off = off
+            th.aff_kind = AFF_LIST
+        if old == AFF_PINNED and th.aff_kind != AFF_PINNED:
+            self.e.nunpinned += 1
+        elif old != AFF_PINNED and th.aff_kind == AFF_PINNED:
+            self.e.nunpinned -= 1
+        if initial:
+            th.pcpu = select_task_rq_fork(&self.e, g)
+            return
+        self._guard()
+        self._check(migrate_disallowed(&self.e, g, self.e.now))
+
+    def affinity(self, uint32_t g):
+        """Thread g's allowed CPUs, in order."""
+        if g >= self.e.nth:
+            raise IndexError(f"thread {g} does not exist")
+        return tuple(c for c in range(self.e.ncpu) if cpu_allowed(&self.e, g, c))
+
+    def affinity_kind(self, uint32_t g):
+        """"pinned", "all" or "list"."""
+        return ("pinned", "all", "list")[self.e.th[g].aff_kind]
 
     @property
     def scheduler(self):

@@ -89,7 +89,7 @@ MAX_BODY = 1 << 40             # 1 TiB: anything larger is not a snapshot of our
 ZLIB_LEVEL = 1                 # the stats histograms are mostly zeros
 _DTYPES = {"u1": np.uint8, "u4": np.uint32, "u8": np.uint64}
 _ARRAYS = ("threads", "irqs", "vms", "gics", "srcs", "times", "cpus", "stats", "lat", "ops",
-           "exitq", "heap", "trace", "timeline", "tlbase")
+           "exitq", "heap", "trace", "timeline", "tlbase", "aff")
 _SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdropped",
             "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len", "talloc",
             "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc")
@@ -97,7 +97,7 @@ _SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdroppe
 _HELD_KEYS = ("reason", "type", "ndata", "data0", "ucall", "value", "time")
 
 #: The arrays that are not bytes of engine structs ("u1"), and the struct of those that are.
-_ARRAY_DTYPES = {"times": "u8", "stats": "u8", "lat": "u8", "exitq": "u4"}
+_ARRAY_DTYPES = {"times": "u8", "stats": "u8", "lat": "u8", "exitq": "u4", "aff": "u8"}
 _ARRAY_STRUCTS = {"threads": "thread_t", "irqs": "virq_t", "vms": "vm_t", "gics": "gic_t",
                   "srcs": "source_t", "cpus": "cpu_t", "ops": "op_t", "heap": "event_t",
                   "trace": "trace_rec_t", "timeline": "tl_rec_t"}

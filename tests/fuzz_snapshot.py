@@ -68,18 +68,18 @@ THREAD_DTYPE = np.dtype(
                           "run_start", "halt_start", "poll_end", "wake_ts", "rng_state",
                           "rng_inc", "stall_t")]
     + [(n, "<i8") for n in ("vruntime", "deadline", "vlag", "vprot")]
-    + [("exec_start", "<u8")]
+    + [("exec_start", "<u8"), ("nr_migrations", "<u8")]
     + [("regs", "<u8", (31,))]
     + [(n, "<u8") for n in ("sp", "pstate", "pc_raw", "reset_pc", "reset_r0", "exit_data0",
                             "exit_value", "exit_time", "requests")]
     + [(n, "<u4") for n in ("exit_reason", "exit_type", "exit_ndata", "exit_ucall", "gen",
                             "run_gen", "halt_poll_ns", "prog", "pc", "vm",
                             "vcpu_id", "pcpu", "prog_n")]
-    + [("rq_next", "<i4"), ("stall_n", "<u4"), ("loops", "<u4", (4,))]
+    + [("rq_next", "<i4"), ("stall_n", "<u4"), ("aff_off", "<u4"), ("loops", "<u4", (4,))]
     + [(n, "u1") for n in ("state", "resume", "cont", "slice_armed", "do_poll", "has_prog",
                            "mp_state", "pc_valid", "sig_pending", "reset_pending",
-                           "halt_kind", "on_rq", "sched_delayed")]
-    + [("_pad", "u1", (5,))], align=True)
+                           "halt_kind", "on_rq", "sched_delayed", "aff_kind")]
+    + [("_pad", "u1", (4,))], align=True)
 VIRQ_DTYPE = np.dtype([
     ("ap", "<u8", (16,)), ("irr", "<u8", (4,)), ("isr", "<u8", (4,)),
     ("timer_cval", "<u8"), ("handler_ns", "<u8"), ("sv_guest", "<u8"),
@@ -117,7 +117,7 @@ _STRUCT_NAMES = {"threads": "thread_t", "irqs": "virq_t", "vms": "vm_t", "gics":
                  "srcs": "source_t", "cpus": "cpu_t", "heap": "event_t", "ops": "op_t",
                  "trace": "trace_rec_t", "timeline": "tl_rec_t"}
 #: Plain arrays: their elements are mutated one at a time.
-PLAIN = ("times", "stats", "lat", "exitq", "tlbase")
+PLAIN = ("times", "stats", "lat", "exitq", "tlbase", "aff")
 
 
 def check_layouts() -> None:

@@ -121,7 +121,7 @@ cdef int release_cpu(engine_t* e, thread_t* th, uint64_t t) noexcept nogil:
         cpu.cur = nxt
         return push_thread(e, &e.th[nxt], <uint32_t>nxt, t + e.costs.context_switch_ns, EV_RUN)
     cpu.cur = -1
-    return 0
+    return sched_balance_newidle(e, th.pcpu, t)
 
 
 cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
@@ -210,7 +210,9 @@ cdef int slice_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     # Preempted: keep the rest of the segment for later.
     preempt_segment(e, th, g, t)
     rq_append(e, &e.cpus[th.pcpu], g)
-    return release_cpu(e, th, t)
+    if release_cpu(e, th, t):
+        return -1
+    return migrate_disallowed(e, g, t)
 
 
 cdef inline bint single_task_running(engine_t* e, uint32_t c) noexcept nogil:
@@ -405,7 +407,7 @@ cdef int schedule_fair(engine_t* e, cpu_t* cpu, uint64_t t, uint64_t delay) noex
     cdef int32_t x = pick_next_task_fair(e, cpu)
     cpu.need_resched = 0
     if x < 0:
-        return 0
+        return sched_balance_newidle(e, <uint32_t>(cpu - e.cpus), t)
     return set_next_entity(e, cpu, x, t, delay)
 
 
@@ -445,7 +447,9 @@ cdef int preempt_fair(engine_t* e, cpu_t* cpu, uint32_t g, uint64_t t) noexcept 
     th.slice_armed = 0
     cpu.cur = -1
     rq_append(e, cpu, <int32_t>g)                   # put_prev_entity
-    return set_next_entity(e, cpu, x, t, e.costs.context_switch_ns)
+    if set_next_entity(e, cpu, x, t, e.costs.context_switch_ns):
+        return -1
+    return migrate_disallowed(e, g, t)
 
 
 cdef int arm_tick(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:
@@ -551,3 +555,297 @@ cdef int resched_curr(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcep
     th.run_gen += 1
     th.slice_armed = 1
     return heap_push(e, t, EV_SLICE, g, th.run_gen)
+
+
+# -- Placement: kernel/sched/core.c (select_task_rq, set_task_cpu, select_fallback_rq,
+# is_cpu_allowed) and kernel/sched/fair.c of Linux 6.18 (select_task_rq_fair,
+# wake_affine, wake_affine_idle, wake_affine_weight, select_idle_sibling,
+# select_idle_cpu, available_idle_cpu, cpus_share_cache, sched_balance_newidle,
+# sched_balance_rq, can_migrate_task, task_hot) in outline (docs/design.md,
+# "Placement").  A thread allowed on one CPU never moves: the pinned default
+# keeps every result of before.
+
+cdef extern from *:
+    """
+    #define kw_popcount64(x) ((uint32_t)__builtin_popcountll(x))
+    """
+    uint32_t kw_popcount64(uint64_t x) nogil
+
+cdef enum:
+    AFF_PINNED = 0            # CPU g % ncpu (the default)
+    AFF_ALL = 1               # every CPU
+    AFF_LIST = 2              # a mask in engine_t.affmask
+    SCHED_MIGRATION_COST_NS = 500000    # sysctl_sched_migration_cost
+    SD_LLC_IMBALANCE_PCT = 117          # sd->imbalance_pct of the LLC (MC) domain
+
+
+cdef inline bint cpu_allowed(engine_t* e, uint32_t g, uint32_t c) noexcept nogil:
+    """is_cpu_allowed(): c is in thread g's p->cpus_ptr."""
+    cdef thread_t* th = &e.th[g]
+    if th.aff_kind == AFF_ALL:
+        return 1
+    if th.aff_kind == AFF_PINNED:
+        return c == g % e.ncpu
+    return (e.affmask[th.aff_off + (c >> 6)] >> (c & 63)) & 1
+
+
+cdef inline uint32_t nr_cpus_allowed(engine_t* e, uint32_t g) noexcept nogil:
+    """p->nr_cpus_allowed."""
+    cdef thread_t* th = &e.th[g]
+    cdef uint32_t w, n = 0
+    if th.aff_kind == AFF_ALL:
+        return e.ncpu
+    if th.aff_kind == AFF_PINNED:
+        return 1
+    for w in range(e.aff_words):
+        n += kw_popcount64(e.affmask[th.aff_off + w])
+    return n
+
+
+cdef uint32_t nth_allowed(engine_t* e, uint32_t g, uint32_t k) noexcept nogil:
+    """The k-th CPU (from 0, in CPU order) of thread g's allowed set (k < the count)."""
+    cdef uint32_t c
+    for c in range(e.ncpu):
+        if cpu_allowed(e, g, c):
+            if k == 0:
+                return c
+            k -= 1
+    return 0
+
+
+cdef inline bint available_idle_cpu(engine_t* e, uint32_t c) noexcept nogil:
+    """available_idle_cpu() -> idle_cpu(): nothing current or switching in, nothing
+    queued (a delayed-dequeue sleeper counts in nr_running)."""
+    return e.cpus[c].cur < 0 and e.cpus[c].rq_len == 0
+
+
+cdef inline bint cpus_share_cache(engine_t* e, uint32_t a, uint32_t b) noexcept nogil:
+    return e.llc[a] == e.llc[b]
+
+
+cdef uint32_t select_task_rq_fork(engine_t* e, uint32_t g) noexcept nogil:
+    """A new thread's first CPU (wake_up_new_task's placement, simplified): the
+    (g mod n)-th of its n allowed CPUs, so that threads created one after another
+    spread over their CPUs; pinned and "all" give CPU g % ncpu."""
+    return nth_allowed(e, g, g % nr_cpus_allowed(e, g))
+
+
+cdef inline uint32_t select_fallback_rq(engine_t* e, uint32_t g) noexcept nogil:
+    """select_fallback_rq(): the chosen CPU is not allowed: the first allowed one
+    (no NUMA nodes, every CPU active)."""
+    return nth_allowed(e, g, 0)
+
+
+cdef int32_t select_idle_cpu(engine_t* e, uint32_t g, uint32_t target) noexcept nogil:
+    """select_idle_cpu(): the first idle CPU of target's LLC that g may use, in
+    CPU order from target + 1, wrapping (the whole LLC: SIS_UTIL's scan limit is
+    not modelled); -1 if none."""
+    cdef uint32_t i, x
+    for i in range(1, e.ncpu + 1):
+        x = (target + i) % e.ncpu
+        if e.llc[x] == e.llc[target] and available_idle_cpu(e, x) and cpu_allowed(e, g, x):
+            return <int32_t>x
+    return -1
+
+
+cdef uint32_t select_idle_sibling(engine_t* e, uint32_t g, uint32_t prev,
+                                  uint32_t target) noexcept nogil:
+    """select_idle_sibling(): target if idle; else prev if it shares target's LLC
+    and is idle; else an idle CPU of target's LLC (select_idle_cpu); else target.
+    (No SMT siblings, so no idle-core search; recent_used_cpu is not modelled.)"""
+    cdef int32_t i
+    if available_idle_cpu(e, target):
+        return target
+    if prev != target and cpus_share_cache(e, prev, target) and available_idle_cpu(e, prev):
+        return prev
+    i = select_idle_cpu(e, g, target)
+    if i >= 0:
+        return <uint32_t>i
+    return target
+
+
+cdef uint32_t wake_affine(engine_t* e, uint32_t this_cpu, uint32_t prev) noexcept nogil:
+    """wake_affine() without WF_SYNC: wake_affine_idle() (this CPU if it is idle and
+    shares prev's cache while prev is busy; prev if idle), else wake_affine_weight()
+    with loads as run-queue lengths (nr_running x NICE_0_LOAD, the waking thread's
+    blocked load on prev cancelling out, equal capacities): this CPU if
+    (nr(this) + 1) * 100 < nr(prev) * (100 + (imbalance_pct - 100) / 2)."""
+    cdef uint64_t this_eff, prev_eff
+    if available_idle_cpu(e, this_cpu) and cpus_share_cache(e, this_cpu, prev):
+        return prev if available_idle_cpu(e, prev) else this_cpu
+    if available_idle_cpu(e, prev):
+        return prev
+    this_eff = (<uint64_t>nr_queued(&e.cpus[this_cpu]) + 1) * 100
+    prev_eff = <uint64_t>nr_queued(&e.cpus[prev]) * (100 + (SD_LLC_IMBALANCE_PCT - 100) / 2)
+    return this_cpu if this_eff < prev_eff else prev
+
+
+cdef uint32_t select_task_rq(engine_t* e, uint32_t g, int32_t waker_cpu) noexcept nogil:
+    """select_task_rq() for a wake-up of thread g: its one CPU if it has one; under
+    EEVDF select_task_rq_fair() (wake_affine() towards the waker's CPU when the
+    waker runs elsewhere on a CPU g may use, no wake_wide(); then the fast path,
+    select_idle_sibling()); under FIFO its previous CPU if idle, else the first
+    idle CPU it may use, else the previous one.  waker_cpu < 0 (no waking thread:
+    a timer, a device interrupt, userspace) stands for the previous CPU, as an
+    interrupt arriving there.  A choice g may not use falls back
+    (select_fallback_rq)."""
+    cdef thread_t* th = &e.th[g]
+    cdef uint32_t prev = th.pcpu, cpu, c
+    if nr_cpus_allowed(e, g) == 1:
+        cpu = nth_allowed(e, g, 0)                  # cpumask_any(p->cpus_ptr)
+    elif e.sched == SCHED_POLICY_EEVDF:
+        cpu = prev
+        if waker_cpu >= 0 and <uint32_t>waker_cpu != prev and cpu_allowed(e, g, <uint32_t>waker_cpu):
+            cpu = wake_affine(e, <uint32_t>waker_cpu, prev)
+        cpu = select_idle_sibling(e, g, prev, cpu)
+    else:
+        cpu = prev
+        if not (available_idle_cpu(e, prev) and cpu_allowed(e, g, prev)):
+            for c in range(e.ncpu):
+                if available_idle_cpu(e, c) and cpu_allowed(e, g, c):
+                    cpu = c
+                    break
+    if not cpu_allowed(e, g, cpu):
+        cpu = select_fallback_rq(e, g)
+    return cpu
+
+
+cdef inline void set_task_cpu(engine_t* e, uint32_t g, uint32_t cpu) noexcept nogil:
+    """set_task_cpu(): onto another CPU, se.nr_migrations += 1 (sched_migrate_task).
+    The thread's lag is relative, so place_entity() on the new CPU uses it as is."""
+    cdef thread_t* th = &e.th[g]
+    if th.pcpu != cpu:
+        th.pcpu = cpu
+        th.nr_migrations += 1
+
+
+cdef void ttwu_select(engine_t* e, uint32_t g) noexcept nogil:
+    """try_to_wake_up()'s placement, before the thread is made runnable: a thread
+    still queued (a delayed-dequeue sleeper) wakes where it is (ttwu_runnable);
+    another goes where select_task_rq() says, the waker being the thread whose
+    event is being handled."""
+    cdef int32_t waker_cpu = -1
+    if e.th[g].on_rq or e.nunpinned == 0:
+        return
+    if e.waker >= 0 and e.waker != <int32_t>g:
+        waker_cpu = <int32_t>e.th[e.waker].pcpu
+    set_task_cpu(e, g, select_task_rq(e, g, waker_cpu))
+
+
+cdef void detach_queued(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """detach_task() -> deactivate_task() of a waiting thread (not current, not
+    delayed): out of its CPU's queue; under EEVDF dequeue_entity() without
+    DEQUEUE_SLEEP: update_curr() of that CPU (a reschedule it asks for is acted
+    on as after a wake-up), then update_entity_lag(), so the lag goes along."""
+    cdef thread_t* th = &e.th[g]
+    cdef cpu_t* cpu = &e.cpus[th.pcpu]
+    if e.sched == SCHED_POLICY_EEVDF:
+        if update_curr(e, cpu, t) and (e.th[cpu.cur].state == TS_RUNNING
+                                       or e.th[cpu.cur].state == TS_RUNNABLE):
+            cpu.need_resched = 1
+        update_entity_lag(e, cpu, th)
+        cpu.sum_v -= th.vruntime - cpu.zero_v
+        th.on_rq = 0
+    rq_remove(e, cpu, <int32_t>g)
+
+
+cdef int attach_queued(engine_t* e, uint32_t g, uint32_t dst, uint64_t t,
+                       uint64_t delay) noexcept nogil:
+    """attach_task() -> activate_task() on dst: set_task_cpu(), then the enqueue and
+    wakeup_preempt() of a wake-up (place_entity() with the thread's lag; PLACE_REL_DEADLINE
+    is not modelled: the deadline is a fresh slice); an idle dst runs it after
+    ``delay`` ns.  A reschedule the source CPU's update_curr() asked for is then
+    acted on."""
+    cdef uint32_t src = e.th[g].pcpu
+    cdef cpu_t* scpu = &e.cpus[src]
+    set_task_cpu(e, g, dst)
+    if make_runnable(e, g, t, delay):
+        return -1
+    if scpu.need_resched and scpu.cur >= 0 and e.th[scpu.cur].state == TS_RUNNING:
+        return resched_curr(e, &e.th[scpu.cur], <uint32_t>scpu.cur, t)
+    return 0
+
+
+cdef inline bint task_hot(engine_t* e, thread_t* th, uint64_t t) noexcept nogil:
+    """task_hot(): it ran within sysctl_sched_migration_cost (500 us) of now
+    (se.exec_start: when it last ran).  FIFO keeps no exec_start: never hot."""
+    return e.sched == SCHED_POLICY_EEVDF and t - th.exec_start < SCHED_MIGRATION_COST_NS
+
+
+cdef int32_t detach_one(engine_t* e, uint32_t src, uint32_t dst, uint64_t t,
+                        bint* all_pinned) noexcept nogil:
+    """detach_tasks() for one thread (a newly idle CPU's imbalance is one task):
+    the first waiting thread of src's queue, in queue order, that can_migrate_task()
+    allows: allowed on dst, not current, not delayed (a delayed sleeper counts as
+    pinned here), not task_hot().  all_pinned stays set if none was allowed on dst."""
+    cdef int32_t x = e.cpus[src].rq_head
+    cdef thread_t* th
+    while x >= 0:
+        th = &e.th[x]
+        if not th.sched_delayed and cpu_allowed(e, <uint32_t>x, dst):
+            all_pinned[0] = 0
+            if not task_hot(e, th, t):
+                return x
+        x = th.rq_next
+    return -1
+
+
+cdef int sched_balance_newidle(engine_t* e, uint32_t c, uint64_t t) noexcept nogil:
+    """sched_balance_newidle(): CPU c is about to go idle; sched_balance_rq() at its
+    LLC domain, then (several LLCs) at the whole host, pulls one waiting thread from
+    the busiest CPU there (the most threads current or queued, at least 2; the
+    lowest-numbered on a tie; outside c's LLC at the host level), skipping a CPU
+    whose threads are all pinned (LBF_ALL_PINNED) for the next busiest; the pulled
+    thread runs after context_switch_ns.  -1 on error.  (No avg_idle / max_newidle_lb_cost cut-off, no periodic or NOHZ
+    balancing.)"""
+    cdef uint32_t level, x, best, bestn, n, lastn
+    cdef int32_t last, p
+    cdef bint all_pinned
+    if e.nunpinned == 0:
+        return 0
+    for level in range(2):
+        lastn = <uint32_t>-1
+        last = -1
+        while True:
+            # The next busiest after (lastn, last) in (most threads, lowest CPU) order.
+            best = e.ncpu
+            bestn = 1
+            for x in range(e.ncpu):
+                if x == c or (e.llc[x] == e.llc[c]) != (level == 0):
+                    continue
+                n = nr_queued(&e.cpus[x])
+                if n > lastn or (n == lastn and <int32_t>x <= last):
+                    continue
+                if n > bestn:
+                    bestn = n
+                    best = x
+            if best == e.ncpu:
+                break
+            all_pinned = 1
+            p = detach_one(e, best, c, t, &all_pinned)
+            if p >= 0:
+                detach_queued(e, <uint32_t>p, t)
+                return attach_queued(e, <uint32_t>p, c, t, e.costs.context_switch_ns)
+            if not all_pinned:
+                break               # hot threads: nothing moves at this level
+            lastn = bestn
+            last = <int32_t>best
+    return 0
+
+
+cdef int migrate_disallowed(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """After set_affinity (sched_setaffinity) or at a preemption point: a waiting
+    thread on a CPU it may no longer use moves now (move_queued_task() to the
+    first CPU it may use, woken from idle after wake_to_run_ns); a delayed sleeper
+    there is dequeued for good (its next wake-up places it)."""
+    cdef thread_t* th = &e.th[g]
+    cdef cpu_t* cpu = &e.cpus[th.pcpu]
+    if cpu_allowed(e, g, th.pcpu) or cpu.cur == <int32_t>g:
+        return 0
+    if th.sched_delayed:
+        finish_delayed_dequeue(e, cpu, <int32_t>g)
+        return 0
+    if th.state != TS_RUNNABLE:
+        return 0
+    detach_queued(e, g, t)
+    return attach_queued(e, g, select_fallback_rq(e, g), t, e.costs.wake_to_run_ns)

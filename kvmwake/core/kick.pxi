@@ -13,6 +13,7 @@ cdef int wake_up(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         return 0
     e.stats[<uint64_t>g * NR_STATS + S_WAKEUP] += 1
     th.wake_ts = t
+    ttwu_select(e, g)
     if e.tlcap:
         tl_note(e, th, g, t, TS_RUNNABLE)
     th.state = TS_RUNNABLE
@@ -28,6 +29,7 @@ cdef int signal_wake(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef thread_t* th = &e.th[g]
     if th.state == TS_BLOCKED:
         th.wake_ts = t
+        ttwu_select(e, g)
         if e.tlcap:
             tl_note(e, th, g, t, TS_RUNNABLE)
         th.state = TS_RUNNABLE

@@ -60,7 +60,7 @@ def _engine_export(Engine self):
               "times": self._times.copy(), "cpus": self._cpus.copy(),
               "stats": self._stats.copy(), "lat": self._lat.copy(), "ops": self._ops.copy(),
               "exitq": self._exitq.copy(), "heap": heap, "trace": trace,
-              "timeline": timeline, "tlbase": self._tlbase.copy()}
+              "timeline": timeline, "tlbase": self._tlbase.copy(), "aff": self._aff.copy()}
     return scalars, arrays
 
 
@@ -125,10 +125,15 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     self._ops = arrays["ops"]
     self._exitq = arrays["exitq"]
     self._tlbase = arrays["tlbase"]
+    self._aff = np.ascontiguousarray(arrays["aff"], dtype=np.uint64)
     e.nth = <uint32_t>(len(self._threads) // sizeof(thread_t))
     e.nvm = <uint32_t>(len(self._vms) // sizeof(vm_t))
     e.nsrc = <uint32_t>(len(self._srcs) // sizeof(source_t))
     e.ncpu = <uint32_t>(len(self._cpus) // sizeof(cpu_t))
+    e.aff_words = (e.ncpu + 63) // 64
+    e.waker = -1
+    if len(self._llc) != e.ncpu:
+        raise ValueError("the host's LLC groups disagree with its CPU count")
     self._bind()
     nheap = len(arrays["heap"]) // sizeof(event_t)
     free(e.heap)
@@ -178,6 +183,7 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     e.exq_head, e.exq_len = scalars["exq_head"], scalars["exq_len"]
     _check_state(self, True)
     self._prog_index = {}
+    _index_affinity(self)
     cdef uint32_t g
     for g in range(e.nth):
         if e.th[g].has_prog:
@@ -232,7 +238,7 @@ cdef _check_state(Engine self, bint programs):
     prev = e.tlt0
     for i in range(e.tlcount):
         tr = &e.tl[(start + i) % e.tlcap]
-        if tr.g >= e.nth or tr.cpu != e.th[tr.g].pcpu or tr.state > TS_RUNNABLE \
+        if tr.g >= e.nth or tr.cpu >= e.ncpu or tr.state > TS_RUNNABLE \
                 or tr.t < prev or tr.t > e.now:
             raise ValueError(f"timeline record {i}: out of range or out of order")
         prev = tr.t
@@ -269,6 +275,7 @@ cdef _check_state(Engine self, bint programs):
             raise ValueError(f"thread {g}: in KVM_RUN without a program")
         if th.rq_next < -1 or th.rq_next >= <int32_t>e.nth:
             raise ValueError(f"thread {g}: run-queue link out of range")
+        _check_affinity(self, g)
         if e.irq[g].cur_irq < -1 or e.irq[g].cur_irq > 1023 or e.irq[g].sv_cont > CONT_EOI:
             raise ValueError(f"thread {g}: interrupt bookkeeping out of range")
     if programs:
@@ -526,6 +533,46 @@ cdef _check_links(Engine self):
             raise ValueError(f"thread {g}: traps on op {th.pc}, which does not trap")
 
 
+cdef _check_affinity(Engine self, uint32_t g):
+    """Thread g's CPU affinity: a known kind; a list's mask inside the table,
+    naming at least one CPU and none beyond the host's."""
+    cdef engine_t* e = &self.e
+    cdef thread_t* th = &e.th[g]
+    cdef uint32_t w, c
+    cdef uint64_t naff = len(self._aff)
+    cdef bint any_cpu = 0
+    if th.aff_kind > AFF_LIST:
+        raise ValueError(f"thread {g}: an unknown CPU affinity kind {th.aff_kind}")
+    if th.aff_kind != AFF_LIST:
+        return
+    if <uint64_t>th.aff_off + e.aff_words > naff:
+        raise ValueError(f"thread {g}: its CPU affinity mask lies outside the table")
+    for w in range(e.aff_words):
+        if e.affmask[th.aff_off + w]:
+            any_cpu = 1
+    for c in range(e.ncpu, e.aff_words * 64):
+        if (e.affmask[th.aff_off + (c >> 6)] >> (c & 63)) & 1:
+            raise ValueError(f"thread {g}: its CPU affinity names CPU {c}, which the "
+                             f"host ({e.ncpu} CPUs) does not have")
+    if not any_cpu:
+        raise ValueError(f"thread {g}: an empty CPU affinity")
+
+
+cdef _index_affinity(Engine self):
+    """After an import or re-placement: the mask table's index and the count of
+    threads that are not pinned (both derived)."""
+    cdef engine_t* e = &self.e
+    cdef uint32_t g
+    self._aff_index = {}
+    e.nunpinned = 0
+    for g in range(e.nth):
+        if e.th[g].aff_kind != AFF_PINNED:
+            e.nunpinned += 1
+        if e.th[g].aff_kind == AFF_LIST:
+            key = self._aff[e.th[g].aff_off:e.th[g].aff_off + e.aff_words].tobytes()
+            self._aff_index.setdefault(key, e.th[g].aff_off)
+
+
 def _engine_view(Engine self):
     """What the Python side of a restore is checked against: per VM (first thread,
     vCPUs, SPIs, KVM_CAP_HALT_POLL ceiling or None, tick, suspend cap), per thread
@@ -560,7 +607,9 @@ cdef inline bint _is_trap_op(uint16_t code) noexcept nogil:
 def _engine_rehost(Engine self, uint32_t ncpu):
     """Move every vCPU thread to a host of ``ncpu`` CPUs, as a migration would.
 
-    Thread g goes to host CPU g % ncpu.  Threads that had a CPU keep one if
+    Thread g goes to host CPU g % ncpu (one with an affinity list: the
+    (g mod n)-th of the n CPUs of its list that the new host has; a list left
+    empty is refused; the LLC groups are then the caller's to set).  Threads that had a CPU keep one if
     their new CPU is free (in the old CPU order); otherwise a running thread
     is preempted (the rest of its segment waits in the run queue), a polling
     one stops polling and blocks (another thread is runnable on its CPU), and
@@ -576,6 +625,15 @@ def _engine_rehost(Engine self, uint32_t ncpu):
     cdef uint64_t t = e.now
     if ncpu == 0 or ncpu > (1 << 20):
         raise ValueError(f"host_cpus = {ncpu} out of range 1..{1 << 20}")
+    # Affinity lists keep the CPUs the new host has (checked before anything changes).
+    lists = {}
+    for g in range(e.nth):
+        if e.th[g].aff_kind == AFF_LIST:
+            kept = [c for c in self.affinity(g) if c < ncpu]
+            if not kept:
+                raise ValueError(f"thread {g}'s CPU affinity {list(self.affinity(g))} names "
+                                 f"no CPU of a {ncpu}-CPU host")
+            lists[g] = kept
     curs = []
     queues = []
     for c in range(old_n):
@@ -589,14 +647,20 @@ def _engine_rehost(Engine self, uint32_t ncpu):
             x = e.th[x].rq_next
         queues.append(q)
     self._cpus = np.zeros(ncpu * sizeof(cpu_t), dtype=np.uint8)
+    self._llc = np.zeros(ncpu, dtype=np.uint32)      # one LLC until set_llc()
+    self._aff = np.zeros(0, dtype=np.uint64)
+    self._aff_index = {}
     e.ncpu = ncpu
+    e.aff_words = (ncpu + 63) // 64
     self._bind()
+    for g, kept in lists.items():
+        self.set_affinity(g, kept, True)
     for c in range(ncpu):
         e.cpus[c].cur = -1
         e.cpus[c].rq_head = -1
         e.cpus[c].rq_tail = -1
     for g in range(e.nth):
-        e.th[g].pcpu = g % ncpu
+        e.th[g].pcpu = select_task_rq_fork(e, g)      # g % ncpu unless a list says
         e.th[g].rq_next = -1
     for g in curs:
         th = &e.th[g]
