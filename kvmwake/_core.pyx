@@ -1078,7 +1078,7 @@ cdef class Engine:
         self._llc = arr.copy()
         self._bind()
 
-    def llc(self):
+    def llc_list(self):
         """Each host CPU's LLC group number."""
         return [int(x) for x in self._llc]
 

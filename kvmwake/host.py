@@ -2,8 +2,12 @@
 
 Several VMs share one host, as on a real server.  vCPU threads are placed on
 host CPUs round-robin by creation order: the g-th vCPU thread created on the
-host (counting over all its VMs) runs on host CPU ``g % host_cpus``.  Each host
-CPU schedules its threads with the host's scheduler: ``"fifo"`` (FIFO run
+host (counting over all its VMs) runs on host CPU ``g % host_cpus``, for good
+with the default affinity ``"pinned"``.  A thread allowed on several CPUs
+(``create_vm(affinity=...)``, ``vcpu.set_affinity``) is placed at each wake-up
+as ``select_task_rq_fair`` does and can be pulled by a CPU going idle, within
+the host's LLC groups (``Host(llc=...)``; docs/design.md, "Placement").  Each
+host CPU schedules its threads with the host's scheduler: ``"fifo"`` (FIFO run
 queues, a fixed slice) or ``"eevdf"`` (Linux 6.18's fair class).
 """
 
@@ -55,6 +59,63 @@ def check_scheduler(scheduler) -> str:
     return scheduler
 
 
+def check_llc(llc, host_cpus: int) -> tuple:
+    """A host topology's LLC groups as a tuple of tuples (a partition of the CPUs):
+    None, one LLC holding every CPU; an int k, groups of k consecutive CPUs (the
+    last may be smaller); or a list of lists of CPUs."""
+    if llc is None:
+        return (tuple(range(host_cpus)),)
+    if isinstance(llc, numbers.Integral) and not isinstance(llc, bool):
+        k = check_int("llc", llc, 1, host_cpus)
+        return tuple(tuple(range(i, min(i + k, host_cpus))) for i in range(0, host_cpus, k))
+    if isinstance(llc, (str, bytes)) or not hasattr(llc, "__iter__"):
+        raise TypeError(f"llc must be None, an int or a list of lists of CPUs, not "
+                        f"{type(llc).__name__}")
+    groups = []
+    seen = set()
+    for i, grp in enumerate(llc):
+        if isinstance(grp, (str, bytes)) or not hasattr(grp, "__iter__"):
+            raise TypeError(f"llc group {i} must be a list of CPUs, not {type(grp).__name__}")
+        cpus = tuple(check_int(f"llc group {i}'s CPU", c, 0, host_cpus - 1) for c in grp)
+        if not cpus:
+            raise ValueError(f"llc group {i} is empty")
+        dup = seen.intersection(cpus) or (len(set(cpus)) != len(cpus) and cpus)
+        if dup:
+            raise ValueError(f"llc: CPU {min(dup)} is in two groups")
+        seen.update(cpus)
+        groups.append(tuple(sorted(cpus)))
+    if len(seen) != host_cpus:
+        missing = min(set(range(host_cpus)) - seen)
+        raise ValueError(f"llc: CPU {missing} is in no group (the groups must cover "
+                         f"all {host_cpus} host CPUs)")
+    return tuple(groups)
+
+
+def check_affinity(cpus, host_cpus: int):
+    """A CPU affinity: "pinned" (thread g on CPU g % host_cpus), "all", or a sorted
+    tuple of CPUs (from an int or an iterable of ints)."""
+    if isinstance(cpus, str):
+        if cpus not in ("pinned", "all"):
+            raise ValueError(f"unknown affinity {cpus!r} (\"pinned\", \"all\", or CPUs)")
+        return cpus
+    if isinstance(cpus, numbers.Integral) and not isinstance(cpus, bool):
+        cpus = (cpus,)
+    if not hasattr(cpus, "__iter__"):
+        raise TypeError(f"affinity must be \"pinned\", \"all\", a CPU or a list of CPUs, "
+                        f"not {type(cpus).__name__}")
+    out = []
+    for c in cpus:
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+            raise TypeError(f"affinity: CPU {c!r} is not an integer")
+        if not 0 <= c < host_cpus:
+            raise ValueError(f"affinity: CPU {c} does not exist (the host has CPUs "
+                             f"0..{host_cpus - 1})")
+        out.append(int(c))
+    if not out:
+        raise ValueError("affinity: an empty CPU set")
+    return tuple(sorted(set(out)))
+
+
 def check_arch(arch) -> str:
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCHES)})")
@@ -91,6 +152,11 @@ class Host:
         HZ=250 ticks, delayed dequeue), every thread nice 0, with the base
         slice 0.7 ms x (1 + ilog2(min(host_cpus, 8))) (``sched_slice_ns`` is
         then unused).
+    llc : None, int or list of lists
+        The host's topology: which CPUs share a last-level cache (placement's
+        LLC domain, docs/design.md "Placement").  None: one LLC holding every
+        CPU; k: groups of k consecutive CPUs; or the groups, a partition of the
+        CPUs.  ``host.llc_groups`` gives them as a tuple of tuples.
     """
 
     #: The class of the VMs ``create_vm`` and ``restore`` make: ``kvmwake.vm.VM``,
@@ -100,9 +166,10 @@ class Host:
     def __init__(self, host_cpus: int = 1, arch: str = "arm64", seed: int = 0,
                  costs: dict | None = None, engine: str = "core",
                  trace_capacity: int = 1 << 20, timeline_capacity: int = 0,
-                 scheduler: str = DEFAULT_SCHEDULER):
+                 scheduler: str = DEFAULT_SCHEDULER, llc=None):
         host_cpus = check_int("host_cpus", host_cpus, 1, MAX_HOST_CPUS)
         scheduler = check_scheduler(scheduler)
+        llc_groups = check_llc(llc, host_cpus)
         arch = check_arch(arch)
         seed = check_int("seed", seed, 0, (1 << 64) - 1)
         trace_capacity = check_int("trace_capacity", trace_capacity, 0, 1 << 32)
@@ -124,6 +191,9 @@ class Host:
                                              timeline_capacity, scheduler)
         self.scheduler = scheduler
         self.host_cpus = host_cpus
+        self._llc = llc if llc is None or isinstance(llc, numbers.Integral) \
+            else [list(g) for g in llc_groups]
+        self._set_llc(llc_groups)
         self.vms: list = []
         self._nthreads = 0
         # The VMM policy call in progress (vm, vcpu id), or None: run() from inside
@@ -145,6 +215,21 @@ class Host:
     halt_poll_ns_grow_start = _param("halt_poll_ns_grow_start")
     halt_poll_ns_shrink = _param("halt_poll_ns_shrink")
     del _param
+
+    def _set_llc(self, groups) -> None:
+        ids = [0] * sum(len(g) for g in groups)
+        for i, grp in enumerate(groups):
+            for c in grp:
+                ids[c] = i
+        self._engine.set_llc(ids)
+        self.llc_groups = tuple(groups)
+
+    def thread_info(self, g: int) -> dict:
+        """Thread g of the host (vCPU threads in creation order, over all VMs): its
+        state, host CPU (``pcpu``), ``nr_migrations`` (se.nr_migrations: wake-ups
+        placed on another CPU, and pulls by a newly idle CPU) and more."""
+        g = check_int("g", g, 0, self._nthreads - 1)
+        return self._engine.thread_info(g)
 
     def sched_state(self) -> dict:
         """The host scheduler's state: per thread (vruntime, deadline, vlag, vprot,
@@ -172,14 +257,17 @@ class Host:
     # -- VMs -------------------------------------------------------------------------
 
     def create_vm(self, nr_vcpus: int, arch: str | None = None,
-                  nr_spis: int = DEFAULT_NR_SPIS, memory_size: int | None = None):
+                  nr_spis: int = DEFAULT_NR_SPIS, memory_size: int | None = None,
+                  affinity="pinned"):
         """``KVM_CREATE_VM`` plus ``nr_vcpus`` x ``KVM_CREATE_VCPU`` (and the vGIC's SPIs).
 
+        ``affinity``: where the vCPU threads may run: ``"pinned"`` (thread g on
+        CPU g % host_cpus), ``"all"``, or a list of CPUs (see ``VM``).
         On any invalid argument it raises and the host is left as it was.
         """
         kw = {} if memory_size is None else {"memory_size": memory_size}
         return self.vm_class(nr_vcpus=nr_vcpus, arch=self.arch if arch is None else arch,
-                             host=self, nr_spis=nr_spis, **kw)
+                             host=self, nr_spis=nr_spis, affinity=affinity, **kw)
 
     @staticmethod
     def _check_vm_args(nr_vcpus, arch: str, nr_spis) -> int:
@@ -366,6 +454,8 @@ def host_to_bytes(host: Host, vm_index: int | None = None, run: dict | None = No
             "costs": host.costs, "engine": host.engine_name}
     if host.scheduler != "fifo":
         desc["scheduler"] = host.scheduler      # absent: fifo (older snapshots)
+    if host._llc is not None:
+        desc["llc"] = host._llc                 # absent: one LLC
     return _snapshot.encode(host._engine, desc, [vm._snapshot_record() for vm in host.vms],
                             vm_index=vm_index, run=run)
 
@@ -386,7 +476,7 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
     try:
         host = Host(host_cpus=hc["host_cpus"], arch=hc["arch"], seed=hc["seed"],
                     costs=hc["costs"], engine="core", trace_capacity=snap.scalars["tcap"],
-                    scheduler=hc.get("scheduler", "fifo"))
+                    scheduler=hc.get("scheduler", "fifo"), llc=hc.get("llc"))
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise SnapshotError(f"snapshot host configuration is invalid: {exc}") from None
     _snapshot.check_host_cpus(snap, host.host_cpus)
@@ -411,6 +501,15 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
             raise SnapshotError(f"restoring onto another host CPU count is only "
                                 f"implemented for the fifo scheduler, not "
                                 f"{host.scheduler!r}")
-        host._engine.rehost(host_cpus)
+        if isinstance(host._llc, list):
+            raise SnapshotError(f"the snapshot's host has explicit LLC groups "
+                                f"{host._llc}, which do not carry over to {host_cpus} CPUs")
+        try:
+            host._engine.rehost(host_cpus)
+        except ValueError as exc:
+            raise SnapshotError(f"cannot restore onto {host_cpus} host CPUs: {exc}") from None
         host.host_cpus = host_cpus
+        if host._llc is not None:
+            host._llc = min(host._llc, host_cpus)
+        host._set_llc(check_llc(host._llc, host_cpus))
     return host, snap.header

@@ -13,7 +13,7 @@ from . import snapshot as _snapshot
 from . import vmm as _vmm
 from .errors import KvmError, SnapshotError
 from .exits import Exit, from_engine
-from .host import Host, check_arch, check_int, host_to_bytes, restore_host
+from .host import Host, check_affinity, check_arch, check_int, host_to_bytes, restore_host
 from .model import (DEFAULT_MEM_SIZE, DEFAULT_NR_SPIS, KVM_REQUEST_MASK, MEM_BASE, S_BLOCKING,
                     SourceKind, ThreadState, mpidr_of)
 from .outputs import stats as _stats
@@ -83,6 +83,13 @@ class VM:
     nr_spis : int
         arm64: SPIs of the vGIC, INTIDs 32 .. 32 + nr_spis - 1 (at most 988,
         up to INTID 1019; default 224, KVM's default of 256 IRQs).
+    affinity : "pinned", "all", int or list of ints
+        Where its vCPU threads may run (sched_setaffinity): ``"pinned"`` (the
+        default: thread g on host CPU g % host_cpus for good), ``"all"`` (every
+        host CPU), or a list of host CPUs (every vCPU thread may run on any of
+        them; thread g starts on the (g mod n)-th of the n).  A thread allowed
+        on several CPUs is placed at each wake-up (docs/design.md, "Placement");
+        ``vcpu.set_affinity`` changes one thread's set later.
 
     The vGIC starts as a booted Linux guest leaves it: distributor enabled,
     SGIs 0-15, the timer PPI 27 and the tick PPI 30 enabled, SPIs disabled
@@ -93,7 +100,8 @@ class VM:
     def __init__(self, arch: str = "arm64", nr_vcpus: int = 1, host_cpus: int | None = None,
                  seed: int = 0, host: Host | None = None, costs: dict | None = None,
                  engine: str = "core", trace_capacity: int = 1 << 20,
-                 nr_spis: int = DEFAULT_NR_SPIS, memory_size: int = DEFAULT_MEM_SIZE):
+                 nr_spis: int = DEFAULT_NR_SPIS, memory_size: int = DEFAULT_MEM_SIZE,
+                 affinity="pinned"):
         # Every argument is checked before the host is touched: a constructor that
         # fails leaves the host (and its snapshot) exactly as it was.
         check_arch(arch)
@@ -109,6 +117,7 @@ class VM:
             host = Host(host_cpus=int(nr_vcpus) if host_cpus is None else host_cpus, arch=arch,
                         seed=seed, costs=costs, engine=engine, trace_capacity=trace_capacity)
         nr_spis = host._check_vm(nr_vcpus, arch, nr_spis)
+        affinity = check_affinity(affinity, host.host_cpus)
         vcpus = int(nr_vcpus)
         self.host = host
         self.arch = arch
@@ -123,6 +132,9 @@ class VM:
         self.exits = 0
         # The only step that changes the host, last.
         self.index, self._first = host._add_vm(self, vcpus, arch, nr_spis)
+        if affinity != "pinned":
+            for g in range(self._first, self._first + vcpus):
+                host._engine.set_affinity(g, affinity, True)
         self.vcpus = [VCpu(self, i) for i in range(vcpus)]
         self.vmm.attach(self)
 
@@ -1075,6 +1087,25 @@ class VCpu:
     @property
     def host_cpu(self) -> int:
         return self.vm._engine.thread_info(self._g)["pcpu"]
+
+    @property
+    def affinity(self) -> tuple:
+        """The host CPUs its thread may run on (p->cpus_ptr), in order."""
+        return self.vm._engine.affinity(self._g)
+
+    def set_affinity(self, cpus) -> None:
+        """sched_setaffinity() of its thread: ``cpus`` is a host CPU, a list of them,
+        ``"all"`` or ``"pinned"`` (CPU g % host_cpus).  A thread waiting for a CPU
+        it may no longer use moves at once; a running one at its next preemption
+        point (or when it next sleeps); a sleeping one at its next wake-up."""
+        cpus = check_affinity(cpus, self.vm.host.host_cpus)
+        self.vm._engine.set_affinity(self._g, cpus)
+
+    @property
+    def nr_migrations(self) -> int:
+        """se.nr_migrations: how often its thread changed host CPU (wake-up placement,
+        a newly idle CPU's pull, an affinity change)."""
+        return self.vm._engine.thread_info(self._g)["nr_migrations"]
 
     def stats(self) -> _stats.HaltStats:
         """This vCPU's halt stats under the kernel's names (a ``HaltStats``, see VM.stats)."""

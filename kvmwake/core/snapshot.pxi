@@ -183,7 +183,7 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     e.exq_head, e.exq_len = scalars["exq_head"], scalars["exq_len"]
     _check_state(self, True)
     self._prog_index = {}
-    _index_affinity(self)
+    index_affinity(self)
     cdef uint32_t g
     for g in range(e.nth):
         if e.th[g].has_prog:
@@ -238,7 +238,9 @@ cdef _check_state(Engine self, bint programs):
     prev = e.tlt0
     for i in range(e.tlcount):
         tr = &e.tl[(start + i) % e.tlcap]
-        if tr.g >= e.nth or tr.cpu >= e.ncpu or tr.state > TS_RUNNABLE \
+        # (A record keeps the CPU of its time: threads migrate.)
+        if tr.g >= e.nth or tr.cpu >= e.ncpu or e.th[tr.g].pcpu >= e.ncpu \
+                or tr.state > TS_RUNNABLE \
                 or tr.t < prev or tr.t > e.now:
             raise ValueError(f"timeline record {i}: out of range or out of order")
         prev = tr.t
@@ -275,7 +277,7 @@ cdef _check_state(Engine self, bint programs):
             raise ValueError(f"thread {g}: in KVM_RUN without a program")
         if th.rq_next < -1 or th.rq_next >= <int32_t>e.nth:
             raise ValueError(f"thread {g}: run-queue link out of range")
-        _check_affinity(self, g)
+        check_affinity(self, g)
         if e.irq[g].cur_irq < -1 or e.irq[g].cur_irq > 1023 or e.irq[g].sv_cont > CONT_EOI:
             raise ValueError(f"thread {g}: interrupt bookkeeping out of range")
     if programs:
@@ -533,7 +535,7 @@ cdef _check_links(Engine self):
             raise ValueError(f"thread {g}: traps on op {th.pc}, which does not trap")
 
 
-cdef _check_affinity(Engine self, uint32_t g):
+cdef check_affinity(Engine self, uint32_t g):
     """Thread g's CPU affinity: a known kind; a list's mask inside the table,
     naming at least one CPU and none beyond the host's."""
     cdef engine_t* e = &self.e
@@ -558,7 +560,7 @@ cdef _check_affinity(Engine self, uint32_t g):
         raise ValueError(f"thread {g}: an empty CPU affinity")
 
 
-cdef _index_affinity(Engine self):
+cdef index_affinity(Engine self):
     """After an import or re-placement: the mask table's index and the count of
     threads that are not pinned (both derived)."""
     cdef engine_t* e = &self.e

@@ -68,6 +68,8 @@ class _Thread(_Stream):
         "slice_armed", "run_start",
         # EEVDF (struct sched_entity, nice 0)
         "vruntime", "deadline", "vlag", "vprot", "exec_start", "on_rq", "sched_delayed",
+        # placement: se.nr_migrations, p->cpus_ptr (host.AFF_*, the CPU bit mask of a list)
+        "nr_migrations", "aff_kind", "aff_mask",
         "seg_end", "seg_gfrom", "seg_gto", "cont", "rem_end", "rem_gfrom", "rem_gto",
         "halt_start", "poll_end", "do_poll", "wake_ts", "halt_poll_ns", "requests",
         "prog", "pc", "loops", "stall_t", "stall_n", "stats",
@@ -91,6 +93,9 @@ class _Thread(_Stream):
         self.run_start = 0
         self.vruntime = self.deadline = self.vlag = self.vprot = self.exec_start = 0
         self.on_rq = self.sched_delayed = False
+        self.nr_migrations = 0
+        self.aff_kind = host.AFF_PINNED
+        self.aff_mask = 0
         self.seg_end = self.seg_gfrom = self.seg_gto = 0
         self.cont = CONT_NEXT
         self.rem_end = self.rem_gfrom = self.rem_gto = 0
@@ -198,9 +203,11 @@ def run_loop(e, until_ns, stop_on_exit):
     heap_pop = queue.heap_pop
     while heap and heap[0][0] < until_ns:
         if stop_on_exit and e.exits:
+            e.waker = -1
             return e.exits[0]
         t, cls, _seq, who, gen = heap_pop(e)
         e.now = t
+        e.waker = -1
         if cls == _EV_TICK:
             vm = e.vms[who]
             if gen != vm.tick_gen:
@@ -223,6 +230,7 @@ def run_loop(e, until_ns, stop_on_exit):
             e.events += 1
             timer.timer_fire(e, th, t)
             continue
+        e.waker = who                       # the waker of what it wakes
         if cls == _EV_SLICE:
             if gen != th.run_gen:
                 continue
@@ -239,6 +247,7 @@ def run_loop(e, until_ns, stop_on_exit):
             halt.block(e, th, t, t)
         else:
             host.got_cpu(e, th, t)
+    e.waker = -1
     if stop_on_exit and e.exits:
         return e.exits[0]
     e.now = until_ns
@@ -292,6 +301,11 @@ class Engine:
         self.failed = False
         self.code_base = MEM_BASE[arch]
         self.exits: deque = deque()      # threads that exited to userspace, in order
+        # Placement (host.py): each CPU's LLC group, the thread whose event is being
+        # handled (-1: none), how many threads are not pinned by default.
+        self.llc = [0] * host_cpus
+        self.waker = -1
+        self.nunpinned = 0
 
     # -- set-up -------------------------------------------------------------
 
@@ -367,6 +381,9 @@ class Engine:
             # KVM_RUN returned that exit: no second KVM_RUN before it is taken.
             raise EngineError(f"vCPU thread {g} has an exit not yet taken")
         th.resume = RESUME_START
+        if not host.cpu_allowed(self, th, th.pcpu):
+            # Its CPU was taken from its affinity while it was outside KVM_RUN.
+            host.set_task_cpu(self, th, host.select_task_rq(self, th, -1))
         if self.tl_cap:
             host.tl_note(self, th, self.now, _RUNNABLE)
         th.state = _RUNNABLE
@@ -662,4 +679,49 @@ class Engine:
         return {"state": int(th.state), "halt_poll_ns": th.halt_poll_ns,
                 "requests": th.requests, "pcpu": th.pcpu, "pc": th.pc,
                 "runnable": gic.runnable(self, th), "mp_state": int(th.mp_state),
-                "sig_pending": th.sig_pending, "exit_reason": int(th.exit_reason)}
+                "sig_pending": th.sig_pending, "exit_reason": int(th.exit_reason),
+                "nr_migrations": th.nr_migrations}
+
+    # -- placement (host.py) ------------------------------------------------------------
+
+    def set_llc(self, groups) -> None:
+        """Each host CPU's LLC group (see ``kvmwake._core.Engine.set_llc``)."""
+        groups = [int(x) for x in groups]
+        if len(groups) != len(self.cpus) or any(not 0 <= x < len(self.cpus) for x in groups):
+            raise ValueError(f"LLC groups: one group number below {len(self.cpus)} per "
+                             "host CPU")
+        self.llc = groups
+
+    def llc_list(self) -> list:
+        return list(self.llc)
+
+    def set_affinity(self, g: int, cpus, initial: bool = False) -> None:
+        """sched_setaffinity() of thread g (see ``kvmwake._core.Engine.set_affinity``)."""
+        th = self.threads[g]
+        old = th.aff_kind
+        if cpus == "pinned":
+            kind, mask = host.AFF_PINNED, 0
+        elif cpus == "all":
+            kind, mask = host.AFF_ALL, 0
+        else:
+            mask = 0
+            for c in cpus:
+                if not 0 <= c < len(self.cpus):
+                    raise ValueError(f"CPU {c} does not exist on this host")
+                mask |= 1 << c
+            if not mask:
+                raise ValueError("an empty CPU set")
+            kind = host.AFF_LIST
+        th.aff_kind, th.aff_mask = kind, mask
+        self.nunpinned += (kind != host.AFF_PINNED) - (old != host.AFF_PINNED)
+        if initial:
+            th.pcpu = host.select_task_rq_fork(self, th)
+            return
+        self._guard(host.migrate_disallowed, self, th, self.now)
+
+    def affinity(self, g: int) -> tuple:
+        th = self.threads[g]
+        return tuple(c for c in range(len(self.cpus)) if host.cpu_allowed(self, th, c))
+
+    def affinity_kind(self, g: int) -> str:
+        return ("pinned", "all", "list")[self.threads[g].aff_kind]

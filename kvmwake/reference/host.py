@@ -126,6 +126,7 @@ def release_cpu(e, th, t):
         push_thread(e, nxt, t + e.costs["context_switch_ns"], _EV_RUN)
     else:
         cpu.cur = -1
+        sched_balance_newidle(e, th.pcpu, t)
 
 
 def got_cpu(e, th, t):
@@ -214,6 +215,7 @@ def slice_end(e, th, t):
     preempt_segment(e, th, t)
     rq_append(e, e.cpus[th.pcpu], th.g)
     release_cpu(e, th, t)
+    migrate_disallowed(e, th, t)
 
 
 def single_task_running(e, c):
@@ -386,6 +388,8 @@ def schedule_fair(e, cpu, t, delay):
     cpu.need_resched = False
     if x >= 0:
         set_next_entity(e, cpu, x, t, delay)
+    else:
+        sched_balance_newidle(e, e.cpus.index(cpu), t)
 
 
 def dequeue_sleep(e, cpu, th, t):
@@ -423,6 +427,7 @@ def preempt_fair(e, cpu, th, t):
     cpu.cur = -1
     rq_append(e, cpu, th.g)                       # put_prev_entity
     set_next_entity(e, cpu, x, t, e.costs["context_switch_ns"])
+    migrate_disallowed(e, th, t)
 
 
 def arm_tick(e, th, t):
@@ -526,3 +531,234 @@ def resched_curr(e, th, t):
     th.run_gen += 1
     th.slice_armed = True
     heap_push(e, t, _EV_SLICE, th.g, th.run_gen)
+
+
+# -- Placement: kernel/sched/core.c (select_task_rq, set_task_cpu, select_fallback_rq,
+# is_cpu_allowed) and kernel/sched/fair.c of Linux 6.18 (select_task_rq_fair,
+# wake_affine, wake_affine_idle, wake_affine_weight, select_idle_sibling,
+# select_idle_cpu, available_idle_cpu, cpus_share_cache, sched_balance_newidle,
+# sched_balance_rq, can_migrate_task, task_hot) in outline (docs/design.md,
+# "Placement").  A thread allowed on one CPU never moves: the pinned default
+# keeps every result of before.
+
+#: th.aff_kind: CPU g % ncpu (the default), every CPU, or the CPUs of th.aff_mask.
+AFF_PINNED, AFF_ALL, AFF_LIST = 0, 1, 2
+#: sysctl_sched_migration_cost, ns.
+SCHED_MIGRATION_COST_NS = 500_000
+#: sd->imbalance_pct of the LLC (MC) domain.
+SD_LLC_IMBALANCE_PCT = 117
+
+
+def cpu_allowed(e, th, c):
+    """is_cpu_allowed(): c is in the thread's p->cpus_ptr."""
+    if th.aff_kind == AFF_ALL:
+        return True
+    if th.aff_kind == AFF_PINNED:
+        return c == th.g % len(e.cpus)
+    return bool((th.aff_mask >> c) & 1)
+
+
+def nr_cpus_allowed(e, th):
+    """p->nr_cpus_allowed."""
+    if th.aff_kind == AFF_ALL:
+        return len(e.cpus)
+    if th.aff_kind == AFF_PINNED:
+        return 1
+    return bin(th.aff_mask).count("1")
+
+
+def nth_allowed(e, th, k):
+    """The k-th CPU (from 0, in CPU order) of the thread's allowed set."""
+    for c in range(len(e.cpus)):
+        if cpu_allowed(e, th, c):
+            if k == 0:
+                return c
+            k -= 1
+    return 0
+
+
+def available_idle_cpu(e, c):
+    """available_idle_cpu() -> idle_cpu(): nothing current or switching in, nothing
+    queued (a delayed-dequeue sleeper counts in nr_running)."""
+    cpu = e.cpus[c]
+    return cpu.cur < 0 and not cpu.runq
+
+
+def cpus_share_cache(e, a, b):
+    return e.llc[a] == e.llc[b]
+
+
+def select_task_rq_fork(e, th):
+    """A new thread's first CPU (wake_up_new_task's placement, simplified): the
+    (g mod n)-th of its n allowed CPUs; pinned and "all" give CPU g % ncpu."""
+    return nth_allowed(e, th, th.g % nr_cpus_allowed(e, th))
+
+
+def select_fallback_rq(e, th):
+    """select_fallback_rq(): the first allowed CPU (no NUMA nodes, all CPUs active)."""
+    return nth_allowed(e, th, 0)
+
+
+def select_idle_cpu(e, th, target):
+    """select_idle_cpu(): the first idle CPU of target's LLC the thread may use, in
+    CPU order from target + 1, wrapping (the whole LLC); -1 if none."""
+    n = len(e.cpus)
+    llc = e.llc
+    for i in range(1, n + 1):
+        x = (target + i) % n
+        if llc[x] == llc[target] and available_idle_cpu(e, x) and cpu_allowed(e, th, x):
+            return x
+    return -1
+
+
+def select_idle_sibling(e, th, prev, target):
+    """select_idle_sibling(): target if idle; else prev if it shares target's LLC
+    and is idle; else an idle CPU of target's LLC (select_idle_cpu); else target.
+    (No SMT siblings; recent_used_cpu is not modelled.)"""
+    if available_idle_cpu(e, target):
+        return target
+    if prev != target and cpus_share_cache(e, prev, target) and available_idle_cpu(e, prev):
+        return prev
+    i = select_idle_cpu(e, th, target)
+    return i if i >= 0 else target
+
+
+def wake_affine(e, this_cpu, prev):
+    """wake_affine() without WF_SYNC: wake_affine_idle(), else wake_affine_weight()
+    with loads as run-queue lengths: this CPU if (nr(this) + 1) * 100 <
+    nr(prev) * (100 + (imbalance_pct - 100) / 2)."""
+    if available_idle_cpu(e, this_cpu) and cpus_share_cache(e, this_cpu, prev):
+        return prev if available_idle_cpu(e, prev) else this_cpu
+    if available_idle_cpu(e, prev):
+        return prev
+    this_eff = (nr_queued(e.cpus[this_cpu]) + 1) * 100
+    prev_eff = nr_queued(e.cpus[prev]) * (100 + (SD_LLC_IMBALANCE_PCT - 100) // 2)
+    return this_cpu if this_eff < prev_eff else prev
+
+
+def select_task_rq(e, th, waker_cpu):
+    """select_task_rq() for a wake-up: its one CPU if it has one; under EEVDF
+    select_task_rq_fair() (wake_affine() towards the waker's CPU, then
+    select_idle_sibling()); under FIFO its previous CPU if idle, else the first
+    idle CPU it may use, else the previous one.  waker_cpu < 0 (no waking thread)
+    stands for the previous CPU.  A choice it may not use falls back."""
+    prev = th.pcpu
+    if nr_cpus_allowed(e, th) == 1:
+        cpu = nth_allowed(e, th, 0)
+    elif e.sched == SCHED_POLICY_EEVDF:
+        cpu = prev
+        if waker_cpu >= 0 and waker_cpu != prev and cpu_allowed(e, th, waker_cpu):
+            cpu = wake_affine(e, waker_cpu, prev)
+        cpu = select_idle_sibling(e, th, prev, cpu)
+    else:
+        cpu = prev
+        if not (available_idle_cpu(e, prev) and cpu_allowed(e, th, prev)):
+            for c in range(len(e.cpus)):
+                if available_idle_cpu(e, c) and cpu_allowed(e, th, c):
+                    cpu = c
+                    break
+    if not cpu_allowed(e, th, cpu):
+        cpu = select_fallback_rq(e, th)
+    return cpu
+
+
+def set_task_cpu(e, th, cpu):
+    """set_task_cpu(): onto another CPU, se.nr_migrations += 1."""
+    if th.pcpu != cpu:
+        th.pcpu = cpu
+        th.nr_migrations += 1
+
+
+def ttwu_select(e, th):
+    """try_to_wake_up()'s placement: a delayed sleeper wakes where it is; another
+    goes where select_task_rq() says, the waker being the thread whose event is
+    being handled."""
+    if th.on_rq or not e.nunpinned:
+        return
+    waker_cpu = -1
+    if e.waker >= 0 and e.waker != th.g:
+        waker_cpu = e.threads[e.waker].pcpu
+    set_task_cpu(e, th, select_task_rq(e, th, waker_cpu))
+
+
+def detach_queued(e, th, t):
+    """detach_task() -> deactivate_task() of a waiting thread: out of its CPU's
+    queue; under EEVDF update_curr() there, then update_entity_lag()."""
+    cpu = e.cpus[th.pcpu]
+    if e.sched == SCHED_POLICY_EEVDF:
+        if update_curr(e, cpu, t) and e.threads[cpu.cur].state in (_RUNNING, _RUNNABLE):
+            cpu.need_resched = True
+        update_entity_lag(e, cpu, th)
+        cpu.sum_v -= th.vruntime - cpu.zero_v
+        th.on_rq = False
+    rq_remove(e, cpu, th.g)
+
+
+def attach_queued(e, th, dst, t, delay):
+    """attach_task() -> activate_task() on dst: set_task_cpu(), then the enqueue and
+    wakeup_preempt() of a wake-up; a reschedule the source CPU asked for is then
+    acted on."""
+    scpu = e.cpus[th.pcpu]
+    set_task_cpu(e, th, dst)
+    make_runnable(e, th, t, delay)
+    if scpu.need_resched and scpu.cur >= 0 and e.threads[scpu.cur].state == _RUNNING:
+        resched_curr(e, e.threads[scpu.cur], t)
+
+
+def task_hot(e, th, t):
+    """task_hot(): it ran within sysctl_sched_migration_cost of now (FIFO: never)."""
+    return e.sched == SCHED_POLICY_EEVDF and t - th.exec_start < SCHED_MIGRATION_COST_NS
+
+
+def detach_one(e, src, dst, t):
+    """detach_tasks() for one thread: (the first movable waiting thread of src's
+    queue or None, whether every one was pinned away from dst)."""
+    all_pinned = True
+    for x in e.cpus[src].runq:
+        th = e.threads[x]
+        if not th.sched_delayed and cpu_allowed(e, th, dst):
+            all_pinned = False
+            if not task_hot(e, th, t):
+                return th, all_pinned
+    return None, all_pinned
+
+
+def sched_balance_newidle(e, c, t):
+    """sched_balance_newidle(): CPU c is about to go idle; sched_balance_rq() at its
+    LLC domain, then at the whole host (outside c's LLC), pulls one waiting thread
+    from the busiest CPU (most threads current or queued, at least 2; lowest CPU
+    on a tie), skipping all-pinned CPUs for the next busiest; the pulled thread
+    runs after context_switch_ns."""
+    if not e.nunpinned:
+        return
+    llc = e.llc
+    for level in (0, 1):
+        cands = sorted(((nr_queued(e.cpus[x]), x) for x in range(len(e.cpus))
+                        if x != c and (llc[x] == llc[c]) == (level == 0)),
+                       key=lambda p: (-p[0], p[1]))
+        for n, x in cands:
+            if n < 2:
+                break
+            th, all_pinned = detach_one(e, x, c, t)
+            if th is not None:
+                detach_queued(e, th, t)
+                attach_queued(e, th, c, t, e.costs["context_switch_ns"])
+                return
+            if not all_pinned:
+                break
+
+
+def migrate_disallowed(e, th, t):
+    """After set_affinity or at a preemption point: a waiting thread on a CPU it may
+    no longer use moves now (to the first CPU it may use, after wake_to_run_ns);
+    a delayed sleeper there is dequeued for good."""
+    cpu = e.cpus[th.pcpu]
+    if cpu_allowed(e, th, th.pcpu) or cpu.cur == th.g:
+        return
+    if th.sched_delayed:
+        finish_delayed_dequeue(e, cpu, th.g)
+        return
+    if th.state != _RUNNABLE:
+        return
+    detach_queued(e, th, t)
+    attach_queued(e, th, select_fallback_rq(e, th), t, e.costs["wake_to_run_ns"])

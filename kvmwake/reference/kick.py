@@ -18,7 +18,7 @@ from .rng import draw_ns
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
 apic_set_irq = check_block = halt_done = inject = interrupt_segment = make_runnable = None
-raise_irq = tl_note = None
+raise_irq = tl_note = ttwu_select = None
 
 _RUNNING, _POLLING, _BLOCKED, _RUNNABLE = (
     ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED, ThreadState.RUNNABLE)
@@ -31,6 +31,7 @@ def wake_up(e, th, t) -> bool:
         return False
     th.stats[S_WAKEUP] += 1
     th.wake_ts = t
+    ttwu_select(e, th)
     if e.tl_cap:
         tl_note(e, th, t, _RUNNABLE)
     th.state = _RUNNABLE
@@ -44,6 +45,7 @@ def signal_wake(e, th, t) -> bool:
     signal_pending(); one in guest mode is IPI'd out (kick_process)."""
     if th.state == _BLOCKED:
         th.wake_ts = t
+        ttwu_select(e, th)
         if e.tl_cap:
             tl_note(e, th, t, _RUNNABLE)
         th.state = _RUNNABLE

@@ -46,7 +46,7 @@ VM_FIELDS = _Vm.__slots__
 SOURCE_FIELDS = _Source.__slots__ + ("rng_state", "rng_inc")
 #: Engine attributes exported in their own form; every other one is a scalar.
 _STRUCTURED = frozenset({"costs", "cpus", "vms", "threads", "sources", "heap", "lat_hist",
-                         "trace", "timeline", "tl_base", "exits", "failed"})
+                         "trace", "timeline", "tl_base", "exits", "failed", "llc"})
 
 
 def _index(x, n: int) -> bool:
@@ -76,6 +76,7 @@ def engine_export(e) -> dict:
         "timeline": list(e.timeline),
         "tl_base": e.tl_base,
         "exits": list(e.exits),
+        "llc": list(e.llc),
     }
     return copy.deepcopy(state)
 
@@ -131,6 +132,7 @@ def engine_import(e, state: dict) -> None:
         e.timeline = deque(s["timeline"])
         e.tl_base = list(s["tl_base"])
         e.exits = deque(s["exits"])
+        e.llc = s["llc"]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineError(f"malformed engine state: {exc!r}") from None
     check_state(e)
@@ -197,12 +199,21 @@ def check_state(e, programs: bool = True) -> None:
         ok = isinstance(rec, tuple) and len(rec) == 4
         if ok:
             t, g, cpu, st = rec
-            ok = (_index(g, nth) and cpu == threads[g].pcpu and _index(st, _RUNNABLE + 1)
+            # (A record keeps the CPU of its time: threads migrate.)
+            ok = (_index(g, nth) and _index(cpu, ncpu) and _index(threads[g].pcpu, ncpu)
+                  and _index(st, _RUNNABLE + 1)
                   and isinstance(t, int) and e.tl_t0 <= t <= e.now
                   and (prev is None or t >= prev))
             prev = t
         if not ok:
             raise EngineError(f"timeline record {i}: out of range or out of order")
+    # Placement: the LLC groups, each thread's affinity (derived: nunpinned).
+    if not isinstance(e.llc, list) or len(e.llc) != ncpu \
+            or not all(_index(x, ncpu) for x in e.llc):
+        raise EngineError("the host's LLC groups disagree with its CPU count")
+    for g, th in enumerate(threads):
+        check_affinity(e, th, g)
+    index_affinity(e)
     # VMs and their distributors.
     n = 0
     for v, vm in enumerate(vms):
@@ -288,6 +299,26 @@ def check_state(e, programs: bool = True) -> None:
         if i and queue.ev_before(ev, e.heap[(i - 1) >> 1]):
             raise EngineError(f"event {i}: the heap is out of order")
     check_links(e)
+
+
+def check_affinity(e, th, g) -> None:
+    """The thread's CPU affinity: a known kind; a list's mask naming at least one CPU
+    and none beyond the host's; its migration count a count."""
+    ncpu = len(e.cpus)
+    if not _index(th.aff_kind, host.AFF_LIST + 1) or not isinstance(th.aff_mask, int) \
+            or isinstance(th.aff_mask, bool) or not isinstance(th.nr_migrations, int) \
+            or isinstance(th.nr_migrations, bool) or th.nr_migrations < 0:
+        raise EngineError(f"thread {g}: an unknown CPU affinity kind or migration count")
+    if th.aff_kind == host.AFF_LIST and not 0 < th.aff_mask < (1 << ncpu):
+        raise EngineError(f"thread {g}: an empty CPU affinity, or one naming a CPU "
+                          f"the host ({ncpu} CPUs) does not have")
+    if th.aff_kind != host.AFF_LIST and th.aff_mask:
+        raise EngineError(f"thread {g}: a CPU mask without an affinity list")
+
+
+def index_affinity(e) -> None:
+    """After an import: the count of threads that are not pinned (derived)."""
+    e.nunpinned = sum(th.aff_kind != host.AFF_PINNED for th in e.threads)
 
 
 def check_times(e, th) -> None:
@@ -471,7 +502,9 @@ def check_links(e) -> None:
 def engine_rehost(e, ncpu: int) -> None:
     """Move every vCPU thread to a host of ``ncpu`` CPUs, as a migration would.
 
-    Thread g goes to host CPU g % ncpu.  Threads that had a CPU keep one if
+    Thread g goes to host CPU g % ncpu (one with an affinity list: the
+    (g mod n)-th of the n CPUs of its list that the new host has; a list left
+    empty is refused).  Threads that had a CPU keep one if
     their new CPU is free (in the old CPU order); otherwise a running thread
     is preempted (the rest of its segment waits in the run queue), a polling
     one stops polling and blocks (another thread is runnable on its CPU), and
@@ -486,14 +519,21 @@ def engine_rehost(e, ncpu: int) -> None:
     if e.sched != host.SCHED_POLICY_FIFO:
         raise ValueError("restoring onto another host CPU count is only "
                          "implemented for the fifo scheduler")
+    threads = e.threads
+    for g, th in enumerate(threads):
+        if th.aff_kind == host.AFF_LIST and not th.aff_mask & ((1 << ncpu) - 1):
+            raise ValueError(f"thread {g}'s CPU affinity "
+                             f"{[c for c in range(th.aff_mask.bit_length()) if th.aff_mask >> c & 1]} "
+                             f"names no CPU of a {ncpu}-CPU host")
     e.base_slice = sched_base_slice(ncpu)        # update_sysctl() on CPU hotplug
     t = e.now
-    threads = e.threads
     curs = [cpu.cur for cpu in e.cpus if cpu.cur >= 0]
     queues = [list(cpu.runq) for cpu in e.cpus]
     e.cpus = [host._Cpu() for _ in range(ncpu)]
+    e.llc = [0] * ncpu                              # one LLC until set_llc()
     for g, th in enumerate(threads):
-        th.pcpu = g % ncpu
+        th.aff_mask &= (1 << ncpu) - 1
+        th.pcpu = host.select_task_rq_fork(e, th)   # g % ncpu unless a list says
     for g in curs:
         th = threads[g]
         cpu = e.cpus[th.pcpu]
