@@ -104,6 +104,8 @@ class Scenario:
     pcs: list = field(default_factory=list)      # set_pc / set_reg made before the start
     suspend_caps: list = field(default_factory=list)   # VMs with KVM_CAP_ARM_SYSTEM_SUSPEND
     scheduler: str = "fifo"     # the host scheduler (kvmwake.model.SCHEDULERS)
+    affinity: list = None       # per global thread: "pinned", "all" or a tuple of CPUs
+    llc: list = None            # per host CPU: its LLC group (None: one LLC)
 
     @property
     def n_threads(self):
@@ -506,6 +508,8 @@ def scenarios(draw):
 def build(engine_cls, sc: Scenario):
     e = engine_cls(sc.arch, sc.host_cpus, sc.seed, costs=sc.costs,
                    trace_capacity=sc.trace_capacity, scheduler=sc.scheduler)
+    if sc.llc is not None:
+        e.set_llc(sc.llc)
     for name, value in sc.params.items():
         setattr(e, name, value)
     for vm, nr in enumerate(sc.vm_sizes):
@@ -513,6 +517,9 @@ def build(engine_cls, sc: Scenario):
             e.add_vm(nr)
         else:
             e.add_vm(nr, sc.nr_spis[vm])
+    for g, aff in enumerate(sc.affinity or ()):
+        if aff != "pinned":
+            e.set_affinity(g, aff, True)
     for vm, cap in enumerate(sc.caps):
         if cap is not None:
             e.set_vm_halt_poll(vm, cap)
@@ -589,6 +596,8 @@ def apply(e, sc: Scenario, book: dict, act):
         e.set_dist_enabled(act[1], act[2])
     elif kind == "route":
         e.route_spi(*act[1:])
+    elif kind == "set_affinity":
+        e.set_affinity(act[1], act[2])
     else:
         assert kind == "source"
         e.add_source(*act[1])
@@ -612,6 +621,7 @@ def snapshot(e, sc: Scenario):
         "timer_state": [e.timer_state(g) for g in range(n_threads)],
         "distributor": [e.vm_gic_enabled(vm) for vm in range(len(sc.vm_sizes))],
         "sched": e.sched_state(),
+        "affinity": [e.affinity(g) for g in range(n_threads)],
     }
 
 
@@ -687,6 +697,50 @@ def test_core_and_reference_agree_eevdf(sc):
         reference_snapshot.check_state(kept[0])
     direct = play(_core.Engine, sc, split=False)
     assert_same(play(_core.Engine, sc, interventions=False), direct, "split vs direct (eevdf)")
+
+
+def cpu_sets(n_cpus):
+    """An affinity: pinned (more often), all, or a set of CPUs."""
+    return st.one_of(st.just("pinned"), st.just("all"),
+                     st.sets(st.integers(0, n_cpus - 1), min_size=1).map(lambda c: tuple(sorted(c))))
+
+
+@st.composite
+def placed_scenarios(draw, scheduler):
+    """A scenario with unpinned threads (affinity "all" or CPU sets), LLC groups and
+    set_affinity interventions, on a host of the given scheduler."""
+    sc = draw(scenarios())
+    n = sc.host_cpus
+    k = draw(st.integers(1, n))
+    llc = draw(st.sampled_from([None, [c // k for c in range(n)]]))
+    affinity = [draw(cpu_sets(n)) for _ in range(sc.n_threads)]
+    splits = [(t, acts + draw(st.lists(st.tuples(st.just("set_affinity"),
+                                                 st.integers(0, sc.n_threads - 1),
+                                                 cpu_sets(n)), max_size=2)))
+              for t, acts in sc.splits]
+    end = sc.end_ns * (4 if scheduler == "eevdf" else 1)
+    return dataclasses.replace(sc, scheduler=scheduler, affinity=affinity, llc=llc,
+                               splits=splits, end_ns=end)
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.filter_too_much])
+@given(sc=st.sampled_from(["fifo", "eevdf"]).flatmap(placed_scenarios))
+def test_core_and_reference_agree_placement(sc):
+    """Placement (affinity sets, LLC groups, wake placement, newly-idle pulls,
+    set_affinity at run time) on FIFO and EEVDF hosts: both engines identical event
+    for event (host CPUs and nr_migrations included), the state consistent."""
+    core = play(_core.Engine, sc)
+    assume(core[1]["events"] <= EVENT_BUDGET)
+    kept = []
+    ref = play(reference.Engine, sc, keep=kept)
+    assert_same(core, ref, f"core vs reference (placement, {sc.scheduler})")
+    if ref[0] is None:
+        reference_snapshot.check_state(kept[0])
+    direct = play(_core.Engine, sc, split=False)
+    assert_same(play(_core.Engine, sc, interventions=False), direct,
+                f"split vs direct (placement, {sc.scheduler})")
 
 
 @settings(max_examples=25, deadline=None,
