@@ -327,3 +327,59 @@ def test_replacement_onto_another_cpu_count_keeps_affinity_lists():
     h4.create_vm(1)
     with pytest.raises(kw.SnapshotError, match="LLC groups"):
         kw.Host.restore(h4.snapshot(), host_cpus=2)
+
+
+# -- scenarios and the command line ------------------------------------------------------------
+
+SCENARIO = '''\
+name = "t"
+sim = "2ms"
+[host]
+cpus = 2
+scheduler = "eevdf"
+[vm]
+vcpus = 3
+{affinity}
+[[vm.program]]
+ops = """
+loop {{
+    compute exp 20us
+    wake random-other
+    wfi
+}}
+"""
+'''
+
+
+@pytest.mark.parametrize("value, want", [("", [(0,), (1,), (0,)]),
+                                         ('affinity = "all"', [(0, 1)] * 3),
+                                         ("affinity = [1]", [(1,)] * 3)])
+def test_scenario_affinity(value, want):
+    from kvmwake import scenarios
+    sc = scenarios.loads(SCENARIO.format(affinity=value), "t.toml")
+    host, _, _ = scenarios.build(sc)
+    assert [v.affinity for v in host.vms[0].vcpus] == want
+    host, _, _ = scenarios.build(sc, affinity="all")
+    assert [v.affinity for v in host.vms[0].vcpus] == [(0, 1)] * 3
+
+
+@pytest.mark.parametrize("value, words", [('affinity = "some"', "vm.affinity: must be"),
+                                          ("affinity = []", "empty list"),
+                                          ('affinity = [0, "x"]', "vm.affinity[1]"),
+                                          ("affinity = [7]", "CPU 7 does not exist")])
+def test_scenario_affinity_errors(value, words):
+    from kvmwake import scenarios
+    from kvmwake.errors import ScenarioError
+    with pytest.raises(ScenarioError, match=words.replace("[", r"\[")):
+        scenarios.build(scenarios.loads(SCENARIO.format(affinity=value), "t.toml"))
+
+
+def test_cli_affinity(tmp_path, capsys):
+    from kvmwake import cli
+    path = tmp_path / "t.toml"
+    path.write_text(SCENARIO.format(affinity=""))
+    out = tmp_path / "s.json"
+    assert cli.main(["run", str(path), "--affinity", "all", "--json", str(out), "-q",
+                     "--no-out"]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["run", str(path), "--affinity", "some", "--no-out"])

@@ -1,7 +1,8 @@
 """The ``kvmwake`` command line.
 
     kvmwake run [SCENARIO | FILE.toml] [--vcpus N] [--host-cpus N] [--sim-ms MS] [--seed S]
-                [--engine core|reference] [--scheduler fifo|eevdf] [--json PATH]
+                [--engine core|reference] [--scheduler fifo|eevdf]
+                [--affinity pinned|all] [--json PATH]
                 [--trace PATH] [--npz PATH]
                 [--plot PATH] [--out DIR | --no-out] [--quiet]
 
@@ -162,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                    help="host scheduler: fifo run queues or Linux's EEVDF (default: the "
                         "scenario's [host] scheduler, else fifo)")
+    r.add_argument("--affinity", choices=("pinned", "all"), default=None,
+                   help="where the vCPU threads may run: pinned (thread g on host CPU "
+                        "g %% host CPUs) or all host CPUs, placed at each wake-up (default: "
+                        "the scenario's [vm] affinity, else pinned)")
     r.add_argument("--json", metavar="PATH", type=_path,
                    help="write the summary as JSON ('-' for stdout)")
     r.add_argument("--trace", metavar="PATH", type=_path,
@@ -274,6 +279,9 @@ def run_scenario(args, sc=None) -> dict:
         if args.scheduler is not None and args.scheduler != host.scheduler:
             raise UsageError(f"{args.restore}: the snapshot's host runs the "
                              f"{host.scheduler} scheduler, not {args.scheduler}")
+        if args.affinity is not None:
+            raise UsageError(f"{args.restore}: --affinity builds a new host; a restored "
+                             "host keeps its threads' affinity")
         args.seed, args.engine = host.seed, host.engine_name
         path = None
         start_events, start_halts = host.events, host.halts
@@ -288,7 +296,8 @@ def run_scenario(args, sc=None) -> dict:
                                                 host_cpus=args.host_cpus, sim_ns=sim_ns,
                                                 seed=args.seed, engine=args.engine,
                                                 trace_capacity=trace_cap,
-                                                scheduler=args.scheduler)
+                                                scheduler=args.scheduler,
+                                                affinity=args.affinity)
         name = sc.name
         path = sc.path
         args.seed = host.seed

@@ -15,13 +15,15 @@ from .parse import Scenario
 
 def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = None,
           sim_ns: int | None = None, seed: int | None = None, engine: str = "core",
-          trace_capacity: int = 0, scheduler: str | None = None) -> tuple[Host, int, Scenario]:
+          trace_capacity: int = 0, scheduler: str | None = None,
+          affinity=None) -> tuple[Host, int, Scenario]:
     """Build a built-in scenario (by name) or a scenario file (by path, or a ``Scenario``).
 
     ``vcpus`` overrides the total vCPU count (still split into VMs of at most
     the file's ``per_vm``), ``host_cpus`` the host's CPUs, ``sim_ns`` the run
     length, ``seed`` the file's seed, ``scheduler`` the file's host scheduler
-    (``[host] scheduler``).  Returns ``(host, sim_ns, scenario)``.
+    (``[host] scheduler``), ``affinity`` the file's ``[vm] affinity`` ("pinned",
+    "all" or a list of host CPUs).  Returns ``(host, sim_ns, scenario)``.
     """
     sc = name_or_path if isinstance(name_or_path, Scenario) else get(name_or_path)
     total = sc.vcpus if vcpus is None else check_int("vcpus", vcpus, 1, 1 << 24)
@@ -38,7 +40,13 @@ def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = Non
     left = total
     while left:
         n = min(per_vm, left)
-        vm = host.create_vm(n, nr_spis=sc.nr_spis)
+        try:
+            vm = host.create_vm(n, nr_spis=sc.nr_spis,
+                                affinity=sc.affinity if affinity is None else affinity)
+        except ValueError as exc:
+            if "affinity" not in str(exc):
+                raise
+            raise ScenarioError(f"{sc.path}: scenario {sc.name}: vm.affinity: {exc}") from None
         progs, off = programs_for(sc, vm, n)
         try:
             for v in vm.vcpus:

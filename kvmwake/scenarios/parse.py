@@ -44,7 +44,7 @@ _KEYS = {
     (): {"name", "description", "sim", "seed", "host", "vm"},
     ("host",): {"cpus", "costs", "scheduler", *MODULE_PARAMS},
     ("vm",): {"arch", "vcpus", "per_vm", "tick", "halt_poll", "caps", "spis", "vmm",
-              "program", "source"},
+              "program", "source", "affinity"},
     ("vm", "program"): {"vcpus", "power_off", "ops"},
     ("vm", "source"): {"intids", "trigger", "route", "apic_ids", "vector", "poisson", "period",
                        "phase", "times"},
@@ -86,6 +86,7 @@ class Scenario:
     halt_poll: int | None = None
     caps: list = field(default_factory=list)
     vmm: str = "default"
+    affinity: object = "pinned"        # "pinned", "all" or a list of host CPUs
     programs: list = field(default_factory=list)
     sources: list = field(default_factory=list)
     _lines: dict = field(default_factory=dict, repr=False)
@@ -235,6 +236,16 @@ def loads(text: str, path: str = "<string>") -> Scenario:
         if arch != "arm64":
             raise err(("vm", "caps", i), f"{c} is arm64 only")
         caps.append(c)
+    affinity = typed(vm, ("vm",), "affinity", (str, list), "pinned")
+    if isinstance(affinity, str) and affinity not in ("pinned", "all"):
+        raise err(("vm", "affinity"), f"must be \"pinned\", \"all\" or a list of host "
+                                      f"CPUs, not {affinity!r}")
+    if isinstance(affinity, list):
+        if not affinity:
+            raise err(("vm", "affinity"), "an empty list of host CPUs")
+        for i, c in enumerate(affinity):
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < MAX_HOST_CPUS:
+                raise err(("vm", "affinity", i), f"{c!r} is not a host CPU number")
     vmm = typed(vm, ("vm",), "vmm", (str,), "default")
     try:
         _vmm.load_policy(vmm)            # imported and checked now, not when built
@@ -316,7 +327,7 @@ def loads(text: str, path: str = "<string>") -> Scenario:
                   vcpus_per_vm=per_vm, host_cpus=None if cpus == "per-vcpu" else cpus,
                   scheduler=scheduler, sim_ns=sim_ns, seed=seed, tick_ns=tick, module_params=params, costs=costs,
                   nr_spis=nr_spis if arch == "arm64" else DEFAULT_NR_SPIS, halt_poll=halt_poll,
-                  caps=caps, vmm=vmm, programs=programs, sources=sources, _lines=lines,
+                  caps=caps, vmm=vmm, affinity=affinity, programs=programs, sources=sources, _lines=lines,
                   _text=text)
     # Expand everything once for a VM of the usual size, so that a bad file fails at load.
     check_vm(sc, per_vm)
