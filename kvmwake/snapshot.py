@@ -43,7 +43,9 @@ VMM policy with its own state.
 
 What carries over, and what may change on restore: everything carries over.
 ``restore(..., host_cpus=N)`` puts the host on another machine with N host
-CPUs, as live migration would: thread g is placed on CPU g % N, the run
+CPUs, as live migration would: thread g is placed on CPU g % N (a thread
+with an affinity list: the (g mod n)-th of the n CPUs of its list that the
+new host has; a list left empty, or explicit LLC groups, are refused), the run
 queues are rebuilt (threads that had a CPU first, in the old CPU order,
 then the queued ones in their order), a running thread that finds its new
 CPU taken is preempted with the rest of its work kept, a polling one stops

@@ -26,6 +26,7 @@ A scenario file::
     caps = ["ARM_SYSTEM_SUSPEND"]
     spis = 224                    # arm64 vGIC SPIs
     vmm = "default"               # or "reference", "deny-all", "package.module:Class"
+    affinity = "pinned"           # vCPU threads: "pinned" (g % host CPUs), "all", or [0, 1]
 
     [[vm.program]]
     vcpus = "all"                 # or 3, [0, 2], "1:", "0::4" (Python slices of the VM's ids)
