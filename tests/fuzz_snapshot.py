@@ -217,6 +217,24 @@ def _arm64_suspended() -> bytes:
     raise AssertionError("no held exit")
 
 
+def _unpinned() -> bytes:
+    """EEVDF on 3 host CPUs in two LLCs: vCPU threads allowed on every CPU or on a
+    list (the affinity mask table), migrating at wake-ups and newly-idle pulls."""
+    host = kw.Host(host_cpus=3, seed=4, scheduler="eevdf", llc=[[0, 1], [2]],
+                   trace_capacity=256, timeline_capacity=300)
+    host.halt_poll_ns = 0
+    vm = host.create_vm(4, affinity="all")
+    for v in vm.vcpus:
+        v.load([g.loop([g.compute_exp(40 * US), g.wake_next(), g.timer_arm(70 * US),
+                        g.wfi()])])
+    other = host.create_vm(2, affinity=[0, 2])
+    for v in other.vcpus:
+        v.load([g.loop([g.compute_exp(300 * US), g.timer_arm(200 * US), g.wfi()])])
+    host.run(3 * MS)
+    assert sum(v.nr_migrations for v in vm.vcpus) > 0
+    return host.snapshot()
+
+
 #: Seed states: name -> builder (each deterministic).
 SEEDS = {
     "default": lambda: _scenario("default", 8, 2, 1, 2 * MS),
@@ -225,6 +243,7 @@ SEEDS = {
     "ipi-storm": lambda: _scenario("ipi-storm", 6, 1, 2, 1 * MS),
     "x86-mid-halt": _x86_mid_halt,
     "arm64-suspended": _arm64_suspended,
+    "unpinned": _unpinned,
 }
 
 
