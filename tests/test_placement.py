@@ -205,6 +205,13 @@ def test_unpinned_vcpus_migrate_deterministically(scheduler):
     for g in (0, 1):
         assert set(tl["cpu"][tl["g"] == g].tolist()) == {0, 1}
     assert set(tl["cpu"][tl["g"] == 2].tolist()) == {0}
+    tot = {eng: h.timeline_totals() for eng, (h, _) in runs.items()}
+    for key in ("running_ns", "polling_ns", "idle_ns"):
+        assert tot["core"][key].tolist() == tot["reference"][key].tolist()
+    span = tot["core"]["now"] - tot["core"]["t0"]
+    assert (tot["core"]["running_ns"] + tot["core"]["polling_ns"]
+            + tot["core"]["idle_ns"]).tolist() == [span, span]
+    assert all(x > 0 for x in tot["core"]["running_ns"].tolist())
 
 
 def test_pinned_default_is_unchanged():

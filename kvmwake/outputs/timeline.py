@@ -44,7 +44,10 @@ def totals(records: np.ndarray, base: np.ndarray, t0: int, now: int, ncpu: int) 
     A host CPU counts as running while one of its threads is RUNNING, polling
     while one is POLLING (and none RUNNING), idle otherwise (threads RUNNABLE
     on a CPU that is switching to them count as idle).  ``base`` holds each
-    thread's state at ``t0`` (thread g lives on host CPU ``g % ncpu``).
+    thread's state at ``t0``, on host CPU ``g % ncpu`` (the CPU of a base state
+    is not kept: exact for pinned threads; a thread that migrates may have been
+    elsewhere at ``t0`` if the ring dropped records); each record counts on the
+    CPU it names, and a thread's RUNNING or POLLING ends on the CPU it began on.
 
     Returns ``{"t0", "now", "running_ns", "polling_ns", "idle_ns"}``, the last
     three numpy u8 arrays of length ``ncpu``; per CPU they add up to
@@ -57,6 +60,7 @@ def totals(records: np.ndarray, base: np.ndarray, t0: int, now: int, ncpu: int) 
     state = [int(s) for s in np.asarray(base, dtype=np.uint8)]
     nrun = [0] * ncpu
     npoll = [0] * ncpu
+    where = [g % ncpu for g in range(len(state))]      # CPU of each thread's state
     for g, s in enumerate(state):
         if s == _RUNNING:
             nrun[g % ncpu] += 1
@@ -82,18 +86,22 @@ def totals(records: np.ndarray, base: np.ndarray, t0: int, now: int, ncpu: int) 
         for t, g, c, s in zip(records["t"].tolist(), records["g"].tolist(),
                               records["cpu"].tolist(), records["state"].tolist()):
             while g >= len(state):          # a thread added after the base was taken
+                where.append(len(state) % ncpu)
                 state.append(0)
             advance(c, t)
-            old = state[g]
+            old, oc = state[g], where[g]
+            if old in (_RUNNING, _POLLING) and oc != c:
+                advance(oc, t)
             if old == _RUNNING:
-                nrun[c] -= 1
+                nrun[oc] -= 1
             elif old == _POLLING:
-                npoll[c] -= 1
+                npoll[oc] -= 1
             if s == _RUNNING:
                 nrun[c] += 1
             elif s == _POLLING:
                 npoll[c] += 1
             state[g] = s
+            where[g] = c
     for c in range(ncpu):
         advance(c, now)
     return {"t0": t0, "now": now,
