@@ -302,18 +302,29 @@ def test_restore_refuses_bad_affinity(fields, words):
         kw.Host.restore(data)
 
 
-def test_restore_refuses_an_empty_or_foreign_mask():
+@pytest.mark.parametrize("word, words", [(0, "empty CPU affinity"),
+                                         (1 << 5, "names CPU 5")])
+def test_restore_refuses_an_empty_or_foreign_mask(word, words):
+    """The affinity mask table (the snapshot's ``aff`` array) is checked on restore."""
+    from test_snapshot import reframe
+
     host = kw.Host(host_cpus=2, scheduler="eevdf")
     host.create_vm(1, affinity=[1])
-    snap = host._engine.export_state()
-    for word, words in ((0, "empty CPU affinity"), (1 << 5, "names CPU 5")):
-        scalars, arrays = host._engine.export_state()
-        arrays["aff"] = np.array([word], dtype=np.uint64)
-        fresh = kw.Host(host_cpus=2, scheduler="eevdf")
-        fresh.create_vm(1)
-        with pytest.raises(ValueError, match=words):
-            fresh._engine.import_state(scalars, arrays)
-    assert snap
+    data = host.snapshot()
+
+    def edit(header, body):
+        d = header["engine"]["arrays"]["aff"]
+        assert d["nbytes"] == 8
+        body[d["offset"]:d["offset"] + 8] = np.array([word], dtype=np.uint64).tobytes()
+    with pytest.raises(kw.SnapshotError, match=words):
+        kw.Host.restore(reframe(data, edit_body=edit))
+    # The engine's own import refuses it as well (ValueError, state unusable).
+    scalars, arrays = host._engine.export_state()
+    arrays["aff"] = np.array([word], dtype=np.uint64)
+    fresh = kw.Host(host_cpus=2, scheduler="eevdf")
+    fresh.create_vm(1)
+    with pytest.raises(ValueError, match=words):
+        fresh._engine.import_state(scalars, arrays)
 
 
 def test_replacement_onto_another_cpu_count_keeps_affinity_lists():
