@@ -1088,11 +1088,13 @@ cdef class Engine:
         was just created and takes its first CPU from the set (select_task_rq_fork);
         otherwise a waiting thread on a CPU it may no longer use moves now, a running
         one at its next preemption point, a sleeping one at its next wake-up."""
-        cdef thread_t* th = &self.e.th[g]
-        cdef uint8_t old = th.aff_kind
+        cdef thread_t* th
+        cdef uint8_t old
         cdef uint32_t c
         if g >= self.e.nth:
             raise IndexError(f"thread {g} does not exist")
+        th = &self.e.th[g]
+        old = th.aff_kind
         if cpus == "pinned":
             th.aff_kind = AFF_PINNED
         elif cpus == "all":
@@ -1133,6 +1135,8 @@ cdef class Engine:
 
     def affinity_kind(self, uint32_t g):
         """"pinned", "all" or "list"."""
+        if g >= self.e.nth:
+            raise IndexError(f"thread {g} does not exist")
         return ("pinned", "all", "list")[self.e.th[g].aff_kind]
 
     @property
