@@ -7,6 +7,8 @@ Every case is computed by hand from the rules and run on both engines.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -355,6 +357,7 @@ sim = "2ms"
 [host]
 cpus = 2
 scheduler = "eevdf"
+halt_poll_ns = 0
 [vm]
 vcpus = 3
 {affinity}
@@ -399,5 +402,8 @@ def test_cli_affinity(tmp_path, capsys):
     out = tmp_path / "s.json"
     assert cli.main(["run", str(path), "--affinity", "all", "--json", str(out), "-q",
                      "--no-out"]) == 0
+    assert json.loads(out.read_text())["nr_migrations"] > 0
+    assert cli.main(["run", str(path), "--json", str(out), "-q", "--no-out"]) == 0
+    assert json.loads(out.read_text())["nr_migrations"] == 0
     with pytest.raises(SystemExit):
         cli.main(["run", str(path), "--affinity", "some", "--no-out"])

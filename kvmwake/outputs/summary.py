@@ -39,6 +39,8 @@ def summarize(host, *, scenario: str, scenario_file, engine: str, seed: int, sim
         "wake_latency_ns": lat,
         "stats": _stats.to_jsonable(stats),
         "exits": sum(vm.exits for vm in host.vms),
+        "nr_migrations": sum(host.thread_info(g)["nr_migrations"]
+                             for g in range(int(allrows.shape[0]))),
     }
     if interrupted:
         summary["interrupted"] = True
