@@ -27,6 +27,15 @@ def host_of(engine, cpus=2, scheduler="eevdf", **kw_):
     return kw.Host(host_cpus=cpus, engine=engine, scheduler=scheduler, **kw_)
 
 
+def test_the_core_compiles_the_reference_constants():
+    from kvmwake import _core
+    from kvmwake.reference import host as rhost
+    assert _core.compiled_constants()["placement"] == {
+        name: getattr(rhost, name) for name in ("AFF_PINNED", "AFF_ALL", "AFF_LIST",
+                                                "SCHED_MIGRATION_COST_NS",
+                                                "SD_LLC_IMBALANCE_PCT")}
+
+
 # -- validation ---------------------------------------------------------------------------
 
 def test_llc_groups():
