@@ -183,6 +183,27 @@ def test_newidle_skips_a_cache_hot_thread(engine):
     assert (q.host_cpu, q.nr_migrations, q.thread_state) == (1, 0, "RUNNABLE")
 
 
+@pytest.mark.parametrize("scheduler", ["eevdf", "fifo"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_newidle_looks_beyond_its_llc(engine, scheduler):
+    """LLCs {0, 1} and {2, 3}; pinned hogs on CPUs 1, 2 and 3, Q ("all", thread 2:
+    first CPU 2) waits behind the one on CPU 2; A (pinned CPU 0) sleeps at ~1 ms.
+    CPU 0's LLC has no CPU with 2 threads; at the host level CPU 2 is the busiest
+    (2 threads against CPU 3's 1): Q is pulled across LLCs."""
+    host = host_of(engine, cpus=4, scheduler=scheduler, llc=2,
+                   costs={"sched_slice_ns": 10 * MS})     # FIFO: no slice end before
+    host.create_vm(1, affinity=[2]).vcpus[0].load(HOG)
+    host.create_vm(1, affinity=[1]).vcpus[0].load(HOG)
+    q = host.create_vm(1, affinity="all").vcpus[0]
+    q.load(HOG)
+    host.create_vm(1, affinity=[3]).vcpus[0].load(HOG)
+    host.create_vm(1, affinity=[0]).vcpus[0].load(G.Program([G.compute(MS), G.wfi()]))
+    host.run(MS // 2)
+    assert (q.host_cpu, q.thread_state) == (2, "RUNNABLE")
+    host.run(MS + 100 * US)
+    assert (q.host_cpu, q.nr_migrations, q.thread_state) == (0, 1, "RUNNING")
+
+
 # -- migration counts, determinism ----------------------------------------------------------
 
 def mixed(engine, seed, scheduler="eevdf"):
