@@ -437,3 +437,24 @@ def test_cli_affinity(tmp_path, capsys):
     assert json.loads(out.read_text())["nr_migrations"] == 0
     with pytest.raises(SystemExit):
         cli.main(["run", str(path), "--affinity", "some", "--no-out"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_sleeper_pinned_back_wakes_on_its_cpu(engine):
+    """Thread 0 moved to CPU 1 (a list), then pinned back (CPU 0) while it sleeps
+    there: its next wake-up puts it on CPU 0 (is_cpu_allowed() fails for CPU 1),
+    though no thread is unpinned any more."""
+    host = host_of(engine)
+    vm = host.create_vm(2)
+    a, b = vm.vcpus
+    a.load(G.Program([G.loop([G.timer_arm(100 * US), G.wfi(), G.compute(10 * US)])]))
+    b.load(G.Program([G.loop([G.compute(MS)])]))
+    a.set_affinity([1])
+    host.run(50 * US)
+    host.run(150 * US)
+    assert a.host_cpu == 1 and a.nr_migrations == 1
+    host.run(250 * US)
+    assert a.thread_state in ("BLOCKED", "POLLING", "RUNNING", "RUNNABLE")
+    a.set_affinity("pinned")
+    host.run(600 * US)
+    assert a.host_cpu == 0 and a.nr_migrations == 2

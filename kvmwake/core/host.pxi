@@ -723,9 +723,9 @@ cdef void ttwu_select(engine_t* e, uint32_t g) noexcept nogil:
     """try_to_wake_up()'s placement, before the thread is made runnable: a thread
     still queued (a delayed-dequeue sleeper) wakes where it is (ttwu_runnable);
     another goes where select_task_rq() says, the waker being the thread whose
-    event is being handled."""
+    event is being handled (a pinned thread on its CPU stays, without a look)."""
     cdef int32_t waker_cpu = -1
-    if e.th[g].on_rq or e.nunpinned == 0:
+    if e.th[g].on_rq or (e.th[g].aff_kind == AFF_PINNED and e.th[g].pcpu == g % e.ncpu):
         return
     if e.waker >= 0 and e.waker != <int32_t>g:
         waker_cpu = <int32_t>e.th[e.waker].pcpu

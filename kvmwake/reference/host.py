@@ -673,7 +673,7 @@ def ttwu_select(e, th):
     """try_to_wake_up()'s placement: a delayed sleeper wakes where it is; another
     goes where select_task_rq() says, the waker being the thread whose event is
     being handled."""
-    if th.on_rq or not e.nunpinned:
+    if th.on_rq or (th.aff_kind == AFF_PINNED and th.pcpu == th.g % len(e.cpus)):
         return
     waker_cpu = -1
     if e.waker >= 0 and e.waker != th.g:
