@@ -458,3 +458,11 @@ def test_a_sleeper_pinned_back_wakes_on_its_cpu(engine):
     a.set_affinity("pinned")
     host.run(600 * US)
     assert a.host_cpu == 0 and a.nr_migrations == 2
+
+
+def test_vm_on_a_private_host_takes_an_affinity():
+    vm = kw.VM(nr_vcpus=3, host_cpus=2, affinity="all", engine="reference")
+    assert [v.affinity for v in vm.vcpus] == [(0, 1)] * 3
+    assert [v.host_cpu for v in vm.vcpus] == [0, 1, 0]
+    with pytest.raises(ValueError, match="CPU 2 does not exist"):
+        kw.VM(nr_vcpus=2, host_cpus=2, affinity=[2])
