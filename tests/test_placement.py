@@ -229,6 +229,10 @@ def test_unpinned_vcpus_migrate_deterministically(scheduler):
     counts = {eng: [v.nr_migrations for v in vm.vcpus] for eng, (_, vm) in runs.items()}
     assert counts["core"] == counts["reference"]
     assert all(n > 0 for n in counts["core"])
+    (hc, _), (hr, _) = runs["core"], runs["reference"]
+    assert hc.events == hr.events
+    assert np.array_equal(hc.stats_array(), hr.stats_array())
+    assert hc.timeline_array().tolist() == hr.timeline_array().tolist()
     assert [v.nr_migrations for v in mixed("core", 7, scheduler)[1].vcpus] == counts["core"]
     host, vm = runs["core"]
     # The timeline records each state change on the CPU of its time: both CPUs
