@@ -470,3 +470,16 @@ def test_vm_on_a_private_host_takes_an_affinity():
     assert [v.host_cpu for v in vm.vcpus] == [0, 1, 0]
     with pytest.raises(ValueError, match="CPU 2 does not exist"):
         kw.VM(nr_vcpus=2, host_cpus=2, affinity=[2])
+
+
+@pytest.mark.parametrize("llc", ["x", 0, [[0]], [[0, 1], [1]], 3.5])
+def test_restore_refuses_bad_llc_groups(llc):
+    from test_snapshot import reframe
+
+    host = kw.Host(host_cpus=2, llc=1)
+    host.create_vm(1)
+
+    def edit(header):
+        header["host"]["llc"] = llc
+    with pytest.raises(kw.SnapshotError, match="host configuration is invalid"):
+        kw.Host.restore(reframe(host.snapshot(), edit_header=edit))
