@@ -209,3 +209,190 @@ def busy_samples(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray) -> np.nda
         quiet = hi == lo
         out.append((nxt - ends)[quiet])
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------- own work under overcommit
+#
+# ``busy_samples`` takes every gap between two halts of a vCPU with no MSI to it in
+# between as that vCPU's own work.  Where the vCPU shares its host CPU with other
+# runnable threads (overcommit, the injector), the gap also holds the time the vCPU
+# thread waited for the CPU.  The functions below keep only the *uncontended* gaps:
+# those during which no other thread of the recording was runnable on the vCPU's CPU.
+# With the scheduler's tracepoints in the recording that is read off them
+# (``sched_contended``); without, the run's shape decides (``calibrate.py``).
+
+@dataclass
+class BusyIntervals:
+    """The gaps between two consecutive halts of a vCPU: from a halt's end (``start``)
+    to the next halt's start (``stop``); ``quiet``: no MSI to that vCPU was sent in
+    between (one wake's own work, not two)."""
+
+    vcpu: np.ndarray      # int32
+    start: np.ndarray     # int64 ns
+    stop: np.ndarray      # int64 ns
+    quiet: np.ndarray     # bool
+
+    @property
+    def length(self) -> np.ndarray:
+        return self.stop - self.start
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+def busy_intervals(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray) -> BusyIntervals:
+    """Every gap between two consecutive halts of each vCPU (see ``BusyIntervals``)."""
+    vs, st, sp, qu = [], [], [], []
+    for v in np.unique(h.vcpu):
+        sel = np.nonzero(h.vcpu == v)[0]
+        sends = np.sort(send_ns[wake_vcpu == v])
+        ends = h.end[sel][:-1]
+        nxt = h.start[sel][1:]
+        lo = np.searchsorted(sends, ends, side="right")
+        hi = np.searchsorted(sends, nxt, side="right")
+        vs.append(np.full(len(ends), v, dtype=np.int32))
+        st.append(ends)
+        sp.append(nxt)
+        qu.append(hi == lo)
+    if not vs:
+        z = np.zeros(0, dtype=np.int64)
+        return BusyIntervals(z.astype(np.int32), z, z, z.astype(bool))
+    return BusyIntervals(np.concatenate(vs), np.concatenate(st).astype(np.int64),
+                         np.concatenate(sp).astype(np.int64), np.concatenate(qu))
+
+
+#: The scheduler tracepoints read here, with the kernel's field names
+#: (include/trace/events/sched.h).
+SCHED_SWITCH = "sched_switch"
+SCHED_WAKEUP = "sched_wakeup"
+SCHED_MIGRATE = "sched_migrate_task"
+
+
+def _field(e, *names, default=None):
+    for n in names:
+        if isinstance(e, dict):
+            if n in e:
+                return e[n]
+        elif hasattr(e, n):
+            return getattr(e, n)
+    return default
+
+
+def _still_runnable(state) -> bool:
+    """``prev_state`` of a ``sched_switch``: the task was preempted (still TASK_RUNNING,
+    printed ``R`` or ``R+``, or the number 0) rather than going to sleep."""
+    if isinstance(state, str):
+        return state.strip().startswith("R")
+    return state == 0
+
+
+def sched_rows(events) -> list[tuple]:
+    """The scheduler events in one plain form, time-ordered:
+    ``(ts_ns, kind, cpu, pid, other)`` with, per kind,
+
+    * ``sched_switch`` on ``cpu``: ``pid`` = ``prev_pid``, ``other`` =
+      (``prev_state`` still runnable, ``next_pid``);
+    * ``sched_wakeup``: ``pid`` woken onto ``other`` = ``target_cpu``;
+    * ``sched_migrate_task``: ``pid`` from ``cpu`` = ``orig_cpu`` to ``other`` =
+      ``dest_cpu``.
+
+    Each event is a mapping or an object with the tracepoint's field names
+    (``prev_pid``, ``prev_state``, ``next_pid``; ``pid``, ``target_cpu``; ``pid``,
+    ``orig_cpu``, ``dest_cpu``), its name in ``event`` (or ``name``), its time in
+    ``ts_ns`` (or ``ts``) and the CPU it was traced on in ``cpu``."""
+    rows = []
+    for e in events:
+        kind = _field(e, "event", "name")
+        ts = _field(e, "ts_ns", "ts")
+        if kind == SCHED_SWITCH:
+            rows.append((int(ts), kind, int(_field(e, "cpu")), int(_field(e, "prev_pid")),
+                         (_still_runnable(_field(e, "prev_state", default="S")),
+                          int(_field(e, "next_pid")))))
+        elif kind == SCHED_WAKEUP:
+            rows.append((int(ts), kind, int(_field(e, "target_cpu", "cpu")),
+                         int(_field(e, "pid")), int(_field(e, "target_cpu", "cpu"))))
+        elif kind == SCHED_MIGRATE:
+            rows.append((int(ts), kind, int(_field(e, "orig_cpu")), int(_field(e, "pid")),
+                         int(_field(e, "dest_cpu"))))
+    rows.sort(key=lambda r: r[0])
+    return rows
+
+
+def runnable_segments(events, tids) -> dict[int, list[tuple[int, int, int]]]:
+    """Per thread of ``tids``: ``(cpu, start, end)`` spans during which it was runnable
+    (queued or running) on that CPU's run queue, from its wake-up (``sched_wakeup``,
+    or being switched in) to the ``sched_switch`` that puts it to sleep, split where
+    it migrates.  A span still open at the end of the trace ends at +inf."""
+    tids = set(int(t) for t in tids)
+    seg: dict[int, list] = {t: [] for t in tids}
+    on: dict[int, tuple[int, int]] = {}          # tid -> (cpu, since)
+
+    def begin(t, cpu, ts):
+        cur = on.get(t)
+        if cur is None:
+            on[t] = (cpu, ts)
+        elif cur[0] != cpu:
+            seg[t].append((cur[0], cur[1], ts))
+            on[t] = (cpu, ts)
+
+    for ts, kind, cpu, pid, other in sched_rows(events):
+        if kind == SCHED_SWITCH:
+            runnable, nxt = other
+            if pid in tids and not runnable and pid in on:
+                c, since = on.pop(pid)
+                seg[pid].append((c, since, ts))
+            elif pid in tids and runnable:
+                begin(pid, cpu, ts)
+            if nxt in tids:
+                begin(nxt, cpu, ts)
+        elif kind == SCHED_WAKEUP and pid in tids:
+            begin(pid, other, ts)
+        elif kind == SCHED_MIGRATE and pid in tids:
+            if pid in on:
+                begin(pid, other, ts)
+    inf = np.iinfo(np.int64).max
+    for t, (c, since) in on.items():
+        seg[t].append((c, since, inf))
+    return seg
+
+
+def sched_contended(iv: BusyIntervals, vcpu_tid: dict[int, int],
+                    segments: dict[int, list]) -> np.ndarray:
+    """Per interval of ``iv``: True where another thread of ``segments`` was runnable,
+    at some instant strictly inside the interval, on a CPU where the vCPU's own thread
+    was runnable then (or, where the trace has no span of the vCPU there, on any CPU
+    the vCPU ran on)."""
+    out = np.zeros(len(iv), dtype=bool)
+    for v, tid in vcpu_tid.items():
+        sel = np.nonzero(iv.vcpu == v)[0]
+        if not sel.size:
+            continue
+        own = segments.get(tid, [])
+        others: dict[int, list] = {}
+        for t, spans in segments.items():
+            if t != tid:
+                for c, s, e in spans:
+                    others.setdefault(c, []).append((s, e))
+        lookup = {}
+        for c, spans in others.items():
+            spans.sort()
+            s = np.array([a for a, _ in spans], dtype=np.int64)
+            e = np.maximum.accumulate(np.array([b for _, b in spans], dtype=np.int64))
+            lookup[c] = (s, e)
+        own_c = np.array([c for c, _, _ in own], dtype=np.int64)
+        own_s = np.array([s for _, s, _ in own], dtype=np.int64)
+        own_e = np.array([e for _, _, e in own], dtype=np.int64)
+        all_cpus = set(own_c.tolist()) or set(lookup)
+        for i in sel:
+            a, b = int(iv.start[i]), int(iv.stop[i])
+            hit = (own_s < b) & (own_e > a)
+            cpus = set(own_c[hit].tolist()) or all_cpus
+            for c in cpus:
+                if c not in lookup:
+                    continue
+                s, e = lookup[c]
+                k = int(np.searchsorted(s, b, side="left"))
+                if k and e[k - 1] > a:
+                    out[i] = True
+                    break
+    return out

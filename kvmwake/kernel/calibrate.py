@@ -7,10 +7,20 @@ Two kinds of parameters.
 * ``handler_ns``: the guest's work per extra interrupt, the gap between two
   port exits of one vCPU when the second MSI was already pending at the
   first (handler, port exit to userspace and back, EOI);
-* ``vm_entry_ns + vm_exit_ns``: a vCPU's work from a halt's end to its next
-  halt's start with no MSI in between, less ``handler_ns`` (the model
+* ``vm_entry_ns + vm_exit_ns``: a vCPU's own work from a halt's end to its
+  next halt's start with no MSI in between, less ``handler_ns`` (the model
   charges an entry, the handler and the ``hlt`` exit); the split into entry
-  and exit is not identifiable from these observations and is taken equal;
+  and exit is not identifiable from these observations and is taken equal.
+  Only *uncontended* gaps count (``own_work``): on a shared CPU the gap also
+  holds the time the vCPU thread waited for the CPU (246-313 us instead of
+  about 3 us on a 6-vCPU recording).  With the scheduler's tracepoints in the
+  recording, a gap is uncontended when no other thread of the recording was
+  runnable on the vCPU's CPU during it (``analysis.sched_contended``).
+  Without them the run's shape decides: where the recorder pinned some vCPU
+  alone on its CPU (no other vCPU there; preferably not the injector's CPU
+  either), the median of those vCPUs' gaps; otherwise (unpinned, or every CPU
+  shared) the ``LOW_QUANTILE``-th percentile of all gaps, since waiting for
+  the CPU only ever lengthens a gap;
 * ``delivery_ns`` (interrupt delivery): from the MSI's send to the end of a
   halt that was ended by a successful poll (the poll loop notices at once);
 * ``port_exit_ns``: from a halt's end to the handler's port exit seen in
@@ -38,6 +48,14 @@ and the sum of squares is minimised by a deterministic search: a log-spaced
 grid, then a pattern search that halves its log step.  Costs that nothing
 in the recording depends on keep the model's defaults
 (``calibration.json`` says so).
+
+**Saturated recordings.**  When the vCPUs hardly ever halt (fewer than
+``SATURATED_HALTS_PER_WAKE`` halts per wake, or out of halt - running or
+waiting for a CPU - more than ``SATURATED_OUT_OF_HALT`` of the run), most
+wakes find their vCPU busy and the figures say more about the queueing than
+about halt polling.  The calibration is still made, but ``calibration.json``
+gets ``"saturated": true`` and a ``"saturated_reason"``, and ``compare``
+reports the recording as "saturated, not scored" instead of pass/fail.
 
 The result goes to ``DIR/calibration.json``; ``compare`` loads it.
 """
@@ -67,6 +85,13 @@ CTX_RANGE = (200, 100_000)
 SLICE_RANGE = (10_000, 750_000)
 HALTS_UNIT = 0.15
 FALLBACK_DELIVERY_NS = 1_000
+#: Own work without a scheduler trace and no vCPU alone on its CPU: this percentile
+#: of the quiet gaps (waiting for the CPU only lengthens a gap).
+LOW_QUANTILE = 10
+#: A recording is saturated below this many halts per wake ...
+SATURATED_HALTS_PER_WAKE = 0.25
+#: ... or when its vCPUs spent more than this share of the run out of halt.
+SATURATED_OUT_OF_HALT = 0.95
 
 
 @dataclass
@@ -77,6 +102,7 @@ class KernelView:
     halts: A.Halts | None
     waker: np.ndarray | None
     figures: dict
+    sched: list | None = None     # the scheduler's tracepoints, if recorded
 
 
 def kernel_view(rec: Recording) -> KernelView:
@@ -94,7 +120,146 @@ def kernel_view(rec: Recording) -> KernelView:
         fig = stats_only_figures(stats)
     seen = w["seen_ns"] > 0
     fig["host_latency_all_ns"] = A.quantiles((w["seen_ns"] - w["sent_ns"])[seen])
-    return KernelView(rec, h, wk, fig)
+    return KernelView(rec, h, wk, fig, sched_events(rec))
+
+
+# ---------------------------------------------------------------- the scheduler trace
+
+def _schedtrace():
+    """``kvmwake.kernel.schedtrace`` where this build has it (recordings with the
+    scheduler's tracepoints), else None."""
+    try:
+        from . import schedtrace
+    except ImportError:
+        return None
+    return schedtrace
+
+
+def sched_events(rec: Recording) -> list | None:
+    """The recording's scheduler events (``schedtrace.load_sched``), or None when the
+    recording (or this build) has none."""
+    st = _schedtrace()
+    if st is None:
+        return None
+    try:
+        ev = st.load_sched(rec.path)
+    except (OSError, ValueError):
+        return None
+    return list(ev) if ev else None
+
+
+def recorded_tids(meta: dict) -> dict[int, str]:
+    """tid -> role of every thread of the recording: ``meta["threads"]`` where the
+    recorder wrote it, else the vCPU threads and the injector."""
+    out = {}
+    for t in meta.get("threads") or []:
+        out[int(t["tid"])] = str(t.get("role"))
+    for tid in meta.get("vcpu_tids", []):
+        out.setdefault(int(tid), "vcpu")
+    if meta.get("injector_tid") is not None:
+        out.setdefault(int(meta["injector_tid"]), "injector")
+    return out
+
+
+def pinned_cpus(meta: dict) -> tuple[list, int | None]:
+    """(host CPU of each vCPU thread or None, the injector's CPU or None), as the
+    recorder pinned them: from ``meta["threads"]`` where present, else
+    ``meta["pinning"]``; all None for an unpinned recording."""
+    n = int(meta["vcpus"])
+    vc: list = [None] * n
+    inj = None
+    if meta.get("threads"):
+        for t in meta["threads"]:
+            cpu = t.get("cpu")
+            cpu = None if cpu is None or int(cpu) < 0 else int(cpu)
+            if t.get("role") == "vcpu" and t.get("vcpu") is not None and 0 <= int(t["vcpu"]) < n:
+                vc[int(t["vcpu"])] = cpu
+            elif t.get("role") == "injector":
+                inj = cpu
+        return vc, inj
+    pin = meta.get("pinning") or {}
+    if pin.get("enabled", False) and meta.get("pinned", True):
+        for i, c in enumerate(pin.get("vcpus", [])[:n]):
+            vc[i] = None if c is None or int(c) < 0 else int(c)
+        c = pin.get("injector")
+        inj = None if c is None or int(c) < 0 else int(c)
+    return vc, inj
+
+
+def own_work(kv: KernelView) -> dict:
+    """A vCPU's own work per wake (halt end to next halt start, no MSI in between)
+    from uncontended gaps only; see the module docstring."""
+    rec, h = kv.rec, kv.halts
+    iv = A.busy_intervals(h, rec.wakes["sent_ns"], rec.wakes["vcpu"])
+    quiet = iv.quiet
+    out = {"busy_all_median_ns": _median(iv.length[quiet]),
+           "busy_all_samples": int(quiet.sum())}
+    if kv.sched is not None:
+        tids = recorded_tids(rec.meta)
+        seg = A.runnable_segments(kv.sched, tids)
+        cont = A.sched_contended(iv, {v: int(t) for t, v in rec.pid_to_vcpu().items()}, seg)
+        ok = quiet & ~cont
+        out.update(busy_method="scheduler trace: no other recorded thread runnable on the "
+                               "vCPU's CPU", busy_ns=_median(iv.length[ok]),
+                   busy_samples=int(ok.sum()))
+        return out
+    return out | shape_own_work(iv, *pinned_cpus(rec.meta))
+
+
+def shape_own_work(iv: A.BusyIntervals, vcpu_cpu: list, injector_cpu: int | None) -> dict:
+    """Own work without a scheduler trace, from where the threads were pinned."""
+    quiet = iv.quiet
+    alone = [v for v, c in enumerate(vcpu_cpu)
+             if c is not None and sum(1 for d in vcpu_cpu if d == c) == 1]
+    isolated = [v for v in alone if vcpu_cpu[v] != injector_cpu]
+    for group, what in ((isolated, "pinned alone on its CPU, not the injector's"),
+                        (alone, "pinned alone among the vCPUs on its CPU")):
+        sel = quiet & np.isin(iv.vcpu, group)
+        if group and sel.any():
+            return {"busy_method": f"run's shape: gaps of the vCPUs {what} "
+                                   f"({', '.join(map(str, group))}), median",
+                    "busy_ns": _median(iv.length[sel]), "busy_samples": int(sel.sum())}
+    lengths = iv.length[quiet]
+    return {"busy_method": f"run's shape: no vCPU alone on its CPU, percentile "
+                           f"{LOW_QUANTILE} of all gaps",
+            "busy_ns": float(np.percentile(lengths, LOW_QUANTILE)) if lengths.size else None,
+            "busy_samples": int(lengths.size)}
+
+
+def saturation(kv: KernelView) -> dict:
+    """``{"saturated", "saturated_reason", "halts_per_wake", "out_of_halt_share"}``:
+    whether the vCPUs were saturated (see the module docstring)."""
+    rec, h = kv.rec, kv.halts
+    w = rec.wakes
+    wakes = int((w["sent_ns"] > 0).sum())
+    if h is not None:
+        body = ~h.first
+        halts = int(body.sum())
+        span = halted = 0
+        for v in np.unique(h.vcpu):
+            s = (h.vcpu == v) & body
+            if s.sum() >= 2:
+                span += int(h.end[s].max() - h.end[s].min())
+                halted += int(h.ns[s][1:].sum())
+        out_share = 1.0 - halted / span if span > 0 else None
+    else:
+        st = A.sum_stats(rec.vcpu_stats())
+        halts = int(st["halt_successful_poll"]) + int(np.asarray(st["halt_wait_hist"]).sum())
+        dur = int(rec.meta["workload"].get("duration_ns") or 0) * rec.nvcpus
+        halted = (int(st.get("halt_poll_success_ns", 0)) + int(st.get("halt_poll_fail_ns", 0))
+                  + int(st.get("halt_wait_ns", 0)))
+        out_share = max(0.0, 1.0 - halted / dur) if dur > 0 else None
+    hpw = halts / wakes if wakes else None
+    reasons = []
+    if hpw is not None and hpw < SATURATED_HALTS_PER_WAKE:
+        reasons.append(f"{halts} halts for {wakes} wakes ({hpw:.3f} per wake, below "
+                       f"{SATURATED_HALTS_PER_WAKE})")
+    if out_share is not None and out_share > SATURATED_OUT_OF_HALT:
+        reasons.append(f"the vCPUs were out of halt (running or waiting for a CPU) "
+                       f"{100 * out_share:.1f} % of the run (above "
+                       f"{100 * SATURATED_OUT_OF_HALT:.0f} %)")
+    return {"saturated": bool(reasons), "saturated_reason": "; ".join(reasons) or None,
+            "halts_per_wake": hpw, "out_of_halt_share": out_share}
 
 
 def stats_only_figures(stats: list[dict]) -> dict:
@@ -142,9 +307,7 @@ def direct_estimates(kv: KernelView) -> dict:
     # Most sends find the injector's CPU idle: the median lateness is its idle wake.
     out["injector_idle_wake_ns"] = out["lateness_ns"]
     if h is not None:
-        busy = A.busy_samples(h, sent, vcpu)
-        out["busy_ns"] = _median(busy)
-        out["busy_samples"] = int(busy.size)
+        out.update(own_work(kv))
         has = wk >= 0
         polled = has & ~h.waited & (h.ns > 0) & ~h.first
         d1p = h.end[polled] - sent[wk[polled]]
@@ -154,8 +317,8 @@ def direct_estimates(kv: KernelView) -> dict:
         pe = pe[(seen[wk[has]] > 0) & (pe >= 0)]
         out["port_exit_ns"] = _median(pe)
     else:
-        out.update(busy_ns=None, busy_samples=0, delivery_ns=None, delivery_samples=0,
-                   port_exit_ns=None)
+        out.update(busy_ns=None, busy_samples=0, busy_method=None, delivery_ns=None,
+                   delivery_samples=0, port_exit_ns=None)
     return out
 
 
@@ -275,6 +438,10 @@ def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -
     free = [(n, (slice_lo, rng[1]) if n == "sched_slice_ns" else rng, a, b)
             for n, rng, a, b in free]
     names = [f[0] for f in free]
+    sat = saturation(kv)
+    if sat["saturated"]:
+        notes.append(f"saturated recording ({sat['saturated_reason']}): compare does not "
+                     f"score it")
     cache: dict = {}
 
     def loss_of(x: tuple) -> float:
@@ -325,6 +492,7 @@ def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -
                       "traced": traced},
         "params": final.to_dict(),
         "port_exit_ns": est.get("port_exit_ns"),
+        **sat,
         "direct": est,
         "fit": {"method": "weighted least squares: log grid, then a pattern search that "
                           "halves its log step",

@@ -160,6 +160,10 @@ def _calibrate(args) -> int:
           f"{co['context_switch_ns']}{'' if 'context_switch_ns' in f['free'] else ' (not fitted)'}"
           f" - {f['evals']} simulations, loss {f['loss']:.3f}")
     print("  residuals: " + ", ".join(f"{k} {v:+.2f}" for k, v in f["residuals"].items()))
+    if d.get("busy_method"):
+        print(f"  own work: {d['busy_method']} ({d['busy_samples']} gaps)")
+    if cal.get("saturated"):
+        print(f"  SATURATED ({cal['saturated_reason']}): compare will not score it")
     for n in cal["notes"]:
         print(f"  note: {n}")
     print(f"  saved to {rec.path / 'calibration.json'}")

@@ -1,0 +1,222 @@
+"""Calibration under overcommit: own work from uncontended gaps only, saturated
+recordings flagged, cost tails fitted (``kvmwake kernel calibrate``).
+
+Everything here runs on inputs built in the test (halts, scheduler events) or on
+synthetic recordings made by the model (``kvmwake.kernel.synthetic``); nothing
+needs ``/dev/kvm``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from kvmwake.kernel import analysis as A
+from kvmwake.kernel import calibrate as C
+from kvmwake.kernel import recording as R
+from kvmwake.kernel import synthetic as Y
+from kvmwake.kernel.simulate import SimParams
+from kvmwake.model import COST_DEFAULTS
+
+TRUE_OWN_NS = 12_000 + 800 + 800      # handler + entry + exit of _made_with()
+
+
+def _made_with(handler=12_000):
+    costs = {**COST_DEFAULTS, "wake_to_run_ns": 30_000, "context_switch_ns": 6_000,
+             "vm_entry_ns": 800, "vm_exit_ns": 800}
+    return SimParams(costs=costs, handler_ns=handler, delivery_ns=900, lateness_ns=15_000,
+                     arrivals="target", injector_idle_wake_ns=15_000, injector_ns=1_000)
+
+
+def _halts(rows):
+    """Halts from (vcpu, end, ns, waited) rows; the first of each vCPU marked first."""
+    a = np.array(rows, dtype=np.int64)
+    first = np.zeros(len(a), dtype=bool)
+    seen = set()
+    for i, v in enumerate(a[:, 0].tolist()):
+        first[i] = v not in seen
+        seen.add(v)
+    return A.Halts(a[:, 0].astype(np.int32), a[:, 1], a[:, 2], a[:, 3].astype(bool), first)
+
+
+# ---------------------------------------------------------------- the gaps
+
+def test_busy_intervals_mark_gaps_with_a_send_inside():
+    # vCPU 0 halts end at 100, 300, 600; halts start at 150 (300-150), 400 (600-200)
+    h = _halts([(0, 100, 50, 1), (0, 300, 150, 1), (0, 600, 200, 1)])
+    sends = np.array([120, 140, 450], dtype=np.int64)
+    iv = A.busy_intervals(h, sends, np.zeros(3, dtype=np.int32))
+    assert iv.start.tolist() == [100, 300] and iv.stop.tolist() == [150, 400]
+    assert iv.quiet.tolist() == [False, True]           # 120 and 140 fall in the first
+    assert iv.length.tolist() == [50, 100]
+    assert A.busy_samples(h, sends, np.zeros(3, dtype=np.int32)).tolist() == [100]
+
+
+# ---------------------------------------------------------------- the scheduler trace
+
+def _sw(ts, cpu, prev, state, nxt):
+    return {"event": "sched_switch", "ts_ns": ts, "cpu": cpu, "prev_pid": prev,
+            "prev_state": state, "next_pid": nxt}
+
+
+def _wk(ts, pid, cpu):
+    return {"event": "sched_wakeup", "ts_ns": ts, "cpu": cpu, "pid": pid, "target_cpu": cpu}
+
+
+class _Obj:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_runnable_segments_follow_wakeups_switches_and_migrations():
+    ev = [_wk(10, 1, 0), _sw(12, 0, 0, "R", 1),           # 1 woken on CPU 0, runs
+          _wk(20, 2, 0),                                  # 2 woken on CPU 0: queued
+          _sw(25, 0, 1, "R+", 2),                          # 1 preempted by 2 (stays runnable)
+          _sw(30, 0, 2, "S", 1),                           # 2 sleeps, 1 runs again
+          {"event": "sched_migrate_task", "ts_ns": 35, "cpu": 0, "pid": 1, "orig_cpu": 0,
+           "dest_cpu": 1},
+          _sw(36, 1, 0, 0, 1),                             # 1 switched in on CPU 1 (idle: pid 0)
+          _sw(40, 1, 1, "S", 0),                           # 1 sleeps
+          _wk(50, 3, 1)]                                   # 3 is not recorded: ignored
+    seg = A.runnable_segments(list(reversed(ev)), [1, 2])   # order of the list is not relied on
+    assert seg[1] == [(0, 10, 35), (1, 35, 40)]
+    assert seg[2] == [(0, 20, 30)]
+    # the same events as objects with attributes (prev_state as the number 0 = running)
+    objs = [_Obj(**e) for e in ev]
+    assert A.runnable_segments(objs, [1, 2]) == seg
+
+
+def test_sched_contended_only_on_the_vcpus_cpu():
+    # vCPU 0 = tid 1 runnable on CPU 0 during [100, 200] and [300, 400];
+    # tid 2 (the injector) runnable on CPU 0 during [150, 160], on CPU 1 during [310, 390].
+    seg = {1: [(0, 100, 200), (0, 300, 400)], 2: [(0, 150, 160), (1, 310, 390)]}
+    iv = A.BusyIntervals(np.zeros(3, dtype=np.int32), np.array([100, 300, 160]),
+                         np.array([200, 400, 200]), np.ones(3, dtype=bool))
+    assert A.sched_contended(iv, {0: 1}, seg).tolist() == [True, False, False]
+
+
+def test_own_work_from_the_scheduler_trace(tmp_path, monkeypatch):
+    """With scheduler events, the gaps where another recorded thread was runnable on
+    the vCPU's CPU are left out, however long they are."""
+    Y.make_recording(tmp_path / "r", "mixed", 200, 1, 2, None, _made_with())
+    rec = R.load(tmp_path / "r")
+    kv = C.kernel_view(rec)
+    iv = A.busy_intervals(kv.halts, rec.wakes["sent_ns"], rec.wakes["vcpu"])
+    tid = rec.meta["vcpu_tids"][0]
+    inj = rec.meta["injector_tid"]
+    # The vCPU is runnable on CPU 0 through each gap; the injector is runnable on CPU 0
+    # inside every other quiet gap, which is then made 50 us longer (it waited).
+    ev, longer = [], []
+    for i in np.nonzero(iv.quiet)[0]:
+        a, b = int(iv.start[i]), int(iv.stop[i])
+        ev += [_wk(a, tid, 0), _sw(b, 0, tid, "S", 0)]
+        if len(longer) % 2 == 0:
+            ev += [_wk(a + 10, inj, 0), _sw(a + 20, 0, inj, "S", tid)]
+        longer.append(i)
+    kv.sched = ev
+    out = C.own_work(kv)
+    assert out["busy_method"].startswith("scheduler trace")
+    clean = [int(iv.length[i]) for k, i in enumerate(longer) if k % 2]
+    assert out["busy_samples"] == len(clean)
+    assert out["busy_ns"] == pytest.approx(np.median(clean))
+    monkeypatch.setattr(C, "_schedtrace", lambda: None)
+    assert C.sched_events(rec) is None                   # no schedtrace: shape instead
+
+
+# ---------------------------------------------------------------- without a trace: the shape
+
+def _iv(lengths_by_vcpu):
+    v, s, e = [], [], []
+    t = 0
+    for vc, ls in lengths_by_vcpu.items():
+        for L in ls:
+            v.append(vc)
+            s.append(t)
+            e.append(t + L)
+            t += L + 1000
+    return A.BusyIntervals(np.array(v, dtype=np.int32), np.array(s), np.array(e),
+                           np.ones(len(v), dtype=bool))
+
+
+def test_shape_prefers_a_vcpu_alone_and_off_the_injectors_cpu():
+    iv = _iv({0: [50_000, 60_000, 70_000], 1: [10_000, 11_000, 12_000],
+              2: [30_000, 31_000, 32_000]})
+    # vCPUs 0 and 2 share CPU 0; vCPU 1 alone on CPU 1, the injector on CPU 0
+    out = C.shape_own_work(iv, [0, 1, 0], 0)
+    assert out["busy_ns"] == 11_000 and out["busy_samples"] == 3
+    assert "not the injector's" in out["busy_method"]
+    # the injector on vCPU 1's CPU: still the lone vCPU, said so
+    out = C.shape_own_work(iv, [0, 1, 0], 1)
+    assert out["busy_ns"] == 11_000 and "alone among the vCPUs" in out["busy_method"]
+
+
+def test_shape_falls_back_to_a_low_quantile():
+    lengths = list(range(10_000, 110_000, 1_000))      # 100 gaps, 10 us .. 109 us
+    iv = _iv({0: lengths[:50], 1: lengths[50:]})
+    for cpus in ([0, 0], [None, None]):                 # both on one CPU / unpinned
+        out = C.shape_own_work(iv, cpus, None)
+        assert out["busy_ns"] == pytest.approx(np.percentile(lengths, C.LOW_QUANTILE))
+        assert f"percentile {C.LOW_QUANTILE}" in out["busy_method"]
+    assert C.shape_own_work(_iv({}), [None], None)["busy_ns"] is None
+
+
+def test_pinned_cpus_from_threads_table_or_pinning():
+    meta = {"vcpus": 2, "pinning": {"vcpus": [0, 1], "injector": 0, "enabled": True}}
+    assert C.pinned_cpus(meta) == ([0, 1], 0)
+    assert C.pinned_cpus({**meta, "pinning": {"vcpus": [-1, -1], "injector": -1,
+                                              "enabled": False}}) == ([None, None], None)
+    threads = [{"tid": 5, "role": "vcpu", "vcpu": 1, "cpu": 0},
+               {"tid": 4, "role": "vcpu", "vcpu": 0, "cpu": None},
+               {"tid": 6, "role": "injector", "vcpu": None, "cpu": 1},
+               {"tid": 3, "role": "main", "vcpu": None, "cpu": None}]
+    assert C.pinned_cpus({**meta, "threads": threads}) == ([None, 0], 1)
+    assert C.recorded_tids({"threads": threads, "vcpu_tids": [4, 5], "injector_tid": 6}) == {
+        5: "vcpu", 4: "vcpu", 6: "injector", 3: "main"}
+
+
+def test_overcommitted_recording_own_work_is_not_the_waiting(tmp_path):
+    """6 vCPUs on 2 CPUs: the plain median of the gaps holds the wait for the CPU;
+    the estimate from the uncontended (low) end of them is the vCPU's own work."""
+    Y.make_recording(tmp_path / "r", "short", 300, 6, 2, None, _made_with())
+    est = C.direct_estimates(C.kernel_view(R.load(tmp_path / "r")))
+    assert est["busy_all_median_ns"] > 1.5 * TRUE_OWN_NS
+    assert est["busy_ns"] == pytest.approx(TRUE_OWN_NS, rel=0.1)
+
+
+# ---------------------------------------------------------------- saturation
+
+def test_saturated_recording_is_flagged(tmp_path):
+    Y.make_recording(tmp_path / "sat", "short", 300, 6, 2, None, _made_with())
+    cal = C.fit(R.load(tmp_path / "sat"), quick=True)
+    assert cal["saturated"] is True
+    assert "halts for 300 wakes" in cal["saturated_reason"]
+    assert cal["halts_per_wake"] < C.SATURATED_HALTS_PER_WAKE
+    assert any("saturated" in n for n in cal["notes"])
+    json.dumps(cal, default=float)
+
+
+def test_unsaturated_recording_is_not_flagged(tmp_path):
+    Y.make_recording(tmp_path / "ok", "mixed", 200, 2, 2, None, _made_with())
+    sat = C.saturation(C.kernel_view(R.load(tmp_path / "ok")))
+    assert sat["saturated"] is False and sat["saturated_reason"] is None
+    assert sat["halts_per_wake"] > 0.5 and sat["out_of_halt_share"] < 0.5
+
+
+def test_saturation_thresholds_on_built_halts(tmp_path):
+    Y.make_recording(tmp_path / "r", "long", 40, 1, 2, None, _made_with())
+    kv = C.kernel_view(R.load(tmp_path / "r"))
+    # out of halt almost all the time: halts of 1 us every 100 us
+    kv.halts = _halts([(0, t, 1_000, 1) for t in range(100_000, 2_000_000, 100_000)])
+    kv.rec.wakes = {**kv.rec.wakes, "sent_ns": np.arange(1, 21, dtype=np.int64)}
+    sat = C.saturation(kv)
+    assert sat["saturated"] and "out of halt" in sat["saturated_reason"]
+    assert "per wake" not in sat["saturated_reason"]     # 18 halts for 20 wakes is fine
+
+
+def test_stats_only_saturation(tmp_path):
+    Y.make_recording(tmp_path / "s", "short", 300, 6, 2, None, _made_with(), traced=False)
+    sat = C.saturation(C.kernel_view(R.load(tmp_path / "s")))
+    assert sat["saturated"] and "halts for 300 wakes" in sat["saturated_reason"]
