@@ -220,3 +220,78 @@ def test_stats_only_saturation(tmp_path):
     Y.make_recording(tmp_path / "s", "short", 300, 6, 2, None, _made_with(), traced=False)
     sat = C.saturation(C.kernel_view(R.load(tmp_path / "s")))
     assert sat["saturated"] and "halts for 300 wakes" in sat["saturated_reason"]
+
+
+# ---------------------------------------------------------------- tails
+
+def test_quantile_cost_keeps_the_spread_and_moves_the_median():
+    rng = np.random.default_rng(1)
+    lat = rng.lognormal(np.log(40_000), 0.6, 2_000)
+    c = C.quantile_cost(lat, 25_000)
+    q = np.array(c["q"])
+    assert c["dist"] == "quantiles" and len(q) == C.TAIL_POINTS
+    assert (np.diff(q) >= 0).all() and q.dtype.kind == "i" and q.min() >= 0
+    assert q[50] == 25_000
+    assert q[99] - q[50] == pytest.approx(np.percentile(lat, 99) - np.median(lat), abs=1)
+    # a spread wider below than the centre: clamped at 0, still nondecreasing
+    c = C.quantile_cost([0, 1_000, 100_000, 100_001, 100_002], 2_000)
+    assert c["q"][0] == 0 and c["q"] == sorted(c["q"])
+
+
+def test_tails_fitted_from_uncontended_latencies(tmp_path):
+    Y.make_recording(tmp_path / "r", "mixed", 400, 2, 2, None, _made_with())
+    rec = R.load(tmp_path / "r")
+    kv = C.kernel_view(rec)
+    lat, how = C.uncontended_latencies(kv)
+    assert "(1)" in how                         # vCPU 1: alone, off the injector's CPU
+    h, wk = kv.halts, kv.waker
+    sel = (wk >= 0) & h.waited & ~h.first & (h.vcpu == 1)
+    assert sorted(lat.tolist()) == sorted((h.end[sel] - rec.wakes["sent_ns"][wk[sel]]).tolist())
+    cal = C.fit(rec, quick=True, tails=True)
+    spec = cal["costs"]["wake_to_run_ns"]
+    assert spec["dist"] == "quantiles" and len(spec["q"]) == C.TAIL_POINTS
+    assert spec["q"][50] == cal["params"]["costs"]["wake_to_run_ns"]   # constant stays
+    assert cal["tails"]["samples"] == lat.size
+    C.save(rec, cal)
+    again = json.loads((rec.path / "calibration.json").read_text())
+    assert C.host_costs(again)["wake_to_run_ns"] == spec
+    assert C.host_costs(again)["vm_exit_ns"] == cal["params"]["costs"]["vm_exit_ns"]
+    # without --tails: constants as before
+    plain = C.fit(rec, quick=True)
+    assert plain["costs"] == {} and plain["tails"] is None
+    assert plain["params"] == cal["params"]
+
+
+def test_tails_skipped_without_uncontended_halts(tmp_path):
+    Y.make_recording(tmp_path / "r", "short", 200, 4, 2, None, _made_with())
+    cal = C.fit(R.load(tmp_path / "r"), quick=True, tails=True)
+    assert cal["costs"] == {} and cal["tails"]["samples"] == 0
+    assert any("--tails" in n and "costs kept constant" in n for n in cal["notes"])
+
+
+@pytest.mark.parametrize("costs, message", [
+    ([1], "must be an object"),
+    ({"nope_ns": 1}, "unknown cost"),
+    ({"wake_to_run_ns": -1}, "wake_to_run_ns"),
+    ({"wake_to_run_ns": {"dist": "quantiles", "q": [3, 2]}}, "wake_to_run_ns"),
+    ({"wake_to_run_ns": {"dist": "quantiles", "q": [1]}}, "wake_to_run_ns"),
+    ({"wake_to_run_ns": {"dist": "quantiles", "q": ["a", "b"]}}, "wake_to_run_ns"),
+    ({"wake_to_run_ns": {"dist": "weird", "q": [1, 2]}}, "wake_to_run_ns"),
+])
+def test_bad_costs_in_a_calibration(tmp_path, costs, message):
+    Y.make_recording(tmp_path / "r", "long", 40, 1, 2, None, _made_with())
+    rec = R.load(tmp_path / "r")
+    cal = C.fit(rec, quick=True)
+    cal["costs"] = costs
+    with pytest.raises(R.RecordingError, match=message):
+        C.load_params(cal)
+
+
+def test_cli_calibrate_tails(tmp_path, capsys):
+    from kvmwake.kernel import cli as KC
+    Y.make_recording(tmp_path / "r", "mixed", 300, 2, 2, None, _made_with())
+    assert KC.main(["calibrate", str(tmp_path / "r"), "--quick", "--tails"]) == 0
+    out = capsys.readouterr().out
+    assert "tails:    wake_to_run_ns quantiles" in out and "own work:" in out
+    cal = json.loads((tmp_path / "r" / "calibration.json").read_text())
+    assert cal["costs"]["wake_to_run_ns"]["dist"] == "quantiles"

@@ -49,6 +49,19 @@ grid, then a pattern search that halves its log step.  Costs that nothing
 in the recording depends on keep the model's defaults
 (``calibration.json`` says so).
 
+**Tails** (``--tails``).  Constant costs give a vCPU alone on an idle CPU
+one latency (model p99 = p50); the kernel's p99/p50 there is 2.2 to 40.
+With ``--tails`` the spread of the uncontended send-to-halt-end latencies
+(halts that waited, woken with nothing else of the recording runnable on the
+vCPU's CPU: from the scheduler trace, or the vCPUs the pinning left alone)
+becomes the distribution of ``wake_to_run_ns``: its quantiles at every
+percentile, shifted so that the median is the fitted constant
+(``quantile_cost``), in the form ``{"dist": "quantiles", "q": [...]}``.  It
+goes to ``calibration.json``'s ``costs`` (what ``Host(costs=...)`` takes over
+the constants in ``params.costs``, see ``host_costs``); ``params.costs``
+keeps the constant.  The handler's time stays a constant (it is the guest
+program's, not a host cost).  Without ``--tails``, ``costs`` is empty.
+
 **Saturated recordings.**  When the vCPUs hardly ever halt (fewer than
 ``SATURATED_HALTS_PER_WAKE`` halts per wake, or out of halt - running or
 waiting for a CPU - more than ``SATURATED_OUT_OF_HALT`` of the run), most
@@ -92,6 +105,10 @@ LOW_QUANTILE = 10
 SATURATED_HALTS_PER_WAKE = 0.25
 #: ... or when its vCPUs spent more than this share of the run out of halt.
 SATURATED_OUT_OF_HALT = 0.95
+#: --tails: the quantile table's points (every percentile, 0 to 100) ...
+TAIL_POINTS = 101
+#: ... made from at least this many uncontended latencies.
+TAILS_MIN_SAMPLES = 20
 
 
 @dataclass
@@ -206,14 +223,20 @@ def own_work(kv: KernelView) -> dict:
     return out | shape_own_work(iv, *pinned_cpus(rec.meta))
 
 
-def shape_own_work(iv: A.BusyIntervals, vcpu_cpu: list, injector_cpu: int | None) -> dict:
-    """Own work without a scheduler trace, from where the threads were pinned."""
-    quiet = iv.quiet
+def alone_groups(vcpu_cpu: list, injector_cpu: int | None) -> list[tuple[list, str]]:
+    """The vCPUs that had their host CPU to themselves as far as the pinning says, best
+    first: alone and not on the injector's CPU; alone among the vCPUs."""
     alone = [v for v, c in enumerate(vcpu_cpu)
              if c is not None and sum(1 for d in vcpu_cpu if d == c) == 1]
     isolated = [v for v in alone if vcpu_cpu[v] != injector_cpu]
-    for group, what in ((isolated, "pinned alone on its CPU, not the injector's"),
-                        (alone, "pinned alone among the vCPUs on its CPU")):
+    return [(isolated, "pinned alone on its CPU, not the injector's"),
+            (alone, "pinned alone among the vCPUs on its CPU")]
+
+
+def shape_own_work(iv: A.BusyIntervals, vcpu_cpu: list, injector_cpu: int | None) -> dict:
+    """Own work without a scheduler trace, from where the threads were pinned."""
+    quiet = iv.quiet
+    for group, what in alone_groups(vcpu_cpu, injector_cpu):
         sel = quiet & np.isin(iv.vcpu, group)
         if group and sel.any():
             return {"busy_method": f"run's shape: gaps of the vCPUs {what} "
@@ -224,6 +247,109 @@ def shape_own_work(iv: A.BusyIntervals, vcpu_cpu: list, injector_cpu: int | None
                            f"{LOW_QUANTILE} of all gaps",
             "busy_ns": float(np.percentile(lengths, LOW_QUANTILE)) if lengths.size else None,
             "busy_samples": int(lengths.size)}
+
+
+# ---------------------------------------------------------------- tails
+
+def uncontended_latencies(kv: KernelView) -> tuple[np.ndarray, str | None]:
+    """Send-to-halt-end latencies of the halts that waited and were woken with nothing
+    else of the recording runnable on the vCPU's CPU (scheduler trace), or, without a
+    trace of the scheduler, of the vCPUs the pinning left alone on their CPU.  Returns
+    (latencies, how they were chosen) - (empty, None) when no halt qualifies."""
+    rec, h, wk = kv.rec, kv.halts, kv.waker
+    if h is None:
+        return np.zeros(0, dtype=np.int64), None
+    sent = rec.wakes["sent_ns"]
+    sel = (wk >= 0) & h.waited & ~h.first
+    idx = np.nonzero(sel)[0]
+    start = sent[wk[idx]]
+    lat = h.end[idx] - start
+    if kv.sched is not None:
+        iv = A.BusyIntervals(h.vcpu[idx], start, h.end[idx], np.ones(idx.size, dtype=bool))
+        seg = A.runnable_segments(kv.sched, recorded_tids(rec.meta))
+        cont = A.sched_contended(iv, {v: int(t) for t, v in rec.pid_to_vcpu().items()}, seg)
+        return lat[~cont], "scheduler trace: nothing else runnable on the vCPU's CPU"
+    for group, what in alone_groups(*pinned_cpus(rec.meta)):
+        ok = np.isin(h.vcpu[idx], group)
+        if group and ok.any():
+            return lat[ok], f"run's shape: the vCPUs {what} ({', '.join(map(str, group))})"
+    return np.zeros(0, dtype=np.int64), None
+
+
+def quantile_cost(samples, center: float, points: int = TAIL_POINTS) -> dict:
+    """A cost in the contract's quantile form whose median is ``center`` and whose
+    spread is that of ``samples``: the samples' quantiles at ``points`` evenly spaced
+    probabilities, shifted by ``center - median(samples)``, clamped at 0 (so still
+    nondecreasing), as integers."""
+    a = np.asarray(samples, dtype=np.float64)
+    q = np.percentile(a, np.linspace(0, 100, points)) - np.median(a) + center
+    q = np.maximum(np.rint(q), 0).astype(np.int64)
+    return {"dist": "quantiles", "q": np.maximum.accumulate(q).tolist()}
+
+
+def fit_tails(kv: KernelView, params: SimParams) -> tuple[dict, dict]:
+    """(costs in contract form, what they were made from): ``wake_to_run_ns`` as
+    quantiles with the fitted constant as its median and the uncontended latencies'
+    spread; empty costs when fewer than ``TAILS_MIN_SAMPLES`` latencies qualify."""
+    lat, how = uncontended_latencies(kv)
+    info = {"samples": int(lat.size), "method": how, "points": TAIL_POINTS}
+    if lat.size < TAILS_MIN_SAMPLES:
+        info["skipped"] = (f"{lat.size} uncontended halts that waited (at least "
+                           f"{TAILS_MIN_SAMPLES} needed): costs kept constant")
+        return {}, info
+    info["latency_ns"] = A.quantiles(lat)
+    w2r = float(params.costs["wake_to_run_ns"])
+    return {"wake_to_run_ns": quantile_cost(lat, w2r)}, info
+
+
+def check_costs(costs) -> dict:
+    """The calibration's ``costs`` (cost name -> constant or distribution), checked: a
+    known cost name; a non-negative integer, or ``{"dist": "quantiles", "q": [...]}``
+    with at least two nondecreasing non-negative numbers (or any form
+    ``kvmwake.costs.parse_cost`` accepts, where this build has it)."""
+    if not isinstance(costs, dict):
+        raise RecordingError("calibration.json: costs must be an object")
+    parse = _cost_parser()
+    out = {}
+    for name, spec in costs.items():
+        if name not in COST_DEFAULTS:
+            raise RecordingError(f"calibration.json: costs: unknown cost {name!r}")
+        if parse is not None:
+            try:
+                parse(name, spec)
+            except (TypeError, ValueError) as exc:
+                raise RecordingError(f"calibration.json: costs: {name}: {exc}") from None
+        elif isinstance(spec, dict):
+            q = spec.get("q")
+            if (spec.get("dist") != "quantiles" or set(spec) != {"dist", "q"}
+                    or not isinstance(q, list) or len(q) < 2
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                               and math.isfinite(x) and x >= 0 for x in q)
+                    or any(b < a for a, b in zip(q, q[1:]))):
+                raise RecordingError(f"calibration.json: costs: {name}: not a "
+                                     f'{{"dist": "quantiles", "q": [...]}} of at least two '
+                                     f"nondecreasing non-negative numbers")
+        elif isinstance(spec, bool) or not isinstance(spec, int) or spec < 0:
+            raise RecordingError(f"calibration.json: costs: {name}: {spec!r} is not a "
+                                 f"non-negative integer")
+        out[name] = spec
+    return out
+
+
+def _cost_parser():
+    """``kvmwake.costs.parse_cost`` where this build has cost distributions, else None."""
+    try:
+        from ..costs import parse_cost
+    except ImportError:
+        return None
+    return parse_cost
+
+
+def host_costs(cal: dict) -> dict:
+    """The costs to give ``Host(costs=...)`` for a calibration: its constants
+    (``params.costs``) with its distributions (``costs``, from ``--tails``) over them."""
+    p, _ = load_params(cal)
+    return {**p.costs, **check_costs(cal.get("costs", {}))}
 
 
 def saturation(kv: KernelView) -> dict:
@@ -411,7 +537,8 @@ FREE = (("wake_to_run_ns", W2R_RANGE, 11, 7),
         ("sched_slice_ns", SLICE_RANGE, 4, 3))
 
 
-def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -> dict:
+def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None,
+        tails: bool = False) -> dict:
     """Calibrate on ``rec``; returns the calibration dict (also what is saved)."""
     t_start = time.perf_counter()
     kv = kernel_view(rec)
@@ -479,6 +606,9 @@ def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -
     fitted = dict(zip(names, best))
     final = _with(params, fitted)
     loss, res = cache[best]
+    tail_costs, tail_info = fit_tails(kv, final) if tails else ({}, None)
+    if tail_info and tail_info.get("skipped"):
+        notes.append(f"--tails: {tail_info['skipped']}")
     secs = time.perf_counter() - t_start
     if log:
         log("fitted " + ", ".join(f"{k} {v}" for k, v in fitted.items()) +
@@ -492,6 +622,8 @@ def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -
                       "traced": traced},
         "params": final.to_dict(),
         "port_exit_ns": est.get("port_exit_ns"),
+        "costs": tail_costs,
+        "tails": tail_info,
         **sat,
         "direct": est,
         "fit": {"method": "weighted least squares: log grid, then a pattern search that "
@@ -531,4 +663,5 @@ def load_params(cal: dict) -> tuple[SimParams, float | None]:
     pe = cal.get("port_exit_ns")
     if pe is not None and (not isinstance(pe, (int, float)) or pe < 0):
         raise RecordingError("calibration.json: port_exit_ns must be a non-negative number")
+    check_costs(cal.get("costs", {}))
     return p, pe

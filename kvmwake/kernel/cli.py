@@ -69,6 +69,9 @@ def build_parser(subparsers) -> None:
                    help="simulated MSIs at the real send times (default) or at the spec's "
                         "targets plus the median lateness")
     c.add_argument("--quick", action="store_true", help="a coarser search (for tests)")
+    c.add_argument("--tails", action="store_true",
+                   help="also fit wake_to_run_ns as a distribution (quantiles) from the "
+                        "spread of the uncontended latencies (calibration.json's costs)")
     c.add_argument("--json", action="store_true", help="print the calibration as JSON")
 
     p = subparsers.add_parser(
@@ -141,7 +144,7 @@ def _calibrate(args) -> int:
     from .recording import load
     rec = load(args.dir)
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
-    cal = C.fit(rec, arrivals=args.arrivals, quick=args.quick, log=log)
+    cal = C.fit(rec, arrivals=args.arrivals, quick=args.quick, log=log, tails=args.tails)
     C.save(rec, cal)
     if args.json:
         print(json.dumps(cal, indent=2, default=float))
@@ -162,6 +165,13 @@ def _calibrate(args) -> int:
     print("  residuals: " + ", ".join(f"{k} {v:+.2f}" for k, v in f["residuals"].items()))
     if d.get("busy_method"):
         print(f"  own work: {d['busy_method']} ({d['busy_samples']} gaps)")
+    if cal.get("tails"):
+        t = cal["tails"]
+        for name, spec in cal["costs"].items():
+            q = spec["q"]
+            print(f"  tails:    {name} quantiles p0 {q[0]}, p50 {q[len(q) // 2]}, p90 "
+                  f"{q[(len(q) - 1) * 9 // 10]}, p99 {q[(len(q) - 1) * 99 // 100]}, p100 "
+                  f"{q[-1]} ns from {t['samples']} latencies ({t['method']})")
     if cal.get("saturated"):
         print(f"  SATURATED ({cal['saturated_reason']}): compare will not score it")
     for n in cal["notes"]:
