@@ -295,3 +295,168 @@ def test_cli_calibrate_tails(tmp_path, capsys):
     assert "tails:    wake_to_run_ns quantiles" in out and "own work:" in out
     cal = json.loads((tmp_path / "r" / "calibration.json").read_text())
     assert cal["costs"]["wake_to_run_ns"]["dist"] == "quantiles"
+
+
+# ---------------------------------------------------------------- compare's acceptance line
+
+from kvmwake.kernel import compare as CM  # noqa: E402
+
+
+def _side(poll_pct, per_vcpu, wait50, p90, p99, succ, wakeup):
+    return {"poll_pct": poll_pct, "wait_pct": None if poll_pct is None else 100 - poll_pct,
+            "per_vcpu": [{"vcpu": i, "halts": h, "poll": p} for i, (p, h) in enumerate(per_vcpu)],
+            "wait_ns": {"p50": wait50}, "stats_wait_median_ns": wait50,
+            "wake_to_halt_end_ns": {"p50": 1.0, "p90": p90, "p99": p99},
+            "stats": {"halt_successful_poll": succ, "halt_wakeup": wakeup}}
+
+
+def _c(kernel, model, replay=0, sched=None, saturated=False, traced=True):
+    return {"kernel": kernel, "model": model, "recording": {"traced": traced},
+            "replay": None if replay is None else {"matched": 10, "mismatched": replay},
+            "sched": sched, "saturated": saturated, "saturated_reason": "few halts"}
+
+
+K0 = _side(20.0, [(10, 50), (10, 50)], 100_000, 200_000, 400_000, 20, 80)
+
+
+def _status(v):
+    return {e["name"]: e["status"] for e in v["criteria"]}
+
+
+def test_every_criterion_met_and_sched_not_checked():
+    v = CM.verdict(_c(K0, _side(24.0, [(12, 50), (12, 50)], 114_000, 249_000, 559_000, 21, 73)))
+    st = _status(v)
+    assert [e["name"] for e in v["criteria"]] == [k for k, _, _ in CM.CRITERIA]
+    assert all(st[k] == "met" for k in ("split", "split_per_vcpu", "median_wait", "p90", "p99",
+                                        "halt_successful_poll", "halt_wakeup", "replay"))
+    assert st["preemption"] == st["migration"] == "not checked"
+    assert v["pass"] is True and v["status"] == "pass"
+    assert v["not_checked"] == ["preemption", "migration"] and v["missed"] == []
+    assert v["split_per_vcpu_pp"] == [pytest.approx(4.0), pytest.approx(4.0)]
+    # the fields compare had before stay
+    assert v["split_ok"] and v["median_wait_ok"] and v["replay_ok"]
+    assert v["split_diff_pp"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("model, missed", [
+    (_side(26.0, [(10, 50), (10, 50)], 100_000, 200_000, 400_000, 20, 80), "split"),
+    (_side(20.0, [(7, 50), (13, 50)], 100_000, 200_000, 400_000, 20, 80), "split_per_vcpu"),
+    (_side(20.0, [(10, 50), (0, 0)], 100_000, 200_000, 400_000, 20, 80), "split_per_vcpu"),
+    (_side(20.0, [(10, 50), (10, 50)], 116_000, 200_000, 400_000, 20, 80), "median_wait"),
+    (_side(20.0, [(10, 50), (10, 50)], 100_000, 149_000, 400_000, 20, 80), "p90"),
+    (_side(20.0, [(10, 50), (10, 50)], 100_000, 200_000, 561_000, 20, 80), "p99"),
+    (_side(20.0, [(10, 50), (10, 50)], 100_000, 200_000, 400_000, 23, 80), "halt_successful_poll"),
+    (_side(20.0, [(10, 50), (10, 50)], 100_000, 200_000, 400_000, 20, 71), "halt_wakeup"),
+])
+def test_each_criterion_can_miss(model, missed):
+    v = CM.verdict(_c(K0, model))
+    assert v["missed"] == [missed] and v["pass"] is False and v["status"] == "fail"
+    assert v[f"{missed}_ok"] is False
+
+
+def test_replay_and_zero_counts():
+    v = CM.verdict(_c(K0, K0, replay=3))
+    assert v["missed"] == ["replay"]
+    k = _side(20.0, [(10, 50)], 1.0, 1.0, 1.0, 0, 5)
+    assert _status(CM.verdict(_c(k, k)))["halt_successful_poll"] == "met"      # 0 and 0
+    m = _side(20.0, [(10, 50)], 1.0, 1.0, 1.0, 1, 5)
+    assert CM.verdict(_c(k, m))["missed"] == ["halt_successful_poll"]          # 0 and 1
+
+
+def test_stats_only_leaves_trace_criteria_unchecked():
+    v = CM.verdict(_c(K0, K0, replay=None, traced=False))
+    st = _status(v)
+    for key in ("split_per_vcpu", "p90", "p99", "replay", "preemption", "migration"):
+        assert st[key] == "not checked"
+    assert st["split"] == st["median_wait"] == st["halt_wakeup"] == "met" and v["pass"]
+
+
+def test_sched_rates_compared_within_10_pp():
+    sched = {"kernel": {"preemption": {"injector->vcpu": 0.60, "vcpu->injector": 0.20},
+                        "migration": {"all": 0.25}},
+             "model": {"preemption": {"injector->vcpu": 0.52, "vcpu->injector": 0.21},
+                       "migration": {"all": 0.36}}, "reason": None}
+    v = CM.verdict(_c(K0, K0, sched=sched))
+    assert _status(v)["preemption"] == "met" and _status(v)["migration"] == "missed"
+    assert v["preemption_diff_pp"]["injector->vcpu"] == pytest.approx(-8.0)
+    assert v["migration_diff_pp"]["all"] == pytest.approx(11.0)
+    assert v["missed"] == ["migration"]
+    no_model = {**sched, "model": None, "reason": "no timeline"}
+    e = {x["name"]: x for x in CM.verdict(_c(K0, K0, sched=no_model))["criteria"]}
+    assert e["migration"]["status"] == "not checked" and e["migration"]["reason"] == "no timeline"
+
+
+def test_rate_values_forms():
+    assert CM.rate_values(0.25) == {"all": 0.25}
+    assert CM.rate_values(None) == {} and CM.rate_values(float("nan")) == {}
+    assert CM.rate_values({"a": 0.5, "b": {"rate": 0.1, "n": 9}, "c": None, "d": "x"}) == {
+        "a": 0.5, "b": 0.1}
+
+
+def test_saturated_is_not_scored():
+    bad = _side(60.0, [(30, 50), (30, 50)], 1.0, 1.0, 1.0, 99, 1)
+    v = CM.verdict(_c(K0, bad, saturated=True))
+    assert v["status"] == CM.SATURATED and v["pass"] is None
+    assert all(e["status"] == CM.SATURATED for e in v["criteria"])
+    assert v["split_ok"] is None and v["median_wait_ok"] is None and v["replay_ok"] is None
+    assert v["split_diff_pp"] == pytest.approx(40.0)        # the figures are still there
+
+
+class _FakeSchedtrace:
+    def __init__(self, events):
+        self.events = events
+
+    def load_sched(self, path):
+        return self.events
+
+    def preemption_rate(self, events, threads=None):
+        assert threads is None or isinstance(threads, list)
+        return {"injector->vcpu": 0.5, "vcpu->vcpu": None}
+
+    def migration_rate(self, events):
+        return 0.2
+
+    def from_timeline(self, host):
+        return ["model events of", host]
+
+
+def test_sched_rates_through_schedtrace(tmp_path, monkeypatch):
+    Y.make_recording(tmp_path / "r", "long", 40, 1, 2, None, _made_with())
+    rec = R.load(tmp_path / "r")
+    monkeypatch.setattr(C, "_schedtrace", lambda: _FakeSchedtrace([_wk(1, 5, 0)]))
+    kv = C.kernel_view(rec)
+    assert kv.sched == [_wk(1, 5, 0)]
+    k = CM.kernel_sched_rates(rec, kv)
+    assert k == {"preemption": {"injector->vcpu": 0.5}, "migration": {"all": 0.2}}
+
+    class _R:
+        host = "the host"
+    assert CM.model_sched_rates(_R()) == k
+    assert CM.sched_rates(rec, kv, object())["reason"].startswith("the simulation gives no")
+    monkeypatch.setattr(C, "_schedtrace", lambda: _FakeSchedtrace([]))
+    kv = C.kernel_view(rec)
+    assert kv.sched is None
+    assert CM.sched_rates(rec, kv, _R())["reason"] == "the recording has no scheduler trace"
+
+
+def test_compare_check_exit_codes(tmp_path, capsys):
+    from kvmwake.kernel import cli as KC
+    d = tmp_path / "r"
+    Y.make_recording(d, "mixed", 300, 2, 2, None, _made_with())
+    assert KC.main(["calibrate", str(d), "--quick"]) == 0
+    assert KC.main(["compare", str(d), "--no-png", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "outcome: PASS" in out and "send -> halt end p99" in out
+    c = json.loads((d / "compare.json").read_text())
+    assert c["verdict"]["status"] == "pass" and len(c["verdict"]["criteria"]) == 10
+    cal = json.loads((d / "calibration.json").read_text())
+    cal["params"]["handler_ns"] *= 8                    # a wrong model
+    (d / "calibration.json").write_text(json.dumps(cal))
+    assert KC.main(["compare", str(d), "--no-png", "--check"]) == 1
+    assert "outcome: FAIL" in capsys.readouterr().out
+    assert KC.main(["compare", str(d), "--no-png"]) == 0     # without --check: report only
+    cal.update(saturated=True, saturated_reason="12 halts for 300 wakes")
+    (d / "calibration.json").write_text(json.dumps(cal))
+    capsys.readouterr()
+    assert KC.main(["compare", str(d), "--no-png", "--check"]) == 0
+    assert "outcome: saturated, not scored (12 halts for 300 wakes)" in capsys.readouterr().out

@@ -15,7 +15,19 @@ model:
 * wake latency: send to halt end, and host-observed (send to the handler's
   port exit) for wakes that ended a halt, p50/p90/p99 and model/kernel
   ratios;
-* the replay of the kernel trace through the halt-poll rule.
+* the replay of the kernel trace through the halt-poll rule;
+* where the recording has the scheduler's tracepoints, the preemption and
+  migration rates of the kernel's scheduler trace and of the model's thread
+  timeline (``kvmwake.kernel.schedtrace``).
+
+The acceptance line checks every "Done when" criterion of issue 14
+(``CRITERIA``): the poll/wait split within 5 points pooled and on every vCPU;
+the median wait within 15 %; the send-to-halt-end latency's p90 within 25 %
+and p99 within 40 %; ``halt_successful_poll`` and ``halt_wakeup`` within
+10 %; the preemption and migration rates within 10 points of the kernel's
+scheduler trace; the replay clean.  A criterion the recording cannot show
+(no trace, no scheduler trace) is "not checked"; a recording its calibration
+found saturated is "saturated, not scored" (``calibrate.py``).
 
 It also writes ``DIR/compare.json`` and ``DIR/compare.png`` (both
 histograms, and the latency distributions).
@@ -40,6 +52,25 @@ from .simulate import Setup
 #: Acceptance bounds of the issue.
 SPLIT_BOUND_PP = 5.0
 WAIT_BOUND = 0.15
+P90_BOUND = 0.25
+P99_BOUND = 0.40
+STAT_BOUND = 0.10
+SCHED_BOUND_PP = 10.0
+
+#: The acceptance criteria, in the order printed: (key in the verdict, label, bound).
+CRITERIA = (
+    ("split", "poll/wait split, pooled", f"{SPLIT_BOUND_PP:g} pp"),
+    ("split_per_vcpu", "poll/wait split, worst vCPU", f"{SPLIT_BOUND_PP:g} pp"),
+    ("median_wait", "median wait", f"{100 * WAIT_BOUND:g} %"),
+    ("p90", "send -> halt end p90", f"{100 * P90_BOUND:g} %"),
+    ("p99", "send -> halt end p99", f"{100 * P99_BOUND:g} %"),
+    ("halt_successful_poll", "halt_successful_poll", f"{100 * STAT_BOUND:g} %"),
+    ("halt_wakeup", "halt_wakeup", f"{100 * STAT_BOUND:g} %"),
+    ("preemption", "preemption rate", f"{SCHED_BOUND_PP:g} pp"),
+    ("migration", "migration rate", f"{SCHED_BOUND_PP:g} pp"),
+    ("replay", "replay of the kernel trace", "0 mismatches"),
+)
+SATURATED = "saturated, not scored"
 
 COMPARE_JSON = "compare.json"
 COMPARE_PNG = "compare.png"
@@ -111,9 +142,81 @@ def run(rec: Recording, cal: dict | None = None, seed: int = 0) -> dict:
         "model_replay": {"matched": sim_rp.matched, "mismatched": sim_rp.mismatched},
         "harness": rec.meta.get("harness"),
         "notes": list(rec.notes) + list(cal.get("notes", [])),
+        "sched": sched_rates(rec, kv, r),
+        "saturated": bool(cal.get("saturated")),
+        "saturated_reason": cal.get("saturated_reason"),
     }
     out["verdict"] = verdict(out)
     return out
+
+
+# ---------------------------------------------------------------- scheduler rates
+
+def kernel_sched_rates(rec: Recording, kv) -> dict | None:
+    """The kernel's preemption and migration rates from the recording's scheduler
+    tracepoints, or None without them."""
+    st = C._schedtrace()
+    if st is None or kv.sched is None:
+        return None
+    threads = rec.meta.get("threads")
+    return {"preemption": rate_values(_call_rate(st.preemption_rate, kv.sched, threads)),
+            "migration": rate_values(_call_rate(st.migration_rate, kv.sched, threads))}
+
+
+def model_sched_rates(r) -> dict | None:
+    """The model's preemption and migration rates from the simulated host's thread
+    timeline (``schedtrace.from_timeline``), or None where the simulation keeps no host."""
+    st = C._schedtrace()
+    host = getattr(r, "host", None)
+    if st is None or host is None:
+        return None
+    ev = st.from_timeline(host)
+    threads = getattr(r, "threads", None)
+    return {"preemption": rate_values(_call_rate(st.preemption_rate, ev, threads)),
+            "migration": rate_values(_call_rate(st.migration_rate, ev, threads))}
+
+
+def _call_rate(fn, events, threads):
+    """``fn(events, threads=threads)`` where ``fn`` takes the threads table, else
+    ``fn(events)``."""
+    import inspect
+    try:
+        takes = "threads" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return fn(events, threads=threads) if takes and threads is not None else fn(events)
+
+
+def rate_values(x) -> dict:
+    """A rate as ``{kind: share in 0..1}``: one number becomes ``{"all": x}``; a
+    mapping keeps its numeric entries (an entry that is itself a mapping gives its
+    ``"rate"``); entries without a value (no sample) are left out."""
+    if x is None:
+        return {}
+    if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool):
+        return {} if math.isnan(float(x)) else {"all": float(x)}
+    out = {}
+    if isinstance(x, dict):
+        for k, v in x.items():
+            if isinstance(v, dict):
+                v = v.get("rate")
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+                    and not math.isnan(float(v)):
+                out[str(k)] = float(v)
+    return out
+
+
+def sched_rates(rec: Recording, kv, r) -> dict:
+    """Kernel and model rates side by side, with why they are missing where they are."""
+    k = kernel_sched_rates(rec, kv)
+    if k is None:
+        return {"kernel": None, "model": None,
+                "reason": "the recording has no scheduler trace"}
+    m = model_sched_rates(r)
+    if m is None:
+        return {"kernel": k, "model": None,
+                "reason": "the simulation gives no thread timeline to read rates from"}
+    return {"kernel": k, "model": m, "reason": None}
 
 
 def _jsonable(fig: dict, stats: dict) -> dict:
@@ -129,22 +232,137 @@ def _ratio(a, b):
     return None if a in (None, 0) or b is None else b / a
 
 
+def _within(ratio, bound) -> bool:
+    return ratio is not None and abs(ratio - 1) <= bound
+
+
+def _count_ratio(a, b) -> tuple[float | None, bool]:
+    """(model/kernel, within STAT_BOUND) for two counts; both 0 is a match."""
+    if a is None or b is None:
+        return None, False
+    if a == 0:
+        return None, b == 0
+    return b / a, abs(b / a - 1) <= STAT_BOUND
+
+
+def _poll_share(v: dict):
+    return 100.0 * v["poll"] / v["halts"] if v["halts"] else None
+
+
 def verdict(c: dict) -> dict:
-    """The acceptance figures: split within 5 pp, median wait within 15 %, replay clean."""
+    """The acceptance figures (see ``CRITERIA``): each criterion's value, ``<key>_ok``
+    (True, False, or None when not checked or not scored) and ``criteria`` (one entry
+    per criterion with its status); ``status`` "pass", "fail" or "saturated, not
+    scored"; ``pass`` True / False / None."""
     k, m = c["kernel"], c["model"]
-    out = {}
+    traced = c["recording"]["traced"]
+    out: dict = {}
+    crit: dict = {}
+
+    def put(key, value, ok, reason=None):
+        crit[key] = {"value": value, "ok": ok, "reason": reason}
+
+    # the poll/wait split, pooled and per vCPU
     if k["poll_pct"] is not None and m["poll_pct"] is not None:
         d = m["poll_pct"] - k["poll_pct"]
         out["split_diff_pp"] = d
         out["split_ok"] = abs(d) <= SPLIT_BOUND_PP
-    kw = k.get("wait_ns", {}).get("p50") if c["recording"]["traced"] else k["stats_wait_median_ns"]
-    mw = m.get("wait_ns", {}).get("p50") if c["recording"]["traced"] else m["stats_wait_median_ns"]
+        put("split", d, out["split_ok"])
+    else:
+        put("split", None, None, "no halts")
+    if traced and k.get("per_vcpu"):
+        diffs = []
+        for kv_, mv in zip(k["per_vcpu"], m.get("per_vcpu", [])):
+            a, b = _poll_share(kv_), _poll_share(mv)
+            diffs.append(None if a is None and b is None else
+                         (b - a) if a is not None and b is not None else float("nan"))
+        out["split_per_vcpu_pp"] = [None if x is not None and math.isnan(x) else x
+                                    for x in diffs]
+        real = [x for x in diffs if x is not None]
+        if real:
+            worst = max(real, key=lambda x: float("inf") if math.isnan(x) else abs(x))
+            ok = not math.isnan(worst) and abs(worst) <= SPLIT_BOUND_PP
+            out["split_per_vcpu_worst_pp"] = None if math.isnan(worst) else worst
+            out["split_per_vcpu_ok"] = ok
+            put("split_per_vcpu", out["split_per_vcpu_worst_pp"], ok,
+                None if not math.isnan(worst) else "a vCPU halted on one side only")
+        else:
+            put("split_per_vcpu", None, None, "no vCPU halted")
+    else:
+        put("split_per_vcpu", None, None, "stats-only recording" if not traced else
+            "no per-vCPU halts")
+    # the wait time and the latency tails
+    kw = k.get("wait_ns", {}).get("p50") if traced else k["stats_wait_median_ns"]
+    mw = m.get("wait_ns", {}).get("p50") if traced else m["stats_wait_median_ns"]
     r = _ratio(kw, mw)
     out["median_wait_ratio"] = r
-    out["median_wait_ok"] = r is not None and abs(r - 1) <= WAIT_BOUND
+    out["median_wait_ok"] = _within(r, WAIT_BOUND)
+    put("median_wait", r, out["median_wait_ok"])
+    for q, bound in (("p90", P90_BOUND), ("p99", P99_BOUND)):
+        if traced:
+            r = _ratio(k["wake_to_halt_end_ns"][q], m["wake_to_halt_end_ns"][q])
+            out[f"{q}_ratio"] = r
+            out[f"{q}_ok"] = _within(r, bound)
+            put(q, r, out[f"{q}_ok"])
+        else:
+            put(q, None, None, "stats-only recording")
+    # the halt stats
+    for name in ("halt_successful_poll", "halt_wakeup"):
+        r, ok = _count_ratio(k["stats"].get(name), m["stats"].get(name))
+        out[f"{name}_ratio"] = r
+        out[f"{name}_ok"] = ok
+        put(name, r, ok)
+    # the scheduler's rates
+    sc = c.get("sched") or {"kernel": None, "model": None,
+                            "reason": "the recording has no scheduler trace"}
+    for name in ("preemption", "migration"):
+        if sc.get("kernel") is None or sc.get("model") is None:
+            put(name, None, None, sc.get("reason"))
+            continue
+        ka, ma = sc["kernel"][name], sc["model"][name]
+        both = sorted(set(ka) & set(ma))
+        if not both:
+            put(name, None, None, "no rate on both sides")
+            continue
+        diffs = {x: 100.0 * (ma[x] - ka[x]) for x in both}
+        worst = max(diffs.values(), key=abs)
+        out[f"{name}_diff_pp"] = diffs
+        out[f"{name}_ok"] = abs(worst) <= SCHED_BOUND_PP
+        put(name, worst, out[f"{name}_ok"])
+    # the replay
     rp = c["replay"]
     if rp is not None:
         out["replay_ok"] = rp["mismatched"] == 0
+        put("replay", rp["mismatched"], out["replay_ok"])
+    else:
+        put("replay", None, None, "stats-only recording")
+    # the outcome
+    sat = bool(c.get("saturated"))
+    out["saturated"] = sat
+    out["criteria"] = []
+    for key, label, bound in CRITERIA:
+        e = crit[key]
+        if sat:
+            status, e["ok"] = SATURATED, None
+        elif e["ok"] is None:
+            status = "not checked"
+        else:
+            status = "met" if e["ok"] else "missed"
+        out["criteria"].append({"name": key, "label": label, "bound": bound,
+                                "value": e["value"], "status": status, "reason": e["reason"]})
+    if sat:
+        for key in list(out):
+            if key.endswith("_ok"):
+                out[key] = None
+        out["status"], out["pass"] = SATURATED, None
+        out["saturated_reason"] = c.get("saturated_reason")
+    else:
+        checked = [e for e in out["criteria"] if e["status"] in ("met", "missed")]
+        out["pass"] = all(e["status"] == "met" for e in checked)
+        out["status"] = "pass" if out["pass"] else "fail"
+        out["missed"] = [e["name"] for e in checked if e["status"] == "missed"]
+        out["not_checked"] = [e["name"] for e in out["criteria"]
+                              if e["status"] == "not checked"]
     return out
 
 
@@ -245,19 +463,68 @@ def print_report(c: dict, out=None) -> None:
           f"{rp['matched']} matched, {rp['mismatched']} mismatched "
           f"(ceiling {rp['max_halt_poll_ns']} ns)\n")
     v = c["verdict"]
+    sc = c.get("sched") or {}
+    if sc.get("kernel") is not None:
+        w("\nscheduler (shares of wake-ups / of consecutive halts)\n")
+        for name in ("preemption", "migration"):
+            ka, ma = sc["kernel"][name], (sc.get("model") or {}).get(name, {})
+            for x in sorted(set(ka) | set(ma)):
+                a, b = ka.get(x), ma.get(x)
+                w(f"  {name} {x:<18}{_pct(a):>10}{_pct(b):>10}"
+                  f"{'' if a is None or b is None else f'{100 * (b - a):+10.1f} pp'}\n")
     w("\nacceptance: ")
     parts = []
     if "split_diff_pp" in v:
         parts.append(f"split {v['split_diff_pp']:+.1f} pp "
-                     f"({'met' if v['split_ok'] else 'MISSED'}, bound 5)")
+                     f"({_met(v['split_ok'])}, bound 5)")
     if v["median_wait_ratio"] is not None:
         parts.append(f"median wait x{v['median_wait_ratio']:.2f} "
-                     f"({'met' if v['median_wait_ok'] else 'MISSED'}, bound 15 %)")
-    if "replay_ok" in v:
+                     f"({_met(v['median_wait_ok'])}, bound 15 %)")
+    if "replay_ok" in v and v["replay_ok"] is not None:
         parts.append(f"replay {'clean' if v['replay_ok'] else 'MISMATCHES'}")
     w("; ".join(parts) + "\n")
+    print_criteria(v, w)
     for n in c["notes"]:
         w(f"note: {n}\n")
+
+
+def _met(ok) -> str:
+    return "not scored" if ok is None else "met" if ok else "MISSED"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def criterion_value(e: dict) -> str:
+    """A criterion's value as printed: pp differences signed, ratios as xR."""
+    v = e["value"]
+    if v is None:
+        return "-"
+    if e["name"] in ("split", "split_per_vcpu", "preemption", "migration"):
+        return f"{v:+.1f} pp"
+    if e["name"] == "replay":
+        return f"{v} mismatched"
+    return f"x{v:.2f}"
+
+
+def print_criteria(v: dict, w) -> None:
+    """Every criterion of the acceptance line, one a line, then the outcome."""
+    rows = [(e["label"], criterion_value(e), e["bound"],
+             e["status"] + (f" ({e['reason']})" if e["status"] == "not checked"
+                            and e["reason"] else ""))
+            for e in v["criteria"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        w(f"  {r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  bound {r[2]:<{widths[2]}}  {r[3]}\n")
+    if v["status"] == SATURATED:
+        w(f"outcome: {SATURATED} ({v.get('saturated_reason')})\n")
+    else:
+        missed = v["missed"]
+        w(f"outcome: {'PASS' if v['pass'] else 'FAIL'}"
+          f"{'' if not missed else ' (missed: ' + ', '.join(missed) + ')'}"
+          f"{'' if not v['not_checked'] else '; not checked: ' + ', '.join(v['not_checked'])}"
+          f"\n")
 
 
 def _bucket(ns: int) -> str:
@@ -365,6 +632,8 @@ def table_row(c: dict) -> dict:
         row[f"k_{q}"], row[f"m_{q}"], row[f"r_{q}"] = a, b, _ratio(a, b)
     rp = c["replay"]
     row["replay"] = None if rp is None else (rp["matched"], rp["mismatched"])
+    row["criteria"] = v.get("criteria", [])
+    row["status"] = v.get("status")
     return row
 
 
