@@ -1,6 +1,6 @@
-"""``kvmwake kernel record | calibrate | compare``: the command line of the kernel comparison.
+"""``kvmwake kernel record | calibrate | compare | suite``: the command line of the kernel comparison.
 
-``build_parser(subparsers)`` adds the three commands to the ``kernel``
+``build_parser(subparsers)`` adds the four commands to the ``kernel``
 sub-command's subparsers; ``run(args)`` carries out a parsed one.  Exit
 codes: 0 done, 1 ``compare --check`` found a missed acceptance figure,
 2 bad input or an environment that cannot do it (no ``/dev/kvm``, no
@@ -25,11 +25,11 @@ from ..cli.argtypes import nonneg_int as _nonneg
 from ..cli.argtypes import positive_int as _pos_int
 from ..cli.argtypes import u32 as _u32
 
-COMMANDS = ("record", "calibrate", "compare")
+COMMANDS = ("record", "calibrate", "compare", "suite")
 
 
 def build_parser(subparsers) -> None:
-    """Add ``record``, ``calibrate`` and ``compare`` to the ``kernel`` subparsers."""
+    """Add ``record``, ``calibrate``, ``compare`` and ``suite`` to the ``kernel`` subparsers."""
     r = subparsers.add_parser(
         "record", help="record the real kernel (/dev/kvm micro-VM, tracefs, binary stats)",
         description="Run a micro-VM whose vCPUs halt in a loop, wake them with MSIs at the "
@@ -87,6 +87,15 @@ def build_parser(subparsers) -> None:
                         "saturated recording is not scored)")
     p.add_argument("--seed", type=_nonneg, default=0, help="simulation seed (default 0)")
 
+    from . import suite as _suite
+    s = subparsers.add_parser(
+        "suite", help="record, calibrate and compare a list of configurations; write the "
+                      "validation table",
+        description="For each configuration (built-in list covering issue 14's matrix, or "
+                    "--config FILE) and seed: record, calibrate, compare into OUT/NAME/seedS; "
+                    "writes OUT/suite.md (the validation table) and OUT/suite.json.")
+    _suite.build_parser(s)
+
 
 def _err(msg: str) -> int:
     print(f"kvmwake: error: {msg}", file=sys.stderr)
@@ -106,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
             return _calibrate(args)
         if cmd == "compare":
             return _compare(args)
+        if cmd == "suite":
+            from .suite import run_cli
+            return run_cli(args)
         if cmd == "replay":
             return _replay.run(args)
         return _err(f"unknown kernel command {cmd!r}")

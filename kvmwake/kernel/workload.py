@@ -268,3 +268,33 @@ def schedule(spec: Spec | str, wakes: int, vcpus: int, seed: int = 0) -> Schedul
     i = np.concatenate(idx)
     order = np.lexsort((w, t))
     return Schedule(spec, seed, vcpus, t[order].astype(np.int64), w[order], i[order])
+
+
+# ---------------------------------------------------------------- the validation suite's idle kinds
+
+#: The idle kinds of ``kvmwake kernel suite``: the named workloads, plus
+#: ``periodic`` (every MSI to a vCPU ``PERIODIC_NS`` after the last one, so a
+#: vCPU's halts are all about as long: polling grows to cover them, or stays
+#: off) and ``near-ceiling`` (idle uniform in ``NEAR_CEILING`` times the
+#: polling ceiling: the halts end around where polling gives up, where
+#: growing and shrinking alternate).
+SUITE_IDLE = ("short", "mixed", "long", "periodic", "near-ceiling")
+PERIODIC_NS = 100_000
+NEAR_CEILING = (0.75, 1.25)
+
+
+def suite_idle_spec(kind: str, ceiling_ns: int) -> str:
+    """The spec of a suite idle kind for a VM whose polling ceiling is ``ceiling_ns``
+    (``kvm_vcpu_max_halt_poll_ns``; with polling off (0) the module's default
+    ``halt_poll_ns`` stands in).  A name of ``NAMED`` or a spec is returned as it is,
+    checked."""
+    if kind == "periodic":
+        return f"fixed:{fmt_ns(PERIODIC_NS)}"
+    if kind == "near-ceiling":
+        if isinstance(ceiling_ns, bool) or not isinstance(ceiling_ns, int) or ceiling_ns <= 0:
+            raise SpecError(f"near-ceiling idle needs a positive polling ceiling, not "
+                            f"{ceiling_ns!r}")
+        lo, hi = (int(round(f * ceiling_ns / 1000)) * 1000 for f in NEAR_CEILING)
+        return f"uniform:{fmt_ns(lo)}-{fmt_ns(hi)}"
+    parse(kind)
+    return kind
