@@ -361,13 +361,12 @@ def saturation(kv: KernelView) -> dict:
     if h is not None:
         body = ~h.first
         halts = int(body.sum())
-        span = halted = 0
-        for v in np.unique(h.vcpu):
-            s = (h.vcpu == v) & body
-            if s.sum() >= 2:
-                span += int(h.end[s].max() - h.end[s].min())
-                halted += int(h.ns[s][1:].sum())
-        out_share = 1.0 - halted / span if span > 0 else None
+        # The run: from the first send to the last; each vCPU's halted time in it.
+        sent = w["sent_ns"][w["sent_ns"] > 0]
+        lo, hi = (int(sent.min()), int(sent.max())) if sent.size else (0, 0)
+        halted = np.clip(np.minimum(h.end, hi) - np.maximum(h.start, lo), 0, None).sum()
+        span = (hi - lo) * rec.nvcpus
+        out_share = 1.0 - float(halted) / span if span > 0 else None
     else:
         st = A.sum_stats(rec.vcpu_stats())
         halts = int(st["halt_successful_poll"]) + int(np.asarray(st["halt_wait_hist"]).sum())
