@@ -341,8 +341,7 @@ def run_one(out: Path, cfg: Config, seed: int, args, log) -> dict:
         else:                               # a side study: leave the folder's files alone
             c = CM.run(rec, cal)
     except Exception as exc:                # one broken run does not stop the suite
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+        # (Ctrl-C, SIGTERM and SIGHUP are KeyboardInterrupt: they do stop it)
         log(f"{cfg.name} seed {seed}: {type(exc).__name__}: {exc}")
         return row | {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
     v = c["verdict"]
