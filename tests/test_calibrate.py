@@ -87,6 +87,11 @@ def test_runnable_segments_follow_wakeups_switches_and_migrations():
     # the same events as objects with attributes (prev_state as the number 0 = running)
     objs = [_Obj(**e) for e in ev]
     assert A.runnable_segments(objs, [1, 2]) == seg
+    # or with the tracepoint's fields in a "fields" mapping
+    nested = [_Obj(event=e["event"], ts_ns=e["ts_ns"], cpu=e["cpu"],
+                   fields={k: v for k, v in e.items() if k not in ("event", "ts_ns", "cpu")})
+              for e in ev]
+    assert A.runnable_segments(nested, [1, 2]) == seg
 
 
 def test_sched_contended_only_on_the_vcpus_cpu():

@@ -269,12 +269,17 @@ SCHED_MIGRATE = "sched_migrate_task"
 
 
 def _field(e, *names, default=None):
-    for n in names:
-        if isinstance(e, dict):
-            if n in e:
-                return e[n]
-        elif hasattr(e, n):
-            return getattr(e, n)
+    """The first of ``names`` that ``e`` has (a key of a mapping, or an attribute), also
+    looked up in ``e``'s ``fields`` mapping where it has one (a tracepoint's fields)."""
+    for where in (e, e.get("fields") if isinstance(e, dict) else getattr(e, "fields", None)):
+        if where is None:
+            continue
+        for n in names:
+            if isinstance(where, dict):
+                if n in where:
+                    return where[n]
+            elif hasattr(where, n):
+                return getattr(where, n)
     return default
 
 
@@ -299,7 +304,8 @@ def sched_rows(events) -> list[tuple]:
     Each event is a mapping or an object with the tracepoint's field names
     (``prev_pid``, ``prev_state``, ``next_pid``; ``pid``, ``target_cpu``; ``pid``,
     ``orig_cpu``, ``dest_cpu``), its name in ``event`` (or ``name``), its time in
-    ``ts_ns`` (or ``ts``) and the CPU it was traced on in ``cpu``."""
+    ``ts_ns`` (or ``ts``) and the CPU it was traced on in ``cpu``; the tracepoint's
+    fields may also sit in a ``fields`` mapping of the event."""
     rows = []
     for e in events:
         kind = _field(e, "event", "name")
