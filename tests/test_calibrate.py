@@ -88,6 +88,8 @@ def test_runnable_segments_follow_wakeups_switches_and_migrations():
     objs = [_Obj(**e) for e in ev]
     assert A.runnable_segments(objs, [1, 2]) == seg
     # or with the tracepoint's fields in a "fields" mapping
+    ev[2] = {**ev[2], "cpu": 1}              # traced on CPU 1, waking 2 onto CPU 0
+    assert A.runnable_segments(ev, [1, 2]) == seg
     nested = [_Obj(event=e["event"], ts_ns=e["ts_ns"], cpu=e["cpu"],
                    fields={k: v for k, v in e.items() if k not in ("event", "ts_ns", "cpu")})
               for e in ev]

@@ -271,14 +271,13 @@ SCHED_MIGRATE = "sched_migrate_task"
 def _field(e, *names, default=None):
     """The first of ``names`` that ``e`` has (a key of a mapping, or an attribute), also
     looked up in ``e``'s ``fields`` mapping where it has one (a tracepoint's fields)."""
-    for where in (e, e.get("fields") if isinstance(e, dict) else getattr(e, "fields", None)):
-        if where is None:
-            continue
-        for n in names:
+    places = (e, e.get("fields") if isinstance(e, dict) else getattr(e, "fields", None))
+    for n in names:
+        for where in places:
             if isinstance(where, dict):
                 if n in where:
                     return where[n]
-            elif hasattr(where, n):
+            elif where is not None and hasattr(where, n):
                 return getattr(where, n)
     return default
 
