@@ -467,3 +467,13 @@ def test_compare_check_exit_codes(tmp_path, capsys):
     capsys.readouterr()
     assert KC.main(["compare", str(d), "--no-png", "--check"]) == 0
     assert "outcome: saturated, not scored (12 halts for 300 wakes)" in capsys.readouterr().out
+
+
+def test_no_uncontended_gap_keeps_entry_and_exit(tmp_path):
+    Y.make_recording(tmp_path / "r", "long", 40, 1, 2, None, _made_with())
+    kv = C.kernel_view(R.load(tmp_path / "r"))
+    est = C.direct_estimates(kv)
+    est["busy_ns"] = None
+    p, notes = C.initial_params(kv, est)
+    assert p.costs["vm_entry_ns"] == COST_DEFAULTS["vm_entry_ns"]
+    assert any("no uncontended gap" in n for n in notes)

@@ -457,7 +457,9 @@ def initial_params(kv: KernelView, est: dict, arrivals: str = "sent") -> tuple[S
     busy = est.get("busy_ns")
     if busy is None:
         ee = 2 * COST_DEFAULTS["vm_entry_ns"]
-        notes.append("no trace: entry + exit kept at the model's defaults")
+        notes.append("no trace: entry + exit kept at the model's defaults" if kv.halts is None
+                     else "no uncontended gap between two halts: entry + exit kept at the "
+                          "model's defaults")
     else:
         ee = max(0.0, busy - handler)
         if busy < handler:
