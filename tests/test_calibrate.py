@@ -477,3 +477,21 @@ def test_no_uncontended_gap_keeps_entry_and_exit(tmp_path):
     p, notes = C.initial_params(kv, est)
     assert p.costs["vm_entry_ns"] == COST_DEFAULTS["vm_entry_ns"]
     assert any("no uncontended gap" in n for n in notes)
+
+
+def test_sim_placement_from_the_recording():
+    base = {"vcpus": 3, "host_cpus": 2, "host_cpu_ids": [0, 1]}
+    pinned = {**base, "pinning": {"vcpus": [0, 1, 0], "injector": 1, "enabled": True}}
+    assert C.sim_placement(pinned) == {"vm": "pinned", "vcpus": None, "injector": 1}
+    other = {**base, "pinning": {"vcpus": [1, 0, 1], "injector": 0, "enabled": True}}
+    assert C.sim_placement(other) == {"vm": "pinned", "vcpus": [1, 0, 1], "injector": 0}
+    unpinned = {**base, "pinning": {"vcpus": [-1] * 3, "injector": -1, "enabled": False}}
+    assert C.sim_placement(unpinned) == {"vm": "all", "vcpus": None, "injector": "all"}
+    assert C.sim_placement({**pinned, "pinned": False})["vm"] == "all"
+    # the recorder's CPU ids (allowed CPUs 2 and 3) become the model's 0 and 1
+    ids = {**base, "host_cpu_ids": [2, 3], "threads": [
+        {"tid": 1, "role": "vcpu", "vcpu": 0, "cpu": 3},
+        {"tid": 2, "role": "vcpu", "vcpu": 1, "cpu": 2},
+        {"tid": 3, "role": "vcpu", "vcpu": 2, "cpu": 3},
+        {"tid": 4, "role": "injector", "vcpu": None, "cpu": 2}]}
+    assert C.sim_placement(ids) == {"vm": "pinned", "vcpus": [1, 0, 1], "injector": 0}

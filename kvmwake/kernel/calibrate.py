@@ -203,6 +203,27 @@ def pinned_cpus(meta: dict) -> tuple[list, int | None]:
     return vc, inj
 
 
+def sim_placement(meta: dict) -> dict:
+    """Where the simulation should put the recording's threads, in the terms of
+    ``host.create_vm(affinity=...)``, ``vcpu.set_affinity`` and ``host.add_thread``:
+    ``{"vm": "pinned" | "all", "vcpus": [cpu per vCPU] | None, "injector": cpu | "all"}``.
+
+    An unpinned recording (``meta["pinned"]`` false, or the recorder's pinning off):
+    every thread on every CPU ("all").  A pinned one: ``"pinned"`` where the recorder
+    put vCPU g on CPU g % host_cpus (the model's own placement, results unchanged),
+    else each vCPU's CPU in ``vcpus``; the injector on its CPU."""
+    vc, inj = pinned_cpus(meta)
+    if all(c is None for c in vc):
+        return {"vm": "all", "vcpus": None, "injector": "all"}
+    ncpu = int(meta["host_cpus"])
+    cpu_ids = list(meta.get("host_cpu_ids") or range(ncpu))
+    index = {c: i for i, c in enumerate(cpu_ids)}     # host CPU id -> the model's CPU
+    model = [None if c is None else index.get(c, c % ncpu) for c in vc]
+    same = all(c == g % ncpu for g, c in enumerate(model))
+    return {"vm": "pinned", "vcpus": None if same else model,
+            "injector": "all" if inj is None else index.get(inj, inj % ncpu)}
+
+
 def own_work(kv: KernelView) -> dict:
     """A vCPU's own work per wake (halt end to next halt start, no MSI in between)
     from uncontended gaps only; see the module docstring."""
@@ -620,7 +641,8 @@ def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "recording": {"path": str(rec.path), "workload": rec.meta["workload"]["canonical"],
                       "vcpus": rec.nvcpus, "halt_poll_cap": rec.cap,
-                      "traced": traced},
+                      "traced": traced, "sched_traced": kv.sched is not None,
+                      "placement": sim_placement(rec.meta)},
         "params": final.to_dict(),
         "port_exit_ns": est.get("port_exit_ns"),
         "costs": tail_costs,
