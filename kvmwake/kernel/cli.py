@@ -19,7 +19,7 @@ import sys
 
 from ..outputs.tracefmt import TraceFormatError
 from . import replay as _replay
-from .workload import NAMED, SpecError
+from .workload import IPI_DEFAULT_COMPUTE, IPI_TARGETS, NAMED, SpecError
 from ..cli.argtypes import nonempty_path as _path
 from ..cli.argtypes import nonneg_int as _nonneg
 from ..cli.argtypes import positive_int as _pos_int
@@ -33,15 +33,27 @@ def build_parser(subparsers) -> None:
     r = subparsers.add_parser(
         "record", help="record the real kernel (/dev/kvm micro-VM, tracefs, binary stats)",
         description="Run a micro-VM whose vCPUs halt in a loop, wake them with MSIs at the "
-                    "workload's times, and record the kernel's tracepoints, each vCPU's "
-                    "binary stats and the host-observed wake latencies into DIR.")
+                    "workload's times (--workload msi) or let them wake each other with IPIs "
+                    "(--workload ipi: a chain started by one MSI; each woken vCPU computes, "
+                    "writes the x2APIC ICR to wake the next one of a seeded plan, and halts, "
+                    "as the ipi-storm scenario), and record the kernel's tracepoints, each "
+                    "vCPU's binary stats and the host-observed wake latencies into DIR.")
     r.add_argument("--vcpus", type=_pos_int, required=True, metavar="N", help="vCPUs")
     r.add_argument("--wakes", type=_pos_int, required=True, metavar="M",
-                   help="MSIs to send in all (spread round-robin over the vCPUs)")
-    r.add_argument("--idle", required=True, metavar="SPEC",
-                   help="time between two MSIs to one vCPU: " + ", ".join(NAMED) +
-                        ", or fixed:DUR, exp:DUR, uniform:LO-HI, mix:W*DIST,... "
-                        "(see kvmwake.kernel.workload)")
+                   help="wakes in all: MSIs spread round-robin over the vCPUs (msi), or the "
+                        "chain's start MSI and M-1 IPIs (ipi)")
+    r.add_argument("--workload", choices=("msi", "ipi"), default="msi",
+                   help="msi: the injector thread wakes the vCPUs with MSIs (default); ipi: "
+                        "vCPUs wake each other with IPIs (needs at least 2 vCPUs)")
+    r.add_argument("--idle", metavar="SPEC",
+                   help="msi (required there): time between two MSIs to one vCPU: " +
+                        ", ".join(NAMED) + ", or fixed:DUR, exp:DUR, uniform:LO-HI, "
+                        "mix:W*DIST,... (see kvmwake.kernel.workload)")
+    r.add_argument("--compute", metavar="SPEC", default=IPI_DEFAULT_COMPUTE,
+                   help=f"ipi: a woken vCPU's compute before it sends its IPI, same grammar "
+                        f"as --idle (default {IPI_DEFAULT_COMPUTE}, as ipi-storm)")
+    r.add_argument("--targets", choices=IPI_TARGETS, default="random-other",
+                   help="ipi: whom each vCPU wakes (default random-other, as ipi-storm)")
     r.add_argument("--halt-poll-ns", type=_u32, metavar="X",
                    help="set the VM's KVM_CAP_HALT_POLL to X (default: not set, the module's "
                         "halt_poll_ns applies)")
@@ -138,7 +150,10 @@ def run(args: argparse.Namespace) -> int:
 def _record(args) -> int:
     from pathlib import Path
     from .record import RecordOptions, print_summary, record
-    opts = RecordOptions(vcpus=args.vcpus, wakes=args.wakes, idle=args.idle,
+    if args.workload == "msi" and not args.idle:
+        return _err("record: --idle SPEC is required with --workload msi")
+    opts = RecordOptions(vcpus=args.vcpus, wakes=args.wakes, idle=args.idle or "",
+                         workload=args.workload, compute=args.compute, targets=args.targets,
                          out=Path(args.out), halt_poll_ns=args.halt_poll_ns, seed=args.seed,
                          mode=args.injector, trace=args.trace, force=args.force,
                          pin=not args.no_pin)
