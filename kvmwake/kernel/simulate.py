@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import guest as g
+from .. import vmm as _vmm
 from ..host import Host
 from ..model import COST_DEFAULTS
 from ..uapi import Cap
@@ -119,14 +120,17 @@ class Setup:
     vcpu: np.ndarray
     index: np.ndarray
     sent_ns: np.ndarray | None = None   # the real send, after the injector's start (-1: none)
+    ipi: object = None                  # an ipi recording's plan (workload.IpiPlan): simulate_ipi
 
     @classmethod
     def from_recording(cls, rec) -> Setup:
         w = rec.wakes
         t0 = int(rec.meta["t0_ns"])
         sent = np.where(w["sent_ns"] > 0, w["sent_ns"] - t0, -1)
+        from .recording import regenerate_plan, workload_kind
+        plan = regenerate_plan(rec) if workload_kind(rec.meta) == "ipi" else None
         return cls(rec.nvcpus, int(rec.meta["host_cpus"]), dict(rec.module_params), rec.cap,
-                   w["target_ns"], w["vcpu"].astype(np.int32), w["index"], sent)
+                   w["target_ns"], w["vcpu"].astype(np.int32), w["index"], sent, plan)
 
     def ceiling(self) -> int:
         return self.cap if self.cap is not None else int(self.module_params["halt_poll_ns"])
@@ -171,7 +175,9 @@ def injector_vector(k: int) -> int:
 
 def simulate(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core",
              drain_ns: int = 20_000_000) -> SimResult:
-    """Run the workload (see the module docstring)."""
+    """Run the workload (see the module docstring); an ipi recording's in ``simulate_ipi``."""
+    if setup.ipi is not None:
+        return simulate_ipi(setup, params, seed, engine, drain_ns)
     lead = lead_in(setup, params)
     costs = {**COST_DEFAULTS, **params.costs}
     w2r, entry = int(costs["wake_to_run_ns"]), int(costs["vm_entry_ns"])
@@ -292,3 +298,89 @@ def _deliver_with_injector(host, vm, inj, setup, params, target, send, have, idl
         else:
             vm.signal_msi(msi_address(int(setup.vcpu[k])), wake_vector(int(setup.index[k])))
     host.run(host.now + drain_ns)
+
+
+# ---------------------------------------------------------------- the ipi workload
+
+def _ipi_program(plan, v: int, handler_ns: int) -> list:
+    """vCPU ``v``'s guest in the model: the recorder's IPI guest step for step.
+
+    For each wake it receives: ``sti; hlt``, the handler (``handler_ns``: its port
+    exit and EOI), the step's compute, the send port exit (``sync(k)``: an exit to
+    userspace carrying the number k of the wake it is about to send) and the ICR write
+    (``sgi(vector, destination)``); the vCPU woken by the plan's last wake only halts.
+    The trailing ``hlt`` is the halt the recorder stops the vCPU in."""
+    prog = [g.set_handler(max(0, int(handler_ns)))]
+    sel = np.nonzero(plan.vcpu == v)[0].tolist()
+    for (c, dest, vec), k in zip(plan.steps(v), sel):
+        prog += [g.unmask(), g.hlt()]
+        if dest < 0:
+            continue
+        if c > 0:
+            prog.append(g.compute(int(c)))
+        prog += [g.sync(k + 1), g.sgi(int(vec), int(dest))]
+    prog += [g.unmask(), g.hlt(), g.end()]
+    return prog
+
+
+class _SendLog(_vmm.Vmm):
+    """Re-enters after every exit, as the recorder's vCPU threads do; notes the time of
+    each send port exit (``sync(k)``): the send time of wake k."""
+
+    def __init__(self, n: int):
+        self.sent = [-1] * n
+
+    def handle_exit(self, vcpu, ex) -> bool:
+        if ex.ucall == "SYNC" and ex.value is not None and 0 <= ex.value < len(self.sent):
+            self.sent[int(ex.value)] = int(vcpu.vm.host.now)
+        return super().handle_exit(vcpu, ex)
+
+    def to_state(self) -> dict:
+        return {"sent": list(self.sent)}
+
+
+def simulate_ipi(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core",
+                 drain_ns: int = 20_000_000) -> SimResult:
+    """The model's run of an ipi recording (``workload.ipi_plan`` in ``setup.ipi``).
+
+    The machine is ``simulate``'s (host CPUs, module parameters, cap, costs); each
+    vCPU runs ``_ipi_program``: the same plan the recorded guest ran, so the same
+    vCPU computes as long and wakes the same vCPU with the same vector at every
+    step.  The chain starts with one MSI (wake 0) to the plan's first vCPU,
+    ``lead_in`` after the start; there is no injector thread (it sleeps once the
+    start MSI is sent).  ``send_ns[k]`` is the time of the send port exit of wake
+    k (the recorder's ``sent_ns``), ``arrival_ns`` adds ``delivery_ns``.
+    """
+    plan = setup.ipi
+    n = len(plan)
+    lead = lead_in(setup, params)
+    mp = setup.module_params
+    host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed, costs=params.costs,
+                engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024))
+    host.halt_poll_ns = int(mp["halt_poll_ns"])
+    for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
+        if name in mp:
+            setattr(host, name, int(mp[name]))
+    vm = host.create_vm(setup.nvcpus)
+    if setup.cap is not None:
+        vm.enable_cap(Cap.HALT_POLL, int(setup.cap))
+    for v in vm.vcpus:
+        v.load(_ipi_program(plan, v.id, params.handler_ns))
+    log = _SendLog(n)
+    vm.vmm = log
+    log.attach(vm)
+    host.run(lead)
+    log.sent[0] = lead
+    vm.signal_msi(msi_address(int(plan.vcpu[0])), int(plan.vector[0]))
+    horizon = lead + 4 * plan.duration_ns + n * 2_000_000 + drain_ns
+    step = max(1_000_000, plan.duration_ns // 8)
+    while host.now < horizon:
+        host.run(min(horizon, host.now + step))
+        if min(log.sent) >= 0:
+            break                              # every wake sent; the drain delivers the last
+    host.run(host.now + drain_ns)
+    send = np.asarray(log.sent, dtype=np.int64)
+    target = lead + plan.target_ns.astype(np.int64)
+    return SimResult(setup, params, lead, send, send + params.delivery_ns, target,
+                     vm.trace_events(), [v.stats() for v in vm.vcpus],
+                     np.zeros(n, dtype=bool))
