@@ -67,6 +67,12 @@ def build_parser(subparsers) -> None:
     r.add_argument("--trace", choices=("auto", "require", "off"), default="auto",
                    help="tracefs: use it if it can be mounted (auto), fail without it "
                         "(require), or record stats only (off)")
+    r.add_argument("--sched-trace", choices=("auto", "require", "off"), default="auto",
+                   help="the scheduler's tracepoints (sched_switch, sched_wakeup, "
+                        "sched_wakeup_new, sched_migrate_task) of the recording's threads into "
+                        "DIR/sched.trace, with their roles and pinning in the metadata: when "
+                        "tracefs is used and has them (auto), fail without them (require), or "
+                        "not (off)")
     r.add_argument("--no-pin", action="store_true",
                    help="do not pin the vCPU and injector threads to host CPUs")
     r.add_argument("--force", action="store_true", help="overwrite a recording in DIR")
@@ -156,6 +162,7 @@ def _record(args) -> int:
                          workload=args.workload, compute=args.compute, targets=args.targets,
                          out=Path(args.out), halt_poll_ns=args.halt_poll_ns, seed=args.seed,
                          mode=args.injector, trace=args.trace, force=args.force,
+                         sched_trace=args.sched_trace,
                          pin=not args.no_pin)
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     meta = record(opts, log=log)

@@ -38,6 +38,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ from . import microvm as mv
 from .kvm import DEV_KVM, Kvm, KvmIoctlError, KVM_CAP_MAX_VCPUS, KVM_CAP_NR_VCPUS
 from .recording import (FORMAT, METADATA, STATS, TRACE, WAKES, WAKE_COLUMNS, write_json)
 from .stats import StatsFd, diff, to_jsonable
-from .tracefs import TraceCapture, TracefsUnavailable
+from .schedtrace import SCHED_EVENTS, SCHED_TRACE, filter_sched
+from .tracefs import EVENTS as TRACE_EVENTS, TraceCapture, TracefsUnavailable
 from .workload import (IPI_DEFAULT_COMPUTE, ipi_plan, parse as parse_spec,
                        schedule as make_schedule)
 from ..uapi import Cap, Ioctl
@@ -180,6 +182,7 @@ class RecordOptions:
     trace: str = "auto"               # auto | require | off
     force: bool = False
     pin: bool = True
+    sched_trace: str = "auto"         # the scheduler's tracepoints: auto | require | off
     workload: str = "msi"             # msi: the injector's MSIs | ipi: vCPUs wake each other
     compute: str = IPI_DEFAULT_COMPUTE  # ipi: a vCPU's compute before it sends its IPI
     targets: str = "random-other"     # ipi: whom it wakes (workload.IPI_TARGETS)
@@ -370,6 +373,34 @@ class _IpiWork:
         return {**self.plan.to_dict(), "compute_clock": "tsc", "tsc_khz": self.tsc_khz}
 
 
+def _open_capture(sched_trace: str):
+    """The trace capture: the kvm events, and the scheduler's unless ``sched_trace`` is
+    "off" ("auto": without them, saying why, if they cannot be enabled)."""
+    if sched_trace == "off":
+        return TraceCapture(), {"mode": "off", "reason": "--sched-trace off"}
+    try:
+        return (TraceCapture(events=TRACE_EVENTS + SCHED_EVENTS),
+                {"mode": "tracefs", "events": [e.split("/")[1] for e in SCHED_EVENTS],
+                 "file": SCHED_TRACE})
+    except TracefsUnavailable as exc:
+        if sched_trace == "require" or "sched" not in str(exc):
+            if sched_trace == "require":
+                raise RecordError(f"the scheduler's tracepoints are needed (--sched-trace "
+                                  f"require) but: {exc}") from None
+            raise
+        return TraceCapture(), {"mode": "off", "reason": str(exc)}
+
+
+def _threads_table(status: list, inj_tid: int, inj_cpu: int, main_tid: int) -> list:
+    """``meta["threads"]``: tid, role, vCPU index and pinned CPU (null: unpinned)."""
+    rows = [{"tid": int(s["tid"]), "role": "vcpu", "vcpu": int(s["vcpu"]),
+             "cpu": int(s["cpu"]) if s["cpu"] >= 0 else None} for s in status]
+    rows.append({"tid": int(inj_tid), "role": "injector", "vcpu": None,
+                 "cpu": inj_cpu if inj_cpu >= 0 else None})
+    rows.append({"tid": int(main_tid), "role": "main", "vcpu": None, "cpu": None})
+    return rows
+
+
 def _record(opts, spec, out, _inject, log) -> dict:
     ipi = opts.workload == "ipi"
     if ipi:
@@ -413,9 +444,10 @@ def _record(opts, spec, out, _inject, log) -> dict:
             f"{'not set' if opts.halt_poll_ns is None else opts.halt_poll_ns}; {what}")
         harness = _harness_baseline(vm, inj_cpu)
 
+        sched_info = {"mode": "off", "reason": "--sched-trace off"}
         if opts.trace != "off":
             try:
-                capture = TraceCapture()
+                capture, sched_info = _open_capture(opts.sched_trace)
                 trace_info = {"mode": "tracefs", "root": str(capture.root),
                               "instance": str(capture.instance) if capture.instance else None,
                               "mounted_by_kvmwake": capture.mounted_by_us is not None,
@@ -428,6 +460,12 @@ def _record(opts, spec, out, _inject, log) -> dict:
                     f"(binary stats and host-observed latencies, no trace, no replay)")
         else:
             trace_info = {"mode": "stats-only", "reason": "--trace off"}
+        if opts.sched_trace != "off" and capture is None:
+            sched_info = {"mode": "off", "reason": f"no kvm trace ({trace_info['reason']})"}
+            if opts.sched_trace == "require":
+                raise RecordError(f"the scheduler's tracepoints are needed (--sched-trace "
+                                  f"require) but tracing is off: {trace_info['reason']}")
+        trace_info["sched"] = sched_info
 
         vectors = np.array([mv.wake_vector(int(j)) for j in sched.index], dtype=np.int32)
         session = _inject.Session(
@@ -512,6 +550,7 @@ def _record(opts, spec, out, _inject, log) -> dict:
 
     status = session.vcpu_status()
     tids = [s["tid"] for s in status]
+    threads = _threads_table(status, session.injector_tid, inj_cpu, threading.get_native_id())
     errors = [s for s in status if s["error"]]
     if errors:
         raise RecordError(f"a vCPU thread failed: {_describe(errors[0])}")
@@ -552,6 +591,8 @@ def _record(opts, spec, out, _inject, log) -> dict:
         "t0_ns": t0,
         "vcpu_tids": tids,
         "injector_tid": session.injector_tid,
+        "threads": threads,
+        "pinned": bool(opts.pin),
         "harness": harness,
         "wakes": {"sent": int((sent > 0).sum()), "delivered": int((ret > 0).sum()),
                   "seen": int(ok.sum()), "not_seen": int((~ok).sum())},
@@ -562,6 +603,12 @@ def _record(opts, spec, out, _inject, log) -> dict:
         "vcpu_threads": status,
     }
     out.mkdir(parents=True, exist_ok=True)
+    if trace_text is not None and sched_info["mode"] == "tracefs":
+        text, kept, dropped = filter_sched(trace_text, {t["tid"] for t in threads})
+        meta["trace"]["sched"].update({"lines": kept, "other_lines_dropped": dropped})
+        (out / SCHED_TRACE).write_text(text)
+    elif (out / SCHED_TRACE).exists():
+        (out / SCHED_TRACE).unlink()
     if trace_text is not None:
         trace_text, kept, dropped = filter_trace(trace_text, set(tids))
         meta["trace"].update({"lines": kept, "other_lines_dropped": dropped,
