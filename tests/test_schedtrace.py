@@ -151,6 +151,7 @@ def test_from_timeline_of_a_model_run():
     assert m["pooled"]["rate"] == 0.0                     # thread g stays on CPU g % 2
     r = ST.preemption_rate(tr)
     assert r["vcpu->vcpu"]["wakeups"] > 0
+    assert ST.figures(tr) == {"preemption": r, "migration": m}
 
 
 # ---------------------------------------------------------------- a real recording
@@ -169,14 +170,14 @@ def test_real_recording_has_the_sched_trace(tmp_path, capsys):
                   "--sched-trace", "require", "-o", str(d)])
     assert rc == 0, capsys.readouterr().err
     meta = json.loads((d / "metadata.json").read_text())
-    assert meta["pinned"] is True and meta["trace"]["sched"]["mode"] == "tracefs"
+    assert meta["pinned"] is True and meta["sched_trace"]["mode"] == "tracefs"
     roles = [(t["role"], t["vcpu"]) for t in meta["threads"]]
     assert roles == [("vcpu", 0), ("vcpu", 1), ("injector", None), ("main", None)]
     assert [t["tid"] for t in meta["threads"][:2]] == meta["vcpu_tids"]
     assert all(t["cpu"] is not None for t in meta["threads"][:3])
     tr = ST.load_sched(d)
     tids = {t["tid"] for t in meta["threads"]}
-    assert len(tr.events) == meta["trace"]["sched"]["lines"] > 0
+    assert len(tr.events) == meta["sched_trace"]["lines"] > 0
     assert all(ST.involves(e, tids) for e in tr.events)
     m = ST.migration_rate(tr)
     assert all(r["periods"] > 0 for r in m["per_vcpu"])
@@ -190,5 +191,5 @@ def test_real_recording_has_the_sched_trace(tmp_path, capsys):
     assert KC.main(["record", "--vcpus", "1", "--wakes", "20", "--idle", "short",
                     "--sched-trace", "off", "-o", str(d2)]) == 0
     meta2 = json.loads((d2 / "metadata.json").read_text())
-    assert meta2["trace"]["sched"]["mode"] == "off" and not (d2 / ST.SCHED_TRACE).exists()
+    assert meta2["sched_trace"]["mode"] == "off" and not (d2 / ST.SCHED_TRACE).exists()
     assert ST.load_sched(d2) is None

@@ -465,7 +465,6 @@ def _record(opts, spec, out, _inject, log) -> dict:
             if opts.sched_trace == "require":
                 raise RecordError(f"the scheduler's tracepoints are needed (--sched-trace "
                                   f"require) but tracing is off: {trace_info['reason']}")
-        trace_info["sched"] = sched_info
 
         vectors = np.array([mv.wake_vector(int(j)) for j in sched.index], dtype=np.int32)
         session = _inject.Session(
@@ -593,6 +592,7 @@ def _record(opts, spec, out, _inject, log) -> dict:
         "injector_tid": session.injector_tid,
         "threads": threads,
         "pinned": bool(opts.pin),
+        "sched_trace": sched_info,
         "harness": harness,
         "wakes": {"sent": int((sent > 0).sum()), "delivered": int((ret > 0).sum()),
                   "seen": int(ok.sum()), "not_seen": int((~ok).sum())},
@@ -605,7 +605,7 @@ def _record(opts, spec, out, _inject, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if trace_text is not None and sched_info["mode"] == "tracefs":
         text, kept, dropped = filter_sched(trace_text, {t["tid"] for t in threads})
-        meta["trace"]["sched"].update({"lines": kept, "other_lines_dropped": dropped})
+        sched_info.update({"lines": kept, "other_lines_dropped": dropped})
         (out / SCHED_TRACE).write_text(text)
     elif (out / SCHED_TRACE).exists():
         (out / SCHED_TRACE).unlink()

@@ -355,3 +355,9 @@ def from_timeline(host_or_timeline, threads: list[dict] | None = None) -> SchedT
 
 #: The idle task in ``from_timeline``'s events (the model's thread indices start at 0).
 IDLE_PID = -1
+
+
+def figures(trace: SchedTrace) -> dict:
+    """Both rates of one trace (a recording's ``load_sched`` or a model's ``from_timeline``),
+    as compare puts them side by side: ``{"preemption": ..., "migration": ...}``."""
+    return {"preemption": preemption_rate(trace), "migration": migration_rate(trace)}
