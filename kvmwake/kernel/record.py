@@ -3,7 +3,8 @@
 The run, step by step:
 
 1. Build the micro-VM (``microvm.MicroVm``): N vCPUs, the in-kernel irqchip,
-   ``KVM_CAP_HALT_POLL`` if asked for.
+   ``KVM_CAP_HALT_POLL`` if asked for; with ``--workload ipi`` the IPI guest
+   with its plan's step tables (``workload.ipi_plan``).
 2. Measure the harness on its own: one ``CLOCK_MONOTONIC`` read, one
    ``KVM_SIGNAL_MSI`` that delivers nothing (an APIC ID no vCPU has), the
    injector's timer lateness on its CPU with nothing else running.
@@ -13,7 +14,10 @@ The run, step by step:
    binary stats.
 5. Start the injector (native, pinned to host CPU ``N % ncpus``, the place
    the model gives the next thread): it sleeps to each target time of the
-   schedule and sends that wake's MSI.
+   schedule and sends that wake's MSI (ipi: only the chain's start MSI; the
+   vCPUs send the rest, and the run ends when the plan's last wake is seen).
+   With ``--sched-trace`` the scheduler's tracepoints run alongside and the
+   lines of the recording's threads go to ``sched.trace``.
 6. When it is done and the last wakes are seen (or 200 ms passed), stop
    tracing, read the stats again, stop the threads (a stop MSI), close the VM.
 7. Write the folder (``recording.py`` describes it).

@@ -22,6 +22,11 @@ Files in ``DIR``:
     the ``kvm_vcpu_wakeup`` / ``kvm_halt_poll_ns`` lines of the run's vCPU
     threads, timestamps in ``CLOCK_MONOTONIC`` (trace_clock ``mono``).
     Absent in stats-only mode.
+``sched.trace``
+    the scheduler's tracepoints (``sched_switch``, ``sched_wakeup[_new]``,
+    ``sched_migrate_task``) of the recording's threads, whose roles are in
+    the metadata's ``threads``; ``kvmwake.kernel.schedtrace`` reads it.
+    Absent with ``--sched-trace off`` or in stats-only mode.
 ``calibration.json``
     written by ``kvmwake kernel calibrate``.
 
