@@ -17,7 +17,7 @@ from kvmwake.model import ThreadState
 from kvmwake.outputs.timeline import to_array
 
 DATA = Path(__file__).resolve().parent / "data"
-SAMPLE = DATA / "sched-sample.trace"
+SAMPLE = DATA / "sched-sample.txt"
 #: The threads table of the (unpinned, 4 vCPU, ipi) recording the sample comes from.
 SAMPLE_THREADS = [
     {"tid": 29769, "role": "vcpu", "vcpu": 0, "cpu": None},
