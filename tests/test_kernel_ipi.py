@@ -165,3 +165,21 @@ def test_record_ipi_accounts_for_every_wake(tmp_path, capsys):
 def test_record_msi_needs_idle(tmp_path, capsys):
     assert KC.main(["record", "--vcpus", "2", "--wakes", "5", "-o", str(tmp_path / "x")]) == 2
     assert "--idle SPEC is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vcpus", "1"], "at least 2 vCPUs"),
+    (["--vcpus", "2", "--compute", "bogus"], "KIND:ARGS"),
+    (["--vcpus", "2", "--compute", "exp:0us"], "positive mean"),
+])
+def test_record_ipi_bad_arguments(argv, message, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert KC.main(["record", "--workload", "ipi", "--wakes", "10", *argv,
+                    "-o", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_workload_kind_defaults_to_msi():
+    assert R.workload_kind({"workload": {"spec": "short", "seed": 0, "wakes": 1}}) == "msi"
+    assert R.workload_kind({"workload": W.ipi_plan(0, 2, 3).to_dict()}) == "ipi"
