@@ -26,6 +26,8 @@ ctypedef struct thread_t:
     uint64_t wake_ts          # last effective wake-up
     uint64_t rng_state
     uint64_t rng_inc
+    uint64_t cost_rng_state   # its cost stream (kvmwake.costs: drawn costs only)
+    uint64_t cost_rng_inc
     uint64_t stall_t
     # EEVDF (kernel/sched/fair.c, struct sched_entity; nice 0, so weights cancel).
     int64_t vruntime          # se->vruntime
@@ -198,6 +200,9 @@ ctypedef struct tl_rec_t:
     uint8_t _pad[7]
 
 
+# The constant costs, in the order of kvmwake.costs.DRAWN_COSTS then sched_slice_ns
+# (cost_ns indexes the first five as an array).  A drawn cost's field holds its
+# table's median, for reading only.
 ctypedef struct costs_t:
     uint64_t vm_exit_ns
     uint64_t vm_entry_ns
@@ -262,3 +267,9 @@ ctypedef struct engine_t:
     uint64_t base_slice       # EEVDF: sysctl_sched_base_slice
     uint32_t sched            # the host scheduler: SCHED_POLICY_FIFO or SCHED_POLICY_EEVDF
     uint32_t _pad_sched
+    # Costs with tails (kvmwake.costs): row c of cost_tab (KW_COST_TABLE_N values)
+    # is drawn cost c's quantile table; bit c of cost_dist says cost c is drawn from
+    # it (else costs_t's constant is charged, and nothing is drawn).
+    uint64_t* cost_tab
+    uint32_t cost_dist
+    uint32_t _pad_cost

@@ -40,6 +40,7 @@ from . import haltpoll as _haltpoll
 from . import model as _model
 from . import uapi as _uapi
 from .model import COST_DEFAULTS as _COST_DEFAULTS
+from .costs import DRAWN_COSTS as _DRAWN_COSTS
 from .reference import EngineError, SOURCE_STREAM_BASE as _SOURCE_STREAM_BASE
 from .reference import stream_seed as _model_stream_seed
 
@@ -57,6 +58,10 @@ cdef extern from *:
     #define KW_DEBUG KVMWAKE_DEBUG
     #define KW_CHECK_EVERY 1024
     #define KW_CHECKPOINT 1
+    #define KW_COST_TABLE_N 257
+    #define KW_COST_FRAC_BITS 24
+    #define KW_COST_FRAC_MASK 0xFFFFFFULL
+    #define KW_COST_STREAM_BASE 0xC0000000ULL
     """
     const uint64_t KW_LCG_MULT
     const uint64_t KW_MAX_DRAW_NS
@@ -68,6 +73,12 @@ cdef extern from *:
     const int KW_DEBUG
     const uint64_t KW_CHECK_EVERY
     const int KW_CHECKPOINT
+    # Costs with tails (kvmwake.costs: COST_TABLE_N, COST_FRAC_BITS; the cost
+    # stream's number, reference.rng.COST_STREAM_BASE).
+    const uint64_t KW_COST_TABLE_N
+    const uint64_t KW_COST_FRAC_BITS
+    const uint64_t KW_COST_FRAC_MASK
+    const uint64_t KW_COST_STREAM_BASE
     int __builtin_clzll(unsigned long long x) nogil
     int __builtin_ctzll(unsigned long long x) nogil
 
@@ -267,6 +278,15 @@ cdef enum:
     KW_ERR_STORM = 3
     KW_ERR_SEQ = 4            # the event sequence numbers ran out (KW_MAX_SEQ)
 
+# The drawn costs (kvmwake.costs.DRAWN_COSTS, in order: rows of engine_t.cost_tab).
+cdef enum:
+    COST_VM_EXIT = 0
+    COST_VM_ENTRY = 1
+    COST_IPI_SEND = 2
+    COST_WAKE_TO_RUN = 3
+    COST_CONTEXT_SWITCH = 4
+    NR_DRAWN_COSTS = 5
+
 # The host scheduler (kvmwake.model.SCHEDULERS, in order); HZ=250's tick.
 cdef enum:
     SCHED_POLICY_FIFO = 0
@@ -341,6 +361,10 @@ def compiled_constants():
                   S_POLL_SUCCESS_NS, S_POLL_FAIL_NS, S_WAIT_NS, S_POLL_SUCCESS_HIST,
                   S_POLL_FAIL_HIST, S_WAIT_HIST, S_BLOCKING, S_HALT_EXITS, NR_STATS),
         "lat_buckets": LAT_BUCKETS,
+        "costs": {"table_n": KW_COST_TABLE_N, "frac_bits": KW_COST_FRAC_BITS,
+                  "frac_mask": KW_COST_FRAC_MASK, "stream_base": KW_COST_STREAM_BASE,
+                  "drawn": (COST_VM_EXIT, COST_VM_ENTRY, COST_IPI_SEND, COST_WAKE_TO_RUN,
+                            COST_CONTEXT_SWITCH, NR_DRAWN_COSTS)},
         "max_ops_per_instant": MAX_OPS_PER_INSTANT,
         "pid_base": PID_BASE,
         "sizes": {"thread_t": sizeof(thread_t), "op_t": sizeof(op_t),
@@ -438,6 +462,7 @@ cdef class Engine:
     cdef object _ops
     cdef object _exitq
     cdef object _tlbase       # per thread: timeline base state (u1)
+    cdef object _cost_tab     # the drawn costs' tables (u8, NR_DRAWN_COSTS x table)
     cdef dict _prog_index     # program bytes -> offset in the op table
     cdef bint _failed
 
@@ -457,11 +482,24 @@ cdef class Engine:
             c.update(costs)
         self.arch = arch
         self.seed = int(seed)
-        self.e.costs.vm_exit_ns = c["vm_exit_ns"]
-        self.e.costs.vm_entry_ns = c["vm_entry_ns"]
-        self.e.costs.ipi_send_ns = c["ipi_send_ns"]
-        self.e.costs.wake_to_run_ns = c["wake_to_run_ns"]
-        self.e.costs.context_switch_ns = c["context_switch_ns"]
+        # A drawn cost comes as its table (kvmwake.costs.cost_table, checked by the
+        # caller): its row of cost_tab, its cost_dist bit, its median in costs_t.
+        self._cost_tab = np.zeros(NR_DRAWN_COSTS * KW_COST_TABLE_N, dtype=np.uint64)
+        cdef uint64_t* consts = <uint64_t*>&self.e.costs
+        cdef uint32_t ci
+        for ci, name in enumerate(_DRAWN_COSTS):
+            v = c[name]
+            if isinstance(v, (int, np.integer)):
+                consts[ci] = v
+                self._cost_tab[ci * KW_COST_TABLE_N:(ci + 1) * KW_COST_TABLE_N] = v
+            else:
+                tab = np.asarray(v, dtype=np.uint64)
+                if tab.shape != (KW_COST_TABLE_N,):
+                    raise ValueError(f"cost {name}: a table of {KW_COST_TABLE_N} values, "
+                                     f"not of shape {tab.shape}")
+                self._cost_tab[ci * KW_COST_TABLE_N:(ci + 1) * KW_COST_TABLE_N] = tab
+                consts[ci] = tab[KW_COST_TABLE_N // 2]
+                self.e.cost_dist |= (<uint32_t>1) << ci
         self.e.costs.sched_slice_ns = c["sched_slice_ns"]
         self.e.halt_poll_ns = _haltpoll.HALT_POLL_NS_DEFAULT[arch]
         self.e.grow = _haltpoll.HALT_POLL_NS_GROW_DEFAULT
@@ -513,6 +551,7 @@ cdef class Engine:
         self.e.ops = <op_t*>cnp.PyArray_DATA(self._ops)
         self.e.exitq = <uint32_t*>cnp.PyArray_DATA(self._exitq)
         self.e.tlbase = <uint8_t*>cnp.PyArray_DATA(self._tlbase)
+        self.e.cost_tab = <uint64_t*>cnp.PyArray_DATA(self._cost_tab)
 
     @staticmethod
     def _grow(arr, uint64_t nbytes):
@@ -573,6 +612,7 @@ cdef class Engine:
             th.pc_valid = 1
             th.pstate = PSR_MODE_EL1h         # a booted guest: EL1h, DAIF clear
             rng_seed(th, <uint64_t>(self.seed & 0xFFFFFFFFFFFFFFFF), vmi, i)
+            cost_rng_seed(th, <uint64_t>(self.seed & 0xFFFFFFFFFFFFFFFF), vmi, i)
             # A booted guest: SGIs, the timer PPI and the tick PPI enabled.
             q = &self.e.irq[g]
             q.priv_en = 0xFFFF | (1u << VTIMER_IRQ) | (1u << _model.TICK_IRQ["arm64"])
@@ -935,11 +975,22 @@ cdef class Engine:
 
     @property
     def costs(self):
+        """Each cost's constant (a drawn cost's: its table's median)."""
         return {"vm_exit_ns": self.e.costs.vm_exit_ns, "vm_entry_ns": self.e.costs.vm_entry_ns,
                 "ipi_send_ns": self.e.costs.ipi_send_ns,
                 "wake_to_run_ns": self.e.costs.wake_to_run_ns,
                 "context_switch_ns": self.e.costs.context_switch_ns,
                 "sched_slice_ns": self.e.costs.sched_slice_ns}
+
+    def cost_tables(self):
+        """The drawn costs' tables: {name: tuple of KW_COST_TABLE_N values}."""
+        cdef uint32_t ci
+        out = {}
+        for ci, name in enumerate(_DRAWN_COSTS):
+            if (self.e.cost_dist >> ci) & 1:
+                out[name] = tuple(int(x) for x in
+                                  self._cost_tab[ci * KW_COST_TABLE_N:(ci + 1) * KW_COST_TABLE_N])
+        return out
 
     @property
     def halt_poll_ns(self):

@@ -10,14 +10,16 @@ queues, a fixed slice) or ``"eevdf"`` (Linux 6.18's fair class).
 from __future__ import annotations
 
 import bisect
+import copy
 import errno
 import numbers
 
+from . import costs as _costs
 from . import haltpoll
 from . import snapshot as _snapshot
 from .errors import KvmError, SnapshotError
 from .exits import from_engine
-from .model import (ARCHES, COST_DEFAULTS, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, MAX_NR_SPIS,
+from .model import (ARCHES, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, MAX_NR_SPIS,
                     MAX_VCPUS, SCHEDULERS)
 
 ENGINES = ("core", "reference")
@@ -25,7 +27,7 @@ ENGINES = ("core", "reference")
 MAX_HOST_CPUS = 1 << 20
 #: Most vCPU threads one host holds (over all its VMs).
 MAX_HOST_THREADS = 1 << 24
-MAX_COST_NS = 1 << 40
+MAX_COST_NS = _costs.MAX_COST_NS
 MAX_TIME_NS = 1 << 62
 
 
@@ -74,7 +76,12 @@ class Host:
         Seed of every random stream (one per vCPU, derived from the seed, the
         VM's index on the host and the vCPU id).
     costs : dict, optional
-        Modelled costs in ns, overriding ``model.COST_DEFAULTS``.
+        Modelled costs, overriding ``model.COST_DEFAULTS``: each an int (ns) or a
+        duration string (a constant), or a distribution,
+        ``{"dist": "lognormal", "median": ..., "sigma": ..., "max": ...}`` or
+        ``{"dist": "quantiles", "q": [...]}``, drawn from a seeded stream of the
+        charged thread's own (see ``kvmwake.costs``; ``sched_slice_ns`` is a
+        constant).
     engine : {"core", "reference"}
         The Cython core (default) or the plain-Python reference engine.
     trace_capacity : int
@@ -107,20 +114,15 @@ class Host:
         seed = check_int("seed", seed, 0, (1 << 64) - 1)
         trace_capacity = check_int("trace_capacity", trace_capacity, 0, 1 << 32)
         timeline_capacity = check_int("timeline_capacity", timeline_capacity, 0, 1 << 32)
-        if costs is not None and not isinstance(costs, dict):
-            raise TypeError(f"costs must be a dict of cost names to ns, not "
-                            f"{type(costs).__name__}")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
-        merged = dict(COST_DEFAULTS)
-        for name, value in (costs or {}).items():
-            if name not in COST_DEFAULTS:
-                raise ValueError(f"unknown cost {name!r} (known: {', '.join(COST_DEFAULTS)})")
-            merged[name] = check_int(name, value, 0, MAX_COST_NS)
+        specs = _costs.normalize_costs(costs)
+        self._cost_specs = specs
         self.arch = arch
         self.seed = seed
         self.engine_name = engine
-        self._engine = _engine_class(engine)(arch, host_cpus, seed, merged, trace_capacity,
+        self._engine = _engine_class(engine)(arch, host_cpus, seed, _costs.engine_costs(specs),
+                                             trace_capacity,
                                              timeline_capacity, scheduler)
         self.scheduler = scheduler
         self.host_cpus = host_cpus
@@ -154,7 +156,9 @@ class Host:
 
     @property
     def costs(self) -> dict:
-        return dict(self._engine.costs)
+        """Every modelled cost as its normalised spec (``kvmwake.costs.parse_cost``):
+        an int in ns for a constant, a dict for a distribution."""
+        return copy.deepcopy(self._cost_specs)
 
     @property
     def now(self) -> int:

@@ -75,6 +75,7 @@ from . import __version__
 from . import vmm as _vmm
 from .errors import SnapshotError
 from .exits import from_engine
+from .costs import COST_TABLE_N, DRAWN_COSTS
 from .model import LAT_BUCKETS, MAX_VCPUS, NR_STATS
 
 MAGIC = b"KVMWSNAP"
@@ -89,15 +90,15 @@ MAX_BODY = 1 << 40             # 1 TiB: anything larger is not a snapshot of our
 ZLIB_LEVEL = 1                 # the stats histograms are mostly zeros
 _DTYPES = {"u1": np.uint8, "u4": np.uint32, "u8": np.uint64}
 _ARRAYS = ("threads", "irqs", "vms", "gics", "srcs", "times", "cpus", "stats", "lat", "ops",
-           "exitq", "heap", "trace", "timeline", "tlbase")
+           "exitq", "heap", "trace", "timeline", "tlbase", "costtab")
 _SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdropped",
             "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len", "talloc",
-            "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc")
+            "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc", "cost_dist")
 #: The fields of a held exit (an exit record of the engine).
 _HELD_KEYS = ("reason", "type", "ndata", "data0", "ucall", "value", "time")
 
 #: The arrays that are not bytes of engine structs ("u1"), and the struct of those that are.
-_ARRAY_DTYPES = {"times": "u8", "stats": "u8", "lat": "u8", "exitq": "u4"}
+_ARRAY_DTYPES = {"times": "u8", "stats": "u8", "lat": "u8", "exitq": "u4", "costtab": "u8"}
 _ARRAY_STRUCTS = {"threads": "thread_t", "irqs": "virq_t", "vms": "vm_t", "gics": "gic_t",
                   "srcs": "source_t", "cpus": "cpu_t", "ops": "op_t", "heap": "event_t",
                   "trace": "trace_rec_t", "timeline": "tl_rec_t"}
@@ -365,6 +366,7 @@ def _layout(header, size: int) -> dict:
     # Records each array must hold, from the header's counts (None: any number).
     expect = {"threads": nth, "irqs": nth, "stats": nth, "exitq": nth, "tlbase": nth,
               "vms": nvm, "gics": nvm, "cpus": ncpu, "lat": LAT_BUCKETS,
+              "costtab": len(DRAWN_COSTS) * COST_TABLE_N,
               "trace": scalars["tcount"], "timeline": scalars["tlcount"]}
     out = {}
     end = 0

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kvmwake import _core, reference
+from kvmwake import costs as _costs
 from kvmwake import guest as G
 from kvmwake.guest import ProgramError
 from kvmwake.guest import MAX_DURATION_NS
@@ -130,12 +131,30 @@ def _maybe_zero(hi):
     return st.one_of(st.just(0), st.integers(1, hi))
 
 
+def _drawn_cost(hi):
+    """A cost: mostly a constant, else a distribution (kvmwake.costs) with a tail."""
+    lognormal = st.builds(
+        lambda median, sigma, mx: {"dist": "lognormal", "median": median, "sigma": sigma,
+                                   **({} if mx is None else {"max": median + mx})},
+        st.integers(1, hi), st.sampled_from([0.05, 0.5, 1.0, 2.5]),
+        st.one_of(st.none(), st.integers(0, 20 * hi)))
+    quantiles = st.builds(lambda q: {"dist": "quantiles", "q": sorted(q)},
+                          st.lists(st.one_of(st.integers(0, hi), st.integers(0, 30 * hi)),
+                                   min_size=2, max_size=9))
+    return st.one_of(_maybe_zero(hi), _maybe_zero(hi), lognormal, quantiles)
+
+
+def engine_costs(costs: dict) -> dict:
+    """What an engine takes for ``costs`` (specs): constants, and tables."""
+    return _costs.engine_costs(_costs.normalize_costs(costs))
+
+
 costs_st = st.fixed_dictionaries({
-    "vm_exit_ns": _maybe_zero(3_000),
-    "vm_entry_ns": _maybe_zero(3_000),
-    "ipi_send_ns": _maybe_zero(1_500),
-    "wake_to_run_ns": _maybe_zero(10_000),
-    "context_switch_ns": _maybe_zero(5_000),
+    "vm_exit_ns": _drawn_cost(3_000),
+    "vm_entry_ns": _drawn_cost(3_000),
+    "ipi_send_ns": _drawn_cost(1_500),
+    "wake_to_run_ns": _drawn_cost(10_000),
+    "context_switch_ns": _drawn_cost(5_000),
     # small slices so that preemption happens within a few ms
     "sched_slice_ns": st.one_of(st.just(0), st.integers(1, 300_000)),
 })
@@ -504,7 +523,7 @@ def scenarios(draw):
 # ---------------------------------------------------------------- playing
 
 def build(engine_cls, sc: Scenario):
-    e = engine_cls(sc.arch, sc.host_cpus, sc.seed, costs=sc.costs,
+    e = engine_cls(sc.arch, sc.host_cpus, sc.seed, costs=engine_costs(sc.costs),
                    trace_capacity=sc.trace_capacity, scheduler=sc.scheduler)
     for name, value in sc.params.items():
         setattr(e, name, value)
@@ -607,6 +626,7 @@ def snapshot(e, sc: Scenario):
         "thread_info": [e.thread_info(g) for g in range(n_threads)],
         "params": tuple(getattr(e, name) for name in PARAMS),
         "costs": dict(e.costs),
+        "cost_tables": e.cost_tables(),
         "irq_state": [[e.irq_state(g, i) for i in intids(sc.arch, sc.spis_of(sc.vm_of(g)))]
                       for g in range(n_threads)],
         "timer_state": [e.timer_state(g) for g in range(n_threads)],

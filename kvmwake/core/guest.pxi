@@ -15,7 +15,7 @@ cdef inline int segment(engine_t* e, thread_t* th, uint32_t g, uint64_t t, uint6
     th.seg_gto = th.seg_gfrom + guest
     th.seg_end = th.seg_gto
     if cont == CONT_HALT or cont == CONT_TRAP or cont == CONT_END:
-        th.seg_end += e.costs.vm_exit_ns
+        th.seg_end += cost_ns(e, th, COST_VM_EXIT)
     th.cont = cont
     return push_thread(e, th, g, th.seg_end, EV_SEGMENT)
 
@@ -98,7 +98,7 @@ cdef int trap_op(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef gic_t* gic = &e.gic[th.vm]
     cdef int rc = 0, ipi = 0
     cdef uint32_t irq, vid, n = vm.nr_vcpus
-    cdef uint64_t mask, r
+    cdef uint64_t mask, r, pre
     th.pc += 1
     if op.code == OP_HVC:
         return hvc(e, g, t)
@@ -152,7 +152,10 @@ cdef int trap_op(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     else:
         if route_spi(e, th.vm, op.arg, op.p0, t) < 0:
             return -1
-    return enter(e, g, t, e.costs.vm_entry_ns + (e.costs.ipi_send_ns if ipi else 0))
+    pre = cost_ns(e, th, COST_VM_ENTRY)
+    if ipi:
+        pre += cost_ns(e, th, COST_IPI_SEND)
+    return enter(e, g, t, pre)
 
 
 cdef int instant_op(engine_t* e, uint32_t g, uint64_t t, const op_t* op) noexcept nogil:

@@ -73,7 +73,7 @@ cdef int emulate_halt(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     if e.x86:
         if not runnable(e, g):
             th.mp_state = MP_HALTED
-        return enter(e, g, t, e.costs.vm_entry_ns)
+        return enter(e, g, t, cost_ns(e, th, COST_VM_ENTRY))
     return halt(e, g, t, HALT_WFI)
 
 
@@ -185,7 +185,7 @@ cdef int halt_done(engine_t* e, uint32_t g, uint64_t cur, bint waited, uint64_t 
         th.halt_poll_ns = 0
     trace_rec(e, th, g, cur, TR_WAKEUP, 1 if waited else 0, halt_ns, 0)
     e.halts += 1
-    entry = e.costs.vm_entry_ns
+    entry = cost_ns(e, th, COST_VM_ENTRY)
     if e.tlcap:
         tl_note(e, th, g, cur, TS_RUNNING)
     th.state = TS_RUNNING

@@ -26,7 +26,10 @@ MAX_SEQ = KW_MAX_SEQ
 #: The engine_t scalars a snapshot carries (the rest is derived).
 SNAPSHOT_SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdropped",
                     "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len",
-                    "talloc", "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc")
+                    "talloc", "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc",
+                    "cost_dist")
+#: The largest cost (kvmwake.costs.MAX_COST_NS): every value of a cost table.
+MAX_COST_NS = 1 << 40
 
 
 def _engine_export(Engine self):
@@ -38,7 +41,8 @@ def _engine_export(Engine self):
     scalars = {"now": e.now, "seq": e.seq, "events": e.events, "halts": e.halts,
                "tcap": e.tcap, "thead": e.thead, "tcount": e.tcount, "tdropped": e.tdropped,
                "halt_poll_ns": e.halt_poll_ns, "grow": e.grow, "grow_start": e.grow_start,
-               "shrink": e.shrink, "exq_head": e.exq_head, "exq_len": e.exq_len}
+               "shrink": e.shrink, "exq_head": e.exq_head, "exq_len": e.exq_len,
+               "cost_dist": e.cost_dist}
     heap = np.empty(e.hlen * sizeof(event_t), dtype=np.uint8)
     if e.hlen:
         memcpy(cnp.PyArray_DATA(heap), e.heap, e.hlen * sizeof(event_t))
@@ -60,7 +64,8 @@ def _engine_export(Engine self):
               "times": self._times.copy(), "cpus": self._cpus.copy(),
               "stats": self._stats.copy(), "lat": self._lat.copy(), "ops": self._ops.copy(),
               "exitq": self._exitq.copy(), "heap": heap, "trace": trace,
-              "timeline": timeline, "tlbase": self._tlbase.copy()}
+              "timeline": timeline, "tlbase": self._tlbase.copy(),
+              "costtab": self._cost_tab.copy()}
     return scalars, arrays
 
 
@@ -98,6 +103,25 @@ cdef void _copy_timeline(engine_t* e, tl_rec_t* out) noexcept nogil:
         out[i].state = r.state
 
 
+cdef _check_cost_tables(engine_t* e):
+    """Every drawn cost's table: at most MAX_COST_NS, nondecreasing (the sampling's
+    products then fit 64 bits); its median is the cost's constant field."""
+    cdef uint32_t c
+    cdef uint64_t k
+    cdef const uint64_t* tab
+    if e.cost_dist >> NR_DRAWN_COSTS:
+        raise ValueError(f"drawn-cost mask {e.cost_dist:#x} names unknown costs")
+    for c in range(NR_DRAWN_COSTS):
+        if not (e.cost_dist >> c) & 1:
+            continue
+        tab = &e.cost_tab[c * KW_COST_TABLE_N]
+        for k in range(KW_COST_TABLE_N):
+            if tab[k] > MAX_COST_NS or (k and tab[k] < tab[k - 1]):
+                raise ValueError(f"cost table {c}: value {k} ({tab[k]}) out of range "
+                                 f"0..2**40 or below the one before")
+        (<uint64_t*>&e.costs)[c] = tab[KW_COST_TABLE_N // 2]
+
+
 def struct_sizes():
     return {"thread_t": sizeof(thread_t), "virq_t": sizeof(virq_t), "vm_t": sizeof(vm_t),
             "gic_t": sizeof(gic_t), "source_t": sizeof(source_t), "cpu_t": sizeof(cpu_t),
@@ -125,6 +149,16 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     self._ops = arrays["ops"]
     self._exitq = arrays["exitq"]
     self._tlbase = arrays["tlbase"]
+    # The cost tables: the drawn costs must be those of the host configuration the
+    # engine was built from (cost_dist), each table whole, in range and sorted.
+    tab = arrays["costtab"]
+    if tab.dtype != np.uint64 or tab.shape != (NR_DRAWN_COSTS * KW_COST_TABLE_N,):
+        raise ValueError(f"the cost tables hold {tab.size} values, expected "
+                         f"{NR_DRAWN_COSTS} x {KW_COST_TABLE_N}")
+    if scalars["cost_dist"] != e.cost_dist:
+        raise ValueError(f"the drawn costs (mask {scalars['cost_dist']:#x}) disagree with "
+                         f"the host configuration's (mask {e.cost_dist:#x})")
+    self._cost_tab = tab
     e.nth = <uint32_t>(len(self._threads) // sizeof(thread_t))
     e.nvm = <uint32_t>(len(self._vms) // sizeof(vm_t))
     e.nsrc = <uint32_t>(len(self._srcs) // sizeof(source_t))
@@ -220,6 +254,7 @@ cdef _check_state(Engine self, bint programs):
         raise ValueError(f"clock {e.now} ns beyond the engine's limit 2**62 ns")
     if e.seq > KW_MAX_SEQ:
         raise ValueError(f"event sequence number {e.seq} beyond the limit 2**55")
+    _check_cost_tables(e)
     if e.tlcount > e.tlcap or e.tlcount > e.tlalloc or e.tlalloc > e.tlcap \
             or e.tlhead > e.tlalloc or e.tlt0 > e.now \
             or (e.tldropped and e.tlcount != e.tlcap):
@@ -631,7 +666,7 @@ def _engine_rehost(Engine self, uint32_t ncpu):
         if cpu.cur < 0:
             g = <uint32_t>rq_popleft(e, cpu)
             cpu.cur = g
-            if push_thread(e, &e.th[g], g, t + e.costs.context_switch_ns, EV_RUN):
+            if push_thread(e, &e.th[g], g, t + cost_ns(e, &e.th[g], COST_CONTEXT_SWITCH), EV_RUN):
                 raise MemoryError("the event heap could not grow")
         elif e.th[cpu.cur].state == TS_POLLING:
             if block(e, <uint32_t>cpu.cur, t, t):

@@ -21,9 +21,10 @@ from ..model import (
     NR_INTIDS, NR_STATS, RESCHEDULE_IRQ, RESUME_START, SCHEDULERS, TICK_IRQ, VGIC_PRI_MASK,
     VTIMER_IRQ, EventClass, sched_base_slice, Request, SourceKind, ThreadState,
 )
+from ..costs import COST_TABLE_N, DRAWN_COSTS
 from ..uapi import DEFAULT_VCPU_FEATURES, KVM_ARM_PSCI_LATEST, PSR_MODE_EL1h, MpState
 from . import EngineError, gic, guest, halt, host, kick, psci, queue, rng, run, timer
-from .rng import SOURCE_STREAM_BASE, _Stream, rng_seed
+from .rng import SOURCE_STREAM_BASE, _Stream, cost_rng_seed, rng_seed
 
 
 def _link_pieces(*pieces):
@@ -71,6 +72,8 @@ class _Thread(_Stream):
         "seg_end", "seg_gfrom", "seg_gto", "cont", "rem_end", "rem_gfrom", "rem_gto",
         "halt_start", "poll_end", "do_poll", "wake_ts", "halt_poll_ns", "requests",
         "prog", "pc", "loops", "stall_t", "stall_n", "stats",
+        # its cost stream (kvmwake.costs: drawn costs only)
+        "cost_rng_state", "cost_rng_inc",
         # interrupt state: vGICv3 redistributor + CPU interface, or the LAPIC
         "ap", "priv_en", "priv_act", "priv_latch", "priv_line", "priv_level", "priv_prio",
         "pmr", "masked", "handler_ns", "cur_irq", "sv_guest", "sv_cont", "sv_valid",
@@ -102,6 +105,7 @@ class _Thread(_Stream):
         self.pc = 0
         self.loops = [0] * MAX_LOOP_DEPTH
         rng_seed(self, seed, vm.index, vcpu_id)
+        cost_rng_seed(self, seed, vm.index, vcpu_id)
         self.stall_t = -1
         self.stall_n = 0
         self.stats = [0] * NR_STATS
@@ -259,9 +263,29 @@ class Engine:
         self.arch = arch
         self.x86 = arch == "x86"
         self.seed = seed
-        self.costs = dict(COST_DEFAULTS)
+        # Each cost's constant; a drawn cost (given as its table, kvmwake.costs.
+        # cost_table) also has its row of cost_tabs and its bit of cost_dist, and
+        # its constant is the table's median.
+        merged = dict(COST_DEFAULTS)
         if costs:
-            self.costs.update(costs)
+            merged.update(costs)
+        self.costs = {}
+        self.cost_tabs = []
+        self.cost_dist = 0
+        for c, name in enumerate(DRAWN_COSTS):
+            v = merged[name]
+            if isinstance(v, (int, np.integer)):
+                self.costs[name] = int(v)
+                self.cost_tabs.append([int(v)] * COST_TABLE_N)
+            else:
+                tab = [int(x) for x in v]
+                if len(tab) != COST_TABLE_N:
+                    raise ValueError(f"cost {name}: a table of {COST_TABLE_N} values, "
+                                     f"not {len(tab)}")
+                self.costs[name] = tab[COST_TABLE_N // 2]
+                self.cost_tabs.append(tab)
+                self.cost_dist |= 1 << c
+        self.costs["sched_slice_ns"] = int(merged["sched_slice_ns"])
         self.halt_poll_ns = haltpoll.HALT_POLL_NS_DEFAULT[arch]
         self.halt_poll_ns_grow = haltpoll.HALT_POLL_NS_GROW_DEFAULT
         self.halt_poll_ns_grow_start = haltpoll.HALT_POLL_NS_GROW_START_DEFAULT
@@ -292,6 +316,11 @@ class Engine:
         self.failed = False
         self.code_base = MEM_BASE[arch]
         self.exits: deque = deque()      # threads that exited to userspace, in order
+
+    def cost_tables(self) -> dict:
+        """The drawn costs' tables: {name: tuple of COST_TABLE_N values}."""
+        return {name: tuple(self.cost_tabs[c]) for c, name in enumerate(DRAWN_COSTS)
+                if (self.cost_dist >> c) & 1}
 
     # -- set-up -------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from ..model import (
 from ..uapi import ExitReason
 from . import EngineError
 from .queue import push_thread
-from .rng import MAX_DRAW_NS, draw_ns, rng_next
+from .rng import COST_IPI_SEND, COST_VM_ENTRY, COST_VM_EXIT, MAX_DRAW_NS, cost_ns, draw_ns, rng_next
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
@@ -35,7 +35,7 @@ def segment(e, th, t, pre, guest, cont):
     (after a VM exit for a halt, a trap or the end)."""
     th.seg_gfrom = t + pre
     th.seg_gto = th.seg_gfrom + guest
-    th.seg_end = th.seg_gto + (e.costs["vm_exit_ns"]
+    th.seg_end = th.seg_gto + (cost_ns(e, th, COST_VM_EXIT)
                                if cont in (CONT_HALT, CONT_TRAP, CONT_END) else 0)
     th.cont = cont
     push_thread(e, th, th.seg_end, _EV_SEG)
@@ -152,8 +152,10 @@ def trap_op(e, th, t):
         set_dist_enabled(e, vm.index, bool(p0), t)
     else:  # Op.ROUTE_SPI
         route_spi(e, vm.index, arg, p0, t)
-    extra = e.costs["ipi_send_ns"] if ipi else 0
-    enter(e, th, t, e.costs["vm_entry_ns"] + extra)
+    pre = cost_ns(e, th, COST_VM_ENTRY)
+    if ipi:
+        pre += cost_ns(e, th, COST_IPI_SEND)
+    enter(e, th, t, pre)
 
 
 def instant_op(e, th, t, code, dist, arg, p0, p1):

@@ -22,6 +22,7 @@ from ..model import (
 from ..model import lat_bucket
 from ..uapi import ExitReason, MpState, PsciRet, SystemEventType
 from .queue import push_thread
+from .rng import COST_VM_ENTRY, cost_ns
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
@@ -81,7 +82,7 @@ def emulate_halt(e, th, t):
     if e.x86:
         if not runnable(e, th):
             th.mp_state = MpState.HALTED
-        enter(e, th, t, e.costs["vm_entry_ns"])
+        enter(e, th, t, cost_ns(e, th, COST_VM_ENTRY))
         return
     halt(e, th, t, HALT_WFI)
 
@@ -163,7 +164,7 @@ def halt_done(e, th, cur, waited, poll_end, immediate=False):
         th.halt_poll_ns = 0
     trace_rec(e, th, cur, TR_WAKEUP, 1 if waited else 0, halt_ns, 0)
     e.halts += 1
-    entry = e.costs["vm_entry_ns"]
+    entry = cost_ns(e, th, COST_VM_ENTRY)
     if e.tl_cap:
         tl_note(e, th, cur, _RUNNING)
     th.state = _RUNNING

@@ -27,6 +27,8 @@ from ..model import (
 )
 from ..uapi import PSR_I_BIT, SUPPORTED_VCPU_FEATURES, MpState, PsciVersion
 from . import EngineError, halt, host, queue
+from ..costs import COST_TABLE_N, DRAWN_COSTS, MAX_COST_NS
+from .rng import COST_CONTEXT_SWITCH, cost_ns
 from .engine import _Source, _Thread, _Vm
 
 _USER, _RUNNING, _POLLING, _BLOCKED, _RUNNABLE = (
@@ -45,7 +47,7 @@ THREAD_FIELDS = _Thread.__slots__ + ("rng_state", "rng_inc")
 VM_FIELDS = _Vm.__slots__
 SOURCE_FIELDS = _Source.__slots__ + ("rng_state", "rng_inc")
 #: Engine attributes exported in their own form; every other one is a scalar.
-_STRUCTURED = frozenset({"costs", "cpus", "vms", "threads", "sources", "heap", "lat_hist",
+_STRUCTURED = frozenset({"costs", "cost_tabs", "cpus", "vms", "threads", "sources", "heap", "lat_hist",
                          "trace", "timeline", "tl_base", "exits", "failed"})
 
 
@@ -63,6 +65,7 @@ def engine_export(e) -> dict:
     state = {
         "engine": {k: v for k, v in vars(e).items() if k not in _STRUCTURED},
         "costs": e.costs,
+        "cost_tabs": e.cost_tabs,
         "cpus": [{"cur": cpu.cur, "runq": list(cpu.runq), "zero_v": cpu.zero_v,
                   "sum_v": cpu.sum_v, "need_resched": cpu.need_resched} for cpu in e.cpus],
         "vms": [{f: getattr(vm, f) for f in VM_FIELDS} for vm in e.vms],
@@ -105,6 +108,7 @@ def engine_import(e, state: dict) -> None:
         for k, v in s["engine"].items():
             setattr(e, k, v)
         e.costs = dict(s["costs"])
+        e.cost_tabs = [list(t) for t in s["cost_tabs"]]
         e.cpus = []
         for c in s["cpus"]:
             cpu = host._Cpu()
@@ -159,6 +163,27 @@ def engine_exit_record(e, g: int) -> dict:
 
 # -- the checks ---------------------------------------------------------------------------
 
+def check_cost_tables(e) -> None:
+    """Every drawn cost's table (as the core's _check_cost_tables): whole, at most
+    MAX_COST_NS, nondecreasing; its median is the cost's constant."""
+    if not isinstance(e.cost_dist, int) or not 0 <= e.cost_dist < 1 << len(DRAWN_COSTS):
+        raise EngineError(f"drawn-cost mask {e.cost_dist!r} names unknown costs")
+    if not isinstance(e.cost_tabs, list) or len(e.cost_tabs) != len(DRAWN_COSTS):
+        raise EngineError("the cost tables are not one per drawn cost")
+    for c, name in enumerate(DRAWN_COSTS):
+        tab = e.cost_tabs[c]
+        if not isinstance(tab, list) or len(tab) != COST_TABLE_N \
+                or not all(isinstance(v, int) for v in tab):
+            raise EngineError(f"cost table {c}: not {COST_TABLE_N} integers")
+        if not (e.cost_dist >> c) & 1:
+            continue
+        for k, v in enumerate(tab):
+            if not 0 <= v <= MAX_COST_NS or (k and v < tab[k - 1]):
+                raise EngineError(f"cost table {c}: value {k} ({v}) out of range "
+                                  f"0..2**40 or below the one before")
+        e.costs[name] = tab[COST_TABLE_N // 2]
+
+
 def check_state(e, programs: bool = True) -> None:
     """Every index, count and link of the state, checked before the engine may run.
 
@@ -185,6 +210,7 @@ def check_state(e, programs: bool = True) -> None:
         raise EngineError(f"clock {e.now} ns beyond the engine's limit 2**62 ns")
     if e.seq > MAX_SEQ:
         raise EngineError(f"event sequence number {e.seq} beyond the limit 2**55")
+    check_cost_tables(e)
     # The state timeline.
     tl = e.timeline
     if len(tl) > e.tl_cap or e.tl_t0 > e.now or (e.timeline_dropped and len(tl) != e.tl_cap):
@@ -526,7 +552,8 @@ def engine_rehost(e, ncpu: int) -> None:
         if cpu.cur < 0:
             g = host.rq_popleft(e, cpu)
             cpu.cur = g
-            queue.push_thread(e, threads[g], t + e.costs["context_switch_ns"], _EV_RUN)
+            th = threads[g]
+            queue.push_thread(e, th, t + cost_ns(e, th, COST_CONTEXT_SWITCH), _EV_RUN)
         elif threads[cpu.cur].state == _POLLING:
             halt.block(e, threads[cpu.cur], t, t)
         elif threads[cpu.cur].state == _RUNNING:

@@ -15,7 +15,10 @@ A scenario file::
     cpus = "per-vcpu"             # or a number
     scheduler = "fifo"            # or "eevdf": Linux 6.18's fair class (default fifo)
     halt_poll_ns = "200us"        # kvm module parameters (and _grow, _grow_start, _shrink)
-    costs = { wake_to_run_ns = "5us" }
+    costs = { wake_to_run_ns = "5us" }   # or a distribution (kvmwake.costs), e.g.
+    # costs = { wake_to_run_ns = { dist = "lognormal", median = "3us", sigma = 0.5,
+    #                              max = "200us" },
+    #           vm_exit_ns = { dist = "quantiles", q = ["800ns", "1us", "1.5us", "9us"] } }
 
     [vm]                          # every VM of the host
     arch = "x86"                  # or "arm64"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .. import vmm as _vmm
 from ..haltpoll import MODULE_PARAMS
 from ..errors import ScenarioError
+from ..costs import parse_cost
 from ..host import MAX_COST_NS, MAX_HOST_CPUS
 from ..model import (COST_DEFAULTS, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, MAX_NR_SPIS, MAX_VCPUS,
                      SCHEDULERS)
@@ -204,7 +205,14 @@ def loads(text: str, path: str = "<string>") -> Scenario:
     for k, v in typed(host, ("host",), "costs", (dict,), {}).items():
         if k not in COST_DEFAULTS:
             raise err(("host", "costs", k), f"unknown cost (known: {', '.join(COST_DEFAULTS)})")
-        costs[k] = dur(host["costs"], ("host", "costs"), k, hi=MAX_COST_NS)
+        if isinstance(v, dict):
+            # A distribution (kvmwake.costs): lognormal or quantiles.
+            try:
+                costs[k] = parse_cost(k, v)
+            except (TypeError, ValueError) as exc:
+                raise err(("host", "costs", k), str(exc)) from None
+        else:
+            costs[k] = dur(host["costs"], ("host", "costs"), k, hi=MAX_COST_NS)
 
     vm = typed(data, (), "vm", (dict,), required=True)
     check_keys(vm, ("vm",), ("vm",))
