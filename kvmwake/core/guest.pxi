@@ -38,7 +38,10 @@ cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nog
             guest = guest + d if d < KW_MAX_DRAW_NS - guest else KW_MAX_DRAW_NS
             th.pc += 1
         elif op.code == OP_WFI:
-            e.stats[<uint64_t>g * NR_STATS + S_HALT_EXITS] += 1
+            if not e.x86:
+                # kvm_handle_wfx's wfi_exit_stat (x86's halt_exits is counted by
+                # kvm_emulate_halt, at the exit: emulate_halt).
+                e.stats[<uint64_t>g * NR_STATS + S_HALT_EXITS] += 1
             th.pc += 1
             rc = segment(e, th, g, t, pre, guest, CONT_HALT)
             break
@@ -65,7 +68,7 @@ cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nog
                 break
             th.pc += 1
             rc = instant_op(e, g, t, op)
-            if rc == 0:
+            if rc == 0 and not sti_shadow(e, th, op):
                 rc = take_irqs(e, g, t, 0)
             if rc:
                 rc = -1 if rc < 0 else 0
@@ -88,6 +91,16 @@ cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nog
         th.stall_t = t
         th.stall_n = n
     return 0
+
+
+cdef inline bint sti_shadow(engine_t* e, thread_t* th, const op_t* op) noexcept nogil:
+    """x86 ``sti; hlt``: STI blocks interrupts until after the next instruction
+    (the interrupt shadow), so an interrupt pending at an unmask that the HLT
+    follows is not taken before the HLT: the HLT exits (halt_exits), and
+    __kvm_emulate_halt finds the event (kvm_skip_emulated_instruction has
+    ended the shadow) and re-enters the guest, which takes it then."""
+    return (e.x86 and op.code == OP_UNMASK and th.pc < th.prog_n
+            and e.ops[th.prog + th.pc].code == OP_WFI)
 
 
 cdef int trap_op(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:

@@ -60,7 +60,10 @@ def advance(e, th, t, pre):
             guest = min(guest + draw_ns(th, dist, p0, p1), MAX_DRAW_NS)
             th.pc += 1
         elif code == Op.WFI:
-            th.stats[S_HALT_EXITS] += 1
+            if not e.x86:
+                # kvm_handle_wfx's wfi_exit_stat (x86's halt_exits is counted by
+                # kvm_emulate_halt, at the exit: emulate_halt).
+                th.stats[S_HALT_EXITS] += 1
             th.pc += 1
             segment(e, th, t, pre, guest, CONT_HALT)
             break
@@ -89,7 +92,7 @@ def advance(e, th, t, pre):
                 break
             th.pc += 1
             instant_op(e, th, t, code, dist, arg, p0, p1)
-            if take_irqs(e, th, t, 0):
+            if not sti_shadow(e, th, code) and take_irqs(e, th, t, 0):
                 break
         else:
             # SGI and the GIC register writes trap; done at the trap.
@@ -103,6 +106,16 @@ def advance(e, th, t, pre):
                 f"ran {th.stall_n} ops at t={t} ns without virtual time passing")
     else:
         th.stall_t, th.stall_n = t, n
+
+
+def sti_shadow(e, th, code) -> bool:
+    """x86 ``sti; hlt``: STI blocks interrupts until after the next instruction
+    (the interrupt shadow), so an interrupt pending at an unmask that the HLT
+    follows is not taken before the HLT: the HLT exits (halt_exits), and
+    __kvm_emulate_halt finds the event (kvm_skip_emulated_instruction has
+    ended the shadow) and re-enters the guest, which takes it then."""
+    return (e.x86 and code == Op.UNMASK and th.pc < len(th.prog)
+            and th.prog[th.pc][0] == Op.WFI)
 
 
 def trap_op(e, th, t):
