@@ -131,7 +131,8 @@ ctypedef struct virq_t:
     uint8_t sv_cont
     uint8_t sv_valid
     uint8_t tpr
-    uint8_t _pad[2]
+    uint8_t handler_noiret        # set_handler(iret=False): the handler ends masked
+    uint8_t _pad[1]
 
 
 ctypedef struct source_t:

@@ -30,7 +30,7 @@ class Op(IntEnum):
     SET_PMR = 9       #: ICC_PMR_EL1 = p0 (arm64) / TPR = p0 (x86); no trap
     MASK = 10         #: PSTATE.I = 1 / cli
     UNMASK = 11       #: PSTATE.I = 0 / sti
-    SET_HANDLER = 12  #: the guest's interrupt handler runs for p0 ns from now on
+    SET_HANDLER = 12  #: the guest's interrupt handler runs for p0 ns from now on (arg 1: no iret)
     TIMER_ARM = 13    #: CNTV_CVAL = now + drawn delay, CNTV_CTL = ENABLE; arg = re-arm period
     TIMER_CANCEL = 14  #: CNTV_CTL.ENABLE = 0
     DIST_ENABLE = 15  #: GICD_CTLR: distributor enable = p0 (traps)

@@ -86,7 +86,8 @@ VIRQ_DTYPE = np.dtype([
     ("priv_en", "<u4"), ("priv_act", "<u4"), ("priv_latch", "<u4"), ("priv_line", "<u4"),
     ("priv_level", "<u4"), ("timer_gen", "<u4"), ("timer_period", "<u4"), ("cur_irq", "<i4"),
     ("priv_prio", "u1", (32,)), ("pmr", "u1"), ("masked", "u1"), ("timer_ctl", "u1"),
-    ("sv_cont", "u1"), ("sv_valid", "u1"), ("tpr", "u1"), ("_pad", "u1", (2,))], align=True)
+    ("sv_cont", "u1"), ("sv_valid", "u1"), ("tpr", "u1"), ("handler_noiret", "u1"),
+    ("_pad", "u1", (1,))], align=True)
 VM_DTYPE = np.dtype([("tick_ns", "<u8"), ("first", "<u4"), ("nr_vcpus", "<u4"),
                      ("max_halt_poll_ns", "<u4"), ("tick_gen", "<u4"), ("override", "<u4"),
                      ("nr_spis", "<u4"), ("code_base", "<u8"), ("psci_version", "<u4"),

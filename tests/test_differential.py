@@ -267,7 +267,8 @@ def guest_op(draw, arch, nr_vcpus, nr_spis, irq_weight):
         return G.unmask()
     if kind == "set_handler":
         return G.set_handler(draw(st.sampled_from([0, 0, 1, 500, 3_000, 20_000]
-                                                  + ([MAX_DURATION_NS] if edge else []))))
+                                                  + ([MAX_DURATION_NS] if edge else []))),
+                             iret=draw(st.sampled_from([True, True, False])))
     if kind in ("timer_arm", "timer_arm_exp"):
         # Short periods let a late handler find the next deadline already due.
         period = draw(st.one_of(st.just(0), st.just(0), st.integers(1, 60_000),

@@ -339,3 +339,42 @@ def test_arm64_wfi_keeps_its_counting_and_takes_interrupts_at_unmask(engine):
     w.raise_sgi(1)
     ex = w.run(timeout_ns=50_000)
     assert ex.reason == ExitReason.INTR and w.stats()["wfi_exit_stat"] == 1
+
+
+@pytest.mark.parametrize("iret, halt_exits", [(True, 2), (False, 4)])
+def test_handler_without_iret_takes_each_interrupt_after_a_hlt_exit(engine, iret, halt_exits):
+    """The micro-VM's guest (kvmwake/kernel/microvm.py): its handler EOIs and jumps back
+    to sti; hlt without an iret, so IF stays 0 and interrupts that arrived during the
+    handler wait for the sti; hlt: each is taken after a HLT exit that finds it
+    pending (no kvm_vcpu_halt).
+
+    HLT exit at 2000 (halt_exits 1), blocked; MSI 0x41 at 50000 wakes it (halt_wakeup,
+    one kvm_vcpu_wakeup), the handler runs 56000-66000; 0x52 and 0x63 arrive at 60000.
+    With iret the handler's end takes them back to back, then one HLT exit halts
+    (halt_exits 2).  Without: sti; hlt, a HLT exit at 67000 finds 0x52 (2), its
+    handler 68000-78000, a HLT exit at 79000 finds 0x63 (3), its handler to 90000,
+    the HLT exit at 91000 finds nothing and halts (4)."""
+    vm = x86_vm(engine)
+    v = vm.vcpus[0]
+    v.load([g.set_handler(10_000, iret=iret), g.loop([g.sti(), g.hlt()])])
+    vm.run(50_000)
+    msi(vm, 0, 0x41)
+    vm.run(60_000)
+    msi(vm, 0, 0x52)
+    msi(vm, 0, 0x63)
+    vm.run(200_000)
+    st = v.stats()
+    assert st["halt_exits"] == halt_exits
+    assert st["halt_wakeup"] == 1 and wakeup_records(vm) == 1
+    assert st["halt_attempted_poll"] == 0 and v.thread_state == "BLOCKED"
+    assert v.get_mp_state() == MpState.HALTED
+    assert v.irq_state(0x63) == {"irr": False, "isr": False, "tpr": 0, "masked": False}
+
+
+def test_set_handler_iret_is_checked():
+    with pytest.raises(g.ProgramError, match="iret must be True or False"):
+        g.set_handler(1_000, iret=0)
+    ops = g.Program([g.set_handler(1_000), g.end()]).ops.copy()
+    ops["arg"][0] = 2
+    with pytest.raises(g.ProgramError, match="iret flag 2"):
+        g.validate(ops, 1, "x86")

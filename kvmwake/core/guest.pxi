@@ -185,6 +185,7 @@ cdef int instant_op(engine_t* e, uint32_t g, uint64_t t, const op_t* op) noexcep
         q.masked = 0
     elif op.code == OP_SET_HANDLER:
         q.handler_ns = op.p0
+        q.handler_noiret = <uint8_t>op.arg
     elif op.code == OP_TIMER_ARM:
         q.timer_cval = t + draw_ns(th, op.dist, op.p0, op.p1)
         q.timer_period = op.arg
@@ -238,6 +239,8 @@ cdef int segment_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         if eoi(e, g, e.irq[g].cur_irq, t) < 0:
             return -1
         e.irq[g].cur_irq = -1
+        if e.irq[g].handler_noiret:
+            e.irq[g].masked = 1            # no iret: IF stays 0 until the next unmask
         if th.sig_pending or asleep(e, th):
             # A kick during the handler IPI'd the vCPU out (kick() added the exit
             # and entry to the handler's time); KVM_RUN's loop has work to do

@@ -373,9 +373,9 @@ cdef check_times(engine_t* e, uint32_t g):
     if th.state == TS_RUNNING and th.seg_end < now:
         raise ValueError(f"thread {g}: running a segment that ended before the clock")
     if e.irq[g].timer_cval > MAX_TIME or e.irq[g].handler_ns > MAX_SPAN \
-            or e.irq[g].sv_guest > MAX_SPAN:
-        raise ValueError(f"thread {g}: its timer, handler time or interrupted segment "
-                         "out of range")
+            or e.irq[g].sv_guest > MAX_SPAN or e.irq[g].handler_noiret > 1:
+        raise ValueError(f"thread {g}: its timer, handler (time, iret flag) or "
+                         "interrupted segment out of range")
     if th.resume == RESUME_HALT and (th.state == TS_BLOCKED or th.state == TS_RUNNABLE) \
             and th.poll_end < th.halt_start:
         raise ValueError(f"thread {g}: its halt-polling ended before its halt began")

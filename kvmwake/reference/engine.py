@@ -76,7 +76,7 @@ class _Thread(_Stream):
         "cost_rng_state", "cost_rng_inc",
         # interrupt state: vGICv3 redistributor + CPU interface, or the LAPIC
         "ap", "priv_en", "priv_act", "priv_latch", "priv_line", "priv_level", "priv_prio",
-        "pmr", "masked", "handler_ns", "cur_irq", "sv_guest", "sv_cont", "sv_valid",
+        "pmr", "masked", "handler_ns", "handler_noiret", "cur_irq", "sv_guest", "sv_cont", "sv_valid",
         "timer_cval", "timer_ctl", "timer_gen", "timer_period", "irr", "isr", "tpr",
         # what userspace sees: MP state, registers, signals, the last exit
         "mp_state", "regs", "sp", "pstate", "pc_valid", "pc_raw", "sig_pending", "reset_pending", "reset_pc",
@@ -120,6 +120,7 @@ class _Thread(_Stream):
         self.pmr = GIC_DEFAULT_PMR
         self.masked = False
         self.handler_ns = 0
+        self.handler_noiret = 0
         self.cur_irq = -1
         self.sv_guest = 0
         self.sv_cont = CONT_NEXT

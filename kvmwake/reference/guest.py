@@ -184,6 +184,7 @@ def instant_op(e, th, t, code, dist, arg, p0, p1):
         th.masked = False
     elif code == Op.SET_HANDLER:
         th.handler_ns = p0
+        th.handler_noiret = arg
     elif code == Op.TIMER_ARM:
         th.timer_cval = t + draw_ns(th, dist, p0, p1)
         th.timer_period = arg
@@ -232,6 +233,8 @@ def segment_end(e, th, t):
     elif cont == CONT_EOI:
         eoi(e, th, th.cur_irq, t)
         th.cur_irq = -1
+        if th.handler_noiret:
+            th.masked = True                  # no iret: IF stays 0 until the next unmask
         if th.sig_pending or asleep(e, th):
             # A kick during the handler IPI'd the vCPU out (kick() added the exit
             # and entry to the handler's time); KVM_RUN's loop has work to do

@@ -333,10 +333,12 @@ def check_times(e, th) -> None:
         raise EngineError(f"thread {g}: segment times out of order or out of range")
     if th.state == _RUNNING and th.seg_end < now:
         raise EngineError(f"thread {g}: running a segment that ended before the clock")
-    if not all(isinstance(x, int) for x in (th.timer_cval, th.handler_ns, th.sv_guest)) \
-            or th.timer_cval > MAX_TIME or th.handler_ns > MAX_SPAN or th.sv_guest > MAX_SPAN:
-        raise EngineError(f"thread {g}: its timer, handler time or interrupted segment "
-                          "out of range")
+    if not all(isinstance(x, int) for x in (th.timer_cval, th.handler_ns, th.sv_guest,
+                                            th.handler_noiret)) \
+            or th.timer_cval > MAX_TIME or th.handler_ns > MAX_SPAN or th.sv_guest > MAX_SPAN \
+            or th.handler_noiret not in (0, 1):
+        raise EngineError(f"thread {g}: its timer, handler (time, iret flag) or "
+                          "interrupted segment out of range")
     if th.resume == RESUME_HALT and th.state in (_BLOCKED, _RUNNABLE) \
             and th.poll_end < th.halt_start:
         raise EngineError(f"thread {g}: its halt-polling ended before its halt began")

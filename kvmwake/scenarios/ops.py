@@ -2,7 +2,7 @@
 
 ::
 
-    set_handler 2us
+    set_handler 2us     # set_handler 2us iret=no: the handler ends masked (no iret)
     timer_arm 4ms period=4ms
     for v in 1..nr_vcpus {
         psci FN64_CPU_ON target=vcpu:$v entry=@0 context=$v
@@ -298,8 +298,11 @@ def _compile_op(node: Node, ctx):
         _nargs(w, 1)
         return g.set_pmr(_int(w[1], ctx))
     if op == "set_handler":
+        iret = _kw(w, "iret")
+        if iret not in (None, "yes", "no"):
+            raise ValueError(f"iret={iret} must be iret=yes or iret=no")
         _nargs(w, 1)
-        return g.set_handler(duration(w[1]))
+        return g.set_handler(duration(w[1]), iret != "no")
     if op == "timer_arm":
         period = _kw(w, "period")
         period = 0 if period is None else duration(period, "period")
