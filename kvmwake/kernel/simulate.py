@@ -6,7 +6,8 @@ What is simulated (the kernel side is in ``record.py``):
   parameters; one VM with the recording's vCPUs and ``KVM_CAP_HALT_POLL``
   (if the recording set it).  vCPU i runs on host CPU ``i % host_cpus``, as
   the recorder pinned it;
-* each vCPU runs the micro-VM's guest: ``set_handler(handler_ns)``, then
+* each vCPU runs the micro-VM's guest: ``set_handler(handler_ns, iret=False)``
+  (its handler goes back to ``sti; hlt`` without an ``iret``), then
   ``loop([unmask(), hlt()])``.  ``handler_ns`` stands for everything between
   the guest entry after a wake and the next ``hlt`` exit other than that
   entry and exit: the handler, its port exit's trip to userspace and back,
@@ -164,8 +165,8 @@ def lead_in(setup: Setup, params: SimParams) -> int:
                costs["wake_to_run_ns"] + costs["vm_entry_ns"] + 100_000)
 
 
-def _program(handler_ns: int):
-    return [g.set_handler(max(0, int(handler_ns))), g.loop([g.unmask(), g.hlt()])]
+def _program(handler_ns: int, iret: bool = True):
+    return [g.set_handler(max(0, int(handler_ns)), iret=iret), g.loop([g.unmask(), g.hlt()])]
 
 
 def injector_vector(k: int) -> int:
@@ -217,7 +218,9 @@ def _build(setup: Setup, params: SimParams, seed: int, engine: str):
     if setup.cap is not None:
         vm.enable_cap(Cap.HALT_POLL, int(setup.cap))
     for v in vm.vcpus:
-        v.load(_program(params.handler_ns))
+        # The micro-VM's handler jumps back to sti; hlt without an iret: every
+        # wake is taken after a HLT exit (one halt_exits per wake, as in the kernel).
+        v.load(_program(params.handler_ns, iret=False))
     inj = None
     if params.injector:
         inj = host.create_vm(1)
