@@ -193,6 +193,14 @@ def cost_bound(spec) -> int:
     return int(cost_table(spec)[-1])
 
 
+def cost_median(spec) -> int:
+    """The median ``spec`` (normalised) charges: the constant, or its table's middle
+    value (``tab[128]``, the probability 1/2), for arithmetic on typical costs."""
+    if is_constant(spec):
+        return int(spec)
+    return int(cost_table(spec)[COST_TABLE_N // 2])
+
+
 def normalize_costs(costs) -> dict:
     """Every cost's normalised spec: ``COST_DEFAULTS`` overridden by ``costs``."""
     if costs is not None and not isinstance(costs, dict):

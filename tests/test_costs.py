@@ -134,6 +134,13 @@ def test_lognormal_table_median_and_clip():
     assert clipped.max() == 4000 and clipped[128] == 3000
 
 
+def test_median_and_bound():
+    assert C.cost_median(1234) == C.cost_bound(1234) == 1234
+    assert C.cost_median(LOGN) == 3000 and C.cost_bound(LOGN) == int(C.cost_table(LOGN)[-1])
+    q = {"dist": "quantiles", "q": [10, 20, 400]}
+    assert C.cost_median(q) == 20 and C.cost_bound(q) == 400
+
+
 def test_sampling_rule():
     t = C.cost_table({"dist": "quantiles", "q": [0, 256 << 24]})   # tab[k] = k << 24
     assert C.sample(t, 0) == 0
