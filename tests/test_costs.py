@@ -360,3 +360,18 @@ def test_reference_import_checks_cost_tables(mutate):
     bad = ref_snapshot.engine_export(e)
     with pytest.raises(reference.EngineError, match="cost"):
         ref_snapshot.engine_import(reference.Engine("x86", 2, 6), bad)
+
+
+def test_the_core_compiles_the_same_cost_constants():
+    from kvmwake import _core
+    from kvmwake.reference import rng
+    c = _core.compiled_constants()["costs"]
+    assert c["table_n"] == C.COST_TABLE_N
+    assert c["frac_bits"] == C.COST_FRAC_BITS and c["frac_mask"] == (1 << C.COST_FRAC_BITS) - 1
+    assert c["stream_base"] == rng.COST_STREAM_BASE
+    assert c["drawn"] == (rng.COST_VM_EXIT, rng.COST_VM_ENTRY, rng.COST_IPI_SEND,
+                          rng.COST_WAKE_TO_RUN, rng.COST_CONTEXT_SWITCH, len(C.DRAWN_COSTS))
+    assert [C.DRAWN_COSTS[i] for i in c["drawn"][:5]] == [
+        "vm_exit_ns", "vm_entry_ns", "ipi_send_ns", "wake_to_run_ns", "context_switch_ns"]
+    # costs_t opens with the drawn costs in this order (cost_ns indexes it).
+    assert list(kw.model.COST_NAMES[:5]) == list(C.DRAWN_COSTS)
