@@ -12,7 +12,10 @@ cdef extern from *:
     enum: KW_MAX_LOOP_DEPTH
 
 
-# One vCPU thread and the kvm_vcpu fields the model needs.
+# One thread of the host: a vCPU thread and the kvm_vcpu fields the model
+# needs, or (kind THREAD_HOST) a host thread that is not a vCPU, which uses the
+# scheduler's fields, the program's (prog, pc, loops), the segment's, its random
+# stream, wake_ts (runnable since), run_start and halt_start (asleep since).
 ctypedef struct thread_t:
     uint64_t seg_end          # end of the current timed segment
     uint64_t seg_gfrom        # guest mode starts (after the entry part)
@@ -74,7 +77,8 @@ ctypedef struct thread_t:
     uint8_t halt_kind         # HALT_*
     uint8_t on_rq             # EEVDF: se->on_rq (current, waiting, or delayed)
     uint8_t sched_delayed     # EEVDF: se->sched_delayed (DELAY_DEQUEUE)
-    uint8_t _pad[5]
+    uint8_t kind              # THREAD_VCPU, or THREAD_HOST (core/hostthread.pxi)
+    uint8_t _pad[4]
 
 
 ctypedef struct vm_t:

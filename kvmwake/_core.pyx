@@ -21,6 +21,7 @@ whole):
 * ``core/gic.pxi``       the vGICv3 and LAPIC subsets, acknowledge and EOI
 * ``core/timer.pxi``     the arm64 virtual timer
 * ``core/kick.pxi``      kvm_vcpu_wake_up, kvm_vcpu_kick, requests, ticks, sources
+* ``core/hostthread.pxi`` host threads that are not vCPUs: their programs
 * ``core/snapshot.pxi``  engine state out and in, with the consistency checks
 * ``core/bench.pxi``     micro-benchmark hooks (no part of the model)
 
@@ -104,6 +105,33 @@ cdef enum:
     OP_HVC = 17
     OP_SET_REG = 18
     OP_SYNC = 19
+
+# Host-thread ops (model.HostOp), thread kinds, a host thread's stats row (model.HS_*).
+cdef enum:
+    HOP_END = 32
+    HOP_COMPUTE = 33
+    HOP_SLEEP = 34
+    HOP_MSI = 35
+    HOP_IRQ = 36
+    HOP_LOOP = 37
+    HOP_ENDLOOP = 38
+
+cdef enum:
+    THREAD_VCPU = 0
+    THREAD_HOST = 1
+    HS_RUN_NS = 0
+    HS_WAIT_NS = 1
+    HS_SLEEP_NS = 2
+    HS_NR_RUNS = 3
+    HS_NR_PREEMPTED = 4
+    HS_NR_SLEEPS = 5
+    HS_NR_INJECTS = 6
+
+cdef extern from *:
+    """
+    #define KW_NO_VM 0xFFFFFFFFu
+    """
+    const uint32_t NO_VM "KW_NO_VM"
 
 cdef enum:
     DIST_FIXED = 0
@@ -303,11 +331,17 @@ include "core/psci.pxi"
 include "core/gic.pxi"
 include "core/timer.pxi"
 include "core/kick.pxi"
+include "core/hostthread.pxi"
 
 
 def compiled_constants():
     """The model numbers compiled into the core, for the mirror test."""
     return {
+        "host_ops": (HOP_END, HOP_COMPUTE, HOP_SLEEP, HOP_MSI, HOP_IRQ, HOP_LOOP, HOP_ENDLOOP),
+        "thread_kinds": (THREAD_VCPU, THREAD_HOST),
+        "host_stats": (HS_RUN_NS, HS_WAIT_NS, HS_SLEEP_NS, HS_NR_RUNS, HS_NR_PREEMPTED,
+                       HS_NR_SLEEPS, HS_NR_INJECTS),
+        "no_vm": NO_VM,
         "ops": (OP_END, OP_COMPUTE, OP_WFI, OP_SGI, OP_LOOP, OP_ENDLOOP, OP_IRQ_ENABLE,
                 OP_IRQ_DISABLE, OP_SET_PRIORITY, OP_SET_PMR, OP_MASK, OP_UNMASK, OP_SET_HANDLER,
                 OP_TIMER_ARM, OP_TIMER_CANCEL, OP_DIST_ENABLE, OP_ROUTE_SPI, OP_HVC, OP_SET_REG,
@@ -407,7 +441,10 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
             if ev.gen != e.irq[ev.who].timer_gen:
                 continue
             e.events += 1
-            rc = timer_fire(e, ev.who, ev.t)
+            if e.th[ev.who].kind == THREAD_HOST:
+                rc = ht_wake(e, ev.who, ev.t)       # a host thread's hrtimer
+            else:
+                rc = timer_fire(e, ev.who, ev.t)
         else:
             th = &e.th[ev.who]
             if cls == EV_SLICE:
@@ -420,7 +457,10 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
                     continue
                 e.events += 1
                 if cls == EV_SEGMENT:
-                    rc = segment_end(e, ev.who, ev.t)
+                    if th.kind == THREAD_HOST:
+                        rc = ht_run(e, ev.who, ev.t)
+                    else:
+                        rc = segment_end(e, ev.who, ev.t)
                 elif cls == EV_POLL_END:
                     # The poll loop ran out of time: poll_end = cur >= stop.
                     rc = block(e, ev.who, ev.t, ev.t)
@@ -715,6 +755,61 @@ cdef class Engine:
         self._guard()
         self._check(make_runnable(&self.e, g, self.e.now, 0))
 
+    def add_host_thread(self, ops, uint32_t cpu):
+        """A host thread (not a vCPU) with a validated host program, placed on host
+        CPU ``cpu``; it enters the thread table after every thread so far and is
+        started by ``start_host_thread``.  Returns its thread index."""
+        cdef uint32_t g = self.e.nth, k, nhost = 0
+        if cpu >= self.e.ncpu:
+            raise ValueError(f"host CPU {cpu} does not exist")
+        for k in range(g):
+            if self.e.th[k].kind == THREAD_HOST:
+                nhost += 1
+        threads = Engine._grow(self._threads, (g + 1) * sizeof(thread_t))
+        irqs = Engine._grow(self._irqs, (g + 1) * sizeof(virq_t))
+        stats = np.zeros((g + 1, NR_STATS), dtype=np.uint64)
+        stats[:g] = self._stats
+        exitq = np.zeros(g + 1, dtype=np.uint32)
+        for k in range(self.e.exq_len):
+            exitq[k] = self.e.exitq[(self.e.exq_head + k) % self.e.nth]
+        tlbase = Engine._grow(self._tlbase, g + 1)
+        self._threads, self._irqs, self._stats, self._exitq = threads, irqs, stats, exitq
+        self._tlbase = tlbase
+        self.e.exq_head = 0
+        self._bind()
+        cdef thread_t* th = &self.e.th[g]
+        th.kind = THREAD_HOST
+        th.vm = NO_VM
+        th.vcpu_id = nhost
+        th.pcpu = cpu
+        th.rq_next = -1
+        th.state = TS_USER
+        th.stall_t = <uint64_t>-1
+        rng_seed(th, <uint64_t>(self.seed & 0xFFFFFFFFFFFFFFFF), NO_VM, nhost)
+        cost_rng_seed(th, <uint64_t>(self.seed & 0xFFFFFFFFFFFFFFFF), NO_VM, nhost)
+        self.e.irq[g].cur_irq = -1
+        self.e.nth = g + 1
+        self.load_program(g, ops)
+        return g
+
+    def start_host_thread(self, uint32_t g):
+        """The host thread becomes runnable now (wake_up_new_task: no wake-up cost)."""
+        cdef thread_t* th = &self.e.th[g]
+        if th.kind != THREAD_HOST or th.state != TS_USER:
+            raise EngineError(f"thread {g} is not a host thread that has not started")
+        self._guard()
+        th.resume = RESUME_START
+        th.wake_ts = self.e.now
+        if self.e.tlcap:
+            tl_note(&self.e, th, g, self.e.now, TS_RUNNABLE)
+        th.state = TS_RUNNABLE
+        self._check(make_runnable(&self.e, g, self.e.now, 0))
+
+    def thread_kinds(self):
+        """Per thread of the table, its kind (model.THREAD_VCPU or THREAD_HOST)."""
+        cdef uint32_t g
+        return [self.e.th[g].kind for g in range(self.e.nth)]
+
     # -- running -------------------------------------------------------------
 
     cdef _check(self, int rc):
@@ -724,6 +819,11 @@ cdef class Engine:
         err = self.e.error
         if err == KW_ERR_STALL or err == KW_ERR_STORM:
             th = &self.e.th[self.e.err_thread]
+            if err == KW_ERR_STALL and th.kind == THREAD_HOST:
+                raise EngineError(
+                    f"host thread {th.vcpu_id} (thread {self.e.err_thread}) makes no progress: "
+                    f"its program ran {self.e.err_n} ops at t={self.e.err_t} ns without "
+                    "virtual time passing")
             if err == KW_ERR_STALL:
                 raise EngineError(
                     f"vCPU {th.vcpu_id} of VM {th.vm} makes no progress: its program "
@@ -1092,6 +1192,8 @@ cdef class Engine:
 
     def thread_info(self, uint32_t g):
         cdef thread_t* th = &self.e.th[g]
+        if th.kind == THREAD_HOST:
+            return {"state": th.state, "pcpu": th.pcpu, "pc": th.pc, "kind": th.kind}
         return {"state": th.state, "halt_poll_ns": th.halt_poll_ns,
                 "requests": th.requests, "pcpu": th.pcpu, "pc": th.pc,
                 "runnable": bool(runnable(&self.e, g)), "mp_state": th.mp_state,

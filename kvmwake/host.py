@@ -19,13 +19,13 @@ from . import haltpoll
 from . import snapshot as _snapshot
 from .errors import KvmError, SnapshotError
 from .exits import from_engine
-from .model import (ARCHES, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, MAX_NR_SPIS,
-                    MAX_VCPUS, SCHEDULERS)
+from .model import (ARCHES, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, HOST_STAT_NAMES,
+                    MAX_NR_SPIS, MAX_VCPUS, NR_STATS, SCHEDULERS, THREAD_HOST, ThreadState)
 
 ENGINES = ("core", "reference")
 #: Largest host the engines accept.
 MAX_HOST_CPUS = 1 << 20
-#: Most vCPU threads one host holds (over all its VMs).
+#: Most threads one host holds (vCPU threads over all its VMs, and host threads).
 MAX_HOST_THREADS = 1 << 24
 MAX_COST_NS = _costs.MAX_COST_NS
 MAX_TIME_NS = 1 << 62
@@ -127,6 +127,8 @@ class Host:
         self.scheduler = scheduler
         self.host_cpus = host_cpus
         self.vms: list = []
+        #: Host threads that are not vCPUs (``add_thread``, ``add_load``), in order.
+        self.threads: list = []
         self._nthreads = 0
         # The VMM policy call in progress (vm, vcpu id), or None: run() from inside
         # a policy is refused (see _no_policy_reentry).
@@ -203,7 +205,7 @@ class Host:
             raise ValueError(f"a {arch} VM cannot run on an {self.arch} host")
         nr_spis = self._check_vm_args(nr_vcpus, arch, nr_spis)
         if self._nthreads + nr_vcpus > MAX_HOST_THREADS:
-            raise ValueError(f"a host holds at most {MAX_HOST_THREADS} vCPU threads")
+            raise ValueError(f"a host holds at most {MAX_HOST_THREADS} threads")
         return nr_spis
 
     def _add_vm(self, vm, nr_vcpus: int, arch: str, nr_spis: int) -> int:
@@ -214,6 +216,79 @@ class Host:
         self._nthreads += int(nr_vcpus)
         self.vms.append(vm)
         return index, first
+
+    # -- host threads that are not vCPUs ------------------------------------------------------
+
+    def add_thread(self, program, affinity="all", name: str | None = None) -> "HostThread":
+        """A host thread that is not a vCPU (a device or injector thread, background
+        load), running ``program`` (a ``kvmwake.hostprog`` program or list of its ops).
+
+        The host scheduler runs it exactly as a vCPU thread, on the same run
+        queues.  It takes the next thread index of the host (``.g``; a VM created
+        later has its vCPU threads after it, so add host threads after the VMs
+        to keep the vCPUs' placement and trace pids as without them), and
+        starts at once, at ``host.now``: before the first run or at any time
+        between runs.  ``affinity``: "all" (default), a CPU, or CPUs; until wake
+        placement lands, the thread stays on one CPU (``host_thread_cpu``).
+        On any invalid argument it raises and the host is left as it was.
+        """
+        from . import hostprog
+        prog = hostprog.HostProgram(program)
+        aff = check_affinity(affinity, self.host_cpus)
+        if name is None:
+            name = f"host-thread-{len(self.threads)}"
+        if not isinstance(name, str) or not name.strip():
+            raise TypeError(f"name must be a non-empty string, not {name!r}")
+        if any(t.name == name for t in self.threads):
+            raise ValueError(f"a host thread named {name!r} exists already")
+        ops = prog.ops.copy()
+        for i, ref in prog.vm_refs.items():
+            ops["p0"][i] = self._vm_index_of(ref, f"host op {i}")
+        hostprog.validate(ops, [(vm.nr_vcpus, vm.nr_spis) for vm in self.vms], self.arch)
+        if self._nthreads + 1 > MAX_HOST_THREADS:
+            raise ValueError(f"a host holds at most {MAX_HOST_THREADS} threads")
+        if self._engine.failed:
+            from .reference import EngineError
+            raise EngineError("this engine stopped on an earlier error")
+        g = self._engine.add_host_thread(ops, host_thread_cpu(aff, self._nthreads,
+                                                              self.host_cpus))
+        self._nthreads += 1
+        th = HostThread(self, g, name, aff, ops)
+        self.threads.append(th)
+        self._engine.start_host_thread(g)
+        return th
+
+    def add_load(self, duty: float, period_ns, affinity="all",
+                 name: str | None = None) -> "HostThread":
+        """Background load: a host thread that computes ``duty * period_ns`` then sleeps
+        the rest of the period, forever (``duty`` in (0, 1]; 1: it never sleeps)."""
+        from . import hostprog as hp
+        from .guest import _dur
+        if isinstance(duty, bool) or not isinstance(duty, numbers.Real) \
+                or not 0 < duty <= 1:
+            raise ValueError(f"duty must be a number in (0, 1], not {duty!r}")
+        period = _dur("period_ns", period_ns)
+        if period == 0:
+            raise ValueError("period_ns must be positive")
+        busy = int(round(duty * period))
+        if busy == 0:
+            raise ValueError(f"duty {duty} of a {period} ns period rounds to 0 ns of work")
+        body = [hp.compute(busy)]
+        if busy < period:
+            body.append(hp.sleep(period - busy))
+        return self.add_thread([hp.loop(body)], affinity,
+                               name if name is not None else f"load-{len(self.threads)}")
+
+    def _vm_index_of(self, ref, where: str) -> int:
+        if isinstance(ref, numbers.Integral):
+            if not 0 <= ref < len(self.vms):
+                raise ValueError(f"{where}: VM {ref} does not exist on this host "
+                                 f"({len(self.vms)} VMs)")
+            return int(ref)
+        for vm in self.vms:
+            if vm is ref:
+                return vm.index
+        raise ValueError(f"{where}: the VM it names is not one of this host's")
 
     # -- running ------------------------------------------------------------------------
 
@@ -345,8 +420,13 @@ class Host:
 
     def stats_array(self) -> "np.ndarray":
         """Every vCPU's stats row, VM after VM (threads x model.NR_STATS, uint64): one
-        copy for the whole host (``vm.stats_array()`` copies only its VM's rows)."""
-        return self._engine.stats_array()
+        copy for the whole host (``vm.stats_array()`` copies only its VM's rows).
+        Host threads' rows (their own counters) are not among them."""
+        rows = self._engine.stats_array()
+        if self.threads:
+            keep = [g for g, k in enumerate(self._engine.thread_kinds()) if k != THREAD_HOST]
+            rows = rows[keep]
+        return rows
 
     def latency_histogram(self):
         """Wake-latency histogram over the host (see ``model.lat_bucket``)."""
@@ -356,6 +436,77 @@ class Host:
         return (f"Host(arch={self.arch!r}, host_cpus={self.host_cpus}, vms={len(self.vms)}, "
                 f"now={self.now} ns, engine={self.engine_name!r}, "
                 f"scheduler={self.scheduler!r})")
+
+
+# -- host threads ---------------------------------------------------------------------------
+
+
+def check_affinity(affinity, host_cpus: int) -> tuple:
+    """A CPU affinity: "all", a CPU, or an iterable of CPUs -> sorted tuple of CPUs."""
+    if isinstance(affinity, str):
+        if affinity != "all":
+            raise ValueError(f"affinity must be 'all', a CPU or a list of CPUs, not "
+                             f"{affinity!r}")
+        return tuple(range(host_cpus))
+    if isinstance(affinity, numbers.Integral) and not isinstance(affinity, bool):
+        affinity = [affinity]
+    try:
+        cpus = list(affinity)
+    except TypeError:
+        raise TypeError(f"affinity must be 'all', a CPU or a list of CPUs, not "
+                        f"{affinity!r}") from None
+    if not cpus:
+        raise ValueError("affinity: an empty CPU set")
+    out = set()
+    for c in cpus:
+        out.add(check_int("affinity CPU", c, 0, host_cpus - 1))
+    return tuple(sorted(out))
+
+
+def host_thread_cpu(affinity: tuple, g: int, host_cpus: int) -> int:
+    """The CPU a host thread starts (and, until wake placement, stays) on: with
+    every CPU allowed, thread index g % host_cpus as for vCPU threads; with a
+    set, its first CPU."""
+    if len(affinity) == host_cpus:
+        return g % host_cpus
+    return affinity[0]
+
+
+class HostThread:
+    """A host thread that is not a vCPU (``Host.add_thread``).
+
+    ``g``: its thread index on the host; ``name``; ``affinity``: the CPUs it may
+    run on (a sorted tuple); ``program``: its op array.
+    """
+
+    def __init__(self, host: Host, g: int, name: str, affinity: tuple, ops):
+        self.host = host
+        self.g = g
+        self.name = name
+        self.affinity = affinity
+        self.program = ops
+
+    @property
+    def cpu(self) -> int:
+        """The host CPU it is on."""
+        return self.host._engine.thread_info(self.g)["pcpu"]
+
+    @property
+    def state(self) -> str:
+        """RUNNING, RUNNABLE, BLOCKED (asleep) or USER (exited)."""
+        return ThreadState(self.host._engine.thread_info(self.g)["state"]).name
+
+    def stats(self) -> dict:
+        """Its counters: run_ns (on its CPU), wait_ns (runnable, waiting for it, the
+        context switch included), sleep_ns, nr_runs (times it got its CPU),
+        nr_preempted, nr_sleeps, nr_injects (MSIs / irqfd writes made).  Time on
+        the CPU or asleep counts up to the thread's latest switch, not to now."""
+        row = self.host._engine.stats_rows(self.g, 1)[0]
+        return {n: int(row[i]) for i, n in enumerate(HOST_STAT_NAMES)}
+
+    def __repr__(self):
+        return (f"HostThread(g={self.g}, name={self.name!r}, cpu={self.cpu}, "
+                f"state={self.state})")
 
 
 # -- snapshots: the host's side of kvmwake.snapshot ---------------------------------------------

@@ -78,8 +78,8 @@ THREAD_DTYPE = np.dtype(
     + [("rq_next", "<i4"), ("stall_n", "<u4"), ("loops", "<u4", (4,))]
     + [(n, "u1") for n in ("state", "resume", "cont", "slice_armed", "do_poll", "has_prog",
                            "mp_state", "pc_valid", "sig_pending", "reset_pending",
-                           "halt_kind", "on_rq", "sched_delayed")]
-    + [("_pad", "u1", (5,))], align=True)
+                           "halt_kind", "on_rq", "sched_delayed", "kind")]
+    + [("_pad", "u1", (4,))], align=True)
 VIRQ_DTYPE = np.dtype([
     ("ap", "<u8", (16,)), ("irr", "<u8", (4,)), ("isr", "<u8", (4,)),
     ("timer_cval", "<u8"), ("handler_ns", "<u8"), ("sv_guest", "<u8"),

@@ -141,6 +141,8 @@ cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     if e.cpus[th.pcpu].rq_len:
         if arm_slice(e, th, g, t):
             return -1
+    if th.kind == THREAD_HOST:
+        return ht_got_cpu(e, g, t)
     if th.resume == RESUME_START:
         return enter(e, g, t, cost_ns(e, th, COST_VM_ENTRY))
     if th.resume == RESUME_HALT:
@@ -195,6 +197,8 @@ cdef inline void keep_segment_rest(engine_t* e, thread_t* th, uint64_t t) noexce
 
 cdef void preempt_segment(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:
     """A running thread is preempted at t: it keeps the rest of its segment."""
+    if th.kind == THREAD_HOST:
+        ht_preempted(e, th, g, t)
     keep_segment_rest(e, th, t)
     if e.tlcap:
         tl_note(e, th, g, t, TS_RUNNABLE)

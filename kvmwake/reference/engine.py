@@ -18,12 +18,13 @@ from .. import haltpoll
 from ..model import (
     ARCH_TIMER_CTRL_ENABLE, CONT_NEXT, COST_DEFAULTS, DEFAULT_NR_SPIS, GIC_DEFAULT_PMR,
     GIC_DEFAULT_PRIORITY, HALT_WFI, INJECT_REQUEST, LAT_BUCKETS, MAX_LOOP_DEPTH, MEM_BASE,
-    NR_INTIDS, NR_STATS, RESCHEDULE_IRQ, RESUME_START, SCHEDULERS, TICK_IRQ, VGIC_PRI_MASK,
+    HOST_STREAM_VM, NR_INTIDS, NR_STATS, RESCHEDULE_IRQ, RESUME_START, SCHEDULERS,
+    THREAD_HOST, THREAD_VCPU, TICK_IRQ, VGIC_PRI_MASK,
     VTIMER_IRQ, EventClass, sched_base_slice, Request, SourceKind, ThreadState,
 )
 from ..costs import COST_TABLE_N, DRAWN_COSTS
 from ..uapi import DEFAULT_VCPU_FEATURES, KVM_ARM_PSCI_LATEST, PSR_MODE_EL1h, MpState
-from . import EngineError, gic, guest, halt, host, kick, psci, queue, rng, run, timer
+from . import EngineError, gic, guest, halt, host, hostthread, kick, psci, queue, rng, run, timer
 from .rng import SOURCE_STREAM_BASE, _Stream, cost_rng_seed, rng_seed
 
 
@@ -50,7 +51,7 @@ def _link_pieces(*pieces):
                 setattr(mod, name, defined[name])
 
 
-_link_pieces(rng, queue, host, guest, halt, run, psci, gic, timer, kick)
+_link_pieces(rng, queue, host, guest, halt, run, psci, gic, timer, kick, hostthread)
 
 _USER, _RUNNABLE = ThreadState.USER, ThreadState.RUNNABLE
 _EV_TICK, _EV_SOURCE, _EV_TIMER, _EV_SEG, _EV_POLL, _EV_SLICE = (
@@ -62,10 +63,11 @@ _ALL_INTIDS = (1 << NR_INTIDS) - 1
 
 
 class _Thread(_Stream):
-    """One vCPU thread and its vCPU (the kvm_vcpu fields the model needs)."""
+    """One vCPU thread and its vCPU (the kvm_vcpu fields the model needs), or
+    (kind THREAD_HOST, vm None) a host thread that is not a vCPU."""
 
     __slots__ = (
-        "g", "vm", "vcpu_id", "pcpu", "state", "resume", "gen", "run_gen",
+        "g", "kind", "vm", "vcpu_id", "pcpu", "state", "resume", "gen", "run_gen",
         "slice_armed", "run_start",
         # EEVDF (struct sched_entity, nice 0)
         "vruntime", "deadline", "vlag", "vprot", "exec_start", "on_rq", "sched_delayed",
@@ -86,6 +88,7 @@ class _Thread(_Stream):
 
     def __init__(self, g, vm, vcpu_id, pcpu, seed):
         self.g, self.vm, self.vcpu_id, self.pcpu = g, vm, vcpu_id, pcpu
+        self.kind = THREAD_VCPU if vm is not None else THREAD_HOST
         self.state = _USER
         self.resume = RESUME_START
         self.gen = 0
@@ -104,8 +107,9 @@ class _Thread(_Stream):
         self.prog = None
         self.pc = 0
         self.loops = [0] * MAX_LOOP_DEPTH
-        rng_seed(self, seed, vm.index, vcpu_id)
-        cost_rng_seed(self, seed, vm.index, vcpu_id)
+        stream_vm = vm.index if vm is not None else HOST_STREAM_VM
+        rng_seed(self, seed, stream_vm, vcpu_id)
+        cost_rng_seed(self, seed, stream_vm, vcpu_id)
         self.stall_t = -1
         self.stall_n = 0
         self.stats = [0] * NR_STATS
@@ -226,7 +230,10 @@ def run_loop(e, until_ns, stop_on_exit):
             if gen != th.timer_gen:
                 continue
             e.events += 1
-            timer.timer_fire(e, th, t)
+            if th.kind == THREAD_HOST:
+                hostthread.ht_wake(e, th, t)       # a host thread's hrtimer
+            else:
+                timer.timer_fire(e, th, t)
             continue
         if cls == _EV_SLICE:
             if gen != th.run_gen:
@@ -238,7 +245,10 @@ def run_loop(e, until_ns, stop_on_exit):
             continue
         e.events += 1
         if cls == _EV_SEG:
-            guest.segment_end(e, th, t)
+            if th.kind == THREAD_HOST:
+                hostthread.ht_run(e, th, t)
+            else:
+                guest.segment_end(e, th, t)
         elif cls == _EV_POLL:
             # The poll loop ran out of time: poll_end = cur >= stop.
             halt.block(e, th, t, t)
@@ -402,6 +412,38 @@ class Engine:
         th.state = _RUNNABLE
         # KVM_RUN from userspace: a system call, not a wake-up.
         self._guard(host.make_runnable, self, th, self.now, 0)
+
+    def add_host_thread(self, ops: np.ndarray, cpu: int) -> int:
+        """A host thread (not a vCPU) with a validated host program, placed on host
+        CPU ``cpu``; it enters the thread table after every thread so far and is
+        started by ``start_host_thread``.  Returns its thread index."""
+        if not 0 <= cpu < len(self.cpus):
+            raise ValueError(f"host CPU {cpu} does not exist")
+        g = len(self.threads)
+        nhost = sum(1 for th in self.threads if th.kind == THREAD_HOST)
+        th = _Thread(g, None, nhost, cpu, self.seed)
+        self.threads.append(th)
+        self.tl_base.append(int(_USER))
+        self.load_program(g, ops)
+        return g
+
+    def start_host_thread(self, g: int) -> None:
+        """The host thread becomes runnable now (wake_up_new_task: no wake-up cost)."""
+        th = self.threads[g]
+        if th.kind != THREAD_HOST or th.state != _USER:
+            raise EngineError(f"thread {g} is not a host thread that has not started")
+        if self.failed:
+            raise EngineError("this engine stopped on an earlier error")
+        th.resume = RESUME_START
+        th.wake_ts = self.now
+        if self.tl_cap:
+            host.tl_note(self, th, self.now, _RUNNABLE)
+        th.state = _RUNNABLE
+        self._guard(host.make_runnable, self, th, self.now, 0)
+
+    def thread_kinds(self) -> list:
+        """Per thread of the table, its kind (model.THREAD_VCPU or THREAD_HOST)."""
+        return [th.kind for th in self.threads]
 
     # -- running --------------------------------------------------------------
 
@@ -689,6 +731,8 @@ class Engine:
 
     def thread_info(self, g: int) -> dict:
         th = self.threads[g]
+        if th.kind == THREAD_HOST:
+            return {"state": int(th.state), "pcpu": th.pcpu, "pc": th.pc, "kind": th.kind}
         return {"state": int(th.state), "halt_poll_ns": th.halt_poll_ns,
                 "requests": th.requests, "pcpu": th.pcpu, "pc": th.pc,
                 "runnable": gic.runnable(self, th), "mp_state": int(th.mp_state),

@@ -21,7 +21,7 @@ from collections import deque
 
 from ..model import (
     CONT_EOI, CONT_IRQ, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP, RESUME_START,
-    SCHED_TICK_NSEC, EventClass, ThreadState,
+    SCHED_TICK_NSEC, THREAD_HOST, EventClass, ThreadState,
 )
 from ..uapi import ExitReason
 from .queue import heap_push, push_thread
@@ -31,7 +31,7 @@ from .rng import COST_CONTEXT_SWITCH, COST_VM_ENTRY, COST_VM_EXIT, cost_ns
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
 asleep = best_irq = block = check_block = enter = exit_to_user = halt_done = None
-interrupt_segment = None
+interrupt_segment = ht_got_cpu = ht_preempted = None
 
 _RUNNING, _POLLING, _BLOCKED, _RUNNABLE = (
     ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED, ThreadState.RUNNABLE)
@@ -142,6 +142,9 @@ def got_cpu(e, th, t):
     th.run_start = t
     if e.cpus[th.pcpu].runq:
         arm_slice(e, th, t)
+    if th.kind == THREAD_HOST:
+        ht_got_cpu(e, th, t)
+        return
     resume = th.resume
     if resume == RESUME_START:
         enter(e, th, t, cost_ns(e, th, COST_VM_ENTRY))
@@ -198,6 +201,8 @@ def keep_segment_rest(e, th, t):
 
 def preempt_segment(e, th, t):
     """A running thread is preempted at t: it keeps the rest of its segment."""
+    if th.kind == THREAD_HOST:
+        ht_preempted(e, th, t)
     keep_segment_rest(e, th, t)
     if e.tl_cap:
         tl_note(e, th, t, _RUNNABLE)
