@@ -1188,7 +1188,9 @@ cdef class Engine:
         """Per host CPU, ns running, polling and idle over the recorded window."""
         from .outputs.timeline import totals
         t0, base = self.timeline_window()
-        return totals(self.timeline_array(), base, t0, now, self.e.ncpu)
+        cdef uint32_t g
+        return totals(self.timeline_array(), base, t0, now, self.e.ncpu,
+                      [self.e.th[g].pcpu for g in range(self.e.nth)])
 
     def thread_info(self, uint32_t g):
         cdef thread_t* th = &self.e.th[g]

@@ -253,7 +253,7 @@ class Host:
         g = self._engine.add_host_thread(ops, host_thread_cpu(aff, self._nthreads,
                                                               self.host_cpus))
         self._nthreads += 1
-        th = HostThread(self, g, name, aff, ops)
+        th = HostThread(self, g, name, aff)
         self.threads.append(th)
         self._engine.start_host_thread(g)
         return th
@@ -476,15 +476,14 @@ class HostThread:
     """A host thread that is not a vCPU (``Host.add_thread``).
 
     ``g``: its thread index on the host; ``name``; ``affinity``: the CPUs it may
-    run on (a sorted tuple); ``program``: its op array.
+    run on (a sorted tuple).
     """
 
-    def __init__(self, host: Host, g: int, name: str, affinity: tuple, ops):
+    def __init__(self, host: Host, g: int, name: str, affinity: tuple):
         self.host = host
         self.g = g
         self.name = name
         self.affinity = affinity
-        self.program = ops
 
     @property
     def cpu(self) -> int:
@@ -521,6 +520,9 @@ def host_to_bytes(host: Host, vm_index: int | None = None, run: dict | None = No
             "costs": host.costs, "engine": host.engine_name}
     if host.scheduler != "fifo":
         desc["scheduler"] = host.scheduler      # absent: fifo (older snapshots)
+    if host.threads:                            # absent: none
+        desc["threads"] = [{"g": t.g, "name": t.name, "affinity": list(t.affinity)}
+                           for t in host.threads]
     return _snapshot.encode(host._engine, desc, [vm._snapshot_record() for vm in host.vms],
                             vm_index=vm_index, run=run)
 
@@ -548,9 +550,11 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
     with _snapshot.inconsistent("state"):
         for rec in snap.vms:
             host.vm_class._from_record(host, rec)
-        host._nthreads = sum(rec["nr_vcpus"] for rec in snap.vms)
+        records = _snapshot.host_thread_records(snap.header)
+        host._nthreads = sum(rec["nr_vcpus"] for rec in snap.vms) + len(records)
         host._engine.import_state(snap.scalars, snap.arrays)
         flags = _snapshot.check_engine(snap, host._engine)
+        host.threads = [HostThread(host, r["g"], r["name"], r["affinity"]) for r in records]
         for vm in host.vms:                 # recomputed from the engine, not trusted
             for v in vm.vcpus:
                 v._loaded, v._started = flags[v._g]
@@ -562,6 +566,9 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
     for name, value in module_params.items():
         setattr(host, name, value)
     if host_cpus is not None and host_cpus != host.host_cpus:
+        if host.threads:
+            raise SnapshotError("restoring onto another host CPU count is not implemented "
+                                "with host threads")
         if host.scheduler != "fifo":
             raise SnapshotError(f"restoring onto another host CPU count is only "
                                 f"implemented for the fifo scheduler, not "

@@ -263,3 +263,115 @@ def test_threads_added_later_and_vms_after_threads():
     assert host.stats_array().shape[0] == 2
     assert t0.stats()["nr_runs"] > 5
     assert np.all(host.stats_array()[:, S_ATTEMPTED_POLL] + 1 > 0)
+
+
+# -- snapshots -------------------------------------------------------------------------------
+
+def _snap_host(sched):
+    host = Host(host_cpus=2, arch="x86", scheduler=sched, seed=5, timeline_capacity=1 << 14)
+    vm = host.create_vm(3)
+    for v in vm.vcpus:
+        v.load(g.Program([g.loop([g.compute_exp(20 * US), g.hlt()])]))
+    host.add_thread([hp.loop([hp.sleep("exp 50us"), hp.msi(vm, 1, 0x30),
+                              hp.compute("exp 3us")])], name="inj")
+    host.add_load(0.4, "300us", affinity=[1])
+    return host
+
+
+def _observe(host):
+    return (host.stats_array().tolist(), [t.stats() for t in host.threads],
+            [(t.g, t.name, t.affinity, t.state, t.cpu) for t in host.threads],
+            host.timeline_array().tolist(), host.events, host.halts,
+            host.latency_histogram().tolist())
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+def test_snapshot_mid_run_continues_bit_identically(sched):
+    ref = _snap_host(sched)
+    ref.run(8 * MS)
+    for cut in (1, 1_234_567, 3 * MS):
+        a = _snap_host(sched)
+        a.run(cut)
+        b = Host.restore(a.snapshot())
+        assert _observe(b)[2] == _observe(a)[2]
+        b.run(8 * MS)
+        assert _observe(b) == _observe(ref)
+    # A host thread added after a restore continues the numbering.
+    b.add_thread([hp.compute("5us")], name="late")
+    assert b.threads[-1].g == 5
+
+
+def test_reference_engine_state_round_trip_with_host_threads():
+    from kvmwake.reference import snapshot as rs
+    a = Host(host_cpus=1, engine="reference", scheduler="eevdf", seed=3)
+    vm = a.create_vm(2)
+    for v in vm.vcpus:
+        v.load(g.Program([g.loop([g.compute_exp(20 * US), g.wfi()])]))
+    vm.configure_irq(40, enabled=True, level=False)
+    a.add_thread([hp.loop([hp.sleep("exp 40us"), hp.irq(vm, 40), hp.compute("2us")])])
+    a.run(2 * MS)
+    state = rs.engine_export(a._engine)
+    other = type(a._engine)("arm64", 1, 3, scheduler="eevdf")
+    rs.engine_import(other, state)
+    a._engine.run(5 * MS)
+    other.run(5 * MS)
+    assert a._engine.stats_array().tolist() == other.stats_array().tolist()
+    assert a._engine.trace_list() == other.trace_list()
+
+
+def test_hostile_snapshots_with_host_threads_are_refused():
+    from test_snapshot import edit_records, logical, refuses
+    host = _snap_host("eevdf")
+    host.run(2 * MS)
+    while not any(t.state == "BLOCKED" for t in host.threads):
+        host.run(host.now + 7 * US)
+    data = host.snapshot()
+    inj, load = host.threads[0].g, host.threads[1].g
+
+    def field(name, i, f, value):
+        def fn(recs):
+            recs[f][i] = value
+        return edit_records(data, name, fn)
+
+    refuses(field("threads", inj, "kind", 0), f"thread {inj}", "out of range")
+    refuses(field("threads", 0, "kind", 1), "thread 0", "host thread")
+    refuses(field("threads", inj, "kind", 7), f"thread {inj}", "thread kind")
+    refuses(field("threads", inj, "state", 2), f"thread {inj}", "host thread")
+    refuses(field("threads", inj, "vcpu_id", 5), f"thread {inj}", "host thread")
+    refuses(field("threads", inj, "cont", 2), f"thread {inj}", "host thread")
+    refuses(field("threads", inj, "resume", 1), f"thread {inj}", "host thread")
+    asleep = [t.g for t in host.threads if t.state == "BLOCKED"]
+    refuses(field("irqs", asleep[0], "timer_gen", 12345), f"thread {asleep[0]}", "hrtimer")
+
+    def threads_edit(fn):
+        def edit(h):
+            fn(h["host"]["threads"])
+        return logical(data, header_edit=edit)
+    refuses(threads_edit(lambda r: r.pop()), "array sizes")
+    refuses(threads_edit(lambda r: r[1].update(g=0)), "host thread")
+    refuses(threads_edit(lambda r: r[1].update(name="inj")), "host thread 1")
+    refuses(threads_edit(lambda r: r[0].update(affinity=[9])), "host thread 0")
+    refuses(threads_edit(lambda r: r[0].update(extra=1)), "host thread 0", "fields")
+    with pytest.raises(Exception, match="host CPU count"):
+        Host.restore(data, host_cpus=4)
+    del load
+
+
+def test_timeline_and_perfetto_show_host_threads():
+    from kvmwake.outputs.perfetto import trace_events
+    host = Host(host_cpus=2, costs=ZERO, timeline_capacity=1 << 12)
+    vm = host.create_vm(1)
+    vm.vcpus[0].load(g.Program([g.loop([g.compute(50 * US), g.wfi()])]))
+    vm.set_tick(100 * US)
+    t = host.add_load(0.25, "400us", affinity=[1], name="bg")
+    host.run(4 * MS)
+    # CPU 1 runs only the load: 1/4 of the time (the thread is g = 1, on CPU 1).
+    tot = host.timeline_totals()
+    assert int(tot["running_ns"][1]) == 1 * MS and int(tot["polling_ns"][1]) == 0
+    assert running_ns(host, t.g, 4 * MS) == t.stats()["run_ns"] == 1 * MS
+    ev = trace_events(host)
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in ev if e["name"] == "thread_name"}
+    assert names == {(0, 0): "CPU 0/KVM (VM 0)", (1, 1): "bg"}
+    runs = [e for e in ev if e["ph"] == "X" and e["tid"] == 1 and e["name"] == "RUNNING"]
+    assert len(runs) == 10 and all(e["cat"] == "host" and e["pid"] == 1 for e in runs)
+    assert sum(e["args"]["end_ns"] - e["args"]["start_ns"] for e in runs) == 1 * MS

@@ -272,10 +272,18 @@ cdef _check_state(Engine self, bint programs):
             raise ValueError(f"timeline record {i}: out of range or out of order")
         prev = tr.t
     n = 0
+    w = 0                               # where the previous VM's threads end
     for v in range(e.nvm):
         vm = &e.vms[v]
-        if vm.first != n or vm.nr_vcpus == 0 or vm.nr_vcpus > 1024 or vm.nr_spis > 988:
+        if vm.first < w or vm.first > e.nth or vm.nr_vcpus == 0 or vm.nr_vcpus > 1024 \
+                or vm.nr_spis > 988:
             raise ValueError(f"VM {v}: vCPU range or SPI count inconsistent")
+        while w < vm.first:             # only host threads lie between two VMs' vCPUs
+            if e.th[w].kind != THREAD_HOST:
+                raise ValueError(f"VM {v}: vCPU range inconsistent (thread {w} before it "
+                                 "is neither its nor a host thread)")
+            w += 1
+        w = vm.first + vm.nr_vcpus
         if vm.psci_version not in (1, 2, 0x10000, 0x10001, 0x10002, 0x10003):
             raise ValueError(f"VM {v}: PSCI version {vm.psci_version:#x} unknown")
         if vm.vcpu_features & ~(<uint32_t>_uapi.SUPPORTED_VCPU_FEATURES) or vm.features_set > 1:
@@ -285,11 +293,28 @@ cdef _check_state(Engine self, bint programs):
             if x < -1 or x >= <int32_t>vm.nr_vcpus:
                 raise ValueError(f"VM {v}: SPI {k} routed to vCPU {x}, which does not exist")
         n += vm.nr_vcpus
-    if n != e.nth:
-        raise ValueError("the VMs' vCPUs do not add up to the thread count")
+    k = 0                               # host threads so far
     for g in range(e.nth):
         th = &e.th[g]
-        if th.vm >= e.nvm or th.vcpu_id != g - e.vms[th.vm].first or th.pcpu >= e.ncpu:
+        if th.kind > THREAD_HOST:
+            raise ValueError(f"thread {g}: an unknown thread kind {th.kind}")
+        if th.kind == THREAD_HOST:
+            # A host thread (core/hostthread.pxi): no VM, numbered among the host
+            # threads, always with its program, never polling, inside a guest or
+            # with a trap or an interrupt to go on with.
+            if th.vm != NO_VM or th.vcpu_id != k or th.pcpu >= e.ncpu:
+                raise ValueError(f"thread {g}: a host thread's VM, number or host CPU "
+                                 "out of range")
+            if not th.has_prog or not th.pc_valid or th.state == TS_POLLING \
+                    or th.state > TS_RUNNABLE \
+                    or (th.resume != RESUME_START and th.resume != RESUME_SEGMENT) \
+                    or th.cont != CONT_NEXT:
+                raise ValueError(f"thread {g}: a host thread's state, program or "
+                                 "continuation holds an unknown value")
+            k += 1
+        elif th.vm >= e.nvm or g < e.vms[th.vm].first \
+                or th.vcpu_id != g - e.vms[th.vm].first \
+                or th.vcpu_id >= e.vms[th.vm].nr_vcpus or th.pcpu >= e.ncpu:
             raise ValueError(f"thread {g}: VM, vCPU id or host CPU out of range")
         if th.state > TS_RUNNABLE or th.resume > RESUME_SLEEP or th.cont > CONT_EOI \
                 or th.halt_kind > HALT_MP_HALTED or th.mp_state > MP_SUSPENDED:
@@ -306,6 +331,11 @@ cdef _check_state(Engine self, bint programs):
             raise ValueError(f"thread {g}: run-queue link out of range")
         if e.irq[g].cur_irq < -1 or e.irq[g].cur_irq > 1023 or e.irq[g].sv_cont > CONT_EOI:
             raise ValueError(f"thread {g}: interrupt bookkeeping out of range")
+    if n + k != e.nth:
+        raise ValueError("the VMs' vCPUs and the host threads do not add up to the "
+                         "thread count")
+    if e.nvm and <uint64_t>e.vms[e.nvm - 1].first + e.vms[e.nvm - 1].nr_vcpus > e.nth:
+        raise ValueError(f"VM {e.nvm - 1}: vCPU range beyond the thread count")
     if programs:
         _check_programs(self, nops)
     for c in range(e.ncpu):
@@ -340,8 +370,9 @@ cdef _check_state(Engine self, bint programs):
                 or (e.x86 and src.intid > 255):
             raise ValueError(f"interrupt source {s}: out of range")
     for i in range(e.exq_len):
-        if e.exitq[(e.exq_head + i) % e.nth] >= e.nth:
-            raise ValueError("exit queue names a thread that does not exist")
+        if e.exitq[(e.exq_head + i) % e.nth] >= e.nth \
+                or e.th[e.exitq[(e.exq_head + i) % e.nth]].kind == THREAD_HOST:
+            raise ValueError("exit queue names a thread that does not exist or is no vCPU")
     for i in range(e.hlen):
         ev = &e.heap[i]
         cls = ev.key >> KW_SEQ_BITS
@@ -428,15 +459,28 @@ cdef int32_t _rq_last(engine_t* e, cpu_t* cpu):
 
 
 cdef _check_programs(Engine self, uint64_t nops):
-    """Each distinct program must pass the guest validation against its VM."""
+    """Each distinct program must pass the guest validation against its VM (a host
+    thread's, the host-program validation against the host's VMs)."""
     from . import guest as _guest
+    from . import hostprog as _hostprog
     cdef engine_t* e = &self.e
     cdef uint32_t g
     ops = np.frombuffer(self._ops, dtype=_model.OP_DTYPE) if nops else None
     done = set()
+    vms = [(e.vms[k].nr_vcpus, e.vms[k].nr_spis) for k in range(e.nvm)]
     for g in range(e.nth):
         th = &e.th[g]
         if not th.has_prog:
+            continue
+        if th.kind == THREAD_HOST:
+            key = (th.prog, th.prog_n, None, None)
+            if key in done:
+                continue
+            done.add(key)
+            try:
+                _hostprog.validate(ops[th.prog:th.prog + th.prog_n], vms, self.arch)
+            except _guest.ProgramError as exc:
+                raise ValueError(f"thread {g}'s host program: {exc}") from None
             continue
         key = (th.prog, th.prog_n, e.vms[th.vm].nr_vcpus, e.vms[th.vm].nr_spis)
         if key in done:
@@ -470,6 +514,8 @@ cdef _check_links(Engine self):
     cdef uint8_t[::1] where = where_arr
     cdef uint8_t[::1] live = live_arr
     cdef uint8_t[::1] slices = slice_arr
+    timer_arr = np.zeros(e.nth, dtype=np.uint8)     # a host thread's live hrtimer
+    cdef uint8_t[::1] timers = timer_arr
     for c in range(e.ncpu):
         x = e.cpus[c].cur
         if x >= 0:
@@ -507,6 +553,12 @@ cdef _check_links(Engine self):
     for i in range(e.hlen):
         ev = &e.heap[i]
         cls = ev.key >> KW_SEQ_BITS
+        if cls == EV_TIMER and e.th[ev.who].kind == THREAD_HOST \
+                and ev.gen == e.irq[ev.who].timer_gen:
+            if timers[ev.who] or e.th[ev.who].state != TS_BLOCKED:
+                raise ValueError(f"event {i}: an hrtimer of host thread {ev.who}, which is "
+                                 "not asleep or has another")
+            timers[ev.who] = 1
         if cls == EV_SLICE and ev.gen == e.th[ev.who].run_gen:
             if slices[ev.who] or not e.th[ev.who].slice_armed or where[ev.who] != 1:
                 raise ValueError(f"event {i}: a time slice of thread {ev.who}, which is "
@@ -534,6 +586,8 @@ cdef _check_links(Engine self):
                              f"state {th.state}")
         if th.slice_armed and not slices[g]:
             raise ValueError(f"thread {g}: a time slice armed without its event")
+        if th.kind == THREAD_HOST and th.state == TS_BLOCKED and not timers[g]:
+            raise ValueError(f"thread {g}: a host thread asleep without its hrtimer")
         check_times(e, g)
     for g in range(e.nth):
         th = &e.th[g]
@@ -571,6 +625,7 @@ def _engine_view(Engine self):
             e.vms[v].max_halt_poll_ns if e.vms[v].override else None, e.vms[v].tick_ns,
             bool(e.vms[v].suspend_cap)) for v in range(e.nvm)]
     threads = [(bool(e.th[g].has_prog), e.th[g].state) for g in range(e.nth)]
+    # (Host threads: their kinds are Engine.thread_kinds().)
     queued = [e.exitq[(e.exq_head + k) % e.nth] for k in range(e.exq_len)]
     return vms, threads, queued
 
@@ -611,6 +666,10 @@ def _engine_rehost(Engine self, uint32_t ncpu):
     cdef uint64_t t = e.now
     if ncpu == 0 or ncpu > (1 << 20):
         raise ValueError(f"host_cpus = {ncpu} out of range 1..{1 << 20}")
+    for g in range(e.nth):
+        if e.th[g].kind == THREAD_HOST:
+            raise ValueError("restoring onto another host CPU count is not implemented "
+                             "with host threads")
     curs = []
     queues = []
     for c in range(old_n):

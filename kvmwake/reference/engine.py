@@ -693,7 +693,8 @@ class Engine:
     def timeline_totals(self, now: int) -> dict:
         from ..outputs.timeline import totals
         t0, base = self.timeline_window()
-        return totals(self.timeline_array(), base, t0, now, len(self.cpus))
+        return totals(self.timeline_array(), base, t0, now, len(self.cpus),
+                      [th.pcpu for th in self.threads])
 
     def stats_array(self) -> np.ndarray:
         return np.array([th.stats for th in self.threads], dtype=np.uint64).reshape(

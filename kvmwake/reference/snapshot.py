@@ -22,7 +22,8 @@ import numpy as np
 from ..model import (
     CONT_EOI, CONT_IRQ, CONT_TRAP, HALT_MP_HALTED, LAT_BUCKETS, MAX_LOOP_DEPTH, MAX_NOW,
     MAX_NR_SPIS, MAX_SEQ, MAX_SPAN, MAX_TIME,
-    NR_INTIDS, NR_STATS, OP_DTYPE, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP, S_BLOCKING,
+    NO_VM, NR_INTIDS, NR_STATS, OP_DTYPE, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP,
+    RESUME_START, S_BLOCKING, THREAD_HOST, THREAD_VCPU,
     EventClass, Op, SourceKind, ThreadState, sched_base_slice,
 )
 from ..uapi import PSR_I_BIT, SUPPORTED_VCPU_FEATURES, MpState, PsciVersion
@@ -69,7 +70,8 @@ def engine_export(e) -> dict:
         "cpus": [{"cur": cpu.cur, "runq": list(cpu.runq), "zero_v": cpu.zero_v,
                   "sum_v": cpu.sum_v, "need_resched": cpu.need_resched} for cpu in e.cpus],
         "vms": [{f: getattr(vm, f) for f in VM_FIELDS} for vm in e.vms],
-        "threads": [dict({f: getattr(th, f) for f in THREAD_FIELDS}, vm=th.vm.index)
+        "threads": [dict({f: getattr(th, f) for f in THREAD_FIELDS},
+                         vm=th.vm.index if th.vm is not None else NO_VM)
                     for th in e.threads],
         "sources": [{f: getattr(s, f) for f in SOURCE_FIELDS} for s in e.sources],
         "heap": list(e.heap),
@@ -121,9 +123,12 @@ def engine_import(e, state: dict) -> None:
         e.threads = []
         for d in s["threads"]:
             th = restore(_Thread, THREAD_FIELDS, d)
-            if not _index(th.vm, len(e.vms)):
+            if th.vm == NO_VM and th.kind == THREAD_HOST:
+                th.vm = None                # a host thread (hostthread.py) has no VM
+            elif not _index(th.vm, len(e.vms)):
                 raise EngineError(f"thread {len(e.threads)}: VM {th.vm!r} does not exist")
-            th.vm = e.vms[th.vm]
+            else:
+                th.vm = e.vms[th.vm]
             e.threads.append(th)
         e.sources = [restore(_Source, SOURCE_FIELDS, d) for d in s["sources"]]
         e.heap = list(s["heap"])
@@ -231,10 +236,17 @@ def check_state(e, programs: bool = True) -> None:
             raise EngineError(f"timeline record {i}: out of range or out of order")
     # VMs and their distributors.
     n = 0
+    w = 0                               # where the previous VM's threads end
     for v, vm in enumerate(vms):
-        if vm.index != v or vm.first != n or not 1 <= vm.nr_vcpus <= _MAX_VCPUS_PER_VM \
-                or not 0 <= vm.nr_spis <= MAX_NR_SPIS:
+        if vm.index != v or not isinstance(vm.first, int) or vm.first < w \
+                or not 1 <= vm.nr_vcpus <= _MAX_VCPUS_PER_VM \
+                or vm.first > nth or not 0 <= vm.nr_spis <= MAX_NR_SPIS:
             raise EngineError(f"VM {v}: vCPU range or SPI count inconsistent")
+        for x in range(w, vm.first):    # only host threads lie between two VMs' vCPUs
+            if getattr(threads[x], "kind", None) != THREAD_HOST:
+                raise EngineError(f"VM {v}: vCPU range inconsistent (thread {x} before it "
+                                  "is neither its nor a host thread)")
+        w = vm.first + vm.nr_vcpus
         if vm.psci_version not in _PSCI_VERSIONS:
             raise EngineError(f"VM {v}: PSCI version {vm.psci_version:#x} unknown")
         if not isinstance(vm.vcpu_features, int) \
@@ -247,14 +259,28 @@ def check_state(e, programs: bool = True) -> None:
             if not isinstance(x, int) or x < -1 or x >= vm.nr_vcpus:
                 raise EngineError(f"VM {v}: SPI {k} routed to vCPU {x}, which does not exist")
         n += vm.nr_vcpus
-    if n != nth:
-        raise EngineError("the VMs' vCPUs do not add up to the thread count")
     # Threads.
+    k = 0                               # host threads so far
     for g, th in enumerate(threads):
         vm = th.vm
-        if th.g != g or not isinstance(vm, _Vm) or not _index(vm.index, nvm) \
+        if th.kind not in (THREAD_VCPU, THREAD_HOST):
+            raise EngineError(f"thread {g}: an unknown thread kind {th.kind!r}")
+        if th.kind == THREAD_HOST:
+            # A host thread (hostthread.py): no VM, numbered among the host threads,
+            # always with its program, never polling, inside a guest or with a
+            # trap or an interrupt to go on with.
+            if th.g != g or vm is not None or th.vcpu_id != k or not _index(th.pcpu, ncpu):
+                raise EngineError(f"thread {g}: a host thread's VM, number or host CPU "
+                                  "out of range")
+            if th.prog is None or not th.pc_valid or th.state == _POLLING \
+                    or not _index(th.state, _RUNNABLE + 1) \
+                    or th.resume not in (RESUME_START, RESUME_SEGMENT) or th.cont != 0:
+                raise EngineError(f"thread {g}: a host thread's state, program or "
+                                  "continuation holds an unknown value")
+            k += 1
+        elif th.g != g or not isinstance(vm, _Vm) or not _index(vm.index, nvm) \
                 or vms[vm.index] is not vm or th.vcpu_id != g - vm.first \
-                or not _index(th.pcpu, ncpu):
+                or not _index(th.vcpu_id, vm.nr_vcpus) or not _index(th.pcpu, ncpu):
             raise EngineError(f"thread {g}: VM, vCPU id or host CPU out of range")
         if not _index(th.state, _RUNNABLE + 1) or not _index(th.resume, RESUME_SLEEP + 1) \
                 or not _index(th.cont, CONT_EOI + 1) \
@@ -276,6 +302,13 @@ def check_state(e, programs: bool = True) -> None:
         if not isinstance(th.cur_irq, int) or th.cur_irq < -1 or th.cur_irq > 1023 \
                 or not _index(th.sv_cont, CONT_EOI + 1):
             raise EngineError(f"thread {g}: interrupt bookkeeping out of range")
+    if n + k != nth:
+        raise EngineError("the VMs' vCPUs and the host threads do not add up to the "
+                          "thread count")
+    if vms and vms[-1].first + vms[-1].nr_vcpus > nth:
+        raise EngineError(f"VM {nvm - 1}: vCPU range beyond the thread count")
+    if any(threads[g].kind == THREAD_HOST for g in e.exits):
+        raise EngineError("exit queue names a thread that is no vCPU")
     if programs:
         check_programs(e)
     # Host CPUs and their run queues.
@@ -345,11 +378,24 @@ def check_times(e, th) -> None:
 
 
 def check_programs(e) -> None:
-    """Each distinct program must pass the guest validation against its VM."""
+    """Each distinct program must pass the guest validation against its VM (a host
+    thread's, the host-program validation against the host's VMs)."""
     from .. import guest as _guest
+    from .. import hostprog as _hostprog
     done = set()
+    vms = [(vm.nr_vcpus, vm.nr_spis) for vm in e.vms]
     for g, th in enumerate(e.threads):
         if th.prog is None:
+            continue
+        if th.kind == THREAD_HOST:
+            key = (tuple(th.prog), None, None)
+            if key in done:
+                continue
+            done.add(key)
+            try:
+                _hostprog.validate(np.array(th.prog, dtype=OP_DTYPE), vms, e.arch)
+            except (_guest.ProgramError, TypeError, ValueError, OverflowError) as exc:
+                raise EngineError(f"thread {g}'s host program: {exc}")
             continue
         key = (tuple(th.prog), th.vm.nr_vcpus, th.vm.nr_spis)
         if key in done:
@@ -421,6 +467,7 @@ def check_links(e) -> None:
     where = [0] * nth        # 1: a host CPU's current, 2: queued
     live = [0] * nth         # its live SEGMENT/POLL_END/RUN event
     slices = [0] * nth       # its live SLICE event
+    timers = [0] * nth       # a host thread's live hrtimer
     for c, cpu in enumerate(e.cpus):
         x = cpu.cur
         if x >= 0:
@@ -444,6 +491,12 @@ def check_links(e) -> None:
                 or th.state in (_USER, _BLOCKED) and where[g] != 0 and not th.sched_delayed:
             raise EngineError(f"thread {g}: its state disagrees with its host CPU's run queue")
     for i, (t, cls, _seq, who, gen) in enumerate(e.heap):
+        if cls == _EV_TIMER and threads[who].kind == THREAD_HOST \
+                and gen == threads[who].timer_gen:
+            if timers[who] or threads[who].state != _BLOCKED:
+                raise EngineError(f"event {i}: an hrtimer of host thread {who}, which is "
+                                  "not asleep or has another")
+            timers[who] = 1
         if cls == _EV_SLICE and gen == threads[who].run_gen:
             if slices[who] or not threads[who].slice_armed or where[who] != 1:
                 raise EngineError(f"event {i}: a time slice of thread {who}, which is not "
@@ -470,6 +523,8 @@ def check_links(e) -> None:
                               f"state {int(th.state)}")
         if th.slice_armed and not slices[g]:
             raise EngineError(f"thread {g}: a time slice armed without its event")
+        if th.kind == THREAD_HOST and th.state == _BLOCKED and not timers[g]:
+            raise EngineError(f"thread {g}: a host thread asleep without its hrtimer")
         check_times(e, th)
     for g, th in enumerate(threads):
         if th.cur_irq > (255 if e.x86 else 1023):
@@ -514,6 +569,9 @@ def engine_rehost(e, ncpu: int) -> None:
     if e.sched != host.SCHED_POLICY_FIFO:
         raise ValueError("restoring onto another host CPU count is only "
                          "implemented for the fifo scheduler")
+    if any(th.kind == THREAD_HOST for th in e.threads):
+        raise ValueError("restoring onto another host CPU count is not implemented "
+                         "with host threads")
     e.base_slice = sched_base_slice(ncpu)        # update_sysctl() on CPU hotplug
     t = e.now
     threads = e.threads
