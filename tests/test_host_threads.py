@@ -375,3 +375,95 @@ def test_timeline_and_perfetto_show_host_threads():
     runs = [e for e in ev if e["ph"] == "X" and e["tid"] == 1 and e["name"] == "RUNNING"]
     assert len(runs) == 10 and all(e["cat"] == "host" and e["pid"] == 1 for e in runs)
     assert sum(e["args"]["end_ns"] - e["args"]["start_ns"] for e in runs) == 1 * MS
+
+
+# -- scenario files --------------------------------------------------------------------------
+
+SCENARIO = '''
+sim = "5ms"
+seed = 3
+[host]
+cpus = 2
+scheduler = "eevdf"
+costs = { context_switch_ns = 0 }
+
+[[host.thread]]
+name = "inj"
+affinity = [1]
+ops = """
+loop {
+    sleep exp 100us
+    msi 0 0x30
+    msi nr_vcpus-1 0x31 vm=0
+    compute uniform 1us 3us
+}
+"""
+
+[[host.load]]
+duty = 0.5
+period = "1ms"
+count = 2
+name = "bg"
+
+[vm]
+arch = "x86"
+vcpus = 4
+
+[[vm.program]]
+ops = "loop { compute exp 20us; hlt }"
+'''
+
+
+def test_scenario_host_threads_build_and_run():
+    from kvmwake import scenarios
+    host, sim, sc = scenarios.build(scenarios.loads(SCENARIO))
+    assert [(t.name, t.g, t.affinity, t.cpu) for t in host.threads] == [
+        ("inj", 4, (1,), 1), ("bg-0", 5, (0, 1), 1), ("bg-1", 6, (0, 1), 0)]
+    assert [v._g for v in host.vms[0].vcpus] == [0, 1, 2, 3]
+    host.run(sim)
+    inj = host.threads[0].stats()
+    assert inj["nr_injects"] >= 2 * (inj["nr_sleeps"] - 1) and inj["nr_injects"] > 20
+    for t in host.threads[1:]:
+        assert t.stats()["run_ns"] == 2_500 * US     # 5 periods of 0.5 ms each
+    # The same file as a Python-built host gives the same run.
+    h2 = Host(host_cpus=2, arch="x86", seed=3, scheduler="eevdf",
+              costs={"context_switch_ns": 0})
+    vm = h2.create_vm(4)
+    for v in vm.vcpus:
+        v.load(g.Program([g.loop([g.compute_exp(20 * US), g.hlt()])]))
+    h2.add_thread([hp.loop([hp.sleep(("exp", "100us")), hp.msi(vm, 0, 0x30),
+                            hp.msi(0, 3, 0x31), hp.compute("uniform 1us 3us")])],
+                  affinity=[1], name="inj")
+    h2.add_load(0.5, "1ms", name="bg-0")
+    h2.add_load(0.5, "1ms", name="bg-1")
+    h2.run(sim)
+    assert h2.stats_array().tolist() == host.stats_array().tolist()
+    assert [t.stats() for t in h2.threads] == [t.stats() for t in host.threads]
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ("msi 0 0x30", "msi 9 0x30", ("host.thread[0].ops", "APIC ID 9")),
+    ("msi 0 0x30", "irq 40", ("host.thread[0].ops", "arm64")),
+    ("msi 0 0x30", "msi 0 0x30 vm=3", ("VM 3",)),
+    ("msi 0 0x30", "msi 0 0x3", ("vector",)),
+    ("msi 0 0x30", "for i in 0..2 { compute 1us }", ("no 'for'",)),
+    ("msi 0 0x30", "wfi", ("unknown host op 'wfi'",)),
+    ("compute uniform 1us 3us", "compute 10", ("unit",)),
+    ("sleep exp 100us\n    msi 0 0x30", "msi 0 0x30\n}\nloop {", ("no virtual time",)),
+    ('duty = 0.5', 'duty = 1.5', ("host.load[0].duty", "(0, 1]")),
+    ('duty = 0.5', 'duty = "half"', ("host.load[0].duty",)),
+    ('period = "1ms"', 'period = 1000', ("host.load[0].period", "unit")),
+    ('affinity = [1]', 'affinity = [3]', ("host.thread[0].affinity[0]", "0..1")),
+    ('affinity = [1]', 'affinity = []', ("empty",)),
+    ('affinity = [1]', 'affinity = "some"', ("affinity",)),
+    ('count = 2', 'count = 0', ("host.load[0].count",)),
+    ('name = "bg"', 'name = "inj"', ("named 'inj'",)),
+    ('name = "bg"', 'nme = "bg"', ("host.load[0].nme", "unknown key")),
+])
+def test_scenario_host_thread_errors(old, new, words):
+    from kvmwake import ScenarioError, scenarios
+    assert SCENARIO.count(old) >= 1
+    with pytest.raises(ScenarioError) as exc:
+        scenarios.loads(SCENARIO.replace(old, new, 1))
+    for w in words:
+        assert w in str(exc.value), str(exc.value)
