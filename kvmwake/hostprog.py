@@ -18,13 +18,15 @@ ns or a string with its unit (``"20us"``), and for a drawn time
 * ``compute(dist)``: run on the CPU for the drawn time (preemptible).
 * ``sleep(dist)``: block; an hrtimer wakes it after the drawn time
   (``hrtimer_nanosleep``), through the scheduler's normal wake-up.
-* ``msi(vm, apic_id, vector)`` (x86): the injection a ``KVM_SIGNAL_MSI`` or
-  irqfd write makes (``kvm_set_msi`` -> ``kvm_apic_set_irq`` ->
+* ``msi(vm, apic_id, vector)`` (x86): the injection an irqfd (or
+  ``KVM_SIGNAL_MSI``) write makes in the writer's context
+  (``kvm_arch_set_irq_inatomic`` -> ``kvm_apic_set_irq`` ->
   ``kvm_vcpu_kick``); the thread pays ``ipi_send_ns`` when the kick IPIs a
   vCPU in guest mode.
 * ``irq(vm, intid)`` (arm64): an irqfd write on SPI ``intid``
-  (``irqfd_inject``: the line pulsed, level 1 then 0; configure the SPI as
-  edge-triggered, or the pulse leaves nothing pending).
+  (``kvm_arch_set_irq_inatomic`` -> ``vgic_irqfd_set_irq``, level 1: an edge
+  SPI latches pending; a level one stays asserted until userspace lowers
+  it, as with a device source).
 * ``loop(ops, count=None)``: repeat (None: forever).
 * ``end()``: the thread exits (appended when a program does not end in an
   endless loop).

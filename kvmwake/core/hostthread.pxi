@@ -2,9 +2,10 @@
 # Mirrors: a user or kernel thread of the host that is not a vCPU: its CPU
 # bursts, hrtimer_nanosleep (kernel/time/hrtimer.c: do_nanosleep ->
 # schedule(); hrtimer_wakeup -> wake_up_process -> try_to_wake_up), the
-# injection an irqfd or KVM_SIGNAL_MSI write makes (virt/kvm/eventfd.c
-# irqfd_inject; arch/x86/kvm/irq.c kvm_set_msi -> kvm_irq_delivery_to_apic ->
-# kvm_apic_set_irq -> kvm_vcpu_kick; arm64 kvm_vgic_inject_irq), and do_exit.
+# injection an irqfd write makes in the writer's context (virt/kvm/eventfd.c
+# irqfd_wakeup -> kvm_arch_set_irq_inatomic: x86 kvm_set_msi_irq ->
+# kvm_irq_delivery_to_apic_fast -> kvm_apic_set_irq -> kvm_vcpu_kick; arm64
+# vgic_irqfd_set_irq -> kvm_vgic_inject_irq, level 1), and do_exit.
 #
 # A host thread is an entry of the thread table of kind THREAD_HOST: the host
 # scheduler (core/host.pxi) runs it exactly as it runs a vCPU thread, on the
@@ -71,19 +72,15 @@ cdef int ht_exit(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nog
 
 
 cdef int ht_inject(engine_t* e, const op_t* op, uint64_t t) noexcept nogil:
-    """The injection of an irqfd / KVM_SIGNAL_MSI write, made by this thread:
-    x86 kvm_set_msi -> kvm_apic_set_irq (IRR, KVM_REQ_EVENT, kvm_vcpu_kick);
-    arm64 irqfd_inject: kvm_set_irq(level 1) then kvm_set_irq(level 0) on the
-    SPI.  1 if the kick IPI'd a vCPU in guest mode, -1 on error."""
-    cdef int rc
+    """The injection of an irqfd write, made by this thread in its own context
+    (irqfd_wakeup -> kvm_arch_set_irq_inatomic): x86 an MSI, kvm_apic_set_irq
+    (IRR, KVM_REQ_EVENT, kvm_vcpu_kick), as KVM_SIGNAL_MSI; arm64 the SPI's line
+    raised (vgic_irqfd_set_irq with level 1, never lowered: an edge SPI latches,
+    a level one stays asserted), as a device source does.  1 if the kick IPI'd
+    a vCPU in guest mode, -1 on error."""
     if e.x86:
         return apic_set_irq(e, e.vms[op.p0].first + <uint32_t>op.p1, op.arg, t)
-    rc = inject(e, -1, <uint32_t>op.p0, op.arg, 1, t)
-    if rc < 0:
-        return -1
-    if inject(e, -1, <uint32_t>op.p0, op.arg, 0, t) < 0:
-        return -1
-    return rc
+    return inject(e, -1, <uint32_t>op.p0, op.arg, 1, t)
 
 
 cdef int ht_run(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
