@@ -109,6 +109,9 @@ def msi(vm, apic_id, vector: int) -> _HIns:
     KVM_SIGNAL_MSI write injects it."""
     vm = _vm_ref("msi", vm)
     if hasattr(apic_id, "id") and hasattr(apic_id, "vm"):
+        if apic_id.vm is not vm and not (isinstance(vm, numbers.Integral)
+                                         and apic_id.vm.index == vm):
+            raise ProgramError(f"msi: vCPU {apic_id.id} is not a vCPU of that VM")
         apic_id = apic_id.id
     if isinstance(apic_id, bool) or not isinstance(apic_id, numbers.Integral) or apic_id < 0:
         raise ProgramError(f"msi: apic_id must be a non-negative integer, not {apic_id!r}")

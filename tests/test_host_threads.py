@@ -467,3 +467,41 @@ def test_scenario_host_thread_errors(old, new, words):
         scenarios.loads(SCENARIO.replace(old, new, 1))
     for w in words:
         assert w in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_rehost_is_refused_with_host_threads(engine):
+    host = Host(host_cpus=2, engine=engine)
+    host.create_vm(1)
+    host.add_load(0.5, "1ms")
+    if engine == "core":
+        with pytest.raises(ValueError, match="host threads"):
+            host._engine.rehost(3)
+    else:
+        from kvmwake.reference import snapshot as rs
+        with pytest.raises(ValueError, match="host threads"):
+            rs.engine_rehost(host._engine, 3)
+
+
+def test_snapshot_with_a_host_thread_before_the_vms():
+    """A host thread added before the VMs is thread 0; the VMs' vCPU threads come after
+    it, and a snapshot restores that layout."""
+    host = Host(host_cpus=2, arch="x86", scheduler="eevdf", seed=9)
+    t = host.add_load(0.3, "200us", name="early")
+    vm = host.create_vm(2)
+    assert t.g == 0 and vm._first == 1
+    for v in vm.vcpus:
+        v.load(g.Program([g.loop([g.compute_exp(20 * US), g.hlt()])]))
+    host.add_thread([hp.loop([hp.sleep("exp 70us"), hp.msi(vm, vm.vcpus[1], 0x40)])])
+    vm2 = host.create_vm(1)
+    vm2.vcpus[0].load(g.Program([g.loop([g.compute(30 * US), g.hlt()])]))
+    vm2.set_tick(100 * US)
+    assert vm2._first == 4
+    host.run(1 * MS)
+    b = Host.restore(host.snapshot())
+    assert [v._first for v in b.vms] == [1, 4] and [x.g for x in b.threads] == [0, 3]
+    host.run(3 * MS)
+    b.run(3 * MS)
+    assert _observe(b) == _observe(host)
+    with pytest.raises(ProgramError, match="not a vCPU of that VM"):
+        hp.msi(vm, vm2.vcpus[0], 0x40)
