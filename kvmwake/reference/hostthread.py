@@ -3,7 +3,7 @@ Mirrors: a user or kernel thread of the host that is not a vCPU: its CPU
 bursts, hrtimer_nanosleep (kernel/time/hrtimer.c: do_nanosleep -> schedule();
 hrtimer_wakeup -> wake_up_process -> try_to_wake_up), the injection an irqfd
 write makes in the writer's context (virt/kvm/eventfd.c irqfd_wakeup ->
-kvm_arch_set_irq_inatomic: x86 kvm_set_msi_irq -> kvm_irq_delivery_to_apic_fast
+kvm_arch_set_irq_inatomic: x86 kvm_msi_to_lapic_irq -> kvm_irq_delivery_to_apic_fast
 -> kvm_apic_set_irq -> kvm_vcpu_kick; arm64 vgic_irqfd_set_irq ->
 kvm_vgic_inject_irq, level 1), and do_exit.
 
