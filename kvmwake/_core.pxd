@@ -46,7 +46,7 @@ ctypedef struct thread_t:
     uint64_t reset_r0
     uint64_t exit_data0       # the last exit to userspace
     uint64_t exit_value
-    uint64_t exit_time
+    uint64_t exit_time        # (a host thread: its sleep_until deadline)
     uint64_t requests         # vcpu->requests (u64: request bits 0..63)
     uint32_t exit_reason
     uint32_t exit_type

@@ -51,6 +51,7 @@ cdef extern from *:
     """
     #define KW_LCG_MULT 6364136223846793005ULL
     #define KW_MAX_DRAW_NS 4611686018427387904ULL
+    #define KW_MAX_TIME 13835058055282163712ULL
     #define KW_SEQ_BITS 56
     #define KW_MAX_SEQ (1ULL << 55)
     #ifndef KVMWAKE_DEBUG
@@ -66,6 +67,7 @@ cdef extern from *:
     """
     const uint64_t KW_LCG_MULT
     const uint64_t KW_MAX_DRAW_NS
+    const uint64_t KW_MAX_TIME        # model.MAX_TIME (3 << 62)
     const uint64_t KW_SEQ_BITS
     const uint64_t KW_MAX_SEQ
     # The debug build (KVMWAKE_DEBUG=1, setup.py): run_loop stops every
@@ -115,6 +117,7 @@ cdef enum:
     HOP_IRQ = 36
     HOP_LOOP = 37
     HOP_ENDLOOP = 38
+    HOP_SLEEP_UNTIL = 39
 
 cdef enum:
     THREAD_VCPU = 0
@@ -337,7 +340,8 @@ include "core/hostthread.pxi"
 def compiled_constants():
     """The model numbers compiled into the core, for the mirror test."""
     return {
-        "host_ops": (HOP_END, HOP_COMPUTE, HOP_SLEEP, HOP_MSI, HOP_IRQ, HOP_LOOP, HOP_ENDLOOP),
+        "host_ops": (HOP_END, HOP_COMPUTE, HOP_SLEEP, HOP_MSI, HOP_IRQ, HOP_LOOP, HOP_ENDLOOP,
+                     HOP_SLEEP_UNTIL),
         "thread_kinds": (THREAD_VCPU, THREAD_HOST),
         "host_stats": (HS_RUN_NS, HS_WAIT_NS, HS_SLEEP_NS, HS_NR_RUNS, HS_NR_PREEMPTED,
                        HS_NR_SLEEPS, HS_NR_INJECTS),
@@ -800,6 +804,7 @@ cdef class Engine:
         self._guard()
         th.resume = RESUME_START
         th.wake_ts = self.e.now
+        th.exit_time = self.e.now             # sleep_until's deadlines count from here
         if self.e.tlcap:
             tl_note(&self.e, th, g, self.e.now, TS_RUNNABLE)
         th.state = TS_RUNNABLE

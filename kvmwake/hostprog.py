@@ -18,6 +18,12 @@ ns or a string with its unit (``"20us"``), and for a drawn time
 * ``compute(dist)``: run on the CPU for the drawn time (preemptible).
 * ``sleep(dist)``: block; an hrtimer wakes it after the drawn time
   (``hrtimer_nanosleep``), through the scheduler's normal wake-up.
+* ``sleep_until(dist)``: ``clock_nanosleep(TIMER_ABSTIME)``: the thread's
+  deadline (its start time at first) moves on by the drawn time and it
+  sleeps until then, not at all if the deadline has passed: a schedule of
+  absolute times that its own work does not delay (as ``kvmwake kernel
+  record``'s injector thread runs).  Timer slack is not modelled (the
+  recorder sets ``PR_SET_TIMERSLACK`` to 1 ns).
 * ``msi(vm, apic_id, vector)`` (x86): the injection an irqfd (or
   ``KVM_SIGNAL_MSI``) write makes in the writer's context
   (``kvm_arch_set_irq_inatomic`` -> ``kvm_apic_set_irq`` ->
@@ -43,8 +49,8 @@ import numpy as np
 from .guest import MAX_DURATION_NS, ProgramError, _dur
 from .model import MAX_LOOP_DEPTH, MAX_PROGRAM_OPS, OP_DTYPE, Dist, HostOp
 
-__all__ = ["HostProgram", "compute", "sleep", "msi", "irq", "loop", "end", "validate",
-           "ProgramError"]
+__all__ = ["HostProgram", "compute", "sleep", "sleep_until", "msi", "irq", "loop", "end",
+           "validate", "ProgramError"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,13 @@ def sleep(dist) -> _HIns:
     """Sleep for a drawn time: dequeued at once; an hrtimer wakes it (try_to_wake_up)."""
     d, p0, p1 = _dist("sleep", dist)
     return _HIns(HostOp.SLEEP, d, 0, p0, p1)
+
+
+def sleep_until(dist) -> _HIns:
+    """clock_nanosleep(TIMER_ABSTIME): the deadline moves on by a drawn time; sleep
+    until it (not at all if it has passed)."""
+    d, p0, p1 = _dist("sleep_until", dist)
+    return _HIns(HostOp.SLEEP_UNTIL, d, 0, p0, p1)
 
 
 def _vm_ref(what, vm):
@@ -217,7 +230,7 @@ def validate(ops: np.ndarray, vms: Sequence | None = None, arch: str | None = No
             code = HostOp(code)
         except ValueError:
             raise ProgramError(f"{where}: unknown host op code {code}") from None
-        if code in (HostOp.COMPUTE, HostOp.SLEEP):
+        if code in (HostOp.COMPUTE, HostOp.SLEEP, HostOp.SLEEP_UNTIL):
             if dist not in tuple(Dist):
                 raise ProgramError(f"{where}: unknown distribution {dist}")
             if p0 > MAX_DURATION_NS or p1 > MAX_DURATION_NS:
@@ -262,7 +275,8 @@ def validate(ops: np.ndarray, vms: Sequence | None = None, arch: str | None = No
                 raise ProgramError(f"{where}: loop count or slot differs from op {head}")
             if not _body_takes_time(ops, head + 1, i):
                 raise ProgramError(f"host op {head}: loop body lets no virtual time pass "
-                                   "(it needs a compute or sleep of positive duration)")
+                                   "(it needs a compute, sleep or sleep_until of positive "
+                                   "duration)")
     if open_loops:
         raise ProgramError(f"host op {open_loops[-1]}: loop is never closed")
     last = int(ops["code"][n - 1])
@@ -273,6 +287,7 @@ def validate(ops: np.ndarray, vms: Sequence | None = None, arch: str | None = No
 
 def _body_takes_time(ops, lo, hi) -> bool:
     for j in range(lo, hi):
-        if int(ops["code"][j]) in (HostOp.COMPUTE, HostOp.SLEEP) and int(ops["p0"][j]) > 0:
+        if int(ops["code"][j]) in (HostOp.COMPUTE, HostOp.SLEEP, HostOp.SLEEP_UNTIL) \
+                and int(ops["p0"][j]) > 0:
             return True
     return False

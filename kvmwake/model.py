@@ -52,6 +52,7 @@ class HostOp(IntEnum):
     IRQ = 36          #: arm64 irqfd: SPI ``arg`` of VM p0 pulsed (level 1, then 0)
     LOOP = 37         #: loop head: arg = counter slot, p0 = count (0: forever)
     ENDLOOP = 38      #: loop tail: arg = index of the LOOP op, p0 = count, p1 = slot
+    SLEEP_UNTIL = 39  #: clock_nanosleep(TIMER_ABSTIME): the deadline moves on by a draw
 
 
 #: Thread kinds of the engine's thread table: a vCPU thread, or a host thread

@@ -372,11 +372,14 @@ def _host_dist(draw):
 def host_items(draw, arch, vm_sizes, nr_spis, depth=0):
     items = []
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["compute", "sleep", "sleep", "inject", "inject", "loop"]))
+        kind = draw(st.sampled_from(["compute", "sleep", "sleep", "sleep_until", "inject",
+                                     "inject", "loop"]))
         if kind == "compute":
             items.append(HP.compute(_host_dist(draw)))
         elif kind == "sleep":
             items.append(HP.sleep(_host_dist(draw)))
+        elif kind == "sleep_until":
+            items.append(HP.sleep_until(_host_dist(draw)))
         elif kind == "inject":
             vm = draw(st.integers(0, len(vm_sizes) - 1))
             if arch == "x86":

@@ -340,6 +340,7 @@ def test_hostile_snapshots_with_host_threads_are_refused():
     refuses(field("threads", inj, "vcpu_id", 5), f"thread {inj}", "host thread")
     refuses(field("threads", inj, "cont", 2), f"thread {inj}", "host thread")
     refuses(field("threads", inj, "resume", 1), f"thread {inj}", "host thread")
+    refuses(field("threads", inj, "exit_time", (1 << 64) - 1), f"thread {inj}", "deadline")
     asleep = [t.g for t in host.threads if t.state == "BLOCKED"]
     refuses(field("irqs", asleep[0], "timer_gen", 12345), f"thread {asleep[0]}", "hrtimer")
 
@@ -505,3 +506,28 @@ def test_snapshot_with_a_host_thread_before_the_vms():
     assert _observe(b) == _observe(host)
     with pytest.raises(ProgramError, match="not a vCPU of that VM"):
         hp.msi(vm, vm2.vcpus[0], 0x40)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("sched", SCHEDS)
+def test_sleep_until_keeps_an_absolute_schedule(engine, sched):
+    """Alone on CPU 1, no costs: with sleep_until 100us the thread's 30 us bursts start
+    at 0, 100, 200, ... us (10 by 1 ms); with sleep 100us at 0, 130, 260, ... (8).
+    A 150 us burst with sleep_until 100us is late every time: it never sleeps."""
+    runs = {}
+    for op in (hp.sleep_until, hp.sleep):
+        host = Host(host_cpus=2, engine=engine, scheduler=sched, costs=ZERO)
+        host.create_vm(1)
+        t = host.add_thread([hp.loop([op("100us"), hp.compute("30us")])], affinity=1)
+        host.run(1 * MS)
+        runs[op.__name__] = t.stats()
+    assert runs["sleep_until"]["nr_sleeps"] == 10 and runs["sleep_until"]["run_ns"] == 9 * 30 * US
+    # (The sleep from 930 us ends at 1 ms, after the run: 9 sleeps ended.)
+    assert runs["sleep_until"]["sleep_ns"] == 100 * US + 8 * 70 * US
+    assert runs["sleep"]["nr_sleeps"] == 8 and runs["sleep"]["run_ns"] == 7 * 30 * US
+    host = Host(host_cpus=2, engine=engine, scheduler=sched, costs=ZERO)
+    host.create_vm(1)
+    t = host.add_thread([hp.loop([hp.sleep_until("100us"), hp.compute("150us")])], affinity=1)
+    host.run(1 * MS)
+    st = t.stats()
+    assert st["nr_sleeps"] == 1 and st["sleep_ns"] == 100 * US and st["nr_runs"] == 2

@@ -116,6 +116,14 @@ cdef int ht_run(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
             th.pc += 1
             if d:
                 return ht_sleep(e, th, g, t, d)
+        elif op.code == HOP_SLEEP_UNTIL:
+            # clock_nanosleep(TIMER_ABSTIME): the deadline (kept in exit_time) moves
+            # on by the draw, at most to MAX_TIME; a deadline already past: no sleep.
+            d = draw_ns(th, op.dist, op.p0, op.p1)
+            th.pc += 1
+            th.exit_time = th.exit_time + d if d < KW_MAX_TIME - th.exit_time else KW_MAX_TIME
+            if th.exit_time > t:
+                return ht_sleep(e, th, g, t, th.exit_time - t)
         elif op.code == HOP_MSI or op.code == HOP_IRQ:
             th.pc += 1
             e.stats[<uint64_t>g * NR_STATS + HS_NR_INJECTS] += 1

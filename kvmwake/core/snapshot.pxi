@@ -308,9 +308,9 @@ cdef _check_state(Engine self, bint programs):
             if not th.has_prog or not th.pc_valid or th.state == TS_POLLING \
                     or th.state > TS_RUNNABLE \
                     or (th.resume != RESUME_START and th.resume != RESUME_SEGMENT) \
-                    or th.cont != CONT_NEXT:
-                raise ValueError(f"thread {g}: a host thread's state, program or "
-                                 "continuation holds an unknown value")
+                    or th.cont != CONT_NEXT or th.exit_time > MAX_TIME:
+                raise ValueError(f"thread {g}: a host thread's state, program, "
+                                 "continuation or deadline holds an unknown value")
             k += 1
         elif th.vm >= e.nvm or g < e.vms[th.vm].first \
                 or th.vcpu_id != g - e.vms[th.vm].first \

@@ -436,6 +436,7 @@ class Engine:
             raise EngineError("this engine stopped on an earlier error")
         th.resume = RESUME_START
         th.wake_ts = self.now
+        th.exit_time = self.now               # sleep_until's deadlines count from here
         if self.tl_cap:
             host.tl_note(self, th, self.now, _RUNNABLE)
         th.state = _RUNNABLE

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..model import (
     CONT_NEXT, HS_NR_INJECTS, HS_NR_PREEMPTED, HS_NR_RUNS, HS_NR_SLEEPS, HS_RUN_NS,
-    HS_SLEEP_NS, HS_WAIT_NS, MAX_OPS_PER_INSTANT, RESUME_SEGMENT, RESUME_START, EventClass,
+    HS_SLEEP_NS, HS_WAIT_NS, MAX_OPS_PER_INSTANT, MAX_TIME, RESUME_SEGMENT, RESUME_START, EventClass,
     HostOp, ThreadState,
 )
 from . import EngineError
@@ -127,6 +127,15 @@ def ht_run(e, th, t):
             th.pc += 1
             if d:
                 ht_sleep(e, th, t, d)
+                return
+        elif code == HostOp.SLEEP_UNTIL:
+            # clock_nanosleep(TIMER_ABSTIME): the deadline (kept in exit_time) moves
+            # on by the draw, at most to MAX_TIME; a deadline already past: no sleep.
+            d = draw_ns(th, dist, p0, p1)
+            th.pc += 1
+            th.exit_time = min(th.exit_time + d, MAX_TIME)
+            if th.exit_time > t:
+                ht_sleep(e, th, t, th.exit_time - t)
                 return
         elif code in (HostOp.MSI, HostOp.IRQ):
             th.pc += 1

@@ -274,9 +274,10 @@ def check_state(e, programs: bool = True) -> None:
                                   "out of range")
             if th.prog is None or not th.pc_valid or th.state == _POLLING \
                     or not _index(th.state, _RUNNABLE + 1) \
-                    or th.resume not in (RESUME_START, RESUME_SEGMENT) or th.cont != 0:
-                raise EngineError(f"thread {g}: a host thread's state, program or "
-                                  "continuation holds an unknown value")
+                    or th.resume not in (RESUME_START, RESUME_SEGMENT) or th.cont != 0 \
+                    or not isinstance(th.exit_time, int) or not 0 <= th.exit_time <= MAX_TIME:
+                raise EngineError(f"thread {g}: a host thread's state, program, "
+                                  "continuation or deadline holds an unknown value")
             k += 1
         elif th.g != g or not isinstance(vm, _Vm) or not _index(vm.index, nvm) \
                 or vms[vm.index] is not vm or th.vcpu_id != g - vm.first \

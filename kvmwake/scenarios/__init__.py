@@ -27,7 +27,9 @@ A scenario file::
     ops = '''
     loop {                        # loop N { ... } repeats N times; no 'for' here
         sleep exp 200us           # blocks; an hrtimer wakes it (also: sleep 1ms,
-        msi 0 0x30                #   sleep uniform 10us 50us); x86 MSI to APIC ID 0,
+                                  #   sleep uniform 10us 50us; sleep_until D: an
+                                  #   absolute deadline moved on by D each time)
+        msi 0 0x30                # x86 MSI to APIC ID 0,
         compute 2us               #   vector 0x30 of VM 0 (msi ID VEC vm=N); arm64:
     }                             #   irq INTID [vm=N], an irqfd write on an SPI
     '''

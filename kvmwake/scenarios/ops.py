@@ -357,7 +357,7 @@ _OPS = frozenset({"compute", "wfi", "hlt", "mask", "unmask", "hvc", "end", "time
 
 # -- host programs ([[host.thread]]) -----------------------------------------------------------
 
-_HOST_OPS = frozenset({"compute", "sleep", "msi", "irq", "end"})
+_HOST_OPS = frozenset({"compute", "sleep", "sleep_until", "msi", "irq", "end"})
 
 
 def _host_dist(w):
@@ -382,6 +382,8 @@ def _compile_host_op(node: Node, ctx):
         return hp.compute(_host_dist(w))
     if op == "sleep":
         return hp.sleep(_host_dist(w))
+    if op == "sleep_until":
+        return hp.sleep_until(_host_dist(w))
     if op == "end":
         _nargs(w, 0)
         return hp.end()
