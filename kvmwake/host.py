@@ -20,7 +20,7 @@ from . import snapshot as _snapshot
 from .errors import KvmError, SnapshotError
 from .exits import from_engine
 from .model import (ARCHES, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, HOST_STAT_NAMES,
-                    MAX_NR_SPIS, MAX_VCPUS, NR_STATS, SCHEDULERS, THREAD_HOST, ThreadState)
+                    MAX_NR_SPIS, MAX_VCPUS, SCHEDULERS, THREAD_HOST, ThreadState)
 
 ENGINES = ("core", "reference")
 #: Largest host the engines accept.

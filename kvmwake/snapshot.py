@@ -396,7 +396,8 @@ def _layout(header, size: int) -> dict:
             raise SnapshotError(f"array {name}: size {nbytes} is not a whole number of "
                                 f"{rec}-byte {struct or name} records")
         if name in expect and nbytes // rec != expect[name]:
-            what = {"cpus": "host CPUs", "lat": "latency buckets", "threads": "vCPU and host threads",
+            what = {"cpus": "host CPUs", "lat": "latency buckets",
+                    "threads": "vCPU and host threads",
                     "vms": "VMs"}.get(name, "records")
             raise SnapshotError(f"inconsistent array sizes: array {name} holds "
                                 f"{nbytes // rec} {what}, which disagrees with the "

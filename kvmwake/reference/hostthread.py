@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from ..model import (
     CONT_NEXT, HS_NR_INJECTS, HS_NR_PREEMPTED, HS_NR_RUNS, HS_NR_SLEEPS, HS_RUN_NS,
-    HS_SLEEP_NS, HS_WAIT_NS, MAX_OPS_PER_INSTANT, MAX_TIME, RESUME_SEGMENT, RESUME_START, EventClass,
-    HostOp, ThreadState,
+    HS_SLEEP_NS, HS_WAIT_NS, MAX_OPS_PER_INSTANT, MAX_TIME, RESUME_SEGMENT, RESUME_START,
+    EventClass, HostOp, ThreadState,
 )
 from . import EngineError
 from .queue import heap_push, push_thread
