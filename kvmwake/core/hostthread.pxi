@@ -57,7 +57,7 @@ cdef int ht_wake(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     if e.tlcap:
         tl_note(e, th, g, t, TS_RUNNABLE)
     th.state = TS_RUNNABLE
-    return make_runnable(e, g, t, e.costs.wake_to_run_ns)
+    return make_runnable(e, g, t, cost_ns(e, th, COST_WAKE_TO_RUN))
 
 
 cdef int ht_exit(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:
@@ -92,6 +92,7 @@ cdef int ht_run(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef uint64_t d
     cdef uint32_t n = 0
     cdef int rc
+    cdef uint64_t cost
     if t == th.stall_t:
         n = th.stall_n
     else:
@@ -130,9 +131,11 @@ cdef int ht_run(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
             rc = ht_inject(e, op, t)
             if rc < 0:
                 return -1
-            if rc and e.costs.ipi_send_ns:
+            if rc:
                 # The kick's IPI to a vCPU in guest mode costs the sender.
-                return ht_segment(e, th, g, t, e.costs.ipi_send_ns)
+                cost = cost_ns(e, th, COST_IPI_SEND)
+                if cost:
+                    return ht_segment(e, th, g, t, cost)
         elif op.code == HOP_LOOP:
             th.loops[op.arg] = <uint32_t>op.p0
             th.pc += 1

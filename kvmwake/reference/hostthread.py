@@ -22,7 +22,7 @@ from ..model import (
 )
 from . import EngineError
 from .queue import heap_push, push_thread
-from .rng import draw_ns
+from .rng import COST_IPI_SEND, COST_WAKE_TO_RUN, cost_ns, draw_ns
 
 # Functions of other pieces (set by engine._link_pieces as the package loads).
 apic_set_irq = inject = make_runnable = release_cpu = tl_note = None
@@ -70,7 +70,7 @@ def ht_wake(e, th, t):
     if e.tl_cap:
         tl_note(e, th, t, _RUNNABLE)
     th.state = _RUNNABLE
-    make_runnable(e, th, t, e.costs["wake_to_run_ns"])
+    make_runnable(e, th, t, cost_ns(e, th, COST_WAKE_TO_RUN))
 
 
 def ht_exit(e, th, t):
@@ -140,10 +140,12 @@ def ht_run(e, th, t):
         elif code in (HostOp.MSI, HostOp.IRQ):
             th.pc += 1
             th.stats[HS_NR_INJECTS] += 1
-            if ht_inject(e, op, t) and e.costs["ipi_send_ns"]:
+            if ht_inject(e, op, t):
                 # The kick's IPI to a vCPU in guest mode costs the sender.
-                ht_segment(e, th, t, e.costs["ipi_send_ns"])
-                return
+                cost = cost_ns(e, th, COST_IPI_SEND)
+                if cost:
+                    ht_segment(e, th, t, cost)
+                    return
         elif code == HostOp.LOOP:
             th.loops[arg] = p0
             th.pc += 1
