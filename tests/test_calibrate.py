@@ -17,8 +17,9 @@ import pytest
 from kvmwake.kernel import analysis as A
 from kvmwake.kernel import calibrate as C
 from kvmwake.kernel import recording as R
+from kvmwake.kernel import schedtrace as ST
 from kvmwake.kernel import synthetic as Y
-from kvmwake.kernel.simulate import SimParams
+from kvmwake.kernel.simulate import SimParams, Setup
 from kvmwake.model import COST_DEFAULTS
 
 TRUE_OWN_NS = 12_000 + 800 + 800      # handler + entry + exit of _made_with()
@@ -58,42 +59,40 @@ def test_busy_intervals_mark_gaps_with_a_send_inside():
 # ---------------------------------------------------------------- the scheduler trace
 
 def _sw(ts, cpu, prev, state, nxt):
-    return {"event": "sched_switch", "ts_ns": ts, "cpu": cpu, "prev_pid": prev,
-            "prev_state": state, "next_pid": nxt}
+    return ST.SchedEvent(ts, cpu, ST.SWITCH, prev, next_pid=nxt, prev_state=state)
 
 
-def _wk(ts, pid, cpu):
-    return {"event": "sched_wakeup", "ts_ns": ts, "cpu": cpu, "pid": pid, "target_cpu": cpu}
-
-
-class _Obj:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+def _wk(ts, pid, cpu, on=None):
+    """``pid`` woken onto ``cpu`` (traced on CPU ``on``, default ``cpu``)."""
+    return ST.SchedEvent(ts, cpu if on is None else on, ST.WAKEUP, pid, target_cpu=cpu)
 
 
 def test_runnable_segments_follow_wakeups_switches_and_migrations():
     ev = [_wk(10, 1, 0), _sw(12, 0, 0, "R", 1),           # 1 woken on CPU 0, runs
-          _wk(20, 2, 0),                                  # 2 woken on CPU 0: queued
+          _wk(20, 2, 0, on=1),                            # 2 woken onto CPU 0 from CPU 1
           _sw(25, 0, 1, "R+", 2),                          # 1 preempted by 2 (stays runnable)
           _sw(30, 0, 2, "S", 1),                           # 2 sleeps, 1 runs again
-          {"event": "sched_migrate_task", "ts_ns": 35, "cpu": 0, "pid": 1, "orig_cpu": 0,
-           "dest_cpu": 1},
-          _sw(36, 1, 0, 0, 1),                             # 1 switched in on CPU 1 (idle: pid 0)
+          ST.SchedEvent(35, 0, ST.MIGRATE, 1, target_cpu=1, orig_cpu=0),
+          _sw(36, 1, 0, "R", 1),                           # 1 switched in on CPU 1 (idle: pid 0)
           _sw(40, 1, 1, "S", 0),                           # 1 sleeps
           _wk(50, 3, 1)]                                   # 3 is not recorded: ignored
     seg = A.runnable_segments(list(reversed(ev)), [1, 2])   # order of the list is not relied on
     assert seg[1] == [(0, 10, 35), (1, 35, 40)]
     assert seg[2] == [(0, 20, 30)]
-    # the same events as objects with attributes (prev_state as the number 0 = running)
-    objs = [_Obj(**e) for e in ev]
-    assert A.runnable_segments(objs, [1, 2]) == seg
-    # or with the tracepoint's fields in a "fields" mapping
-    ev[2] = {**ev[2], "cpu": 1}              # traced on CPU 1, waking 2 onto CPU 0
-    assert A.runnable_segments(ev, [1, 2]) == seg
-    nested = [_Obj(event=e["event"], ts_ns=e["ts_ns"], cpu=e["cpu"],
-                   fields={k: v for k, v in e.items() if k not in ("event", "ts_ns", "cpu")})
-              for e in ev]
-    assert A.runnable_segments(nested, [1, 2]) == seg
+    # the same from the trace text the recorder writes (sched.trace)
+    text = "".join(
+        f"  t-{e.pid} [{e.cpu:03d}] d..2. 0.{e.ts:06d}: " + (
+            f"sched_switch: prev_comm=a prev_pid={e.pid} prev_prio=120 prev_state="
+            f"{e.prev_state} ==> next_comm=b next_pid={e.next_pid} next_prio=120\n"
+            if e.kind == ST.SWITCH else
+            f"sched_wakeup: comm=a pid={e.pid} prio=120 target_cpu={e.target_cpu:03d}\n"
+            if e.kind == ST.WAKEUP else
+            f"sched_migrate_task: comm=a pid={e.pid} prio=120 orig_cpu={e.orig_cpu} "
+            f"dest_cpu={e.target_cpu}\n") for e in ev)
+    parsed = ST.parse(text)
+    assert [(e.kind, e.pid) for e in parsed] == [(e.kind, e.pid) for e in ev]
+    us = {t: [(c, a * 1000, b * 1000) for c, a, b in v] for t, v in seg.items()}
+    assert A.runnable_segments(parsed, [1, 2]) == us
 
 
 def test_sched_contended_only_on_the_vcpus_cpu():
@@ -123,14 +122,14 @@ def test_own_work_from_the_scheduler_trace(tmp_path, monkeypatch):
         if len(longer) % 2 == 0:
             ev += [_wk(a + 10, inj, 0), _sw(a + 20, 0, inj, "S", tid)]
         longer.append(i)
-    kv.sched = ev
+    kv.sched = ST.SchedTrace(ev, [{"tid": tid, "role": "vcpu", "vcpu": 0, "cpu": 0},
+                                  {"tid": inj, "role": "injector", "vcpu": None, "cpu": 0}])
     out = C.own_work(kv)
     assert out["busy_method"].startswith("scheduler trace")
     clean = [int(iv.length[i]) for k, i in enumerate(longer) if k % 2]
     assert out["busy_samples"] == len(clean)
     assert out["busy_ns"] == pytest.approx(np.median(clean))
-    monkeypatch.setattr(C, "_schedtrace", lambda: None)
-    assert C.sched_events(rec) is None                   # no schedtrace: shape instead
+    assert C.sched_trace(rec) is None                    # no sched.trace: the shape decides
 
 
 # ---------------------------------------------------------------- without a trace: the shape
@@ -180,8 +179,6 @@ def test_pinned_cpus_from_threads_table_or_pinning():
                {"tid": 6, "role": "injector", "vcpu": None, "cpu": 1},
                {"tid": 3, "role": "main", "vcpu": None, "cpu": None}]
     assert C.pinned_cpus({**meta, "threads": threads}) == ([None, 0], 1)
-    assert C.recorded_tids({"threads": threads, "vcpu_tids": [4, 5], "injector_tid": 6}) == {
-        5: "vcpu", 4: "vcpu", 6: "injector", 3: "main"}
 
 
 def test_overcommitted_recording_own_work_is_not_the_waiting(tmp_path):
@@ -380,26 +377,34 @@ def test_stats_only_leaves_trace_criteria_unchecked():
     assert st["split"] == st["median_wait"] == st["halt_wakeup"] == "met" and v["pass"]
 
 
+def _r(rate, n=100):
+    return {"rate": rate, "n": n}
+
+
 def test_sched_rates_compared_within_10_pp():
-    sched = {"kernel": {"preemption": {"injector->vcpu": 0.60, "vcpu->injector": 0.20},
-                        "migration": {"all": 0.25}},
-             "model": {"preemption": {"injector->vcpu": 0.52, "vcpu->injector": 0.21},
-                       "migration": {"all": 0.36}}, "reason": None}
+    sched = {"kernel": {"preemption": {"injector->vcpu": _r(0.60), "vcpu->injector": _r(0.20),
+                                       "main->vcpu": _r(0.9)},
+                        "migration": {"pooled": _r(0.25), "vCPU 0": _r(0.5)}},
+             "model": {"preemption": {"injector->vcpu": _r(0.52), "vcpu->injector": _r(0.21),
+                                      "vcpu->vcpu": _r(0.0)},
+                       "migration": {"pooled": _r(0.36), "vCPU 0": _r(0.36)}}, "reason": None}
     v = CM.verdict(_c(K0, K0, sched=sched))
     assert _status(v)["preemption"] == "met" and _status(v)["migration"] == "missed"
-    assert v["preemption_diff_pp"]["injector->vcpu"] == pytest.approx(-8.0)
-    assert v["migration_diff_pp"]["all"] == pytest.approx(11.0)
+    # checked: the role pairs both sides have (not main's), the pooled migration rate
+    assert v["preemption_diff_pp"] == pytest.approx({"injector->vcpu": -8.0,
+                                                     "vcpu->injector": 1.0})
+    assert v["migration_diff_pp"] == pytest.approx({"pooled": 11.0})
     assert v["missed"] == ["migration"]
     no_model = {**sched, "model": None, "reason": "no timeline"}
     e = {x["name"]: x for x in CM.verdict(_c(K0, K0, sched=no_model))["criteria"]}
     assert e["migration"]["status"] == "not checked" and e["migration"]["reason"] == "no timeline"
-
-
-def test_rate_values_forms():
-    assert CM.rate_values(0.25) == {"all": 0.25}
-    assert CM.rate_values(None) == {} and CM.rate_values(float("nan")) == {}
-    assert CM.rate_values({"a": 0.5, "b": {"rate": 0.1, "n": 9}, "c": None, "d": "x"}) == {
-        "a": 0.5, "b": 0.1}
+    # a rate from fewer than SCHED_MIN_SAMPLES samples on either side is not checked
+    few = {**sched, "model": {**sched["model"],
+                              "migration": {"pooled": _r(0.36, CM.SCHED_MIN_SAMPLES - 1)}}}
+    e = {x["name"]: x for x in CM.verdict(_c(K0, K0, sched=few))["criteria"]}
+    assert e["migration"]["status"] == "not checked"
+    assert e["migration"]["reason"].startswith(f"no rate with {CM.SCHED_MIN_SAMPLES} samples")
+    assert e["preemption"]["status"] == "met"
 
 
 def test_saturated_is_not_scored():
@@ -411,41 +416,40 @@ def test_saturated_is_not_scored():
     assert v["split_diff_pp"] == pytest.approx(40.0)        # the figures are still there
 
 
-class _FakeSchedtrace:
-    def __init__(self, events):
-        self.events = events
-
-    def load_sched(self, path):
-        return self.events
-
-    def preemption_rate(self, events, threads=None):
-        assert threads is None or isinstance(threads, list)
-        return {"injector->vcpu": 0.5, "vcpu->vcpu": None}
-
-    def migration_rate(self, events):
-        return 0.2
-
-    def from_timeline(self, host):
-        return ["model events of", host]
-
-
-def test_sched_rates_through_schedtrace(tmp_path, monkeypatch):
-    Y.make_recording(tmp_path / "r", "long", 40, 1, 2, None, _made_with())
-    rec = R.load(tmp_path / "r")
-    monkeypatch.setattr(C, "_schedtrace", lambda: _FakeSchedtrace([_wk(1, 5, 0)]))
+def test_sched_rates_of_a_recording_and_of_the_model(tmp_path):
+    """A synthetic recording with the model's own scheduler trace (sched.trace in the
+    kernel's text form): compare reads it with schedtrace, simulates, and the model's
+    rates (from its state timeline, the injector's VM as role "injector") equal the
+    recording's."""
+    d = tmp_path / "r"
+    Y.make_recording(d, "short", 300, 3, 2, None, _made_with(), sched_trace=True)
+    rec = R.load(d)
     kv = C.kernel_view(rec)
-    assert kv.sched == [_wk(1, 5, 0)]
-    k = CM.kernel_sched_rates(rec, kv)
-    assert k == {"preemption": {"injector->vcpu": 0.5}, "migration": {"all": 0.2}}
-
-    class _R:
-        host = "the host"
-    assert CM.model_sched_rates(_R()) == k
-    assert CM.sched_rates(rec, kv, object())["reason"].startswith("the simulation gives no")
-    monkeypatch.setattr(C, "_schedtrace", lambda: _FakeSchedtrace([]))
-    kv = C.kernel_view(rec)
+    assert isinstance(kv.sched, ST.SchedTrace)
+    assert sorted(kv.sched.roles().values()) == ["injector", "vcpu", "vcpu", "vcpu"]
+    r = C.sim_view(Setup.from_recording(rec), SimParams.from_dict(rec.meta["made_with"]),
+                   rec.meta["port_exit_ns"])[0]
+    assert isinstance(r.sched, ST.SchedTrace)
+    assert {t["role"] for t in r.sched.threads} == {"vcpu", "injector"}
+    sc = CM.sched_rates(kv, r)
+    assert sc["reason"] is None
+    k, m = sc["kernel"], sc["model"]
+    assert set(k["preemption"]) >= {"injector->vcpu", "vcpu->injector"}
+    assert k["preemption"]["injector->vcpu"]["n"] >= CM.SCHED_MIN_SAMPLES
+    assert k["migration"]["pooled"] == {"rate": 0.0, "n": m["migration"]["pooled"]["n"]}
+    for pair, x in k["preemption"].items():   # the same run: the same rates
+        assert m["preemption"][pair]["rate"] == pytest.approx(x["rate"]), pair
+    # own work from the scheduler trace now
+    assert C.own_work(kv)["busy_method"].startswith("scheduler trace")
+    # without sched.trace: not checked, saying why
+    (d / ST.SCHED_TRACE).unlink()
+    kv = C.kernel_view(R.load(d))
     assert kv.sched is None
-    assert CM.sched_rates(rec, kv, _R())["reason"] == "the recording has no scheduler trace"
+    assert CM.sched_rates(kv, r)["reason"] == "the recording has no scheduler trace"
+    # a corrupt sched.trace is an error naming the file, not a silent "no trace"
+    (d / ST.SCHED_TRACE).write_text("  x-1 [000] d..2. 1.000001: sched_switch: garbage\n")
+    with pytest.raises(R.RecordingError, match="sched.trace: line 1: sched_switch"):
+        C.kernel_view(R.load(d))
 
 
 def test_compare_check_exit_codes(tmp_path, capsys):

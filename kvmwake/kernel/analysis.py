@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..outputs.tracefmt import WAKEUP
+from .schedtrace import MIGRATE, SWITCH
+from .schedtrace import WAKEUP as SCHED_WAKEUP
 
 QUANTILES = (50, 90, 99)
 
@@ -261,73 +263,14 @@ def busy_intervals(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray) -> Busy
                          np.concatenate(sp).astype(np.int64), np.concatenate(qu))
 
 
-#: The scheduler tracepoints read here, with the kernel's field names
-#: (include/trace/events/sched.h).
-SCHED_SWITCH = "sched_switch"
-SCHED_WAKEUP = "sched_wakeup"
-SCHED_MIGRATE = "sched_migrate_task"
-
-
-def _field(e, *names, default=None):
-    """The first of ``names`` that ``e`` has (a key of a mapping, or an attribute), also
-    looked up in ``e``'s ``fields`` mapping where it has one (a tracepoint's fields)."""
-    places = (e, e.get("fields") if isinstance(e, dict) else getattr(e, "fields", None))
-    for n in names:
-        for where in places:
-            if isinstance(where, dict):
-                if n in where:
-                    return where[n]
-            elif where is not None and hasattr(where, n):
-                return getattr(where, n)
-    return default
-
-
-def _still_runnable(state) -> bool:
-    """``prev_state`` of a ``sched_switch``: the task was preempted (still TASK_RUNNING,
-    printed ``R`` or ``R+``, or the number 0) rather than going to sleep."""
-    if isinstance(state, str):
-        return state.strip().startswith("R")
-    return state == 0
-
-
-def sched_rows(events) -> list[tuple]:
-    """The scheduler events in one plain form, time-ordered:
-    ``(ts_ns, kind, cpu, pid, other)`` with, per kind,
-
-    * ``sched_switch`` on ``cpu``: ``pid`` = ``prev_pid``, ``other`` =
-      (``prev_state`` still runnable, ``next_pid``);
-    * ``sched_wakeup``: ``pid`` woken onto ``other`` = ``target_cpu``;
-    * ``sched_migrate_task``: ``pid`` from ``cpu`` = ``orig_cpu`` to ``other`` =
-      ``dest_cpu``.
-
-    Each event is a mapping or an object with the tracepoint's field names
-    (``prev_pid``, ``prev_state``, ``next_pid``; ``pid``, ``target_cpu``; ``pid``,
-    ``orig_cpu``, ``dest_cpu``), its name in ``event`` (or ``name``), its time in
-    ``ts_ns`` (or ``ts``) and the CPU it was traced on in ``cpu``; the tracepoint's
-    fields may also sit in a ``fields`` mapping of the event."""
-    rows = []
-    for e in events:
-        kind = _field(e, "event", "name")
-        ts = _field(e, "ts_ns", "ts")
-        if kind == SCHED_SWITCH:
-            rows.append((int(ts), kind, int(_field(e, "cpu")), int(_field(e, "prev_pid")),
-                         (_still_runnable(_field(e, "prev_state", default="S")),
-                          int(_field(e, "next_pid")))))
-        elif kind == SCHED_WAKEUP:
-            rows.append((int(ts), kind, int(_field(e, "target_cpu", "cpu")),
-                         int(_field(e, "pid")), int(_field(e, "target_cpu", "cpu"))))
-        elif kind == SCHED_MIGRATE:
-            rows.append((int(ts), kind, int(_field(e, "orig_cpu")), int(_field(e, "pid")),
-                         int(_field(e, "dest_cpu"))))
-    rows.sort(key=lambda r: r[0])
-    return rows
-
-
 def runnable_segments(events, tids) -> dict[int, list[tuple[int, int, int]]]:
     """Per thread of ``tids``: ``(cpu, start, end)`` spans during which it was runnable
     (queued or running) on that CPU's run queue, from its wake-up (``sched_wakeup``,
     or being switched in) to the ``sched_switch`` that puts it to sleep, split where
-    it migrates.  A span still open at the end of the trace ends at +inf."""
+    it migrates.  A span still open at the end of the trace ends at +inf.
+
+    ``events``: ``schedtrace.SchedEvent`` records (``schedtrace.load_sched(dir).events``
+    or ``schedtrace.from_timeline``), in any order (they are sorted by time here)."""
     tids = set(int(t) for t in tids)
     seg: dict[int, list] = {t: [] for t in tids}
     on: dict[int, tuple[int, int]] = {}          # tid -> (cpu, since)
@@ -340,21 +283,19 @@ def runnable_segments(events, tids) -> dict[int, list[tuple[int, int, int]]]:
             seg[t].append((cur[0], cur[1], ts))
             on[t] = (cpu, ts)
 
-    for ts, kind, cpu, pid, other in sched_rows(events):
-        if kind == SCHED_SWITCH:
-            runnable, nxt = other
-            if pid in tids and not runnable and pid in on:
-                c, since = on.pop(pid)
-                seg[pid].append((c, since, ts))
-            elif pid in tids and runnable:
-                begin(pid, cpu, ts)
-            if nxt in tids:
-                begin(nxt, cpu, ts)
-        elif kind == SCHED_WAKEUP and pid in tids:
-            begin(pid, other, ts)
-        elif kind == SCHED_MIGRATE and pid in tids:
-            if pid in on:
-                begin(pid, other, ts)
+    for e in sorted(events, key=lambda e: e.ts):
+        if e.kind == SWITCH:
+            if e.pid in tids and e.sleeps and e.pid in on:
+                c, since = on.pop(e.pid)
+                seg[e.pid].append((c, since, e.ts))
+            elif e.pid in tids and not e.sleeps:
+                begin(e.pid, e.cpu, e.ts)
+            if e.next_pid in tids:
+                begin(e.next_pid, e.cpu, e.ts)
+        elif e.kind == SCHED_WAKEUP and e.pid in tids:
+            begin(e.pid, e.target_cpu, e.ts)
+        elif e.kind == MIGRATE and e.pid in tids and e.pid in on:
+            begin(e.pid, e.target_cpu, e.ts)
     inf = np.iinfo(np.int64).max
     for t, (c, since) in on.items():
         seg[t].append((c, since, inf))

@@ -86,6 +86,7 @@ import numpy as np
 from .. import __version__
 from ..model import COST_DEFAULTS
 from . import analysis as A
+from . import schedtrace as ST
 from .recording import CALIBRATION, Recording, RecordingError, write_json
 from .simulate import SimParams, Setup, simulate
 
@@ -119,7 +120,7 @@ class KernelView:
     halts: A.Halts | None
     waker: np.ndarray | None
     figures: dict
-    sched: list | None = None     # the scheduler's tracepoints, if recorded
+    sched: ST.SchedTrace | None = None   # the scheduler's tracepoints, if recorded
 
 
 def kernel_view(rec: Recording) -> KernelView:
@@ -137,45 +138,23 @@ def kernel_view(rec: Recording) -> KernelView:
         fig = stats_only_figures(stats)
     seen = w["seen_ns"] > 0
     fig["host_latency_all_ns"] = A.quantiles((w["seen_ns"] - w["sent_ns"])[seen])
-    return KernelView(rec, h, wk, fig, sched_events(rec))
+    return KernelView(rec, h, wk, fig, sched_trace(rec))
 
 
 # ---------------------------------------------------------------- the scheduler trace
 
-def _schedtrace():
-    """``kvmwake.kernel.schedtrace`` where this build has it (recordings with the
-    scheduler's tracepoints), else None."""
+def sched_trace(rec: Recording) -> ST.SchedTrace | None:
+    """The recording's scheduler tracepoints and threads table
+    (``schedtrace.load_sched``), or None when it was recorded without them."""
     try:
-        from . import schedtrace
-    except ImportError:
-        return None
-    return schedtrace
+        return ST.load_sched(rec.path)
+    except ST.SchedTraceError as exc:
+        raise RecordingError(f"{rec.path / ST.SCHED_TRACE}: {exc}") from None
 
 
-def sched_events(rec: Recording) -> list | None:
-    """The recording's scheduler events (``schedtrace.load_sched``), or None when the
-    recording (or this build) has none."""
-    st = _schedtrace()
-    if st is None:
-        return None
-    try:
-        ev = st.load_sched(rec.path)
-    except (OSError, ValueError):
-        return None
-    return list(ev) if ev else None
-
-
-def recorded_tids(meta: dict) -> dict[int, str]:
-    """tid -> role of every thread of the recording: ``meta["threads"]`` where the
-    recorder wrote it, else the vCPU threads and the injector."""
-    out = {}
-    for t in meta.get("threads") or []:
-        out[int(t["tid"])] = str(t.get("role"))
-    for tid in meta.get("vcpu_tids", []):
-        out.setdefault(int(tid), "vcpu")
-    if meta.get("injector_tid") is not None:
-        out.setdefault(int(meta["injector_tid"]), "injector")
-    return out
+def _vcpu_tid(trace: ST.SchedTrace) -> dict[int, int]:
+    """vCPU index -> its thread's tid, from a sched trace's threads table."""
+    return {v: t for t, v in trace.vcpu_tids().items()}
 
 
 def pinned_cpus(meta: dict) -> tuple[list, int | None]:
@@ -233,9 +212,8 @@ def own_work(kv: KernelView) -> dict:
     out = {"busy_all_median_ns": _median(iv.length[quiet]),
            "busy_all_samples": int(quiet.sum())}
     if kv.sched is not None:
-        tids = recorded_tids(rec.meta)
-        seg = A.runnable_segments(kv.sched, tids)
-        cont = A.sched_contended(iv, {v: int(t) for t, v in rec.pid_to_vcpu().items()}, seg)
+        seg = A.runnable_segments(kv.sched.events, kv.sched.roles())
+        cont = A.sched_contended(iv, _vcpu_tid(kv.sched), seg)
         ok = quiet & ~cont
         out.update(busy_method="scheduler trace: no other recorded thread runnable on the "
                                "vCPU's CPU", busy_ns=_median(iv.length[ok]),
@@ -287,8 +265,8 @@ def uncontended_latencies(kv: KernelView) -> tuple[np.ndarray, str | None]:
     lat = h.end[idx] - start
     if kv.sched is not None:
         iv = A.BusyIntervals(h.vcpu[idx], start, h.end[idx], np.ones(idx.size, dtype=bool))
-        seg = A.runnable_segments(kv.sched, recorded_tids(rec.meta))
-        cont = A.sched_contended(iv, {v: int(t) for t, v in rec.pid_to_vcpu().items()}, seg)
+        seg = A.runnable_segments(kv.sched.events, kv.sched.roles())
+        cont = A.sched_contended(iv, _vcpu_tid(kv.sched), seg)
         return lat[~cont], "scheduler trace: nothing else runnable on the vCPU's CPU"
     for group, what in alone_groups(*pinned_cpus(rec.meta)):
         ok = np.isin(h.vcpu[idx], group)

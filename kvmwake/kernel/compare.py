@@ -45,6 +45,7 @@ import numpy as np
 from ..haltpoll import HaltPollParams
 from . import analysis as A
 from . import calibrate as C
+from . import schedtrace as ST
 from .recording import Recording, RecordingError, write_json
 from .replay import replay
 from .simulate import Setup
@@ -56,6 +57,11 @@ P90_BOUND = 0.25
 P99_BOUND = 0.40
 STAT_BOUND = 0.10
 SCHED_BOUND_PP = 10.0
+#: A scheduler rate is checked where both sides have at least this many samples (wake-ups
+#: of the role pair, pairs of consecutive run periods): below, one event moves it by
+#: more than a few points.  Checked: the preemption rate of each of
+#: ``schedtrace.ROLE_PAIRS`` and the pooled migration rate (per vCPU: printed).
+SCHED_MIN_SAMPLES = 20
 
 #: The acceptance criteria, in the order printed: (key in the verdict, label, bound).
 CRITERIA = (
@@ -142,7 +148,7 @@ def run(rec: Recording, cal: dict | None = None, seed: int = 0) -> dict:
         "model_replay": {"matched": sim_rp.matched, "mismatched": sim_rp.mismatched},
         "harness": rec.meta.get("harness"),
         "notes": list(rec.notes) + list(cal.get("notes", [])),
-        "sched": sched_rates(rec, kv, r),
+        "sched": sched_rates(kv, r),
         "saturated": bool(cal.get("saturated")),
         "saturated_reason": cal.get("saturated_reason"),
     }
@@ -152,71 +158,30 @@ def run(rec: Recording, cal: dict | None = None, seed: int = 0) -> dict:
 
 # ---------------------------------------------------------------- scheduler rates
 
-def kernel_sched_rates(rec: Recording, kv) -> dict | None:
-    """The kernel's preemption and migration rates from the recording's scheduler
-    tracepoints, or None without them."""
-    st = C._schedtrace()
-    if st is None or kv.sched is None:
-        return None
-    threads = rec.meta.get("threads")
-    return {"preemption": rate_values(_call_rate(st.preemption_rate, kv.sched, threads)),
-            "migration": rate_values(_call_rate(st.migration_rate, kv.sched, threads))}
+def rate_values(trace: ST.SchedTrace) -> dict:
+    """A trace's rates as compare checks and prints them (``schedtrace.figures``):
+    ``{"preemption": {pair: {"rate", "n"}}, "migration": {"pooled" | "vCPU i":
+    {"rate", "n"}}}``, ``n`` the wake-ups (pairs of consecutive run periods) a rate is
+    the share of; a rate without any is left out."""
+    f = ST.figures(trace)
+    pre = {pair: {"rate": x["rate"], "n": x["wakeups"]}
+           for pair, x in f["preemption"].items() if x["wakeups"]}
+    mig = {"pooled": {"rate": f["migration"]["pooled"]["rate"],
+                      "n": f["migration"]["pooled"]["periods"]}}
+    mig.update({f"vCPU {r['vcpu']}": {"rate": r["rate"], "n": r["periods"]}
+                for r in f["migration"]["per_vcpu"]})
+    return {"preemption": pre,
+            "migration": {k: v for k, v in mig.items() if v["n"]}}
 
 
-def model_sched_rates(r) -> dict | None:
-    """The model's preemption and migration rates from the simulated host's thread
-    timeline (``schedtrace.from_timeline``), or None where the simulation keeps no host."""
-    st = C._schedtrace()
-    host = getattr(r, "host", None)
-    if st is None or host is None:
-        return None
-    ev = st.from_timeline(host)
-    threads = getattr(r, "threads", None)
-    return {"preemption": rate_values(_call_rate(st.preemption_rate, ev, threads)),
-            "migration": rate_values(_call_rate(st.migration_rate, ev, threads))}
-
-
-def _call_rate(fn, events, threads):
-    """``fn(events, threads=threads)`` where ``fn`` takes the threads table, else
-    ``fn(events)``."""
-    import inspect
-    try:
-        takes = "threads" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        takes = False
-    return fn(events, threads=threads) if takes and threads is not None else fn(events)
-
-
-def rate_values(x) -> dict:
-    """A rate as ``{kind: share in 0..1}``: one number becomes ``{"all": x}``; a
-    mapping keeps its numeric entries (an entry that is itself a mapping gives its
-    ``"rate"``); entries without a value (no sample) are left out."""
-    if x is None:
-        return {}
-    if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool):
-        return {} if math.isnan(float(x)) else {"all": float(x)}
-    out = {}
-    if isinstance(x, dict):
-        for k, v in x.items():
-            if isinstance(v, dict):
-                v = v.get("rate")
-            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
-                    and not math.isnan(float(v)):
-                out[str(k)] = float(v)
-    return out
-
-
-def sched_rates(rec: Recording, kv, r) -> dict:
-    """Kernel and model rates side by side, with why they are missing where they are."""
-    k = kernel_sched_rates(rec, kv)
-    if k is None:
+def sched_rates(kv, r) -> dict:
+    """Kernel and model rates side by side: the recording's scheduler tracepoints
+    (``kv.sched``, ``schedtrace.load_sched``) and the simulated host's thread timeline
+    (``r.sched``, ``schedtrace.from_timeline``); ``reason`` says why they are missing."""
+    if kv.sched is None:
         return {"kernel": None, "model": None,
                 "reason": "the recording has no scheduler trace"}
-    m = model_sched_rates(r)
-    if m is None:
-        return {"kernel": k, "model": None,
-                "reason": "the simulation gives no thread timeline to read rates from"}
-    return {"kernel": k, "model": m, "reason": None}
+    return {"kernel": rate_values(kv.sched), "model": rate_values(r.sched), "reason": None}
 
 
 def _jsonable(fig: dict, stats: dict) -> dict:
@@ -320,11 +285,13 @@ def verdict(c: dict) -> dict:
             put(name, None, None, sc.get("reason"))
             continue
         ka, ma = sc["kernel"][name], sc["model"][name]
-        both = sorted(set(ka) & set(ma))
+        keys = ST.ROLE_PAIRS if name == "preemption" else ("pooled",)
+        both = [x for x in keys if x in ka and x in ma
+                and min(ka[x]["n"], ma[x]["n"]) >= SCHED_MIN_SAMPLES]
         if not both:
-            put(name, None, None, "no rate on both sides")
+            put(name, None, None, f"no rate with {SCHED_MIN_SAMPLES} samples on both sides")
             continue
-        diffs = {x: 100.0 * (ma[x] - ka[x]) for x in both}
+        diffs = {x: 100.0 * (ma[x]["rate"] - ka[x]["rate"]) for x in both}
         worst = max(diffs.values(), key=abs)
         out[f"{name}_diff_pp"] = diffs
         out[f"{name}_ok"] = abs(worst) <= SCHED_BOUND_PP
@@ -465,13 +432,13 @@ def print_report(c: dict, out=None) -> None:
     v = c["verdict"]
     sc = c.get("sched") or {}
     if sc.get("kernel") is not None:
-        w("\nscheduler (shares of wake-ups / of consecutive halts)\n")
+        w("\nscheduler (shares of wake-ups / of consecutive run periods; samples)\n")
         for name in ("preemption", "migration"):
             ka, ma = sc["kernel"][name], (sc.get("model") or {}).get(name, {})
             for x in sorted(set(ka) | set(ma)):
                 a, b = ka.get(x), ma.get(x)
-                w(f"  {name} {x:<18}{_pct(a):>10}{_pct(b):>10}"
-                  f"{'' if a is None or b is None else f'{100 * (b - a):+10.1f} pp'}\n")
+                d = "" if a is None or b is None else f"{100 * (b['rate'] - a['rate']):+9.1f} pp"
+                w(f"  {name} {x:<16}{_rate(a):>18}{_rate(b):>18}{d}\n")
     w("\nacceptance: ")
     parts = []
     if "split_diff_pp" in v:
@@ -494,6 +461,11 @@ def _met(ok) -> str:
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def _rate(x) -> str:
+    """A scheduler rate ``{"rate", "n"}`` as printed: share and samples."""
+    return "-" if x is None else f"{_pct(x['rate'])} ({x['n']})"
 
 
 def criterion_value(e: dict) -> str:

@@ -140,6 +140,27 @@ def parse(text: str) -> list[SchedEvent]:
     return out
 
 
+def format_line(e: SchedEvent, comm: dict[int, str]) -> str:
+    """``e`` as the kernel prints it (the inverse of ``parse_line``; the time truncated
+    to the microsecond as in the trace text, priority 120, flags ``d..2.``).  ``comm``:
+    pid -> task name (pid 0: ``swapper/<cpu>``)."""
+    def name(pid):
+        return f"swapper/{e.cpu}" if pid == 0 else comm.get(pid, f"task{pid}")
+    head = (f"{name(e.pid):>16}-{e.pid:<7} [{e.cpu:03d}] d..2. "
+            f"{e.ts // 1_000_000_000:5d}.{e.ts // 1000 % 1_000_000:06d}: ")
+    if e.kind == SWITCH:
+        return (head + f"sched_switch: prev_comm={name(e.pid)} prev_pid={e.pid} prev_prio=120 "
+                f"prev_state={e.prev_state} ==> next_comm={name(e.next_pid)} "
+                f"next_pid={e.next_pid} next_prio=120")
+    if e.kind == WAKEUP:
+        return (head + f"sched_wakeup: comm={name(e.pid)} pid={e.pid} prio=120 "
+                f"target_cpu={e.target_cpu:03d}")
+    if e.kind == MIGRATE:
+        return (head + f"sched_migrate_task: comm={name(e.pid)} pid={e.pid} prio=120 "
+                f"orig_cpu={e.orig_cpu} dest_cpu={e.target_cpu}")
+    raise ValueError(f"unknown sched event kind {e.kind!r}")
+
+
 def involves(e: SchedEvent, pids: set[int]) -> bool:
     return e.pid in pids or (e.kind == SWITCH and e.next_pid in pids)
 

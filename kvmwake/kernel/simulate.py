@@ -63,6 +63,7 @@ from ..host import Host
 from ..model import COST_DEFAULTS
 from ..uapi import Cap
 from .microvm import NR_VECTORS, VEC_BASE, msi_address, wake_vector
+from .schedtrace import SchedTrace, from_timeline
 
 PID_BASE = 1000
 
@@ -148,6 +149,7 @@ class SimResult:
     events: list                    # the main VM's trace events
     stats: list[dict]               # per vCPU, kernel names
     injector_idle: np.ndarray       # per wake: the injector was taken to wake from idle
+    sched: SchedTrace | None = None  # the host's thread timeline as scheduler events
 
     def pid_to_vcpu(self) -> dict[int, int]:
         return {PID_BASE + i: i for i in range(self.setup.nvcpus)}
@@ -176,9 +178,18 @@ def injector_vector(k: int) -> int:
 
 def simulate(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core",
              drain_ns: int = 20_000_000) -> SimResult:
-    """Run the workload (see the module docstring); an ipi recording's in ``simulate_ipi``."""
+    """Run the workload (see the module docstring); an ipi recording's in ``simulate_ipi``.
+
+    The host runs with the state timeline on; ``SimResult.sched`` is it as scheduler
+    events (``sched_trace``), for the preemption and migration rates."""
     if setup.ipi is not None:
         return simulate_ipi(setup, params, seed, engine, drain_ns)
+    return _sized(lambda cap: _simulate_msi(setup, params, seed, engine, drain_ns, cap),
+                  len(setup.target_ns))
+
+
+def _simulate_msi(setup: Setup, params: SimParams, seed: int, engine: str, drain_ns: int,
+                  tl_capacity: int) -> tuple[SimResult, int]:
     lead = lead_in(setup, params)
     costs = {**COST_DEFAULTS, **params.costs}
     w2r, entry = int(costs["wake_to_run_ns"]), int(costs["vm_entry_ns"])
@@ -190,7 +201,7 @@ def simulate(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core
     else:
         have = np.ones(n, dtype=bool)
         send = np.full(n, -1, dtype=np.int64)       # decided as the run goes
-    host, vm, inj = _build(setup, params, seed, engine)
+    host, vm, inj = _build(setup, params, seed, engine, tl_capacity)
     idle = np.zeros(n, dtype=bool)
     if inj is None:
         if params.arrivals != "sent" or setup.sent_ns is None:
@@ -201,15 +212,52 @@ def simulate(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core
                                w2r, entry, int(costs["context_switch_ns"]), drain_ns)
     events = vm.trace_events()
     stats = [v.stats() for v in vm.vcpus]
+    if host.timeline_dropped:
+        return None, host.timeline_dropped
     return SimResult(setup, params, lead, send, send + params.delivery_ns, target, events,
-                     stats, idle)
+                     stats, idle, sched_trace(host, vm, inj)), 0
 
 
-def _build(setup: Setup, params: SimParams, seed: int, engine: str):
+#: The state timeline's records per wake, to start with: a wake changes its vCPU's
+#: state a handful of times (runnable, running, polling, blocked; the injector's as
+#: many), more where a shared CPU preempts.  The timeline is a ring: a run that
+#: overflows it is run again (same seed, same result) with room for what it dropped.
+TIMELINE_RECORDS_PER_WAKE = 16
+
+
+def _sized(run_once, wakes: int) -> SimResult:
+    """``run_once(timeline_capacity) -> (SimResult, 0) | (None, records dropped)``, with
+    a capacity sized from the run: ``TIMELINE_RECORDS_PER_WAKE`` per wake, then grown
+    by what a run dropped until one keeps every record."""
+    cap = TIMELINE_RECORDS_PER_WAKE * (wakes + 16) + 4096
+    while True:
+        r, dropped = run_once(cap)
+        if r is not None:
+            return r
+        cap += 2 * dropped
+
+
+def sched_trace(host, vm, inj) -> SchedTrace:
+    """The simulated host's thread timeline as scheduler events
+    (``schedtrace.from_timeline``), with the recording's roles: the vCPUs of ``vm``
+    ("vcpu", numbered as in the VM) and the injector's one vCPU (``inj``: the second
+    VM that stands for the injector thread, role "injector").  Thread g runs on host
+    CPU ``g % host_cpus`` (the model pins it there), which is its ``cpu``."""
+    ncpu = host.host_cpus
+    threads = [{"tid": int(v._g), "role": "vcpu", "vcpu": int(v.id), "cpu": int(v._g) % ncpu}
+               for v in vm.vcpus]
+    if inj is not None:
+        threads += [{"tid": int(v._g), "role": "injector", "vcpu": None,
+                     "cpu": int(v._g) % ncpu} for v in inj.vcpus]
+    return from_timeline(host, threads)
+
+
+def _build(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacity: int):
     mp = setup.module_params
     n = len(setup.target_ns)
     host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed, costs=params.costs,
-                engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024))
+                engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
+                timeline_capacity=tl_capacity)
     host.halt_poll_ns = int(mp["halt_poll_ns"])
     for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
         if name in mp:
@@ -353,13 +401,21 @@ def simulate_ipi(setup: Setup, params: SimParams, seed: int = 0, engine: str = "
     ``lead_in`` after the start; there is no injector thread (it sleeps once the
     start MSI is sent).  ``send_ns[k]`` is the time of the send port exit of wake
     k (the recorder's ``sent_ns``), ``arrival_ns`` adds ``delivery_ns``.
+    ``sched``: the host's state timeline as scheduler events, as in ``simulate``.
     """
+    return _sized(lambda cap: _simulate_ipi(setup, params, seed, engine, drain_ns, cap),
+                  len(setup.ipi))
+
+
+def _simulate_ipi(setup: Setup, params: SimParams, seed: int, engine: str, drain_ns: int,
+                  tl_capacity: int) -> tuple[SimResult, int]:
     plan = setup.ipi
     n = len(plan)
     lead = lead_in(setup, params)
     mp = setup.module_params
     host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed, costs=params.costs,
-                engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024))
+                engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
+                timeline_capacity=tl_capacity)
     host.halt_poll_ns = int(mp["halt_poll_ns"])
     for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
         if name in mp:
@@ -384,6 +440,8 @@ def simulate_ipi(setup: Setup, params: SimParams, seed: int = 0, engine: str = "
     host.run(host.now + drain_ns)
     send = np.asarray(log.sent, dtype=np.int64)
     target = lead + plan.target_ns.astype(np.int64)
+    if host.timeline_dropped:
+        return None, host.timeline_dropped
     return SimResult(setup, params, lead, send, send + params.delivery_ns, target,
                      vm.trace_events(), [v.stats() for v in vm.vcpus],
-                     np.zeros(n, dtype=bool))
+                     np.zeros(n, dtype=bool), sched_trace(host, vm, None)), 0
