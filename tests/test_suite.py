@@ -257,6 +257,14 @@ def test_suite_end_to_end_on_tiny_configurations(tmp_path, capsys):
         assert len(r["criteria"]) == len(CM.CRITERIA)
         meta = json.loads((out / r["name"] / "seed0" / "metadata.json").read_text())
         assert meta["workload"]["wakes"] == 60
+        # the scheduler's rates: the recording's trace against the model's timeline
+        c = json.loads((out / r["name"] / "seed0" / CM.COMPARE_JSON).read_text())
+        if meta["sched_trace"]["mode"] == "tracefs":
+            assert c["sched"]["reason"] is None
+            for side in ("kernel", "model"):
+                assert c["sched"][side]["migration"]["pooled"]["n"] > 0, side
+        else:
+            assert c["sched"]["reason"] == "the recording has no scheduler trace"
     meta = json.loads((out / "tiny-unpinned" / "seed0" / "metadata.json").read_text())
     assert meta["workload"]["canonical"] == "fixed:100us" and meta["halt_poll_cap"] == 50_000
     assert meta["pinning"]["enabled"] is False
