@@ -452,6 +452,32 @@ def test_sched_rates_of_a_recording_and_of_the_model(tmp_path):
         C.kernel_view(R.load(d))
 
 
+def test_simulation_timeline_sized_from_the_run(tmp_path, monkeypatch):
+    """simulate keeps the host's state timeline: a run that overflows it is run again
+    with room (same seed, same result), and the timeline changes nothing else."""
+    from kvmwake.kernel import simulate as SM
+    Y.make_recording(tmp_path / "r", "short", 200, 3, 2, None, _made_with())
+    setup = Setup.from_recording(R.load(tmp_path / "r"))
+    p = _made_with()
+    r = SM.simulate(setup, p)
+    caps = []
+    real = SM._simulate_msi
+
+    def spy(*a):
+        caps.append(a[-1])
+        return real(*a)
+    monkeypatch.setattr(SM, "_simulate_msi", spy)
+    monkeypatch.setattr(SM, "TIMELINE_RECORDS_PER_WAKE", 0)
+    monkeypatch.setattr(SM, "TIMELINE_BASE", 64)
+    r2 = SM.simulate(setup, p)
+    assert caps[0] == 64 and len(caps) >= 2 and caps[-1] > 64       # overflowed, re-run
+    assert r2.sched.events == r.sched.events
+    assert r2.events == r.events and np.array_equal(r2.send_ns, r.send_ns)
+    off, dropped = real(setup, p, 0, "core", 20_000_000, 0)         # no timeline at all
+    assert dropped == 0 and off.events == r.events and off.sched.events == []
+    assert [t["role"] for t in r.sched.threads] == ["vcpu"] * 3 + ["injector"]
+
+
 def test_compare_check_exit_codes(tmp_path, capsys):
     from kvmwake.kernel import cli as KC
     d = tmp_path / "r"

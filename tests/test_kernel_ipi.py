@@ -13,6 +13,7 @@ import kvmwake.kernel as K
 from kvmwake.kernel import cli as KC
 from kvmwake.kernel import microvm as mv
 from kvmwake.kernel import recording as R
+from kvmwake.kernel import schedtrace as ST
 from kvmwake.kernel import simulate as S
 from kvmwake.kernel import workload as W
 
@@ -124,6 +125,15 @@ def test_simulate_ipi_runs_the_plan():
     # Deterministic per seed.
     r2 = S.simulate(_setup(plan), S.SimParams())
     assert np.array_equal(r.send_ns, r2.send_ns)
+    # The host's thread timeline as scheduler events: three vCPUs (no injector thread in
+    # the model's ipi run), pinned on 2 CPUs (no migration); a halt that waited ends
+    # with its thread's wake-up (one that polled never left the CPU).
+    assert [t["role"] for t in r.sched.threads] == ["vcpu"] * 3
+    assert [t["vcpu"] for t in r.sched.threads] == [0, 1, 2]
+    mig = ST.migration_rate(r.sched)["pooled"]
+    assert mig["rate"] == 0.0 and mig["periods"] > 100
+    waited = sum(1 for e in r.events if e.event == "kvm_vcpu_wakeup" and e.waited)
+    assert sum(e.kind == ST.WAKEUP for e in r.sched.events) == waited
 
 
 # ---------------------------------------------------------------- the real kernel

@@ -223,13 +223,15 @@ def _simulate_msi(setup: Setup, params: SimParams, seed: int, engine: str, drain
 #: many), more where a shared CPU preempts.  The timeline is a ring: a run that
 #: overflows it is run again (same seed, same result) with room for what it dropped.
 TIMELINE_RECORDS_PER_WAKE = 16
+#: ... plus this many (the lead-in, the drain).
+TIMELINE_BASE = 4096
 
 
 def _sized(run_once, wakes: int) -> SimResult:
     """``run_once(timeline_capacity) -> (SimResult, 0) | (None, records dropped)``, with
     a capacity sized from the run: ``TIMELINE_RECORDS_PER_WAKE`` per wake, then grown
     by what a run dropped until one keeps every record."""
-    cap = TIMELINE_RECORDS_PER_WAKE * (wakes + 16) + 4096
+    cap = TIMELINE_RECORDS_PER_WAKE * wakes + TIMELINE_BASE
     while True:
         r, dropped = run_once(cap)
         if r is not None:
