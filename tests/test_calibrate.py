@@ -56,6 +56,49 @@ def test_busy_intervals_mark_gaps_with_a_send_inside():
     assert A.busy_samples(h, sends, np.zeros(3, dtype=np.int32)).tolist() == [100]
 
 
+def test_busy_intervals_leave_out_the_plans_compute():
+    # vCPU 0: halts end at 100 (woken by wake 0) and 300 (wake 1); the last has no waker
+    h = _halts([(0, 100, 50, 1), (0, 300, 150, 1), (0, 600, 200, 1), (0, 900, 100, 1)])
+    sends = np.array([40, 200], dtype=np.int64)
+    waker = np.array([0, 1, -1, -1])
+    compute = np.array([30, 60], dtype=np.int64)
+    iv = A.busy_intervals(h, sends, np.zeros(2, dtype=np.int32), waker, compute)
+    assert iv.start.tolist() == [100, 300, 600] and iv.stop.tolist() == [150, 400, 800]
+    assert iv.compute.tolist() == [30, 60, 0]
+    assert iv.length.tolist() == [20, 40, 200]
+    assert iv.quiet.tolist() == [True, True, False]     # after a halt without waker: unknown
+    assert A.busy_samples(h, sends, np.zeros(2, dtype=np.int32), waker,
+                          compute).tolist() == [20, 40]
+    with pytest.raises(ValueError, match="needs waker"):
+        A.busy_intervals(h, sends, np.zeros(2, dtype=np.int32), None, compute)
+
+
+def test_ipi_recording_own_work_without_the_compute(tmp_path):
+    """An ipi recording's gaps hold the plan's compute (here exp:50us): own work is
+    what is left, near the msi recordings' handler + entry + exit."""
+    Y.make_recording(tmp_path / "r", "exp:50us", 300, 3, 2, None, _made_with(),
+                     workload="ipi")
+    rec = R.load(tmp_path / "r")
+    compute = C.plan_compute(rec)
+    plan = R.regenerate_plan(rec)
+    assert compute[:-1].tolist() == plan.compute_ns.tolist() and compute[-1] == 0
+    kv = C.kernel_view(rec)
+    own = C.own_work(kv)
+    # the model's ipi step: entry, handler, the send's port exit and the ICR write (an
+    # exit and entry each), the hlt exit
+    assert TRUE_OWN_NS <= own["busy_ns"] <= TRUE_OWN_NS + 4 * 800 + 1000
+    whole = A.busy_samples(kv.halts, rec.wakes["sent_ns"], rec.wakes["vcpu"])
+    assert np.median(whole) > own["busy_ns"] + 20_000      # the compute counted as own work
+    p, notes = C.initial_params(kv, C.direct_estimates(kv))
+    assert p.costs["vm_entry_ns"] + p.costs["vm_exit_ns"] < 10_000
+    assert C.plan_compute(R.load(_msi(tmp_path))) is None
+
+
+def _msi(tmp_path):
+    Y.make_recording(tmp_path / "m", "short", 30, 1, 2, None, _made_with())
+    return tmp_path / "m"
+
+
 # ---------------------------------------------------------------- the scheduler trace
 
 def _sw(ts, cpu, prev, state, nxt):

@@ -197,25 +197,20 @@ def sum_stats(rows: list[dict]) -> dict:
     return out
 
 
-def busy_samples(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray) -> np.ndarray:
-    """Time from a halt's end to the vCPU's next halt, where no MSI to it was sent in
-    between: the guest's own work per wake (entry, handler, exits)."""
-    out = []
-    for v in np.unique(h.vcpu):
-        sel = np.nonzero(h.vcpu == v)[0]
-        sends = np.sort(send_ns[wake_vcpu == v])
-        ends = h.end[sel][:-1]
-        nxt = h.start[sel][1:]
-        lo = np.searchsorted(sends, ends, side="right")
-        hi = np.searchsorted(sends, nxt, side="right")
-        quiet = hi == lo
-        out.append((nxt - ends)[quiet])
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+def busy_samples(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray,
+                 waker: np.ndarray | None = None,
+                 compute_ns: np.ndarray | None = None) -> np.ndarray:
+    """Time from a halt's end to the vCPU's next halt, where no wake to it was sent in
+    between: the guest's own work per wake (entry, handler, exits).  An ipi
+    recording's vCPU also computes the plan's step in that time: ``compute_ns`` (per
+    wake, with ``waker`` from ``match_wakers``) is taken off; see ``busy_intervals``."""
+    iv = busy_intervals(h, send_ns, wake_vcpu, waker, compute_ns)
+    return iv.length[iv.quiet]
 
 
 # ---------------------------------------------------------------- own work under overcommit
 #
-# ``busy_samples`` takes every gap between two halts of a vCPU with no MSI to it in
+# ``busy_samples`` takes every gap between two halts of a vCPU with no wake to it in
 # between as that vCPU's own work.  Where the vCPU shares its host CPU with other
 # runnable threads (overcommit, the injector), the gap also holds the time the vCPU
 # thread waited for the CPU.  The functions below keep only the *uncontended* gaps:
@@ -226,25 +221,38 @@ def busy_samples(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray) -> np.nda
 @dataclass
 class BusyIntervals:
     """The gaps between two consecutive halts of a vCPU: from a halt's end (``start``)
-    to the next halt's start (``stop``); ``quiet``: no MSI to that vCPU was sent in
-    between (one wake's own work, not two)."""
+    to the next halt's start (``stop``); ``quiet``: no wake to that vCPU was sent in
+    between (one wake's own work, not two); ``compute``: the workload's compute the
+    vCPU did in the gap (an ipi plan's step; None: none), which ``length`` leaves out."""
 
     vcpu: np.ndarray      # int32
     start: np.ndarray     # int64 ns
     stop: np.ndarray      # int64 ns
     quiet: np.ndarray     # bool
+    compute: np.ndarray | None = None   # int64 ns
 
     @property
     def length(self) -> np.ndarray:
-        return self.stop - self.start
+        d = self.stop - self.start
+        return d if self.compute is None else d - self.compute
 
     def __len__(self) -> int:
         return len(self.start)
 
 
-def busy_intervals(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray) -> BusyIntervals:
-    """Every gap between two consecutive halts of each vCPU (see ``BusyIntervals``)."""
-    vs, st, sp, qu = [], [], [], []
+def busy_intervals(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray,
+                   waker: np.ndarray | None = None,
+                   compute_ns: np.ndarray | None = None) -> BusyIntervals:
+    """Every gap between two consecutive halts of each vCPU (see ``BusyIntervals``).
+
+    ``compute_ns``: per wake, what the woken vCPU computes before its next halt (an ipi
+    recording: the plan's ``compute_ns`` of the step, ``calibrate.plan_compute``);
+    ``waker`` (``match_wakers``) says which wake ended each halt.  The gap after a halt
+    is charged its waker's compute; a gap after a halt with no waker is not quiet (what
+    it computed is not known)."""
+    if compute_ns is not None and waker is None:
+        raise ValueError("compute_ns needs waker (the wake that ended each halt)")
+    vs, st, sp, qu, cp = [], [], [], [], []
     for v in np.unique(h.vcpu):
         sel = np.nonzero(h.vcpu == v)[0]
         sends = np.sort(send_ns[wake_vcpu == v])
@@ -252,15 +260,22 @@ def busy_intervals(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray) -> Busy
         nxt = h.start[sel][1:]
         lo = np.searchsorted(sends, ends, side="right")
         hi = np.searchsorted(sends, nxt, side="right")
+        quiet = hi == lo
+        if compute_ns is not None:
+            wk = waker[sel][:-1]
+            quiet &= wk >= 0
+            cp.append(np.where(wk >= 0, np.asarray(compute_ns, dtype=np.int64)[wk], 0))
         vs.append(np.full(len(ends), v, dtype=np.int32))
         st.append(ends)
         sp.append(nxt)
-        qu.append(hi == lo)
+        qu.append(quiet)
     if not vs:
         z = np.zeros(0, dtype=np.int64)
-        return BusyIntervals(z.astype(np.int32), z, z, z.astype(bool))
+        return BusyIntervals(z.astype(np.int32), z, z, z.astype(bool),
+                             None if compute_ns is None else z)
     return BusyIntervals(np.concatenate(vs), np.concatenate(st).astype(np.int64),
-                         np.concatenate(sp).astype(np.int64), np.concatenate(qu))
+                         np.concatenate(sp).astype(np.int64), np.concatenate(qu),
+                         None if compute_ns is None else np.concatenate(cp).astype(np.int64))
 
 
 def runnable_segments(events, tids) -> dict[int, list[tuple[int, int, int]]]:

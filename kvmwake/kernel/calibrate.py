@@ -87,7 +87,8 @@ from .. import __version__
 from ..model import COST_DEFAULTS
 from . import analysis as A
 from . import schedtrace as ST
-from .recording import CALIBRATION, Recording, RecordingError, write_json
+from .recording import (CALIBRATION, Recording, RecordingError, regenerate_plan,
+                        workload_kind, write_json)
 from .simulate import SimParams, Setup, simulate
 
 FORMAT = 1
@@ -207,7 +208,9 @@ def own_work(kv: KernelView) -> dict:
     """A vCPU's own work per wake (halt end to next halt start, no MSI in between)
     from uncontended gaps only; see the module docstring."""
     rec, h = kv.rec, kv.halts
-    iv = A.busy_intervals(h, rec.wakes["sent_ns"], rec.wakes["vcpu"])
+    compute = plan_compute(rec)
+    iv = A.busy_intervals(h, rec.wakes["sent_ns"], rec.wakes["vcpu"],
+                          None if compute is None else kv.waker, compute)
     quiet = iv.quiet
     out = {"busy_all_median_ns": _median(iv.length[quiet]),
            "busy_all_samples": int(quiet.sum())}
@@ -220,6 +223,20 @@ def own_work(kv: KernelView) -> dict:
                    busy_samples=int(ok.sum()))
         return out
     return out | shape_own_work(iv, *pinned_cpus(rec.meta))
+
+
+def plan_compute(rec: Recording) -> np.ndarray | None:
+    """Per wake, the compute the woken vCPU's guest does before its next halt: an ipi
+    recording's plan (``recording.regenerate_plan``) has vCPU ``vcpu[k]`` compute
+    ``compute_ns[k]`` before it sends wake k+1 (the last wake: nothing), which is the
+    workload, not the vCPU's own work.  None for an msi recording (the guest only runs
+    its handler)."""
+    if workload_kind(rec.meta) != "ipi":
+        return None
+    plan = regenerate_plan(rec)
+    out = np.zeros(len(plan), dtype=np.int64)
+    out[:-1] = plan.compute_ns
+    return out
 
 
 def alone_groups(vcpu_cpu: list, injector_cpu: int | None) -> list[tuple[list, str]]:

@@ -31,20 +31,33 @@ from .microvm import wake_vector
 from .recording import FORMAT, METADATA, STATS, TRACE, WAKES, WAKE_COLUMNS, write_json
 from .simulate import PID_BASE, SimParams, Setup, simulate
 from .stats import to_jsonable
+from .workload import ipi_plan
 from .workload import schedule as make_schedule
 
 
 def make_recording(path, spec: str = "mixed", wakes: int = 400, vcpus: int = 2,
                    host_cpus: int = 2, cap: int | None = None, params: SimParams | None = None,
                    port_exit_ns: int = 5000, seed: int = 0, traced: bool = True,
-                   sched_trace: bool = False) -> dict:
-    """Write a synthetic recording into ``path``; returns its metadata."""
+                   sched_trace: bool = False, workload: str = "msi") -> dict:
+    """Write a synthetic recording into ``path``; returns its metadata.
+
+    ``workload``: ``"msi"`` (``spec`` the idle between MSIs) or ``"ipi"`` (``spec``
+    the vCPUs' compute between IPIs, ``workload.ipi_plan``; run by ``simulate_ipi``)."""
     path = Path(path)
     params = params or SimParams(arrivals="target")
-    sched = make_schedule(spec, wakes, vcpus, seed)
     module = {"halt_poll_ns": HALT_POLL_NS_DEFAULT["x86"], "halt_poll_ns_grow": 2,
               "halt_poll_ns_grow_start": 10_000, "halt_poll_ns_shrink": 2}
-    setup = Setup(vcpus, host_cpus, module, cap, sched.target_ns, sched.vcpu, sched.index)
+    if workload == "ipi":
+        sched = ipi_plan(seed, vcpus, wakes, spec)
+        setup = Setup(vcpus, host_cpus, module, cap, sched.target_ns, sched.vcpu, sched.index,
+                      None, sched)
+        vectors = sched.vector.tolist()
+    elif workload == "msi":
+        sched = make_schedule(spec, wakes, vcpus, seed)
+        setup = Setup(vcpus, host_cpus, module, cap, sched.target_ns, sched.vcpu, sched.index)
+        vectors = [wake_vector(int(i)) for i in sched.index]
+    else:
+        raise ValueError(f"workload must be 'msi' or 'ipi', not {workload!r}")
     r = simulate(setup, params, seed=seed)
     # As the x86 kernel, which never calls kvm_vcpu_halt() for a vCPU already runnable.
     r.events = [e for e in r.events if not (e.event == WAKEUP and e.ns == 0)]
@@ -71,7 +84,7 @@ def make_recording(path, spec: str = "mixed", wakes: int = 400, vcpus: int = 2,
         wr.writerow(WAKE_COLUMNS)
         for k in range(len(sent)):
             wr.writerow((k, int(sched.vcpu[k]), int(sched.index[k]),
-                         wake_vector(int(sched.index[k])), int(sched.target_ns[k]),
+                         int(vectors[k]), int(sched.target_ns[k]),
                          int(sent[k]), int(sent[k]) + params.injector_ns, 1, int(seen[k])))
     threads = None
     if sched_trace:
