@@ -311,6 +311,36 @@ def test_tails_fitted_from_uncontended_latencies(tmp_path):
     assert plain["params"] == cal["params"]
 
 
+def test_sim_costs_are_what_the_simulated_host_gets(tmp_path, monkeypatch):
+    """compare's simulation gives Host(costs=...) calibrate.sim_costs(cal): the
+    constants in this build (the tails stay in calibration.json)."""
+    from kvmwake.kernel import compare as CMP
+    from kvmwake.kernel import simulate as SM
+    d = tmp_path / "r"
+    Y.make_recording(d, "mixed", 200, 2, 2, None, _made_with())
+    cal = C.fit(R.load(d), quick=True)
+    cal["costs"] = {"wake_to_run_ns": {"dist": "quantiles", "q": [1000, 5000, 90000]}}
+    C.save(R.load(d), cal)
+    assert C.sim_costs(cal) == cal["params"]["costs"]
+    got = []
+    real = SM.Host
+
+    def spy(*a, **kw):
+        got.append(kw["costs"])
+        return real(*a, **kw)
+    monkeypatch.setattr(SM, "Host", spy)
+    CMP.run(R.load(d))
+    assert got and all(c == C.sim_costs(cal) for c in got)
+    # host_costs reach the host, the constants still time the injector
+    setup = Setup.from_recording(R.load(d))
+    p = SimParams.from_dict(cal["params"])
+    got.clear()
+    other = {**p.costs, "vm_exit_ns": p.costs["vm_exit_ns"] + 5000}
+    r = SM.simulate(setup, p, host_costs=other)
+    assert got == [other]
+    assert r.events != SM.simulate(setup, p).events
+
+
 def test_tails_skipped_without_uncontended_halts(tmp_path):
     Y.make_recording(tmp_path / "r", "short", 200, 4, 2, None, _made_with())
     cal = C.fit(R.load(tmp_path / "r"), quick=True, tails=True)
@@ -507,7 +537,7 @@ def test_simulation_timeline_sized_from_the_run(tmp_path, monkeypatch):
     real = SM._simulate_msi
 
     def spy(*a):
-        caps.append(a[-1])
+        caps.append(a[5])            # the timeline capacity
         return real(*a)
     monkeypatch.setattr(SM, "_simulate_msi", spy)
     monkeypatch.setattr(SM, "TIMELINE_RECORDS_PER_WAKE", 0)

@@ -59,7 +59,9 @@ percentile, shifted so that the median is the fitted constant
 (``quantile_cost``), in the form ``{"dist": "quantiles", "q": [...]}``.  It
 goes to ``calibration.json``'s ``costs`` (what ``Host(costs=...)`` takes over
 the constants in ``params.costs``, see ``host_costs``); ``params.costs``
-keeps the constant.  The handler's time stays a constant (it is the guest
+keeps the constant.  What compare's simulation gives ``Host(costs=...)`` is
+decided in one place, ``sim_costs`` (the constants while ``Host`` takes no
+distributions).  The handler's time stays a constant (it is the guest
 program's, not a host cost).  Without ``--tails``, ``costs`` is empty.
 
 **Saturated recordings.**  When the vCPUs hardly ever halt (fewer than
@@ -368,6 +370,20 @@ def host_costs(cal: dict) -> dict:
     return {**p.costs, **check_costs(cal.get("costs", {}))}
 
 
+def sim_costs(cal: dict) -> dict:
+    """The costs the simulation of a calibrated recording gives ``Host(costs=...)``:
+    the one place that decides whether the fitted tails (``--tails``: ``cal["costs"]``,
+    ``host_costs``) reach the model.
+
+    Today the constants ``params.costs``: this build's ``Host`` takes constant costs
+    only (``kvmwake.costs``, which samples distributions, is not part of it), so the
+    quantile tables stay in ``calibration.json`` and compare runs the medians.  Once
+    ``Host(costs=...)`` accepts the contract's distributions, this returns
+    ``host_costs(cal)``."""
+    p, _ = load_params(cal)
+    return dict(p.costs)
+
+
 def saturation(kv: KernelView) -> dict:
     """``{"saturated", "saturated_reason", "halts_per_wake", "out_of_halt_share"}``:
     whether the vCPUs were saturated (see the module docstring)."""
@@ -496,8 +512,10 @@ def initial_params(kv: KernelView, est: dict, arrivals: str = "sent") -> tuple[S
     return p, notes
 
 
-def sim_view(setup: Setup, params: SimParams, port_exit_ns: float | None, seed: int = 0):
-    r = simulate(setup, params, seed=seed)
+def sim_view(setup: Setup, params: SimParams, port_exit_ns: float | None, seed: int = 0,
+             host_costs: dict | None = None):
+    """The model's run of ``setup`` and its figures; ``host_costs``: ``simulate``'s."""
+    r = simulate(setup, params, seed=seed, host_costs=host_costs)
     h = A.halts_from_events(r.events, r.pid_to_vcpu(), x86_prechecked=True)
     wk = A.match_wakers(h, r.send_ns, setup.vcpu, end_slack_ns=0)
     fig = A.figures(h, wk, r.send_ns, r.stats,

@@ -124,7 +124,8 @@ def run(rec: Recording, cal: dict | None = None, seed: int = 0) -> dict:
     params, port_exit = C.load_params(cal)
     kv = C.kernel_view(rec)
     setup = Setup.from_recording(rec)
-    r, h, wk, sfig = C.sim_view(setup, params, port_exit, seed=seed)
+    r, h, wk, sfig = C.sim_view(setup, params, port_exit, seed=seed,
+                                host_costs=C.sim_costs(cal))
     if not rec.traced:
         sfig = C.stats_only_figures(r.stats)
     kfig = kv.figures
@@ -567,7 +568,8 @@ def latencies(rec: Recording, cal: dict, seed: int = 0):
     """Per-halt send-to-halt-end latencies, kernel and model (for the picture)."""
     kv = C.kernel_view(rec)
     params, port_exit = C.load_params(cal)
-    r, h, wk, _ = C.sim_view(Setup.from_recording(rec), params, port_exit, seed=seed)
+    r, h, wk, _ = C.sim_view(Setup.from_recording(rec), params, port_exit, seed=seed,
+                             host_costs=C.sim_costs(cal))
     out = []
     for hh, ww, send in ((kv.halts, kv.waker, rec.wakes["sent_ns"]), (h, wk, r.send_ns)):
         if hh is None:

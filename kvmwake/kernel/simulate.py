@@ -177,19 +177,22 @@ def injector_vector(k: int) -> int:
 
 
 def simulate(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core",
-             drain_ns: int = 20_000_000) -> SimResult:
+             drain_ns: int = 20_000_000, host_costs: dict | None = None) -> SimResult:
     """Run the workload (see the module docstring); an ipi recording's in ``simulate_ipi``.
 
-    The host runs with the state timeline on; ``SimResult.sched`` is it as scheduler
-    events (``sched_trace``), for the preemption and migration rates."""
+    ``host_costs``: what ``Host(costs=...)`` gets (``calibrate.sim_costs``: a
+    calibration's costs); None: ``params.costs``.  ``params.costs`` (constants) also
+    time the modelled injector and the lead-in.  The host runs with the state
+    timeline on; ``SimResult.sched`` is it as scheduler events (``sched_trace``), for
+    the preemption and migration rates."""
     if setup.ipi is not None:
-        return simulate_ipi(setup, params, seed, engine, drain_ns)
-    return _sized(lambda cap: _simulate_msi(setup, params, seed, engine, drain_ns, cap),
-                  len(setup.target_ns))
+        return simulate_ipi(setup, params, seed, engine, drain_ns, host_costs)
+    return _sized(lambda cap: _simulate_msi(setup, params, seed, engine, drain_ns, cap,
+                                            host_costs), len(setup.target_ns))
 
 
 def _simulate_msi(setup: Setup, params: SimParams, seed: int, engine: str, drain_ns: int,
-                  tl_capacity: int) -> tuple[SimResult, int]:
+                  tl_capacity: int, host_costs: dict | None = None) -> tuple[SimResult, int]:
     lead = lead_in(setup, params)
     costs = {**COST_DEFAULTS, **params.costs}
     w2r, entry = int(costs["wake_to_run_ns"]), int(costs["vm_entry_ns"])
@@ -201,7 +204,7 @@ def _simulate_msi(setup: Setup, params: SimParams, seed: int, engine: str, drain
     else:
         have = np.ones(n, dtype=bool)
         send = np.full(n, -1, dtype=np.int64)       # decided as the run goes
-    host, vm, inj = _build(setup, params, seed, engine, tl_capacity)
+    host, vm, inj = _build(setup, params, seed, engine, tl_capacity, host_costs)
     idle = np.zeros(n, dtype=bool)
     if inj is None:
         if params.arrivals != "sent" or setup.sent_ns is None:
@@ -254,10 +257,12 @@ def sched_trace(host, vm, inj) -> SchedTrace:
     return from_timeline(host, threads)
 
 
-def _build(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacity: int):
+def _build(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacity: int,
+           host_costs: dict | None = None):
     mp = setup.module_params
     n = len(setup.target_ns)
-    host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed, costs=params.costs,
+    host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed,
+                costs=params.costs if host_costs is None else host_costs,
                 engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
                 timeline_capacity=tl_capacity)
     host.halt_poll_ns = int(mp["halt_poll_ns"])
@@ -393,7 +398,7 @@ class _SendLog(_vmm.Vmm):
 
 
 def simulate_ipi(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core",
-                 drain_ns: int = 20_000_000) -> SimResult:
+                 drain_ns: int = 20_000_000, host_costs: dict | None = None) -> SimResult:
     """The model's run of an ipi recording (``workload.ipi_plan`` in ``setup.ipi``).
 
     The machine is ``simulate``'s (host CPUs, module parameters, cap, costs); each
@@ -403,19 +408,21 @@ def simulate_ipi(setup: Setup, params: SimParams, seed: int = 0, engine: str = "
     ``lead_in`` after the start; there is no injector thread (it sleeps once the
     start MSI is sent).  ``send_ns[k]`` is the time of the send port exit of wake
     k (the recorder's ``sent_ns``), ``arrival_ns`` adds ``delivery_ns``.
-    ``sched``: the host's state timeline as scheduler events, as in ``simulate``.
+    ``sched``: the host's state timeline as scheduler events, and ``host_costs``, as
+    in ``simulate``.
     """
-    return _sized(lambda cap: _simulate_ipi(setup, params, seed, engine, drain_ns, cap),
-                  len(setup.ipi))
+    return _sized(lambda cap: _simulate_ipi(setup, params, seed, engine, drain_ns, cap,
+                                            host_costs), len(setup.ipi))
 
 
 def _simulate_ipi(setup: Setup, params: SimParams, seed: int, engine: str, drain_ns: int,
-                  tl_capacity: int) -> tuple[SimResult, int]:
+                  tl_capacity: int, host_costs: dict | None = None) -> tuple[SimResult, int]:
     plan = setup.ipi
     n = len(plan)
     lead = lead_in(setup, params)
     mp = setup.module_params
-    host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed, costs=params.costs,
+    host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed,
+                costs=params.costs if host_costs is None else host_costs,
                 engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
                 timeline_capacity=tl_capacity)
     host.halt_poll_ns = int(mp["halt_poll_ns"])
