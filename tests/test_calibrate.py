@@ -64,7 +64,7 @@ def test_busy_intervals_leave_out_the_plans_compute():
     compute = np.array([30, 60], dtype=np.int64)
     iv = A.busy_intervals(h, sends, np.zeros(2, dtype=np.int32), waker, compute)
     assert iv.start.tolist() == [100, 300, 600] and iv.stop.tolist() == [150, 400, 800]
-    assert iv.compute.tolist() == [30, 60, 0]
+    assert iv.compute.tolist() == [30, 60, 0] and iv.wake.tolist() == [0, 1, -1]
     assert iv.length.tolist() == [20, 40, 200]
     assert iv.quiet.tolist() == [True, True, False]     # after a halt without waker: unknown
     assert A.busy_samples(h, sends, np.zeros(2, dtype=np.int32), waker,
@@ -87,6 +87,11 @@ def test_ipi_recording_own_work_without_the_compute(tmp_path):
     # the model's ipi step: entry, handler, the send's port exit and the ICR write (an
     # exit and entry each), the hlt exit
     assert TRUE_OWN_NS <= own["busy_ns"] <= TRUE_OWN_NS + 4 * 800 + 1000
+    # where it goes: to the send (entry, handler, exit) and after it (entry, ICR, exit)
+    assert own["ipi_to_send_ns"] == pytest.approx(12_000 + 1_600, abs=1_000)
+    assert own["ipi_to_send_ns"] + own["ipi_send_to_halt_ns"] == pytest.approx(
+        own["busy_ns"], abs=1_000)
+    assert own["ipi_split_samples"] > 50
     whole = A.busy_samples(kv.halts, rec.wakes["sent_ns"], rec.wakes["vcpu"])
     assert np.median(whole) > own["busy_ns"] + 20_000      # the compute counted as own work
     p, notes = C.initial_params(kv, C.direct_estimates(kv))

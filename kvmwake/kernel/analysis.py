@@ -230,6 +230,7 @@ class BusyIntervals:
     stop: np.ndarray      # int64 ns
     quiet: np.ndarray     # bool
     compute: np.ndarray | None = None   # int64 ns
+    wake: np.ndarray | None = None      # int64: the wake that ended the halt before (-1)
 
     @property
     def length(self) -> np.ndarray:
@@ -252,7 +253,7 @@ def busy_intervals(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray,
     it computed is not known)."""
     if compute_ns is not None and waker is None:
         raise ValueError("compute_ns needs waker (the wake that ended each halt)")
-    vs, st, sp, qu, cp = [], [], [], [], []
+    vs, st, sp, qu, cp, wa = [], [], [], [], [], []
     for v in np.unique(h.vcpu):
         sel = np.nonzero(h.vcpu == v)[0]
         sends = np.sort(send_ns[wake_vcpu == v])
@@ -265,6 +266,7 @@ def busy_intervals(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray,
             wk = waker[sel][:-1]
             quiet &= wk >= 0
             cp.append(np.where(wk >= 0, np.asarray(compute_ns, dtype=np.int64)[wk], 0))
+            wa.append(wk)
         vs.append(np.full(len(ends), v, dtype=np.int32))
         st.append(ends)
         sp.append(nxt)
@@ -272,10 +274,12 @@ def busy_intervals(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray,
     if not vs:
         z = np.zeros(0, dtype=np.int64)
         return BusyIntervals(z.astype(np.int32), z, z, z.astype(bool),
-                             None if compute_ns is None else z)
+                             *((None, None) if compute_ns is None else (z, z)))
     return BusyIntervals(np.concatenate(vs), np.concatenate(st).astype(np.int64),
                          np.concatenate(sp).astype(np.int64), np.concatenate(qu),
-                         None if compute_ns is None else np.concatenate(cp).astype(np.int64))
+                         *((None, None) if compute_ns is None else
+                           (np.concatenate(cp).astype(np.int64),
+                            np.concatenate(wa).astype(np.int64))))
 
 
 def runnable_segments(events, tids) -> dict[int, list[tuple[int, int, int]]]:

@@ -223,8 +223,28 @@ def own_work(kv: KernelView) -> dict:
         out.update(busy_method="scheduler trace: no other recorded thread runnable on the "
                                "vCPU's CPU", busy_ns=_median(iv.length[ok]),
                    busy_samples=int(ok.sum()))
-        return out
-    return out | shape_own_work(iv, *pinned_cpus(rec.meta))
+    else:
+        ok = quiet
+        out.update(shape_own_work(iv, *pinned_cpus(rec.meta)))
+    if compute is not None:
+        out.update(ipi_step_split(iv, rec.wakes["sent_ns"], ok))
+    return out
+
+
+def ipi_step_split(iv: A.BusyIntervals, sent_ns: np.ndarray, ok: np.ndarray) -> dict:
+    """Where an ipi step's own work goes, over the gaps ``ok`` whose vCPU then sent the
+    next wake: ``ipi_to_send_ns`` from the halt's end to the send's port exit seen in
+    userspace, less the plan's compute (entry, the handler with its port exit's round
+    trip, the exit of the send's port exit); ``ipi_send_to_halt_ns`` from there to the
+    next halt (back into the guest, the ICR write, the ``hlt`` exit).  Medians; None
+    without such gaps."""
+    k = iv.wake
+    has = ok & (k >= 0) & (k + 1 < len(sent_ns))
+    nxt = np.where(has, sent_ns[np.minimum(k + 1, len(sent_ns) - 1)], 0)
+    has &= (nxt >= iv.start) & (nxt <= iv.stop)
+    return {"ipi_to_send_ns": _median((nxt - iv.start - iv.compute)[has]),
+            "ipi_send_to_halt_ns": _median((iv.stop - nxt)[has]),
+            "ipi_split_samples": int(has.sum())}
 
 
 def plan_compute(rec: Recording) -> np.ndarray | None:
