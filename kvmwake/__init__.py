@@ -56,9 +56,9 @@ def _check_core() -> None:
         raise CoreMissingError(f"kvmwake: the compiled core {spec.origin} does not load "
                                f"({exc}): {fix}", name=__name__ + "._core") from None
 
-from . import guest, model, uapi, vmm  # noqa: E402
+from . import guest, hostprog, model, uapi, vmm  # noqa: E402
 from .errors import EngineError, KvmError, ProgramError, ScenarioError, SnapshotError  # noqa: E402
-from .host import Host  # noqa: E402
+from .host import Host, HostThread  # noqa: E402
 from .model import Request  # noqa: E402
 from .uapi import (  # noqa: E402
     Cap, ExitReason, KvmReg, MpState, PsciFn, PsciRet, PsciVersion, SystemEventType,
@@ -69,8 +69,8 @@ from .vm import VCpu, VM  # noqa: E402
 _check_core()
 
 __all__ = [
-    "Host", "VM", "VCpu", "Cap", "ExitReason", "KvmReg", "MpState", "PsciFn", "PsciRet",
+    "Host", "HostThread", "VM", "VCpu", "Cap", "ExitReason", "KvmReg", "MpState", "PsciFn", "PsciRet",
     "PsciVersion", "SystemEventType", "VcpuFeature", "Request", "KvmError", "ProgramError", "EngineError",
-    "ScenarioError", "SnapshotError", "guest", "model", "uapi", "vmm",
+    "ScenarioError", "SnapshotError", "guest", "hostprog", "model", "uapi", "vmm",
     "CoreMissingError", "__version__",
 ]

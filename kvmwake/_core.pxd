@@ -12,7 +12,10 @@ cdef extern from *:
     enum: KW_MAX_LOOP_DEPTH
 
 
-# One vCPU thread and the kvm_vcpu fields the model needs.
+# One thread of the host: a vCPU thread and the kvm_vcpu fields the model
+# needs, or (kind THREAD_HOST) a host thread that is not a vCPU, which uses the
+# scheduler's fields, the program's (prog, pc, loops), the segment's, its random
+# stream, wake_ts (runnable since), run_start and halt_start (asleep since).
 ctypedef struct thread_t:
     uint64_t seg_end          # end of the current timed segment
     uint64_t seg_gfrom        # guest mode starts (after the entry part)
@@ -26,6 +29,8 @@ ctypedef struct thread_t:
     uint64_t wake_ts          # last effective wake-up
     uint64_t rng_state
     uint64_t rng_inc
+    uint64_t cost_rng_state   # its cost stream (kvmwake.costs: drawn costs only)
+    uint64_t cost_rng_inc
     uint64_t stall_t
     # EEVDF (kernel/sched/fair.c, struct sched_entity; nice 0, so weights cancel).
     int64_t vruntime          # se->vruntime
@@ -42,7 +47,7 @@ ctypedef struct thread_t:
     uint64_t reset_r0
     uint64_t exit_data0       # the last exit to userspace
     uint64_t exit_value
-    uint64_t exit_time
+    uint64_t exit_time        # (a host thread: its sleep_until deadline)
     uint64_t requests         # vcpu->requests (u64: request bits 0..63)
     uint32_t exit_reason
     uint32_t exit_type
@@ -75,7 +80,8 @@ ctypedef struct thread_t:
     uint8_t on_rq             # EEVDF: se->on_rq (current, waiting, or delayed)
     uint8_t sched_delayed     # EEVDF: se->sched_delayed (DELAY_DEQUEUE)
     uint8_t aff_kind          # p->cpus_ptr: AFF_PINNED (g % ncpu), AFF_ALL, AFF_LIST
-    uint8_t _pad[4]
+    uint8_t kind              # THREAD_VCPU, or THREAD_HOST (core/hostthread.pxi)
+    uint8_t _pad[3]
 
 
 ctypedef struct vm_t:
@@ -132,7 +138,8 @@ ctypedef struct virq_t:
     uint8_t sv_cont
     uint8_t sv_valid
     uint8_t tpr
-    uint8_t _pad[2]
+    uint8_t handler_noiret        # set_handler(iret=False): the handler ends masked
+    uint8_t _pad[1]
 
 
 ctypedef struct source_t:
@@ -201,6 +208,9 @@ ctypedef struct tl_rec_t:
     uint8_t _pad[7]
 
 
+# The constant costs, in the order of kvmwake.costs.DRAWN_COSTS then sched_slice_ns
+# (cost_ns indexes the first five as an array).  A drawn cost's field holds its
+# table's median, for reading only.
 ctypedef struct costs_t:
     uint64_t vm_exit_ns
     uint64_t vm_entry_ns
@@ -275,3 +285,9 @@ ctypedef struct engine_t:
     int32_t waker
     uint32_t nunpinned
     uint32_t _pad_place
+    # Costs with tails (kvmwake.costs): row c of cost_tab (KW_COST_TABLE_N values)
+    # is drawn cost c's quantile table; bit c of cost_dist says cost c is drawn from
+    # it (else costs_t's constant is charged, and nothing is drawn).
+    uint64_t* cost_tab
+    uint32_t cost_dist
+    uint32_t _pad_cost

@@ -21,6 +21,7 @@ whole):
 * ``core/gic.pxi``       the vGICv3 and LAPIC subsets, acknowledge and EOI
 * ``core/timer.pxi``     the arm64 virtual timer
 * ``core/kick.pxi``      kvm_vcpu_wake_up, kvm_vcpu_kick, requests, ticks, sources
+* ``core/hostthread.pxi`` host threads that are not vCPUs: their programs
 * ``core/snapshot.pxi``  engine state out and in, with the consistency checks
 * ``core/bench.pxi``     micro-benchmark hooks (no part of the model)
 
@@ -40,6 +41,7 @@ from . import haltpoll as _haltpoll
 from . import model as _model
 from . import uapi as _uapi
 from .model import COST_DEFAULTS as _COST_DEFAULTS
+from .costs import DRAWN_COSTS as _DRAWN_COSTS
 from .reference import EngineError, SOURCE_STREAM_BASE as _SOURCE_STREAM_BASE
 from .reference import stream_seed as _model_stream_seed
 
@@ -49,6 +51,7 @@ cdef extern from *:
     """
     #define KW_LCG_MULT 6364136223846793005ULL
     #define KW_MAX_DRAW_NS 4611686018427387904ULL
+    #define KW_MAX_TIME 13835058055282163712ULL
     #define KW_SEQ_BITS 56
     #define KW_MAX_SEQ (1ULL << 55)
     #ifndef KVMWAKE_DEBUG
@@ -57,9 +60,14 @@ cdef extern from *:
     #define KW_DEBUG KVMWAKE_DEBUG
     #define KW_CHECK_EVERY 1024
     #define KW_CHECKPOINT 1
+    #define KW_COST_TABLE_N 257
+    #define KW_COST_FRAC_BITS 24
+    #define KW_COST_FRAC_MASK 0xFFFFFFULL
+    #define KW_COST_STREAM_BASE 0xC0000000ULL
     """
     const uint64_t KW_LCG_MULT
     const uint64_t KW_MAX_DRAW_NS
+    const uint64_t KW_MAX_TIME        # model.MAX_TIME (3 << 62)
     const uint64_t KW_SEQ_BITS
     const uint64_t KW_MAX_SEQ
     # The debug build (KVMWAKE_DEBUG=1, setup.py): run_loop stops every
@@ -68,6 +76,12 @@ cdef extern from *:
     const int KW_DEBUG
     const uint64_t KW_CHECK_EVERY
     const int KW_CHECKPOINT
+    # Costs with tails (kvmwake.costs: COST_TABLE_N, COST_FRAC_BITS; the cost
+    # stream's number, reference.rng.COST_STREAM_BASE).
+    const uint64_t KW_COST_TABLE_N
+    const uint64_t KW_COST_FRAC_BITS
+    const uint64_t KW_COST_FRAC_MASK
+    const uint64_t KW_COST_STREAM_BASE
     int __builtin_clzll(unsigned long long x) nogil
     int __builtin_ctzll(unsigned long long x) nogil
 
@@ -93,6 +107,34 @@ cdef enum:
     OP_HVC = 17
     OP_SET_REG = 18
     OP_SYNC = 19
+
+# Host-thread ops (model.HostOp), thread kinds, a host thread's stats row (model.HS_*).
+cdef enum:
+    HOP_END = 32
+    HOP_COMPUTE = 33
+    HOP_SLEEP = 34
+    HOP_MSI = 35
+    HOP_IRQ = 36
+    HOP_LOOP = 37
+    HOP_ENDLOOP = 38
+    HOP_SLEEP_UNTIL = 39
+
+cdef enum:
+    THREAD_VCPU = 0
+    THREAD_HOST = 1
+    HS_RUN_NS = 0
+    HS_WAIT_NS = 1
+    HS_SLEEP_NS = 2
+    HS_NR_RUNS = 3
+    HS_NR_PREEMPTED = 4
+    HS_NR_SLEEPS = 5
+    HS_NR_INJECTS = 6
+
+cdef extern from *:
+    """
+    #define KW_NO_VM 0xFFFFFFFFu
+    """
+    const uint32_t NO_VM "KW_NO_VM"
 
 cdef enum:
     DIST_FIXED = 0
@@ -267,6 +309,15 @@ cdef enum:
     KW_ERR_STORM = 3
     KW_ERR_SEQ = 4            # the event sequence numbers ran out (KW_MAX_SEQ)
 
+# The drawn costs (kvmwake.costs.DRAWN_COSTS, in order: rows of engine_t.cost_tab).
+cdef enum:
+    COST_VM_EXIT = 0
+    COST_VM_ENTRY = 1
+    COST_IPI_SEND = 2
+    COST_WAKE_TO_RUN = 3
+    COST_CONTEXT_SWITCH = 4
+    NR_DRAWN_COSTS = 5
+
 # The host scheduler (kvmwake.model.SCHEDULERS, in order); HZ=250's tick.
 cdef enum:
     SCHED_POLICY_FIFO = 0
@@ -283,11 +334,18 @@ include "core/psci.pxi"
 include "core/gic.pxi"
 include "core/timer.pxi"
 include "core/kick.pxi"
+include "core/hostthread.pxi"
 
 
 def compiled_constants():
     """The model numbers compiled into the core, for the mirror test."""
     return {
+        "host_ops": (HOP_END, HOP_COMPUTE, HOP_SLEEP, HOP_MSI, HOP_IRQ, HOP_LOOP, HOP_ENDLOOP,
+                     HOP_SLEEP_UNTIL),
+        "thread_kinds": (THREAD_VCPU, THREAD_HOST),
+        "host_stats": (HS_RUN_NS, HS_WAIT_NS, HS_SLEEP_NS, HS_NR_RUNS, HS_NR_PREEMPTED,
+                       HS_NR_SLEEPS, HS_NR_INJECTS),
+        "no_vm": NO_VM,
         "ops": (OP_END, OP_COMPUTE, OP_WFI, OP_SGI, OP_LOOP, OP_ENDLOOP, OP_IRQ_ENABLE,
                 OP_IRQ_DISABLE, OP_SET_PRIORITY, OP_SET_PMR, OP_MASK, OP_UNMASK, OP_SET_HANDLER,
                 OP_TIMER_ARM, OP_TIMER_CANCEL, OP_DIST_ENABLE, OP_ROUTE_SPI, OP_HVC, OP_SET_REG,
@@ -341,6 +399,10 @@ def compiled_constants():
                   S_POLL_SUCCESS_NS, S_POLL_FAIL_NS, S_WAIT_NS, S_POLL_SUCCESS_HIST,
                   S_POLL_FAIL_HIST, S_WAIT_HIST, S_BLOCKING, S_HALT_EXITS, NR_STATS),
         "lat_buckets": LAT_BUCKETS,
+        "costs": {"table_n": KW_COST_TABLE_N, "frac_bits": KW_COST_FRAC_BITS,
+                  "frac_mask": KW_COST_FRAC_MASK, "stream_base": KW_COST_STREAM_BASE,
+                  "drawn": (COST_VM_EXIT, COST_VM_ENTRY, COST_IPI_SEND, COST_WAKE_TO_RUN,
+                            COST_CONTEXT_SWITCH, NR_DRAWN_COSTS)},
         "max_ops_per_instant": MAX_OPS_PER_INSTANT,
         "pid_base": PID_BASE,
         "placement": {"AFF_PINNED": AFF_PINNED, "AFF_ALL": AFF_ALL, "AFF_LIST": AFF_LIST,
@@ -389,7 +451,10 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
             if ev.gen != e.irq[ev.who].timer_gen:
                 continue
             e.events += 1
-            rc = timer_fire(e, ev.who, ev.t)
+            if e.th[ev.who].kind == THREAD_HOST:
+                rc = ht_wake(e, ev.who, ev.t)       # a host thread's hrtimer
+            else:
+                rc = timer_fire(e, ev.who, ev.t)
         else:
             th = &e.th[ev.who]
             e.waker = <int32_t>ev.who           # the waker of what it wakes
@@ -403,7 +468,10 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
                     continue
                 e.events += 1
                 if cls == EV_SEGMENT:
-                    rc = segment_end(e, ev.who, ev.t)
+                    if th.kind == THREAD_HOST:
+                        rc = ht_run(e, ev.who, ev.t)
+                    else:
+                        rc = segment_end(e, ev.who, ev.t)
                 elif cls == EV_POLL_END:
                     # The poll loop ran out of time: poll_end = cur >= stop.
                     rc = block(e, ev.who, ev.t, ev.t)
@@ -448,6 +516,7 @@ cdef class Engine:
     cdef object _ops
     cdef object _exitq
     cdef object _tlbase       # per thread: timeline base state (u1)
+    cdef object _cost_tab     # the drawn costs' tables (u8, NR_DRAWN_COSTS x table)
     cdef dict _prog_index     # program bytes -> offset in the op table
     cdef object _aff          # AFF_LIST CPU masks (u8 words), shared by equal sets
     cdef dict _aff_index      # mask bytes -> word offset in _aff
@@ -470,11 +539,24 @@ cdef class Engine:
             c.update(costs)
         self.arch = arch
         self.seed = int(seed)
-        self.e.costs.vm_exit_ns = c["vm_exit_ns"]
-        self.e.costs.vm_entry_ns = c["vm_entry_ns"]
-        self.e.costs.ipi_send_ns = c["ipi_send_ns"]
-        self.e.costs.wake_to_run_ns = c["wake_to_run_ns"]
-        self.e.costs.context_switch_ns = c["context_switch_ns"]
+        # A drawn cost comes as its table (kvmwake.costs.cost_table, checked by the
+        # caller): its row of cost_tab, its cost_dist bit, its median in costs_t.
+        self._cost_tab = np.zeros(NR_DRAWN_COSTS * KW_COST_TABLE_N, dtype=np.uint64)
+        cdef uint64_t* consts = <uint64_t*>&self.e.costs
+        cdef uint32_t ci
+        for ci, name in enumerate(_DRAWN_COSTS):
+            v = c[name]
+            if isinstance(v, (int, np.integer)):
+                consts[ci] = v
+                self._cost_tab[ci * KW_COST_TABLE_N:(ci + 1) * KW_COST_TABLE_N] = v
+            else:
+                tab = np.asarray(v, dtype=np.uint64)
+                if tab.shape != (KW_COST_TABLE_N,):
+                    raise ValueError(f"cost {name}: a table of {KW_COST_TABLE_N} values, "
+                                     f"not of shape {tab.shape}")
+                self._cost_tab[ci * KW_COST_TABLE_N:(ci + 1) * KW_COST_TABLE_N] = tab
+                consts[ci] = tab[KW_COST_TABLE_N // 2]
+                self.e.cost_dist |= (<uint32_t>1) << ci
         self.e.costs.sched_slice_ns = c["sched_slice_ns"]
         self.e.halt_poll_ns = _haltpoll.HALT_POLL_NS_DEFAULT[arch]
         self.e.grow = _haltpoll.HALT_POLL_NS_GROW_DEFAULT
@@ -533,6 +615,7 @@ cdef class Engine:
         self.e.tlbase = <uint8_t*>cnp.PyArray_DATA(self._tlbase)
         self.e.affmask = <uint64_t*>cnp.PyArray_DATA(self._aff)
         self.e.llc = <uint32_t*>cnp.PyArray_DATA(self._llc)
+        self.e.cost_tab = <uint64_t*>cnp.PyArray_DATA(self._cost_tab)
 
     @staticmethod
     def _grow(arr, uint64_t nbytes):
@@ -593,6 +676,7 @@ cdef class Engine:
             th.pc_valid = 1
             th.pstate = PSR_MODE_EL1h         # a booted guest: EL1h, DAIF clear
             rng_seed(th, <uint64_t>(self.seed & 0xFFFFFFFFFFFFFFFF), vmi, i)
+            cost_rng_seed(th, <uint64_t>(self.seed & 0xFFFFFFFFFFFFFFFF), vmi, i)
             # A booted guest: SGIs, the timer PPI and the tick PPI enabled.
             q = &self.e.irq[g]
             q.priv_en = 0xFFFF | (1u << VTIMER_IRQ) | (1u << _model.TICK_IRQ["arm64"])
@@ -698,6 +782,62 @@ cdef class Engine:
         self._guard()
         self._check(make_runnable(&self.e, g, self.e.now, 0))
 
+    def add_host_thread(self, ops, uint32_t cpu):
+        """A host thread (not a vCPU) with a validated host program, placed on host
+        CPU ``cpu``; it enters the thread table after every thread so far and is
+        started by ``start_host_thread``.  Returns its thread index."""
+        cdef uint32_t g = self.e.nth, k, nhost = 0
+        if cpu >= self.e.ncpu:
+            raise ValueError(f"host CPU {cpu} does not exist")
+        for k in range(g):
+            if self.e.th[k].kind == THREAD_HOST:
+                nhost += 1
+        threads = Engine._grow(self._threads, (g + 1) * sizeof(thread_t))
+        irqs = Engine._grow(self._irqs, (g + 1) * sizeof(virq_t))
+        stats = np.zeros((g + 1, NR_STATS), dtype=np.uint64)
+        stats[:g] = self._stats
+        exitq = np.zeros(g + 1, dtype=np.uint32)
+        for k in range(self.e.exq_len):
+            exitq[k] = self.e.exitq[(self.e.exq_head + k) % self.e.nth]
+        tlbase = Engine._grow(self._tlbase, g + 1)
+        self._threads, self._irqs, self._stats, self._exitq = threads, irqs, stats, exitq
+        self._tlbase = tlbase
+        self.e.exq_head = 0
+        self._bind()
+        cdef thread_t* th = &self.e.th[g]
+        th.kind = THREAD_HOST
+        th.vm = NO_VM
+        th.vcpu_id = nhost
+        th.pcpu = cpu
+        th.rq_next = -1
+        th.state = TS_USER
+        th.stall_t = <uint64_t>-1
+        rng_seed(th, <uint64_t>(self.seed & 0xFFFFFFFFFFFFFFFF), NO_VM, nhost)
+        cost_rng_seed(th, <uint64_t>(self.seed & 0xFFFFFFFFFFFFFFFF), NO_VM, nhost)
+        self.e.irq[g].cur_irq = -1
+        self.e.nth = g + 1
+        self.load_program(g, ops)
+        return g
+
+    def start_host_thread(self, uint32_t g):
+        """The host thread becomes runnable now (wake_up_new_task: no wake-up cost)."""
+        cdef thread_t* th = &self.e.th[g]
+        if th.kind != THREAD_HOST or th.state != TS_USER:
+            raise EngineError(f"thread {g} is not a host thread that has not started")
+        self._guard()
+        th.resume = RESUME_START
+        th.wake_ts = self.e.now
+        th.exit_time = self.e.now             # sleep_until's deadlines count from here
+        if self.e.tlcap:
+            tl_note(&self.e, th, g, self.e.now, TS_RUNNABLE)
+        th.state = TS_RUNNABLE
+        self._check(make_runnable(&self.e, g, self.e.now, 0))
+
+    def thread_kinds(self):
+        """Per thread of the table, its kind (model.THREAD_VCPU or THREAD_HOST)."""
+        cdef uint32_t g
+        return [self.e.th[g].kind for g in range(self.e.nth)]
+
     # -- running -------------------------------------------------------------
 
     cdef _check(self, int rc):
@@ -707,6 +847,11 @@ cdef class Engine:
         err = self.e.error
         if err == KW_ERR_STALL or err == KW_ERR_STORM:
             th = &self.e.th[self.e.err_thread]
+            if err == KW_ERR_STALL and th.kind == THREAD_HOST:
+                raise EngineError(
+                    f"host thread {th.vcpu_id} (thread {self.e.err_thread}) makes no progress: "
+                    f"its program ran {self.e.err_n} ops at t={self.e.err_t} ns without "
+                    "virtual time passing")
             if err == KW_ERR_STALL:
                 raise EngineError(
                     f"vCPU {th.vcpu_id} of VM {th.vm} makes no progress: its program "
@@ -958,11 +1103,22 @@ cdef class Engine:
 
     @property
     def costs(self):
+        """Each cost's constant (a drawn cost's: its table's median)."""
         return {"vm_exit_ns": self.e.costs.vm_exit_ns, "vm_entry_ns": self.e.costs.vm_entry_ns,
                 "ipi_send_ns": self.e.costs.ipi_send_ns,
                 "wake_to_run_ns": self.e.costs.wake_to_run_ns,
                 "context_switch_ns": self.e.costs.context_switch_ns,
                 "sched_slice_ns": self.e.costs.sched_slice_ns}
+
+    def cost_tables(self):
+        """The drawn costs' tables: {name: tuple of KW_COST_TABLE_N values}."""
+        cdef uint32_t ci
+        out = {}
+        for ci, name in enumerate(_DRAWN_COSTS):
+            if (self.e.cost_dist >> ci) & 1:
+                out[name] = tuple(int(x) for x in
+                                  self._cost_tab[ci * KW_COST_TABLE_N:(ci + 1) * KW_COST_TABLE_N])
+        return out
 
     @property
     def halt_poll_ns(self):
@@ -1060,10 +1216,15 @@ cdef class Engine:
         """Per host CPU, ns running, polling and idle over the recorded window."""
         from .outputs.timeline import totals
         t0, base = self.timeline_window()
-        return totals(self.timeline_array(), base, t0, now, self.e.ncpu)
+        cdef uint32_t g
+        return totals(self.timeline_array(), base, t0, now, self.e.ncpu,
+                      [self.e.th[g].pcpu for g in range(self.e.nth)])
 
     def thread_info(self, uint32_t g):
         cdef thread_t* th = &self.e.th[g]
+        if th.kind == THREAD_HOST:
+            return {"state": th.state, "pcpu": th.pcpu, "pc": th.pc, "kind": th.kind,
+                    "nr_migrations": th.nr_migrations}
         return {"state": th.state, "halt_poll_ns": th.halt_poll_ns,
                 "requests": th.requests, "pcpu": th.pcpu, "pc": th.pc,
                 "runnable": bool(runnable(&self.e, g)), "mp_state": th.mp_state,

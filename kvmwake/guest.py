@@ -177,9 +177,20 @@ cli = mask
 sti = unmask
 
 
-def set_handler(ns: int) -> _Ins:
-    """From now on the guest's interrupt handler runs for ``ns`` ns (then EOI)."""
-    return _Ins(Op.SET_HANDLER, 0, 0, _dur("set_handler", ns))
+def set_handler(ns: int, iret: bool = True) -> _Ins:
+    """From now on the guest's interrupt handler runs for ``ns`` ns (then EOI).
+
+    ``iret`` (default): the handler returns as Linux's do (x86 ``iret``, arm64
+    ``eret``), unmasking again, so an interrupt that arrived meanwhile is taken at
+    once.  ``iret=False``: it does not return; the guest goes on with interrupts
+    masked (x86: IF = 0, as the interrupt gate left it) until its next
+    ``unmask()``; the ``kvmwake kernel`` micro-VM's handler, which EOIs and jumps
+    back to ``sti; hlt``, is ``set_handler(ns, iret=False)`` with
+    ``loop([unmask(), hlt()])``.
+    """
+    if not isinstance(iret, bool):
+        raise ProgramError(f"set_handler: iret must be True or False, not {iret!r}")
+    return _Ins(Op.SET_HANDLER, 0, 0 if iret else 1, _dur("set_handler", ns))
 
 
 def timer_arm(delay_ns: int, period_ns: int = 0) -> _Ins:
@@ -431,6 +442,8 @@ def validate(ops: np.ndarray, nr_vcpus: int | None = None, arch: str | None = No
         elif code == Op.SET_HANDLER:
             if p0 > MAX_DURATION_NS:
                 raise ProgramError(f"{where}: handler time out of range 0..{MAX_DURATION_NS}")
+            if arg > 1:
+                raise ProgramError(f"{where}: SET_HANDLER: iret flag {arg} is not 0 or 1")
         elif code in (Op.TIMER_ARM, Op.TIMER_CANCEL):
             if arch == "x86":
                 raise ProgramError(f"{where}: {code.name}: the arch timer is arm64's")

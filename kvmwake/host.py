@@ -14,22 +14,24 @@ queues, a fixed slice) or ``"eevdf"`` (Linux 6.18's fair class).
 from __future__ import annotations
 
 import bisect
+import copy
 import errno
 import numbers
 
+from . import costs as _costs
 from . import haltpoll
 from . import snapshot as _snapshot
 from .errors import KvmError, SnapshotError
 from .exits import from_engine
-from .model import (ARCHES, COST_DEFAULTS, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, MAX_NR_SPIS,
-                    MAX_VCPUS, SCHEDULERS)
+from .model import (ARCHES, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, HOST_STAT_NAMES,
+                    MAX_NR_SPIS, MAX_VCPUS, SCHEDULERS, THREAD_HOST, ThreadState)
 
 ENGINES = ("core", "reference")
 #: Largest host the engines accept.
 MAX_HOST_CPUS = 1 << 20
-#: Most vCPU threads one host holds (over all its VMs).
+#: Most threads one host holds (vCPU threads over all its VMs, and host threads).
 MAX_HOST_THREADS = 1 << 24
-MAX_COST_NS = 1 << 40
+MAX_COST_NS = _costs.MAX_COST_NS
 MAX_TIME_NS = 1 << 62
 
 
@@ -135,7 +137,12 @@ class Host:
         Seed of every random stream (one per vCPU, derived from the seed, the
         VM's index on the host and the vCPU id).
     costs : dict, optional
-        Modelled costs in ns, overriding ``model.COST_DEFAULTS``.
+        Modelled costs, overriding ``model.COST_DEFAULTS``: each an int (ns) or a
+        duration string (a constant), or a distribution,
+        ``{"dist": "lognormal", "median": ..., "sigma": ..., "max": ...}`` or
+        ``{"dist": "quantiles", "q": [...]}``, drawn from a seeded stream of the
+        charged thread's own (see ``kvmwake.costs``; ``sched_slice_ns`` is a
+        constant).
     engine : {"core", "reference"}
         The Cython core (default) or the plain-Python reference engine.
     trace_capacity : int
@@ -174,20 +181,15 @@ class Host:
         seed = check_int("seed", seed, 0, (1 << 64) - 1)
         trace_capacity = check_int("trace_capacity", trace_capacity, 0, 1 << 32)
         timeline_capacity = check_int("timeline_capacity", timeline_capacity, 0, 1 << 32)
-        if costs is not None and not isinstance(costs, dict):
-            raise TypeError(f"costs must be a dict of cost names to ns, not "
-                            f"{type(costs).__name__}")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
-        merged = dict(COST_DEFAULTS)
-        for name, value in (costs or {}).items():
-            if name not in COST_DEFAULTS:
-                raise ValueError(f"unknown cost {name!r} (known: {', '.join(COST_DEFAULTS)})")
-            merged[name] = check_int(name, value, 0, MAX_COST_NS)
+        specs = _costs.normalize_costs(costs)
+        self._cost_specs = specs
         self.arch = arch
         self.seed = seed
         self.engine_name = engine
-        self._engine = _engine_class(engine)(arch, host_cpus, seed, merged, trace_capacity,
+        self._engine = _engine_class(engine)(arch, host_cpus, seed, _costs.engine_costs(specs),
+                                             trace_capacity,
                                              timeline_capacity, scheduler)
         self.scheduler = scheduler
         self.host_cpus = host_cpus
@@ -195,6 +197,8 @@ class Host:
             else [list(g) for g in llc_groups]
         self._set_llc(llc_groups)
         self.vms: list = []
+        #: Host threads that are not vCPUs (``add_thread``, ``add_load``), in order.
+        self.threads: list = []
         self._nthreads = 0
         # The VMM policy call in progress (vm, vcpu id), or None: run() from inside
         # a policy is refused (see _no_policy_reentry).
@@ -239,7 +243,9 @@ class Host:
 
     @property
     def costs(self) -> dict:
-        return dict(self._engine.costs)
+        """Every modelled cost as its normalised spec (``kvmwake.costs.parse_cost``):
+        an int in ns for a constant, a dict for a distribution."""
+        return copy.deepcopy(self._cost_specs)
 
     @property
     def now(self) -> int:
@@ -287,7 +293,7 @@ class Host:
             raise ValueError(f"a {arch} VM cannot run on an {self.arch} host")
         nr_spis = self._check_vm_args(nr_vcpus, arch, nr_spis)
         if self._nthreads + nr_vcpus > MAX_HOST_THREADS:
-            raise ValueError(f"a host holds at most {MAX_HOST_THREADS} vCPU threads")
+            raise ValueError(f"a host holds at most {MAX_HOST_THREADS} threads")
         return nr_spis
 
     def _add_vm(self, vm, nr_vcpus: int, arch: str, nr_spis: int) -> int:
@@ -298,6 +304,81 @@ class Host:
         self._nthreads += int(nr_vcpus)
         self.vms.append(vm)
         return index, first
+
+    # -- host threads that are not vCPUs ------------------------------------------------------
+
+    def add_thread(self, program, affinity="all", name: str | None = None) -> "HostThread":
+        """A host thread that is not a vCPU (a device or injector thread, background
+        load), running ``program`` (a ``kvmwake.hostprog`` program or list of its ops).
+
+        The host scheduler runs it exactly as a vCPU thread, on the same run
+        queues.  It takes the next thread index of the host (``.g``; a VM created
+        later has its vCPU threads after it, so add host threads after the VMs
+        to keep the vCPUs' placement and trace pids as without them), and
+        starts at once, at ``host.now``: before the first run or at any time
+        between runs.  ``affinity``: "all" (default), a CPU, or CPUs; it starts on
+        the CPU ``host_thread_cpu`` says and each wake-up is placed as a vCPU
+        thread's is (``select_task_rq``).
+        On any invalid argument it raises and the host is left as it was.
+        """
+        from . import hostprog
+        prog = hostprog.HostProgram(program)
+        aff = check_thread_affinity(affinity, self.host_cpus)
+        if name is None:
+            name = f"host-thread-{len(self.threads)}"
+        if not isinstance(name, str) or not name.strip():
+            raise TypeError(f"name must be a non-empty string, not {name!r}")
+        if any(t.name == name for t in self.threads):
+            raise ValueError(f"a host thread named {name!r} exists already")
+        ops = prog.ops.copy()
+        for i, ref in prog.vm_refs.items():
+            ops["p0"][i] = self._vm_index_of(ref, f"host op {i}")
+        hostprog.validate(ops, [(vm.nr_vcpus, vm.nr_spis) for vm in self.vms], self.arch)
+        if self._nthreads + 1 > MAX_HOST_THREADS:
+            raise ValueError(f"a host holds at most {MAX_HOST_THREADS} threads")
+        if self._engine.failed:
+            from .reference import EngineError
+            raise EngineError("this engine stopped on an earlier error")
+        g = self._engine.add_host_thread(ops, host_thread_cpu(aff, self._nthreads,
+                                                              self.host_cpus))
+        self._engine.set_affinity(g, "all" if len(aff) == self.host_cpus else list(aff), True)
+        self._nthreads += 1
+        th = HostThread(self, g, name, aff)
+        self.threads.append(th)
+        self._engine.start_host_thread(g)
+        return th
+
+    def add_load(self, duty: float, period_ns, affinity="all",
+                 name: str | None = None) -> "HostThread":
+        """Background load: a host thread that computes ``duty * period_ns`` then sleeps
+        the rest of the period, forever (``duty`` in (0, 1]; 1: it never sleeps)."""
+        from . import hostprog as hp
+        from .guest import _dur
+        if isinstance(duty, bool) or not isinstance(duty, numbers.Real) \
+                or not 0 < duty <= 1:
+            raise ValueError(f"duty must be a number in (0, 1], not {duty!r}")
+        period = _dur("period_ns", period_ns)
+        if period == 0:
+            raise ValueError("period_ns must be positive")
+        busy = int(round(duty * period))
+        if busy == 0:
+            raise ValueError(f"duty {duty} of a {period} ns period rounds to 0 ns of work")
+        body = [hp.compute(busy)]
+        if busy < period:
+            body.append(hp.sleep(period - busy))
+        return self.add_thread([hp.loop(body)], affinity,
+                               name if name is not None else f"load-{len(self.threads)}")
+
+    def _vm_index_of(self, ref, where: str) -> int:
+        if isinstance(ref, numbers.Integral):
+            if not 0 <= ref < len(self.vms):
+                raise ValueError(f"{where}: VM {ref} does not exist on this host "
+                                 f"({len(self.vms)} VMs)")
+            return int(ref)
+        for vm in self.vms:
+            if vm is ref:
+                return vm.index
+        raise ValueError(f"{where}: the VM it names is not one of this host's")
 
     # -- running ------------------------------------------------------------------------
 
@@ -429,8 +510,13 @@ class Host:
 
     def stats_array(self) -> "np.ndarray":
         """Every vCPU's stats row, VM after VM (threads x model.NR_STATS, uint64): one
-        copy for the whole host (``vm.stats_array()`` copies only its VM's rows)."""
-        return self._engine.stats_array()
+        copy for the whole host (``vm.stats_array()`` copies only its VM's rows).
+        Host threads' rows (their own counters) are not among them."""
+        rows = self._engine.stats_array()
+        if self.threads:
+            keep = [g for g, k in enumerate(self._engine.thread_kinds()) if k != THREAD_HOST]
+            rows = rows[keep]
+        return rows
 
     def latency_histogram(self):
         """Wake-latency histogram over the host (see ``model.lat_bucket``)."""
@@ -440,6 +526,62 @@ class Host:
         return (f"Host(arch={self.arch!r}, host_cpus={self.host_cpus}, vms={len(self.vms)}, "
                 f"now={self.now} ns, engine={self.engine_name!r}, "
                 f"scheduler={self.scheduler!r})")
+
+
+# -- host threads ---------------------------------------------------------------------------
+
+
+def check_thread_affinity(affinity, host_cpus: int) -> tuple:
+    """A host thread's CPU affinity: "all", a CPU, or an iterable of CPUs -> the sorted
+    tuple of its CPUs (``check_affinity``; "pinned" is for vCPU threads)."""
+    if isinstance(affinity, str) and affinity == "pinned":
+        raise ValueError("affinity 'pinned' is for vCPU threads; a host thread takes "
+                         "'all', a CPU or a list of CPUs")
+    aff = check_affinity(affinity, host_cpus)
+    return tuple(range(host_cpus)) if aff == "all" else aff
+
+
+def host_thread_cpu(affinity: tuple, g: int, host_cpus: int) -> int:
+    """The CPU a new host thread starts on, as the engines' select_task_rq_fork()
+    places it: the (g mod n)-th of its n allowed CPUs (every CPU: g % host_cpus,
+    as for vCPU threads).  Later wake-ups are placed by select_task_rq()."""
+    return affinity[g % len(affinity)]
+
+
+class HostThread:
+    """A host thread that is not a vCPU (``Host.add_thread``).
+
+    ``g``: its thread index on the host; ``name``; ``affinity``: the CPUs it may
+    run on (a sorted tuple).
+    """
+
+    def __init__(self, host: Host, g: int, name: str, affinity: tuple):
+        self.host = host
+        self.g = g
+        self.name = name
+        self.affinity = affinity
+
+    @property
+    def cpu(self) -> int:
+        """The host CPU it is on."""
+        return self.host._engine.thread_info(self.g)["pcpu"]
+
+    @property
+    def state(self) -> str:
+        """RUNNING, RUNNABLE, BLOCKED (asleep) or USER (exited)."""
+        return ThreadState(self.host._engine.thread_info(self.g)["state"]).name
+
+    def stats(self) -> dict:
+        """Its counters: run_ns (on its CPU), wait_ns (runnable, waiting for it, the
+        context switch included), sleep_ns, nr_runs (times it got its CPU),
+        nr_preempted, nr_sleeps, nr_injects (MSIs / irqfd writes made).  Time on
+        the CPU or asleep counts up to the thread's latest switch, not to now."""
+        row = self.host._engine.stats_rows(self.g, 1)[0]
+        return {n: int(row[i]) for i, n in enumerate(HOST_STAT_NAMES)}
+
+    def __repr__(self):
+        return (f"HostThread(g={self.g}, name={self.name!r}, cpu={self.cpu}, "
+                f"state={self.state})")
 
 
 # -- snapshots: the host's side of kvmwake.snapshot ---------------------------------------------
@@ -456,6 +598,9 @@ def host_to_bytes(host: Host, vm_index: int | None = None, run: dict | None = No
         desc["scheduler"] = host.scheduler      # absent: fifo (older snapshots)
     if host._llc is not None:
         desc["llc"] = host._llc                 # absent: one LLC
+    if host.threads:                            # absent: none
+        desc["threads"] = [{"g": t.g, "name": t.name, "affinity": list(t.affinity)}
+                           for t in host.threads]
     return _snapshot.encode(host._engine, desc, [vm._snapshot_record() for vm in host.vms],
                             vm_index=vm_index, run=run)
 
@@ -483,9 +628,11 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
     with _snapshot.inconsistent("state"):
         for rec in snap.vms:
             host.vm_class._from_record(host, rec)
-        host._nthreads = sum(rec["nr_vcpus"] for rec in snap.vms)
+        records = _snapshot.host_thread_records(snap.header)
+        host._nthreads = sum(rec["nr_vcpus"] for rec in snap.vms) + len(records)
         host._engine.import_state(snap.scalars, snap.arrays)
         flags = _snapshot.check_engine(snap, host._engine)
+        host.threads = [HostThread(host, r["g"], r["name"], r["affinity"]) for r in records]
         for vm in host.vms:                 # recomputed from the engine, not trusted
             for v in vm.vcpus:
                 v._loaded, v._started = flags[v._g]
@@ -497,6 +644,9 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
     for name, value in module_params.items():
         setattr(host, name, value)
     if host_cpus is not None and host_cpus != host.host_cpus:
+        if host.threads:
+            raise SnapshotError("restoring onto another host CPU count is not implemented "
+                                "with host threads")
         if host.scheduler != "fifo":
             raise SnapshotError(f"restoring onto another host CPU count is only "
                                 f"implemented for the fifo scheduler, not "

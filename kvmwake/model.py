@@ -30,7 +30,7 @@ class Op(IntEnum):
     SET_PMR = 9       #: ICC_PMR_EL1 = p0 (arm64) / TPR = p0 (x86); no trap
     MASK = 10         #: PSTATE.I = 1 / cli
     UNMASK = 11       #: PSTATE.I = 0 / sti
-    SET_HANDLER = 12  #: the guest's interrupt handler runs for p0 ns from now on
+    SET_HANDLER = 12  #: the guest's interrupt handler runs for p0 ns from now on (arg 1: no iret)
     TIMER_ARM = 13    #: CNTV_CVAL = now + drawn delay, CNTV_CTL = ENABLE; arg = re-arm period
     TIMER_CANCEL = 14  #: CNTV_CTL.ENABLE = 0
     DIST_ENABLE = 15  #: GICD_CTLR: distributor enable = p0 (traps)
@@ -39,6 +39,39 @@ class Op(IntEnum):
     SET_REG = 18      #: x<arg> = p0 (arg 0..3); no trap
     SYNC = 19         #: the selftests' GUEST_SYNC: exit to userspace with x<arg>, or p0 if arg = 255
     # 20-31 are reserved.
+
+
+class HostOp(IntEnum):
+    """Host-thread program ops (``kvmwake.hostprog``), in the same op table as the
+    guest's but with codes of their own: a host thread never runs a guest op."""
+
+    END = 32          #: the thread exits (do_exit): it leaves its CPU for good
+    COMPUTE = 33      #: run on its host CPU for a drawn time (dist, p0, p1); preemptible
+    SLEEP = 34        #: sleep a drawn time (dist, p0, p1): dequeued, an hrtimer wakes it
+    MSI = 35          #: x86 KVM_SIGNAL_MSI / irqfd: vector ``arg`` to vCPU p1 of VM p0
+    IRQ = 36          #: arm64 irqfd: SPI ``arg`` of VM p0 pulsed (level 1, then 0)
+    LOOP = 37         #: loop head: arg = counter slot, p0 = count (0: forever)
+    ENDLOOP = 38      #: loop tail: arg = index of the LOOP op, p0 = count, p1 = slot
+    SLEEP_UNTIL = 39  #: clock_nanosleep(TIMER_ABSTIME): the deadline moves on by a draw
+
+
+#: Thread kinds of the engine's thread table: a vCPU thread, or a host thread
+#: (a thread of the host that is not a vCPU: a device or injector thread, load).
+THREAD_VCPU, THREAD_HOST = 0, 1
+#: A host thread's VM index (it has none).
+NO_VM = 0xFFFF_FFFF
+#: The "VM index" a host thread's random stream is derived with (stream = its
+#: index among the host threads), so that no vCPU or source stream changes.
+HOST_STREAM_VM = 0xFFFF_FFFF
+
+#: A host thread's stats row (its own counters, in place of the halt stats):
+#: ns on its CPU (sum_exec_runtime), ns runnable waiting for it (schedstat
+#: wait_sum, the context switch included), ns asleep, times it got its CPU
+#: (nr_switches in), times it was preempted (nivcsw), sleeps (nvcsw), injections.
+HS_RUN_NS, HS_WAIT_NS, HS_SLEEP_NS, HS_NR_RUNS, HS_NR_PREEMPTED, HS_NR_SLEEPS, \
+    HS_NR_INJECTS = range(7)
+HOST_STAT_NAMES = ("run_ns", "wait_ns", "sleep_ns", "nr_runs", "nr_preempted", "nr_sleeps",
+                   "nr_injects")
 
 
 #: Ops that trap to KVM (a VM exit before, a VM entry after).

@@ -77,7 +77,8 @@ from . import __version__
 from . import vmm as _vmm
 from .errors import SnapshotError
 from .exits import from_engine
-from .model import LAT_BUCKETS, MAX_VCPUS, NR_STATS
+from .costs import COST_TABLE_N, DRAWN_COSTS
+from .model import LAT_BUCKETS, MAX_VCPUS, NR_STATS, THREAD_HOST
 
 MAGIC = b"KVMWSNAP"
 FORMAT_VERSION = 2
@@ -91,15 +92,16 @@ MAX_BODY = 1 << 40             # 1 TiB: anything larger is not a snapshot of our
 ZLIB_LEVEL = 1                 # the stats histograms are mostly zeros
 _DTYPES = {"u1": np.uint8, "u4": np.uint32, "u8": np.uint64}
 _ARRAYS = ("threads", "irqs", "vms", "gics", "srcs", "times", "cpus", "stats", "lat", "ops",
-           "exitq", "heap", "trace", "timeline", "tlbase", "aff")
+           "exitq", "heap", "trace", "timeline", "tlbase", "aff", "costtab")
 _SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdropped",
             "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len", "talloc",
-            "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc")
+            "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc", "cost_dist")
 #: The fields of a held exit (an exit record of the engine).
 _HELD_KEYS = ("reason", "type", "ndata", "data0", "ucall", "value", "time")
 
 #: The arrays that are not bytes of engine structs ("u1"), and the struct of those that are.
-_ARRAY_DTYPES = {"times": "u8", "stats": "u8", "lat": "u8", "exitq": "u4", "aff": "u8"}
+_ARRAY_DTYPES = {"times": "u8", "stats": "u8", "lat": "u8", "exitq": "u4", "aff": "u8",
+                 "costtab": "u8"}
 _ARRAY_STRUCTS = {"threads": "thread_t", "irqs": "virq_t", "vms": "vm_t", "gics": "gic_t",
                   "srcs": "source_t", "cpus": "cpu_t", "ops": "op_t", "heap": "event_t",
                   "trace": "trace_rec_t", "timeline": "tl_rec_t"}
@@ -362,11 +364,13 @@ def _layout(header, size: int) -> dict:
     ncpu = header["host"]["host_cpus"]
     if isinstance(ncpu, bool) or not isinstance(ncpu, int) or not 1 <= ncpu <= 1 << 20:
         raise SnapshotError(f"snapshot host configuration is invalid: host_cpus = {ncpu!r}")
+    nth += len(host_thread_records(header))
     if scalars["tcount"] > scalars["tcap"] or scalars["tlcount"] > scalars["tlcap"]:
         raise SnapshotError("trace or timeline record count above its capacity")
     # Records each array must hold, from the header's counts (None: any number).
     expect = {"threads": nth, "irqs": nth, "stats": nth, "exitq": nth, "tlbase": nth,
               "vms": nvm, "gics": nvm, "cpus": ncpu, "lat": LAT_BUCKETS,
+              "costtab": len(DRAWN_COSTS) * COST_TABLE_N,
               "trace": scalars["tcount"], "timeline": scalars["tlcount"]}
     out = {}
     end = 0
@@ -395,7 +399,8 @@ def _layout(header, size: int) -> dict:
             raise SnapshotError(f"array {name}: size {nbytes} is not a whole number of "
                                 f"{rec}-byte {struct or name} records")
         if name in expect and nbytes // rec != expect[name]:
-            what = {"cpus": "host CPUs", "lat": "latency buckets", "threads": "vCPU threads",
+            what = {"cpus": "host CPUs", "lat": "latency buckets",
+                    "threads": "vCPU and host threads",
                     "vms": "VMs"}.get(name, "records")
             raise SnapshotError(f"inconsistent array sizes: array {name} holds "
                                 f"{nbytes // rec} {what}, which disagrees with the "
@@ -433,9 +438,36 @@ def _check_header(h) -> None:
         raise ValueError(f"vm_index is {i!r}, not an integer")
 
 
+def host_thread_records(header) -> list:
+    """The header's host threads (``host["threads"]``, absent: none), checked and
+    normalised: ``{"g", "name", "affinity"}`` each, in thread order."""
+    recs = header["host"].get("threads", [])
+    ncpu = header["host"]["host_cpus"]
+    if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+        raise SnapshotError("the host threads' records are not a list of objects")
+    out, names = [], set()
+    for i, r in enumerate(recs):
+        if set(r) != {"g", "name", "affinity"}:
+            raise SnapshotError(f"host thread {i}: its record has fields {sorted(r)}, "
+                                "expected affinity, g, name")
+        g = _int(r["g"], f"host thread {i}'s g")
+        aff = r["affinity"]
+        if not isinstance(r["name"], str) or not r["name"].strip() or r["name"] in names \
+                or (out and g <= out[-1]["g"]) or g < 0 or not isinstance(aff, list) \
+                or not aff or any(isinstance(c, bool) or not isinstance(c, int)
+                                  or not 0 <= c < ncpu for c in aff) \
+                or aff != sorted(set(aff)):
+            raise SnapshotError(f"host thread {i}: its thread index, name or affinity is "
+                                "invalid or out of order")
+        names.add(r["name"])
+        out.append({"g": g, "name": r["name"], "affinity": tuple(aff)})
+    return out
+
+
 def _vm_records(header, nthreads: int) -> list:
     """The header's VM records, checked and normalised (see ``Snapshot``)."""
     arch = header["host"]["arch"]
+    hosts = {r["g"] for r in host_thread_records(header)}
     counts = []
     for i, vd in enumerate(header["vms"]):
         n = _int(vd["nr_vcpus"], f"VM {i}'s nr_vcpus")
@@ -444,12 +476,17 @@ def _vm_records(header, nthreads: int) -> list:
         if not isinstance(vd["vcpus"], list) or len(vd["vcpus"]) != n:
             raise SnapshotError(f"VM {i}: the vCPU records do not match its {n} vCPUs")
         counts.append(n)
-    if sum(counts) != nthreads:
-        raise SnapshotError(f"inconsistent array sizes: the VMs have {sum(counts)} vCPUs, "
-                            f"array threads holds {nthreads}")
+    if sum(counts) + len(hosts) != nthreads or any(g >= nthreads for g in hosts):
+        raise SnapshotError(f"inconsistent array sizes: the VMs have {sum(counts)} vCPUs "
+                            f"and the host {len(hosts)} host threads, array threads holds "
+                            f"{nthreads}")
     out = []
     first = 0
     for index, vd in enumerate(header["vms"]):
+        while first in hosts:               # host threads between the VMs' threads
+            first += 1
+        if any(first + i in hosts for i in range(counts[index])):
+            raise SnapshotError(f"VM {index}: a host thread among its vCPU threads")
         rec = {"first": first, "nr_vcpus": int(vd["nr_vcpus"]), "nr_spis": int(vd["nr_spis"]),
                "halt_poll_cap": vd["halt_poll_cap"], "tick_ns": int(vd["tick_ns"]),
                "suspend_cap": bool(vd["suspend_cap"]),
@@ -495,9 +532,9 @@ def check_host_cpus(snap: Snapshot, host_cpus: int) -> None:
 
 def check_engine(snap: Snapshot, engine) -> list:
     """The VM records against ``engine``, which has imported the snapshot's arrays:
-    VM layout, capabilities, programs and held exits.
+    VM layout, capabilities, programs, held exits and which threads are host threads.
 
-    Returns per thread the vCPU's ``(loaded, started)`` as the engine's state
+    Returns per vCPU thread g (a dict) the vCPU's ``(loaded, started)`` as the engine's state
     says, not as the header does: loaded is having a program; started is the
     header's flag for a vCPU outside ``KVM_RUN`` with a program (one that ran
     and exited, or one still to be started), and true for one inside it."""
@@ -523,6 +560,10 @@ def check_engine(snap: Snapshot, engine) -> list:
                                           != _engine_exit_record(engine, g)):
                 raise SnapshotError(f"VM {index} vCPU {vid}: its held exit is not the "
                                     "engine's last exit of a vCPU outside KVM_RUN")
+    hosts = {r["g"] for r in host_thread_records(snap.header)}
+    kinds = engine.thread_kinds()
+    if hosts != {g for g, k in enumerate(kinds) if k == THREAD_HOST}:
+        raise SnapshotError("the header's host threads disagree with the engine's")
     for g in set(queued):
         if threads[g][1] != 0:
             raise SnapshotError(f"thread {g}: in the exit queue but inside KVM_RUN")
@@ -539,10 +580,10 @@ def check_engine(snap: Snapshot, engine) -> list:
     # A vCPU inside KVM_RUN, or whose exit waits (held or queued), has started; one
     # outside with nothing waiting may be either (not run yet, or ran and exited).
     waiting = held | set(queued)
-    return [(has_prog, state != 0 or rec["first"] + vid in waiting
-             or (has_prog and v["started"]))
+    return {rec["first"] + vid: (has_prog, state != 0 or rec["first"] + vid in waiting
+                                 or (has_prog and v["started"]))
             for rec in snap.vms for vid, (v, (has_prog, state))
-            in enumerate(zip(rec["vcpus"], threads[rec["first"]:rec["first"] + rec["nr_vcpus"]]))]
+            in enumerate(zip(rec["vcpus"], threads[rec["first"]:rec["first"] + rec["nr_vcpus"]]))}
 
 
 def policy_class(index: int, name: str, vmm_classes: dict):

@@ -12,6 +12,7 @@ from . import guest as _guest
 from . import snapshot as _snapshot
 from . import vmm as _vmm
 from .errors import KvmError, SnapshotError
+from .costs import cost_bound
 from .exits import Exit, from_engine
 from .host import Host, check_affinity, check_arch, check_int, host_to_bytes, restore_host
 from .model import (DEFAULT_MEM_SIZE, DEFAULT_NR_SPIS, KVM_REQUEST_MASK, MEM_BASE, S_BLOCKING,
@@ -934,8 +935,9 @@ class VCpu:
         """Virtual time a signalled vCPU may take to leave KVM_RUN before run() gives
         up: enough for every thread on its host CPU to use a time slice first."""
         costs = self.vm.host.costs
-        per_turn = (costs["sched_slice_ns"] + costs["context_switch_ns"]
-                    + costs["wake_to_run_ns"] + costs["vm_exit_ns"] + costs["vm_entry_ns"])
+        per_turn = sum(cost_bound(costs[name]) for name in (
+            "sched_slice_ns", "context_switch_ns", "wake_to_run_ns", "vm_exit_ns",
+            "vm_entry_ns"))
         host = self.vm.host
         sharing = -(-host._nthreads // host.host_cpus)
         # (At most 2^60 ns, so that the clock cannot run past 2^64 meanwhile.)

@@ -66,7 +66,7 @@ OUTCOMES = ("rejected", "ran", "stopped", "crash", "hang", "broken")
 THREAD_DTYPE = np.dtype(
     [(n, "<u8") for n in ("seg_end", "seg_gfrom", "seg_gto", "rem_end", "rem_gfrom", "rem_gto",
                           "run_start", "halt_start", "poll_end", "wake_ts", "rng_state",
-                          "rng_inc", "stall_t")]
+                          "rng_inc", "cost_rng_state", "cost_rng_inc", "stall_t")]
     + [(n, "<i8") for n in ("vruntime", "deadline", "vlag", "vprot")]
     + [("exec_start", "<u8"), ("nr_migrations", "<u8")]
     + [("regs", "<u8", (31,))]
@@ -78,7 +78,7 @@ THREAD_DTYPE = np.dtype(
     + [("rq_next", "<i4"), ("stall_n", "<u4"), ("aff_off", "<u4"), ("loops", "<u4", (4,))]
     + [(n, "u1") for n in ("state", "resume", "cont", "slice_armed", "do_poll", "has_prog",
                            "mp_state", "pc_valid", "sig_pending", "reset_pending",
-                           "halt_kind", "on_rq", "sched_delayed", "aff_kind")]
+                           "halt_kind", "on_rq", "sched_delayed", "aff_kind", "kind")]
     + [("_pad", "u1", (4,))], align=True)
 VIRQ_DTYPE = np.dtype([
     ("ap", "<u8", (16,)), ("irr", "<u8", (4,)), ("isr", "<u8", (4,)),
@@ -86,7 +86,8 @@ VIRQ_DTYPE = np.dtype([
     ("priv_en", "<u4"), ("priv_act", "<u4"), ("priv_latch", "<u4"), ("priv_line", "<u4"),
     ("priv_level", "<u4"), ("timer_gen", "<u4"), ("timer_period", "<u4"), ("cur_irq", "<i4"),
     ("priv_prio", "u1", (32,)), ("pmr", "u1"), ("masked", "u1"), ("timer_ctl", "u1"),
-    ("sv_cont", "u1"), ("sv_valid", "u1"), ("tpr", "u1"), ("_pad", "u1", (2,))], align=True)
+    ("sv_cont", "u1"), ("sv_valid", "u1"), ("tpr", "u1"), ("handler_noiret", "u1"),
+    ("_pad", "u1", (1,))], align=True)
 VM_DTYPE = np.dtype([("tick_ns", "<u8"), ("first", "<u4"), ("nr_vcpus", "<u4"),
                      ("max_halt_poll_ns", "<u4"), ("tick_gen", "<u4"), ("override", "<u4"),
                      ("nr_spis", "<u4"), ("code_base", "<u8"), ("psci_version", "<u4"),
@@ -117,7 +118,7 @@ _STRUCT_NAMES = {"threads": "thread_t", "irqs": "virq_t", "vms": "vm_t", "gics":
                  "srcs": "source_t", "cpus": "cpu_t", "heap": "event_t", "ops": "op_t",
                  "trace": "trace_rec_t", "timeline": "tl_rec_t"}
 #: Plain arrays: their elements are mutated one at a time.
-PLAIN = ("times", "stats", "lat", "exitq", "tlbase", "aff")
+PLAIN = ("times", "stats", "lat", "exitq", "tlbase", "aff", "costtab")
 
 
 def check_layouts() -> None:
@@ -163,10 +164,17 @@ def _scenario(name, vcpus, host_cpus, seed, run_ns, trace=256, timeline=0):
     return host.snapshot()
 
 
-def _x86_mid_halt() -> bytes:
+#: Costs with tails (kvmwake.costs): a seed state whose cost tables are drawn from.
+TAIL_COSTS = {"wake_to_run_ns": {"dist": "lognormal", "median": 4000, "sigma": 0.8,
+                                 "max": 300000},
+              "vm_exit_ns": {"dist": "quantiles", "q": [500, 900, 1000, 1400, 9000]},
+              "context_switch_ns": {"dist": "lognormal", "median": 2000, "sigma": 0.4}}
+
+
+def _x86_mid_halt(costs=None) -> bytes:
     """An x86 VM whose vCPUs halt (HLT) with halt polling, kick each other, one host
     CPU short: snapshotted while a vCPU is polling or blocked in kvm_vcpu_halt."""
-    vm = kw.VM(arch="x86", nr_vcpus=3, host_cpus=2, seed=11, trace_capacity=128)
+    vm = kw.VM(arch="x86", nr_vcpus=3, host_cpus=2, seed=11, trace_capacity=128, costs=costs)
     vm.vcpus[0].load([g.loop([g.compute_exp(30 * US), g.wake(1), g.wfi()])])
     vm.vcpus[1].load([g.loop([g.compute(7 * US), g.wfi(), g.wake(2)])])
     vm.vcpus[2].load([g.loop([g.compute_uniform(1 * US, 90 * US), g.wfi(), g.wake(0)])])
@@ -242,6 +250,7 @@ SEEDS = {
     "suspend-cycle": lambda: _scenario("suspend-cycle", 8, 2, 1, 2 * MS),
     "ipi-storm": lambda: _scenario("ipi-storm", 6, 1, 2, 1 * MS),
     "x86-mid-halt": _x86_mid_halt,
+    "x86-tails": lambda: _x86_mid_halt(TAIL_COSTS),
     "arm64-suspended": _arm64_suspended,
     "unpinned": _unpinned,
 }

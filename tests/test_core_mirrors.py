@@ -230,3 +230,13 @@ def test_request_bits_the_core_uses(compiled):
     from kvmwake.model import Request
     assert compiled["requests"]["SLEEP"] == Request.SLEEP
     assert compiled["requests"]["SUSPEND"] == Request.SUSPEND
+
+
+def test_host_thread_constants(compiled):
+    """Host-thread ops, thread kinds and a host thread's stats row (core/hostthread.pxi)."""
+    assert compiled["host_ops"] == _in_order(model.HostOp)
+    assert min(model.HostOp) > max(Op)          # no code shared with a guest op
+    assert compiled["thread_kinds"] == (model.THREAD_VCPU, model.THREAD_HOST)
+    assert compiled["host_stats"] == tuple(range(len(model.HOST_STAT_NAMES)))
+    assert compiled["host_stats"] == _model_constants("HS_")
+    assert compiled["no_vm"] == model.NO_VM == model.HOST_STREAM_VM

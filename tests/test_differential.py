@@ -29,7 +29,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kvmwake import _core, reference
+from kvmwake import costs as _costs
 from kvmwake import guest as G
+from kvmwake import hostprog as HP
 from kvmwake.guest import ProgramError
 from kvmwake.guest import MAX_DURATION_NS
 from kvmwake.model import (ARCHES, COST_NAMES, KVM_REQUEST_NO_ACTION, KVM_REQUEST_NO_WAKEUP,
@@ -106,6 +108,9 @@ class Scenario:
     scheduler: str = "fifo"     # the host scheduler (kvmwake.model.SCHEDULERS)
     affinity: list = None       # per global thread: "pinned", "all" or a tuple of CPUs
     llc: list = None            # per host CPU: its LLC group (None: one LLC)
+    # Host threads that are not vCPUs, added after the vCPU threads (so they are
+    # threads n_threads, n_threads + 1, ...) and started at t = 0: [(ops, cpu), ...].
+    host_threads: list = field(default_factory=list)
 
     @property
     def n_threads(self):
@@ -132,12 +137,30 @@ def _maybe_zero(hi):
     return st.one_of(st.just(0), st.integers(1, hi))
 
 
+def _drawn_cost(hi):
+    """A cost: mostly a constant, else a distribution (kvmwake.costs) with a tail."""
+    lognormal = st.builds(
+        lambda median, sigma, mx: {"dist": "lognormal", "median": median, "sigma": sigma,
+                                   **({} if mx is None else {"max": median + mx})},
+        st.integers(1, hi), st.sampled_from([0.05, 0.5, 1.0, 2.5]),
+        st.one_of(st.none(), st.integers(0, 20 * hi)))
+    quantiles = st.builds(lambda q: {"dist": "quantiles", "q": sorted(q)},
+                          st.lists(st.one_of(st.integers(0, hi), st.integers(0, 30 * hi)),
+                                   min_size=2, max_size=9))
+    return st.one_of(_maybe_zero(hi), _maybe_zero(hi), lognormal, quantiles)
+
+
+def engine_costs(costs: dict) -> dict:
+    """What an engine takes for ``costs`` (specs): constants, and tables."""
+    return _costs.engine_costs(_costs.normalize_costs(costs))
+
+
 costs_st = st.fixed_dictionaries({
-    "vm_exit_ns": _maybe_zero(3_000),
-    "vm_entry_ns": _maybe_zero(3_000),
-    "ipi_send_ns": _maybe_zero(1_500),
-    "wake_to_run_ns": _maybe_zero(10_000),
-    "context_switch_ns": _maybe_zero(5_000),
+    "vm_exit_ns": _drawn_cost(3_000),
+    "vm_entry_ns": _drawn_cost(3_000),
+    "ipi_send_ns": _drawn_cost(1_500),
+    "wake_to_run_ns": _drawn_cost(10_000),
+    "context_switch_ns": _drawn_cost(5_000),
     # small slices so that preemption happens within a few ms
     "sched_slice_ns": st.one_of(st.just(0), st.integers(1, 300_000)),
 })
@@ -250,7 +273,8 @@ def guest_op(draw, arch, nr_vcpus, nr_spis, irq_weight):
         return G.unmask()
     if kind == "set_handler":
         return G.set_handler(draw(st.sampled_from([0, 0, 1, 500, 3_000, 20_000]
-                                                  + ([MAX_DURATION_NS] if edge else []))))
+                                                  + ([MAX_DURATION_NS] if edge else []))),
+                             iret=draw(st.sampled_from([True, True, False])))
     if kind in ("timer_arm", "timer_arm_exp"):
         # Short periods let a late handler find the next deadline already due.
         period = draw(st.one_of(st.just(0), st.just(0), st.integers(1, 60_000),
@@ -334,6 +358,58 @@ def source(draw, arch, vm, first, nr_vcpus, nr_spis, end_ns):
         times.insert(draw(st.integers(0, len(times) - 1)), times[0])   # a repeated time
         times.sort()
     return (vm, intid, int(kind), 0, 0, times, target)
+
+
+def _host_dist(draw):
+    kind = draw(st.sampled_from(["fixed", "fixed", "exp", "uniform"]))
+    if kind == "fixed":
+        return draw(st.one_of(st.integers(0, 40_000), st.integers(1, 2_000)))
+    if kind == "exp":
+        return ("exp", draw(st.integers(0, 60_000)))
+    lo, hi = sorted(draw(st.lists(st.integers(0, 40_000), min_size=2, max_size=2)))
+    return ("uniform", lo, hi)
+
+
+@st.composite
+def host_items(draw, arch, vm_sizes, nr_spis, depth=0):
+    items = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["compute", "sleep", "sleep", "sleep_until", "inject",
+                                     "inject", "loop"]))
+        if kind == "compute":
+            items.append(HP.compute(_host_dist(draw)))
+        elif kind == "sleep":
+            items.append(HP.sleep(_host_dist(draw)))
+        elif kind == "sleep_until":
+            items.append(HP.sleep_until(_host_dist(draw)))
+        elif kind == "inject":
+            vm = draw(st.integers(0, len(vm_sizes) - 1))
+            if arch == "x86":
+                items.append(HP.msi(vm, draw(st.integers(0, vm_sizes[vm] - 1)),
+                                    draw(st.one_of(st.sampled_from(SGIS["x86"]),
+                                                   st.integers(16, 255)))))
+            elif spis(nr_spis[vm]):
+                items.append(HP.irq(vm, draw(st.sampled_from(spis(nr_spis[vm])))))
+        elif depth < MAX_LOOP_DEPTH - 1:
+            body = draw(host_items(arch, vm_sizes, nr_spis, depth + 1))
+            # hostprog would reject a loop in which no time passes.
+            body.append(draw(st.sampled_from([HP.compute(1), HP.sleep(3_000),
+                                              HP.compute(20_000), HP.sleep(50_000)])))
+            items.append(HP.loop(body, draw(st.sampled_from([None, None, 1, 3, U32_MAX]))))
+    return items
+
+
+@st.composite
+def host_thread(draw, arch, vm_sizes, nr_spis, host_cpus):
+    """A host thread's program (its MSI / IRQ ops name VMs by index) and CPU."""
+    items = draw(host_items(arch, vm_sizes, nr_spis))
+    if draw(st.integers(0, 3)) != 0:
+        items = [HP.loop(items + [HP.sleep(draw(st.integers(1, 200_000)))])]
+    prog = HP.HostProgram(items)
+    ops = prog.ops.copy()
+    for i, vm in prog.vm_refs.items():
+        ops["p0"][i] = vm
+    return ops, draw(st.integers(0, host_cpus - 1))
 
 
 @st.composite
@@ -476,12 +552,16 @@ def scenarios(draw):
             sources += draw(st.lists(source(arch, vm, first, nr, ns, end_ns), max_size=3))
         setup += draw(vm_setup(arch, vm, first, nr, ns))
     pcs = draw(st.lists(reg_write(sum(vm_sizes)), max_size=2))
+    host_cpus = draw(st.integers(1, 8))
+    host_threads = draw(st.lists(host_thread(arch, vm_sizes, nr_spis, host_cpus),
+                                 max_size=3)) if draw(st.integers(0, 2)) == 0 else []
     split_times = sorted(draw(st.lists(st.integers(0, end_ns), max_size=3)))
     splits = [(t, draw(st.lists(intervention(arch, vm_sizes, nr_spis, end_ns), max_size=4)))
               for t in split_times]
     return Scenario(
         arch=arch,
-        host_cpus=draw(st.integers(1, 8)),
+        host_cpus=host_cpus,
+        host_threads=host_threads,
         seed=draw(st.integers(0, 2**64 - 1)),
         costs=draw(costs_st),
         trace_capacity=draw(st.sampled_from([0, 1, 7, 64, 1 << 20])),
@@ -506,7 +586,7 @@ def scenarios(draw):
 # ---------------------------------------------------------------- playing
 
 def build(engine_cls, sc: Scenario):
-    e = engine_cls(sc.arch, sc.host_cpus, sc.seed, costs=sc.costs,
+    e = engine_cls(sc.arch, sc.host_cpus, sc.seed, costs=engine_costs(sc.costs),
                    trace_capacity=sc.trace_capacity, scheduler=sc.scheduler)
     if sc.llc is not None:
         e.set_llc(sc.llc)
@@ -540,6 +620,8 @@ def build(engine_cls, sc: Scenario):
     for g, go in enumerate(sc.start):
         if go:
             e.start_vcpu(g)
+    for ops, cpu in sc.host_threads:
+        e.start_host_thread(e.add_host_thread(ops, cpu))
     return e
 
 
@@ -613,9 +695,10 @@ def snapshot(e, sc: Scenario):
         "stats": e.stats_array().tolist(),
         "lat_hist": e.lat_hist_array().tolist(),
         "trace": e.trace_list(),
-        "thread_info": [e.thread_info(g) for g in range(n_threads)],
+        "thread_info": [e.thread_info(g) for g in range(n_threads + len(sc.host_threads))],
         "params": tuple(getattr(e, name) for name in PARAMS),
         "costs": dict(e.costs),
+        "cost_tables": e.cost_tables(),
         "irq_state": [[e.irq_state(g, i) for i in intids(sc.arch, sc.spis_of(sc.vm_of(g)))]
                       for g in range(n_threads)],
         "timer_state": [e.timer_state(g) for g in range(n_threads)],

@@ -35,6 +35,7 @@ ALIASES = {
     ("snapshot", "_check_state"): "check_state",
     ("snapshot", "_check_programs"): "check_programs",
     ("snapshot", "_check_links"): "check_links",
+    ("snapshot", "_check_cost_tables"): "check_cost_tables",
     ("snapshot", "_engine_view"): "engine_view",
     ("snapshot", "_engine_exit_record"): "engine_exit_record",
     ("snapshot", "_is_trap_op"): "is_trap_op",

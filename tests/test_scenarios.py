@@ -151,6 +151,14 @@ def test_op_syntax_covers_the_builders():
     assert progs[2] == want
 
 
+def test_set_handler_iret_option():
+    progs = _prog("set_handler 2us iret=no\nset_handler 3us iret=yes\nloop { unmask ; wfi }")
+    assert progs[0] == g.Program([g.set_handler(2000, iret=False), g.set_handler(3000),
+                                  g.loop([g.unmask(), g.wfi()])])
+    with pytest.raises(scenarios.ScenarioError, match="iret=maybe"):
+        _prog("set_handler 2us iret=maybe\nloop { wfi }")
+
+
 def test_ops_as_an_array_of_strings():
     text = ('name = "t"\nsim = "1ms"\n[vm]\nvcpus = 2\n[[vm.program]]\n'
             'ops = ["loop {", "compute exp 20us", "wake random-other", "wfi", "}"]\n')

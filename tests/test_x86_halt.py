@@ -270,3 +270,111 @@ def test_blocking_while_waiting_for_init(engine):
     assert v.thread_state == "BLOCKED" and v.blocking
     v.signal()
     assert v.run().reason == ExitReason.INTR and not v.blocking
+
+
+# -- halt_exits and the sti; hlt interrupt shadow (kvm_emulate_halt) --------------------------
+
+def test_halt_exits_counts_at_the_hlt_exit(engine):
+    """kvm_emulate_halt counts halt_exits when it handles the exit: not while the
+    guest still computes before its HLT.  Entry 0-1000, guest 1000-21000, the HLT's
+    exit 21000-22000, handled at 22000."""
+    vm = x86_vm(engine)
+    v = vm.vcpus[0]
+    v.load([g.compute(20_000), g.hlt(), g.sync(1), g.end()])
+    vm.run(21_500)
+    assert v.stats()["halt_exits"] == 0
+    vm.run(22_001)
+    assert v.stats()["halt_exits"] == 1 and v.thread_state == "BLOCKED"
+    assert v.get_mp_state() == MpState.HALTED
+
+
+def test_sti_hlt_takes_a_pending_interrupt_after_the_hlt_exit(engine):
+    """sti; hlt with an interrupt already pending: the STI shadow covers the HLT, which
+    exits (halt_exits 1); __kvm_emulate_halt finds the event, so no kvm_vcpu_halt (no
+    halt stat, no kvm_vcpu_wakeup, halt_poll_ns unchanged) and the interrupt is taken
+    at the next entry.  Times: exit of sync(1) handled at 2000, the MSI then; KVM_RUN
+    enters at 3000 (entry 1000), sti and hlt at 3000, the HLT's exit handled at 4000,
+    re-entry at 5000 takes the interrupt (handler time 0), sync(2) exits 5000-6000."""
+    vm = x86_vm(engine, poll=200_000)
+    v = vm.vcpus[0]
+    v.load([g.cli(), g.sync(1), g.sti(), g.hlt(), g.sync(2), g.end()])
+    assert v.run().time_ns == 2_000
+    msi(vm, 0, 0x41)
+    ex = v.run(timeout_ns=100_000)
+    assert ex.reason == ExitReason.MMIO and ex.value == 2 and ex.time_ns == 6_000
+    st = v.stats()
+    assert st["halt_exits"] == 1
+    assert st["halt_attempted_poll"] == st["halt_successful_poll"] == st["halt_wakeup"] == 0
+    assert wakeup_records(vm) == 0 and v.halt_poll_ns == 0
+    assert v.get_mp_state() == MpState.RUNNABLE
+    assert v.irq_state(0x41) == {"irr": False, "isr": False, "tpr": 0, "masked": False}
+
+
+def test_sti_then_other_work_takes_the_interrupt_at_once(engine):
+    """The shadow lasts one instruction: sti followed by anything but hlt takes a
+    pending interrupt right away, and the HLT after it halts (no event pending)."""
+    vm = x86_vm(engine)
+    v = vm.vcpus[0]
+    v.load([g.cli(), g.sync(1), g.sti(), g.compute(1_000), g.hlt(), g.sync(2), g.end()])
+    v.run()
+    msi(vm, 0, 0x41)
+    ex = v.run(timeout_ns=50_000)
+    assert ex.reason == ExitReason.INTR and v.get_mp_state() == MpState.HALTED
+    assert v.stats()["halt_exits"] == 1 and not v.irq_state(0x41)["irr"]
+
+
+def test_arm64_wfi_keeps_its_counting_and_takes_interrupts_at_unmask(engine):
+    """arm64 is unchanged: wfi_exit_stat counts when the guest executes the WFI (the
+    count shows before the exit is handled) and an unmask takes a pending interrupt at
+    once (no interrupt shadow), so the WFI then halts."""
+    vm = kw.VM(arch="arm64", nr_vcpus=1, engine=engine)
+    v = vm.vcpus[0]
+    v.load([g.compute(20_000), g.wfi(), g.sync(1), g.end()])
+    vm.run(21_500)
+    assert v.stats()["wfi_exit_stat"] == 1
+    vm2 = kw.VM(arch="arm64", nr_vcpus=1, engine=engine)
+    w = vm2.vcpus[0]
+    w.load([g.mask(), g.sync(1), g.unmask(), g.wfi(), g.sync(2), g.end()])
+    w.run()
+    w.raise_sgi(1)
+    ex = w.run(timeout_ns=50_000)
+    assert ex.reason == ExitReason.INTR and w.stats()["wfi_exit_stat"] == 1
+
+
+@pytest.mark.parametrize("iret, halt_exits", [(True, 2), (False, 4)])
+def test_handler_without_iret_takes_each_interrupt_after_a_hlt_exit(engine, iret, halt_exits):
+    """The micro-VM's guest (kvmwake/kernel/microvm.py): its handler EOIs and jumps back
+    to sti; hlt without an iret, so IF stays 0 and interrupts that arrived during the
+    handler wait for the sti; hlt: each is taken after a HLT exit that finds it
+    pending (no kvm_vcpu_halt).
+
+    HLT exit at 2000 (halt_exits 1), blocked; MSI 0x41 at 50000 wakes it (halt_wakeup,
+    one kvm_vcpu_wakeup), the handler runs 56000-66000; 0x52 and 0x63 arrive at 60000.
+    With iret the handler's end takes them back to back, then one HLT exit halts
+    (halt_exits 2).  Without: sti; hlt, a HLT exit at 67000 finds 0x52 (2), its
+    handler 68000-78000, a HLT exit at 79000 finds 0x63 (3), its handler to 90000,
+    the HLT exit at 91000 finds nothing and halts (4)."""
+    vm = x86_vm(engine)
+    v = vm.vcpus[0]
+    v.load([g.set_handler(10_000, iret=iret), g.loop([g.sti(), g.hlt()])])
+    vm.run(50_000)
+    msi(vm, 0, 0x41)
+    vm.run(60_000)
+    msi(vm, 0, 0x52)
+    msi(vm, 0, 0x63)
+    vm.run(200_000)
+    st = v.stats()
+    assert st["halt_exits"] == halt_exits
+    assert st["halt_wakeup"] == 1 and wakeup_records(vm) == 1
+    assert st["halt_attempted_poll"] == 0 and v.thread_state == "BLOCKED"
+    assert v.get_mp_state() == MpState.HALTED
+    assert v.irq_state(0x63) == {"irr": False, "isr": False, "tpr": 0, "masked": False}
+
+
+def test_set_handler_iret_is_checked():
+    with pytest.raises(g.ProgramError, match="iret must be True or False"):
+        g.set_handler(1_000, iret=0)
+    ops = g.Program([g.set_handler(1_000), g.end()]).ops.copy()
+    ops["arg"][0] = 2
+    with pytest.raises(g.ProgramError, match="iret flag 2"):
+        g.validate(ops, 1, "x86")

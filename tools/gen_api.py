@@ -19,9 +19,11 @@ OUT = ROOT / "docs" / "api.md"
 
 #: (module, names documented; None: the module's __all__ or its public functions and classes)
 SECTIONS = [
-    ("kvmwake", ["Host", "VM", "VCpu", "KvmError", "ProgramError", "EngineError",
+    ("kvmwake", ["Host", "HostThread", "VM", "VCpu", "KvmError", "ProgramError", "EngineError",
                  "ScenarioError", "SnapshotError"]),
     ("kvmwake.guest", None),
+    ("kvmwake.hostprog", None),
+    ("kvmwake.host", ["check_affinity", "host_thread_cpu"]),
     ("kvmwake.vmm", ["Vmm", "DenyAllVmm", "ReferenceVmm", "u64", "load_policy", "policy_spec"]),
     ("kvmwake.uapi", ["KvmReg", "VcpuFeature", "vcpu_features", "arm64_core_reg",
                       "arm64_sys_reg"]),

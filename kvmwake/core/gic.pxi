@@ -447,6 +447,8 @@ cdef int take_irqs(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept n
             return -1 if segment(e, &e.th[g], g, t, pre, q.handler_ns, CONT_EOI) else 1
         if eoi(e, g, <uint32_t>b, t) < 0:
             return -1
+        if q.handler_noiret:
+            q.masked = 1                   # no iret: IF stays 0 until the next unmask
         n += 1
         if n > MAX_TAKES_PER_INSTANT:
             e.error = KW_ERR_STORM

@@ -15,7 +15,7 @@ cdef inline int segment(engine_t* e, thread_t* th, uint32_t g, uint64_t t, uint6
     th.seg_gto = th.seg_gfrom + guest
     th.seg_end = th.seg_gto
     if cont == CONT_HALT or cont == CONT_TRAP or cont == CONT_END:
-        th.seg_end += e.costs.vm_exit_ns
+        th.seg_end += cost_ns(e, th, COST_VM_EXIT)
     th.cont = cont
     return push_thread(e, th, g, th.seg_end, EV_SEGMENT)
 
@@ -38,7 +38,10 @@ cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nog
             guest = guest + d if d < KW_MAX_DRAW_NS - guest else KW_MAX_DRAW_NS
             th.pc += 1
         elif op.code == OP_WFI:
-            e.stats[<uint64_t>g * NR_STATS + S_HALT_EXITS] += 1
+            if not e.x86:
+                # kvm_handle_wfx's wfi_exit_stat (x86's halt_exits is counted by
+                # kvm_emulate_halt, at the exit: emulate_halt).
+                e.stats[<uint64_t>g * NR_STATS + S_HALT_EXITS] += 1
             th.pc += 1
             rc = segment(e, th, g, t, pre, guest, CONT_HALT)
             break
@@ -65,7 +68,7 @@ cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nog
                 break
             th.pc += 1
             rc = instant_op(e, g, t, op)
-            if rc == 0:
+            if rc == 0 and not sti_shadow(e, th, op):
                 rc = take_irqs(e, g, t, 0)
             if rc:
                 rc = -1 if rc < 0 else 0
@@ -90,6 +93,16 @@ cdef int advance(engine_t* e, uint32_t g, uint64_t t, uint64_t pre) noexcept nog
     return 0
 
 
+cdef inline bint sti_shadow(engine_t* e, thread_t* th, const op_t* op) noexcept nogil:
+    """x86 ``sti; hlt``: STI blocks interrupts until after the next instruction
+    (the interrupt shadow), so an interrupt pending at an unmask that the HLT
+    follows is not taken before the HLT: the HLT exits (halt_exits), and
+    __kvm_emulate_halt finds the event (kvm_skip_emulated_instruction has
+    ended the shadow) and re-enters the guest, which takes it then."""
+    return (e.x86 and op.code == OP_UNMASK and th.pc < th.prog_n
+            and e.ops[th.prog + th.pc].code == OP_WFI)
+
+
 cdef int trap_op(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     """A trapping op, carried out in KVM after the exit; then the entry."""
     cdef thread_t* th = &e.th[g]
@@ -98,7 +111,7 @@ cdef int trap_op(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef gic_t* gic = &e.gic[th.vm]
     cdef int rc = 0, ipi = 0
     cdef uint32_t irq, vid, n = vm.nr_vcpus
-    cdef uint64_t mask, r
+    cdef uint64_t mask, r, pre
     th.pc += 1
     if op.code == OP_HVC:
         return hvc(e, g, t)
@@ -152,7 +165,10 @@ cdef int trap_op(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     else:
         if route_spi(e, th.vm, op.arg, op.p0, t) < 0:
             return -1
-    return enter(e, g, t, e.costs.vm_entry_ns + (e.costs.ipi_send_ns if ipi else 0))
+    pre = cost_ns(e, th, COST_VM_ENTRY)
+    if ipi:
+        pre += cost_ns(e, th, COST_IPI_SEND)
+    return enter(e, g, t, pre)
 
 
 cdef int instant_op(engine_t* e, uint32_t g, uint64_t t, const op_t* op) noexcept nogil:
@@ -169,6 +185,7 @@ cdef int instant_op(engine_t* e, uint32_t g, uint64_t t, const op_t* op) noexcep
         q.masked = 0
     elif op.code == OP_SET_HANDLER:
         q.handler_ns = op.p0
+        q.handler_noiret = <uint8_t>op.arg
     elif op.code == OP_TIMER_ARM:
         q.timer_cval = t + draw_ns(th, op.dist, op.p0, op.p1)
         q.timer_period = op.arg
@@ -222,6 +239,8 @@ cdef int segment_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         if eoi(e, g, e.irq[g].cur_irq, t) < 0:
             return -1
         e.irq[g].cur_irq = -1
+        if e.irq[g].handler_noiret:
+            e.irq[g].masked = 1            # no iret: IF stays 0 until the next unmask
         if th.sig_pending or asleep(e, th):
             # A kick during the handler IPI'd the vCPU out (kick() added the exit
             # and entry to the handler's time); KVM_RUN's loop has work to do

@@ -59,21 +59,24 @@ cdef inline uint32_t shrink_halt_poll_ns(engine_t* e, uint32_t val) noexcept nog
 
 
 cdef int emulate_halt(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
-    """The trapped WFI or HLT (its halt_exits / wfi_exit_stat was counted when the
-    guest executed it).
+    """The trapped WFI or HLT.
 
-    arm64 (kvm_handle_wfx -> kvm_vcpu_wfi): kvm_vcpu_halt; the MP state stays
-    RUNNABLE and the WFI is complete when the halt ends, whatever ended it.
-    x86 (__kvm_emulate_halt with an in-kernel LAPIC): the vCPU becomes HALTED
-    unless kvm_vcpu_has_events, and vcpu_run's loop then blocks it (vcpu_block,
-    in enter()); with an event already pending it stays RUNNABLE and re-enters
-    the guest without entering kvm_vcpu_halt at all.
+    arm64 (kvm_handle_wfx -> kvm_vcpu_wfi; its wfi_exit_stat was counted when
+    the guest executed the WFI): kvm_vcpu_halt; the MP state stays RUNNABLE and
+    the WFI is complete when the halt ends, whatever ended it.
+    x86 (kvm_emulate_halt -> __kvm_emulate_halt with an in-kernel LAPIC): one
+    halt_exits per HLT exit, here; the vCPU becomes HALTED unless
+    kvm_vcpu_has_events, and vcpu_run's loop then blocks it (vcpu_block, in
+    enter()); with an event already pending it stays RUNNABLE and re-enters the
+    guest without entering kvm_vcpu_halt at all: no halt stat, no
+    kvm_vcpu_wakeup, halt_poll_ns unchanged.
     """
     cdef thread_t* th = &e.th[g]
     if e.x86:
+        e.stats[<uint64_t>g * NR_STATS + S_HALT_EXITS] += 1    # ++vcpu->stat.halt_exits
         if not runnable(e, g):
             th.mp_state = MP_HALTED
-        return enter(e, g, t, e.costs.vm_entry_ns)
+        return enter(e, g, t, cost_ns(e, th, COST_VM_ENTRY))
     return halt(e, g, t, HALT_WFI)
 
 
@@ -185,7 +188,7 @@ cdef int halt_done(engine_t* e, uint32_t g, uint64_t cur, bint waited, uint64_t 
         th.halt_poll_ns = 0
     trace_rec(e, th, g, cur, TR_WAKEUP, 1 if waited else 0, halt_ns, 0)
     e.halts += 1
-    entry = e.costs.vm_entry_ns
+    entry = cost_ns(e, th, COST_VM_ENTRY)
     if e.tlcap:
         tl_note(e, th, g, cur, TS_RUNNING)
     th.state = TS_RUNNING

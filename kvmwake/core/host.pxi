@@ -115,11 +115,12 @@ cdef int release_cpu(engine_t* e, thread_t* th, uint64_t t) noexcept nogil:
     if e.sched == SCHED_POLICY_EEVDF:
         # It sleeps (blocks, exits to userspace): dequeue_entity(DEQUEUE_SLEEP).
         dequeue_sleep(e, cpu, th, t)
-        return schedule_fair(e, cpu, t, e.costs.context_switch_ns)
+        return schedule_fair(e, cpu, t, cost_ns(e, th, COST_CONTEXT_SWITCH))
     if cpu.rq_len:
         nxt = rq_popleft(e, cpu)
         cpu.cur = nxt
-        return push_thread(e, &e.th[nxt], <uint32_t>nxt, t + e.costs.context_switch_ns, EV_RUN)
+        return push_thread(e, &e.th[nxt], <uint32_t>nxt, t + cost_ns(e, th, COST_CONTEXT_SWITCH),
+                           EV_RUN)
     cpu.cur = -1
     return sched_balance_newidle(e, th.pcpu, t)
 
@@ -140,8 +141,10 @@ cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     if e.cpus[th.pcpu].rq_len:
         if arm_slice(e, th, g, t):
             return -1
+    if th.kind == THREAD_HOST:
+        return ht_got_cpu(e, g, t)
     if th.resume == RESUME_START:
-        return enter(e, g, t, e.costs.vm_entry_ns)
+        return enter(e, g, t, cost_ns(e, th, COST_VM_ENTRY))
     if th.resume == RESUME_HALT:
         # Back in kvm_vcpu_block's loop after schedule().
         if check_block(e, g):
@@ -159,7 +162,7 @@ cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
                 tl_note(e, th, g, t, TS_BLOCKED)
             th.state = TS_BLOCKED
             return release_cpu(e, th, t)
-        return enter(e, g, t, e.costs.vm_entry_ns)
+        return enter(e, g, t, cost_ns(e, th, COST_VM_ENTRY))
     th.seg_end = t + th.rem_end
     th.seg_gfrom = t + th.rem_gfrom
     th.seg_gto = t + th.rem_gto
@@ -184,7 +187,8 @@ cdef inline void keep_segment_rest(engine_t* e, thread_t* th, uint64_t t) noexce
     th.rem_gto = (th.seg_gto if th.seg_gto > t else t) - t
     if th.seg_gfrom <= t < th.seg_gto:
         # Preempted in guest mode: it exits now and re-enters when resumed.
-        extra = e.costs.vm_exit_ns + e.costs.vm_entry_ns
+        extra = cost_ns(e, th, COST_VM_EXIT)
+        extra += cost_ns(e, th, COST_VM_ENTRY)
         th.rem_end += extra
         th.rem_gfrom += extra
         th.rem_gto += extra
@@ -193,6 +197,8 @@ cdef inline void keep_segment_rest(engine_t* e, thread_t* th, uint64_t t) noexce
 
 cdef void preempt_segment(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:
     """A running thread is preempted at t: it keeps the rest of its segment."""
+    if th.kind == THREAD_HOST:
+        ht_preempted(e, th, g, t)
     keep_segment_rest(e, th, t)
     if e.tlcap:
         tl_note(e, th, g, t, TS_RUNNABLE)
@@ -447,7 +453,7 @@ cdef int preempt_fair(engine_t* e, cpu_t* cpu, uint32_t g, uint64_t t) noexcept 
     th.slice_armed = 0
     cpu.cur = -1
     rq_append(e, cpu, <int32_t>g)                   # put_prev_entity
-    if set_next_entity(e, cpu, x, t, e.costs.context_switch_ns):
+    if set_next_entity(e, cpu, x, t, cost_ns(e, th, COST_CONTEXT_SWITCH)):
         return -1
     return migrate_disallowed(e, g, t)
 

@@ -17,7 +17,7 @@ cdef int wake_up(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     if e.tlcap:
         tl_note(e, th, g, t, TS_RUNNABLE)
     th.state = TS_RUNNABLE
-    if make_runnable(e, g, t, e.costs.wake_to_run_ns):
+    if make_runnable(e, g, t, cost_ns(e, th, COST_WAKE_TO_RUN)):
         return -1
     return 1
 
@@ -33,7 +33,7 @@ cdef int signal_wake(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
         if e.tlcap:
             tl_note(e, th, g, t, TS_RUNNABLE)
         th.state = TS_RUNNABLE
-        return -1 if make_runnable(e, g, t, e.costs.wake_to_run_ns) else 0
+        return -1 if make_runnable(e, g, t, cost_ns(e, th, COST_WAKE_TO_RUN)) else 0
     return kick(e, g, t, 0)
 
 
@@ -64,7 +64,8 @@ cdef int kick(engine_t* e, uint32_t g, uint64_t t, bint wake) noexcept nogil:
             if t < th.seg_gfrom:
                 return 0
             # In a handler (masked): the IPI costs an exit and an entry.
-            extra = e.costs.vm_exit_ns + e.costs.vm_entry_ns
+            extra = cost_ns(e, th, COST_VM_EXIT)
+            extra += cost_ns(e, th, COST_VM_ENTRY)
             th.seg_gto += extra
             th.seg_end += extra
             return -1 if push_thread(e, th, g, th.seg_end, EV_SEGMENT) else 1
@@ -72,7 +73,9 @@ cdef int kick(engine_t* e, uint32_t g, uint64_t t, bint wake) noexcept nogil:
             # On its way into the guest: seen at entry.
             return -1 if interrupt_segment(e, g, th.seg_gfrom, 0) else 0
         # IN_GUEST_MODE: IPI; the vCPU exits and re-enters.
-        return -1 if interrupt_segment(e, g, t, e.costs.vm_exit_ns + e.costs.vm_entry_ns) else 1
+        extra = cost_ns(e, th, COST_VM_EXIT)
+        extra += cost_ns(e, th, COST_VM_ENTRY)
+        return -1 if interrupt_segment(e, g, t, extra) else 1
     return 0
 
 

@@ -19,7 +19,7 @@ cdef int hvc(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     if r < 0:
         return -1
     if r == PSCI_RESUME:
-        return enter(e, g, t, e.costs.vm_entry_ns)
+        return enter(e, g, t, cost_ns(e, &e.th[g], COST_VM_ENTRY))
     if r == PSCI_HALT:
         return halt(e, g, t, HALT_CPU_SUSPEND)
     return 0

@@ -26,7 +26,10 @@ MAX_SEQ = KW_MAX_SEQ
 #: The engine_t scalars a snapshot carries (the rest is derived).
 SNAPSHOT_SCALARS = ("now", "seq", "events", "halts", "tcap", "thead", "tcount", "tdropped",
                     "halt_poll_ns", "grow", "grow_start", "shrink", "exq_head", "exq_len",
-                    "talloc", "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc")
+                    "talloc", "tlcap", "tlhead", "tlcount", "tldropped", "tlt0", "tlalloc",
+                    "cost_dist")
+#: The largest cost (kvmwake.costs.MAX_COST_NS): every value of a cost table.
+MAX_COST_NS = 1 << 40
 
 
 def _engine_export(Engine self):
@@ -38,7 +41,8 @@ def _engine_export(Engine self):
     scalars = {"now": e.now, "seq": e.seq, "events": e.events, "halts": e.halts,
                "tcap": e.tcap, "thead": e.thead, "tcount": e.tcount, "tdropped": e.tdropped,
                "halt_poll_ns": e.halt_poll_ns, "grow": e.grow, "grow_start": e.grow_start,
-               "shrink": e.shrink, "exq_head": e.exq_head, "exq_len": e.exq_len}
+               "shrink": e.shrink, "exq_head": e.exq_head, "exq_len": e.exq_len,
+               "cost_dist": e.cost_dist}
     heap = np.empty(e.hlen * sizeof(event_t), dtype=np.uint8)
     if e.hlen:
         memcpy(cnp.PyArray_DATA(heap), e.heap, e.hlen * sizeof(event_t))
@@ -60,7 +64,8 @@ def _engine_export(Engine self):
               "times": self._times.copy(), "cpus": self._cpus.copy(),
               "stats": self._stats.copy(), "lat": self._lat.copy(), "ops": self._ops.copy(),
               "exitq": self._exitq.copy(), "heap": heap, "trace": trace,
-              "timeline": timeline, "tlbase": self._tlbase.copy(), "aff": self._aff.copy()}
+              "timeline": timeline, "tlbase": self._tlbase.copy(), "aff": self._aff.copy(),
+              "costtab": self._cost_tab.copy()}
     return scalars, arrays
 
 
@@ -98,6 +103,25 @@ cdef void _copy_timeline(engine_t* e, tl_rec_t* out) noexcept nogil:
         out[i].state = r.state
 
 
+cdef _check_cost_tables(engine_t* e):
+    """Every drawn cost's table: at most MAX_COST_NS, nondecreasing (the sampling's
+    products then fit 64 bits); its median is the cost's constant field."""
+    cdef uint32_t c
+    cdef uint64_t k
+    cdef const uint64_t* tab
+    if e.cost_dist >> NR_DRAWN_COSTS:
+        raise ValueError(f"drawn-cost mask {e.cost_dist:#x} names unknown costs")
+    for c in range(NR_DRAWN_COSTS):
+        if not (e.cost_dist >> c) & 1:
+            continue
+        tab = &e.cost_tab[c * KW_COST_TABLE_N]
+        for k in range(KW_COST_TABLE_N):
+            if tab[k] > MAX_COST_NS or (k and tab[k] < tab[k - 1]):
+                raise ValueError(f"cost table {c}: value {k} ({tab[k]}) out of range "
+                                 f"0..2**40 or below the one before")
+        (<uint64_t*>&e.costs)[c] = tab[KW_COST_TABLE_N // 2]
+
+
 def struct_sizes():
     return {"thread_t": sizeof(thread_t), "virq_t": sizeof(virq_t), "vm_t": sizeof(vm_t),
             "gic_t": sizeof(gic_t), "source_t": sizeof(source_t), "cpu_t": sizeof(cpu_t),
@@ -126,6 +150,16 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     self._exitq = arrays["exitq"]
     self._tlbase = arrays["tlbase"]
     self._aff = np.ascontiguousarray(arrays["aff"], dtype=np.uint64)
+    # The cost tables: the drawn costs must be those of the host configuration the
+    # engine was built from (cost_dist), each table whole, in range and sorted.
+    tab = arrays["costtab"]
+    if tab.dtype != np.uint64 or tab.shape != (NR_DRAWN_COSTS * KW_COST_TABLE_N,):
+        raise ValueError(f"the cost tables hold {tab.size} values, expected "
+                         f"{NR_DRAWN_COSTS} x {KW_COST_TABLE_N}")
+    if scalars["cost_dist"] != e.cost_dist:
+        raise ValueError(f"the drawn costs (mask {scalars['cost_dist']:#x}) disagree with "
+                         f"the host configuration's (mask {e.cost_dist:#x})")
+    self._cost_tab = tab
     e.nth = <uint32_t>(len(self._threads) // sizeof(thread_t))
     e.nvm = <uint32_t>(len(self._vms) // sizeof(vm_t))
     e.nsrc = <uint32_t>(len(self._srcs) // sizeof(source_t))
@@ -226,6 +260,7 @@ cdef _check_state(Engine self, bint programs):
         raise ValueError(f"clock {e.now} ns beyond the engine's limit 2**62 ns")
     if e.seq > KW_MAX_SEQ:
         raise ValueError(f"event sequence number {e.seq} beyond the limit 2**55")
+    _check_cost_tables(e)
     if e.tlcount > e.tlcap or e.tlcount > e.tlalloc or e.tlalloc > e.tlcap \
             or e.tlhead > e.tlalloc or e.tlt0 > e.now \
             or (e.tldropped and e.tlcount != e.tlcap):
@@ -245,10 +280,18 @@ cdef _check_state(Engine self, bint programs):
             raise ValueError(f"timeline record {i}: out of range or out of order")
         prev = tr.t
     n = 0
+    w = 0                               # where the previous VM's threads end
     for v in range(e.nvm):
         vm = &e.vms[v]
-        if vm.first != n or vm.nr_vcpus == 0 or vm.nr_vcpus > 1024 or vm.nr_spis > 988:
+        if vm.first < w or vm.first > e.nth or vm.nr_vcpus == 0 or vm.nr_vcpus > 1024 \
+                or vm.nr_spis > 988:
             raise ValueError(f"VM {v}: vCPU range or SPI count inconsistent")
+        while w < vm.first:             # only host threads lie between two VMs' vCPUs
+            if e.th[w].kind != THREAD_HOST:
+                raise ValueError(f"VM {v}: vCPU range inconsistent (thread {w} before it "
+                                 "is neither its nor a host thread)")
+            w += 1
+        w = vm.first + vm.nr_vcpus
         if vm.psci_version not in (1, 2, 0x10000, 0x10001, 0x10002, 0x10003):
             raise ValueError(f"VM {v}: PSCI version {vm.psci_version:#x} unknown")
         if vm.vcpu_features & ~(<uint32_t>_uapi.SUPPORTED_VCPU_FEATURES) or vm.features_set > 1:
@@ -258,11 +301,28 @@ cdef _check_state(Engine self, bint programs):
             if x < -1 or x >= <int32_t>vm.nr_vcpus:
                 raise ValueError(f"VM {v}: SPI {k} routed to vCPU {x}, which does not exist")
         n += vm.nr_vcpus
-    if n != e.nth:
-        raise ValueError("the VMs' vCPUs do not add up to the thread count")
+    k = 0                               # host threads so far
     for g in range(e.nth):
         th = &e.th[g]
-        if th.vm >= e.nvm or th.vcpu_id != g - e.vms[th.vm].first or th.pcpu >= e.ncpu:
+        if th.kind > THREAD_HOST:
+            raise ValueError(f"thread {g}: an unknown thread kind {th.kind}")
+        if th.kind == THREAD_HOST:
+            # A host thread (core/hostthread.pxi): no VM, numbered among the host
+            # threads, always with its program, never polling, inside a guest or
+            # with a trap or an interrupt to go on with.
+            if th.vm != NO_VM or th.vcpu_id != k or th.pcpu >= e.ncpu:
+                raise ValueError(f"thread {g}: a host thread's VM, number or host CPU "
+                                 "out of range")
+            if not th.has_prog or not th.pc_valid or th.state == TS_POLLING \
+                    or th.state > TS_RUNNABLE \
+                    or (th.resume != RESUME_START and th.resume != RESUME_SEGMENT) \
+                    or th.cont != CONT_NEXT or th.exit_time > MAX_TIME:
+                raise ValueError(f"thread {g}: a host thread's state, program, "
+                                 "continuation or deadline holds an unknown value")
+            k += 1
+        elif th.vm >= e.nvm or g < e.vms[th.vm].first \
+                or th.vcpu_id != g - e.vms[th.vm].first \
+                or th.vcpu_id >= e.vms[th.vm].nr_vcpus or th.pcpu >= e.ncpu:
             raise ValueError(f"thread {g}: VM, vCPU id or host CPU out of range")
         if th.state > TS_RUNNABLE or th.resume > RESUME_SLEEP or th.cont > CONT_EOI \
                 or th.halt_kind > HALT_MP_HALTED or th.mp_state > MP_SUSPENDED:
@@ -280,6 +340,11 @@ cdef _check_state(Engine self, bint programs):
         check_affinity(self, g)
         if e.irq[g].cur_irq < -1 or e.irq[g].cur_irq > 1023 or e.irq[g].sv_cont > CONT_EOI:
             raise ValueError(f"thread {g}: interrupt bookkeeping out of range")
+    if n + k != e.nth:
+        raise ValueError("the VMs' vCPUs and the host threads do not add up to the "
+                         "thread count")
+    if e.nvm and <uint64_t>e.vms[e.nvm - 1].first + e.vms[e.nvm - 1].nr_vcpus > e.nth:
+        raise ValueError(f"VM {e.nvm - 1}: vCPU range beyond the thread count")
     if programs:
         _check_programs(self, nops)
     for c in range(e.ncpu):
@@ -314,8 +379,9 @@ cdef _check_state(Engine self, bint programs):
                 or (e.x86 and src.intid > 255):
             raise ValueError(f"interrupt source {s}: out of range")
     for i in range(e.exq_len):
-        if e.exitq[(e.exq_head + i) % e.nth] >= e.nth:
-            raise ValueError("exit queue names a thread that does not exist")
+        if e.exitq[(e.exq_head + i) % e.nth] >= e.nth \
+                or e.th[e.exitq[(e.exq_head + i) % e.nth]].kind == THREAD_HOST:
+            raise ValueError("exit queue names a thread that does not exist or is no vCPU")
     for i in range(e.hlen):
         ev = &e.heap[i]
         cls = ev.key >> KW_SEQ_BITS
@@ -347,9 +413,9 @@ cdef check_times(engine_t* e, uint32_t g):
     if th.state == TS_RUNNING and th.seg_end < now:
         raise ValueError(f"thread {g}: running a segment that ended before the clock")
     if e.irq[g].timer_cval > MAX_TIME or e.irq[g].handler_ns > MAX_SPAN \
-            or e.irq[g].sv_guest > MAX_SPAN:
-        raise ValueError(f"thread {g}: its timer, handler time or interrupted segment "
-                         "out of range")
+            or e.irq[g].sv_guest > MAX_SPAN or e.irq[g].handler_noiret > 1:
+        raise ValueError(f"thread {g}: its timer, handler (time, iret flag) or "
+                         "interrupted segment out of range")
     if th.resume == RESUME_HALT and (th.state == TS_BLOCKED or th.state == TS_RUNNABLE) \
             and th.poll_end < th.halt_start:
         raise ValueError(f"thread {g}: its halt-polling ended before its halt began")
@@ -402,15 +468,28 @@ cdef int32_t _rq_last(engine_t* e, cpu_t* cpu):
 
 
 cdef _check_programs(Engine self, uint64_t nops):
-    """Each distinct program must pass the guest validation against its VM."""
+    """Each distinct program must pass the guest validation against its VM (a host
+    thread's, the host-program validation against the host's VMs)."""
     from . import guest as _guest
+    from . import hostprog as _hostprog
     cdef engine_t* e = &self.e
     cdef uint32_t g
     ops = np.frombuffer(self._ops, dtype=_model.OP_DTYPE) if nops else None
     done = set()
+    vms = [(e.vms[k].nr_vcpus, e.vms[k].nr_spis) for k in range(e.nvm)]
     for g in range(e.nth):
         th = &e.th[g]
         if not th.has_prog:
+            continue
+        if th.kind == THREAD_HOST:
+            key = (th.prog, th.prog_n, None, None)
+            if key in done:
+                continue
+            done.add(key)
+            try:
+                _hostprog.validate(ops[th.prog:th.prog + th.prog_n], vms, self.arch)
+            except _guest.ProgramError as exc:
+                raise ValueError(f"thread {g}'s host program: {exc}") from None
             continue
         key = (th.prog, th.prog_n, e.vms[th.vm].nr_vcpus, e.vms[th.vm].nr_spis)
         if key in done:
@@ -444,6 +523,8 @@ cdef _check_links(Engine self):
     cdef uint8_t[::1] where = where_arr
     cdef uint8_t[::1] live = live_arr
     cdef uint8_t[::1] slices = slice_arr
+    timer_arr = np.zeros(e.nth, dtype=np.uint8)     # a host thread's live hrtimer
+    cdef uint8_t[::1] timers = timer_arr
     for c in range(e.ncpu):
         x = e.cpus[c].cur
         if x >= 0:
@@ -481,6 +562,12 @@ cdef _check_links(Engine self):
     for i in range(e.hlen):
         ev = &e.heap[i]
         cls = ev.key >> KW_SEQ_BITS
+        if cls == EV_TIMER and e.th[ev.who].kind == THREAD_HOST \
+                and ev.gen == e.irq[ev.who].timer_gen:
+            if timers[ev.who] or e.th[ev.who].state != TS_BLOCKED:
+                raise ValueError(f"event {i}: an hrtimer of host thread {ev.who}, which is "
+                                 "not asleep or has another")
+            timers[ev.who] = 1
         if cls == EV_SLICE and ev.gen == e.th[ev.who].run_gen:
             if slices[ev.who] or not e.th[ev.who].slice_armed or where[ev.who] != 1:
                 raise ValueError(f"event {i}: a time slice of thread {ev.who}, which is "
@@ -508,6 +595,8 @@ cdef _check_links(Engine self):
                              f"state {th.state}")
         if th.slice_armed and not slices[g]:
             raise ValueError(f"thread {g}: a time slice armed without its event")
+        if th.kind == THREAD_HOST and th.state == TS_BLOCKED and not timers[g]:
+            raise ValueError(f"thread {g}: a host thread asleep without its hrtimer")
         check_times(e, g)
     for g in range(e.nth):
         th = &e.th[g]
@@ -585,6 +674,7 @@ def _engine_view(Engine self):
             e.vms[v].max_halt_poll_ns if e.vms[v].override else None, e.vms[v].tick_ns,
             bool(e.vms[v].suspend_cap)) for v in range(e.nvm)]
     threads = [(bool(e.th[g].has_prog), e.th[g].state) for g in range(e.nth)]
+    # (Host threads: their kinds are Engine.thread_kinds().)
     queued = [e.exitq[(e.exq_head + k) % e.nth] for k in range(e.exq_len)]
     return vms, threads, queued
 
@@ -627,6 +717,10 @@ def _engine_rehost(Engine self, uint32_t ncpu):
     cdef uint64_t t = e.now
     if ncpu == 0 or ncpu > (1 << 20):
         raise ValueError(f"host_cpus = {ncpu} out of range 1..{1 << 20}")
+    for g in range(e.nth):
+        if e.th[g].kind == THREAD_HOST:
+            raise ValueError("restoring onto another host CPU count is not implemented "
+                             "with host threads")
     # Affinity lists keep the CPUs the new host has (checked before anything changes).
     lists = {}
     for g in range(e.nth):
@@ -697,7 +791,7 @@ def _engine_rehost(Engine self, uint32_t ncpu):
         if cpu.cur < 0:
             g = <uint32_t>rq_popleft(e, cpu)
             cpu.cur = g
-            if push_thread(e, &e.th[g], g, t + e.costs.context_switch_ns, EV_RUN):
+            if push_thread(e, &e.th[g], g, t + cost_ns(e, &e.th[g], COST_CONTEXT_SWITCH), EV_RUN):
                 raise MemoryError("the event heap could not grow")
         elif e.th[cpu.cur].state == TS_POLLING:
             if block(e, <uint32_t>cpu.cur, t, t):

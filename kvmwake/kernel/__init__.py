@@ -4,9 +4,10 @@
 x86-64, the capabilities the micro-VM needs) and why not; ``tracefs`` is
 reported apart, since a recording without it still works (stats only).
 
-Modules: ``kvm`` (ioctl wrappers), ``microvm`` (the halt-loop guest),
-``stats`` (``KVM_GET_STATS_FD`` reader), ``tracefs`` (capture of the two
-halt tracepoints), ``workload`` (idle-time specs), ``record``,
+Modules: ``kvm`` (ioctl wrappers), ``microvm`` (the halt-loop guests: MSI
+and IPI), ``stats`` (``KVM_GET_STATS_FD`` reader), ``tracefs`` (capture of
+the tracepoints), ``workload`` (idle-time specs, the IPI plan), ``record``,
+``schedtrace`` (the scheduler's tracepoints: preemption and migration rates),
 ``calibrate``, ``compare``, ``simulate``, ``analysis``, ``replay``, ``cli``.
 """
 

@@ -73,6 +73,9 @@ cdef extern from *:
         const int64_t* kidx;       /* global wake indices of this vCPU, in order */
         int64_t nk;
         int64_t* vec_count;        /* per wake vector: port exits seen */
+        const int64_t* sidx;       /* IPI guest: global indices of the wakes it sends, in order */
+        int64_t nsend;
+        volatile int64_t send_count;
     } kw_vcpu_t;
 
     enum { KW_VERR_NONE = 0, KW_VERR_RUN = 1, KW_VERR_EXIT = 2, KW_VERR_FAULT = 3,
@@ -88,6 +91,7 @@ cdef extern from *:
         int mode;                  /* 0 sleep, 1 spin, 2 sleep then spin the last spin_ns */
         int64_t spin_ns;
         int64_t n;
+        int64_t nmsi;              /* the injector sends wakes 0 .. nmsi-1 (the rest: IPIs) */
         const int64_t* target;     /* ns after t0 */
         const int32_t* tgt;        /* vCPU (= APIC ID) */
         const int32_t* vector;
@@ -101,6 +105,9 @@ cdef extern from *:
         int ready_port;
         int fault_port;
         int stop_vector;
+        int send_port;             /* IPI guest: about to send its IPI */
+        int done_port;             /* IPI guest: the plan's last wake arrived */
+        volatile int chain_done;
         volatile int stop;
         volatile int inj_done;
         volatile int64_t inj_sent;
@@ -151,6 +158,16 @@ cdef extern from *:
         v->wakes_seen++;
     }
 
+    static void kw_send(kw_vcpu_t* v, int64_t t) {
+        kw_session_t* s = v->s;
+        int64_t j = v->send_count++;
+        if (j >= v->nsend) { v->stray++; return; }
+        int64_t k = v->sidx[j];
+        s->sent[k] = t;
+        s->sent_end[k] = t;
+        s->ret[k] = 1;
+    }
+
     static void* kw_vcpu_main(void* arg) {
         kw_vcpu_t* v = (kw_vcpu_t*)arg;
         kw_session_t* s = v->s;
@@ -191,6 +208,10 @@ cdef extern from *:
                     if (data != s->stop_vector) kw_receipt(v, data, t);
                 } else if (port == s->ready_port) {
                     v->ready = 1;
+                } else if (s->send_port > 0 && port == s->send_port) {
+                    kw_send(v, t);
+                } else if (s->done_port > 0 && port == s->done_port) {
+                    __atomic_store_n(&s->chain_done, 1, __ATOMIC_RELEASE);
                 } else {
                     v->error = (port == s->fault_port) ? KW_VERR_FAULT : KW_VERR_EXIT;
                     v->err_reason = reason; v->err_data = data | ((uint32_t)port << 8);
@@ -246,7 +267,7 @@ cdef extern from *:
         kw_unblock_kick(s->kick_sig);
         kw_msi_t msi;
         s->t0 = kw_now() + s->start_delay_ns;
-        for (int64_t k = 0; k < s->n; k++) {
+        for (int64_t k = 0; k < s->nmsi; k++) {
             kw_sleep_until(s, s->t0 + s->target[k]);
             if (s->stop) break;
             memset(&msi, 0, sizeof msi);
@@ -370,6 +391,8 @@ cdef extern from *:
     static int kw_v_done(kw_session_t* s, int i) { return __atomic_load_n(&s->v[i].done, __ATOMIC_ACQUIRE); }
     static int64_t kw_v_seen(kw_session_t* s, int i) { return __atomic_load_n(&s->v[i].wakes_seen, __ATOMIC_ACQUIRE); }
     static int kw_inj_is_done(kw_session_t* s) { return __atomic_load_n(&s->inj_done, __ATOMIC_ACQUIRE); }
+    static int kw_chain_is_done(kw_session_t* s) { return __atomic_load_n(&s->chain_done, __ATOMIC_ACQUIRE); }
+
     static int64_t kw_inj_count(kw_session_t* s) { return __atomic_load_n(&s->inj_sent, __ATOMIC_ACQUIRE); }
 
     static void kw_bench_clock(int64_t* out, int64_t n) {
@@ -441,6 +464,9 @@ cdef extern from *:
         const int64_t* kidx
         int64_t nk
         int64_t* vec_count
+        const int64_t* sidx
+        int64_t nsend
+        int64_t send_count
 
     ctypedef struct kw_session_t:
         unsigned long run_req
@@ -452,6 +478,7 @@ cdef extern from *:
         int mode
         int64_t spin_ns
         int64_t n
+        int64_t nmsi
         const int64_t* target
         const int32_t* tgt
         const int32_t* vector
@@ -465,6 +492,9 @@ cdef extern from *:
         int ready_port
         int fault_port
         int stop_vector
+        int send_port
+        int done_port
+        int chain_done
         int stop
         int inj_done
         int64_t inj_sent
@@ -480,6 +510,7 @@ cdef extern from *:
     int kw_v_done(kw_session_t* s, int i) nogil
     int64_t kw_v_seen(kw_session_t* s, int i) nogil
     int kw_inj_is_done(kw_session_t* s) nogil
+    int kw_chain_is_done(kw_session_t* s) nogil
     int64_t kw_inj_count(kw_session_t* s) nogil
     int kw_install_kick(kw_session_t* s) nogil
     void kw_uninstall_kick(kw_session_t* s) nogil
@@ -516,7 +547,7 @@ cdef class Session:
     cdef kw_vcpu_t* v
     cdef int _stopped
     cdef readonly object targets, vcpus, vectors, sent, sent_end, ret, seen
-    cdef object _kidx, _veccount, _keep
+    cdef object _kidx, _veccount, _keep, _sidx
 
     def __cinit__(self):
         self.v = NULL
@@ -526,7 +557,8 @@ cdef class Session:
                  unsigned long run_req, unsigned long msi_req, targets, vcpus, vectors, *,
                  int vec_base, int nvec, int wake_port, int ready_port, int fault_port,
                  int stop_vector, str mode="sleep", int64_t spin_ns=0,
-                 int64_t start_delay_ns=2_000_000):
+                 int64_t start_delay_ns=2_000_000, msi_count=None, senders=None,
+                 int send_port=0, int done_port=0):
         cdef int nv = len(vcpu_fds), i
         if nv < 1 or len(run_addrs) != nv or len(cpus) != nv:
             raise ValueError("vcpu_fds, run_addrs and cpus must have one entry per vCPU")
@@ -540,8 +572,15 @@ cdef class Session:
             raise ValueError("targets, vcpus and vectors must have the same length")
         if n and (self.vcpus.min() < 0 or self.vcpus.max() >= nv):
             raise ValueError("a wake targets a vCPU that does not exist")
-        if n and np.any(np.diff(self.targets) < 0):
+        nmsi = n if msi_count is None else int(msi_count)
+        if not 0 <= nmsi <= n:
+            raise ValueError("msi_count must be in 0..len(targets)")
+        if nmsi and np.any(np.diff(self.targets[:nmsi]) < 0):
             raise ValueError("targets must be non-decreasing")
+        snd = (np.full(n, -1, dtype=np.int32) if senders is None
+               else np.ascontiguousarray(senders, dtype=np.int32))
+        if len(snd) != n or (n and (snd.min() < -1 or snd.max() >= nv)):
+            raise ValueError("senders must give, per wake, -1 (the injector) or a vCPU")
         self.sent = np.zeros(n, dtype=np.int64)
         self.sent_end = np.zeros(n, dtype=np.int64)
         self.ret = np.zeros(n, dtype=np.int32)
@@ -549,11 +588,13 @@ cdef class Session:
         self._kidx = [np.ascontiguousarray(np.nonzero(self.vcpus == i)[0], dtype=np.int64)
                       for i in range(nv)]
         self._veccount = [np.zeros(nvec, dtype=np.int64) for i in range(nv)]
+        self._sidx = [np.ascontiguousarray(np.nonzero(snd == i)[0], dtype=np.int64)
+                      for i in range(nv)]
         self.v = <kw_vcpu_t*>calloc(nv, sizeof(kw_vcpu_t))
         if self.v == NULL:
             raise MemoryError()
         cdef int64_t[::1] tv = self.targets, sv = self.sent, sev = self.sent_end, \
-            seenv = self.seen, kv, cv
+            seenv = self.seen, kv, cv, sxv
         cdef int32_t[::1] vv = self.vcpus, vecv = self.vectors, rv = self.ret
         for i in range(nv):
             kv = self._kidx[i]
@@ -566,6 +607,9 @@ cdef class Session:
             self.v[i].kidx = &kv[0] if kv.shape[0] else NULL
             self.v[i].nk = kv.shape[0]
             self.v[i].vec_count = &cv[0]
+            sxv = self._sidx[i]
+            self.v[i].sidx = &sxv[0] if sxv.shape[0] else NULL
+            self.v[i].nsend = sxv.shape[0]
         self.s.run_req = run_req
         self.s.msi_req = msi_req
         self.s.vm_fd = vm_fd
@@ -575,6 +619,9 @@ cdef class Session:
         self.s.mode = MODES[mode]
         self.s.spin_ns = spin_ns
         self.s.n = n
+        self.s.nmsi = nmsi
+        self.s.send_port = send_port
+        self.s.done_port = done_port
         self.s.target = &tv[0] if n else NULL
         self.s.tgt = &vv[0] if n else NULL
         self.s.vector = &vecv[0] if n else NULL
@@ -628,6 +675,11 @@ cdef class Session:
     @property
     def injector_done(self) -> bool:
         return bool(kw_inj_is_done(&self.s))
+
+    @property
+    def chain_done(self) -> bool:
+        """IPI guest: the vCPU woken by the plan's last wake reported it."""
+        return bool(kw_chain_is_done(&self.s))
 
     @property
     def injector_sent(self) -> int:

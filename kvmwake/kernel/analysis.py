@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..outputs.tracefmt import WAKEUP
+from .schedtrace import MIGRATE, SWITCH
+from .schedtrace import WAKEUP as SCHED_WAKEUP
 
 QUANTILES = (50, 90, 99)
 
@@ -195,10 +197,63 @@ def sum_stats(rows: list[dict]) -> dict:
     return out
 
 
-def busy_samples(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray) -> np.ndarray:
-    """Time from a halt's end to the vCPU's next halt, where no MSI to it was sent in
-    between: the guest's own work per wake (entry, handler, exits)."""
-    out = []
+def busy_samples(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray,
+                 waker: np.ndarray | None = None,
+                 compute_ns: np.ndarray | None = None) -> np.ndarray:
+    """Time from a halt's end to the vCPU's next halt, where no wake to it was sent in
+    between: the guest's own work per wake (entry, handler, exits).  An ipi
+    recording's vCPU also computes the plan's step in that time: ``compute_ns`` (per
+    wake, with ``waker`` from ``match_wakers``) is taken off; see ``busy_intervals``."""
+    iv = busy_intervals(h, send_ns, wake_vcpu, waker, compute_ns)
+    return iv.length[iv.quiet]
+
+
+# ---------------------------------------------------------------- own work under overcommit
+#
+# ``busy_samples`` takes every gap between two halts of a vCPU with no wake to it in
+# between as that vCPU's own work.  Where the vCPU shares its host CPU with other
+# runnable threads (overcommit, the injector), the gap also holds the time the vCPU
+# thread waited for the CPU.  The functions below keep only the *uncontended* gaps:
+# those during which no other thread of the recording was runnable on the vCPU's CPU.
+# With the scheduler's tracepoints in the recording that is read off them
+# (``sched_contended``); without, the run's shape decides (``calibrate.py``).
+
+@dataclass
+class BusyIntervals:
+    """The gaps between two consecutive halts of a vCPU: from a halt's end (``start``)
+    to the next halt's start (``stop``); ``quiet``: no wake to that vCPU was sent in
+    between (one wake's own work, not two); ``compute``: the workload's compute the
+    vCPU did in the gap (an ipi plan's step; None: none), which ``length`` leaves out."""
+
+    vcpu: np.ndarray      # int32
+    start: np.ndarray     # int64 ns
+    stop: np.ndarray      # int64 ns
+    quiet: np.ndarray     # bool
+    compute: np.ndarray | None = None   # int64 ns
+    wake: np.ndarray | None = None      # int64: the wake that ended the halt before (-1)
+
+    @property
+    def length(self) -> np.ndarray:
+        d = self.stop - self.start
+        return d if self.compute is None else d - self.compute
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+def busy_intervals(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray,
+                   waker: np.ndarray | None = None,
+                   compute_ns: np.ndarray | None = None) -> BusyIntervals:
+    """Every gap between two consecutive halts of each vCPU (see ``BusyIntervals``).
+
+    ``compute_ns``: per wake, what the woken vCPU computes before its next halt (an ipi
+    recording: the plan's ``compute_ns`` of the step, ``calibrate.plan_compute``);
+    ``waker`` (``match_wakers``) says which wake ended each halt.  The gap after a halt
+    is charged its waker's compute; a gap after a halt with no waker is not quiet (what
+    it computed is not known)."""
+    if compute_ns is not None and waker is None:
+        raise ValueError("compute_ns needs waker (the wake that ended each halt)")
+    vs, st, sp, qu, cp, wa = [], [], [], [], [], []
     for v in np.unique(h.vcpu):
         sel = np.nonzero(h.vcpu == v)[0]
         sends = np.sort(send_ns[wake_vcpu == v])
@@ -207,5 +262,102 @@ def busy_samples(h: Halts, send_ns: np.ndarray, wake_vcpu: np.ndarray) -> np.nda
         lo = np.searchsorted(sends, ends, side="right")
         hi = np.searchsorted(sends, nxt, side="right")
         quiet = hi == lo
-        out.append((nxt - ends)[quiet])
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+        if compute_ns is not None:
+            wk = waker[sel][:-1]
+            quiet &= wk >= 0
+            cp.append(np.where(wk >= 0, np.asarray(compute_ns, dtype=np.int64)[wk], 0))
+            wa.append(wk)
+        vs.append(np.full(len(ends), v, dtype=np.int32))
+        st.append(ends)
+        sp.append(nxt)
+        qu.append(quiet)
+    if not vs:
+        z = np.zeros(0, dtype=np.int64)
+        return BusyIntervals(z.astype(np.int32), z, z, z.astype(bool),
+                             *((None, None) if compute_ns is None else (z, z)))
+    return BusyIntervals(np.concatenate(vs), np.concatenate(st).astype(np.int64),
+                         np.concatenate(sp).astype(np.int64), np.concatenate(qu),
+                         *((None, None) if compute_ns is None else
+                           (np.concatenate(cp).astype(np.int64),
+                            np.concatenate(wa).astype(np.int64))))
+
+
+def runnable_segments(events, tids) -> dict[int, list[tuple[int, int, int]]]:
+    """Per thread of ``tids``: ``(cpu, start, end)`` spans during which it was runnable
+    (queued or running) on that CPU's run queue, from its wake-up (``sched_wakeup``,
+    or being switched in) to the ``sched_switch`` that puts it to sleep, split where
+    it migrates.  A span still open at the end of the trace ends at +inf.
+
+    ``events``: ``schedtrace.SchedEvent`` records (``schedtrace.load_sched(dir).events``
+    or ``schedtrace.from_timeline``), in any order (they are sorted by time here)."""
+    tids = set(int(t) for t in tids)
+    seg: dict[int, list] = {t: [] for t in tids}
+    on: dict[int, tuple[int, int]] = {}          # tid -> (cpu, since)
+
+    def begin(t, cpu, ts):
+        cur = on.get(t)
+        if cur is None:
+            on[t] = (cpu, ts)
+        elif cur[0] != cpu:
+            seg[t].append((cur[0], cur[1], ts))
+            on[t] = (cpu, ts)
+
+    for e in sorted(events, key=lambda e: e.ts):
+        if e.kind == SWITCH:
+            if e.pid in tids and e.sleeps and e.pid in on:
+                c, since = on.pop(e.pid)
+                seg[e.pid].append((c, since, e.ts))
+            elif e.pid in tids and not e.sleeps:
+                begin(e.pid, e.cpu, e.ts)
+            if e.next_pid in tids:
+                begin(e.next_pid, e.cpu, e.ts)
+        elif e.kind == SCHED_WAKEUP and e.pid in tids:
+            begin(e.pid, e.target_cpu, e.ts)
+        elif e.kind == MIGRATE and e.pid in tids and e.pid in on:
+            begin(e.pid, e.target_cpu, e.ts)
+    inf = np.iinfo(np.int64).max
+    for t, (c, since) in on.items():
+        seg[t].append((c, since, inf))
+    return seg
+
+
+def sched_contended(iv: BusyIntervals, vcpu_tid: dict[int, int],
+                    segments: dict[int, list]) -> np.ndarray:
+    """Per interval of ``iv``: True where another thread of ``segments`` was runnable,
+    at some instant strictly inside the interval, on a CPU where the vCPU's own thread
+    was runnable then (or, where the trace has no span of the vCPU there, on any CPU
+    the vCPU ran on)."""
+    out = np.zeros(len(iv), dtype=bool)
+    for v, tid in vcpu_tid.items():
+        sel = np.nonzero(iv.vcpu == v)[0]
+        if not sel.size:
+            continue
+        own = segments.get(tid, [])
+        others: dict[int, list] = {}
+        for t, spans in segments.items():
+            if t != tid:
+                for c, s, e in spans:
+                    others.setdefault(c, []).append((s, e))
+        lookup = {}
+        for c, spans in others.items():
+            spans.sort()
+            s = np.array([a for a, _ in spans], dtype=np.int64)
+            e = np.maximum.accumulate(np.array([b for _, b in spans], dtype=np.int64))
+            lookup[c] = (s, e)
+        own_c = np.array([c for c, _, _ in own], dtype=np.int64)
+        own_s = np.array([s for _, s, _ in own], dtype=np.int64)
+        own_e = np.array([e for _, _, e in own], dtype=np.int64)
+        all_cpus = set(own_c.tolist()) or set(lookup)
+        for i in sel:
+            a, b = int(iv.start[i]), int(iv.stop[i])
+            hit = (own_s < b) & (own_e > a)
+            cpus = set(own_c[hit].tolist()) or all_cpus
+            for c in cpus:
+                if c not in lookup:
+                    continue
+                s, e = lookup[c]
+                k = int(np.searchsorted(s, b, side="left"))
+                if k and e[k - 1] > a:
+                    out[i] = True
+                    break
+    return out

@@ -7,10 +7,20 @@ Two kinds of parameters.
 * ``handler_ns``: the guest's work per extra interrupt, the gap between two
   port exits of one vCPU when the second MSI was already pending at the
   first (handler, port exit to userspace and back, EOI);
-* ``vm_entry_ns + vm_exit_ns``: a vCPU's work from a halt's end to its next
-  halt's start with no MSI in between, less ``handler_ns`` (the model
+* ``vm_entry_ns + vm_exit_ns``: a vCPU's own work from a halt's end to its
+  next halt's start with no MSI in between, less ``handler_ns`` (the model
   charges an entry, the handler and the ``hlt`` exit); the split into entry
-  and exit is not identifiable from these observations and is taken equal;
+  and exit is not identifiable from these observations and is taken equal.
+  Only *uncontended* gaps count (``own_work``): on a shared CPU the gap also
+  holds the time the vCPU thread waited for the CPU (246-313 us instead of
+  about 3 us on a 6-vCPU recording).  With the scheduler's tracepoints in the
+  recording, a gap is uncontended when no other thread of the recording was
+  runnable on the vCPU's CPU during it (``analysis.sched_contended``).
+  Without them the run's shape decides: where the recorder pinned some vCPU
+  alone on its CPU (no other vCPU there; preferably not the injector's CPU
+  either), the median of those vCPUs' gaps; otherwise (unpinned, or every CPU
+  shared) the ``LOW_QUANTILE``-th percentile of all gaps, since waiting for
+  the CPU only ever lengthens a gap;
 * ``delivery_ns`` (interrupt delivery): from the MSI's send to the end of a
   halt that was ended by a successful poll (the poll loop notices at once);
 * ``port_exit_ns``: from a halt's end to the handler's port exit seen in
@@ -39,6 +49,29 @@ grid, then a pattern search that halves its log step.  Costs that nothing
 in the recording depends on keep the model's defaults
 (``calibration.json`` says so).
 
+**Tails** (``--tails``).  Constant costs give a vCPU alone on an idle CPU
+one latency (model p99 = p50); the kernel's p99/p50 there is 2.2 to 40.
+With ``--tails`` the spread of the uncontended send-to-halt-end latencies
+(halts that waited, woken with nothing else of the recording runnable on the
+vCPU's CPU: from the scheduler trace, or the vCPUs the pinning left alone)
+becomes the distribution of ``wake_to_run_ns``: its quantiles at every
+percentile, shifted so that the median is the fitted constant
+(``quantile_cost``), in the form ``{"dist": "quantiles", "q": [...]}``.  It
+goes to ``calibration.json``'s ``costs`` (what ``Host(costs=...)`` takes over
+the constants in ``params.costs``, see ``host_costs``); ``params.costs``
+keeps the constant.  What compare's simulation gives ``Host(costs=...)`` is
+decided in one place, ``sim_costs`` (the constants while ``Host`` takes no
+distributions).  The handler's time stays a constant (it is the guest
+program's, not a host cost).  Without ``--tails``, ``costs`` is empty.
+
+**Saturated recordings.**  When the vCPUs hardly ever halt (fewer than
+``SATURATED_HALTS_PER_WAKE`` halts per wake, or out of halt - running or
+waiting for a CPU - more than ``SATURATED_OUT_OF_HALT`` of the run), most
+wakes find their vCPU busy and the figures say more about the queueing than
+about halt polling.  The calibration is still made, but ``calibration.json``
+gets ``"saturated": true`` and a ``"saturated_reason"``, and ``compare``
+reports the recording as "saturated, not scored" instead of pass/fail.
+
 The result goes to ``DIR/calibration.json``; ``compare`` loads it.
 """
 
@@ -55,7 +88,9 @@ import numpy as np
 from .. import __version__
 from ..model import COST_DEFAULTS
 from . import analysis as A
-from .recording import CALIBRATION, Recording, RecordingError, write_json
+from . import schedtrace as ST
+from .recording import (CALIBRATION, Recording, RecordingError, regenerate_plan,
+                        workload_kind, write_json)
 from .simulate import SimParams, Setup, simulate
 
 FORMAT = 1
@@ -67,6 +102,17 @@ CTX_RANGE = (200, 100_000)
 SLICE_RANGE = (10_000, 750_000)
 HALTS_UNIT = 0.15
 FALLBACK_DELIVERY_NS = 1_000
+#: Own work without a scheduler trace and no vCPU alone on its CPU: this percentile
+#: of the quiet gaps (waiting for the CPU only lengthens a gap).
+LOW_QUANTILE = 10
+#: A recording is saturated below this many halts per wake ...
+SATURATED_HALTS_PER_WAKE = 0.25
+#: ... or when its vCPUs spent more than this share of the run out of halt.
+SATURATED_OUT_OF_HALT = 0.95
+#: --tails: the quantile table's points (every percentile, 0 to 100) ...
+TAIL_POINTS = 101
+#: ... made from at least this many uncontended latencies.
+TAILS_MIN_SAMPLES = 20
 
 
 @dataclass
@@ -77,6 +123,7 @@ class KernelView:
     halts: A.Halts | None
     waker: np.ndarray | None
     figures: dict
+    sched: ST.SchedTrace | None = None   # the scheduler's tracepoints, if recorded
 
 
 def kernel_view(rec: Recording) -> KernelView:
@@ -94,7 +141,302 @@ def kernel_view(rec: Recording) -> KernelView:
         fig = stats_only_figures(stats)
     seen = w["seen_ns"] > 0
     fig["host_latency_all_ns"] = A.quantiles((w["seen_ns"] - w["sent_ns"])[seen])
-    return KernelView(rec, h, wk, fig)
+    return KernelView(rec, h, wk, fig, sched_trace(rec))
+
+
+# ---------------------------------------------------------------- the scheduler trace
+
+def sched_trace(rec: Recording) -> ST.SchedTrace | None:
+    """The recording's scheduler tracepoints and threads table
+    (``schedtrace.load_sched``), or None when it was recorded without them."""
+    try:
+        return ST.load_sched(rec.path)
+    except ST.SchedTraceError as exc:
+        raise RecordingError(f"{rec.path / ST.SCHED_TRACE}: {exc}") from None
+
+
+def _vcpu_tid(trace: ST.SchedTrace) -> dict[int, int]:
+    """vCPU index -> its thread's tid, from a sched trace's threads table."""
+    return {v: t for t, v in trace.vcpu_tids().items()}
+
+
+def pinned_cpus(meta: dict) -> tuple[list, int | None]:
+    """(host CPU of each vCPU thread or None, the injector's CPU or None), as the
+    recorder pinned them: from ``meta["threads"]`` where present, else
+    ``meta["pinning"]``; all None for an unpinned recording."""
+    n = int(meta["vcpus"])
+    vc: list = [None] * n
+    inj = None
+    if meta.get("threads"):
+        for t in meta["threads"]:
+            cpu = t.get("cpu")
+            cpu = None if cpu is None or int(cpu) < 0 else int(cpu)
+            if t.get("role") == "vcpu" and t.get("vcpu") is not None and 0 <= int(t["vcpu"]) < n:
+                vc[int(t["vcpu"])] = cpu
+            elif t.get("role") == "injector":
+                inj = cpu
+        return vc, inj
+    pin = meta.get("pinning") or {}
+    if pin.get("enabled", False) and meta.get("pinned", True):
+        for i, c in enumerate(pin.get("vcpus", [])[:n]):
+            vc[i] = None if c is None or int(c) < 0 else int(c)
+        c = pin.get("injector")
+        inj = None if c is None or int(c) < 0 else int(c)
+    return vc, inj
+
+
+def sim_placement(meta: dict) -> dict:
+    """Where the simulation should put the recording's threads, in the terms of
+    ``host.create_vm(affinity=...)``, ``vcpu.set_affinity`` and ``host.add_thread``:
+    ``{"vm": "pinned" | "all", "vcpus": [cpu per vCPU] | None, "injector": cpu | "all"}``.
+
+    An unpinned recording (``meta["pinned"]`` false, or the recorder's pinning off):
+    every thread on every CPU ("all").  A pinned one: ``"pinned"`` where the recorder
+    put vCPU g on CPU g % host_cpus (the model's own placement, results unchanged),
+    else each vCPU's CPU in ``vcpus``; the injector on its CPU."""
+    vc, inj = pinned_cpus(meta)
+    if all(c is None for c in vc):
+        return {"vm": "all", "vcpus": None, "injector": "all"}
+    ncpu = int(meta["host_cpus"])
+    cpu_ids = list(meta.get("host_cpu_ids") or range(ncpu))
+    index = {c: i for i, c in enumerate(cpu_ids)}     # host CPU id -> the model's CPU
+    model = [None if c is None else index.get(c, c % ncpu) for c in vc]
+    same = all(c == g % ncpu for g, c in enumerate(model))
+    return {"vm": "pinned", "vcpus": None if same else model,
+            "injector": "all" if inj is None else index.get(inj, inj % ncpu)}
+
+
+def own_work(kv: KernelView) -> dict:
+    """A vCPU's own work per wake (halt end to next halt start, no MSI in between)
+    from uncontended gaps only; see the module docstring."""
+    rec, h = kv.rec, kv.halts
+    compute = plan_compute(rec)
+    iv = A.busy_intervals(h, rec.wakes["sent_ns"], rec.wakes["vcpu"],
+                          None if compute is None else kv.waker, compute)
+    quiet = iv.quiet
+    out = {"busy_all_median_ns": _median(iv.length[quiet]),
+           "busy_all_samples": int(quiet.sum())}
+    if kv.sched is not None:
+        seg = A.runnable_segments(kv.sched.events, kv.sched.roles())
+        cont = A.sched_contended(iv, _vcpu_tid(kv.sched), seg)
+        ok = quiet & ~cont
+        out.update(busy_method="scheduler trace: no other recorded thread runnable on the "
+                               "vCPU's CPU", busy_ns=_median(iv.length[ok]),
+                   busy_samples=int(ok.sum()))
+    else:
+        ok = quiet
+        out.update(shape_own_work(iv, *pinned_cpus(rec.meta)))
+    if compute is not None:
+        out.update(ipi_step_split(iv, rec.wakes["sent_ns"], ok))
+    return out
+
+
+def ipi_step_split(iv: A.BusyIntervals, sent_ns: np.ndarray, ok: np.ndarray) -> dict:
+    """Where an ipi step's own work goes, over the gaps ``ok`` whose vCPU then sent the
+    next wake: ``ipi_to_send_ns`` from the halt's end to the send's port exit seen in
+    userspace, less the plan's compute (entry, the handler with its port exit's round
+    trip, the exit of the send's port exit); ``ipi_send_to_halt_ns`` from there to the
+    next halt (back into the guest, the ICR write, the ``hlt`` exit).  Medians; None
+    without such gaps."""
+    k = iv.wake
+    has = ok & (k >= 0) & (k + 1 < len(sent_ns))
+    nxt = np.where(has, sent_ns[np.minimum(k + 1, len(sent_ns) - 1)], 0)
+    has &= (nxt >= iv.start) & (nxt <= iv.stop)
+    return {"ipi_to_send_ns": _median((nxt - iv.start - iv.compute)[has]),
+            "ipi_send_to_halt_ns": _median((iv.stop - nxt)[has]),
+            "ipi_split_samples": int(has.sum())}
+
+
+def plan_compute(rec: Recording) -> np.ndarray | None:
+    """Per wake, the compute the woken vCPU's guest does before its next halt: an ipi
+    recording's plan (``recording.regenerate_plan``) has vCPU ``vcpu[k]`` compute
+    ``compute_ns[k]`` before it sends wake k+1 (the last wake: nothing), which is the
+    workload, not the vCPU's own work.  None for an msi recording (the guest only runs
+    its handler)."""
+    if workload_kind(rec.meta) != "ipi":
+        return None
+    plan = regenerate_plan(rec)
+    out = np.zeros(len(plan), dtype=np.int64)
+    out[:-1] = plan.compute_ns
+    return out
+
+
+def alone_groups(vcpu_cpu: list, injector_cpu: int | None) -> list[tuple[list, str]]:
+    """The vCPUs that had their host CPU to themselves as far as the pinning says, best
+    first: alone and not on the injector's CPU; alone among the vCPUs."""
+    alone = [v for v, c in enumerate(vcpu_cpu)
+             if c is not None and sum(1 for d in vcpu_cpu if d == c) == 1]
+    isolated = [v for v in alone if vcpu_cpu[v] != injector_cpu]
+    return [(isolated, "pinned alone on its CPU, not the injector's"),
+            (alone, "pinned alone among the vCPUs on its CPU")]
+
+
+def shape_own_work(iv: A.BusyIntervals, vcpu_cpu: list, injector_cpu: int | None) -> dict:
+    """Own work without a scheduler trace, from where the threads were pinned."""
+    quiet = iv.quiet
+    for group, what in alone_groups(vcpu_cpu, injector_cpu):
+        sel = quiet & np.isin(iv.vcpu, group)
+        if group and sel.any():
+            return {"busy_method": f"run's shape: gaps of the vCPUs {what} "
+                                   f"({', '.join(map(str, group))}), median",
+                    "busy_ns": _median(iv.length[sel]), "busy_samples": int(sel.sum())}
+    lengths = iv.length[quiet]
+    return {"busy_method": f"run's shape: no vCPU alone on its CPU, percentile "
+                           f"{LOW_QUANTILE} of all gaps",
+            "busy_ns": float(np.percentile(lengths, LOW_QUANTILE)) if lengths.size else None,
+            "busy_samples": int(lengths.size)}
+
+
+# ---------------------------------------------------------------- tails
+
+def uncontended_latencies(kv: KernelView) -> tuple[np.ndarray, str | None]:
+    """Send-to-halt-end latencies of the halts that waited and were woken with nothing
+    else of the recording runnable on the vCPU's CPU (scheduler trace), or, without a
+    trace of the scheduler, of the vCPUs the pinning left alone on their CPU.  Returns
+    (latencies, how they were chosen) - (empty, None) when no halt qualifies."""
+    rec, h, wk = kv.rec, kv.halts, kv.waker
+    if h is None:
+        return np.zeros(0, dtype=np.int64), None
+    sent = rec.wakes["sent_ns"]
+    sel = (wk >= 0) & h.waited & ~h.first
+    idx = np.nonzero(sel)[0]
+    start = sent[wk[idx]]
+    lat = h.end[idx] - start
+    if kv.sched is not None:
+        iv = A.BusyIntervals(h.vcpu[idx], start, h.end[idx], np.ones(idx.size, dtype=bool))
+        seg = A.runnable_segments(kv.sched.events, kv.sched.roles())
+        cont = A.sched_contended(iv, _vcpu_tid(kv.sched), seg)
+        return lat[~cont], "scheduler trace: nothing else runnable on the vCPU's CPU"
+    for group, what in alone_groups(*pinned_cpus(rec.meta)):
+        ok = np.isin(h.vcpu[idx], group)
+        if group and ok.any():
+            return lat[ok], f"run's shape: the vCPUs {what} ({', '.join(map(str, group))})"
+    return np.zeros(0, dtype=np.int64), None
+
+
+def quantile_cost(samples, center: float, points: int = TAIL_POINTS) -> dict:
+    """A cost in the contract's quantile form whose median is ``center`` and whose
+    spread is that of ``samples``: the samples' quantiles at ``points`` evenly spaced
+    probabilities, shifted by ``center - median(samples)``, clamped at 0 (so still
+    nondecreasing), as integers."""
+    a = np.asarray(samples, dtype=np.float64)
+    q = np.percentile(a, np.linspace(0, 100, points)) - np.median(a) + center
+    q = np.maximum(np.rint(q), 0).astype(np.int64)
+    return {"dist": "quantiles", "q": np.maximum.accumulate(q).tolist()}
+
+
+def fit_tails(kv: KernelView, params: SimParams) -> tuple[dict, dict]:
+    """(costs in contract form, what they were made from): ``wake_to_run_ns`` as
+    quantiles with the fitted constant as its median and the uncontended latencies'
+    spread; empty costs when fewer than ``TAILS_MIN_SAMPLES`` latencies qualify."""
+    lat, how = uncontended_latencies(kv)
+    info = {"samples": int(lat.size), "method": how, "points": TAIL_POINTS}
+    if lat.size < TAILS_MIN_SAMPLES:
+        info["skipped"] = (f"{lat.size} uncontended halts that waited (at least "
+                           f"{TAILS_MIN_SAMPLES} needed): costs kept constant")
+        return {}, info
+    info["latency_ns"] = A.quantiles(lat)
+    w2r = float(params.costs["wake_to_run_ns"])
+    return {"wake_to_run_ns": quantile_cost(lat, w2r)}, info
+
+
+def check_costs(costs) -> dict:
+    """The calibration's ``costs`` (cost name -> constant or distribution), checked: a
+    known cost name; a non-negative integer, or ``{"dist": "quantiles", "q": [...]}``
+    with at least two nondecreasing non-negative numbers (or any form
+    ``kvmwake.costs.parse_cost`` accepts, where this build has it)."""
+    if not isinstance(costs, dict):
+        raise RecordingError("calibration.json: costs must be an object")
+    parse = _cost_parser()
+    out = {}
+    for name, spec in costs.items():
+        if name not in COST_DEFAULTS:
+            raise RecordingError(f"calibration.json: costs: unknown cost {name!r}")
+        if parse is not None:
+            try:
+                parse(name, spec)
+            except (TypeError, ValueError) as exc:
+                raise RecordingError(f"calibration.json: costs: {name}: {exc}") from None
+        elif isinstance(spec, dict):
+            q = spec.get("q")
+            if (spec.get("dist") != "quantiles" or set(spec) != {"dist", "q"}
+                    or not isinstance(q, list) or len(q) < 2
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                               and math.isfinite(x) and x >= 0 for x in q)
+                    or any(b < a for a, b in zip(q, q[1:]))):
+                raise RecordingError(f"calibration.json: costs: {name}: not a "
+                                     f'{{"dist": "quantiles", "q": [...]}} of at least two '
+                                     f"nondecreasing non-negative numbers")
+        elif isinstance(spec, bool) or not isinstance(spec, int) or spec < 0:
+            raise RecordingError(f"calibration.json: costs: {name}: {spec!r} is not a "
+                                 f"non-negative integer")
+        out[name] = spec
+    return out
+
+
+def _cost_parser():
+    """``kvmwake.costs.parse_cost`` where this build has cost distributions, else None."""
+    try:
+        from ..costs import parse_cost
+    except ImportError:
+        return None
+    return parse_cost
+
+
+def host_costs(cal: dict) -> dict:
+    """The costs to give ``Host(costs=...)`` for a calibration: its constants
+    (``params.costs``) with its distributions (``costs``, from ``--tails``) over them."""
+    p, _ = load_params(cal)
+    return {**p.costs, **check_costs(cal.get("costs", {}))}
+
+
+def sim_costs(cal: dict) -> dict:
+    """The costs the simulation of a calibrated recording gives ``Host(costs=...)``:
+    the one place that decides whether the fitted tails (``--tails``: ``cal["costs"]``,
+    ``host_costs``) reach the model.
+
+    Today the constants ``params.costs``: this build's ``Host`` takes constant costs
+    only (``kvmwake.costs``, which samples distributions, is not part of it), so the
+    quantile tables stay in ``calibration.json`` and compare runs the medians.  Once
+    ``Host(costs=...)`` accepts the contract's distributions, this returns
+    ``host_costs(cal)``."""
+    p, _ = load_params(cal)
+    return dict(p.costs)
+
+
+def saturation(kv: KernelView) -> dict:
+    """``{"saturated", "saturated_reason", "halts_per_wake", "out_of_halt_share"}``:
+    whether the vCPUs were saturated (see the module docstring)."""
+    rec, h = kv.rec, kv.halts
+    w = rec.wakes
+    wakes = int((w["sent_ns"] > 0).sum())
+    if h is not None:
+        body = ~h.first
+        halts = int(body.sum())
+        # The run: from the first send to the last; each vCPU's halted time in it.
+        sent = w["sent_ns"][w["sent_ns"] > 0]
+        lo, hi = (int(sent.min()), int(sent.max())) if sent.size else (0, 0)
+        halted = np.clip(np.minimum(h.end, hi) - np.maximum(h.start, lo), 0, None).sum()
+        span = (hi - lo) * rec.nvcpus
+        out_share = 1.0 - float(halted) / span if span > 0 else None
+    else:
+        st = A.sum_stats(rec.vcpu_stats())
+        halts = int(st["halt_successful_poll"]) + int(np.asarray(st["halt_wait_hist"]).sum())
+        dur = int(rec.meta["workload"].get("duration_ns") or 0) * rec.nvcpus
+        halted = (int(st.get("halt_poll_success_ns", 0)) + int(st.get("halt_poll_fail_ns", 0))
+                  + int(st.get("halt_wait_ns", 0)))
+        out_share = max(0.0, 1.0 - halted / dur) if dur > 0 else None
+    hpw = halts / wakes if wakes else None
+    reasons = []
+    if hpw is not None and hpw < SATURATED_HALTS_PER_WAKE:
+        reasons.append(f"{halts} halts for {wakes} wakes ({hpw:.3f} per wake, below "
+                       f"{SATURATED_HALTS_PER_WAKE})")
+    if out_share is not None and out_share > SATURATED_OUT_OF_HALT:
+        reasons.append(f"the vCPUs were out of halt (running or waiting for a CPU) "
+                       f"{100 * out_share:.1f} % of the run (above "
+                       f"{100 * SATURATED_OUT_OF_HALT:.0f} %)")
+    return {"saturated": bool(reasons), "saturated_reason": "; ".join(reasons) or None,
+            "halts_per_wake": hpw, "out_of_halt_share": out_share}
 
 
 def stats_only_figures(stats: list[dict]) -> dict:
@@ -142,9 +484,7 @@ def direct_estimates(kv: KernelView) -> dict:
     # Most sends find the injector's CPU idle: the median lateness is its idle wake.
     out["injector_idle_wake_ns"] = out["lateness_ns"]
     if h is not None:
-        busy = A.busy_samples(h, sent, vcpu)
-        out["busy_ns"] = _median(busy)
-        out["busy_samples"] = int(busy.size)
+        out.update(own_work(kv))
         has = wk >= 0
         polled = has & ~h.waited & (h.ns > 0) & ~h.first
         d1p = h.end[polled] - sent[wk[polled]]
@@ -154,8 +494,8 @@ def direct_estimates(kv: KernelView) -> dict:
         pe = pe[(seen[wk[has]] > 0) & (pe >= 0)]
         out["port_exit_ns"] = _median(pe)
     else:
-        out.update(busy_ns=None, busy_samples=0, delivery_ns=None, delivery_samples=0,
-                   port_exit_ns=None)
+        out.update(busy_ns=None, busy_samples=0, busy_method=None, delivery_ns=None,
+                   delivery_samples=0, port_exit_ns=None)
     return out
 
 
@@ -169,7 +509,9 @@ def initial_params(kv: KernelView, est: dict, arrivals: str = "sent") -> tuple[S
     busy = est.get("busy_ns")
     if busy is None:
         ee = 2 * COST_DEFAULTS["vm_entry_ns"]
-        notes.append("no trace: entry + exit kept at the model's defaults")
+        notes.append("no trace: entry + exit kept at the model's defaults" if kv.halts is None
+                     else "no uncontended gap between two halts: entry + exit kept at the "
+                          "model's defaults")
     else:
         ee = max(0.0, busy - handler)
         if busy < handler:
@@ -190,8 +532,10 @@ def initial_params(kv: KernelView, est: dict, arrivals: str = "sent") -> tuple[S
     return p, notes
 
 
-def sim_view(setup: Setup, params: SimParams, port_exit_ns: float | None, seed: int = 0):
-    r = simulate(setup, params, seed=seed)
+def sim_view(setup: Setup, params: SimParams, port_exit_ns: float | None, seed: int = 0,
+             host_costs: dict | None = None):
+    """The model's run of ``setup`` and its figures; ``host_costs``: ``simulate``'s."""
+    r = simulate(setup, params, seed=seed, host_costs=host_costs)
     h = A.halts_from_events(r.events, r.pid_to_vcpu(), x86_prechecked=True)
     wk = A.match_wakers(h, r.send_ns, setup.vcpu, end_slack_ns=0)
     fig = A.figures(h, wk, r.send_ns, r.stats,
@@ -248,7 +592,8 @@ FREE = (("wake_to_run_ns", W2R_RANGE, 11, 7),
         ("sched_slice_ns", SLICE_RANGE, 4, 3))
 
 
-def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -> dict:
+def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None,
+        tails: bool = False) -> dict:
     """Calibrate on ``rec``; returns the calibration dict (also what is saved)."""
     t_start = time.perf_counter()
     kv = kernel_view(rec)
@@ -275,6 +620,10 @@ def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -
     free = [(n, (slice_lo, rng[1]) if n == "sched_slice_ns" else rng, a, b)
             for n, rng, a, b in free]
     names = [f[0] for f in free]
+    sat = saturation(kv)
+    if sat["saturated"]:
+        notes.append(f"saturated recording ({sat['saturated_reason']}): compare does not "
+                     f"score it")
     cache: dict = {}
 
     def loss_of(x: tuple) -> float:
@@ -312,6 +661,9 @@ def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -
     fitted = dict(zip(names, best))
     final = _with(params, fitted)
     loss, res = cache[best]
+    tail_costs, tail_info = fit_tails(kv, final) if tails else ({}, None)
+    if tail_info and tail_info.get("skipped"):
+        notes.append(f"--tails: {tail_info['skipped']}")
     secs = time.perf_counter() - t_start
     if log:
         log("fitted " + ", ".join(f"{k} {v}" for k, v in fitted.items()) +
@@ -322,9 +674,13 @@ def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None) -
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "recording": {"path": str(rec.path), "workload": rec.meta["workload"]["canonical"],
                       "vcpus": rec.nvcpus, "halt_poll_cap": rec.cap,
-                      "traced": traced},
+                      "traced": traced, "sched_traced": kv.sched is not None,
+                      "placement": sim_placement(rec.meta)},
         "params": final.to_dict(),
         "port_exit_ns": est.get("port_exit_ns"),
+        "costs": tail_costs,
+        "tails": tail_info,
+        **sat,
         "direct": est,
         "fit": {"method": "weighted least squares: log grid, then a pattern search that "
                           "halves its log step",
@@ -363,4 +719,5 @@ def load_params(cal: dict) -> tuple[SimParams, float | None]:
     pe = cal.get("port_exit_ns")
     if pe is not None and (not isinstance(pe, (int, float)) or pe < 0):
         raise RecordingError("calibration.json: port_exit_ns must be a non-negative number")
+    check_costs(cal.get("costs", {}))
     return p, pe

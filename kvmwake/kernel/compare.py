@@ -15,7 +15,19 @@ model:
 * wake latency: send to halt end, and host-observed (send to the handler's
   port exit) for wakes that ended a halt, p50/p90/p99 and model/kernel
   ratios;
-* the replay of the kernel trace through the halt-poll rule.
+* the replay of the kernel trace through the halt-poll rule;
+* where the recording has the scheduler's tracepoints, the preemption and
+  migration rates of the kernel's scheduler trace and of the model's thread
+  timeline (``kvmwake.kernel.schedtrace``).
+
+The acceptance line checks every "Done when" criterion of issue 14
+(``CRITERIA``): the poll/wait split within 5 points pooled and on every vCPU;
+the median wait within 15 %; the send-to-halt-end latency's p90 within 25 %
+and p99 within 40 %; ``halt_successful_poll`` and ``halt_wakeup`` within
+10 %; the preemption and migration rates within 10 points of the kernel's
+scheduler trace; the replay clean.  A criterion the recording cannot show
+(no trace, no scheduler trace) is "not checked"; a recording its calibration
+found saturated is "saturated, not scored" (``calibrate.py``).
 
 It also writes ``DIR/compare.json`` and ``DIR/compare.png`` (both
 histograms, and the latency distributions).
@@ -33,6 +45,7 @@ import numpy as np
 from ..haltpoll import HaltPollParams
 from . import analysis as A
 from . import calibrate as C
+from . import schedtrace as ST
 from .recording import Recording, RecordingError, write_json
 from .replay import replay
 from .simulate import Setup
@@ -40,6 +53,30 @@ from .simulate import Setup
 #: Acceptance bounds of the issue.
 SPLIT_BOUND_PP = 5.0
 WAIT_BOUND = 0.15
+P90_BOUND = 0.25
+P99_BOUND = 0.40
+STAT_BOUND = 0.10
+SCHED_BOUND_PP = 10.0
+#: A scheduler rate is checked where both sides have at least this many samples (wake-ups
+#: of the role pair, pairs of consecutive run periods): below, one event moves it by
+#: more than a few points.  Checked: the preemption rate of each of
+#: ``schedtrace.ROLE_PAIRS`` and the pooled migration rate (per vCPU: printed).
+SCHED_MIN_SAMPLES = 20
+
+#: The acceptance criteria, in the order printed: (key in the verdict, label, bound).
+CRITERIA = (
+    ("split", "poll/wait split, pooled", f"{SPLIT_BOUND_PP:g} pp"),
+    ("split_per_vcpu", "poll/wait split, worst vCPU", f"{SPLIT_BOUND_PP:g} pp"),
+    ("median_wait", "median wait", f"{100 * WAIT_BOUND:g} %"),
+    ("p90", "send -> halt end p90", f"{100 * P90_BOUND:g} %"),
+    ("p99", "send -> halt end p99", f"{100 * P99_BOUND:g} %"),
+    ("halt_successful_poll", "halt_successful_poll", f"{100 * STAT_BOUND:g} %"),
+    ("halt_wakeup", "halt_wakeup", f"{100 * STAT_BOUND:g} %"),
+    ("preemption", "preemption rate", f"{SCHED_BOUND_PP:g} pp"),
+    ("migration", "migration rate", f"{SCHED_BOUND_PP:g} pp"),
+    ("replay", "replay of the kernel trace", "0 mismatches"),
+)
+SATURATED = "saturated, not scored"
 
 COMPARE_JSON = "compare.json"
 COMPARE_PNG = "compare.png"
@@ -87,7 +124,8 @@ def run(rec: Recording, cal: dict | None = None, seed: int = 0) -> dict:
     params, port_exit = C.load_params(cal)
     kv = C.kernel_view(rec)
     setup = Setup.from_recording(rec)
-    r, h, wk, sfig = C.sim_view(setup, params, port_exit, seed=seed)
+    r, h, wk, sfig = C.sim_view(setup, params, port_exit, seed=seed,
+                                host_costs=C.sim_costs(cal))
     if not rec.traced:
         sfig = C.stats_only_figures(r.stats)
     kfig = kv.figures
@@ -111,9 +149,40 @@ def run(rec: Recording, cal: dict | None = None, seed: int = 0) -> dict:
         "model_replay": {"matched": sim_rp.matched, "mismatched": sim_rp.mismatched},
         "harness": rec.meta.get("harness"),
         "notes": list(rec.notes) + list(cal.get("notes", [])),
+        "sched": sched_rates(kv, r),
+        "saturated": bool(cal.get("saturated")),
+        "saturated_reason": cal.get("saturated_reason"),
     }
     out["verdict"] = verdict(out)
     return out
+
+
+# ---------------------------------------------------------------- scheduler rates
+
+def rate_values(trace: ST.SchedTrace) -> dict:
+    """A trace's rates as compare checks and prints them (``schedtrace.figures``):
+    ``{"preemption": {pair: {"rate", "n"}}, "migration": {"pooled" | "vCPU i":
+    {"rate", "n"}}}``, ``n`` the wake-ups (pairs of consecutive run periods) a rate is
+    the share of; a rate without any is left out."""
+    f = ST.figures(trace)
+    pre = {pair: {"rate": x["rate"], "n": x["wakeups"]}
+           for pair, x in f["preemption"].items() if x["wakeups"]}
+    mig = {"pooled": {"rate": f["migration"]["pooled"]["rate"],
+                      "n": f["migration"]["pooled"]["periods"]}}
+    mig.update({f"vCPU {r['vcpu']}": {"rate": r["rate"], "n": r["periods"]}
+                for r in f["migration"]["per_vcpu"]})
+    return {"preemption": pre,
+            "migration": {k: v for k, v in mig.items() if v["n"]}}
+
+
+def sched_rates(kv, r) -> dict:
+    """Kernel and model rates side by side: the recording's scheduler tracepoints
+    (``kv.sched``, ``schedtrace.load_sched``) and the simulated host's thread timeline
+    (``r.sched``, ``schedtrace.from_timeline``); ``reason`` says why they are missing."""
+    if kv.sched is None:
+        return {"kernel": None, "model": None,
+                "reason": "the recording has no scheduler trace"}
+    return {"kernel": rate_values(kv.sched), "model": rate_values(r.sched), "reason": None}
 
 
 def _jsonable(fig: dict, stats: dict) -> dict:
@@ -129,22 +198,139 @@ def _ratio(a, b):
     return None if a in (None, 0) or b is None else b / a
 
 
+def _within(ratio, bound) -> bool:
+    return ratio is not None and abs(ratio - 1) <= bound
+
+
+def _count_ratio(a, b) -> tuple[float | None, bool]:
+    """(model/kernel, within STAT_BOUND) for two counts; both 0 is a match."""
+    if a is None or b is None:
+        return None, False
+    if a == 0:
+        return None, b == 0
+    return b / a, abs(b / a - 1) <= STAT_BOUND
+
+
+def _poll_share(v: dict):
+    return 100.0 * v["poll"] / v["halts"] if v["halts"] else None
+
+
 def verdict(c: dict) -> dict:
-    """The acceptance figures: split within 5 pp, median wait within 15 %, replay clean."""
+    """The acceptance figures (see ``CRITERIA``): each criterion's value, ``<key>_ok``
+    (True, False, or None when not checked or not scored) and ``criteria`` (one entry
+    per criterion with its status); ``status`` "pass", "fail" or "saturated, not
+    scored"; ``pass`` True / False / None."""
     k, m = c["kernel"], c["model"]
-    out = {}
+    traced = c["recording"]["traced"]
+    out: dict = {}
+    crit: dict = {}
+
+    def put(key, value, ok, reason=None):
+        crit[key] = {"value": value, "ok": ok, "reason": reason}
+
+    # the poll/wait split, pooled and per vCPU
     if k["poll_pct"] is not None and m["poll_pct"] is not None:
         d = m["poll_pct"] - k["poll_pct"]
         out["split_diff_pp"] = d
         out["split_ok"] = abs(d) <= SPLIT_BOUND_PP
-    kw = k.get("wait_ns", {}).get("p50") if c["recording"]["traced"] else k["stats_wait_median_ns"]
-    mw = m.get("wait_ns", {}).get("p50") if c["recording"]["traced"] else m["stats_wait_median_ns"]
+        put("split", d, out["split_ok"])
+    else:
+        put("split", None, None, "no halts")
+    if traced and k.get("per_vcpu"):
+        diffs = []
+        for kv_, mv in zip(k["per_vcpu"], m.get("per_vcpu", [])):
+            a, b = _poll_share(kv_), _poll_share(mv)
+            diffs.append(None if a is None and b is None else
+                         (b - a) if a is not None and b is not None else float("nan"))
+        out["split_per_vcpu_pp"] = [None if x is not None and math.isnan(x) else x
+                                    for x in diffs]
+        real = [x for x in diffs if x is not None]
+        if real:
+            worst = max(real, key=lambda x: float("inf") if math.isnan(x) else abs(x))
+            ok = not math.isnan(worst) and abs(worst) <= SPLIT_BOUND_PP
+            out["split_per_vcpu_worst_pp"] = None if math.isnan(worst) else worst
+            out["split_per_vcpu_ok"] = ok
+            put("split_per_vcpu", out["split_per_vcpu_worst_pp"], ok,
+                None if not math.isnan(worst) else "a vCPU halted on one side only")
+        else:
+            put("split_per_vcpu", None, None, "no vCPU halted")
+    else:
+        put("split_per_vcpu", None, None, "stats-only recording" if not traced else
+            "no per-vCPU halts")
+    # the wait time and the latency tails
+    kw = k.get("wait_ns", {}).get("p50") if traced else k["stats_wait_median_ns"]
+    mw = m.get("wait_ns", {}).get("p50") if traced else m["stats_wait_median_ns"]
     r = _ratio(kw, mw)
     out["median_wait_ratio"] = r
-    out["median_wait_ok"] = r is not None and abs(r - 1) <= WAIT_BOUND
+    out["median_wait_ok"] = _within(r, WAIT_BOUND)
+    put("median_wait", r, out["median_wait_ok"])
+    for q, bound in (("p90", P90_BOUND), ("p99", P99_BOUND)):
+        if traced:
+            r = _ratio(k["wake_to_halt_end_ns"][q], m["wake_to_halt_end_ns"][q])
+            out[f"{q}_ratio"] = r
+            out[f"{q}_ok"] = _within(r, bound)
+            put(q, r, out[f"{q}_ok"])
+        else:
+            put(q, None, None, "stats-only recording")
+    # the halt stats
+    for name in ("halt_successful_poll", "halt_wakeup"):
+        r, ok = _count_ratio(k["stats"].get(name), m["stats"].get(name))
+        out[f"{name}_ratio"] = r
+        out[f"{name}_ok"] = ok
+        put(name, r, ok)
+    # the scheduler's rates
+    sc = c.get("sched") or {"kernel": None, "model": None,
+                            "reason": "the recording has no scheduler trace"}
+    for name in ("preemption", "migration"):
+        if sc.get("kernel") is None or sc.get("model") is None:
+            put(name, None, None, sc.get("reason"))
+            continue
+        ka, ma = sc["kernel"][name], sc["model"][name]
+        keys = ST.ROLE_PAIRS if name == "preemption" else ("pooled",)
+        both = [x for x in keys if x in ka and x in ma
+                and min(ka[x]["n"], ma[x]["n"]) >= SCHED_MIN_SAMPLES]
+        if not both:
+            put(name, None, None, f"no rate with {SCHED_MIN_SAMPLES} samples on both sides")
+            continue
+        diffs = {x: 100.0 * (ma[x]["rate"] - ka[x]["rate"]) for x in both}
+        worst = max(diffs.values(), key=abs)
+        out[f"{name}_diff_pp"] = diffs
+        out[f"{name}_ok"] = abs(worst) <= SCHED_BOUND_PP
+        put(name, worst, out[f"{name}_ok"])
+    # the replay
     rp = c["replay"]
     if rp is not None:
         out["replay_ok"] = rp["mismatched"] == 0
+        put("replay", rp["mismatched"], out["replay_ok"])
+    else:
+        put("replay", None, None, "stats-only recording")
+    # the outcome
+    sat = bool(c.get("saturated"))
+    out["saturated"] = sat
+    out["criteria"] = []
+    for key, label, bound in CRITERIA:
+        e = crit[key]
+        if sat:
+            status, e["ok"] = SATURATED, None
+        elif e["ok"] is None:
+            status = "not checked"
+        else:
+            status = "met" if e["ok"] else "missed"
+        out["criteria"].append({"name": key, "label": label, "bound": bound,
+                                "value": e["value"], "status": status, "reason": e["reason"]})
+    if sat:
+        for key in list(out):
+            if key.endswith("_ok"):
+                out[key] = None
+        out["status"], out["pass"] = SATURATED, None
+        out["saturated_reason"] = c.get("saturated_reason")
+    else:
+        checked = [e for e in out["criteria"] if e["status"] in ("met", "missed")]
+        out["pass"] = all(e["status"] == "met" for e in checked)
+        out["status"] = "pass" if out["pass"] else "fail"
+        out["missed"] = [e["name"] for e in checked if e["status"] == "missed"]
+        out["not_checked"] = [e["name"] for e in out["criteria"]
+                              if e["status"] == "not checked"]
     return out
 
 
@@ -245,19 +431,73 @@ def print_report(c: dict, out=None) -> None:
           f"{rp['matched']} matched, {rp['mismatched']} mismatched "
           f"(ceiling {rp['max_halt_poll_ns']} ns)\n")
     v = c["verdict"]
+    sc = c.get("sched") or {}
+    if sc.get("kernel") is not None:
+        w("\nscheduler (shares of wake-ups / of consecutive run periods; samples)\n")
+        for name in ("preemption", "migration"):
+            ka, ma = sc["kernel"][name], (sc.get("model") or {}).get(name, {})
+            for x in sorted(set(ka) | set(ma)):
+                a, b = ka.get(x), ma.get(x)
+                d = "" if a is None or b is None else f"{100 * (b['rate'] - a['rate']):+9.1f} pp"
+                w(f"  {name} {x:<16}{_rate(a):>18}{_rate(b):>18}{d}\n")
     w("\nacceptance: ")
     parts = []
     if "split_diff_pp" in v:
         parts.append(f"split {v['split_diff_pp']:+.1f} pp "
-                     f"({'met' if v['split_ok'] else 'MISSED'}, bound 5)")
+                     f"({_met(v['split_ok'])}, bound 5)")
     if v["median_wait_ratio"] is not None:
         parts.append(f"median wait x{v['median_wait_ratio']:.2f} "
-                     f"({'met' if v['median_wait_ok'] else 'MISSED'}, bound 15 %)")
-    if "replay_ok" in v:
+                     f"({_met(v['median_wait_ok'])}, bound 15 %)")
+    if "replay_ok" in v and v["replay_ok"] is not None:
         parts.append(f"replay {'clean' if v['replay_ok'] else 'MISMATCHES'}")
     w("; ".join(parts) + "\n")
+    print_criteria(v, w)
     for n in c["notes"]:
         w(f"note: {n}\n")
+
+
+def _met(ok) -> str:
+    return "not scored" if ok is None else "met" if ok else "MISSED"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def _rate(x) -> str:
+    """A scheduler rate ``{"rate", "n"}`` as printed: share and samples."""
+    return "-" if x is None else f"{_pct(x['rate'])} ({x['n']})"
+
+
+def criterion_value(e: dict) -> str:
+    """A criterion's value as printed: pp differences signed, ratios as xR."""
+    v = e["value"]
+    if v is None:
+        return "-"
+    if e["name"] in ("split", "split_per_vcpu", "preemption", "migration"):
+        return f"{v:+.1f} pp"
+    if e["name"] == "replay":
+        return f"{v} mismatched"
+    return f"x{v:.2f}"
+
+
+def print_criteria(v: dict, w) -> None:
+    """Every criterion of the acceptance line, one a line, then the outcome."""
+    rows = [(e["label"], criterion_value(e), e["bound"],
+             e["status"] + (f" ({e['reason']})" if e["status"] == "not checked"
+                            and e["reason"] else ""))
+            for e in v["criteria"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        w(f"  {r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  bound {r[2]:<{widths[2]}}  {r[3]}\n")
+    if v["status"] == SATURATED:
+        w(f"outcome: {SATURATED} ({v.get('saturated_reason')})\n")
+    else:
+        missed = v["missed"]
+        w(f"outcome: {'PASS' if v['pass'] else 'FAIL'}"
+          f"{'' if not missed else ' (missed: ' + ', '.join(missed) + ')'}"
+          f"{'' if not v['not_checked'] else '; not checked: ' + ', '.join(v['not_checked'])}"
+          f"\n")
 
 
 def _bucket(ns: int) -> str:
@@ -328,7 +568,8 @@ def latencies(rec: Recording, cal: dict, seed: int = 0):
     """Per-halt send-to-halt-end latencies, kernel and model (for the picture)."""
     kv = C.kernel_view(rec)
     params, port_exit = C.load_params(cal)
-    r, h, wk, _ = C.sim_view(Setup.from_recording(rec), params, port_exit, seed=seed)
+    r, h, wk, _ = C.sim_view(Setup.from_recording(rec), params, port_exit, seed=seed,
+                             host_costs=C.sim_costs(cal))
     out = []
     for hh, ww, send in ((kv.halts, kv.waker, rec.wakes["sent_ns"]), (h, wk, r.send_ns)):
         if hh is None:
@@ -365,6 +606,8 @@ def table_row(c: dict) -> dict:
         row[f"k_{q}"], row[f"m_{q}"], row[f"r_{q}"] = a, b, _ratio(a, b)
     rp = c["replay"]
     row["replay"] = None if rp is None else (rp["matched"], rp["mismatched"])
+    row["criteria"] = v.get("criteria", [])
+    row["status"] = v.get("status")
     return row
 
 

@@ -13,6 +13,7 @@ opened on ``close()`` / ``__exit__``, whatever happened before.
 from __future__ import annotations
 
 import ctypes
+import struct
 import ctypes.util
 import errno as _errno
 import mmap
@@ -125,6 +126,16 @@ KVM_GET_REGS = _ior(0x81, ctypes.sizeof(KvmRegs))
 KVM_SET_REGS = _iow(0x82, ctypes.sizeof(KvmRegs))
 KVM_GET_SREGS = _ior(0x83, ctypes.sizeof(KvmSregs))
 KVM_SET_SREGS = _iow(0x84, ctypes.sizeof(KvmSregs))
+#: ``struct kvm_cpuid2`` is a header of 8 bytes (nent, padding) and then
+#: ``struct kvm_cpuid_entry2`` entries of 40 bytes (function, index, flags, eax, ebx, ecx,
+#: edx, padding[3]).
+CPUID2_HEADER = 8
+CPUID_ENTRY2_SIZE = 40
+KVM_GET_SUPPORTED_CPUID = _ioc(_IOC_READ | _IOC_WRITE, 0x05, CPUID2_HEADER)
+KVM_SET_CPUID2 = _iow(0x90, CPUID2_HEADER)
+KVM_GET_TSC_KHZ = _io(0xA3)
+#: Entries asked for by ``get_supported_cpuid`` (E2BIG means more are needed).
+CPUID_MAX_ENTRIES = 256
 assert KVMIO == 0xAE
 
 #: ``struct kvm_run`` offsets used by the run loop (include/uapi/linux/kvm.h).
@@ -190,6 +201,16 @@ class Kvm:
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on /dev/kvm (0: not supported)."""
         return ioctl(self.fd, Ioctl.CHECK_EXTENSION, int(cap), "KVM_CHECK_EXTENSION")
+
+    def get_supported_cpuid(self) -> list[list[int]]:
+        """``KVM_GET_SUPPORTED_CPUID``: [function, index, flags, eax, ebx, ecx, edx] per
+        leaf the kernel can offer a guest."""
+        buf = (ctypes.c_char * (CPUID2_HEADER + CPUID_MAX_ENTRIES * CPUID_ENTRY2_SIZE))()
+        struct.pack_into("<I", buf, 0, CPUID_MAX_ENTRIES)
+        ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
+        n = struct.unpack_from("<I", buf, 0)[0]
+        return [list(struct.unpack_from("<7I", buf, CPUID2_HEADER + i * CPUID_ENTRY2_SIZE))
+                for i in range(n)]
 
     def create_vm(self) -> KvmVm:
         vm = KvmVm(self)
@@ -352,6 +373,18 @@ class KvmVcpu:
 
     def set_sregs(self, sregs: KvmSregs) -> None:
         ioctl(self.fd, KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def set_cpuid(self, entries: list[list[int]]) -> None:
+        """``KVM_SET_CPUID2`` with ``entries`` as ``Kvm.get_supported_cpuid`` gives them."""
+        buf = (ctypes.c_char * (CPUID2_HEADER + len(entries) * CPUID_ENTRY2_SIZE))()
+        struct.pack_into("<I", buf, 0, len(entries))
+        for i, e in enumerate(entries):
+            struct.pack_into("<7I", buf, CPUID2_HEADER + i * CPUID_ENTRY2_SIZE, *e)
+        ioctl(self.fd, KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+
+    def get_tsc_khz(self) -> int:
+        """``KVM_GET_TSC_KHZ``: the guest's TSC frequency, kHz."""
+        return ioctl(self.fd, KVM_GET_TSC_KHZ, None, "KVM_GET_TSC_KHZ")
 
     def get_mp_state(self) -> int:
         """``KVM_GET_MP_STATE``: the raw value (see ``kvmwake.uapi.MpState``)."""

@@ -3,7 +3,8 @@
 The run, step by step:
 
 1. Build the micro-VM (``microvm.MicroVm``): N vCPUs, the in-kernel irqchip,
-   ``KVM_CAP_HALT_POLL`` if asked for.
+   ``KVM_CAP_HALT_POLL`` if asked for; with ``--workload ipi`` the IPI guest
+   with its plan's step tables (``workload.ipi_plan``).
 2. Measure the harness on its own: one ``CLOCK_MONOTONIC`` read, one
    ``KVM_SIGNAL_MSI`` that delivers nothing (an APIC ID no vCPU has), the
    injector's timer lateness on its CPU with nothing else running.
@@ -13,7 +14,10 @@ The run, step by step:
    binary stats.
 5. Start the injector (native, pinned to host CPU ``N % ncpus``, the place
    the model gives the next thread): it sleeps to each target time of the
-   schedule and sends that wake's MSI.
+   schedule and sends that wake's MSI (ipi: only the chain's start MSI; the
+   vCPUs send the rest, and the run ends when the plan's last wake is seen).
+   With ``--sched-trace`` the scheduler's tracepoints run alongside and the
+   lines of the recording's threads go to ``sched.trace``.
 6. When it is done and the last wakes are seen (or 200 ms passed), stop
    tracing, read the stats again, stop the threads (a stop MSI), close the VM.
 7. Write the folder (``recording.py`` describes it).
@@ -38,6 +42,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,13 +56,17 @@ from . import microvm as mv
 from .kvm import DEV_KVM, Kvm, KvmIoctlError, KVM_CAP_MAX_VCPUS, KVM_CAP_NR_VCPUS
 from .recording import (FORMAT, METADATA, STATS, TRACE, WAKES, WAKE_COLUMNS, write_json)
 from .stats import StatsFd, diff, to_jsonable
-from .tracefs import TraceCapture, TracefsUnavailable
-from .workload import parse as parse_spec, schedule as make_schedule
+from .schedtrace import SCHED_EVENTS, SCHED_TRACE, filter_sched
+from .tracefs import EVENTS as TRACE_EVENTS, TraceCapture, TracefsUnavailable
+from .workload import (IPI_DEFAULT_COMPUTE, ipi_plan, parse as parse_spec,
+                       schedule as make_schedule)
 from ..uapi import Cap, Ioctl
 
 MODULE_PARAM_DIRS = ("/sys/module/kvm/parameters", "/sys/module/kvm_amd/parameters",
                      "/sys/module/kvm_intel/parameters")
 READY_TIMEOUT_S = 5.0
+#: IPI runs: time allowed per wake on top of the plan's compute (a stalled chain fails).
+IPI_WAKE_ALLOWANCE_S = 0.002
 #: Above this share of the host's CPUs used by others, the summary warns.
 FOREIGN_WARN_PCT = 5.0
 #: The quiet windows before and after the injection that measure others' load.
@@ -177,6 +186,14 @@ class RecordOptions:
     trace: str = "auto"               # auto | require | off
     force: bool = False
     pin: bool = True
+    sched_trace: str = "auto"         # the scheduler's tracepoints: auto | require | off
+    workload: str = "msi"             # msi: the injector's MSIs | ipi: vCPUs wake each other
+    compute: str = IPI_DEFAULT_COMPUTE  # ipi: a vCPU's compute before it sends its IPI
+    targets: str = "random-other"     # ipi: whom it wakes (workload.IPI_TARGETS)
+
+
+#: ``--workload`` values.
+WORKLOADS = ("msi", "ipi")
 
 
 def module_params() -> dict:
@@ -313,7 +330,15 @@ def record(opts: RecordOptions, log=print) -> dict:
     output folder cannot be written), ``KeyboardInterrupt`` on Ctrl-C and
     ``Stopped`` on SIGTERM/SIGHUP, each after the cleanup."""
     from . import _inject
-    spec = parse_spec(opts.idle)
+    if opts.workload not in WORKLOADS:
+        raise RecordError(f"--workload must be one of {', '.join(WORKLOADS)}, not "
+                          f"{opts.workload!r}")
+    if opts.workload == "ipi":
+        spec = parse_spec(opts.compute)
+        # Check the plan's arguments before anything is set up (same errors as later).
+        ipi_plan(opts.seed, opts.vcpus, 1, spec, opts.targets)
+    else:
+        spec = parse_spec(opts.idle)
     if opts.vcpus < 1:
         raise RecordError(f"--vcpus must be at least 1, not {opts.vcpus}")
     if opts.wakes < 1:
@@ -331,8 +356,61 @@ def record(opts: RecordOptions, log=print) -> dict:
             raise
 
 
+class _IpiWork:
+    """What ``_record`` needs of an IPI run, shaped like a ``workload.Schedule``."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.tsc_khz = None
+        self.target_ns = plan.target_ns
+        self.vcpu = plan.vcpu
+        self.index = plan.index
+        self.duration_ns = plan.duration_ns
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def steps(self) -> list:
+        return [self.plan.steps(v) for v in range(self.plan.vcpus)]
+
+    def to_dict(self) -> dict:
+        return {**self.plan.to_dict(), "compute_clock": "tsc", "tsc_khz": self.tsc_khz}
+
+
+def _open_capture(sched_trace: str):
+    """The trace capture: the kvm events, and the scheduler's unless ``sched_trace`` is
+    "off" ("auto": without them, saying why, if they cannot be enabled)."""
+    if sched_trace == "off":
+        return TraceCapture(), {"mode": "off", "reason": "--sched-trace off"}
+    try:
+        return (TraceCapture(events=TRACE_EVENTS + SCHED_EVENTS),
+                {"mode": "tracefs", "events": [e.split("/")[1] for e in SCHED_EVENTS],
+                 "file": SCHED_TRACE})
+    except TracefsUnavailable as exc:
+        if sched_trace == "require" or "sched" not in str(exc):
+            if sched_trace == "require":
+                raise RecordError(f"the scheduler's tracepoints are needed (--sched-trace "
+                                  f"require) but: {exc}") from None
+            raise
+        return TraceCapture(), {"mode": "off", "reason": str(exc)}
+
+
+def _threads_table(status: list, inj_tid: int, inj_cpu: int, main_tid: int) -> list:
+    """``meta["threads"]``: tid, role, vCPU index and pinned CPU (null: unpinned)."""
+    rows = [{"tid": int(s["tid"]), "role": "vcpu", "vcpu": int(s["vcpu"]),
+             "cpu": int(s["cpu"]) if s["cpu"] >= 0 else None} for s in status]
+    rows.append({"tid": int(inj_tid), "role": "injector", "vcpu": None,
+                 "cpu": inj_cpu if inj_cpu >= 0 else None})
+    rows.append({"tid": int(main_tid), "role": "main", "vcpu": None, "cpu": None})
+    return rows
+
+
 def _record(opts, spec, out, _inject, log) -> dict:
-    sched = make_schedule(spec, opts.wakes, opts.vcpus, opts.seed)
+    ipi = opts.workload == "ipi"
+    if ipi:
+        sched = _IpiWork(ipi_plan(opts.seed, opts.vcpus, opts.wakes, spec, opts.targets))
+    else:
+        sched = make_schedule(spec, opts.wakes, opts.vcpus, opts.seed)
     allowed = sorted(os.sched_getaffinity(0))
     ncpu = len(allowed)
     cpus = [allowed[i % ncpu] for i in range(opts.vcpus)] if opts.pin else [-1] * opts.vcpus
@@ -347,7 +425,8 @@ def _record(opts, spec, out, _inject, log) -> dict:
     try:
         caps = _check_caps(kvm)
         try:
-            vm = mv.MicroVm(opts.vcpus, opts.halt_poll_ns, kvm=kvm)
+            vm = mv.MicroVm(opts.vcpus, opts.halt_poll_ns, kvm=kvm,
+                            ipi_steps=sched.steps() if ipi else None)
         except mv.VcpuCountError as exc:
             raise RecordError(str(exc)) from None
         except KvmIoctlError as exc:
@@ -355,18 +434,24 @@ def _record(opts, spec, out, _inject, log) -> dict:
                 raise RecordError(f"the kernel refused vCPU creation ({exc}); at most "
                                   f"{caps['MAX_VCPUS']} vCPUs per VM here") from None
             raise RecordError(f"building the micro-VM failed: {exc}") from None
+        if ipi:
+            sched.tsc_khz = vm.tsc_khz
         if vm.vm.check_extension(Cap.HALT_POLL) == 0 and opts.halt_poll_ns is not None:
             raise RecordError("KVM_CAP_HALT_POLL is not supported by this kernel")
         stats_fds = [StatsFd(v.stats_fd()) for v in vm.vcpus]
+        what = (f"an IPI chain of {len(sched)} wakes ({opts.targets}, compute "
+                f"{spec.canonical()}, seed {opts.seed}), ~{sched.duration_ns / 1e6:.1f} ms of "
+                f"compute" if ipi else
+                f"{len(sched)} wakes of {spec.canonical()} (seed {opts.seed}), "
+                f"~{sched.duration_ns / 1e6:.1f} ms")
         log(f"micro-VM: {opts.vcpus} vCPU(s), KVM_CAP_HALT_POLL "
-            f"{'not set' if opts.halt_poll_ns is None else opts.halt_poll_ns}; "
-            f"{len(sched)} wakes of {spec.canonical()} (seed {opts.seed}), "
-            f"~{sched.duration_ns / 1e6:.1f} ms")
+            f"{'not set' if opts.halt_poll_ns is None else opts.halt_poll_ns}; {what}")
         harness = _harness_baseline(vm, inj_cpu)
 
+        sched_info = {"mode": "off", "reason": "--sched-trace off"}
         if opts.trace != "off":
             try:
-                capture = TraceCapture()
+                capture, sched_info = _open_capture(opts.sched_trace)
                 trace_info = {"mode": "tracefs", "root": str(capture.root),
                               "instance": str(capture.instance) if capture.instance else None,
                               "mounted_by_kvmwake": capture.mounted_by_us is not None,
@@ -379,6 +464,11 @@ def _record(opts, spec, out, _inject, log) -> dict:
                     f"(binary stats and host-observed latencies, no trace, no replay)")
         else:
             trace_info = {"mode": "stats-only", "reason": "--trace off"}
+        if opts.sched_trace != "off" and capture is None:
+            sched_info = {"mode": "off", "reason": f"no kvm trace ({trace_info['reason']})"}
+            if opts.sched_trace == "require":
+                raise RecordError(f"the scheduler's tracepoints are needed (--sched-trace "
+                                  f"require) but tracing is off: {trace_info['reason']}")
 
         vectors = np.array([mv.wake_vector(int(j)) for j in sched.index], dtype=np.int32)
         session = _inject.Session(
@@ -386,7 +476,9 @@ def _record(opts, spec, out, _inject, log) -> dict:
             Ioctl.RUN, Ioctl.SIGNAL_MSI, sched.target_ns, sched.vcpu, vectors,
             vec_base=mv.VEC_BASE, nvec=mv.NR_VECTORS, wake_port=mv.WAKE_PORT,
             ready_port=mv.READY_PORT, fault_port=mv.FAULT_PORT, stop_vector=mv.STOP_VECTOR,
-            mode=opts.mode, spin_ns=opts.spin_ns)
+            mode=opts.mode, spin_ns=opts.spin_ns,
+            **(dict(msi_count=1, senders=sched.plan.sender, send_port=mv.SEND_PORT,
+                    done_port=mv.DONE_PORT) if ipi else {}))
         session.start_vcpus()
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not session.all_ready():
@@ -408,6 +500,17 @@ def _record(opts, spec, out, _inject, log) -> dict:
         load0 = cpu_times()
         session.start_injector()
         limit = time.monotonic() + sched.duration_ns / 1e9 + 10.0
+        if ipi:
+            # The chain runs on its own after the start MSI; it ends with the last wake.
+            limit += len(sched) * IPI_WAKE_ALLOWANCE_S
+            while not (session.chain_done and session.received() >= len(sched)):
+                if session.any_vcpu_failed():
+                    raise RecordError(f"a vCPU thread stopped during the run: "
+                                      f"{_vcpu_problem(session)}")
+                if time.monotonic() > limit:
+                    raise RecordError(f"the IPI chain stopped: {session.received()} of "
+                                      f"{len(sched)} wakes seen ({_chain_problem(session)})")
+                time.sleep(0.002)
         while not session.injector_done:
             if session.any_vcpu_failed():
                 raise RecordError(f"a vCPU thread stopped during the run: "
@@ -450,6 +553,7 @@ def _record(opts, spec, out, _inject, log) -> dict:
 
     status = session.vcpu_status()
     tids = [s["tid"] for s in status]
+    threads = _threads_table(status, session.injector_tid, inj_cpu, threading.get_native_id())
     errors = [s for s in status if s["error"]]
     if errors:
         raise RecordError(f"a vCPU thread failed: {_describe(errors[0])}")
@@ -459,9 +563,12 @@ def _record(opts, spec, out, _inject, log) -> dict:
     sent, sent_end, ret, seen = session.sent, session.sent_end, session.ret, session.seen
     target_abs = t0 + sched.target_ns
     ok = seen > 0
+    is_msi = np.ones(len(sched), dtype=bool)
+    if ipi:
+        is_msi[1:] = False                     # wake 0 is the start MSI, the rest IPIs
     harness.update({
-        "injector_lateness_ns": summarize((sent - target_abs)[sent > 0]),
-        "msi_ioctl_delivered_ns": summarize((sent_end - sent)[sent > 0]),
+        "injector_lateness_ns": summarize((sent - target_abs)[(sent > 0) & is_msi]),
+        "msi_ioctl_delivered_ns": summarize((sent_end - sent)[(sent > 0) & is_msi]),
         "vcpu_userspace_turnaround_ns": {
             "mean": (sum(s["user_ns"] for s in status) / max(1, sum(s["exits"] for s in status))),
             "max": max(s["user_max_ns"] for s in status)},
@@ -482,11 +589,14 @@ def _record(opts, spec, out, _inject, log) -> dict:
         "caps": caps,
         "halt_poll_cap": opts.halt_poll_ns,
         "vcpus": opts.vcpus,
-        "workload": sched.to_dict(),
+        "workload": {"kind": opts.workload, **sched.to_dict()},
         "trace": trace_info,
         "t0_ns": t0,
         "vcpu_tids": tids,
         "injector_tid": session.injector_tid,
+        "threads": threads,
+        "pinned": bool(opts.pin),
+        "sched_trace": sched_info,
         "harness": harness,
         "wakes": {"sent": int((sent > 0).sum()), "delivered": int((ret > 0).sum()),
                   "seen": int(ok.sum()), "not_seen": int((~ok).sum())},
@@ -497,6 +607,12 @@ def _record(opts, spec, out, _inject, log) -> dict:
         "vcpu_threads": status,
     }
     out.mkdir(parents=True, exist_ok=True)
+    if trace_text is not None and sched_info["mode"] == "tracefs":
+        text, kept, dropped = filter_sched(trace_text, {t["tid"] for t in threads})
+        sched_info.update({"lines": kept, "other_lines_dropped": dropped})
+        (out / SCHED_TRACE).write_text(text)
+    elif (out / SCHED_TRACE).exists():
+        (out / SCHED_TRACE).unlink()
     if trace_text is not None:
         trace_text, kept, dropped = filter_trace(trace_text, set(tids))
         meta["trace"].update({"lines": kept, "other_lines_dropped": dropped,
@@ -555,6 +671,17 @@ def _describe(s: dict) -> str:
     return f"vCPU {s['vcpu']}: {what} (exit reason {s['exit_reason']})"
 
 
+def _chain_problem(session) -> str:
+    seen = np.asarray(session.seen)
+    sent = np.asarray(session.sent)
+    miss = np.nonzero(seen == 0)[0]
+    first = int(miss[0]) if miss.size else -1
+    st = session.vcpu_status()
+    return (f"first wake not seen: {first}, sent: {bool(first >= 0 and sent[first] > 0)}; "
+            + ", ".join(f"vCPU {x['vcpu']}: {x['wakes_seen']} seen, {x['stray']} stray, "
+                        f"{x['dup']} duplicate" for x in st))
+
+
 def _vcpu_problem(session) -> str:
     bad = [s for s in session.vcpu_status() if s["error"]]
     return _describe(bad[0]) if bad else "no error reported"
@@ -563,7 +690,10 @@ def _vcpu_problem(session) -> str:
 def print_summary(meta: dict, out=None) -> None:
     w = (out or sys.stdout).write
     wl = meta["workload"]
-    w(f"recorded {wl['wakes']} wakes of {wl['canonical']} on {meta['vcpus']} vCPU(s), "
+    ipi = wl.get("kind") == "ipi"
+    what = (f"an IPI chain of {wl['wakes']} wakes ({wl['targets']}, compute {wl['canonical']})"
+            if ipi else f"{wl['wakes']} wakes of {wl['canonical']}")
+    w(f"recorded {what} on {meta['vcpus']} vCPU(s), "
       f"{meta['host_cpus']} host CPUs, kernel {meta['kernel']['release']}\n")
     cap = meta["halt_poll_cap"]
     w(f"  halt polling: module halt_poll_ns {meta['module_params'].get('halt_poll_ns')}, "
@@ -575,8 +705,12 @@ def print_summary(meta: dict, out=None) -> None:
     else:
         w(f"  trace: none, stats-only mode ({tr.get('reason')})\n")
     wk = meta["wakes"]
-    w(f"  MSIs sent {wk['sent']}, delivered {wk['delivered']}, handler exits seen "
-      f"{wk['seen']}\n")
+    if ipi:
+        w(f"  wakes sent {wk['sent']} (1 start MSI, then IPIs through the x2APIC ICR), "
+          f"handler exits seen {wk['seen']}\n")
+    else:
+        w(f"  MSIs sent {wk['sent']}, delivered {wk['delivered']}, handler exits seen "
+          f"{wk['seen']}\n")
     hl = meta.get("host_load")
     if hl:
         worst = max(hl["foreign_pct"], hl.get("foreign_before_pct", 0),
@@ -589,7 +723,8 @@ def print_summary(meta: dict, out=None) -> None:
               "interference, which the model does not know about\n")
     lat = meta["host_latency_ns"]
     if lat.get("n"):
-        w(f"  host-observed wake latency (MSI send -> port exit): p50 {lat['p50'] / 1e3:.1f} us, "
+        w(f"  host-observed wake latency ({'send port exit' if ipi else 'MSI send'} -> "
+          f"port exit): p50 {lat['p50'] / 1e3:.1f} us, "
           f"p90 {lat['p90'] / 1e3:.1f} us, p99 {lat['p99'] / 1e3:.1f} us\n")
     h = meta["harness"]
     w(f"  harness: MSI ioctl {h['msi_ioctl_delivered_ns'].get('p50', 0) / 1e3:.1f} us p50 "

@@ -7,7 +7,10 @@ Files in ``DIR``:
     the workload, host CPUs and pinning, the trace mode (or why there is no
     trace), harness overhead, thread ids.  ``FORMAT`` is its version.
 ``wakes.csv``
-    one row per MSI: ``k, vcpu, index, vector, target_ns`` (after the
+    one row per wake (``ipi`` workload: row 0 is the start MSI, the others IPIs;
+    ``sent_ns`` is then the sender's port exit just before its ICR write,
+    ``sent_end_ns`` the same, ``ret`` 1, ``target_ns`` the sum of the plan's
+    computes before the wake); for MSIs: ``k, vcpu, index, vector, target_ns`` (after the
     injector's start ``t0_ns``), ``sent_ns`` / ``sent_end_ns`` (CLOCK_MONOTONIC
     just before / after ``KVM_SIGNAL_MSI``), ``ret`` (the ioctl's result),
     ``seen_ns`` (the guest handler's port exit seen by the vCPU thread; 0 if
@@ -19,6 +22,11 @@ Files in ``DIR``:
     the ``kvm_vcpu_wakeup`` / ``kvm_halt_poll_ns`` lines of the run's vCPU
     threads, timestamps in ``CLOCK_MONOTONIC`` (trace_clock ``mono``).
     Absent in stats-only mode.
+``sched.trace``
+    the scheduler's tracepoints (``sched_switch``, ``sched_wakeup[_new]``,
+    ``sched_migrate_task``) of the recording's threads, whose roles are in
+    the metadata's ``threads``; ``kvmwake.kernel.schedtrace`` reads it.
+    Absent with ``--sched-trace off`` or in stats-only mode.
 ``calibration.json``
     written by ``kvmwake kernel calibrate``.
 
@@ -37,7 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from ..outputs.tracefmt import TraceEvent, TraceFormatError, read as read_trace
-from .workload import SpecError, parse as parse_spec, schedule as make_schedule
+from .workload import (IPI_TARGETS, SpecError, ipi_plan, parse as parse_spec,
+                       schedule as make_schedule)
 
 FORMAT = 1
 METADATA = "metadata.json"
@@ -157,6 +166,13 @@ def _check_meta(meta: dict, path: Path) -> None:
         parse_spec(wl["spec"])
     except SpecError as exc:
         raise RecordingError(f"{path}: workload spec: {exc}") from None
+    kind = wl.get("kind", "msi")
+    if kind not in ("msi", "ipi"):
+        raise RecordingError(f"{path}: workload.kind must be 'msi' or 'ipi', not {kind!r}")
+    if kind == "ipi" and (wl.get("targets") not in IPI_TARGETS
+                          or not isinstance(wl.get("start_vcpu"), int)):
+        raise RecordingError(f"{path}: an ipi workload needs targets "
+                             f"({' or '.join(IPI_TARGETS)}) and start_vcpu")
     tr = meta["trace"]
     if not isinstance(tr, dict) or tr.get("mode") not in ("tracefs", "stats-only"):
         raise RecordingError(f"{path}: trace.mode must be 'tracefs' or 'stats-only'")
@@ -259,6 +275,30 @@ def load(path: str | Path, need_trace: bool = False) -> Recording:
     if (path / CALIBRATION).exists():
         cal = _json(path / CALIBRATION, "calibration")
     return Recording(path, meta, wakes, stats, events, cal, notes)
+
+
+def workload_kind(meta: dict) -> str:
+    """``"msi"`` (the injector's MSIs; recordings older than the key) or ``"ipi"``."""
+    return meta["workload"].get("kind", "msi")
+
+
+def regenerate_plan(rec: Recording):
+    """An ipi recording's plan (``workload.ipi_plan``), drawn again from its parameters
+    and checked against the recorded wakes."""
+    wl = rec.meta["workload"]
+    if workload_kind(rec.meta) != "ipi":
+        raise RecordingError(f"{rec.path}: not an ipi recording")
+    try:
+        plan = ipi_plan(int(wl["seed"]), rec.nvcpus, int(wl["wakes"]), wl["spec"],
+                        wl["targets"], int(wl["start_vcpu"]))
+    except SpecError as exc:
+        raise RecordingError(f"{rec.path / METADATA}: {exc}") from None
+    if not (np.array_equal(plan.vcpu, rec.wakes["vcpu"])
+            and np.array_equal(plan.index, rec.wakes["index"])
+            and np.array_equal(plan.target_ns, rec.wakes["target_ns"])):
+        raise RecordingError(f"{rec.path / WAKES}: the wakes differ from the plan that seed "
+                             f"{wl['seed']} draws (edited file, or another kvmwake version)")
+    return plan
 
 
 def regenerate_schedule(rec: Recording):

@@ -6,7 +6,8 @@ What is simulated (the kernel side is in ``record.py``):
   parameters; one VM with the recording's vCPUs and ``KVM_CAP_HALT_POLL``
   (if the recording set it).  vCPU i runs on host CPU ``i % host_cpus``, as
   the recorder pinned it;
-* each vCPU runs the micro-VM's guest: ``set_handler(handler_ns)``, then
+* each vCPU runs the micro-VM's guest: ``set_handler(handler_ns, iret=False)``
+  (its handler goes back to ``sti; hlt`` without an ``iret``), then
   ``loop([unmask(), hlt()])``.  ``handler_ns`` stands for everything between
   the guest entry after a wake and the next ``hlt`` exit other than that
   entry and exit: the handler, its port exit's trip to userspace and back,
@@ -57,10 +58,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import guest as g
+from .. import vmm as _vmm
 from ..host import Host
 from ..model import COST_DEFAULTS
 from ..uapi import Cap
 from .microvm import NR_VECTORS, VEC_BASE, msi_address, wake_vector
+from .schedtrace import SchedTrace, from_timeline
 
 PID_BASE = 1000
 
@@ -119,14 +122,17 @@ class Setup:
     vcpu: np.ndarray
     index: np.ndarray
     sent_ns: np.ndarray | None = None   # the real send, after the injector's start (-1: none)
+    ipi: object = None                  # an ipi recording's plan (workload.IpiPlan): simulate_ipi
 
     @classmethod
     def from_recording(cls, rec) -> Setup:
         w = rec.wakes
         t0 = int(rec.meta["t0_ns"])
         sent = np.where(w["sent_ns"] > 0, w["sent_ns"] - t0, -1)
+        from .recording import regenerate_plan, workload_kind
+        plan = regenerate_plan(rec) if workload_kind(rec.meta) == "ipi" else None
         return cls(rec.nvcpus, int(rec.meta["host_cpus"]), dict(rec.module_params), rec.cap,
-                   w["target_ns"], w["vcpu"].astype(np.int32), w["index"], sent)
+                   w["target_ns"], w["vcpu"].astype(np.int32), w["index"], sent, plan)
 
     def ceiling(self) -> int:
         return self.cap if self.cap is not None else int(self.module_params["halt_poll_ns"])
@@ -143,6 +149,7 @@ class SimResult:
     events: list                    # the main VM's trace events
     stats: list[dict]               # per vCPU, kernel names
     injector_idle: np.ndarray       # per wake: the injector was taken to wake from idle
+    sched: SchedTrace | None = None  # the host's thread timeline as scheduler events
 
     def pid_to_vcpu(self) -> dict[int, int]:
         return {PID_BASE + i: i for i in range(self.setup.nvcpus)}
@@ -160,8 +167,8 @@ def lead_in(setup: Setup, params: SimParams) -> int:
                costs["wake_to_run_ns"] + costs["vm_entry_ns"] + 100_000)
 
 
-def _program(handler_ns: int):
-    return [g.set_handler(max(0, int(handler_ns))), g.loop([g.unmask(), g.hlt()])]
+def _program(handler_ns: int, iret: bool = True):
+    return [g.set_handler(max(0, int(handler_ns)), iret=iret), g.loop([g.unmask(), g.hlt()])]
 
 
 def injector_vector(k: int) -> int:
@@ -170,8 +177,22 @@ def injector_vector(k: int) -> int:
 
 
 def simulate(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core",
-             drain_ns: int = 20_000_000) -> SimResult:
-    """Run the workload (see the module docstring)."""
+             drain_ns: int = 20_000_000, host_costs: dict | None = None) -> SimResult:
+    """Run the workload (see the module docstring); an ipi recording's in ``simulate_ipi``.
+
+    ``host_costs``: what ``Host(costs=...)`` gets (``calibrate.sim_costs``: a
+    calibration's costs); None: ``params.costs``.  ``params.costs`` (constants) also
+    time the modelled injector and the lead-in.  The host runs with the state
+    timeline on; ``SimResult.sched`` is it as scheduler events (``sched_trace``), for
+    the preemption and migration rates."""
+    if setup.ipi is not None:
+        return simulate_ipi(setup, params, seed, engine, drain_ns, host_costs)
+    return _sized(lambda cap: _simulate_msi(setup, params, seed, engine, drain_ns, cap,
+                                            host_costs), len(setup.target_ns))
+
+
+def _simulate_msi(setup: Setup, params: SimParams, seed: int, engine: str, drain_ns: int,
+                  tl_capacity: int, host_costs: dict | None = None) -> tuple[SimResult, int]:
     lead = lead_in(setup, params)
     costs = {**COST_DEFAULTS, **params.costs}
     w2r, entry = int(costs["wake_to_run_ns"]), int(costs["vm_entry_ns"])
@@ -183,7 +204,7 @@ def simulate(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core
     else:
         have = np.ones(n, dtype=bool)
         send = np.full(n, -1, dtype=np.int64)       # decided as the run goes
-    host, vm, inj = _build(setup, params, seed, engine)
+    host, vm, inj = _build(setup, params, seed, engine, tl_capacity, host_costs)
     idle = np.zeros(n, dtype=bool)
     if inj is None:
         if params.arrivals != "sent" or setup.sent_ns is None:
@@ -194,15 +215,56 @@ def simulate(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core
                                w2r, entry, int(costs["context_switch_ns"]), drain_ns)
     events = vm.trace_events()
     stats = [v.stats() for v in vm.vcpus]
+    if host.timeline_dropped:
+        return None, host.timeline_dropped
     return SimResult(setup, params, lead, send, send + params.delivery_ns, target, events,
-                     stats, idle)
+                     stats, idle, sched_trace(host, vm, inj)), 0
 
 
-def _build(setup: Setup, params: SimParams, seed: int, engine: str):
+#: The state timeline's records per wake, to start with: a wake changes its vCPU's
+#: state a handful of times (runnable, running, polling, blocked; the injector's as
+#: many), more where a shared CPU preempts.  The timeline is a ring: a run that
+#: overflows it is run again (same seed, same result) with room for what it dropped.
+TIMELINE_RECORDS_PER_WAKE = 16
+#: ... plus this many (the lead-in, the drain).
+TIMELINE_BASE = 4096
+
+
+def _sized(run_once, wakes: int) -> SimResult:
+    """``run_once(timeline_capacity) -> (SimResult, 0) | (None, records dropped)``, with
+    a capacity sized from the run: ``TIMELINE_RECORDS_PER_WAKE`` per wake, then grown
+    by what a run dropped until one keeps every record."""
+    cap = TIMELINE_RECORDS_PER_WAKE * wakes + TIMELINE_BASE
+    while True:
+        r, dropped = run_once(cap)
+        if r is not None:
+            return r
+        cap += 2 * dropped
+
+
+def sched_trace(host, vm, inj) -> SchedTrace:
+    """The simulated host's thread timeline as scheduler events
+    (``schedtrace.from_timeline``), with the recording's roles: the vCPUs of ``vm``
+    ("vcpu", numbered as in the VM) and the injector's one vCPU (``inj``: the second
+    VM that stands for the injector thread, role "injector").  Thread g runs on host
+    CPU ``g % host_cpus`` (the model pins it there), which is its ``cpu``."""
+    ncpu = host.host_cpus
+    threads = [{"tid": int(v._g), "role": "vcpu", "vcpu": int(v.id), "cpu": int(v._g) % ncpu}
+               for v in vm.vcpus]
+    if inj is not None:
+        threads += [{"tid": int(v._g), "role": "injector", "vcpu": None,
+                     "cpu": int(v._g) % ncpu} for v in inj.vcpus]
+    return from_timeline(host, threads)
+
+
+def _build(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacity: int,
+           host_costs: dict | None = None):
     mp = setup.module_params
     n = len(setup.target_ns)
-    host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed, costs=params.costs,
-                engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024))
+    host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed,
+                costs=params.costs if host_costs is None else host_costs,
+                engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
+                timeline_capacity=tl_capacity)
     host.halt_poll_ns = int(mp["halt_poll_ns"])
     for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
         if name in mp:
@@ -211,7 +273,9 @@ def _build(setup: Setup, params: SimParams, seed: int, engine: str):
     if setup.cap is not None:
         vm.enable_cap(Cap.HALT_POLL, int(setup.cap))
     for v in vm.vcpus:
-        v.load(_program(params.handler_ns))
+        # The micro-VM's handler jumps back to sti; hlt without an iret: every
+        # wake is taken after a HLT exit (one halt_exits per wake, as in the kernel).
+        v.load(_program(params.handler_ns, iret=False))
     inj = None
     if params.injector:
         inj = host.create_vm(1)
@@ -292,3 +356,101 @@ def _deliver_with_injector(host, vm, inj, setup, params, target, send, have, idl
         else:
             vm.signal_msi(msi_address(int(setup.vcpu[k])), wake_vector(int(setup.index[k])))
     host.run(host.now + drain_ns)
+
+
+# ---------------------------------------------------------------- the ipi workload
+
+def _ipi_program(plan, v: int, handler_ns: int) -> list:
+    """vCPU ``v``'s guest in the model: the recorder's IPI guest step for step.
+
+    For each wake it receives: ``sti; hlt``, the handler (``handler_ns``: its port
+    exit and EOI), the step's compute, the send port exit (``sync(k)``: an exit to
+    userspace carrying the number k of the wake it is about to send) and the ICR write
+    (``sgi(vector, destination)``); the vCPU woken by the plan's last wake only halts.
+    The trailing ``hlt`` is the halt the recorder stops the vCPU in."""
+    prog = [g.set_handler(max(0, int(handler_ns)))]
+    sel = np.nonzero(plan.vcpu == v)[0].tolist()
+    for (c, dest, vec), k in zip(plan.steps(v), sel):
+        prog += [g.unmask(), g.hlt()]
+        if dest < 0:
+            continue
+        if c > 0:
+            prog.append(g.compute(int(c)))
+        prog += [g.sync(k + 1), g.sgi(int(vec), int(dest))]
+    prog += [g.unmask(), g.hlt(), g.end()]
+    return prog
+
+
+class _SendLog(_vmm.Vmm):
+    """Re-enters after every exit, as the recorder's vCPU threads do; notes the time of
+    each send port exit (``sync(k)``): the send time of wake k."""
+
+    def __init__(self, n: int):
+        self.sent = [-1] * n
+
+    def handle_exit(self, vcpu, ex) -> bool:
+        if ex.ucall == "SYNC" and ex.value is not None and 0 <= ex.value < len(self.sent):
+            self.sent[int(ex.value)] = int(vcpu.vm.host.now)
+        return super().handle_exit(vcpu, ex)
+
+    def to_state(self) -> dict:
+        return {"sent": list(self.sent)}
+
+
+def simulate_ipi(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core",
+                 drain_ns: int = 20_000_000, host_costs: dict | None = None) -> SimResult:
+    """The model's run of an ipi recording (``workload.ipi_plan`` in ``setup.ipi``).
+
+    The machine is ``simulate``'s (host CPUs, module parameters, cap, costs); each
+    vCPU runs ``_ipi_program``: the same plan the recorded guest ran, so the same
+    vCPU computes as long and wakes the same vCPU with the same vector at every
+    step.  The chain starts with one MSI (wake 0) to the plan's first vCPU,
+    ``lead_in`` after the start; there is no injector thread (it sleeps once the
+    start MSI is sent).  ``send_ns[k]`` is the time of the send port exit of wake
+    k (the recorder's ``sent_ns``), ``arrival_ns`` adds ``delivery_ns``.
+    ``sched``: the host's state timeline as scheduler events, and ``host_costs``, as
+    in ``simulate``.
+    """
+    return _sized(lambda cap: _simulate_ipi(setup, params, seed, engine, drain_ns, cap,
+                                            host_costs), len(setup.ipi))
+
+
+def _simulate_ipi(setup: Setup, params: SimParams, seed: int, engine: str, drain_ns: int,
+                  tl_capacity: int, host_costs: dict | None = None) -> tuple[SimResult, int]:
+    plan = setup.ipi
+    n = len(plan)
+    lead = lead_in(setup, params)
+    mp = setup.module_params
+    host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed,
+                costs=params.costs if host_costs is None else host_costs,
+                engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
+                timeline_capacity=tl_capacity)
+    host.halt_poll_ns = int(mp["halt_poll_ns"])
+    for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
+        if name in mp:
+            setattr(host, name, int(mp[name]))
+    vm = host.create_vm(setup.nvcpus)
+    if setup.cap is not None:
+        vm.enable_cap(Cap.HALT_POLL, int(setup.cap))
+    for v in vm.vcpus:
+        v.load(_ipi_program(plan, v.id, params.handler_ns))
+    log = _SendLog(n)
+    vm.vmm = log
+    log.attach(vm)
+    host.run(lead)
+    log.sent[0] = lead
+    vm.signal_msi(msi_address(int(plan.vcpu[0])), int(plan.vector[0]))
+    horizon = lead + 4 * plan.duration_ns + n * 2_000_000 + drain_ns
+    step = max(1_000_000, plan.duration_ns // 8)
+    while host.now < horizon:
+        host.run(min(horizon, host.now + step))
+        if min(log.sent) >= 0:
+            break                              # every wake sent; the drain delivers the last
+    host.run(host.now + drain_ns)
+    send = np.asarray(log.sent, dtype=np.int64)
+    target = lead + plan.target_ns.astype(np.int64)
+    if host.timeline_dropped:
+        return None, host.timeline_dropped
+    return SimResult(setup, params, lead, send, send + params.delivery_ns, target,
+                     vm.trace_events(), [v.stats() for v in vm.vcpus],
+                     np.zeros(n, dtype=bool), sched_trace(host, vm, None)), 0

@@ -1,41 +1,271 @@
-"""The full kernel-vs-model comparison behind ``docs/results.md``.
+"""The validation suite behind ``docs/results.md``: ``kvmwake kernel suite -o OUT``.
 
-    python -m kvmwake.kernel.suite -o OUT [--wakes short=3000,mixed=3000,long=1500]
+For each configuration (``Config``: workload ``msi`` or ``ipi``, vCPUs, pinned
+or not, idle kind, polling ceiling, wakes) and each seed it records
+(``record``), calibrates on that recording (``calibrate``) and compares
+(``compare``), into ``OUT/<name>/seed<S>/``, then writes the validation table
+``OUT/suite.md`` (one row per configuration and seed, every acceptance
+criterion's value and whether it was met) and ``OUT/suite.json`` (the rows,
+with every criterion and the figures behind it).
 
-For each workload (short, mixed, long idle), each vCPU count (1, 2) and each
-polling setting (the module's default ceiling; ``KVM_CAP_HALT_POLL`` = 0) it
-records (``record``), calibrates on that recording (``calibrate``) and
-compares (``compare``), into ``OUT/<workload>-<n>vcpu-<cap>/``.  The machine
-is shared, so before each recording it waits (up to ``--wait-s``) for a
-quiet moment (other processes below ``--quiet-pct`` of the CPUs over half a
-second) and re-records (up to ``--tries``) when others were busy during
-the run (the last try is kept); its foreign load is in the table.  Prints
-the Markdown table and writes ``OUT/suite-<arrivals>.json``.  ``--reuse``
-skips the recording; ``--arrivals target`` calibrates and compares with the
-spec's target times instead of the real send times, without touching the
-folders' files.
+Configurations: the built-in list ``BUILTIN`` (``--matrix issue14``, the
+default), the twelve of the first comparison (``--matrix first``), or a TOML
+file (``--config FILE``)::
+
+    [defaults]                  # optional: keys every [[config]] gets
+    wakes = 3000
+    [[config]]
+    name = "msi-2vcpu-pinned-mixed-default"   # optional (made from the rest)
+    workload = "msi"            # msi | ipi                      (default msi)
+    vcpus = 2
+    pinned = true               #                                (default true)
+    idle = "mixed"              # short | mixed | long | periodic | near-ceiling | a spec
+    cap = "default"             # "default" (the module's ceiling) | ns | "50us"
+    wakes = 3000                #                                (default 3000)
+
+``BUILTIN`` covers every value of issue 14's matrix - pinned and unpinned; 1,
+2, 4, 6 and 8 vCPUs on the 2 host CPUs; short, mixed, long, periodic and
+near-ceiling idle (``workload.suite_idle_spec``); the module's ceiling and
+``KVM_CAP_HALT_POLL`` 0, 50 us and 400 us; host-injected MSIs and
+vCPU-to-vCPU IPIs - in 16 configurations, not the full product (800): each
+value appears at least twice, each vCPU count with both pinnings or both
+workloads, and the known trouble spots of the issue (4 unpinned vCPUs on
+mixed idle, 2 unpinned on short idle, 6 pinned on short idle, which
+saturates) are in it.  ``--seeds N`` runs seeds 0..N-1 of each (default 2).
+
+``--only NAME...`` runs the named configurations only; ``--reuse``
+calibrates and compares the recordings already in ``OUT`` again without
+recording.  The machine is shared, so before each recording the suite waits
+(up to ``--wait-s``) for a quiet moment (others below ``--quiet-pct`` of the
+CPUs over half a second) and records again (up to ``--tries``) when others
+were busy during the run (the last try is kept); their share is in the
+table.  Rows of earlier runs into ``OUT`` are kept (a configuration and
+seed run again replaces its row).  A run that cannot be made (the recorder
+has no ``ipi`` workload, too many vCPUs, no ``/dev/kvm``) is a row saying
+why, and the suite goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ..haltpoll import HALT_POLL_NS_DEFAULT
 from . import calibrate as C
 from . import compare as CM
-from .record import RecordOptions, cpu_times, foreign_load, record
-from .recording import load, write_json
+from .recording import METADATA, RecordingError, load, write_json
+from .workload import SUITE_IDLE, SpecError, parse_duration, suite_idle_spec
 
-WORKLOADS = ("short", "mixed", "long")
-CAPS = (None, 0)
+SUITE_JSON = "suite.json"
+SUITE_MD = "suite.md"
+WORKLOADS = ("msi", "ipi")
+DEFAULT_WAKES = 3000
+#: Long idle takes ~2 ms a wake: fewer of them.
+LONG_WAKES = 1500
 
+
+class SuiteError(ValueError):
+    """A configuration list that cannot be used; the message says which entry and why."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of the suite."""
+
+    name: str
+    vcpus: int
+    idle: str                   # a SUITE_IDLE kind or a workload spec
+    cap: int | None = None      # KVM_CAP_HALT_POLL; None: not set (the module's ceiling)
+    pinned: bool = True
+    workload: str = "msi"       # msi | ipi
+    wakes: int = DEFAULT_WAKES
+
+    def ceiling(self, module_halt_poll_ns: int) -> int:
+        """The polling ceiling the idle kind is made for (the module's if the cap is 0)."""
+        return module_halt_poll_ns if not self.cap else self.cap
+
+    def idle_spec(self, module_halt_poll_ns: int) -> str:
+        return suite_idle_spec(self.idle, self.ceiling(module_halt_poll_ns))
+
+
+def cap_name(cap: int | None) -> str:
+    if cap is None:
+        return "default"
+    if cap and cap % 1000 == 0:
+        return f"cap{cap // 1000}us"
+    return f"cap{cap}"
+
+
+def default_name(workload: str, vcpus: int, pinned: bool, idle: str, cap: int | None) -> str:
+    idle_part = re.sub(r"[^a-z0-9.-]+", "_", idle.lower()).strip("_")
+    return (f"{workload}-{vcpus}vcpu-{'pinned' if pinned else 'unpinned'}-{idle_part}-"
+            f"{cap_name(cap)}")
+
+
+def _cfg(workload, vcpus, pinned, idle, cap, wakes=None) -> Config:
+    if wakes is None:
+        wakes = LONG_WAKES if idle == "long" else DEFAULT_WAKES
+    return Config(default_name(workload, vcpus, pinned, idle, cap), vcpus, idle, cap, pinned,
+                  workload, wakes)
+
+
+#: Issue 14's matrix, a subset covering every value (see the module docstring).
+BUILTIN = (
+    _cfg("msi", 1, True, "short", None),
+    _cfg("msi", 1, True, "mixed", 0),
+    _cfg("msi", 2, True, "mixed", None),
+    _cfg("msi", 2, False, "short", None),
+    _cfg("msi", 2, True, "long", 400_000),
+    _cfg("msi", 2, True, "periodic", 50_000),
+    _cfg("msi", 2, True, "near-ceiling", None),
+    _cfg("msi", 4, False, "mixed", None),
+    _cfg("msi", 4, True, "mixed", 50_000),
+    _cfg("msi", 6, True, "short", None),
+    _cfg("msi", 8, False, "long", None),
+    _cfg("ipi", 2, True, "mixed", None),
+    _cfg("ipi", 4, False, "short", 0),
+    _cfg("ipi", 4, True, "periodic", None),
+    _cfg("ipi", 6, False, "mixed", 50_000),
+    _cfg("ipi", 8, True, "near-ceiling", 400_000),
+)
+
+#: The twelve configurations of the first comparison (docs/results.md), by their
+#: names there.
+FIRST = tuple(
+    Config(f"{w}-{n}vcpu-{'default' if c is None else 'cap0'}", n, w, c, True, "msi",
+           LONG_WAKES if w == "long" else DEFAULT_WAKES)
+    for w in ("short", "mixed", "long") for n in (1, 2) for c in (None, 0))
+
+MATRICES = {"issue14": BUILTIN, "first": FIRST}
+CONFIG_KEYS = {f.name for f in fields(Config)}
+
+
+# ---------------------------------------------------------------- configuration files
+
+def _parse_cap(v, where: str) -> int | None:
+    if v is None or v == "default":
+        return None
+    if isinstance(v, bool):
+        raise SuiteError(f"{where}: cap {v!r} is not \"default\", a number of ns or a "
+                         f"duration")
+    if isinstance(v, int):
+        if not 0 <= v <= 0xFFFF_FFFF:
+            raise SuiteError(f"{where}: cap {v} is outside 0..4294967295 ns")
+        return v
+    if isinstance(v, str):
+        try:
+            return parse_duration(v, f"{where}: cap")
+        except SpecError as exc:
+            raise SuiteError(str(exc)) from None
+    raise SuiteError(f"{where}: cap {v!r} is not \"default\", a number of ns or a duration")
+
+
+def config_from_dict(d: dict, where: str = "config") -> Config:
+    """One ``Config`` from a TOML table (checked; see the module docstring)."""
+    if not isinstance(d, dict):
+        raise SuiteError(f"{where}: not a table")
+    extra = set(d) - CONFIG_KEYS
+    if extra:
+        raise SuiteError(f"{where}: unknown keys {', '.join(sorted(extra))} (known: "
+                         f"{', '.join(sorted(CONFIG_KEYS))})")
+    for key in ("vcpus", "idle"):
+        if key not in d:
+            raise SuiteError(f"{where}: {key} is missing")
+    vcpus = d["vcpus"]
+    if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= 1024:
+        raise SuiteError(f"{where}: vcpus must be an integer in 1..1024, not {vcpus!r}")
+    workload = d.get("workload", "msi")
+    if workload not in WORKLOADS:
+        raise SuiteError(f"{where}: workload must be one of {', '.join(WORKLOADS)}, not "
+                         f"{workload!r}")
+    if workload == "ipi" and vcpus < 2:
+        raise SuiteError(f"{where}: the ipi workload needs at least 2 vCPUs")
+    pinned = d.get("pinned", True)
+    if not isinstance(pinned, bool):
+        raise SuiteError(f"{where}: pinned must be true or false, not {pinned!r}")
+    cap = _parse_cap(d.get("cap"), where)
+    idle = d["idle"]
+    if not isinstance(idle, str):
+        raise SuiteError(f"{where}: idle must be a string, not {idle!r}")
+    try:
+        suite_idle_spec(idle, cap or HALT_POLL_NS_DEFAULT["x86"])
+    except SpecError as exc:
+        raise SuiteError(f"{where}: idle: {exc} (kinds: {', '.join(SUITE_IDLE)}, or a "
+                         f"spec)") from None
+    wakes = d.get("wakes", LONG_WAKES if idle == "long" else DEFAULT_WAKES)
+    if isinstance(wakes, bool) or not isinstance(wakes, int) or not 1 <= wakes <= 10_000_000:
+        raise SuiteError(f"{where}: wakes must be an integer in 1..10000000, not {wakes!r}")
+    name = d.get("name") or default_name(workload, vcpus, pinned, idle, cap)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise SuiteError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' "
+                         f"(it names a folder)")
+    return Config(name, vcpus, idle, cap, pinned, workload, wakes)
+
+
+def parse_configs(text: str, source: str = "config") -> list[Config]:
+    """The configurations of a TOML text: ``[[config]]`` tables, with ``[defaults]``."""
+    try:
+        import tomllib
+    except ImportError:                      # Python < 3.11
+        import tomli as tomllib
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SuiteError(f"{source}: not TOML: {exc}") from None
+    extra = set(doc) - {"config", "defaults"}
+    if extra:
+        raise SuiteError(f"{source}: unknown top-level keys {', '.join(sorted(extra))} "
+                         f"(expected [[config]] tables and an optional [defaults])")
+    defaults = doc.get("defaults", {})
+    if not isinstance(defaults, dict) or "name" in defaults:
+        raise SuiteError(f"{source}: [defaults] must be a table without a name")
+    items = doc.get("config")
+    if not isinstance(items, list) or not items:
+        raise SuiteError(f"{source}: no [[config]] table")
+    out = [config_from_dict({**defaults, **d} if isinstance(d, dict) else d,
+                            f"{source}: config {i + 1}") for i, d in enumerate(items)]
+    seen: dict = {}
+    for i, c in enumerate(out):
+        if c.name in seen:
+            raise SuiteError(f"{source}: config {i + 1}: name {c.name!r} is used by config "
+                             f"{seen[c.name] + 1} too")
+        seen[c.name] = i
+    return out
+
+
+def load_configs(path) -> list[Config]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SuiteError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    return parse_configs(text, str(p))
+
+
+def select(configs, only) -> list[Config]:
+    """The configurations named in ``only`` (all for None), in the list's order."""
+    if not only:
+        return list(configs)
+    names = [c.name for c in configs]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise SuiteError(f"--only: no configuration named {', '.join(unknown)} (known: "
+                         f"{', '.join(names)})")
+    return [c for c in configs if c.name in set(only)]
+
+
+# ---------------------------------------------------------------- running
 
 def wait_quiet(limit_pct: float, max_wait_s: float, log) -> float:
     """Wait until others use less than ``limit_pct`` of the CPUs for half a second."""
     import os
+    from .record import cpu_times, foreign_load
     end = time.monotonic() + max_wait_s
     while True:
         a = cpu_times()
@@ -47,116 +277,248 @@ def wait_quiet(limit_pct: float, max_wait_s: float, log) -> float:
         time.sleep(2.0)
 
 
-def foreign_of(meta: dict) -> float:
+def foreign_of(meta: dict) -> float | None:
     """The worst of others' CPU share before, during and after the run."""
-    hl = meta["host_load"]
+    hl = meta.get("host_load")
+    if not hl:
+        return None
     return max(hl["foreign_pct"], hl.get("foreign_before_pct", 0.0),
                hl.get("foreign_after_pct", 0.0))
 
 
-def run_one(out: Path, workload: str, vcpus: int, cap, wakes: int, args, log) -> dict:
-    name = f"{workload}-{vcpus}vcpu-{'default' if cap is None else f'cap{cap}'}"
-    d = out / name
+def module_halt_poll_ns() -> int:
+    """The kvm module's ``halt_poll_ns`` here (x86's default where it cannot be read)."""
+    try:
+        return int(Path("/sys/module/kvm/parameters/halt_poll_ns").read_text())
+    except (OSError, ValueError):
+        return HALT_POLL_NS_DEFAULT["x86"]
+
+
+def record_options(cfg: Config, seed: int, out: Path, module_ns: int):
+    """The recorder's options for one run.  ``workload`` is passed only for ``ipi``
+    (a recorder without the ``ipi`` workload refuses it here, clearly)."""
+    from .record import RecordOptions
+    kw = dict(vcpus=cfg.vcpus, wakes=cfg.wakes, idle=cfg.idle_spec(module_ns), out=out,
+              halt_poll_ns=cfg.cap, seed=seed, force=True, pin=cfg.pinned)
+    if cfg.workload != "msi":
+        if "workload" not in {f.name for f in fields(RecordOptions)}:
+            raise SuiteError(f"this recorder has no '--workload {cfg.workload}'")
+        kw["workload"] = cfg.workload
+    return RecordOptions(**kw)
+
+
+def run_dir(out: Path, cfg: Config, seed: int) -> Path:
+    return out / cfg.name / f"seed{seed}"
+
+
+def run_one(out: Path, cfg: Config, seed: int, args, log) -> dict:
+    """Record (unless ``--reuse``), calibrate and compare one configuration and seed;
+    returns its row (an error row, saying why, where a step could not be done)."""
+    from .record import record
+    d = run_dir(out, cfg, seed)
+    row = {"name": cfg.name, "seed": seed, "config": asdict(cfg)}
     attempt = 0
-    for attempt in range(1, 0 if args.reuse else args.tries + 1):
-        wait_quiet(args.quiet_pct, args.wait_s, log)
-        meta = record(RecordOptions(vcpus=vcpus, wakes=wakes, idle=workload, out=d,
-                                    halt_poll_ns=cap, seed=args.seed, force=True),
-                      log=lambda m: None)
-        f = foreign_of(meta)
-        log(f"{name}: attempt {attempt}, others used {f:.1f} % of the CPUs")
-        if f <= args.quiet_pct:
-            break
-    rec = load(d)
-    cal = C.fit(rec, arrivals=args.arrivals, log=lambda m: log(f"  {name}: {m}"))
-    if args.arrivals == "sent":
-        C.save(rec, cal)
-        c = CM.compare_dir(load(d))
-    else:                                   # a side study: leave the folder's files alone
-        c = CM.run(rec, cal)
-    row = CM.table_row(c)
-    row.update(name=name, foreign_pct=foreign_of(rec.meta),
-               w2r=cal["params"]["costs"]["wake_to_run_ns"],
-               ctx=cal["params"]["costs"]["context_switch_ns"],
-               handler=cal["params"]["handler_ns"], delivery=cal["params"]["delivery_ns"],
-               lateness_p50=rec.meta["harness"]["injector_lateness_ns"].get("p50"),
-               msi_ioctl_p50=rec.meta["harness"]["msi_ioctl_delivered_ns"].get("p50"),
-               host_lat_p50=rec.meta["host_latency_ns"].get("p50"),
-               host_lat_p99=rec.meta["host_latency_ns"].get("p99"),
-               halts_k=c["kernel"]["halts"], halts_m=c["model"]["halts"],
-               per_vcpu_k=[(v["poll"], v["halts"]) for v in c["kernel"]["per_vcpu"]],
-               per_vcpu_m=[(v["poll"], v["halts"]) for v in c["model"]["per_vcpu"]],
-               verdict=c["verdict"], tries=attempt)
-    return row
+    try:
+        if args.reuse:
+            if not (d / METADATA).exists():
+                return row | {"status": "not recorded", "error": f"{d}: no recording"}
+        else:
+            opts = record_options(cfg, seed, d, module_halt_poll_ns())
+            for attempt in range(1, args.tries + 1):
+                wait_quiet(args.quiet_pct, args.wait_s, log)
+                meta = record(opts, log=lambda m: None)
+                f = foreign_of(meta)
+                log(f"{cfg.name} seed {seed}: attempt {attempt}, others used "
+                    f"{'-' if f is None else f'{f:.1f}'} % of the CPUs")
+                if f is None or f <= args.quiet_pct:
+                    break
+        rec = load(d)
+        cal = C.fit(rec, arrivals=args.arrivals, quick=args.quick, tails=args.tails,
+                    log=lambda m: log(f"  {cfg.name} seed {seed}: {m}"))
+        if args.arrivals == "sent":
+            C.save(rec, cal)
+            c = CM.compare_dir(load(d), png=not args.no_png)
+        else:                               # a side study: leave the folder's files alone
+            c = CM.run(rec, cal)
+    except Exception as exc:                # one broken run does not stop the suite
+        # (Ctrl-C, SIGTERM and SIGHUP are KeyboardInterrupt: they do stop it)
+        log(f"{cfg.name} seed {seed}: {type(exc).__name__}: {exc}")
+        return row | {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    v = c["verdict"]
+    k, m = c["kernel"], c["model"]
+    return row | {
+        "status": v["status"], "dir": str(d), "tries": attempt,
+        "foreign_pct": foreign_of(rec.meta), "traced": rec.traced,
+        "halts_k": k.get("halts"), "halts_m": m.get("halts"),
+        "saturated_reason": v.get("saturated_reason"),
+        "criteria": v["criteria"], "missed": v.get("missed", []),
+        "costs": cal["params"]["costs"], "handler_ns": cal["params"]["handler_ns"],
+        "tails": cal.get("costs", {}),
+    }
 
 
-def _us(x):
-    return "-" if x is None else f"{x / 1000:.1f}"
+# ---------------------------------------------------------------- the table
 
-
-def _r(x):
-    return "-" if x is None else f"{x:.2f}"
+def _cell(e: dict | None) -> str:
+    if e is None:
+        return "-"
+    if e["status"] == "not checked":
+        return "not checked"
+    val = CM.criterion_value(e)
+    if e["status"] == "met":
+        return val
+    if e["status"] == "missed":
+        return f"{val} **missed**"
+    return f"{val} (not scored)"
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| workload | vCPUs | ceiling | wakes | poll % kernel / model (diff) | "
-            "median wait us kernel / model (ratio) | p50 us k / m (ratio) | "
-            "p90 us k / m (ratio) | p99 us k / m (ratio) | replay matched / mismatched | "
-            "others' CPU % |")
-    lines = [head, "|---|---:|---|---:|---|---|---|---|---|---|---:|"]
+    """The validation table: one row per configuration and seed, every criterion's
+    value (pp differences, model/kernel ratios), missed ones in bold."""
+    head = ["configuration", "seed", "wakes", "halts k / m"] + \
+           [label for _, label, _ in CM.CRITERIA] + ["others' CPU %", "outcome"]
+    bounds = ["", "", "", "bound"] + [b for _, _, b in CM.CRITERIA] + ["", ""]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---:" if i in (1, 2) else "---" for i in range(len(head))) + "|",
+             "| " + " | ".join(bounds) + " |"]
     for r in rows:
-        v = r["verdict"]
-        split = (f"{r['k_poll']:.1f} / {r['m_poll']:.1f} ({r['split_pp']:+.1f} pp"
-                 f"{'' if v.get('split_ok') else ', **missed**'})")
-        wait = (f"{_us(r['k_wait'])} / {_us(r['m_wait'])} ({_r(r['wait_ratio'])}"
-                f"{'' if v.get('median_wait_ok') else ', **missed**'})")
-        cap = "module 200000" if r["cap"] is None else f"cap {r['cap']}"
-        lat = [f"{_us(r[f'k_{q}'])} / {_us(r[f'm_{q}'])} ({_r(r[f'r_{q}'])})"
-               for q in ("p50", "p90", "p99")]
-        rp = "-" if r["replay"] is None else f"{r['replay'][0]} / {r['replay'][1]}"
-        lines.append(f"| {r['workload']} | {r['vcpus']} | {cap} | {r['wakes']} | {split} | "
-                     f"{wait} | {' | '.join(lat)} | {rp} | {r['foreign_pct']:.1f} |")
+        cfg = r["config"]
+        by = {e["name"]: e for e in r.get("criteria", [])}
+        if r["status"] in ("error", "not recorded"):
+            cells = ["-"] * len(CM.CRITERIA)
+            outcome = f"{r['status']}: {r.get('error', '')}".replace("|", "/")
+            halts = "-"
+        else:
+            cells = [_cell(by.get(key)) for key, _, _ in CM.CRITERIA]
+            outcome = {"pass": "**pass**", "fail": "**FAIL**"}.get(r["status"], r["status"])
+            if r["status"] == CM.SATURATED and r.get("saturated_reason"):
+                outcome += f" ({r['saturated_reason']})"
+            halts = (f"{'-' if r['halts_k'] is None else r['halts_k']} / "
+                     f"{'-' if r['halts_m'] is None else r['halts_m']}")
+        f = r.get("foreign_pct")
+        lines.append("| " + " | ".join(
+            [r["name"], str(r["seed"]), str(cfg["wakes"]), halts] + cells +
+            ["-" if f is None or (isinstance(f, float) and math.isnan(f)) else f"{f:.1f}",
+             outcome]) + " |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvmwake.kernel.suite")
-    ap.add_argument("-o", "--out", required=True)
-    ap.add_argument("--wakes", default="short=3000,mixed=3000,long=1500")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--vcpus", default="1,2")
-    ap.add_argument("--caps", default="default,0")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tries", type=int, default=4)
-    ap.add_argument("--quiet-pct", type=float, default=5.0)
-    ap.add_argument("--wait-s", type=float, default=120.0)
-    ap.add_argument("--reuse", action="store_true",
-                    help="do not record: calibrate and compare the recordings already in OUT")
-    ap.add_argument("--arrivals", choices=("sent", "target"), default="sent",
-                    help="calibrate and compare with these arrivals ('target' leaves "
-                         "calibration.json and compare.json as they are)")
-    args = ap.parse_args(argv)
-    wakes = dict(item.split("=") for item in args.wakes.split(","))
-    out = Path(args.out)
+def summary(rows: list[dict]) -> dict:
+    counts: dict = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return counts
+
+
+def write_outputs(out: Path, configs: list[Config], rows: list[dict]) -> None:
+    write_json(out / SUITE_JSON, {"format": 1, "configs": [asdict(c) for c in configs],
+                                  "rows": rows, "summary": summary(rows)})
+    (out / SUITE_MD).write_text(markdown(rows) + "\n")
+
+
+def run_suite(out: Path, configs: list[Config], seeds: int, args, log,
+              listed: list[Config] | None = None) -> list[dict]:
+    """Run every configuration of ``configs`` and seed; returns the table's rows
+    (earlier runs' rows in ``OUT/suite.json`` kept), in the order of ``listed`` (the
+    whole list ``--only`` chose from; default ``configs``)."""
+    listed = list(listed or configs)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / SUITE_JSON
+    done: dict = {}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            done = {(r["name"], r["seed"]): r for r in old.get("rows", [])}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise SuiteError(f"{path}: not a suite table; remove it or use another -o") \
+                from None
+    order = {c.name: i for i, c in enumerate(listed)}
+
+    def ordered():
+        return sorted(done.values(), key=lambda r: (order.get(r["name"], len(order)),
+                                                    r["name"], r["seed"]))
+    for cfg in configs:
+        for seed in range(seeds):
+            done[(cfg.name, seed)] = run_one(out, cfg, seed, args, log)
+            write_outputs(out, listed, ordered())
+    return ordered()
+
+
+# ---------------------------------------------------------------- the command line
+
+def build_parser(p: argparse.ArgumentParser) -> None:
+    """The options of ``kvmwake kernel suite``."""
+    p.add_argument("-o", "--out", required=True, metavar="OUT",
+                   help="folder of the recordings and the table (suite.md, suite.json)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", metavar="FILE",
+                     help="TOML list of configurations ([[config]] tables) instead of the "
+                          "built-in one")
+    src.add_argument("--matrix", choices=sorted(MATRICES), default="issue14",
+                     help="the built-in list: issue14 (16 configurations covering issue 14's "
+                          "matrix, default) or first (the twelve of the first comparison)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run these configurations only")
+    p.add_argument("--seeds", type=int, default=2, metavar="N",
+                   help="seeds 0..N-1 of each configuration (default 2)")
+    p.add_argument("--reuse", action="store_true",
+                   help="do not record: calibrate and compare the recordings in OUT again")
+    p.add_argument("--list", action="store_true", help="print the configurations and stop")
+    p.add_argument("--tries", type=int, default=4,
+                   help="recordings per run at most while others are busy (default 4)")
+    p.add_argument("--quiet-pct", type=float, default=5.0,
+                   help="others' CPU share above which a recording is made again (default 5)")
+    p.add_argument("--wait-s", type=float, default=120.0,
+                   help="longest wait for a quiet moment before a recording (default 120)")
+    p.add_argument("--quick", action="store_true", help="a coarser calibration search")
+    p.add_argument("--tails", action="store_true", help="calibrate with --tails")
+    p.add_argument("--no-png", action="store_true", help="no compare.png per run")
+    p.add_argument("--arrivals", choices=("sent", "target"), default="sent",
+                   help="calibrate and compare with these arrivals ('target' leaves "
+                        "calibration.json and compare.json as they are)")
+
+
+def configs_of(args) -> tuple[list[Config], list[Config]]:
+    """(the configurations to run, the whole list they were chosen from)."""
+    listed = load_configs(args.config) if args.config else list(MATRICES[args.matrix])
+    return select(listed, args.only), listed
+
+
+def run_cli(args) -> int:
+    """Carry out a parsed ``kernel suite``."""
+    if args.seeds < 1:
+        raise SuiteError(f"--seeds must be at least 1, not {args.seeds}")
+    if args.tries < 1:
+        raise SuiteError(f"--tries must be at least 1, not {args.tries}")
+    configs, listed = configs_of(args)
+    if args.list:
+        for c in configs:
+            print(f"{c.name}: {c.workload}, {c.vcpus} vCPU(s), "
+                  f"{'pinned' if c.pinned else 'unpinned'}, idle {c.idle}, "
+                  f"{cap_name(c.cap)}, {c.wakes} wakes")
+        return 0
 
     def log(m):
         print(m, file=sys.stderr, flush=True)
-    path = out / f"suite-{args.arrivals}.json"
-    done = {}
-    if path.exists():                       # keep the rows of earlier runs into OUT
-        done = {r["name"]: r for r in json.loads(path.read_text()).get("rows", [])}
-    caps = [None if c == "default" else int(c) for c in args.caps.split(",")]
-    for wl in args.workloads.split(","):
-        for n in (int(x) for x in args.vcpus.split(",")):
-            for cap in caps:
-                row = run_one(out, wl, n, cap, int(wakes[wl]), args, log)
-                done[row["name"]] = row
-                write_json(path, {"rows": list(done.values())})
-    order = {f"{w}-{n}vcpu-{c}": i for i, (w, n, c) in enumerate(
-        (w, n, c) for w in WORKLOADS for n in (1, 2) for c in ("default", "cap0"))}
-    print(markdown(sorted(done.values(), key=lambda r: order.get(r["name"], 99))))
+    out = Path(args.out)
+    rows = run_suite(out, configs, args.seeds, args, log, listed)
+    print(markdown(rows))
+    s = summary(rows)
+    print(f"\n{len(rows)} runs: " + ", ".join(f"{n} {k}" for k, n in s.items()) +
+          f"; table in {out / SUITE_MD}, rows in {out / SUITE_JSON}")
     return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvmwake.kernel.suite",
+                                 description="Record, calibrate and compare a list of "
+                                             "configurations; write the validation table.")
+    build_parser(ap)
+    args = ap.parse_args(argv)
+    try:
+        return run_cli(args)
+    except (SuiteError, RecordingError, OSError) as exc:
+        print(f"kvmwake: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

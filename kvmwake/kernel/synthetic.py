@@ -7,13 +7,17 @@ kernel's), per-vCPU stats, ``wakes.csv`` (send times from the simulated
 injector; "seen" times from the halt ends plus a port-exit time, and one
 handler time after the previous one for wakes that found the vCPU busy) and
 a ``metadata.json`` marked ``"synthetic": true``.  Calibrating it should
-give back the costs it was made with.
+give back the costs it was made with.  With ``sched_trace=True`` it also has the
+scheduler's tracepoints: the simulated host's thread timeline
+(``SimResult.sched``) in the kernel's text form in ``sched.trace``, with the
+recording's tids (idle as pid 0), and the threads table in the metadata.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +26,38 @@ from .. import __version__
 from ..haltpoll import HALT_POLL_NS_DEFAULT
 from ..outputs.tracefmt import WAKEUP, events_to_text
 from . import analysis as A
+from . import schedtrace as ST
 from .microvm import wake_vector
 from .recording import FORMAT, METADATA, STATS, TRACE, WAKES, WAKE_COLUMNS, write_json
 from .simulate import PID_BASE, SimParams, Setup, simulate
 from .stats import to_jsonable
+from .workload import ipi_plan
 from .workload import schedule as make_schedule
 
 
 def make_recording(path, spec: str = "mixed", wakes: int = 400, vcpus: int = 2,
                    host_cpus: int = 2, cap: int | None = None, params: SimParams | None = None,
-                   port_exit_ns: int = 5000, seed: int = 0, traced: bool = True) -> dict:
-    """Write a synthetic recording into ``path``; returns its metadata."""
+                   port_exit_ns: int = 5000, seed: int = 0, traced: bool = True,
+                   sched_trace: bool = False, workload: str = "msi") -> dict:
+    """Write a synthetic recording into ``path``; returns its metadata.
+
+    ``workload``: ``"msi"`` (``spec`` the idle between MSIs) or ``"ipi"`` (``spec``
+    the vCPUs' compute between IPIs, ``workload.ipi_plan``; run by ``simulate_ipi``)."""
     path = Path(path)
     params = params or SimParams(arrivals="target")
-    sched = make_schedule(spec, wakes, vcpus, seed)
     module = {"halt_poll_ns": HALT_POLL_NS_DEFAULT["x86"], "halt_poll_ns_grow": 2,
               "halt_poll_ns_grow_start": 10_000, "halt_poll_ns_shrink": 2}
-    setup = Setup(vcpus, host_cpus, module, cap, sched.target_ns, sched.vcpu, sched.index)
+    if workload == "ipi":
+        sched = ipi_plan(seed, vcpus, wakes, spec)
+        setup = Setup(vcpus, host_cpus, module, cap, sched.target_ns, sched.vcpu, sched.index,
+                      None, sched)
+        vectors = sched.vector.tolist()
+    elif workload == "msi":
+        sched = make_schedule(spec, wakes, vcpus, seed)
+        setup = Setup(vcpus, host_cpus, module, cap, sched.target_ns, sched.vcpu, sched.index)
+        vectors = [wake_vector(int(i)) for i in sched.index]
+    else:
+        raise ValueError(f"workload must be 'msi' or 'ipi', not {workload!r}")
     r = simulate(setup, params, seed=seed)
     # As the x86 kernel, which never calls kvm_vcpu_halt() for a vCPU already runnable.
     r.events = [e for e in r.events if not (e.event == WAKEUP and e.ns == 0)]
@@ -65,8 +84,11 @@ def make_recording(path, spec: str = "mixed", wakes: int = 400, vcpus: int = 2,
         wr.writerow(WAKE_COLUMNS)
         for k in range(len(sent)):
             wr.writerow((k, int(sched.vcpu[k]), int(sched.index[k]),
-                         wake_vector(int(sched.index[k])), int(sched.target_ns[k]),
+                         int(vectors[k]), int(sched.target_ns[k]),
                          int(sent[k]), int(sent[k]) + params.injector_ns, 1, int(seen[k])))
+    threads = None
+    if sched_trace:
+        threads = _write_sched(path, r, vcpus)
     zero = {k: (np.zeros_like(v) if isinstance(v, np.ndarray) else 0)
             for k, v in r.stats[0].items()}
     write_json(path / STATS, {"vcpus": [
@@ -92,5 +114,21 @@ def make_recording(path, spec: str = "mixed", wakes: int = 400, vcpus: int = 2,
                   "not_seen": 0},
         "made_with": params.to_dict(), "port_exit_ns": port_exit_ns,
     }
+    if threads is not None:
+        meta.update(threads=threads, pinned=True,
+                    sched_trace={"mode": "synthetic", "events": list(ST.SCHED_EVENTS)})
     write_json(path / METADATA, meta)
     return meta
+
+
+def _write_sched(path: Path, r, vcpus: int) -> list[dict]:
+    """``sched.trace`` from the simulated host's timeline; returns the threads table."""
+    tid = {t["tid"]: (PID_BASE + t["vcpu"] if t["role"] == "vcpu" else PID_BASE + vcpus)
+           for t in r.sched.threads}
+    tid[ST.IDLE_PID] = 0
+    comm = {PID_BASE + i: f"vcpu{i}" for i in range(vcpus)} | {PID_BASE + vcpus: "injector"}
+    lines = [ST.format_line(replace(e, pid=tid[e.pid],
+                                    next_pid=tid.get(e.next_pid, e.next_pid)), comm)
+             for e in r.sched.events]
+    (path / ST.SCHED_TRACE).write_text("# tracer: nop\n" + "\n".join(lines) + "\n")
+    return [{**t, "tid": tid[t["tid"]]} for t in r.sched.threads]

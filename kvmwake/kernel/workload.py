@@ -268,3 +268,169 @@ def schedule(spec: Spec | str, wakes: int, vcpus: int, seed: int = 0) -> Schedul
     i = np.concatenate(idx)
     order = np.lexsort((w, t))
     return Schedule(spec, seed, vcpus, t[order].astype(np.int64), w[order], i[order])
+
+
+# ---------------------------------------------------------------- the validation suite's idle kinds
+
+#: The idle kinds of ``kvmwake kernel suite``: the named workloads, plus
+#: ``periodic`` (every MSI to a vCPU ``PERIODIC_NS`` after the last one, so a
+#: vCPU's halts are all about as long: polling grows to cover them, or stays
+#: off) and ``near-ceiling`` (idle uniform in ``NEAR_CEILING`` times the
+#: polling ceiling: the halts end around where polling gives up, where
+#: growing and shrinking alternate).
+SUITE_IDLE = ("short", "mixed", "long", "periodic", "near-ceiling")
+PERIODIC_NS = 100_000
+NEAR_CEILING = (0.75, 1.25)
+
+
+def suite_idle_spec(kind: str, ceiling_ns: int) -> str:
+    """The spec of a suite idle kind for a VM whose polling ceiling is ``ceiling_ns``
+    (``kvm_vcpu_max_halt_poll_ns``; with polling off (0) the module's default
+    ``halt_poll_ns`` stands in).  A name of ``NAMED`` or a spec is returned as it is,
+    checked."""
+    if kind == "periodic":
+        return f"fixed:{fmt_ns(PERIODIC_NS)}"
+    if kind == "near-ceiling":
+        if isinstance(ceiling_ns, bool) or not isinstance(ceiling_ns, int) or ceiling_ns <= 0:
+            raise SpecError(f"near-ceiling idle needs a positive polling ceiling, not "
+                            f"{ceiling_ns!r}")
+        lo, hi = (int(round(f * ceiling_ns / 1000)) * 1000 for f in NEAR_CEILING)
+        return f"uniform:{fmt_ns(lo)}-{fmt_ns(hi)}"
+    parse(kind)
+    return kind
+
+
+# ---------------------------------------------------------------- the IPI workload
+
+#: How ``ipi_plan`` picks the vCPU each step wakes.
+IPI_TARGETS = ("random-other", "next")
+#: The ``ipi-storm`` scenario's compute between two wakes.
+IPI_DEFAULT_COMPUTE = "exp:20us"
+#: Stream numbers of the plan's draws (apart from the MSI schedule's 0..2N-1 streams).
+_IPI_TARGET_STREAM = 1 << 20
+_IPI_COMPUTE_STREAM = (1 << 20) + 1
+
+
+@dataclass
+class IpiPlan:
+    """A chain of ``wakes`` wakes, the steady state of ``ipi-storm``.
+
+    Wake 0 is the start: one MSI from the injector to ``vcpu[0]``.  Wake k
+    (k >= 1) is an IPI that ``vcpu[k - 1]`` sends to ``vcpu[k]`` after it was
+    woken by wake k - 1 and computed ``compute_ns[k - 1]``; the vCPU woken by
+    the last wake sends nothing (the run ends there).  ``index[k]`` numbers
+    wake k among its vCPU's wakes and ``vector[k]`` is its interrupt vector
+    (``microvm.wake_vector(index[k])``), so the host can tell which wake each
+    handler exit answers.  One token passes from vCPU to vCPU: in ``ipi-storm``
+    two tokens that meet at one vCPU merge into one pending IPI, so after the
+    first steps a single chain is what runs.
+
+    ``target_ns[k]`` is the sum of the computes before wake k, the arrival
+    time if nothing but the guest's compute took time (the ``target_ns``
+    column of the recording's ``wakes.csv``).
+    """
+
+    spec: Spec
+    seed: int
+    vcpus: int
+    targets: str
+    vcpu: np.ndarray           # int32, the vCPU woken by wake k
+    compute_ns: np.ndarray     # int64, len wakes - 1: vcpu[k]'s compute before it sends wake k+1
+    index: np.ndarray          # int64, wake k's number among its vCPU's wakes
+    start_vcpu: int = 0
+
+    def __len__(self) -> int:
+        return len(self.vcpu)
+
+    @property
+    def sender(self) -> np.ndarray:
+        """The vCPU that sends wake k (-1: the injector's start MSI)."""
+        out = np.empty(len(self.vcpu), dtype=np.int32)
+        out[0] = -1
+        out[1:] = self.vcpu[:-1]
+        return out
+
+    @property
+    def vector(self) -> np.ndarray:
+        return (VEC_BASE_IPI + self.index % NR_VECTORS_IPI).astype(np.int32)
+
+    @property
+    def target_ns(self) -> np.ndarray:
+        out = np.zeros(len(self.vcpu), dtype=np.int64)
+        out[1:] = np.cumsum(self.compute_ns)
+        return out
+
+    @property
+    def duration_ns(self) -> int:
+        return int(self.compute_ns.sum())
+
+    def steps(self, v: int) -> list[tuple[int, int, int]]:
+        """vCPU ``v``'s steps, one per wake it receives, in order: (compute ns, the vCPU it
+        then wakes, that wake's vector), or (0, -1, 0) for the last wake of the run."""
+        vec = self.vector
+        out = []
+        last = len(self.vcpu) - 1
+        for k in np.nonzero(self.vcpu == v)[0].tolist():
+            if k == last:
+                out.append((0, -1, 0))
+            else:
+                out.append((int(self.compute_ns[k]), int(self.vcpu[k + 1]), int(vec[k + 1])))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"kind": "ipi", "spec": self.spec.source, "canonical": self.spec.canonical(),
+                "named": self.spec.name, "seed": self.seed, "vcpus": self.vcpus,
+                "wakes": len(self), "targets": self.targets, "start_vcpu": self.start_vcpu,
+                "mean_gap_ns": self.spec.mean_ns(), "duration_ns": self.duration_ns}
+
+
+#: The vectors of ``microvm.wake_vector`` (kept here so the plan needs no microvm import).
+VEC_BASE_IPI = 0x30
+NR_VECTORS_IPI = 176
+
+
+def ipi_plan(seed: int, nr_vcpus: int, wakes: int, compute: Spec | str = IPI_DEFAULT_COMPUTE,
+             targets: str = "random-other", start_vcpu: int = 0) -> IpiPlan:
+    """The deterministic plan of an IPI recording (``IpiPlan``): who wakes whom and how
+    long each vCPU computes first.
+
+    ``compute``: a spec of this module's grammar (default ``exp:20us``, as
+    ``ipi-storm``); ``targets``: ``"random-other"`` (a uniformly drawn other
+    vCPU, as ``ipi-storm``'s ``wake random-other``) or ``"next"`` (``v + 1 mod
+    N``).  Draws use SplitMix64 streams of ``seed`` in integer arithmetic, as
+    ``schedule`` does: the same arguments give the same plan everywhere.
+    """
+    if isinstance(compute, str):
+        compute = parse(compute)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SpecError(f"seed must be a non-negative integer, not {seed!r}")
+    if isinstance(wakes, bool) or not isinstance(wakes, int) or not 1 <= wakes <= MAX_WAKES:
+        raise SpecError(f"wakes must be an integer in 1..{MAX_WAKES}, not {wakes!r}")
+    if isinstance(nr_vcpus, bool) or not isinstance(nr_vcpus, int) or nr_vcpus < 2:
+        raise SpecError(f"an IPI workload needs at least 2 vCPUs (a vCPU wakes another), "
+                        f"not {nr_vcpus!r}")
+    if targets not in IPI_TARGETS:
+        raise SpecError(f"targets must be one of {', '.join(IPI_TARGETS)}, not {targets!r}")
+    if isinstance(start_vcpu, bool) or not isinstance(start_vcpu, int) or \
+            not 0 <= start_vcpu < nr_vcpus:
+        raise SpecError(f"start_vcpu must be a vCPU in 0..{nr_vcpus - 1}, not {start_vcpu!r}")
+    vcpu = np.empty(wakes, dtype=np.int32)
+    vcpu[0] = start_vcpu
+    if targets == "next":
+        vcpu[:] = (start_vcpu + np.arange(wakes)) % nr_vcpus
+    else:
+        # Another vCPU, uniformly: an offset 1..N-1 from the sender.
+        u = _uniforms(seed, _IPI_TARGET_STREAM, max(0, wakes - 1))
+        off = 1 + np.minimum(np.floor(u * (nr_vcpus - 1)).astype(np.int64), nr_vcpus - 2)
+        cur = start_vcpu
+        for k in range(1, wakes):
+            cur = (cur + int(off[k - 1])) % nr_vcpus
+            vcpu[k] = cur
+    comp = draw_gaps(compute, wakes - 1, seed, stream=_IPI_COMPUTE_STREAM)
+    index = np.zeros(wakes, dtype=np.int64)
+    count = np.zeros(nr_vcpus, dtype=np.int64)
+    for k, v in enumerate(vcpu.tolist()):
+        index[k] = count[v]
+        count[v] += 1
+    return IpiPlan(compute, seed, nr_vcpus, targets, vcpu, comp.astype(np.int64), index,
+                   start_vcpu)

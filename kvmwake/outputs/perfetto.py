@@ -3,7 +3,8 @@
 ``write_perfetto(host, path)`` writes ``{"traceEvents": [...], "displayTimeUnit": "ns"}``
 with one process per host CPU (``pid`` = host CPU) and one thread per vCPU
 thread (``tid`` = its host-wide index g, named ``"CPU i/KVM (VM v)"`` like
-QEMU's vCPU threads), and a complete event (``"ph": "X"``) for every
+QEMU's vCPU threads) and per host thread that is not a vCPU (``Host.add_thread``;
+``tid`` = g, named by its name, category ``"host"``), and a complete event (``"ph": "X"``) for every
 RUNNING, POLLING, BLOCKED and RUNNABLE interval of the host's state timeline
 (``Host(..., timeline_capacity=N)`` or ``host.enable_timeline(N)`` before
 running).  Times are in microseconds (floats), as the format wants.
@@ -21,11 +22,17 @@ _NAMES = {int(s): s.name for s in ThreadState}
 
 
 def _threads(host):
-    """[(g, vm index, vcpu id)] of every vCPU thread of the host."""
+    """[(g, host CPU, name, args)] of every thread of the host: its vCPU threads,
+    then its host threads."""
+    ncpu = host.host_cpus
     out = []
     for vm in host.vms:
         for i in range(vm.nr_vcpus):
-            out.append((vm._first + i, vm.index, i))
+            g = vm._first + i
+            out.append((g, g % ncpu, f"CPU {i}/KVM (VM {vm.index})",
+                        {"g": g, "vm": vm.index, "vcpu_id": i}))
+    for t in getattr(host, "threads", ()):
+        out.append((t.g, t.cpu, t.name, {"g": t.g, "host_thread": t.name}))
     return out
 
 
@@ -38,34 +45,33 @@ def trace_events(host) -> list:
     records = host.timeline_array()
     t0, base = host._engine.timeline_window()
     now = host.now
-    ncpu = host.host_cpus
     threads = _threads(host)
     events: list = []
-    used_cpus = sorted({g % ncpu for g, _, _ in threads})
+    used_cpus = sorted({c for _, c, _, _ in threads})
     for c in used_cpus:
         events.append({"ph": "M", "name": "process_name", "pid": c, "tid": 0,
                        "args": {"name": f"host CPU {c}"}})
         events.append({"ph": "M", "name": "process_sort_index", "pid": c, "tid": 0,
                        "args": {"sort_index": c}})
-    for g, vmi, vid in threads:
-        events.append({"ph": "M", "name": "thread_name", "pid": g % ncpu, "tid": g,
-                       "args": {"name": f"CPU {vid}/KVM (VM {vmi})"}})
-        events.append({"ph": "M", "name": "thread_sort_index", "pid": g % ncpu, "tid": g,
+    for g, c, name, _ in threads:
+        events.append({"ph": "M", "name": "thread_name", "pid": c, "tid": g,
+                       "args": {"name": name}})
+        events.append({"ph": "M", "name": "thread_sort_index", "pid": c, "tid": g,
                        "args": {"sort_index": g}})
-    vm_of = {g: (vmi, vid) for g, vmi, vid in threads}
+    info = {g: (c, args) for g, c, _, args in threads}
     # Each thread's open interval: (start, state).
-    open_: dict = {g: (int(t0), int(base[g]) if g < len(base) else 0) for g, _, _ in threads}
+    open_: dict = {g: (int(t0), int(base[g]) if g < len(base) else 0) for g, *_ in threads}
     slices = []
 
     def close(g, t):
         start, s = open_[g]
         if s in _DRAWN_INTS and t >= start:
-            vmi, vid = vm_of[g]
+            c, args = info[g]
             slices.append((start, g, {
-                "ph": "X", "name": _NAMES[s], "cat": "vcpu", "pid": g % ncpu, "tid": g,
+                "ph": "X", "name": _NAMES[s], "cat": "host" if "host_thread" in args
+                else "vcpu", "pid": c, "tid": g,
                 "ts": start / 1000.0, "dur": (t - start) / 1000.0,
-                "args": {"g": g, "vm": vmi, "vcpu_id": vid, "start_ns": start,
-                         "end_ns": t}}))
+                "args": dict(args, start_ns=start, end_ns=t)}))
 
     for t, g, _cpu, s in zip(records["t"].tolist(), records["g"].tolist(),
                              records["cpu"].tolist(), records["state"].tolist()):

@@ -1,4 +1,7 @@
-"""The optional state timeline: every vCPU thread state change, and what it adds up to.
+"""The optional state timeline: every thread state change, and what it adds up to.
+
+Threads are the host's vCPU threads and its host threads that are not vCPUs
+(``Host.add_thread``): a record's ``g`` is the thread's index on the host.
 
 With ``Host(..., timeline_capacity=N)`` (or ``host.enable_timeline(N)`` before
 the host runs) both engines record each change of a vCPU thread's
@@ -38,16 +41,18 @@ def to_array(records) -> np.ndarray:
     return out
 
 
-def totals(records: np.ndarray, base: np.ndarray, t0: int, now: int, ncpu: int) -> dict:
+def totals(records: np.ndarray, base: np.ndarray, t0: int, now: int, ncpu: int,
+           cpus=None) -> dict:
     """Per host CPU, ns spent RUNNING, POLLING and idle over ``[t0, now]``.
 
     A host CPU counts as running while one of its threads is RUNNING, polling
     while one is POLLING (and none RUNNING), idle otherwise (threads RUNNABLE
     on a CPU that is switching to them count as idle).  ``base`` holds each
-    thread's state at ``t0``, on host CPU ``g % ncpu`` (the CPU of a base state
-    is not kept: exact for pinned threads; a thread that migrates may have been
-    elsewhere at ``t0`` if the ring dropped records); each record counts on the
-    CPU it names, and a thread's RUNNING or POLLING ends on the CPU it began on.
+    thread's state at ``t0``; ``cpus`` each thread's host CPU at ``t0`` (None:
+    thread g on host CPU ``g % ncpu``; the CPU of a base state is not kept: exact
+    for pinned threads; a thread that migrates may have been elsewhere at ``t0``
+    if the ring dropped records); each record counts on the CPU it names, and a
+    thread's RUNNING or POLLING ends on the CPU it began on.
 
     Returns ``{"t0", "now", "running_ns", "polling_ns", "idle_ns"}``, the last
     three numpy u8 arrays of length ``ncpu``; per CPU they add up to
@@ -62,10 +67,11 @@ def totals(records: np.ndarray, base: np.ndarray, t0: int, now: int, ncpu: int) 
     npoll = [0] * ncpu
     where = [g % ncpu for g in range(len(state))]      # CPU of each thread's state
     for g, s in enumerate(state):
+        c = g % ncpu if cpus is None else int(cpus[g])
         if s == _RUNNING:
-            nrun[g % ncpu] += 1
+            nrun[c] += 1
         elif s == _POLLING:
-            npoll[g % ncpu] += 1
+            npoll[c] += 1
     last = [t0] * ncpu
     run = [0] * ncpu
     poll = [0] * ncpu

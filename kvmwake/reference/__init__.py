@@ -19,6 +19,7 @@ same functions (``tests/test_layout.py`` keeps the pairs whole):
 * ``gic.py``       the vGICv3 and LAPIC subsets                (``core/gic.pxi``)
 * ``timer.py``     the arm64 virtual timer                     (``core/timer.pxi``)
 * ``kick.py``      wake-ups, kicks, requests, ticks, sources   (``core/kick.pxi``)
+* ``hostthread.py`` host threads that are not vCPUs            (``core/hostthread.pxi``)
 * ``snapshot.py``  state out and in, consistency checks        (``core/snapshot.pxi``)
 * ``bench.py``     micro-benchmark hooks                       (``core/bench.pxi``)
 

@@ -18,12 +18,14 @@ from .. import haltpoll
 from ..model import (
     ARCH_TIMER_CTRL_ENABLE, CONT_NEXT, COST_DEFAULTS, DEFAULT_NR_SPIS, GIC_DEFAULT_PMR,
     GIC_DEFAULT_PRIORITY, HALT_WFI, INJECT_REQUEST, LAT_BUCKETS, MAX_LOOP_DEPTH, MEM_BASE,
-    NR_INTIDS, NR_STATS, RESCHEDULE_IRQ, RESUME_START, SCHEDULERS, TICK_IRQ, VGIC_PRI_MASK,
+    HOST_STREAM_VM, NR_INTIDS, NR_STATS, RESCHEDULE_IRQ, RESUME_START, SCHEDULERS,
+    THREAD_HOST, THREAD_VCPU, TICK_IRQ, VGIC_PRI_MASK,
     VTIMER_IRQ, EventClass, sched_base_slice, Request, SourceKind, ThreadState,
 )
+from ..costs import COST_TABLE_N, DRAWN_COSTS
 from ..uapi import DEFAULT_VCPU_FEATURES, KVM_ARM_PSCI_LATEST, PSR_MODE_EL1h, MpState
-from . import EngineError, gic, guest, halt, host, kick, psci, queue, rng, run, timer
-from .rng import SOURCE_STREAM_BASE, _Stream, rng_seed
+from . import EngineError, gic, guest, halt, host, hostthread, kick, psci, queue, rng, run, timer
+from .rng import SOURCE_STREAM_BASE, _Stream, cost_rng_seed, rng_seed
 
 
 def _link_pieces(*pieces):
@@ -49,7 +51,7 @@ def _link_pieces(*pieces):
                 setattr(mod, name, defined[name])
 
 
-_link_pieces(rng, queue, host, guest, halt, run, psci, gic, timer, kick)
+_link_pieces(rng, queue, host, guest, halt, run, psci, gic, timer, kick, hostthread)
 
 _USER, _RUNNABLE = ThreadState.USER, ThreadState.RUNNABLE
 _EV_TICK, _EV_SOURCE, _EV_TIMER, _EV_SEG, _EV_POLL, _EV_SLICE = (
@@ -61,10 +63,11 @@ _ALL_INTIDS = (1 << NR_INTIDS) - 1
 
 
 class _Thread(_Stream):
-    """One vCPU thread and its vCPU (the kvm_vcpu fields the model needs)."""
+    """One vCPU thread and its vCPU (the kvm_vcpu fields the model needs), or
+    (kind THREAD_HOST, vm None) a host thread that is not a vCPU."""
 
     __slots__ = (
-        "g", "vm", "vcpu_id", "pcpu", "state", "resume", "gen", "run_gen",
+        "g", "kind", "vm", "vcpu_id", "pcpu", "state", "resume", "gen", "run_gen",
         "slice_armed", "run_start",
         # EEVDF (struct sched_entity, nice 0)
         "vruntime", "deadline", "vlag", "vprot", "exec_start", "on_rq", "sched_delayed",
@@ -73,9 +76,11 @@ class _Thread(_Stream):
         "seg_end", "seg_gfrom", "seg_gto", "cont", "rem_end", "rem_gfrom", "rem_gto",
         "halt_start", "poll_end", "do_poll", "wake_ts", "halt_poll_ns", "requests",
         "prog", "pc", "loops", "stall_t", "stall_n", "stats",
+        # its cost stream (kvmwake.costs: drawn costs only)
+        "cost_rng_state", "cost_rng_inc",
         # interrupt state: vGICv3 redistributor + CPU interface, or the LAPIC
         "ap", "priv_en", "priv_act", "priv_latch", "priv_line", "priv_level", "priv_prio",
-        "pmr", "masked", "handler_ns", "cur_irq", "sv_guest", "sv_cont", "sv_valid",
+        "pmr", "masked", "handler_ns", "handler_noiret", "cur_irq", "sv_guest", "sv_cont", "sv_valid",
         "timer_cval", "timer_ctl", "timer_gen", "timer_period", "irr", "isr", "tpr",
         # what userspace sees: MP state, registers, signals, the last exit
         "mp_state", "regs", "sp", "pstate", "pc_valid", "pc_raw", "sig_pending", "reset_pending", "reset_pc",
@@ -85,6 +90,7 @@ class _Thread(_Stream):
 
     def __init__(self, g, vm, vcpu_id, pcpu, seed):
         self.g, self.vm, self.vcpu_id, self.pcpu = g, vm, vcpu_id, pcpu
+        self.kind = THREAD_VCPU if vm is not None else THREAD_HOST
         self.state = _USER
         self.resume = RESUME_START
         self.gen = 0
@@ -106,7 +112,9 @@ class _Thread(_Stream):
         self.prog = None
         self.pc = 0
         self.loops = [0] * MAX_LOOP_DEPTH
-        rng_seed(self, seed, vm.index, vcpu_id)
+        stream_vm = vm.index if vm is not None else HOST_STREAM_VM
+        rng_seed(self, seed, stream_vm, vcpu_id)
+        cost_rng_seed(self, seed, stream_vm, vcpu_id)
         self.stall_t = -1
         self.stall_n = 0
         self.stats = [0] * NR_STATS
@@ -121,6 +129,7 @@ class _Thread(_Stream):
         self.pmr = GIC_DEFAULT_PMR
         self.masked = False
         self.handler_ns = 0
+        self.handler_noiret = 0
         self.cur_irq = -1
         self.sv_guest = 0
         self.sv_cont = CONT_NEXT
@@ -228,7 +237,10 @@ def run_loop(e, until_ns, stop_on_exit):
             if gen != th.timer_gen:
                 continue
             e.events += 1
-            timer.timer_fire(e, th, t)
+            if th.kind == THREAD_HOST:
+                hostthread.ht_wake(e, th, t)       # a host thread's hrtimer
+            else:
+                timer.timer_fire(e, th, t)
             continue
         e.waker = who                       # the waker of what it wakes
         if cls == _EV_SLICE:
@@ -241,7 +253,10 @@ def run_loop(e, until_ns, stop_on_exit):
             continue
         e.events += 1
         if cls == _EV_SEG:
-            guest.segment_end(e, th, t)
+            if th.kind == THREAD_HOST:
+                hostthread.ht_run(e, th, t)
+            else:
+                guest.segment_end(e, th, t)
         elif cls == _EV_POLL:
             # The poll loop ran out of time: poll_end = cur >= stop.
             halt.block(e, th, t, t)
@@ -268,9 +283,29 @@ class Engine:
         self.arch = arch
         self.x86 = arch == "x86"
         self.seed = seed
-        self.costs = dict(COST_DEFAULTS)
+        # Each cost's constant; a drawn cost (given as its table, kvmwake.costs.
+        # cost_table) also has its row of cost_tabs and its bit of cost_dist, and
+        # its constant is the table's median.
+        merged = dict(COST_DEFAULTS)
         if costs:
-            self.costs.update(costs)
+            merged.update(costs)
+        self.costs = {}
+        self.cost_tabs = []
+        self.cost_dist = 0
+        for c, name in enumerate(DRAWN_COSTS):
+            v = merged[name]
+            if isinstance(v, (int, np.integer)):
+                self.costs[name] = int(v)
+                self.cost_tabs.append([int(v)] * COST_TABLE_N)
+            else:
+                tab = [int(x) for x in v]
+                if len(tab) != COST_TABLE_N:
+                    raise ValueError(f"cost {name}: a table of {COST_TABLE_N} values, "
+                                     f"not {len(tab)}")
+                self.costs[name] = tab[COST_TABLE_N // 2]
+                self.cost_tabs.append(tab)
+                self.cost_dist |= 1 << c
+        self.costs["sched_slice_ns"] = int(merged["sched_slice_ns"])
         self.halt_poll_ns = haltpoll.HALT_POLL_NS_DEFAULT[arch]
         self.halt_poll_ns_grow = haltpoll.HALT_POLL_NS_GROW_DEFAULT
         self.halt_poll_ns_grow_start = haltpoll.HALT_POLL_NS_GROW_START_DEFAULT
@@ -306,6 +341,11 @@ class Engine:
         self.llc = [0] * host_cpus
         self.waker = -1
         self.nunpinned = 0
+
+    def cost_tables(self) -> dict:
+        """The drawn costs' tables: {name: tuple of COST_TABLE_N values}."""
+        return {name: tuple(self.cost_tabs[c]) for c, name in enumerate(DRAWN_COSTS)
+                if (self.cost_dist >> c) & 1}
 
     # -- set-up -------------------------------------------------------------
 
@@ -389,6 +429,39 @@ class Engine:
         th.state = _RUNNABLE
         # KVM_RUN from userspace: a system call, not a wake-up.
         self._guard(host.make_runnable, self, th, self.now, 0)
+
+    def add_host_thread(self, ops: np.ndarray, cpu: int) -> int:
+        """A host thread (not a vCPU) with a validated host program, placed on host
+        CPU ``cpu``; it enters the thread table after every thread so far and is
+        started by ``start_host_thread``.  Returns its thread index."""
+        if not 0 <= cpu < len(self.cpus):
+            raise ValueError(f"host CPU {cpu} does not exist")
+        g = len(self.threads)
+        nhost = sum(1 for th in self.threads if th.kind == THREAD_HOST)
+        th = _Thread(g, None, nhost, cpu, self.seed)
+        self.threads.append(th)
+        self.tl_base.append(int(_USER))
+        self.load_program(g, ops)
+        return g
+
+    def start_host_thread(self, g: int) -> None:
+        """The host thread becomes runnable now (wake_up_new_task: no wake-up cost)."""
+        th = self.threads[g]
+        if th.kind != THREAD_HOST or th.state != _USER:
+            raise EngineError(f"thread {g} is not a host thread that has not started")
+        if self.failed:
+            raise EngineError("this engine stopped on an earlier error")
+        th.resume = RESUME_START
+        th.wake_ts = self.now
+        th.exit_time = self.now               # sleep_until's deadlines count from here
+        if self.tl_cap:
+            host.tl_note(self, th, self.now, _RUNNABLE)
+        th.state = _RUNNABLE
+        self._guard(host.make_runnable, self, th, self.now, 0)
+
+    def thread_kinds(self) -> list:
+        """Per thread of the table, its kind (model.THREAD_VCPU or THREAD_HOST)."""
+        return [th.kind for th in self.threads]
 
     # -- running --------------------------------------------------------------
 
@@ -638,7 +711,8 @@ class Engine:
     def timeline_totals(self, now: int) -> dict:
         from ..outputs.timeline import totals
         t0, base = self.timeline_window()
-        return totals(self.timeline_array(), base, t0, now, len(self.cpus))
+        return totals(self.timeline_array(), base, t0, now, len(self.cpus),
+                      [th.pcpu for th in self.threads])
 
     def stats_array(self) -> np.ndarray:
         return np.array([th.stats for th in self.threads], dtype=np.uint64).reshape(
@@ -676,6 +750,9 @@ class Engine:
 
     def thread_info(self, g: int) -> dict:
         th = self.threads[g]
+        if th.kind == THREAD_HOST:
+            return {"state": int(th.state), "pcpu": th.pcpu, "pc": th.pc, "kind": th.kind,
+                    "nr_migrations": th.nr_migrations}
         return {"state": int(th.state), "halt_poll_ns": th.halt_poll_ns,
                 "requests": th.requests, "pcpu": th.pcpu, "pc": th.pc,
                 "runnable": gic.runnable(self, th), "mp_state": int(th.mp_state),

@@ -348,6 +348,8 @@ def take_irqs(e, th, t, pre) -> bool:
             segment(e, th, t, pre, th.handler_ns, CONT_EOI)
             return True
         eoi(e, th, b, t)
+        if th.handler_noiret:
+            th.masked = True                  # no iret: IF stays 0 until the next unmask
         n += 1
         if n > MAX_TAKES_PER_INSTANT:
             raise EngineError(f"vCPU {th.vcpu_id} of VM {th.vm.index}: interrupt storm "

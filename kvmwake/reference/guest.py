@@ -19,7 +19,7 @@ from ..model import (
 from ..uapi import ExitReason
 from . import EngineError
 from .queue import push_thread
-from .rng import MAX_DRAW_NS, draw_ns, rng_next
+from .rng import COST_IPI_SEND, COST_VM_ENTRY, COST_VM_EXIT, MAX_DRAW_NS, cost_ns, draw_ns, rng_next
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
@@ -35,7 +35,7 @@ def segment(e, th, t, pre, guest, cont):
     (after a VM exit for a halt, a trap or the end)."""
     th.seg_gfrom = t + pre
     th.seg_gto = th.seg_gfrom + guest
-    th.seg_end = th.seg_gto + (e.costs["vm_exit_ns"]
+    th.seg_end = th.seg_gto + (cost_ns(e, th, COST_VM_EXIT)
                                if cont in (CONT_HALT, CONT_TRAP, CONT_END) else 0)
     th.cont = cont
     push_thread(e, th, th.seg_end, _EV_SEG)
@@ -60,7 +60,10 @@ def advance(e, th, t, pre):
             guest = min(guest + draw_ns(th, dist, p0, p1), MAX_DRAW_NS)
             th.pc += 1
         elif code == Op.WFI:
-            th.stats[S_HALT_EXITS] += 1
+            if not e.x86:
+                # kvm_handle_wfx's wfi_exit_stat (x86's halt_exits is counted by
+                # kvm_emulate_halt, at the exit: emulate_halt).
+                th.stats[S_HALT_EXITS] += 1
             th.pc += 1
             segment(e, th, t, pre, guest, CONT_HALT)
             break
@@ -89,7 +92,7 @@ def advance(e, th, t, pre):
                 break
             th.pc += 1
             instant_op(e, th, t, code, dist, arg, p0, p1)
-            if take_irqs(e, th, t, 0):
+            if not sti_shadow(e, th, code) and take_irqs(e, th, t, 0):
                 break
         else:
             # SGI and the GIC register writes trap; done at the trap.
@@ -103,6 +106,16 @@ def advance(e, th, t, pre):
                 f"ran {th.stall_n} ops at t={t} ns without virtual time passing")
     else:
         th.stall_t, th.stall_n = t, n
+
+
+def sti_shadow(e, th, code) -> bool:
+    """x86 ``sti; hlt``: STI blocks interrupts until after the next instruction
+    (the interrupt shadow), so an interrupt pending at an unmask that the HLT
+    follows is not taken before the HLT: the HLT exits (halt_exits), and
+    __kvm_emulate_halt finds the event (kvm_skip_emulated_instruction has
+    ended the shadow) and re-enters the guest, which takes it then."""
+    return (e.x86 and code == Op.UNMASK and th.pc < len(th.prog)
+            and th.prog[th.pc][0] == Op.WFI)
 
 
 def trap_op(e, th, t):
@@ -152,8 +165,10 @@ def trap_op(e, th, t):
         set_dist_enabled(e, vm.index, bool(p0), t)
     else:  # Op.ROUTE_SPI
         route_spi(e, vm.index, arg, p0, t)
-    extra = e.costs["ipi_send_ns"] if ipi else 0
-    enter(e, th, t, e.costs["vm_entry_ns"] + extra)
+    pre = cost_ns(e, th, COST_VM_ENTRY)
+    if ipi:
+        pre += cost_ns(e, th, COST_IPI_SEND)
+    enter(e, th, t, pre)
 
 
 def instant_op(e, th, t, code, dist, arg, p0, p1):
@@ -169,6 +184,7 @@ def instant_op(e, th, t, code, dist, arg, p0, p1):
         th.masked = False
     elif code == Op.SET_HANDLER:
         th.handler_ns = p0
+        th.handler_noiret = arg
     elif code == Op.TIMER_ARM:
         th.timer_cval = t + draw_ns(th, dist, p0, p1)
         th.timer_period = arg
@@ -217,6 +233,8 @@ def segment_end(e, th, t):
     elif cont == CONT_EOI:
         eoi(e, th, th.cur_irq, t)
         th.cur_irq = -1
+        if th.handler_noiret:
+            th.masked = True                  # no iret: IF stays 0 until the next unmask
         if th.sig_pending or asleep(e, th):
             # A kick during the handler IPI'd the vCPU out (kick() added the exit
             # and entry to the handler's time); KVM_RUN's loop has work to do

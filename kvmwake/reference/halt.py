@@ -14,7 +14,7 @@ from __future__ import annotations
 from .. import haltpoll
 from ..model import (
     HALT_CPU_SUSPEND, HALT_MP_HALTED, HALT_POLL_HIST_COUNT, HALT_WFI, HALT_SUSPEND, KVM_REQUEST_MASK,
-    RESUME_HALT, S_ATTEMPTED_POLL, S_BLOCKING, S_POLL_FAIL_HIST, S_POLL_FAIL_NS,
+    RESUME_HALT, S_ATTEMPTED_POLL, S_BLOCKING, S_HALT_EXITS, S_POLL_FAIL_HIST, S_POLL_FAIL_NS,
     S_POLL_SUCCESS_HIST, S_POLL_SUCCESS_NS, S_SUCCESSFUL_POLL, S_WAIT_HIST, S_WAIT_NS,
     TR_HALT_POLL_NS, TR_WAKEUP, EventClass, Request, ThreadState,
 )
@@ -22,6 +22,7 @@ from ..model import (
 from ..model import lat_bucket
 from ..uapi import ExitReason, MpState, PsciRet, SystemEventType
 from .queue import push_thread
+from .rng import COST_VM_ENTRY, cost_ns
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
@@ -68,20 +69,23 @@ def shrink_halt_poll_ns(e, val):
 
 
 def emulate_halt(e, th, t):
-    """The trapped WFI or HLT (its halt_exits / wfi_exit_stat was counted when the
-    guest executed it).
+    """The trapped WFI or HLT.
 
-    arm64 (kvm_handle_wfx -> kvm_vcpu_wfi): kvm_vcpu_halt; the MP state stays
-    RUNNABLE and the WFI is complete when the halt ends, whatever ended it.
-    x86 (__kvm_emulate_halt with an in-kernel LAPIC): the vCPU becomes HALTED
-    unless kvm_vcpu_has_events, and vcpu_run's loop then blocks it (vcpu_block,
-    in enter()); with an event already pending it stays RUNNABLE and re-enters
-    the guest without entering kvm_vcpu_halt at all.
+    arm64 (kvm_handle_wfx -> kvm_vcpu_wfi; its wfi_exit_stat was counted when
+    the guest executed the WFI): kvm_vcpu_halt; the MP state stays RUNNABLE and
+    the WFI is complete when the halt ends, whatever ended it.
+    x86 (kvm_emulate_halt -> __kvm_emulate_halt with an in-kernel LAPIC): one
+    halt_exits per HLT exit, here; the vCPU becomes HALTED unless
+    kvm_vcpu_has_events, and vcpu_run's loop then blocks it (vcpu_block, in
+    enter()); with an event already pending it stays RUNNABLE and re-enters the
+    guest without entering kvm_vcpu_halt at all: no halt stat, no
+    kvm_vcpu_wakeup, halt_poll_ns unchanged.
     """
     if e.x86:
+        th.stats[S_HALT_EXITS] += 1                 # ++vcpu->stat.halt_exits
         if not runnable(e, th):
             th.mp_state = MpState.HALTED
-        enter(e, th, t, e.costs["vm_entry_ns"])
+        enter(e, th, t, cost_ns(e, th, COST_VM_ENTRY))
         return
     halt(e, th, t, HALT_WFI)
 
@@ -163,7 +167,7 @@ def halt_done(e, th, cur, waited, poll_end, immediate=False):
         th.halt_poll_ns = 0
     trace_rec(e, th, cur, TR_WAKEUP, 1 if waited else 0, halt_ns, 0)
     e.halts += 1
-    entry = e.costs["vm_entry_ns"]
+    entry = cost_ns(e, th, COST_VM_ENTRY)
     if e.tl_cap:
         tl_note(e, th, cur, _RUNNING)
     th.state = _RUNNING

@@ -21,16 +21,17 @@ from collections import deque
 
 from ..model import (
     CONT_EOI, CONT_IRQ, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP, RESUME_START,
-    SCHED_TICK_NSEC, EventClass, ThreadState,
+    SCHED_TICK_NSEC, THREAD_HOST, EventClass, ThreadState,
 )
 from ..uapi import ExitReason
 from .queue import heap_push, push_thread
+from .rng import COST_CONTEXT_SWITCH, COST_VM_ENTRY, COST_VM_EXIT, cost_ns
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
 asleep = best_irq = block = check_block = enter = exit_to_user = halt_done = None
-interrupt_segment = None
+interrupt_segment = ht_got_cpu = ht_preempted = None
 
 _RUNNING, _POLLING, _BLOCKED, _RUNNABLE = (
     ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED, ThreadState.RUNNABLE)
@@ -118,12 +119,12 @@ def release_cpu(e, th, t):
     if e.sched == SCHED_POLICY_EEVDF:
         # It sleeps (blocks, exits to userspace): dequeue_entity(DEQUEUE_SLEEP).
         dequeue_sleep(e, cpu, th, t)
-        schedule_fair(e, cpu, t, e.costs["context_switch_ns"])
+        schedule_fair(e, cpu, t, cost_ns(e, th, COST_CONTEXT_SWITCH))
         return
     if cpu.runq:
         nxt = e.threads[rq_popleft(e, cpu)]
         cpu.cur = nxt.g
-        push_thread(e, nxt, t + e.costs["context_switch_ns"], _EV_RUN)
+        push_thread(e, nxt, t + cost_ns(e, th, COST_CONTEXT_SWITCH), _EV_RUN)
     else:
         cpu.cur = -1
         sched_balance_newidle(e, th.pcpu, t)
@@ -142,9 +143,12 @@ def got_cpu(e, th, t):
     th.run_start = t
     if e.cpus[th.pcpu].runq:
         arm_slice(e, th, t)
+    if th.kind == THREAD_HOST:
+        ht_got_cpu(e, th, t)
+        return
     resume = th.resume
     if resume == RESUME_START:
-        enter(e, th, t, e.costs["vm_entry_ns"])
+        enter(e, th, t, cost_ns(e, th, COST_VM_ENTRY))
     elif resume == RESUME_HALT:
         # Back in kvm_vcpu_block's loop after schedule().
         if check_block(e, th):
@@ -165,7 +169,7 @@ def got_cpu(e, th, t):
                 th.state = _BLOCKED
                 release_cpu(e, th, t)
         else:
-            enter(e, th, t, e.costs["vm_entry_ns"])
+            enter(e, th, t, cost_ns(e, th, COST_VM_ENTRY))
     else:
         th.seg_end = t + th.rem_end
         th.seg_gfrom = t + th.rem_gfrom
@@ -188,7 +192,8 @@ def keep_segment_rest(e, th, t):
     th.rem_gto = max(th.seg_gto, t) - t
     if th.seg_gfrom <= t < th.seg_gto:
         # Preempted in guest mode: it exits now and re-enters when resumed.
-        extra = e.costs["vm_exit_ns"] + e.costs["vm_entry_ns"]
+        extra = cost_ns(e, th, COST_VM_EXIT)
+        extra += cost_ns(e, th, COST_VM_ENTRY)
         th.rem_end += extra
         th.rem_gfrom += extra
         th.rem_gto += extra
@@ -197,6 +202,8 @@ def keep_segment_rest(e, th, t):
 
 def preempt_segment(e, th, t):
     """A running thread is preempted at t: it keeps the rest of its segment."""
+    if th.kind == THREAD_HOST:
+        ht_preempted(e, th, t)
     keep_segment_rest(e, th, t)
     if e.tl_cap:
         tl_note(e, th, t, _RUNNABLE)
@@ -426,7 +433,7 @@ def preempt_fair(e, cpu, th, t):
     th.slice_armed = False
     cpu.cur = -1
     rq_append(e, cpu, th.g)                       # put_prev_entity
-    set_next_entity(e, cpu, x, t, e.costs["context_switch_ns"])
+    set_next_entity(e, cpu, x, t, cost_ns(e, th, COST_CONTEXT_SWITCH))
     migrate_disallowed(e, th, t)
 
 

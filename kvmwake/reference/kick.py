@@ -12,7 +12,7 @@ from ..model import (
     CONT_EOI, CONT_IRQ, CONT_NEXT, RESUME_HALT, S_WAKEUP, Dist, EventClass, SourceKind, ThreadState,
 )
 from .queue import heap_push, push_thread
-from .rng import draw_ns
+from .rng import COST_VM_ENTRY, COST_VM_EXIT, COST_WAKE_TO_RUN, cost_ns, draw_ns
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
@@ -35,7 +35,7 @@ def wake_up(e, th, t) -> bool:
     if e.tl_cap:
         tl_note(e, th, t, _RUNNABLE)
     th.state = _RUNNABLE
-    make_runnable(e, th, t, e.costs["wake_to_run_ns"])
+    make_runnable(e, th, t, cost_ns(e, th, COST_WAKE_TO_RUN))
     return True
 
 
@@ -49,7 +49,7 @@ def signal_wake(e, th, t) -> bool:
         if e.tl_cap:
             tl_note(e, th, t, _RUNNABLE)
         th.state = _RUNNABLE
-        make_runnable(e, th, t, e.costs["wake_to_run_ns"])
+        make_runnable(e, th, t, cost_ns(e, th, COST_WAKE_TO_RUN))
         return False
     return kick(e, th, t, False)
 
@@ -77,7 +77,8 @@ def kick(e, th, t, wake=True) -> bool:
             if t < th.seg_gfrom:
                 return False
             # In a handler (masked): the IPI costs an exit and an entry.
-            extra = e.costs["vm_exit_ns"] + e.costs["vm_entry_ns"]
+            extra = cost_ns(e, th, COST_VM_EXIT)
+            extra += cost_ns(e, th, COST_VM_ENTRY)
             th.seg_gto += extra
             th.seg_end += extra
             push_thread(e, th, th.seg_end, _EV_SEG)
@@ -87,7 +88,9 @@ def kick(e, th, t, wake=True) -> bool:
             interrupt_segment(e, th, th.seg_gfrom, 0)
             return False
         # IN_GUEST_MODE: IPI; the vCPU exits and re-enters.
-        interrupt_segment(e, th, t, e.costs["vm_exit_ns"] + e.costs["vm_entry_ns"])
+        extra = cost_ns(e, th, COST_VM_EXIT)
+        extra += cost_ns(e, th, COST_VM_ENTRY)
+        interrupt_segment(e, th, t, extra)
         return True
     return False
 

@@ -21,7 +21,7 @@ from ..uapi import (
     PSCI_1_3_OFF_TYPE_HIBERNATE_OFF, AffinityInfo, ExitReason, MpState, PsciFn, PsciRet,
     PsciVersion, SystemEventType, VcpuFeature,
 )
-from .rng import M64
+from .rng import COST_VM_ENTRY, M64, cost_ns
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
@@ -45,7 +45,7 @@ def hvc(e, th, t):
     a halt (CPU_SUSPEND) or an exit to userspace."""
     r = psci_call(e, th, t)
     if r == PSCI_RESUME:
-        enter(e, th, t, e.costs["vm_entry_ns"])
+        enter(e, th, t, cost_ns(e, th, COST_VM_ENTRY))
     elif r == PSCI_HALT:
         halt(e, th, t, HALT_CPU_SUSPEND)
 

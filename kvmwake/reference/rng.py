@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from ..costs import DRAWN_COSTS, sample
 from ..model import Dist
 
 M64 = (1 << 64) - 1
@@ -64,3 +65,27 @@ def draw_ns(st: _Stream, dist: int, p0: int, p1: int) -> int:
         d = -math.log(1.0 - u) * p0 + 0.5
         return MAX_DRAW_NS if d >= MAX_DRAW_NS else int(d)
     return p0 + rng_next(st) % (p1 - p0 + 1)
+
+
+# Costs with tails (kvmwake.costs): each thread's cost stream, stream
+# COST_STREAM_BASE + vCPU id of its VM, apart from the guest's draws; constant
+# costs draw nothing.
+
+#: Stream number of a vCPU's cost stream, over its vCPU id.
+COST_STREAM_BASE = 0xC000_0000
+#: The drawn costs (kvmwake.costs.DRAWN_COSTS), by index.
+COST_VM_EXIT, COST_VM_ENTRY, COST_IPI_SEND, COST_WAKE_TO_RUN, COST_CONTEXT_SWITCH = range(5)
+
+
+def cost_rng_seed(th, seed: int, vm_index: int, vcpu_id: int) -> None:
+    """Seed ``th``'s cost stream."""
+    th.cost_rng_state, th.cost_rng_inc = stream_seed(seed, vm_index, COST_STREAM_BASE + vcpu_id)
+
+
+def cost_ns(e, th, c: int) -> int:
+    """The cost ``c`` (COST_*) charged to thread ``th``: the constant, or a draw
+    from the cost's table by 32 bits of ``th``'s cost stream (costs.sample)."""
+    if not (e.cost_dist >> c) & 1:
+        return e.costs[DRAWN_COSTS[c]]
+    th.cost_rng_state = (th.cost_rng_state * LCG_MULT + th.cost_rng_inc) & M64
+    return sample(e.cost_tabs[c], fmix64(th.cost_rng_state) >> 32)

@@ -22,11 +22,14 @@ import numpy as np
 from ..model import (
     CONT_EOI, CONT_IRQ, CONT_TRAP, HALT_MP_HALTED, LAT_BUCKETS, MAX_LOOP_DEPTH, MAX_NOW,
     MAX_NR_SPIS, MAX_SEQ, MAX_SPAN, MAX_TIME,
-    NR_INTIDS, NR_STATS, OP_DTYPE, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP, S_BLOCKING,
+    NO_VM, NR_INTIDS, NR_STATS, OP_DTYPE, RESUME_HALT, RESUME_SEGMENT, RESUME_SLEEP,
+    RESUME_START, S_BLOCKING, THREAD_HOST, THREAD_VCPU,
     EventClass, Op, SourceKind, ThreadState, sched_base_slice,
 )
 from ..uapi import PSR_I_BIT, SUPPORTED_VCPU_FEATURES, MpState, PsciVersion
 from . import EngineError, halt, host, queue
+from ..costs import COST_TABLE_N, DRAWN_COSTS, MAX_COST_NS
+from .rng import COST_CONTEXT_SWITCH, cost_ns
 from .engine import _Source, _Thread, _Vm
 
 _USER, _RUNNING, _POLLING, _BLOCKED, _RUNNABLE = (
@@ -45,8 +48,8 @@ THREAD_FIELDS = _Thread.__slots__ + ("rng_state", "rng_inc")
 VM_FIELDS = _Vm.__slots__
 SOURCE_FIELDS = _Source.__slots__ + ("rng_state", "rng_inc")
 #: Engine attributes exported in their own form; every other one is a scalar.
-_STRUCTURED = frozenset({"costs", "cpus", "vms", "threads", "sources", "heap", "lat_hist",
-                         "trace", "timeline", "tl_base", "exits", "failed", "llc"})
+_STRUCTURED = frozenset({"costs", "cost_tabs", "cpus", "vms", "threads", "sources", "heap",
+                         "lat_hist", "trace", "timeline", "tl_base", "exits", "failed", "llc"})
 
 
 def _index(x, n: int) -> bool:
@@ -63,10 +66,12 @@ def engine_export(e) -> dict:
     state = {
         "engine": {k: v for k, v in vars(e).items() if k not in _STRUCTURED},
         "costs": e.costs,
+        "cost_tabs": e.cost_tabs,
         "cpus": [{"cur": cpu.cur, "runq": list(cpu.runq), "zero_v": cpu.zero_v,
                   "sum_v": cpu.sum_v, "need_resched": cpu.need_resched} for cpu in e.cpus],
         "vms": [{f: getattr(vm, f) for f in VM_FIELDS} for vm in e.vms],
-        "threads": [dict({f: getattr(th, f) for f in THREAD_FIELDS}, vm=th.vm.index)
+        "threads": [dict({f: getattr(th, f) for f in THREAD_FIELDS},
+                         vm=th.vm.index if th.vm is not None else NO_VM)
                     for th in e.threads],
         "sources": [{f: getattr(s, f) for f in SOURCE_FIELDS} for s in e.sources],
         "heap": list(e.heap),
@@ -106,6 +111,7 @@ def engine_import(e, state: dict) -> None:
         for k, v in s["engine"].items():
             setattr(e, k, v)
         e.costs = dict(s["costs"])
+        e.cost_tabs = [list(t) for t in s["cost_tabs"]]
         e.cpus = []
         for c in s["cpus"]:
             cpu = host._Cpu()
@@ -118,9 +124,12 @@ def engine_import(e, state: dict) -> None:
         e.threads = []
         for d in s["threads"]:
             th = restore(_Thread, THREAD_FIELDS, d)
-            if not _index(th.vm, len(e.vms)):
+            if th.vm == NO_VM and th.kind == THREAD_HOST:
+                th.vm = None                # a host thread (hostthread.py) has no VM
+            elif not _index(th.vm, len(e.vms)):
                 raise EngineError(f"thread {len(e.threads)}: VM {th.vm!r} does not exist")
-            th.vm = e.vms[th.vm]
+            else:
+                th.vm = e.vms[th.vm]
             e.threads.append(th)
         e.sources = [restore(_Source, SOURCE_FIELDS, d) for d in s["sources"]]
         e.heap = list(s["heap"])
@@ -161,6 +170,27 @@ def engine_exit_record(e, g: int) -> dict:
 
 # -- the checks ---------------------------------------------------------------------------
 
+def check_cost_tables(e) -> None:
+    """Every drawn cost's table (as the core's _check_cost_tables): whole, at most
+    MAX_COST_NS, nondecreasing; its median is the cost's constant."""
+    if not isinstance(e.cost_dist, int) or not 0 <= e.cost_dist < 1 << len(DRAWN_COSTS):
+        raise EngineError(f"drawn-cost mask {e.cost_dist!r} names unknown costs")
+    if not isinstance(e.cost_tabs, list) or len(e.cost_tabs) != len(DRAWN_COSTS):
+        raise EngineError("the cost tables are not one per drawn cost")
+    for c, name in enumerate(DRAWN_COSTS):
+        tab = e.cost_tabs[c]
+        if not isinstance(tab, list) or len(tab) != COST_TABLE_N \
+                or not all(isinstance(v, int) for v in tab):
+            raise EngineError(f"cost table {c}: not {COST_TABLE_N} integers")
+        if not (e.cost_dist >> c) & 1:
+            continue
+        for k, v in enumerate(tab):
+            if not 0 <= v <= MAX_COST_NS or (k and v < tab[k - 1]):
+                raise EngineError(f"cost table {c}: value {k} ({v}) out of range "
+                                  f"0..2**40 or below the one before")
+        e.costs[name] = tab[COST_TABLE_N // 2]
+
+
 def check_state(e, programs: bool = True) -> None:
     """Every index, count and link of the state, checked before the engine may run.
 
@@ -187,6 +217,7 @@ def check_state(e, programs: bool = True) -> None:
         raise EngineError(f"clock {e.now} ns beyond the engine's limit 2**62 ns")
     if e.seq > MAX_SEQ:
         raise EngineError(f"event sequence number {e.seq} beyond the limit 2**55")
+    check_cost_tables(e)
     # The state timeline.
     tl = e.timeline
     if len(tl) > e.tl_cap or e.tl_t0 > e.now or (e.timeline_dropped and len(tl) != e.tl_cap):
@@ -216,10 +247,17 @@ def check_state(e, programs: bool = True) -> None:
     index_affinity(e)
     # VMs and their distributors.
     n = 0
+    w = 0                               # where the previous VM's threads end
     for v, vm in enumerate(vms):
-        if vm.index != v or vm.first != n or not 1 <= vm.nr_vcpus <= _MAX_VCPUS_PER_VM \
-                or not 0 <= vm.nr_spis <= MAX_NR_SPIS:
+        if vm.index != v or not isinstance(vm.first, int) or vm.first < w \
+                or not 1 <= vm.nr_vcpus <= _MAX_VCPUS_PER_VM \
+                or vm.first > nth or not 0 <= vm.nr_spis <= MAX_NR_SPIS:
             raise EngineError(f"VM {v}: vCPU range or SPI count inconsistent")
+        for x in range(w, vm.first):    # only host threads lie between two VMs' vCPUs
+            if getattr(threads[x], "kind", None) != THREAD_HOST:
+                raise EngineError(f"VM {v}: vCPU range inconsistent (thread {x} before it "
+                                  "is neither its nor a host thread)")
+        w = vm.first + vm.nr_vcpus
         if vm.psci_version not in _PSCI_VERSIONS:
             raise EngineError(f"VM {v}: PSCI version {vm.psci_version:#x} unknown")
         if not isinstance(vm.vcpu_features, int) \
@@ -232,14 +270,29 @@ def check_state(e, programs: bool = True) -> None:
             if not isinstance(x, int) or x < -1 or x >= vm.nr_vcpus:
                 raise EngineError(f"VM {v}: SPI {k} routed to vCPU {x}, which does not exist")
         n += vm.nr_vcpus
-    if n != nth:
-        raise EngineError("the VMs' vCPUs do not add up to the thread count")
     # Threads.
+    k = 0                               # host threads so far
     for g, th in enumerate(threads):
         vm = th.vm
-        if th.g != g or not isinstance(vm, _Vm) or not _index(vm.index, nvm) \
+        if th.kind not in (THREAD_VCPU, THREAD_HOST):
+            raise EngineError(f"thread {g}: an unknown thread kind {th.kind!r}")
+        if th.kind == THREAD_HOST:
+            # A host thread (hostthread.py): no VM, numbered among the host threads,
+            # always with its program, never polling, inside a guest or with a
+            # trap or an interrupt to go on with.
+            if th.g != g or vm is not None or th.vcpu_id != k or not _index(th.pcpu, ncpu):
+                raise EngineError(f"thread {g}: a host thread's VM, number or host CPU "
+                                  "out of range")
+            if th.prog is None or not th.pc_valid or th.state == _POLLING \
+                    or not _index(th.state, _RUNNABLE + 1) \
+                    or th.resume not in (RESUME_START, RESUME_SEGMENT) or th.cont != 0 \
+                    or not isinstance(th.exit_time, int) or not 0 <= th.exit_time <= MAX_TIME:
+                raise EngineError(f"thread {g}: a host thread's state, program, "
+                                  "continuation or deadline holds an unknown value")
+            k += 1
+        elif th.g != g or not isinstance(vm, _Vm) or not _index(vm.index, nvm) \
                 or vms[vm.index] is not vm or th.vcpu_id != g - vm.first \
-                or not _index(th.pcpu, ncpu):
+                or not _index(th.vcpu_id, vm.nr_vcpus) or not _index(th.pcpu, ncpu):
             raise EngineError(f"thread {g}: VM, vCPU id or host CPU out of range")
         if not _index(th.state, _RUNNABLE + 1) or not _index(th.resume, RESUME_SLEEP + 1) \
                 or not _index(th.cont, CONT_EOI + 1) \
@@ -261,6 +314,13 @@ def check_state(e, programs: bool = True) -> None:
         if not isinstance(th.cur_irq, int) or th.cur_irq < -1 or th.cur_irq > 1023 \
                 or not _index(th.sv_cont, CONT_EOI + 1):
             raise EngineError(f"thread {g}: interrupt bookkeeping out of range")
+    if n + k != nth:
+        raise EngineError("the VMs' vCPUs and the host threads do not add up to the "
+                          "thread count")
+    if vms and vms[-1].first + vms[-1].nr_vcpus > nth:
+        raise EngineError(f"VM {nvm - 1}: vCPU range beyond the thread count")
+    if any(threads[g].kind == THREAD_HOST for g in e.exits):
+        raise EngineError("exit queue names a thread that is no vCPU")
     if programs:
         check_programs(e)
     # Host CPUs and their run queues.
@@ -338,21 +398,36 @@ def check_times(e, th) -> None:
         raise EngineError(f"thread {g}: segment times out of order or out of range")
     if th.state == _RUNNING and th.seg_end < now:
         raise EngineError(f"thread {g}: running a segment that ended before the clock")
-    if not all(isinstance(x, int) for x in (th.timer_cval, th.handler_ns, th.sv_guest)) \
-            or th.timer_cval > MAX_TIME or th.handler_ns > MAX_SPAN or th.sv_guest > MAX_SPAN:
-        raise EngineError(f"thread {g}: its timer, handler time or interrupted segment "
-                          "out of range")
+    if not all(isinstance(x, int) for x in (th.timer_cval, th.handler_ns, th.sv_guest,
+                                            th.handler_noiret)) \
+            or th.timer_cval > MAX_TIME or th.handler_ns > MAX_SPAN or th.sv_guest > MAX_SPAN \
+            or th.handler_noiret not in (0, 1):
+        raise EngineError(f"thread {g}: its timer, handler (time, iret flag) or "
+                          "interrupted segment out of range")
     if th.resume == RESUME_HALT and th.state in (_BLOCKED, _RUNNABLE) \
             and th.poll_end < th.halt_start:
         raise EngineError(f"thread {g}: its halt-polling ended before its halt began")
 
 
 def check_programs(e) -> None:
-    """Each distinct program must pass the guest validation against its VM."""
+    """Each distinct program must pass the guest validation against its VM (a host
+    thread's, the host-program validation against the host's VMs)."""
     from .. import guest as _guest
+    from .. import hostprog as _hostprog
     done = set()
+    vms = [(vm.nr_vcpus, vm.nr_spis) for vm in e.vms]
     for g, th in enumerate(e.threads):
         if th.prog is None:
+            continue
+        if th.kind == THREAD_HOST:
+            key = (tuple(th.prog), None, None)
+            if key in done:
+                continue
+            done.add(key)
+            try:
+                _hostprog.validate(np.array(th.prog, dtype=OP_DTYPE), vms, e.arch)
+            except (_guest.ProgramError, TypeError, ValueError, OverflowError) as exc:
+                raise EngineError(f"thread {g}'s host program: {exc}")
             continue
         key = (tuple(th.prog), th.vm.nr_vcpus, th.vm.nr_spis)
         if key in done:
@@ -424,6 +499,7 @@ def check_links(e) -> None:
     where = [0] * nth        # 1: a host CPU's current, 2: queued
     live = [0] * nth         # its live SEGMENT/POLL_END/RUN event
     slices = [0] * nth       # its live SLICE event
+    timers = [0] * nth       # a host thread's live hrtimer
     for c, cpu in enumerate(e.cpus):
         x = cpu.cur
         if x >= 0:
@@ -447,6 +523,12 @@ def check_links(e) -> None:
                 or th.state in (_USER, _BLOCKED) and where[g] != 0 and not th.sched_delayed:
             raise EngineError(f"thread {g}: its state disagrees with its host CPU's run queue")
     for i, (t, cls, _seq, who, gen) in enumerate(e.heap):
+        if cls == _EV_TIMER and threads[who].kind == THREAD_HOST \
+                and gen == threads[who].timer_gen:
+            if timers[who] or threads[who].state != _BLOCKED:
+                raise EngineError(f"event {i}: an hrtimer of host thread {who}, which is "
+                                  "not asleep or has another")
+            timers[who] = 1
         if cls == _EV_SLICE and gen == threads[who].run_gen:
             if slices[who] or not threads[who].slice_armed or where[who] != 1:
                 raise EngineError(f"event {i}: a time slice of thread {who}, which is not "
@@ -473,6 +555,8 @@ def check_links(e) -> None:
                               f"state {int(th.state)}")
         if th.slice_armed and not slices[g]:
             raise EngineError(f"thread {g}: a time slice armed without its event")
+        if th.kind == THREAD_HOST and th.state == _BLOCKED and not timers[g]:
+            raise EngineError(f"thread {g}: a host thread asleep without its hrtimer")
         check_times(e, th)
     for g, th in enumerate(threads):
         if th.cur_irq > (255 if e.x86 else 1023):
@@ -519,6 +603,9 @@ def engine_rehost(e, ncpu: int) -> None:
     if e.sched != host.SCHED_POLICY_FIFO:
         raise ValueError("restoring onto another host CPU count is only "
                          "implemented for the fifo scheduler")
+    if any(th.kind == THREAD_HOST for th in e.threads):
+        raise ValueError("restoring onto another host CPU count is not implemented "
+                         "with host threads")
     threads = e.threads
     for g, th in enumerate(threads):
         if th.aff_kind == host.AFF_LIST and not th.aff_mask & ((1 << ncpu) - 1):
@@ -566,7 +653,8 @@ def engine_rehost(e, ncpu: int) -> None:
         if cpu.cur < 0:
             g = host.rq_popleft(e, cpu)
             cpu.cur = g
-            queue.push_thread(e, threads[g], t + e.costs["context_switch_ns"], _EV_RUN)
+            th = threads[g]
+            queue.push_thread(e, th, t + cost_ns(e, th, COST_CONTEXT_SWITCH), _EV_RUN)
         elif threads[cpu.cur].state == _POLLING:
             halt.block(e, threads[cpu.cur], t, t)
         elif threads[cpu.cur].state == _RUNNING:

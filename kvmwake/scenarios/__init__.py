@@ -15,7 +15,30 @@ A scenario file::
     cpus = "per-vcpu"             # or a number
     scheduler = "fifo"            # or "eevdf": Linux 6.18's fair class (default fifo)
     halt_poll_ns = "200us"        # kvm module parameters (and _grow, _grow_start, _shrink)
-    costs = { wake_to_run_ns = "5us" }
+    costs = { wake_to_run_ns = "5us" }   # or a distribution (kvmwake.costs), e.g.
+    # costs = { wake_to_run_ns = { dist = "lognormal", median = "3us", sigma = 0.5,
+    #                              max = "200us" },
+    #           vm_exit_ns = { dist = "quantiles", q = ["800ns", "1us", "1.5us", "9us"] } }
+
+    [[host.thread]]               # a host thread that is not a vCPU (Host.add_thread)
+    name = "injector"             # optional; with count > 1, "injector-0", ...
+    count = 1
+    affinity = "all"              # or a CPU, or a list of CPUs
+    ops = '''
+    loop {                        # loop N { ... } repeats N times; no 'for' here
+        sleep exp 200us           # blocks; an hrtimer wakes it (also: sleep 1ms,
+                                  #   sleep uniform 10us 50us; sleep_until D: an
+                                  #   absolute deadline moved on by D each time)
+        msi 0 0x30                # x86 MSI to APIC ID 0,
+        compute 2us               #   vector 0x30 of VM 0 (msi ID VEC vm=N); arm64:
+    }                             #   irq INTID [vm=N], an irqfd write on an SPI
+    '''
+
+    [[host.load]]                 # background load (Host.add_load)
+    duty = 0.5                    # computes duty x period, sleeps the rest, forever
+    period = "1ms"
+    affinity = [1]
+    count = 1
 
     [vm]                          # every VM of the host
     arch = "x86"                  # or "arm64"
@@ -49,6 +72,9 @@ A scenario file::
     apic_ids = "all"
     vector = 0x40
     period = "1ms"
+
+Host threads are added after the VMs (their vCPU threads keep their indices,
+CPUs and trace pids); ``nr_vcpus`` in a host program is the first VM's size.
 
 Durations need their unit, written against the number (``"20us"``, ``"4ms"``,
 ``"1.5s"``): a bare number is an error naming the key and the units, except 0

@@ -10,7 +10,7 @@ from ..uapi import Cap
 from .catalog import get
 from .expand import programs_for, source_targets
 from ..vmm import load_policy
-from .parse import Scenario
+from .parse import Scenario, host_program
 
 
 def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = None,
@@ -78,4 +78,17 @@ def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = Non
             vm.vmm = load_policy(sc.vmm)()
             vm.vmm.attach(vm)
         left -= n
+    # Host threads after the VMs (the vCPU threads keep their indices, CPUs and pids).
+    sizes = [vm.nr_vcpus for vm in host.vms]
+    for spec in sc.host_threads:
+        items = host_program(sc, spec, sizes) if spec.nodes is not None else None
+        for i in range(spec.count):
+            name = spec.name if spec.name is None or spec.count == 1 else f"{spec.name}-{i}"
+            try:
+                if items is not None:
+                    host.add_thread(items, spec.affinity, name)
+                else:
+                    host.add_load(spec.duty, spec.period_ns, spec.affinity, name)
+            except (ValueError, TypeError) as exc:
+                raise sc.error(spec.key, str(exc)) from None
     return host, sim_ns, sc

@@ -2,7 +2,7 @@
 
 ::
 
-    set_handler 2us
+    set_handler 2us     # set_handler 2us iret=no: the handler ends masked (no iret)
     timer_arm 4ms period=4ms
     for v in 1..nr_vcpus {
         psci FN64_CPU_ON target=vcpu:$v entry=@0 context=$v
@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 from .. import guest as g
+from .. import hostprog as hp
 from ..model import mpidr_of
 from ..uapi import PsciFn
 
@@ -81,8 +82,11 @@ class Node:
     body: list | None = None
 
 
-def parse(text: str, first_line: int) -> list:
-    """Parse op text whose first line is ``first_line`` of its file."""
+def parse(text: str, first_line: int, host: bool = False) -> list:
+    """Parse op text whose first line is ``first_line`` of its file (``host``: a host
+    thread's program, ``[[host.thread]]``: host ops, no ``for`` blocks)."""
+    known = _HOST_OPS if host else _OPS
+    check = _compile_host_op if host else _compile_op
     root: list = []
     stack = [(root, None)]
     for i, raw in enumerate(text.split("\n")):
@@ -103,20 +107,22 @@ def parse(text: str, first_line: int) -> list:
                 if head and head[0] == "loop" and len(head) <= 2:
                     node = Node(line, "loop", head[1:], [])
                 elif head and head[0] == "for" and len(head) == 4 and head[2] == "in" \
-                        and ".." in head[3]:
+                        and ".." in head[3] and not host:
                     node = Node(line, "for", head[1:], [])
                 else:
                     raise OpError(line, f"{part!r}: a block is 'loop {{', 'loop COUNT {{' "
-                                        "or 'for NAME in FIRST..END {'")
+                                        + ("(host programs have no 'for')" if host else
+                                           "or 'for NAME in FIRST..END {'"))
                 body.append(node)
                 stack.append((node.body, node))
                 continue
-            if words[0] not in _OPS:
-                raise OpError(line, f"unknown op {words[0]!r} (ops: {', '.join(sorted(_OPS))})")
+            if words[0] not in known:
+                raise OpError(line, f"unknown {'host ' if host else ''}op {words[0]!r} "
+                                    f"(ops: {', '.join(sorted(known))})")
             node = Node(line, "op", words)
             # check what can be checked before the VM is known
             try:
-                _compile_op(node, None)
+                check(node, None)
             except _NeedsVm:
                 pass
             except (ValueError, KeyError) as exc:
@@ -298,8 +304,11 @@ def _compile_op(node: Node, ctx):
         _nargs(w, 1)
         return g.set_pmr(_int(w[1], ctx))
     if op == "set_handler":
+        iret = _kw(w, "iret")
+        if iret not in (None, "yes", "no"):
+            raise ValueError(f"iret={iret} must be iret=yes or iret=no")
         _nargs(w, 1)
-        return g.set_handler(duration(w[1]))
+        return g.set_handler(duration(w[1]), iret != "no")
     if op == "timer_arm":
         period = _kw(w, "period")
         period = 0 if period is None else duration(period, "period")
@@ -344,3 +353,64 @@ _OPS = frozenset({"compute", "wfi", "hlt", "mask", "unmask", "hvc", "end", "time
                   "wake", "sgi", "ipi", "irq_enable", "irq_disable", "set_priority", "set_pmr",
                   "set_tpr", "set_handler", "timer_arm", "dist_enable", "route_spi", "set_reg",
                   "sync", "psci"})
+
+
+# -- host programs ([[host.thread]]) -----------------------------------------------------------
+
+_HOST_OPS = frozenset({"compute", "sleep", "sleep_until", "msi", "irq", "end"})
+
+
+def _host_dist(w):
+    """A duration spec after compute / sleep: D, exp D, uniform LO HI."""
+    if len(w) > 1 and w[1] == "exp":
+        _nargs(w, 2)
+        return ("exp", duration(w[2]))
+    if len(w) > 1 and w[1] == "uniform":
+        _nargs(w, 3)
+        return ("uniform", duration(w[2]), duration(w[3]))
+    _nargs(w, 1)
+    return duration(w[1])
+
+
+def _compile_host_op(node: Node, ctx):
+    """A host op (``kvmwake.hostprog``): ``compute`` / ``sleep`` with a duration as
+    guest ``compute`` takes it, ``msi APIC_ID VECTOR [vm=N]`` (x86), ``irq INTID
+    [vm=N]`` (arm64), ``end``.  ``vm=N``: the host's N-th VM (default 0)."""
+    w = list(node.words)
+    op = w[0]
+    if op == "compute":
+        return hp.compute(_host_dist(w))
+    if op == "sleep":
+        return hp.sleep(_host_dist(w))
+    if op == "sleep_until":
+        return hp.sleep_until(_host_dist(w))
+    if op == "end":
+        _nargs(w, 0)
+        return hp.end()
+    vm = _kw(w, "vm")
+    vmi = 0 if vm is None else _int(vm, ctx)
+    if op == "msi":
+        _nargs(w, 2)
+        return hp.msi(vmi, _int(w[1], ctx), _int(w[2], ctx))
+    _nargs(w, 1)
+    return hp.irq(vmi, _int(w[1], ctx))
+
+
+def compile_host(nodes: list, ctx) -> list:
+    """Host-program nodes -> ``kvmwake.hostprog`` items (``loop {`` repeats forever)."""
+    out = []
+    for n in nodes:
+        try:
+            if n.kind == "op":
+                ctx.line = n.line
+                _spend(ctx, n, 1)
+                out.append(_compile_host_op(n, ctx))
+            else:
+                count = expr(n.words[0], ctx.env) if n.words else None
+                out.append(hp.loop(compile_host(n.body, ctx), count=count))
+        except OpError:
+            raise
+        except (ValueError, KeyError) as exc:
+            raise OpError(n.line, f"{' '.join(n.words) if n.kind == 'op' else n.kind}: "
+                                  f"{exc}") from None
+    return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .. import vmm as _vmm
 from ..haltpoll import MODULE_PARAMS
 from ..errors import ScenarioError
+from ..costs import parse_cost
 from ..host import MAX_COST_NS, MAX_HOST_CPUS
 from ..model import (COST_DEFAULTS, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, MAX_NR_SPIS, MAX_VCPUS,
                      SCHEDULERS)
@@ -42,7 +43,9 @@ MAX_POISSON_MEAN_NS = 1 << 50
 
 _KEYS = {
     (): {"name", "description", "sim", "seed", "host", "vm"},
-    ("host",): {"cpus", "costs", "scheduler", *MODULE_PARAMS},
+    ("host",): {"cpus", "costs", "scheduler", "thread", "load", *MODULE_PARAMS},
+    ("host", "thread"): {"ops", "affinity", "count", "name"},
+    ("host", "load"): {"duty", "period", "affinity", "count", "name"},
     ("vm",): {"arch", "vcpus", "per_vm", "tick", "halt_poll", "caps", "spis", "vmm",
               "program", "source", "affinity"},
     ("vm", "program"): {"vcpus", "power_off", "ops"},
@@ -62,6 +65,24 @@ class Program:
 @dataclass
 class Source:
     spec: dict
+    key: tuple
+
+
+#: Most host threads one [[host.thread]] or [[host.load]] table makes (its count).
+MAX_THREAD_COUNT = 4096
+
+
+@dataclass
+class HostThreadSpec:
+    """A ``[[host.thread]]`` (``nodes``: its host program) or ``[[host.load]]``
+    (``duty``, ``period_ns``) table: ``count`` host threads."""
+
+    nodes: list | None
+    duty: float | None
+    period_ns: int | None
+    affinity: object               # "all", a CPU, or a list of CPUs
+    count: int
+    name: str | None
     key: tuple
 
 
@@ -89,6 +110,7 @@ class Scenario:
     affinity: object = "pinned"        # "pinned", "all" or a list of host CPUs
     programs: list = field(default_factory=list)
     sources: list = field(default_factory=list)
+    host_threads: list = field(default_factory=list)   # HostThreadSpec, in file order
     _lines: dict = field(default_factory=dict, repr=False)
     _text: str = field(default="", repr=False)
 
@@ -157,7 +179,8 @@ def loads(text: str, path: str = "<string>") -> Scenario:
         v = table[name]
         if isinstance(v, bool) and bool not in types or not isinstance(v, types):
             want = " or ".join({int: "an integer", str: "a string", bool: "true or false",
-                                list: "an array", dict: "a table"}[t] for t in types)
+                                list: "an array", dict: "a table", float: "a number"}[t]
+                               for t in types)
             raise err(key + (name,), f"must be {want}, not {v!r}")
         return v
 
@@ -205,7 +228,64 @@ def loads(text: str, path: str = "<string>") -> Scenario:
     for k, v in typed(host, ("host",), "costs", (dict,), {}).items():
         if k not in COST_DEFAULTS:
             raise err(("host", "costs", k), f"unknown cost (known: {', '.join(COST_DEFAULTS)})")
-        costs[k] = dur(host["costs"], ("host", "costs"), k, hi=MAX_COST_NS)
+        if isinstance(v, dict):
+            # A distribution (kvmwake.costs): lognormal or quantiles.
+            try:
+                costs[k] = parse_cost(k, v)
+            except (TypeError, ValueError) as exc:
+                raise err(("host", "costs", k), str(exc)) from None
+        else:
+            costs[k] = dur(host["costs"], ("host", "costs"), k, hi=MAX_COST_NS)
+
+    host_threads = []
+    for kind in ("thread", "load"):
+        for i, t in enumerate(typed(host, ("host",), kind, (list,), [])):
+            key = ("host", kind, i)
+            check_keys(t, key, ("host", kind))
+            aff = typed(t, key, "affinity", (str, int, list), "all")
+            if isinstance(aff, str) and aff != "all":
+                raise err(key + ("affinity",), f"must be \"all\", a CPU or a list of CPUs, "
+                                               f"not {aff!r}")
+            for j, c in enumerate(aff if isinstance(aff, list) else
+                                  [] if isinstance(aff, str) else [aff]):
+                hi = cpus - 1 if isinstance(cpus, int) else MAX_HOST_CPUS - 1
+                if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= hi:
+                    raise err(key + ("affinity",) + ((j,) if isinstance(aff, list) else ()),
+                              f"{c!r} is not a host CPU (0..{hi})")
+            if isinstance(aff, list) and not aff:
+                raise err(key + ("affinity",), "an empty CPU set")
+            n = count(t, key, "count", 1, MAX_THREAD_COUNT, 1)
+            tname = typed(t, key, "name", (str,), None)
+            if tname is not None and not tname.strip():
+                raise err(key + ("name",), "must not be empty")
+            nodes = duty = period = None
+            if kind == "thread":
+                ops = typed(t, key, "ops", (str, list), required=True)
+                try:
+                    if isinstance(ops, str):
+                        nodes = _ops.parse(ops, content_line(text, _line_of(lines, key + ("ops",))),
+                                           host=True)
+                    else:
+                        for j, item in enumerate(ops):
+                            if not isinstance(item, str):
+                                raise err(key + ("ops", j), f"an op must be a string, not "
+                                                            f"{item!r}")
+                        nodes = _parse_list(ops, lines, key + ("ops",), host=True)
+                except _ops.OpError as exc:
+                    raise err(key + ("ops",), exc.message, exc.line) from None
+            else:
+                duty = typed(t, key, "duty", (int, float), required=True)
+                if not 0 < duty <= 1:
+                    raise err(key + ("duty",), f"{duty!r} is outside (0, 1]")
+                period = dur(t, key, "period", required=True, lo=1, hi=1 << 61)
+                if round(duty * period) == 0:
+                    raise err(key + ("duty",), f"duty {duty} of a {period} ns period rounds "
+                                               "to 0 ns of work")
+            host_threads.append(HostThreadSpec(nodes, duty, period, aff, n, tname, key))
+    names = [h.name for h in host_threads if h.name is not None]
+    if len(set(names)) != len(names):
+        dup = next(x for x in names if names.count(x) > 1)
+        raise err(("host",), f"two host thread tables are named {dup!r}")
 
     vm = typed(data, (), "vm", (dict,), required=True)
     check_keys(vm, ("vm",), ("vm",))
@@ -327,22 +407,47 @@ def loads(text: str, path: str = "<string>") -> Scenario:
                   vcpus_per_vm=per_vm, host_cpus=None if cpus == "per-vcpu" else cpus,
                   scheduler=scheduler, sim_ns=sim_ns, seed=seed, tick_ns=tick, module_params=params, costs=costs,
                   nr_spis=nr_spis if arch == "arm64" else DEFAULT_NR_SPIS, halt_poll=halt_poll,
-                  caps=caps, vmm=vmm, affinity=affinity, programs=programs, sources=sources, _lines=lines,
-                  _text=text)
+                  caps=caps, vmm=vmm, affinity=affinity, programs=programs, sources=sources,
+                  host_threads=host_threads, _lines=lines, _text=text)
     # Expand everything once for a VM of the usual size, so that a bad file fails at load.
     check_vm(sc, per_vm)
     if total % per_vm:
         check_vm(sc, total % per_vm)
+    for spec in host_threads:
+        if spec.nodes is not None:
+            host_program(sc, spec, [min(per_vm, total - k * per_vm)
+                                    for k in range(-(-total // per_vm))])
     return sc
 
 
-def _parse_list(items, lines, key):
+def host_program(sc: Scenario, spec: HostThreadSpec, vm_sizes: list):
+    """The ``kvmwake.hostprog`` items of a ``[[host.thread]]`` for a host whose VMs
+    have ``vm_sizes`` vCPUs (``nr_vcpus`` in its expressions: the first VM's), its
+    MSI / IRQ targets checked against them."""
+    import numpy as np
+    from .. import hostprog as _hp
+    ctx = _ops.Ctx(None, {"nr_vcpus": vm_sizes[0]})
+    try:
+        items = _ops.compile_host(spec.nodes, ctx)
+        prog = _hp.HostProgram(items)
+        ops = np.array(prog.ops)
+        for i, vmi in prog.vm_refs.items():
+            ops["p0"][i] = vmi
+        _hp.validate(ops, [(n, sc.nr_spis) for n in vm_sizes], sc.arch)
+    except _ops.OpError as exc:
+        raise sc.error(spec.key + ("ops",), exc.message, exc.line) from None
+    except ValueError as exc:
+        raise sc.error(spec.key + ("ops",), str(exc)) from None
+    return items
+
+
+def _parse_list(items, lines, key, host=False):
     """Ops given as an array of strings (a block's '{' and '}' may be separate items)."""
     idx = []
     for j, item in enumerate(items):
         idx += [_line_of(lines, key + (j,))] * (item.count("\n") + 1)
     try:
-        root = _ops.parse("\n".join(items), 0)
+        root = _ops.parse("\n".join(items), 0, host=host)
     except _ops.OpError as exc:
         raise _ops.OpError(idx[exc.line] if 0 <= exc.line < len(idx) else exc.line,
                            exc.message) from None
