@@ -277,14 +277,16 @@ ctypedef struct engine_t:
     uint32_t _pad_sched
     # Placement (core/host.pxi): CPU affinity masks (aff_words uint64 words per
     # AFF_LIST mask, bit c = CPU c), each CPU's LLC group, the thread whose event
-    # is being handled (the waker of any wake-up it causes; -1: none), and how
-    # many threads are not AFF_PINNED (0: nothing ever migrates).
+    # is being handled (the waker of any wake-up it causes; -1: none), how
+    # many threads are not AFF_PINNED (0: nothing ever migrates), and how many
+    # threads wait in run queues over all CPUs (rq_len summed: 0 means no CPU is
+    # overloaded, rd->overloaded, and a newly idle CPU has nothing to pull).
     uint64_t* affmask
     uint32_t* llc
     uint32_t aff_words
     int32_t waker
     uint32_t nunpinned
-    uint32_t _pad_place
+    uint32_t nqueued
     # Costs with tails (kvmwake.costs): row c of cost_tab (KW_COST_TABLE_N values)
     # is drawn cost c's quantile table; bit c of cost_dist says cost c is drawn from
     # it (else costs_t's constant is charged, and nothing is drawn).

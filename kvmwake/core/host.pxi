@@ -62,6 +62,7 @@ cdef inline void rq_append(engine_t* e, cpu_t* cpu, int32_t g) noexcept nogil:
         cpu.rq_head = g
     cpu.rq_tail = g
     cpu.rq_len += 1
+    e.nqueued += 1
 
 
 cdef inline int32_t rq_popleft(engine_t* e, cpu_t* cpu) noexcept nogil:
@@ -70,6 +71,7 @@ cdef inline int32_t rq_popleft(engine_t* e, cpu_t* cpu) noexcept nogil:
     if cpu.rq_head < 0:
         cpu.rq_tail = -1
     cpu.rq_len -= 1
+    e.nqueued -= 1
     e.th[g].rq_next = -1
     return g
 
@@ -365,6 +367,7 @@ cdef void rq_remove(engine_t* e, cpu_t* cpu, int32_t g) noexcept nogil:
     if cpu.rq_tail == g:
         cpu.rq_tail = prev
     cpu.rq_len -= 1
+    e.nqueued -= 1
     e.th[g].rq_next = -1
 
 
@@ -802,12 +805,16 @@ cdef int sched_balance_newidle(engine_t* e, uint32_t c, uint64_t t) noexcept nog
     the busiest CPU there (the most threads current or queued, at least 2; the
     lowest-numbered on a tie; outside c's LLC at the host level), skipping a CPU
     whose threads are all pinned (LBF_ALL_PINNED) for the next busiest; the pulled
-    thread runs after context_switch_ns.  -1 on error.  (No avg_idle / max_newidle_lb_cost cut-off, no periodic or NOHZ
-    balancing.)"""
+    thread runs after context_switch_ns.  -1 on error.  As the kernel's, it
+    returns at once when no CPU is overloaded (rd->overloaded: here, no thread
+    waits in any run queue).  (No avg_idle / max_newidle_lb_cost cut-off, no
+    periodic or NOHZ balancing.)"""
     cdef uint32_t level, x, best, bestn, n, lastn
     cdef int32_t last, p
     cdef bint all_pinned
-    if e.nunpinned == 0:
+    if e.nunpinned == 0 or e.nqueued == 0:
+        # Nothing can move, or no CPU is overloaded (rd->overloaded clear: no
+        # thread waits anywhere), so the balance pass would find nothing.
         return 0
     for level in range(2):
         lastn = <uint32_t>-1

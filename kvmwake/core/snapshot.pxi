@@ -215,6 +215,9 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     e.halt_poll_ns, e.grow = scalars["halt_poll_ns"], scalars["grow"]
     e.grow_start, e.shrink = scalars["grow_start"], scalars["shrink"]
     e.exq_head, e.exq_len = scalars["exq_head"], scalars["exq_len"]
+    e.nqueued = 0
+    for c in range(e.ncpu):
+        e.nqueued += e.cpus[c].rq_len                 # derived (checked with the queues)
     _check_state(self, True)
     self._prog_index = {}
     index_affinity(self)
@@ -396,6 +399,12 @@ cdef _check_state(Engine self, bint programs):
         if i and ev_before(ev, &e.heap[(i - 1) >> 1]):
             raise ValueError(f"event {i}: the heap is out of order")
     _check_links(self)
+    n = 0
+    for c in range(e.ncpu):
+        n += e.cpus[c].rq_len
+    if n != e.nqueued:
+        raise ValueError(f"{n} threads wait in the run queues, but the count of waiting "
+                         f"threads is {e.nqueued}")
 
 
 cdef check_times(engine_t* e, uint32_t g):
@@ -650,12 +659,15 @@ cdef check_affinity(Engine self, uint32_t g):
 
 
 cdef index_affinity(Engine self):
-    """After an import or re-placement: the mask table's index and the count of
-    threads that are not pinned (both derived)."""
+    """After an import or re-placement: the mask table's index, the count of
+    threads that are not pinned and the count of waiting threads (all derived)."""
     cdef engine_t* e = &self.e
     cdef uint32_t g
     self._aff_index = {}
     e.nunpinned = 0
+    e.nqueued = 0
+    for g in range(e.ncpu):
+        e.nqueued += e.cpus[g].rq_len
     for g in range(e.nth):
         if e.th[g].aff_kind != AFF_PINNED:
             e.nunpinned += 1
@@ -799,4 +811,5 @@ def _engine_rehost(Engine self, uint32_t ncpu):
         elif e.th[cpu.cur].state == TS_RUNNING:
             if arm_slice(e, &e.th[cpu.cur], <uint32_t>cpu.cur, t):
                 raise MemoryError("the event heap could not grow")
+    index_affinity(self)
     _check_state(self, True)
