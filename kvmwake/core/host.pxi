@@ -838,7 +838,8 @@ cdef int sched_balance_newidle(engine_t* e, uint32_t c, uint64_t t) noexcept nog
             p = detach_one(e, best, c, t, &all_pinned)
             if p >= 0:
                 detach_queued(e, <uint32_t>p, t)
-                return attach_queued(e, <uint32_t>p, c, t, e.costs.context_switch_ns)
+                return attach_queued(e, <uint32_t>p, c, t,
+                                     cost_ns(e, &e.th[p], COST_CONTEXT_SWITCH))
             if not all_pinned:
                 break               # hot threads: nothing moves at this level
             lastn = bestn
@@ -861,4 +862,4 @@ cdef int migrate_disallowed(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     if th.state != TS_RUNNABLE:
         return 0
     detach_queued(e, g, t)
-    return attach_queued(e, g, select_fallback_rq(e, g), t, e.costs.wake_to_run_ns)
+    return attach_queued(e, g, select_fallback_rq(e, g), t, cost_ns(e, th, COST_WAKE_TO_RUN))

@@ -25,7 +25,7 @@ from ..model import (
 )
 from ..uapi import ExitReason
 from .queue import heap_push, push_thread
-from .rng import COST_CONTEXT_SWITCH, COST_VM_ENTRY, COST_VM_EXIT, cost_ns
+from .rng import COST_CONTEXT_SWITCH, COST_VM_ENTRY, COST_VM_EXIT, COST_WAKE_TO_RUN, cost_ns
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
@@ -749,7 +749,7 @@ def sched_balance_newidle(e, c, t):
             th, all_pinned = detach_one(e, x, c, t)
             if th is not None:
                 detach_queued(e, th, t)
-                attach_queued(e, th, c, t, e.costs["context_switch_ns"])
+                attach_queued(e, th, c, t, cost_ns(e, th, COST_CONTEXT_SWITCH))
                 return
             if not all_pinned:
                 break
@@ -768,4 +768,4 @@ def migrate_disallowed(e, th, t):
     if th.state != _RUNNABLE:
         return
     detach_queued(e, th, t)
-    attach_queued(e, th, select_fallback_rq(e, th), t, e.costs["wake_to_run_ns"])
+    attach_queued(e, th, select_fallback_rq(e, th), t, cost_ns(e, th, COST_WAKE_TO_RUN))
