@@ -318,7 +318,7 @@ def test_tails_fitted_from_uncontended_latencies(tmp_path):
 
 def test_sim_costs_are_what_the_simulated_host_gets(tmp_path, monkeypatch):
     """compare's simulation gives Host(costs=...) calibrate.sim_costs(cal): the
-    constants in this build (the tails stay in calibration.json)."""
+    constants with the fitted tails (--tails: cal["costs"]) over them."""
     from kvmwake.kernel import compare as CMP
     from kvmwake.kernel import simulate as SM
     d = tmp_path / "r"
@@ -326,7 +326,8 @@ def test_sim_costs_are_what_the_simulated_host_gets(tmp_path, monkeypatch):
     cal = C.fit(R.load(d), quick=True)
     cal["costs"] = {"wake_to_run_ns": {"dist": "quantiles", "q": [1000, 5000, 90000]}}
     C.save(R.load(d), cal)
-    assert C.sim_costs(cal) == cal["params"]["costs"]
+    assert C.sim_costs(cal) == {**cal["params"]["costs"], **cal["costs"]}
+    assert C.sim_costs(cal) == C.host_costs(cal)
     got = []
     real = SM.Host
 

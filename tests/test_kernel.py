@@ -263,7 +263,9 @@ def test_calibration_recovers_the_costs_it_was_made_with(synthetic, tmp_path):
     assert co["vm_entry_ns"] + co["vm_exit_ns"] == pytest.approx(1_600, abs=300)
     assert cal["params"]["handler_ns"] == 12_000
     assert cal["params"]["delivery_ns"] == pytest.approx(900, abs=250)
-    assert cal["fit"]["free"] == ["wake_to_run_ns", "context_switch_ns", "sched_slice_ns"]
+    # EEVDF (the default): the slice is the scheduler's, sched_slice_ns not searched
+    assert cal["params"]["scheduler"] == "eevdf"
+    assert cal["fit"]["free"] == ["wake_to_run_ns", "context_switch_ns"]
     assert cal["fit"]["loss"] < 0.5
     C.save(rec, cal)
     c = CM.run(R.load(rec.path))
@@ -278,8 +280,28 @@ def test_calibration_of_one_vcpu_leaves_context_switch_alone(tmp_path):
     assert cal["fit"]["free"] == ["wake_to_run_ns"]
     assert cal["params"]["costs"]["context_switch_ns"] == COST_DEFAULTS["context_switch_ns"]
     assert cal["params"]["costs"]["sched_slice_ns"] == COST_DEFAULTS["sched_slice_ns"]
+    assert any("context_switch_ns is not identified" in n for n in cal["notes"])
+    fifo = C.fit(R.load(tmp_path / "one"), quick=True, scheduler="fifo")
+    assert fifo["fit"]["free"] == ["wake_to_run_ns"]
     assert any("context_switch_ns and sched_slice_ns are not identified" in n
-               for n in cal["notes"])
+               for n in fifo["notes"])
+
+
+def test_calibration_searches_the_slice_under_fifo_only(synthetic, tmp_path):
+    """sched_slice_ns is searched where the injector shares a vCPU's CPU under FIFO;
+    under EEVDF it is unused (the scheduler's own slice) and keeps the default."""
+    assert [f[0] for f in C.free_costs("fifo", True)] == [
+        "wake_to_run_ns", "context_switch_ns", "sched_slice_ns"]
+    assert [f[0] for f in C.free_costs("eevdf", True)] == [
+        "wake_to_run_ns", "context_switch_ns"]
+    assert [f[0] for f in C.free_costs("fifo", False)] == ["wake_to_run_ns"]
+    cal = C.fit(R.load(_copy(synthetic, tmp_path)), quick=True, scheduler="fifo")
+    assert cal["params"]["scheduler"] == "fifo"
+    assert cal["fit"]["free"] == ["wake_to_run_ns", "context_switch_ns", "sched_slice_ns"]
+    assert "sched_slice_ns" in cal["fit"]
+    eevdf = C.fit(R.load(_copy(synthetic, tmp_path / "e")), quick=True)
+    assert "sched_slice_ns" not in eevdf["fit"]
+    assert eevdf["params"]["costs"]["sched_slice_ns"] == COST_DEFAULTS["sched_slice_ns"]
 
 
 def test_stats_only_recording_calibrates_and_compares(tmp_path):

@@ -31,12 +31,16 @@ Two kinds of parameters.
 
 **Fitted** by weighted least squares on the model's output:
 ``wake_to_run_ns`` (a thread woken on an idle host CPU), and where a vCPU
-shares its host CPU with the injector, ``context_switch_ns`` and
-``sched_slice_ns`` (the model has no wake-up preemption; a short slice
-stands in for EEVDF letting the woken injector run before the vCPU's
-handler is done; it is kept above 1.2 times the handler's whole segment,
-since in the engine a shorter slice starves a preempted handler).  For each candidate the workload is simulated and the
-residuals are
+shares its host CPU with the injector, ``context_switch_ns`` (``free_costs``).
+The simulation runs the host scheduler of ``--scheduler`` (``SimParams.scheduler``,
+saved in ``params``): under ``"eevdf"`` (default, the machine's Linux 6.18) the
+woken injector preempts a running vCPU as ``check_preempt_wakeup_fair`` decides
+and ``sched_slice_ns`` is unused, so not searched.  Under ``"fifo"`` (for
+comparison) a woken thread never preempts and ``sched_slice_ns`` is searched too:
+a short slice stands in for EEVDF letting the woken injector run before the
+vCPU's handler is done; it is kept above 1.2 times the handler's whole segment,
+since in the engine a shorter slice starves a preempted handler.  For each
+candidate the workload is simulated and the residuals are
 
 * the poll share of halts, in units of 5 percentage points;
 * ``ln(model / kernel)`` of the median wait time, in units of 0.15;
@@ -395,13 +399,11 @@ def sim_costs(cal: dict) -> dict:
     the one place that decides whether the fitted tails (``--tails``: ``cal["costs"]``,
     ``host_costs``) reach the model.
 
-    Today the constants ``params.costs``: this build's ``Host`` takes constant costs
-    only (``kvmwake.costs``, which samples distributions, is not part of it), so the
-    quantile tables stay in ``calibration.json`` and compare runs the medians.  Once
-    ``Host(costs=...)`` accepts the contract's distributions, this returns
-    ``host_costs(cal)``."""
-    p, _ = load_params(cal)
-    return dict(p.costs)
+    ``Host(costs=...)`` takes the contract's distributions (``kvmwake.costs``), so this
+    is ``host_costs(cal)``: the constants with the quantile tables over them.  The
+    simulation's own arithmetic on costs (the lead-in, the injector's deadlines) takes
+    their medians (``costs.cost_median``)."""
+    return host_costs(cal)
 
 
 def saturation(kv: KernelView) -> dict:
@@ -499,7 +501,8 @@ def direct_estimates(kv: KernelView) -> dict:
     return out
 
 
-def initial_params(kv: KernelView, est: dict, arrivals: str = "sent") -> tuple[SimParams, list]:
+def initial_params(kv: KernelView, est: dict, arrivals: str = "sent",
+                   scheduler: str = "eevdf") -> tuple[SimParams, list]:
     """SimParams from the direct estimates; notes say what had to be assumed."""
     notes = []
     handler = est["handler_ns"]
@@ -528,7 +531,7 @@ def initial_params(kv: KernelView, est: dict, arrivals: str = "sent") -> tuple[S
     p = SimParams(costs=costs, handler_ns=int(round(handler)), delivery_ns=int(round(delivery)),
                   lateness_ns=int(round(est["lateness_ns"])), arrivals=arrivals,
                   injector_idle_wake_ns=int(round(est["injector_idle_wake_ns"])),
-                  injector_ns=int(round(est["injector_ns"])))
+                  injector_ns=int(round(est["injector_ns"])), scheduler=scheduler)
     return p, notes
 
 
@@ -570,8 +573,11 @@ def residuals(kfig: dict, kd1: list, sfig: dict, sd1: list, traced: bool) -> dic
     return r
 
 
-def shares_injector_cpu(nvcpus: int, host_cpus: int) -> bool:
-    inj = nvcpus % host_cpus
+def shares_injector_cpu(nvcpus: int, host_cpus: int, injector_cpu: int | None = None) -> bool:
+    """Whether a vCPU thread (on CPU ``g % host_cpus``) shares its CPU with the injector
+    thread: on ``injector_cpu`` where the recorder pinned it, else where the model
+    starts it (thread index ``nvcpus``, ``host_thread_cpu``)."""
+    inj = nvcpus % host_cpus if injector_cpu is None else injector_cpu
     return any(v % host_cpus == inj for v in range(nvcpus))
 
 
@@ -592,13 +598,26 @@ FREE = (("wake_to_run_ns", W2R_RANGE, 11, 7),
         ("sched_slice_ns", SLICE_RANGE, 4, 3))
 
 
+def free_costs(scheduler: str, shared: bool) -> list:
+    """The costs ``fit`` searches (``FREE`` rows): ``wake_to_run_ns`` always; where a
+    vCPU shares its CPU with the injector, ``context_switch_ns``, and under FIFO
+    ``sched_slice_ns`` (the only way a FIFO run queue lets a woken thread in before the
+    running one is done).  Under EEVDF the slice is the scheduler's own
+    (``sysctl_sched_base_slice`` scaled by the CPU count), ``sched_slice_ns`` unused."""
+    return [f for f in FREE
+            if f[0] == "wake_to_run_ns"
+            or shared and (f[0] == "context_switch_ns"
+                           or f[0] == "sched_slice_ns" and scheduler == "fifo")]
+
+
 def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None,
-        tails: bool = False) -> dict:
-    """Calibrate on ``rec``; returns the calibration dict (also what is saved)."""
+        tails: bool = False, scheduler: str = "eevdf") -> dict:
+    """Calibrate on ``rec`` with the host ``scheduler`` (the simulation's
+    ``SimParams.scheduler``); returns the calibration dict (also what is saved)."""
     t_start = time.perf_counter()
     kv = kernel_view(rec)
     est = direct_estimates(kv)
-    params, notes = initial_params(kv, est, arrivals)
+    params, notes = initial_params(kv, est, arrivals, scheduler)
     setup = Setup.from_recording(rec)
     traced = rec.traced
     kd1 = (_d1_wait_by_vcpu(kv.halts, kv.waker, rec.wakes["sent_ns"], rec.nvcpus)
@@ -606,12 +625,12 @@ def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None,
     if not traced:
         notes.append("stats-only recording: fitted on the poll/wait split and the median of "
                      "halt_wait_hist only")
-    shared = shares_injector_cpu(rec.nvcpus, int(rec.meta["host_cpus"]))
+    shared = shares_injector_cpu(rec.nvcpus, int(rec.meta["host_cpus"]), setup.injector_cpu)
     if not shared:
-        notes.append("no vCPU shares its host CPU with the injector: context_switch_ns and "
-                     "sched_slice_ns are not identified by this recording and keep the "
-                     "model's defaults")
-    free = [f for f in FREE if shared or f[0] == "wake_to_run_ns"]
+        notes.append("no vCPU shares its host CPU with the injector: context_switch_ns"
+                     + (" and sched_slice_ns are" if scheduler == "fifo" else " is")
+                     + " not identified by this recording and keep the model's defaults")
+    free = free_costs(scheduler, shared)
     # A slice shorter than a handler's whole segment starves the preempted vCPU in the
     # engine (its handler never completes while the injector keeps waking): keep above.
     co = params.costs

@@ -25,6 +25,8 @@ from ..cli.argtypes import nonneg_int as _nonneg
 from ..cli.argtypes import positive_int as _pos_int
 from ..cli.argtypes import u32 as _u32
 
+from ..model import SCHEDULERS
+
 COMMANDS = ("record", "calibrate", "compare", "suite")
 
 
@@ -87,6 +89,9 @@ def build_parser(subparsers) -> None:
                    help="simulated MSIs at the real send times (default) or at the spec's "
                         "targets plus the median lateness")
     c.add_argument("--quick", action="store_true", help="a coarser search (for tests)")
+    c.add_argument("--scheduler", choices=SCHEDULERS, default="eevdf",
+                   help="the host scheduler the simulation runs (default eevdf, the "
+                        "kernel's; fifo for comparison)")
     c.add_argument("--tails", action="store_true",
                    help="also fit wake_to_run_ns as a distribution (quantiles) from the "
                         "spread of the uncontended latencies (calibration.json's costs)")
@@ -104,6 +109,9 @@ def build_parser(subparsers) -> None:
                    help="exit 1 if any checked acceptance criterion misses its bound (a "
                         "saturated recording is not scored)")
     p.add_argument("--seed", type=_nonneg, default=0, help="simulation seed (default 0)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                   help="run the model with this host scheduler instead of the "
+                        "calibration's (eevdf or fifo)")
 
     from . import suite as _suite
     s = subparsers.add_parser(
@@ -179,7 +187,8 @@ def _calibrate(args) -> int:
     from .recording import load
     rec = load(args.dir)
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
-    cal = C.fit(rec, arrivals=args.arrivals, quick=args.quick, log=log, tails=args.tails)
+    cal = C.fit(rec, arrivals=args.arrivals, quick=args.quick, log=log, tails=args.tails,
+                scheduler=args.scheduler)
     C.save(rec, cal)
     if args.json:
         print(json.dumps(cal, indent=2, default=float))
@@ -219,7 +228,7 @@ def _compare(args) -> int:
     from . import compare as CM
     from .recording import load
     rec = load(args.dir)
-    c = CM.compare_dir(rec, png=not args.no_png, seed=args.seed)
+    c = CM.compare_dir(rec, png=not args.no_png, seed=args.seed, scheduler=args.scheduler)
     if args.json:
         print(CM.dumps(c))
     else:

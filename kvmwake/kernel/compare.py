@@ -48,7 +48,7 @@ from . import calibrate as C
 from . import schedtrace as ST
 from .recording import Recording, RecordingError, write_json
 from .replay import replay
-from .simulate import Setup
+from .simulate import SimParams, Setup
 
 #: Acceptance bounds of the issue.
 SPLIT_BOUND_PP = 5.0
@@ -114,14 +114,25 @@ def _drop_first_halts(stats: dict, h: A.Halts | None) -> dict:
     return out
 
 
-def run(rec: Recording, cal: dict | None = None, seed: int = 0) -> dict:
-    """Simulate ``rec``'s workload with its calibration; returns every compared figure."""
+def sim_params(cal: dict, scheduler: str | None = None):
+    """(SimParams, port_exit_ns) of a calibration, its host scheduler replaced by
+    ``scheduler`` when given ("eevdf" | "fifo": ``compare --scheduler``)."""
+    params, port_exit = C.load_params(cal)
+    if scheduler is not None:
+        params = SimParams.from_dict({**params.to_dict(), "scheduler": scheduler})
+    return params, port_exit
+
+
+def run(rec: Recording, cal: dict | None = None, seed: int = 0,
+        scheduler: str | None = None) -> dict:
+    """Simulate ``rec``'s workload with its calibration (with ``scheduler`` instead of
+    the calibration's, if given); returns every compared figure."""
     if cal is None:
         if rec.calibration is None:
             raise RecordingError(f"{rec.path}: no calibration.json; run 'kvmwake kernel "
                                  f"calibrate {rec.path}' first")
         cal = rec.calibration
-    params, port_exit = C.load_params(cal)
+    params, port_exit = sim_params(cal, scheduler)
     kv = C.kernel_view(rec)
     setup = Setup.from_recording(rec)
     r, h, wk, sfig = C.sim_view(setup, params, port_exit, seed=seed,
@@ -369,7 +380,7 @@ def print_report(c: dict, out=None) -> None:
     w(f"  model costs: wake_to_run {co['wake_to_run_ns']} ns, context_switch "
       f"{co['context_switch_ns']} ns, vm_entry {co['vm_entry_ns']} ns, vm_exit "
       f"{co['vm_exit_ns']} ns, handler {p['handler_ns']} ns, delivery {p['delivery_ns']} ns "
-      f"(arrivals: {p['arrivals']})\n\n")
+      f"(arrivals: {p['arrivals']}, scheduler: {p.get('scheduler', 'eevdf')})\n\n")
     rows = [("", "kernel", "model", "model/kernel")]
     if rc["traced"]:
         rows.append(("halts (kvm_vcpu_wakeup lines)", _num(k["halts"]), _num(m["halts"]),
@@ -564,10 +575,10 @@ def write_png(c: dict, path: Path, kernel_lat=None, model_lat=None) -> str:
     return "matplotlib"
 
 
-def latencies(rec: Recording, cal: dict, seed: int = 0):
+def latencies(rec: Recording, cal: dict, seed: int = 0, scheduler: str | None = None):
     """Per-halt send-to-halt-end latencies, kernel and model (for the picture)."""
     kv = C.kernel_view(rec)
-    params, port_exit = C.load_params(cal)
+    params, port_exit = sim_params(cal, scheduler)
     r, h, wk, _ = C.sim_view(Setup.from_recording(rec), params, port_exit, seed=seed,
                              host_costs=C.sim_costs(cal))
     out = []
@@ -580,11 +591,13 @@ def latencies(rec: Recording, cal: dict, seed: int = 0):
     return out
 
 
-def compare_dir(rec: Recording, png: bool = True, seed: int = 0) -> dict:
-    c = run(rec, seed=seed)
+def compare_dir(rec: Recording, png: bool = True, seed: int = 0,
+                scheduler: str | None = None) -> dict:
+    c = run(rec, seed=seed, scheduler=scheduler)
     write_json(rec.path / COMPARE_JSON, c)
     if png:
-        klat, mlat = latencies(rec, rec.calibration, seed) if rec.traced else (None, None)
+        klat, mlat = (latencies(rec, rec.calibration, seed, scheduler) if rec.traced
+                      else (None, None))
         c["png"] = str(rec.path / COMPARE_PNG)
         c["png_backend"] = write_png(c, rec.path / COMPARE_PNG, klat, mlat)
     return c

@@ -59,13 +59,20 @@ import numpy as np
 
 from .. import guest as g
 from .. import vmm as _vmm
+from ..costs import cost_median
 from ..host import Host
+from ..model import SCHEDULERS
 from ..model import COST_DEFAULTS
 from ..uapi import Cap
 from .microvm import NR_VECTORS, VEC_BASE, msi_address, wake_vector
 from .schedtrace import SchedTrace, from_timeline
 
 PID_BASE = 1000
+
+#: SimParams keys of earlier calibrations that ``from_dict`` accepts and ignores:
+#: ``injector_busy_wake_ns`` timed the Python-stepped injector's wake-up onto a
+#: busy CPU, which the host scheduler decides now.
+RETIRED_PARAMS = ("injector_busy_wake_ns",)
 
 
 @dataclass
@@ -79,9 +86,9 @@ class SimParams:
     arrivals: str = "sent"               # "sent" | "target"
     injector: bool = True                # model the injector thread
     injector_idle_wake_ns: int = 17_000  # "target" arrivals: target -> injector runs from idle
-    injector_busy_wake_ns: int = 1_000   # target -> injector runnable, its CPU busy
     injector_ns: int = 1_000             # the injector's work per send
     lead_in_ns: int | None = None        # first wake at lead_in + target (None: automatic)
+    scheduler: str = "eevdf"             # the host scheduler (Host(scheduler=...)): eevdf | fifo
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +96,9 @@ class SimParams:
     @classmethod
     def from_dict(cls, d: dict) -> SimParams:
         known = set(cls.__dataclass_fields__)
+        # Calibrations of the Python-stepped injector: its busy-CPU wake-up is the
+        # host scheduler's now.
+        d = {k: v for k, v in d.items() if k not in RETIRED_PARAMS}
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown simulation parameters: {', '.join(sorted(extra))}")
@@ -99,10 +109,13 @@ class SimParams:
         if unknown:
             raise ValueError(f"unknown costs: {', '.join(sorted(unknown))}")
         p.costs = {**COST_DEFAULTS, **{k: int(v) for k, v in p.costs.items()}}
+        if p.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not "
+                             f"{p.scheduler!r}")
         if p.arrivals not in ("sent", "target"):
             raise ValueError(f"arrivals must be 'sent' or 'target', not {p.arrivals!r}")
         for name in ("handler_ns", "delivery_ns", "lateness_ns", "injector_idle_wake_ns",
-                     "injector_busy_wake_ns", "injector_ns"):
+                     "injector_ns"):
             v = getattr(p, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v > 1e10:
                 raise ValueError(f"{name} = {v!r} is not a duration in ns")
@@ -123,6 +136,12 @@ class Setup:
     index: np.ndarray
     sent_ns: np.ndarray | None = None   # the real send, after the injector's start (-1: none)
     ipi: object = None                  # an ipi recording's plan (workload.IpiPlan): simulate_ipi
+    injector_cpu: int | None = None     # where the recorder pinned the injector (None: unpinned)
+
+    @property
+    def injector_affinity(self):
+        """The injector thread's ``add_thread`` affinity: its CPU, or "all" (unpinned)."""
+        return "all" if self.injector_cpu is None else int(self.injector_cpu)
 
     @classmethod
     def from_recording(cls, rec) -> Setup:
@@ -130,9 +149,12 @@ class Setup:
         t0 = int(rec.meta["t0_ns"])
         sent = np.where(w["sent_ns"] > 0, w["sent_ns"] - t0, -1)
         from .recording import regenerate_plan, workload_kind
+        from .calibrate import sim_placement
         plan = regenerate_plan(rec) if workload_kind(rec.meta) == "ipi" else None
+        inj = sim_placement(rec.meta)["injector"]
         return cls(rec.nvcpus, int(rec.meta["host_cpus"]), dict(rec.module_params), rec.cap,
-                   w["target_ns"], w["vcpu"].astype(np.int32), w["index"], sent, plan)
+                   w["target_ns"], w["vcpu"].astype(np.int32), w["index"], sent, plan,
+                   None if inj == "all" else int(inj))
 
     def ceiling(self) -> int:
         return self.cap if self.cap is not None else int(self.module_params["halt_poll_ns"])
@@ -164,16 +186,12 @@ def lead_in(setup: Setup, params: SimParams) -> int:
         return int(params.lead_in_ns)
     costs = {**COST_DEFAULTS, **params.costs}
     return max(2_000_000, 2 * setup.ceiling(),
-               costs["wake_to_run_ns"] + costs["vm_entry_ns"] + 100_000)
+               cost_median(costs["wake_to_run_ns"]) + cost_median(costs["vm_entry_ns"])
+               + 100_000)
 
 
 def _program(handler_ns: int, iret: bool = True):
     return [g.set_handler(max(0, int(handler_ns)), iret=iret), g.loop([g.unmask(), g.hlt()])]
-
-
-def injector_vector(k: int) -> int:
-    """Decreasing with k, so pending timers are taken in order (highest vector first)."""
-    return VEC_BASE + NR_VECTORS - 1 - k % NR_VECTORS
 
 
 def simulate(setup: Setup, params: SimParams, seed: int = 0, engine: str = "core",
@@ -195,7 +213,7 @@ def _simulate_msi(setup: Setup, params: SimParams, seed: int, engine: str, drain
                   tl_capacity: int, host_costs: dict | None = None) -> tuple[SimResult, int]:
     lead = lead_in(setup, params)
     costs = {**COST_DEFAULTS, **params.costs}
-    w2r, entry = int(costs["wake_to_run_ns"]), int(costs["vm_entry_ns"])
+    w2r = cost_median(costs["wake_to_run_ns"])
     target = lead + setup.target_ns.astype(np.int64)
     n = len(target)
     if params.arrivals == "sent" and setup.sent_ns is not None:
@@ -203,22 +221,51 @@ def _simulate_msi(setup: Setup, params: SimParams, seed: int, engine: str, drain
         send = np.where(have, lead + setup.sent_ns.astype(np.int64), -1)
     else:
         have = np.ones(n, dtype=bool)
-        send = np.full(n, -1, dtype=np.int64)       # decided as the run goes
-    host, vm, inj = _build(setup, params, seed, engine, tl_capacity, host_costs)
+        send = target + params.lateness_ns
+    host, vm = _build(setup, params, seed, engine, tl_capacity, host_costs)
     idle = np.zeros(n, dtype=bool)
-    if inj is None:
-        if params.arrivals != "sent" or setup.sent_ns is None:
-            send = target + params.lateness_ns
+    th = None
+    if not params.injector:
         _deliver_fixed(host, vm, setup, send + params.delivery_ns, have, drain_ns)
     else:
-        _deliver_with_injector(host, vm, inj, setup, params, target, send, have, idle,
-                               w2r, entry, int(costs["context_switch_ns"]), drain_ns)
+        deadline = injector_deadlines(setup, params, lead, target, send, have, w2r)
+        th = host.add_thread(injector_program(vm, setup, params, deadline),
+                             affinity=setup.injector_affinity, name="injector")
+        last = int(deadline.max()) if (deadline >= 0).any() else 0
+        host.run(last + w2r + drain_ns)
+        send = injector_sends(host, th, deadline, params)
+        idle = _woke_from_idle(host, th, deadline)
     events = vm.trace_events()
     stats = [v.stats() for v in vm.vcpus]
     if host.timeline_dropped:
         return None, host.timeline_dropped
     return SimResult(setup, params, lead, send, send + params.delivery_ns, target, events,
-                     stats, idle, sched_trace(host, vm, inj)), 0
+                     stats, idle, sched_trace(host, vm, th)), 0
+
+
+def _woke_from_idle(host, th, deadline: np.ndarray) -> np.ndarray:
+    """Per wake: the injector slept to its deadline and was woken onto an idle CPU
+    (no other thread running, polling or queued there at that instant)."""
+    from ..model import ThreadState as TS
+    tl = host.timeline_array()
+    out = np.zeros(len(deadline), dtype=bool)
+    if not len(tl):
+        return out
+    mine = tl[(tl["g"] == th.g) & (tl["state"] == TS.RUNNABLE)]
+    woke_cpu = {int(t): int(c) for t, c in zip(mine["t"], mine["cpu"])}
+    others = [tl[tl["g"] == g] for g in np.unique(tl["g"]).tolist() if g != th.g]
+    busy = (TS.RUNNING, TS.POLLING, TS.RUNNABLE)
+    for k in np.nonzero(deadline >= 0)[0].tolist():
+        d = int(deadline[k])
+        if d not in woke_cpu:
+            continue
+        out[k] = True
+        for o in others:
+            i = int(np.searchsorted(o["t"], d, side="right")) - 1
+            if i >= 0 and int(o["cpu"][i]) == woke_cpu[d] and int(o["state"][i]) in busy:
+                out[k] = False
+                break
+    return out
 
 
 #: The state timeline's records per wake, to start with: a wake changes its vCPU's
@@ -242,18 +289,19 @@ def _sized(run_once, wakes: int) -> SimResult:
         cap += 2 * dropped
 
 
-def sched_trace(host, vm, inj) -> SchedTrace:
+def sched_trace(host, vm, inj=None) -> SchedTrace:
     """The simulated host's thread timeline as scheduler events
     (``schedtrace.from_timeline``), with the recording's roles: the vCPUs of ``vm``
-    ("vcpu", numbered as in the VM) and the injector's one vCPU (``inj``: the second
-    VM that stands for the injector thread, role "injector").  Thread g runs on host
-    CPU ``g % host_cpus`` (the model pins it there), which is its ``cpu``."""
+    ("vcpu", numbered as in the VM) and the injector host thread (``inj``, a
+    ``HostThread``: role "injector").  A thread's ``cpu`` is where it is pinned: a
+    vCPU thread g on CPU ``g % host_cpus`` (the model's placement), the injector on
+    its one CPU, or None when it may run on several."""
     ncpu = host.host_cpus
     threads = [{"tid": int(v._g), "role": "vcpu", "vcpu": int(v.id), "cpu": int(v._g) % ncpu}
                for v in vm.vcpus]
     if inj is not None:
-        threads += [{"tid": int(v._g), "role": "injector", "vcpu": None,
-                     "cpu": int(v._g) % ncpu} for v in inj.vcpus]
+        threads.append({"tid": int(inj.g), "role": "injector", "vcpu": None,
+                        "cpu": int(inj.affinity[0]) if len(inj.affinity) == 1 else None})
     return from_timeline(host, threads)
 
 
@@ -264,7 +312,7 @@ def _build(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacity:
     host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed,
                 costs=params.costs if host_costs is None else host_costs,
                 engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
-                timeline_capacity=tl_capacity)
+                timeline_capacity=tl_capacity, scheduler=params.scheduler)
     host.halt_poll_ns = int(mp["halt_poll_ns"])
     for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
         if name in mp:
@@ -276,12 +324,7 @@ def _build(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacity:
         # The micro-VM's handler jumps back to sti; hlt without an iret: every
         # wake is taken after a HLT exit (one halt_exits per wake, as in the kernel).
         v.load(_program(params.handler_ns, iret=False))
-    inj = None
-    if params.injector:
-        inj = host.create_vm(1)
-        inj.enable_cap(Cap.HALT_POLL, 0)
-        inj.vcpus[0].load(_program(params.injector_ns))
-    return host, vm, inj
+    return host, vm
 
 
 def _deliver_fixed(host, vm, setup, at, keep, drain_ns) -> None:
@@ -308,54 +351,79 @@ def _deliver_fixed(host, vm, setup, at, keep, drain_ns) -> None:
     host.run(host.now + drain_ns)
 
 
-_BUSY = ("RUNNING", "POLLING", "RUNNABLE")
-_CHECK, _TIMER, _MAIN = 0, 1, 2
+def injector_deadlines(setup: Setup, params: SimParams, lead: int, target: np.ndarray,
+                       send: np.ndarray, have: np.ndarray, w2r: int) -> np.ndarray:
+    """The injector thread's ``sleep_until`` deadline per wake (-1: no send).
+
+    The engine charges a thread woken on an idle CPU one cost, ``wake_to_run_ns``
+    (fitted to the vCPUs, woken from another CPU: ~40 us here); the real injector,
+    woken by its own timer, takes ``injector_idle_wake_ns`` (~17 us).  That
+    difference is folded into the deadline, so that woken from idle it runs when
+    the real one did: "sent": at the recorded send (deadline ``send - w2r``);
+    "target": ``injector_idle_wake_ns`` after the target (deadline ``target +
+    injector_idle_wake_ns - w2r``).  Woken onto a busy CPU it is queued at the
+    deadline and the scheduler decides (EEVDF: wake-up preemption,
+    ``check_preempt_wakeup_fair``), so there it can send up to ``w2r`` early."""
+    if params.arrivals == "sent" and setup.sent_ns is not None:
+        at = send - w2r
+    else:
+        at = target + params.injector_idle_wake_ns - w2r
+    return np.where(have, np.maximum(at, 0), -1).astype(np.int64)
 
 
-def _deliver_with_injector(host, vm, inj, setup, params, target, send, have, idle, w2r, entry,
-                           ctx, drain_ns) -> None:
-    """Step through the run: for each wake, look at the injector's host CPU when its
-    timer would have to fire for the injector to run on time from idle; fire it then
-    if the CPU is idle, else at the target (plus ``injector_busy_wake_ns``)."""
-    import heapq
-    cpu = setup.nvcpus % setup.host_cpus
-    mates = [v for v in vm.vcpus if v.id % setup.host_cpus == cpu] + [inj.vcpus[0]]
-    busy_wake = params.injector_busy_wake_ns
-    sent_mode = params.arrivals == "sent" and setup.sent_ns is not None
-    queue: list = []
-    for k in range(len(target)):
-        if not have[k]:
-            continue
-        run_at = send[k] if sent_mode else target[k] + params.injector_idle_wake_ns
-        heapq.heappush(queue, (max(0, int(run_at) - w2r - entry), _CHECK, k))
-        if sent_mode:
-            heapq.heappush(queue, (int(send[k]) + params.delivery_ns, _MAIN, k))
-    inj_vm = inj
-    while queue:
-        t, kind, k = heapq.heappop(queue)
-        if t > host.now:
-            host.run(t)
-        if kind == _CHECK:
-            if not any(m.thread_state in _BUSY for m in mates):
-                idle[k] = True
-                inj_vm.signal_msi(msi_address(0), injector_vector(k))
-                if not sent_mode:
-                    send[k] = t + w2r + entry
-                    heapq.heappush(queue, (int(send[k]) + params.delivery_ns, _MAIN, k))
-            else:
-                # Busy: in "sent" mode the injector must be there for the send it made;
-                # in "target" mode its timer fires at the target.
-                fire = (max(t, int(send[k]) - entry - ctx) if sent_mode
-                        else max(t, int(target[k]) + busy_wake))
-                heapq.heappush(queue, (fire, _TIMER, k))
-                if not sent_mode:
-                    send[k] = fire + ctx + entry
-                    heapq.heappush(queue, (int(send[k]) + params.delivery_ns, _MAIN, k))
-        elif kind == _TIMER:
-            inj_vm.signal_msi(msi_address(0), injector_vector(k))
+def injector_program(vm, setup: Setup, params: SimParams, deadline: np.ndarray) -> list:
+    """The injector as a host program: for each wake with a send, in order,
+    ``sleep_until`` its deadline (``clock_nanosleep(TIMER_ABSTIME)``, as the
+    recorder's injector sleeps), ``compute(delivery_ns)`` (the write's path until
+    the MSI is pending in the LAPIC), ``msi`` to the wake's vCPU with its vector
+    (``kvm_set_msi`` -> ``kvm_apic_set_irq`` -> ``kvm_vcpu_kick``), then the rest of
+    its work per send (``injector_ns`` less the delivery)."""
+    from .. import hostprog as hp
+    ops: list = []
+    prev = 0
+    rest = max(0, params.injector_ns - params.delivery_ns)
+    for k in np.nonzero(deadline >= 0)[0].tolist():
+        d = int(deadline[k])
+        ops.append(hp.sleep_until(max(0, d - prev)))
+        prev = max(prev, d)
+        if params.delivery_ns:
+            ops.append(hp.compute(params.delivery_ns))
+        ops.append(hp.msi(vm, int(setup.vcpu[k]), wake_vector(int(setup.index[k]))))
+        if rest:
+            ops.append(hp.compute(rest))
+    ops.append(hp.end())
+    return ops
+
+
+def injector_sends(host, th, deadline: np.ndarray, params: SimParams) -> np.ndarray:
+    """When the injector thread ``th`` sent each wake (-1: no send), from the
+    host's state timeline: a wake whose deadline it slept to was sent when the
+    thread next got its CPU after that timer (its RUNNABLE record at the deadline);
+    one whose deadline had passed (no sleep) right after the previous send's work
+    (``delivery_ns + injector_ns`` later, preemption in between not counted)."""
+    tl = host.timeline_array()
+    mine = tl[tl["g"] == th.g] if len(tl) else tl
+    t, st = mine["t"].astype(np.int64), mine["state"].astype(np.int64)
+    from ..model import ThreadState as TS
+    runnable = {}
+    for i in range(len(mine) - 1):
+        if st[i] == TS.RUNNABLE and i > 0 and st[i - 1] == TS.BLOCKED:
+            j = i + 1
+            while j < len(mine) and st[j] != TS.RUNNING:
+                j += 1
+            if j < len(mine):
+                runnable.setdefault(int(t[i]), int(t[j]))
+    out = np.full(len(deadline), -1, dtype=np.int64)
+    prev = None
+    step = params.delivery_ns + max(0, params.injector_ns - params.delivery_ns)
+    for k in np.nonzero(deadline >= 0)[0].tolist():
+        d = int(deadline[k])
+        if d in runnable and (prev is None or d > prev):
+            out[k] = runnable.pop(d)
         else:
-            vm.signal_msi(msi_address(int(setup.vcpu[k])), wake_vector(int(setup.index[k])))
-    host.run(host.now + drain_ns)
+            out[k] = d if prev is None else max(d, prev + step)
+        prev = int(out[k])
+    return out
 
 
 # ---------------------------------------------------------------- the ipi workload
@@ -424,7 +492,7 @@ def _simulate_ipi(setup: Setup, params: SimParams, seed: int, engine: str, drain
     host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed,
                 costs=params.costs if host_costs is None else host_costs,
                 engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
-                timeline_capacity=tl_capacity)
+                timeline_capacity=tl_capacity, scheduler=params.scheduler)
     host.halt_poll_ns = int(mp["halt_poll_ns"])
     for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
         if name in mp:

@@ -54,7 +54,9 @@ def make_recording(path, spec: str = "mixed", wakes: int = 400, vcpus: int = 2,
         vectors = sched.vector.tolist()
     elif workload == "msi":
         sched = make_schedule(spec, wakes, vcpus, seed)
-        setup = Setup(vcpus, host_cpus, module, cap, sched.target_ns, sched.vcpu, sched.index)
+        # The injector pinned to CPU vcpus % host_cpus, as the metadata's "pinning" says.
+        setup = Setup(vcpus, host_cpus, module, cap, sched.target_ns, sched.vcpu, sched.index,
+                      injector_cpu=vcpus % host_cpus)
         vectors = [wake_vector(int(i)) for i in sched.index]
     else:
         raise ValueError(f"workload must be 'msi' or 'ipi', not {workload!r}")
