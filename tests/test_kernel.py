@@ -852,3 +852,122 @@ def test_record_unwritable_out_fails_before_recording(tmp_path):
         assert "kvmwake: error:" in r.stderr and str(bad) in r.stderr, r.stderr
         assert "micro-VM" not in r.stdout + r.stderr      # failed before recording
         assert time.monotonic() - t0 < 20
+
+
+# ---------------------------------------------------------------- the injector thread
+
+def _inj_setup(vcpus=1, host_cpus=2, injector_cpu=1, sent=None, target=None):
+    from kvmwake.kernel.simulate import Setup
+    module = {"halt_poll_ns": 200_000, "halt_poll_ns_grow": 2,
+              "halt_poll_ns_grow_start": 10_000, "halt_poll_ns_shrink": 2}
+    target = np.array(target if target is not None else [100_000, 400_000, 700_000, 1_000_000],
+                      dtype=np.int64)
+    n = len(target)
+    sent = np.array(sent if sent is not None else target + 16_000, dtype=np.int64)
+    return Setup(vcpus, host_cpus, module, None, target, np.arange(n, dtype=np.int32) % vcpus,
+                 np.arange(n, dtype=np.int64), sent, None, injector_cpu)
+
+
+def _spy_hosts(monkeypatch):
+    from kvmwake.kernel import simulate as SM
+    hosts = []
+    real = SM.Host
+
+    def spy(*a, **kw):
+        hosts.append(real(*a, **kw))
+        return hosts[-1]
+    monkeypatch.setattr(SM, "Host", spy)
+    return hosts
+
+
+def test_injector_thread_sends_at_the_recorded_times(monkeypatch):
+    """"sent": the injector is a host thread (not a VM) that sleeps until each send
+    (its idle wake-up, wake_to_run_ns, folded into the deadline) and sends the MSI
+    with that wake's vector: from an idle CPU, exactly at the recorded send."""
+    from kvmwake.kernel import simulate as SM
+    from kvmwake.kernel.microvm import wake_vector
+    hosts = _spy_hosts(monkeypatch)
+    setup = _inj_setup()
+    p = SimParams(delivery_ns=700, injector_ns=2_000)
+    r = SM.simulate(setup, p)
+    host = hosts[-1]
+    assert len(host.vms) == 1 and [t.name for t in host.threads] == ["injector"]
+    th = host.threads[0]
+    assert th.affinity == (1,) and th.stats()["nr_injects"] == 4
+    assert r.send_ns.tolist() == (r.lead_in_ns + setup.sent_ns).tolist()
+    assert (r.arrival_ns == r.send_ns + 700).all() and r.injector_idle.all()
+    # each MSI woke its vCPU: one halt ends per wake, after its arrival
+    ends = sorted(e.ts_ns for e in r.events if e.event == "kvm_vcpu_wakeup")
+    assert len(ends) == 4 and all(a <= e for a, e in zip(r.arrival_ns, ends))
+    # the program: sleep_until, the delivery, the MSI with the wake's vector, the rest
+    prog = SM.injector_program(host.vms[0], setup, p,
+                               SM.injector_deadlines(setup, p, 0, setup.target_ns,
+                                                     setup.sent_ns, setup.sent_ns >= 0,
+                                                     COST_DEFAULTS["wake_to_run_ns"]))
+    from kvmwake.model import HostOp
+    msis = [op for op in prog if op.code == HostOp.MSI]
+    assert [op.arg for op in msis] == [wake_vector(k) for k in range(4)]
+    assert [op.p1 for op in msis] == setup.vcpu.tolist()
+    assert [op.code for op in prog[:4]] == [HostOp.SLEEP_UNTIL, HostOp.COMPUTE, HostOp.MSI,
+                                            HostOp.COMPUTE]
+
+
+def test_injector_thread_target_arrivals_and_busy_cpu(monkeypatch):
+    """"target": woken from idle it sends injector_idle_wake_ns after the target; a
+    wake without a recorded send is skipped in "sent"; a deadline already past (two
+    sends at once) is sent right after the previous send's work."""
+    from kvmwake.kernel import simulate as SM
+    setup = _inj_setup()
+    p = SimParams(arrivals="target", injector_idle_wake_ns=15_000, delivery_ns=500,
+                  injector_ns=1_500)
+    r = SM.simulate(setup, p)
+    assert r.send_ns.tolist() == (r.lead_in_ns + setup.target_ns + 15_000).tolist()
+    s2 = _inj_setup(sent=[116_000, -1, 716_000, 716_000])
+    r2 = SM.simulate(s2, SimParams(delivery_ns=500, injector_ns=1_500))
+    lead = r2.lead_in_ns
+    assert r2.send_ns[:3].tolist() == [lead + 116_000, -1, lead + 716_000]
+    assert r2.send_ns[3] == lead + 716_000 + 1_500
+
+
+def test_injector_thread_cpu_role_and_scheduler(monkeypatch):
+    """Pinned where the recorder pinned the real injector, else "all" (today thread
+    g % host_cpus); role "injector" in the model's sched trace; the host runs the
+    SimParams scheduler (eevdf by default)."""
+    from kvmwake.kernel import simulate as SM
+    from kvmwake.model import ThreadState
+    hosts = _spy_hosts(monkeypatch)
+    r = SM.simulate(_inj_setup(vcpus=2, injector_cpu=0), SimParams())
+    host = hosts[-1]
+    th = host.threads[0]
+    assert host.scheduler == "eevdf" and th.affinity == (0,) and th.g == 2
+    inj = [t for t in r.sched.threads if t["role"] == "injector"]
+    assert inj == [{"tid": th.g, "role": "injector", "vcpu": None, "cpu": 0}]
+    tl = host.timeline_array()
+    mine = tl[tl["g"] == th.g]
+    assert set(mine["cpu"].tolist()) == {0}
+    assert (mine["state"] == ThreadState.RUNNING).sum() >= 4
+    assert any(e.pid == th.g for e in r.sched.events)
+    r = SM.simulate(_inj_setup(vcpus=3, injector_cpu=None), SimParams(scheduler="fifo"))
+    host = hosts[-1]
+    assert host.scheduler == "fifo" and host.threads[0].affinity == (0, 1)
+    assert host.threads[0].cpu == 3 % 2
+    assert [t["cpu"] for t in r.sched.threads if t["role"] == "injector"] == [None]
+    with pytest.raises(ValueError, match="scheduler"):
+        SimParams.from_dict({"scheduler": "cfs"})
+    # calibrations of the Python-stepped injector still load
+    assert SimParams.from_dict({"injector_busy_wake_ns": 1000}).scheduler == "eevdf"
+
+
+def test_injector_cpu_from_the_recording(tmp_path):
+    """Setup.from_recording: the injector's CPU from the recording's pinning; an
+    unpinned recording's injector may run anywhere."""
+    from kvmwake.kernel.simulate import Setup
+    Y.make_recording(tmp_path / "p", "short", 60, 3, 2, None, _made_with())
+    s = Setup.from_recording(R.load(tmp_path / "p"))
+    assert s.injector_cpu == 1 and s.injector_affinity == 1
+    meta = json.loads((tmp_path / "p" / "metadata.json").read_text())
+    meta["pinning"] = {"vcpus": [-1, -1, -1], "injector": -1, "enabled": False}
+    meta["pinned"] = False
+    (tmp_path / "p" / "metadata.json").write_text(json.dumps(meta))
+    s = Setup.from_recording(R.load(tmp_path / "p"))
+    assert s.injector_cpu is None and s.injector_affinity == "all"
