@@ -901,7 +901,7 @@ def test_injector_thread_sends_at_the_recorded_times(monkeypatch):
     assert len(ends) == 4 and all(a <= e for a, e in zip(r.arrival_ns, ends))
     # the program: sleep_until, the delivery, the MSI with the wake's vector, the rest
     prog = SM.injector_program(host.vms[0], setup, p,
-                               SM.injector_deadlines(setup, p, 0, setup.target_ns,
+                               SM.injector_deadlines(setup, p, setup.target_ns,
                                                      setup.sent_ns, setup.sent_ns >= 0,
                                                      COST_DEFAULTS["wake_to_run_ns"]))
     from kvmwake.model import HostOp

@@ -3,9 +3,11 @@
 What is simulated (the kernel side is in ``record.py``):
 
 * an x86 host with the recording's host CPU count and kvm module
-  parameters; one VM with the recording's vCPUs and ``KVM_CAP_HALT_POLL``
-  (if the recording set it).  vCPU i runs on host CPU ``i % host_cpus``, as
-  the recorder pinned it;
+  parameters, scheduled as the machine's kernel schedules it:
+  ``SimParams.scheduler`` ``"eevdf"`` (default: Linux 6.18's fair class, wake-up
+  preemption as ``check_preempt_wakeup_fair`` decides) or ``"fifo"`` (for
+  comparison); one VM with the recording's vCPUs and ``KVM_CAP_HALT_POLL`` (if
+  the recording set it).  vCPU i runs on host CPU ``i % host_cpus``;
 * each vCPU runs the micro-VM's guest: ``set_handler(handler_ns, iret=False)``
   (its handler goes back to ``sti; hlt`` without an ``iret``), then
   ``loop([unmask(), hlt()])``.  ``handler_ns`` stands for everything between
@@ -13,42 +15,49 @@ What is simulated (the kernel side is in ``record.py``):
   entry and exit: the handler, its port exit's trip to userspace and back,
   the EOI;
 * each wake is a fixed-mode MSI to its vCPU with that wake's own vector (as
-  in the guest), landing ``delivery_ns`` after it was sent.  When it was
+  in the guest), landing ``delivery_ns`` after it was sent;
+* **the injector thread** is a host thread (``host.add_thread``, name
+  "injector", role "injector" in ``SimResult.sched``), pinned where the
+  recorder pinned the real injector (``Setup.injector_cpu``, from
+  ``calibrate.sim_placement``; unpinned: affinity "all").  Its host program
+  (``injector_program``), per wake with a send: ``sleep_until`` the wake's
+  deadline, ``compute(delivery_ns)``, ``msi`` to the wake's vCPU with the wake's
+  vector, ``compute`` for the rest of ``injector_ns``.  It shares its CPU with
+  the vCPUs pinned there: its wake-up ends a vCPU's poll
+  (``single_task_running()`` is false), under EEVDF it preempts a running vCPU
+  as the kernel decides, and a vCPU woken by its MSI waits for it to sleep
+  again;
+* its deadlines (``injector_deadlines``): the engine has one wake-to-run cost,
+  ``wake_to_run_ns``, fitted to a vCPU woken from another CPU (~40 us on the
+  project's nested host); the real injector woken by its own timer runs ~17 us
+  (``injector_idle_wake_ns``) after it fires.  The difference is folded into
+  the deadline (with the cost's median, ``costs.cost_median``).  When it was
   sent (``arrivals``):
 
-  - ``"sent"`` (default): at the time the real injector sent it, relative to
-    the injector's start.  The workload is the spec's schedule as the
-    harness delivered it: the injector's own lateness (a harness cost,
-    reported apart) is not mixed into the model's figures;
-  - ``"target"``: the schedule alone: at the spec's target time plus the
-    lateness the modelled injector gets (``injector_idle_wake_ns`` from an
-    idle CPU, a context switch behind a busy one); without the injector
-    model, plus the median lateness ``lateness_ns``;
+  - ``"sent"`` (default): the deadline is the real send (relative to the
+    injector's start) less ``wake_to_run_ns``: woken on an idle CPU, it sends
+    at the recorded time.  The workload is the spec's schedule as the harness
+    delivered it;
+  - ``"target"``: the schedule alone: the deadline is the spec's target plus
+    ``injector_idle_wake_ns`` less ``wake_to_run_ns``: woken on an idle CPU, it
+    sends ``injector_idle_wake_ns`` after the target, as the real one did.
+    Without the injector (``injector=False``), at the target plus the median
+    lateness ``lateness_ns``;
 
-* **the injector thread** is a second VM with one vCPU on host CPU
-  ``N % host_cpus`` (where the recorder pinned the real injector) and
-  ``KVM_CAP_HALT_POLL`` 0, so it never polls.  Its halts are the injector's
-  sleeps, an MSI to it is its timer firing, its handler (``injector_ns``) the
-  send.  It matters where it shares a host CPU with a vCPU: its wake-up ends
-  that vCPU's poll (``single_task_running()`` is false) and the vCPU, woken
-  by the MSI the injector sent, waits for the injector to go back to sleep.
-  The engine has one wake-to-run cost; on the project's nested host a vCPU
-  woken from another CPU takes ~40 us, the injector woken by its own timer
-  ~17 us.  So the run is stepped from Python: ``wake_to_run_ns +
-  vm_entry_ns`` before each send, the injector's host CPU is looked at; if
-  nothing runs or waits there, the injector's timer fires then (it runs at
-  the send); otherwise it fires ``context_switch_ns + vm_entry_ns`` before
-  the send ("sent") or ``injector_busy_wake_ns`` after the target
-  ("target"), and the injector runs when its CPU lets it.  In "target" mode
-  the send is that moment.  The Python harness's main thread (asleep) is
-  not modelled;
+  woken onto a busy CPU it is queued at the deadline and the scheduler
+  decides when it runs (EEVDF: mostly at once, a context switch later), so
+  there it sends up to ``wake_to_run_ns`` early (the documented cost of one
+  wake-up cost per host).  ``SimResult.send_ns`` is when the model's injector
+  sent each wake (``injector_sends``, off the state timeline) and
+  ``injector_idle`` whether it was woken onto an idle CPU.  The Python
+  harness's main thread (asleep) is not modelled;
 * ``lead_in`` (at least 2 ms and twice the ceiling) is the first halt before
   the first wake: long, as on the real machine where the guests halt while
   tracing is set up.
 
-With the injector, MSIs are sent with ``vm.signal_msi`` between ``run``
-calls; without it (``injector=False``) the wakes are ``vm.add_msi_source``
-trace sources, one per (vCPU, vector).
+Without the injector (``injector=False``) the wakes are ``vm.add_msi_source``
+trace sources, one per (vCPU, vector).  An ipi recording runs in
+``simulate_ipi`` (no injector thread: it sleeps once the start MSI is sent).
 """
 
 from __future__ import annotations
@@ -64,7 +73,7 @@ from ..host import Host
 from ..model import SCHEDULERS
 from ..model import COST_DEFAULTS
 from ..uapi import Cap
-from .microvm import NR_VECTORS, VEC_BASE, msi_address, wake_vector
+from .microvm import msi_address, wake_vector
 from .schedtrace import SchedTrace, from_timeline
 
 PID_BASE = 1000
@@ -228,7 +237,7 @@ def _simulate_msi(setup: Setup, params: SimParams, seed: int, engine: str, drain
     if not params.injector:
         _deliver_fixed(host, vm, setup, send + params.delivery_ns, have, drain_ns)
     else:
-        deadline = injector_deadlines(setup, params, lead, target, send, have, w2r)
+        deadline = injector_deadlines(setup, params, target, send, have, w2r)
         th = host.add_thread(injector_program(vm, setup, params, deadline),
                              affinity=setup.injector_affinity, name="injector")
         last = int(deadline.max()) if (deadline >= 0).any() else 0
@@ -351,9 +360,10 @@ def _deliver_fixed(host, vm, setup, at, keep, drain_ns) -> None:
     host.run(host.now + drain_ns)
 
 
-def injector_deadlines(setup: Setup, params: SimParams, lead: int, target: np.ndarray,
-                       send: np.ndarray, have: np.ndarray, w2r: int) -> np.ndarray:
-    """The injector thread's ``sleep_until`` deadline per wake (-1: no send).
+def injector_deadlines(setup: Setup, params: SimParams, target: np.ndarray, send: np.ndarray,
+                       have: np.ndarray, w2r: int) -> np.ndarray:
+    """The injector thread's ``sleep_until`` deadline per wake (-1: no send), from the
+    run's absolute ``target`` and ``send`` times and ``w2r`` (``wake_to_run_ns``).
 
     The engine charges a thread woken on an idle CPU one cost, ``wake_to_run_ns``
     (fitted to the vCPUs, woken from another CPU: ~40 us here); the real injector,
