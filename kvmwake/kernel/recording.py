@@ -326,3 +326,51 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=default) + "\n")
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------- the recorder's pinning
+
+def pinned_cpus(meta: dict) -> tuple[list, int | None]:
+    """(host CPU of each vCPU thread or None, the injector's CPU or None), as the
+    recorder pinned them: from ``meta["threads"]`` where present, else
+    ``meta["pinning"]``; all None for an unpinned recording."""
+    n = int(meta["vcpus"])
+    vc: list = [None] * n
+    inj = None
+    if meta.get("threads"):
+        for t in meta["threads"]:
+            cpu = t.get("cpu")
+            cpu = None if cpu is None or int(cpu) < 0 else int(cpu)
+            if t.get("role") == "vcpu" and t.get("vcpu") is not None and 0 <= int(t["vcpu"]) < n:
+                vc[int(t["vcpu"])] = cpu
+            elif t.get("role") == "injector":
+                inj = cpu
+        return vc, inj
+    pin = meta.get("pinning") or {}
+    if pin.get("enabled", False) and meta.get("pinned", True):
+        for i, c in enumerate(pin.get("vcpus", [])[:n]):
+            vc[i] = None if c is None or int(c) < 0 else int(c)
+        c = pin.get("injector")
+        inj = None if c is None or int(c) < 0 else int(c)
+    return vc, inj
+
+
+def sim_placement(meta: dict) -> dict:
+    """Where the simulation should put the recording's threads, in the terms of
+    ``host.create_vm(affinity=...)``, ``vcpu.set_affinity`` and ``host.add_thread``:
+    ``{"vm": "pinned" | "all", "vcpus": [cpu per vCPU] | None, "injector": cpu | "all"}``.
+
+    An unpinned recording (``meta["pinned"]`` false, or the recorder's pinning off):
+    every thread on every CPU ("all").  A pinned one: ``"pinned"`` where the recorder
+    put vCPU g on CPU g % host_cpus (the model's own placement, results unchanged),
+    else each vCPU's CPU in ``vcpus``; the injector on its CPU."""
+    vc, inj = pinned_cpus(meta)
+    if all(c is None for c in vc):
+        return {"vm": "all", "vcpus": None, "injector": "all"}
+    ncpu = int(meta["host_cpus"])
+    cpu_ids = list(meta.get("host_cpu_ids") or range(ncpu))
+    index = {c: i for i, c in enumerate(cpu_ids)}     # host CPU id -> the model's CPU
+    model = [None if c is None else index.get(c, c % ncpu) for c in vc]
+    same = all(c == g % ncpu for g, c in enumerate(model))
+    return {"vm": "pinned", "vcpus": None if same else model,
+            "injector": "all" if inj is None else index.get(inj, inj % ncpu)}

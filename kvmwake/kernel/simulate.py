@@ -19,7 +19,7 @@ What is simulated (the kernel side is in ``record.py``):
 * **the injector thread** is a host thread (``host.add_thread``, name
   "injector", role "injector" in ``SimResult.sched``), pinned where the
   recorder pinned the real injector (``Setup.injector_cpu``, from
-  ``calibrate.sim_placement``; unpinned: affinity "all").  Its host program
+  ``recording.sim_placement``; unpinned: affinity "all").  Its host program
   (``injector_program``), per wake with a send: ``sleep_until`` the wake's
   deadline, ``compute(delivery_ns)``, ``msi`` to the wake's vCPU with the wake's
   vector, ``compute`` for the rest of ``injector_ns``.  It shares its CPU with
@@ -157,8 +157,7 @@ class Setup:
         w = rec.wakes
         t0 = int(rec.meta["t0_ns"])
         sent = np.where(w["sent_ns"] > 0, w["sent_ns"] - t0, -1)
-        from .recording import regenerate_plan, workload_kind
-        from .calibrate import sim_placement
+        from .recording import regenerate_plan, sim_placement, workload_kind
         plan = regenerate_plan(rec) if workload_kind(rec.meta) == "ipi" else None
         inj = sim_placement(rec.meta)["injector"]
         return cls(rec.nvcpus, int(rec.meta["host_cpus"]), dict(rec.module_params), rec.cap,
