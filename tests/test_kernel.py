@@ -971,3 +971,36 @@ def test_injector_cpu_from_the_recording(tmp_path):
     (tmp_path / "p" / "metadata.json").write_text(json.dumps(meta))
     s = Setup.from_recording(R.load(tmp_path / "p"))
     assert s.injector_cpu is None and s.injector_affinity == "all"
+
+
+def test_vcpu_placement_from_the_recording(tmp_path, monkeypatch):
+    """Setup.from_recording / create_vm: the vCPU threads as the recorder placed the
+    real ones: pinned g % host_cpus (the model's own placement), pinned elsewhere
+    (each on its recorded CPU), or unpinned (every CPU: the scheduler moves them,
+    and the model's sched trace gives them no CPU)."""
+    from kvmwake.kernel import simulate as SM
+    from kvmwake.kernel.simulate import Setup
+    hosts = _spy_hosts(monkeypatch)
+    Y.make_recording(tmp_path / "p", "short", 60, 3, 2, None, _made_with())
+    mpath = tmp_path / "p" / "metadata.json"
+    meta = json.loads(mpath.read_text())
+    s = Setup.from_recording(R.load(tmp_path / "p"))
+    assert s.vm_affinity == "pinned" and s.vcpu_cpus is None
+    SM.simulate(s, SimParams())
+    assert [v.affinity for v in hosts[-1].vms[0].vcpus] == [(0,), (1,), (0,)]
+    meta["pinning"] = {**meta["pinning"], "vcpus": [1, 0, 1], "enabled": True}
+    meta.pop("threads", None)
+    mpath.write_text(json.dumps(meta))
+    s = Setup.from_recording(R.load(tmp_path / "p"))
+    assert s.vm_affinity == "pinned" and s.vcpu_cpus == [1, 0, 1]
+    r = SM.simulate(s, SimParams())
+    assert [v.affinity for v in hosts[-1].vms[0].vcpus] == [(1,), (0,), (1,)]
+    assert [t["cpu"] for t in r.sched.threads if t["role"] == "vcpu"] == [1, 0, 1]
+    meta["pinning"] = {"vcpus": [-1, -1, -1], "injector": -1, "enabled": False}
+    meta["pinned"] = False
+    mpath.write_text(json.dumps(meta))
+    s = Setup.from_recording(R.load(tmp_path / "p"))
+    assert s.vm_affinity == "all"
+    r = SM.simulate(s, SimParams())
+    assert [v.affinity for v in hosts[-1].vms[0].vcpus] == [(0, 1)] * 3
+    assert [t["cpu"] for t in r.sched.threads if t["role"] == "vcpu"] == [None] * 3

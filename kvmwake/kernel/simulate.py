@@ -7,7 +7,11 @@ What is simulated (the kernel side is in ``record.py``):
   ``SimParams.scheduler`` ``"eevdf"`` (default: Linux 6.18's fair class, wake-up
   preemption as ``check_preempt_wakeup_fair`` decides) or ``"fifo"`` (for
   comparison); one VM with the recording's vCPUs and ``KVM_CAP_HALT_POLL`` (if
-  the recording set it).  vCPU i runs on host CPU ``i % host_cpus``;
+  the recording set it).  Its vCPU threads are placed as the recorder placed
+  the real ones (``recording.sim_placement``, ``Setup.create_vm``): pinned, vCPU
+  i on host CPU ``i % host_cpus`` (or on its recorded CPU); unpinned, allowed
+  on every CPU, so that wake placement (``select_task_rq``) and newly-idle
+  balancing move them as the kernel's scheduler does;
 * each vCPU runs the micro-VM's guest: ``set_handler(handler_ns, iret=False)``
   (its handler goes back to ``sti; hlt`` without an ``iret``), then
   ``loop([unmask(), hlt()])``.  ``handler_ns`` stands for everything between
@@ -146,6 +150,8 @@ class Setup:
     sent_ns: np.ndarray | None = None   # the real send, after the injector's start (-1: none)
     ipi: object = None                  # an ipi recording's plan (workload.IpiPlan): simulate_ipi
     injector_cpu: int | None = None     # where the recorder pinned the injector (None: unpinned)
+    vm_affinity: str = "pinned"         # the vCPU threads' create_vm affinity: "pinned" | "all"
+    vcpu_cpus: list | None = None       # pinned elsewhere than g % host_cpus: each vCPU's CPU
 
     @property
     def injector_affinity(self):
@@ -159,10 +165,22 @@ class Setup:
         sent = np.where(w["sent_ns"] > 0, w["sent_ns"] - t0, -1)
         from .recording import regenerate_plan, sim_placement, workload_kind
         plan = regenerate_plan(rec) if workload_kind(rec.meta) == "ipi" else None
-        inj = sim_placement(rec.meta)["injector"]
+        place = sim_placement(rec.meta)
+        inj = place["injector"]
         return cls(rec.nvcpus, int(rec.meta["host_cpus"]), dict(rec.module_params), rec.cap,
                    w["target_ns"], w["vcpu"].astype(np.int32), w["index"], sent, plan,
-                   None if inj == "all" else int(inj))
+                   None if inj == "all" else int(inj), place["vm"], place["vcpus"])
+
+    def create_vm(self, host):
+        """The recording's VM on ``host``, its vCPU threads placed as the recorder
+        placed the real ones: pinned (to CPU i % host_cpus, or each to its recorded
+        CPU) or, unpinned, allowed on every CPU (wake placement and newly-idle
+        balancing then move them, as the kernel's scheduler does)."""
+        vm = host.create_vm(self.nvcpus, affinity=self.vm_affinity)
+        if self.vm_affinity != "all" and self.vcpu_cpus is not None:
+            for v, c in zip(vm.vcpus, self.vcpu_cpus):
+                v.set_affinity("all" if c is None else [int(c)])
+        return vm
 
     def ceiling(self) -> int:
         return self.cap if self.cap is not None else int(self.module_params["halt_poll_ns"])
@@ -301,11 +319,10 @@ def sched_trace(host, vm, inj=None) -> SchedTrace:
     """The simulated host's thread timeline as scheduler events
     (``schedtrace.from_timeline``), with the recording's roles: the vCPUs of ``vm``
     ("vcpu", numbered as in the VM) and the injector host thread (``inj``, a
-    ``HostThread``: role "injector").  A thread's ``cpu`` is where it is pinned: a
-    vCPU thread g on CPU ``g % host_cpus`` (the model's placement), the injector on
-    its one CPU, or None when it may run on several."""
-    ncpu = host.host_cpus
-    threads = [{"tid": int(v._g), "role": "vcpu", "vcpu": int(v.id), "cpu": int(v._g) % ncpu}
+    ``HostThread``: role "injector").  A thread's ``cpu`` is its one allowed CPU
+    when pinned, or None when it may run on several."""
+    threads = [{"tid": int(v._g), "role": "vcpu", "vcpu": int(v.id),
+                "cpu": v.affinity[0] if len(v.affinity) == 1 else None}
                for v in vm.vcpus]
     if inj is not None:
         threads.append({"tid": int(inj.g), "role": "injector", "vcpu": None,
@@ -325,7 +342,7 @@ def _build(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacity:
     for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
         if name in mp:
             setattr(host, name, int(mp[name]))
-    vm = host.create_vm(setup.nvcpus)
+    vm = setup.create_vm(host)
     if setup.cap is not None:
         vm.enable_cap(Cap.HALT_POLL, int(setup.cap))
     for v in vm.vcpus:
@@ -506,7 +523,7 @@ def _simulate_ipi(setup: Setup, params: SimParams, seed: int, engine: str, drain
     for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
         if name in mp:
             setattr(host, name, int(mp[name]))
-    vm = host.create_vm(setup.nvcpus)
+    vm = setup.create_vm(host)
     if setup.cap is not None:
         vm.enable_cap(Cap.HALT_POLL, int(setup.cap))
     for v in vm.vcpus:
