@@ -330,10 +330,12 @@ def sched_trace(host, vm, inj=None) -> SchedTrace:
     return from_timeline(host, threads)
 
 
-def _build(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacity: int,
-           host_costs: dict | None = None):
+def _machine(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacity: int,
+             host_costs: dict | None, n: int):
+    """The recording's host (CPUs, costs, scheduler, kvm module parameters) and its
+    VM (vCPU threads placed as recorded, ``KVM_CAP_HALT_POLL`` if set), without
+    programs; ``n`` wakes size the trace ring."""
     mp = setup.module_params
-    n = len(setup.target_ns)
     host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed,
                 costs=params.costs if host_costs is None else host_costs,
                 engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
@@ -345,6 +347,13 @@ def _build(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacity:
     vm = setup.create_vm(host)
     if setup.cap is not None:
         vm.enable_cap(Cap.HALT_POLL, int(setup.cap))
+    return host, vm
+
+
+def _build(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacity: int,
+           host_costs: dict | None = None):
+    host, vm = _machine(setup, params, seed, engine, tl_capacity, host_costs,
+                        len(setup.target_ns))
     for v in vm.vcpus:
         # The micro-VM's handler jumps back to sti; hlt without an iret: every
         # wake is taken after a HLT exit (one halt_exits per wake, as in the kernel).
@@ -514,18 +523,7 @@ def _simulate_ipi(setup: Setup, params: SimParams, seed: int, engine: str, drain
     plan = setup.ipi
     n = len(plan)
     lead = lead_in(setup, params)
-    mp = setup.module_params
-    host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed,
-                costs=params.costs if host_costs is None else host_costs,
-                engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
-                timeline_capacity=tl_capacity, scheduler=params.scheduler)
-    host.halt_poll_ns = int(mp["halt_poll_ns"])
-    for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
-        if name in mp:
-            setattr(host, name, int(mp[name]))
-    vm = setup.create_vm(host)
-    if setup.cap is not None:
-        vm.enable_cap(Cap.HALT_POLL, int(setup.cap))
+    host, vm = _machine(setup, params, seed, engine, tl_capacity, host_costs, n)
     for v in vm.vcpus:
         v.load(_ipi_program(plan, v.id, params.handler_ns))
     log = _SendLog(n)
