@@ -454,30 +454,52 @@ def validate(ops: np.ndarray, nr_vcpus: int | None = None, arch: str | None = No
                     raise ProgramError(f"{where}: duration out of range 0..{MAX_DURATION_NS}")
                 if dist == Dist.UNIFORM and p0 > p1:
                     raise ProgramError(f"{where}: uniform lo {p0} > hi {p1}")
-        elif code == Op.LOOP:
-            if p0 > 0xFFFF_FFFF:
-                raise ProgramError(f"{where}: loop count {p0} does not fit 32 bits")
-            if arg != len(open_loops) or arg >= MAX_LOOP_DEPTH:
-                raise ProgramError(f"{where}: loop counter slot {arg} does not match "
-                                   f"nesting depth {len(open_loops)} (max {MAX_LOOP_DEPTH})")
-            open_loops.append(i)
-        elif code == Op.ENDLOOP:
-            if not open_loops:
-                raise ProgramError(f"{where}: end of loop without a loop")
-            head = open_loops.pop()
-            if arg != head:
-                raise ProgramError(f"{where}: jump to op {arg} out of range "
-                                   f"(its loop starts at op {head})")
-            if p0 != int(ops["p0"][head]) or p1 != len(open_loops):
-                raise ProgramError(f"{where}: loop count or slot differs from op {head}")
-            if not _body_takes_time(ops, head + 1, i):
-                raise ProgramError(f"op {head}: loop body lets no virtual time pass "
-                                   "(it needs a WFI or a compute of positive duration)")
+        elif code in (Op.LOOP, Op.ENDLOOP):
+            _check_loop_op(ops, i, code == Op.LOOP, open_loops, "op", _body_takes_time,
+                          "a WFI or a compute of positive duration")
+    _check_program_end(ops, open_loops, "op", Op.END, Op.ENDLOOP)
+
+
+def _check_loop_op(ops, i: int, is_loop: bool, open_loops: list, label: str, body_takes_time,
+                  needs: str) -> None:
+    """Op i, a LOOP (``is_loop``) or an ENDLOOP of a guest or host program: the loop
+    counter slot is the nesting depth, the count fits 32 bits, the ENDLOOP jumps
+    back to its own LOOP with the same count and slot, and the body lets virtual
+    time pass (``body_takes_time(ops, lo, hi)``; ``needs`` says what would).
+    ``open_loops`` holds the open LOOPs' indices; ``label`` names ops in messages."""
+    arg, p0, p1 = int(ops["arg"][i]), int(ops["p0"][i]), int(ops["p1"][i])
+    where = f"{label} {i}"
+    if is_loop:
+        if p0 > 0xFFFF_FFFF:
+            raise ProgramError(f"{where}: loop count {p0} does not fit 32 bits")
+        if arg != len(open_loops) or arg >= MAX_LOOP_DEPTH:
+            raise ProgramError(f"{where}: loop counter slot {arg} does not match "
+                               f"nesting depth {len(open_loops)} (max {MAX_LOOP_DEPTH})")
+        open_loops.append(i)
+        return
+    if not open_loops:
+        raise ProgramError(f"{where}: end of loop without a loop")
+    head = open_loops.pop()
+    if arg != head:
+        raise ProgramError(f"{where}: jump to op {arg} out of range "
+                           f"(its loop starts at op {head})")
+    if p0 != int(ops["p0"][head]) or p1 != len(open_loops):
+        raise ProgramError(f"{where}: loop count or slot differs from op {head}")
+    if not body_takes_time(ops, head + 1, i):
+        raise ProgramError(f"{label} {head}: loop body lets no virtual time pass "
+                           f"(it needs {needs})")
+
+
+def _check_program_end(ops, open_loops: list, label: str, end_code: int,
+                      endloop_code: int) -> None:
+    """Every loop closed, and the program ends with END or an endless loop's ENDLOOP."""
+    n = len(ops)
     if open_loops:
-        raise ProgramError(f"op {open_loops[-1]}: loop is never closed")
-    last = Op(int(ops["code"][n - 1]))
-    if last not in (Op.END, Op.ENDLOOP) or (last == Op.ENDLOOP and int(ops["p0"][n - 1]) != 0):
-        raise ProgramError(f"op {n - 1}: program runs past its last op (end it with END)")
+        raise ProgramError(f"{label} {open_loops[-1]}: loop is never closed")
+    last = int(ops["code"][n - 1])
+    if last not in (end_code, endloop_code) or \
+            (last == endloop_code and int(ops["p0"][n - 1]) != 0):
+        raise ProgramError(f"{label} {n - 1}: program runs past its last op (end it with END)")
 
 
 _GIC_OPS = frozenset({Op.IRQ_ENABLE, Op.IRQ_DISABLE, Op.SET_PRIORITY, Op.DIST_ENABLE,

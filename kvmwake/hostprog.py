@@ -46,7 +46,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .guest import MAX_DURATION_NS, ProgramError, _dur
+from .guest import MAX_DURATION_NS, ProgramError, _dur, _check_loop_op, _check_program_end
 from .model import MAX_LOOP_DEPTH, MAX_PROGRAM_OPS, OP_DTYPE, Dist, HostOp
 
 __all__ = ["HostProgram", "compute", "sleep", "sleep_until", "msi", "irq", "loop", "end",
@@ -257,32 +257,10 @@ def validate(ops: np.ndarray, vms: Sequence | None = None, arch: str | None = No
                 if code == HostOp.IRQ and arg >= 32 + nr_spis:
                     raise ProgramError(f"{where}: SPI {arg} does not exist (VM {p0} has "
                                        f"INTIDs 32..{32 + nr_spis - 1})")
-        elif code == HostOp.LOOP:
-            if p0 > 0xFFFF_FFFF:
-                raise ProgramError(f"{where}: loop count {p0} does not fit 32 bits")
-            if arg != len(open_loops) or arg >= MAX_LOOP_DEPTH:
-                raise ProgramError(f"{where}: loop counter slot {arg} does not match "
-                                   f"nesting depth {len(open_loops)} (max {MAX_LOOP_DEPTH})")
-            open_loops.append(i)
-        elif code == HostOp.ENDLOOP:
-            if not open_loops:
-                raise ProgramError(f"{where}: end of loop without a loop")
-            head = open_loops.pop()
-            if arg != head:
-                raise ProgramError(f"{where}: jump to op {arg} out of range "
-                                   f"(its loop starts at op {head})")
-            if p0 != int(ops["p0"][head]) or p1 != len(open_loops):
-                raise ProgramError(f"{where}: loop count or slot differs from op {head}")
-            if not _body_takes_time(ops, head + 1, i):
-                raise ProgramError(f"host op {head}: loop body lets no virtual time pass "
-                                   "(it needs a compute, sleep or sleep_until of positive "
-                                   "duration)")
-    if open_loops:
-        raise ProgramError(f"host op {open_loops[-1]}: loop is never closed")
-    last = int(ops["code"][n - 1])
-    if last not in (HostOp.END, HostOp.ENDLOOP) or \
-            (last == HostOp.ENDLOOP and int(ops["p0"][n - 1]) != 0):
-        raise ProgramError(f"host op {n - 1}: program runs past its last op (end it with END)")
+        elif code in (HostOp.LOOP, HostOp.ENDLOOP):
+            _check_loop_op(ops, i, code == HostOp.LOOP, open_loops, "host op", _body_takes_time,
+                          "a compute, sleep or sleep_until of positive duration")
+    _check_program_end(ops, open_loops, "host op", HostOp.END, HostOp.ENDLOOP)
 
 
 def _body_takes_time(ops, lo, hi) -> bool:
