@@ -741,6 +741,19 @@ cdef void ttwu_select(engine_t* e, uint32_t g) noexcept nogil:
     set_task_cpu(e, g, select_task_rq(e, g, waker_cpu))
 
 
+
+cdef int try_to_wake_up(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """try_to_wake_up() of a sleeping thread (a blocked vCPU thread, a host thread
+    at its hrtimer): placed (ttwu_select), RUNNABLE, and onto its CPU
+    (make_runnable: ``wake_to_run_ns`` on an idle one, drawn from its stream)."""
+    cdef thread_t* th = &e.th[g]
+    th.wake_ts = t
+    ttwu_select(e, g)
+    if e.tlcap:
+        tl_note(e, th, g, t, TS_RUNNABLE)
+    th.state = TS_RUNNABLE
+    return make_runnable(e, g, t, cost_ns(e, th, COST_WAKE_TO_RUN))
+
 cdef void detach_queued(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     """detach_task() -> deactivate_task() of a waiting thread (not current, not
     delayed): out of its CPU's queue; under EEVDF dequeue_entity() without

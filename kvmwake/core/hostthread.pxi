@@ -54,12 +54,7 @@ cdef int ht_wake(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     an idle CPU, as for a vCPU)."""
     cdef thread_t* th = &e.th[g]
     e.stats[<uint64_t>g * NR_STATS + HS_SLEEP_NS] += t - th.halt_start
-    th.wake_ts = t
-    ttwu_select(e, g)
-    if e.tlcap:
-        tl_note(e, th, g, t, TS_RUNNABLE)
-    th.state = TS_RUNNABLE
-    return make_runnable(e, g, t, cost_ns(e, th, COST_WAKE_TO_RUN))
+    return try_to_wake_up(e, g, t)
 
 
 cdef int ht_exit(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noexcept nogil:

@@ -12,12 +12,7 @@ cdef int wake_up(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     if th.state != TS_BLOCKED:
         return 0
     e.stats[<uint64_t>g * NR_STATS + S_WAKEUP] += 1
-    th.wake_ts = t
-    ttwu_select(e, g)
-    if e.tlcap:
-        tl_note(e, th, g, t, TS_RUNNABLE)
-    th.state = TS_RUNNABLE
-    if make_runnable(e, g, t, cost_ns(e, th, COST_WAKE_TO_RUN)):
+    if try_to_wake_up(e, g, t):
         return -1
     return 1
 
@@ -28,12 +23,7 @@ cdef int signal_wake(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     signal_pending(); one in guest mode is IPI'd out (kick_process)."""
     cdef thread_t* th = &e.th[g]
     if th.state == TS_BLOCKED:
-        th.wake_ts = t
-        ttwu_select(e, g)
-        if e.tlcap:
-            tl_note(e, th, g, t, TS_RUNNABLE)
-        th.state = TS_RUNNABLE
-        return -1 if make_runnable(e, g, t, cost_ns(e, th, COST_WAKE_TO_RUN)) else 0
+        return -1 if try_to_wake_up(e, g, t) else 0
     return kick(e, g, t, 0)
 
 

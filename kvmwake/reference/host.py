@@ -688,6 +688,18 @@ def ttwu_select(e, th):
     set_task_cpu(e, th, select_task_rq(e, th, waker_cpu))
 
 
+
+def try_to_wake_up(e, th, t):
+    """try_to_wake_up() of a sleeping thread (a blocked vCPU thread, a host thread
+    at its hrtimer): placed (ttwu_select), RUNNABLE, and onto its CPU
+    (make_runnable: ``wake_to_run_ns`` on an idle one, drawn from its stream)."""
+    th.wake_ts = t
+    ttwu_select(e, th)
+    if e.tl_cap:
+        tl_note(e, th, t, ThreadState.RUNNABLE)
+    th.state = ThreadState.RUNNABLE
+    make_runnable(e, th, t, cost_ns(e, th, COST_WAKE_TO_RUN))
+
 def detach_queued(e, th, t):
     """detach_task() -> deactivate_task() of a waiting thread: out of its CPU's
     queue; under EEVDF update_curr() there, then update_entity_lag()."""

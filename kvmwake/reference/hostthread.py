@@ -22,12 +22,12 @@ from ..model import (
 )
 from . import EngineError
 from .queue import heap_push, push_thread
-from .rng import COST_IPI_SEND, COST_WAKE_TO_RUN, cost_ns, draw_ns
+from .rng import COST_IPI_SEND, cost_ns, draw_ns
 
 # Functions of other pieces (set by engine._link_pieces as the package loads).
-apic_set_irq = inject = make_runnable = release_cpu = tl_note = ttwu_select = None
+apic_set_irq = inject = release_cpu = tl_note = try_to_wake_up = None
 
-_USER, _BLOCKED, _RUNNABLE = ThreadState.USER, ThreadState.BLOCKED, ThreadState.RUNNABLE
+_USER, _BLOCKED = ThreadState.USER, ThreadState.BLOCKED
 _EV_SEG, _EV_TIMER = EventClass.SEGMENT, EventClass.TIMER
 
 
@@ -67,12 +67,7 @@ def ht_wake(e, th, t):
     normal wake-up path, placement (select_task_rq) included (``wake_to_run_ns`` on
     an idle CPU, as for a vCPU)."""
     th.stats[HS_SLEEP_NS] += t - th.halt_start
-    th.wake_ts = t
-    ttwu_select(e, th)
-    if e.tl_cap:
-        tl_note(e, th, t, _RUNNABLE)
-    th.state = _RUNNABLE
-    make_runnable(e, th, t, cost_ns(e, th, COST_WAKE_TO_RUN))
+    try_to_wake_up(e, th, t)
 
 
 def ht_exit(e, th, t):

@@ -12,16 +12,15 @@ from ..model import (
     CONT_EOI, CONT_IRQ, CONT_NEXT, RESUME_HALT, S_WAKEUP, Dist, EventClass, SourceKind, ThreadState,
 )
 from .queue import heap_push, push_thread
-from .rng import COST_VM_ENTRY, COST_VM_EXIT, COST_WAKE_TO_RUN, cost_ns, draw_ns
+from .rng import COST_VM_ENTRY, COST_VM_EXIT, cost_ns, draw_ns
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
-apic_set_irq = check_block = halt_done = inject = interrupt_segment = make_runnable = None
-raise_irq = tl_note = ttwu_select = None
+apic_set_irq = check_block = halt_done = inject = interrupt_segment = raise_irq = None
+try_to_wake_up = None
 
-_RUNNING, _POLLING, _BLOCKED, _RUNNABLE = (
-    ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED, ThreadState.RUNNABLE)
+_RUNNING, _POLLING, _BLOCKED = ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED
 _EV_SEG, _EV_SOURCE = EventClass.SEGMENT, EventClass.SOURCE
 
 
@@ -30,12 +29,7 @@ def wake_up(e, th, t) -> bool:
     if th.state != _BLOCKED:
         return False
     th.stats[S_WAKEUP] += 1
-    th.wake_ts = t
-    ttwu_select(e, th)
-    if e.tl_cap:
-        tl_note(e, th, t, _RUNNABLE)
-    th.state = _RUNNABLE
-    make_runnable(e, th, t, cost_ns(e, th, COST_WAKE_TO_RUN))
+    try_to_wake_up(e, th, t)
     return True
 
 
@@ -44,12 +38,7 @@ def signal_wake(e, th, t) -> bool:
     sleeping vCPU thread (so halt_wakeup does not count it); a polling one sees
     signal_pending(); one in guest mode is IPI'd out (kick_process)."""
     if th.state == _BLOCKED:
-        th.wake_ts = t
-        ttwu_select(e, th)
-        if e.tl_cap:
-            tl_note(e, th, t, _RUNNABLE)
-        th.state = _RUNNABLE
-        make_runnable(e, th, t, cost_ns(e, th, COST_WAKE_TO_RUN))
+        try_to_wake_up(e, th, t)
         return False
     return kick(e, th, t, False)
 
