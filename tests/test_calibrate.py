@@ -606,3 +606,16 @@ def test_sim_placement_from_the_recording():
         {"tid": 3, "role": "vcpu", "vcpu": 2, "cpu": 3},
         {"tid": 4, "role": "injector", "vcpu": None, "cpu": 2}]}
     assert C.sim_placement(ids) == {"vm": "pinned", "vcpus": [1, 0, 1], "injector": 0}
+
+
+def test_polling_off_calibrates_without_a_delivery_measurement(tmp_path):
+    """KVM_CAP_HALT_POLL 0: no halt ends in a successful poll, so interrupt delivery
+    cannot be read off the recording; calibration keeps the fallback, never a
+    negative duration (a halt that ended before its send was stamped is no
+    measurement of delivery)."""
+    Y.make_recording(tmp_path / "c0", "mixed", 200, 1, 2, 0, _made_with())
+    kv = C.kernel_view(R.load(tmp_path / "c0"))
+    est = C.direct_estimates(kv)
+    assert est["delivery_ns"] is None or est["delivery_ns"] >= 0
+    p, notes = C.initial_params(kv, est)
+    assert p.delivery_ns >= 0

@@ -445,6 +445,9 @@ def direct_estimates(kv: KernelView) -> dict:
         has = wk >= 0
         polled = has & ~h.waited & (h.ns > 0) & ~h.first
         d1p = h.end[polled] - sent[wk[polled]]
+        d1p = d1p[d1p >= 0]
+        # A poll that ended before the send was stamped was not ended by it (with
+        # polling off, KVM_CAP_HALT_POLL 0, the only halts left are such).
         out["delivery_ns"] = _median(d1p)
         out["delivery_samples"] = int(d1p.size)
         pe = seen[wk[has]] - h.end[has]
