@@ -623,24 +623,30 @@ cdef class Engine:
         out[:len(arr)] = arr
         return out
 
+    def _grown_threads(self, uint32_t nth):
+        """The per-thread arrays grown to ``nth`` threads (thread_t, virq_t, stats
+        rows, the exit ring unrolled in its order, the timeline base), made before
+        any is swapped in, so that a failure (memory) leaves the engine as it was."""
+        cdef uint32_t k, old = self.e.nth
+        threads = Engine._grow(self._threads, nth * sizeof(thread_t))
+        irqs = Engine._grow(self._irqs, nth * sizeof(virq_t))
+        stats = np.zeros((nth, NR_STATS), dtype=np.uint64)
+        stats[:old] = self._stats
+        exitq = np.zeros(nth, dtype=np.uint32)
+        for k in range(self.e.exq_len):
+            exitq[k] = self.e.exitq[(self.e.exq_head + k) % old]
+        tlbase = Engine._grow(self._tlbase, nth)
+        return threads, irqs, stats, exitq, tlbase
+
     # -- set-up -------------------------------------------------------------
 
     def add_vm(self, uint32_t nr_vcpus, uint32_t nr_spis=_model.DEFAULT_NR_SPIS):
         cdef uint32_t first = self.e.nth, vmi = self.e.nvm, i, g, b
         # Every new array is made before any is swapped in: a failure (memory)
         # leaves the engine as it was.
-        threads = Engine._grow(self._threads, (first + nr_vcpus) * sizeof(thread_t))
-        irqs = Engine._grow(self._irqs, (first + nr_vcpus) * sizeof(virq_t))
+        threads, irqs, stats, exitq, tlbase = self._grown_threads(first + nr_vcpus)
         vms = Engine._grow(self._vms, (vmi + 1) * sizeof(vm_t))
         gics = Engine._grow(self._gics, (vmi + 1) * sizeof(gic_t))
-        stats = np.zeros((first + nr_vcpus, NR_STATS), dtype=np.uint64)
-        stats[:first] = self._stats
-        # The exit ring keeps its order: unroll it into the new, larger one.
-        cdef uint32_t k
-        exitq = np.zeros(first + nr_vcpus, dtype=np.uint32)
-        for k in range(self.e.exq_len):
-            exitq[k] = self.e.exitq[(self.e.exq_head + k) % self.e.nth]
-        tlbase = Engine._grow(self._tlbase, first + nr_vcpus)
         self._threads, self._irqs, self._vms, self._gics = threads, irqs, vms, gics
         self._stats, self._exitq, self._tlbase = stats, exitq, tlbase
         self.e.exq_head = 0
@@ -792,14 +798,7 @@ cdef class Engine:
         for k in range(g):
             if self.e.th[k].kind == THREAD_HOST:
                 nhost += 1
-        threads = Engine._grow(self._threads, (g + 1) * sizeof(thread_t))
-        irqs = Engine._grow(self._irqs, (g + 1) * sizeof(virq_t))
-        stats = np.zeros((g + 1, NR_STATS), dtype=np.uint64)
-        stats[:g] = self._stats
-        exitq = np.zeros(g + 1, dtype=np.uint32)
-        for k in range(self.e.exq_len):
-            exitq[k] = self.e.exitq[(self.e.exq_head + k) % self.e.nth]
-        tlbase = Engine._grow(self._tlbase, g + 1)
+        threads, irqs, stats, exitq, tlbase = self._grown_threads(g + 1)
         self._threads, self._irqs, self._stats, self._exitq = threads, irqs, stats, exitq
         self._tlbase = tlbase
         self.e.exq_head = 0
