@@ -15,7 +15,9 @@ Two kinds of parameters.
   holds the time the vCPU thread waited for the CPU (246-313 us instead of
   about 3 us on a 6-vCPU recording).  With the scheduler's tracepoints in the
   recording, a gap is uncontended when no other thread of the recording was
-  runnable on the vCPU's CPU during it (``analysis.sched_contended``).
+  runnable on the vCPU's CPU during it (``analysis.sched_contended``).  An ipi
+  recording's step holds more than one entry and exit: there, entry + exit come
+  from the IPI's own path and the handler from what is left (``ipi_costs``).
   Without them the run's shape decides: where the recorder pinned some vCPU
   alone on its CPU (no other vCPU there; preferably not the injector's CPU
   either), the median of those vCPUs' gaps; otherwise (unpinned, or every CPU
@@ -464,11 +466,15 @@ def initial_params(kv: KernelView, est: dict, arrivals: str = "sent",
     """SimParams from the direct estimates; notes say what had to be assumed."""
     notes = []
     handler = est["handler_ns"]
-    if handler is None:
+    ipi = ipi_costs(est)
+    if handler is None and ipi is None:
         handler = 10_000.0
         notes.append("no back-to-back port exits: handler_ns kept at 10 us")
     busy = est.get("busy_ns")
-    if busy is None:
+    if ipi is not None:
+        ee, handler, note = ipi
+        notes.append(note)
+    elif busy is None:
         ee = 2 * COST_DEFAULTS["vm_entry_ns"]
         notes.append("no trace: entry + exit kept at the model's defaults" if kv.halts is None
                      else "no uncontended gap between two halts: entry + exit kept at the "
@@ -491,6 +497,42 @@ def initial_params(kv: KernelView, est: dict, arrivals: str = "sent",
                   injector_idle_wake_ns=int(round(est["injector_idle_wake_ns"])),
                   injector_ns=int(round(est["injector_ns"])), scheduler=scheduler)
     return p, notes
+
+
+def ipi_costs(est: dict) -> tuple[float, float, str] | None:
+    """(entry + exit, handler, note) of an ipi recording, None for any other.
+
+    An ipi step's own work is not one entry, the handler and one exit (an msi wake's):
+    the model runs, after a halt's end, an entry, the handler (with its port exit), the
+    step's compute, the send's port exit to userspace (``sync``: the send time), an
+    entry, the ICR write (its exit), an entry and the ``hlt`` exit.  Taking entry + exit
+    as the whole gap less the handler (``busy_ns - handler_ns``, the msi rule) puts the
+    handler and two round trips into it: 20-28 us, so that every IPI to a polling vCPU
+    took exactly that long in the model, against a kernel median of 8 us.  Instead:
+
+    * entry + exit from the IPI's own path: in the model, send -> polled halt end is the
+      sender's entry and the ICR write's exit, so ``delivery_ns`` (the kernel's send ->
+      end of a halt ended by a successful poll); without polled halts (cap 0), half of
+      ``ipi_send_to_halt_ns`` (send -> the sender's next halt: two entries, two exits);
+    * the handler: ``ipi_to_send_ns`` (halt end -> the send's port exit, less the
+      compute: entry, handler, exit) less entry + exit.
+
+    The ICR write in the kernel is a fastpath exit (x2APIC, handled without leaving
+    the run loop), cheaper than a full exit and entry; the model has one cost for each,
+    so from the send to the sender's halt it charges more than the kernel (docs/results.md
+    gives the figures)."""
+    to_send, send_to_halt = est.get("ipi_to_send_ns"), est.get("ipi_send_to_halt_ns")
+    if to_send is None or send_to_halt is None:
+        return None
+    delivery = est.get("delivery_ns")
+    if delivery is not None:
+        ee, how = float(delivery), f"the IPI's send -> polled halt end ({delivery:.0f} ns)"
+    else:
+        ee, how = send_to_halt / 2, (f"half the send -> sender's halt time "
+                                     f"({send_to_halt:.0f} ns; no polled halt)")
+    handler = max(0.0, to_send - ee)
+    return ee, handler, (f"ipi recording: entry + exit from {how}, handler_ns from halt end "
+                         f"-> send ({to_send:.0f} ns) less entry + exit")
 
 
 def sim_view(setup: Setup, params: SimParams, port_exit_ns: float | None, seed: int = 0,

@@ -24,7 +24,8 @@ The acceptance line checks every "Done when" criterion of issue 14
 (``CRITERIA``): the poll/wait split within 5 points pooled and on every vCPU;
 the median wait within 15 %; the send-to-halt-end latency's p90 within 25 %
 and p99 within 40 %; ``halt_successful_poll`` and ``halt_wakeup`` within
-10 %; the preemption and migration rates within 10 points of the kernel's
+10 % (where either side counts at least ``STAT_MIN_COUNT``); the preemption
+and migration rates within 10 points of the kernel's
 scheduler trace; the replay clean.  A criterion the recording cannot show
 (no trace, no scheduler trace) is "not checked"; a recording its calibration
 found saturated is "saturated, not scored" (``calibrate.py``).
@@ -62,6 +63,10 @@ SCHED_BOUND_PP = 10.0
 #: more than a few points.  Checked: the preemption rate of each of
 #: ``schedtrace.ROLE_PAIRS`` and the pooled migration rate (per vCPU: printed).
 SCHED_MIN_SAMPLES = 20
+#: ``halt_successful_poll`` and ``halt_wakeup`` are checked where either side counts at
+#: least this many: below it on both sides the count is noise (0 against 1 is not a
+#: 100 % miss), and the criterion is "not checked".
+STAT_MIN_COUNT = 20
 
 #: The acceptance criteria, in the order printed: (key in the verdict, label, bound).
 CRITERIA = (
@@ -213,12 +218,15 @@ def _within(ratio, bound) -> bool:
     return ratio is not None and abs(ratio - 1) <= bound
 
 
-def _count_ratio(a, b) -> tuple[float | None, bool]:
-    """(model/kernel, within STAT_BOUND) for two counts; both 0 is a match."""
+def _count_ratio(a, b) -> tuple[float | None, bool | None]:
+    """(model/kernel, within STAT_BOUND) for two counts; None (not checked) where both
+    are below ``STAT_MIN_COUNT``."""
     if a is None or b is None:
         return None, False
+    if max(a, b) < STAT_MIN_COUNT:
+        return (b / a if a else None), None
     if a == 0:
-        return None, b == 0
+        return None, False
     return b / a, abs(b / a - 1) <= STAT_BOUND
 
 
@@ -288,7 +296,8 @@ def verdict(c: dict) -> dict:
         r, ok = _count_ratio(k["stats"].get(name), m["stats"].get(name))
         out[f"{name}_ratio"] = r
         out[f"{name}_ok"] = ok
-        put(name, r, ok)
+        put(name, r, ok, None if ok is not None else
+            f"fewer than {STAT_MIN_COUNT} on both sides")
     # the scheduler's rates
     sc = c.get("sched") or {"kernel": None, "model": None,
                             "reason": "the recording has no scheduler trace"}
