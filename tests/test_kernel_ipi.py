@@ -136,6 +136,20 @@ def test_simulate_ipi_runs_the_plan():
     assert sum(e.kind == ST.WAKEUP for e in r.sched.events) == waited
 
 
+def test_model_guest_stays_masked_from_the_handler_to_its_halt():
+    """The micro-VM's handler EOIs and jumps back to ``sti; hlt`` without ``iret``, so
+    IF stays 0 through the step's compute and send: an IPI that reaches a vCPU before
+    it halts is taken at its ``sti; hlt``.  The model's program does the same
+    (``iret=False``); with ``iret`` it would be taken at once, the step's halt would
+    then wait for a wake that never comes, and the chain would stop."""
+    from kvmwake import guest as g
+    plan = W.ipi_plan(2, 3, 20)
+    for v in range(3):
+        prog = S._ipi_program(plan, v, 7_000)
+        assert prog[0] == g.set_handler(7_000, iret=False)
+        assert not any(op == g.set_handler(7_000) for op in prog)
+
+
 # ---------------------------------------------------------------- the real kernel
 
 AVAIL = K.available()

@@ -467,11 +467,12 @@ def _ipi_program(plan, v: int, handler_ns: int) -> list:
     """vCPU ``v``'s guest in the model: the recorder's IPI guest step for step.
 
     For each wake it receives: ``sti; hlt``, the handler (``handler_ns``: its port
-    exit and EOI), the step's compute, the send port exit (``sync(k)``: an exit to
+    exit and EOI; no ``iret``, so interrupts stay masked until the next ``sti; hlt``,
+    as in the micro-VM), the step's compute, the send port exit (``sync(k)``: an exit to
     userspace carrying the number k of the wake it is about to send) and the ICR write
     (``sgi(vector, destination)``); the vCPU woken by the plan's last wake only halts.
     The trailing ``hlt`` is the halt the recorder stops the vCPU in."""
-    prog = [g.set_handler(max(0, int(handler_ns)))]
+    prog = [g.set_handler(max(0, int(handler_ns)), iret=False)]
     sel = np.nonzero(plan.vcpu == v)[0].tolist()
     for (c, dest, vec), k in zip(plan.steps(v), sel):
         prog += [g.unmask(), g.hlt()]
