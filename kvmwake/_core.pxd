@@ -293,3 +293,9 @@ ctypedef struct engine_t:
     uint64_t* cost_tab
     uint32_t cost_dist
     uint32_t _pad_cost
+    # vCPU threads in userspace still current on their CPU under EEVDF (core/host.pxi
+    # hold_cpu), in thread order: at most one per CPU (ncpu entries); derived
+    # from the state on import, never stored.
+    uint32_t* held
+    uint32_t nheld
+    uint32_t _pad_held

@@ -426,10 +426,21 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
     cdef int rc = 0
     cdef uint64_t cls
     e.waker = -1
-    while e.hlen and e.heap[0].t < until:
+    while True:
+        if not (e.hlen and e.heap[0].t < until):
+            if e.nheld and until > e.now and not (stop_on_exit and e.exq_len):
+                # The clock moves on to until without the held threads.
+                if release_held(e) or e.error:
+                    return -1
+                continue
+            break
         if stop_on_exit and e.exq_len:
             e.waker = -1
             return 0
+        if e.nheld and e.heap[0].t > e.now:
+            if release_held(e) or e.error:      # the clock moves on without them
+                return -1
+            continue
         heap_pop(e, &ev)
         e.now = ev.t
         cls = ev.key >> KW_SEQ_BITS
@@ -511,6 +522,7 @@ cdef class Engine:
     cdef object _srcs
     cdef object _times
     cdef object _cpus
+    cdef object _held
     cdef object _stats
     cdef object _lat
     cdef object _ops
@@ -587,6 +599,7 @@ cdef class Engine:
         self._aff = np.zeros(0, dtype=np.uint64)
         self._aff_index = {}
         self._llc = np.zeros(host_cpus, dtype=np.uint32)
+        self._held = np.zeros(host_cpus, dtype=np.uint32)
         self._bind()
         cdef uint32_t i
         for i in range(host_cpus):
@@ -616,6 +629,7 @@ cdef class Engine:
         self.e.affmask = <uint64_t*>cnp.PyArray_DATA(self._aff)
         self.e.llc = <uint32_t*>cnp.PyArray_DATA(self._llc)
         self.e.cost_tab = <uint64_t*>cnp.PyArray_DATA(self._cost_tab)
+        self.e.held = <uint32_t*>cnp.PyArray_DATA(self._held)
 
     @staticmethod
     def _grow(arr, uint64_t nbytes):
@@ -778,6 +792,15 @@ cdef class Engine:
                 # KVM_RUN returned that exit: no second KVM_RUN before it is taken.
                 raise EngineError(f"vCPU thread {g} has an exit not yet taken")
         th.resume = RESUME_START
+        if self.e.nheld and is_held(&self.e, g):
+            self._guard()
+            if cpu_allowed(&self.e, g, th.pcpu):
+                self._check(reenter_held(&self.e, g, self.e.now))
+                return
+            # Its CPU was taken from its affinity while it was in userspace:
+            # it leaves it (as the migration stopper would move it) and wakes.
+            drop_held(&self.e, g)
+            self._check(unhold(&self.e, g))
         if not cpu_allowed(&self.e, g, th.pcpu):
             # Its CPU was taken from its affinity while it was outside KVM_RUN.
             set_task_cpu(&self.e, g, select_task_rq(&self.e, g, -1))
@@ -868,6 +891,7 @@ cdef class Engine:
         DEBUG_CHECKS += 1
         try:
             _check_state(self, False)
+            check_held(self)
         except ValueError as exc:
             self._failed = True
             raise EngineError(f"inconsistent engine state after {self.e.events} events "

@@ -127,6 +127,89 @@ cdef int release_cpu(engine_t* e, thread_t* th, uint64_t t) noexcept nogil:
     return sched_balance_newidle(e, th.pcpu, t)
 
 
+# -- A vCPU thread in userspace keeps its CPU (EEVDF) ---------------------------------
+# KVM_RUN returning to userspace is not a sleep: the thread stays TASK_RUNNING,
+# current on its CPU, while the VMM handles the exit, and the next ioctl(KVM_RUN)
+# goes on from there (vcpu_put()/vcpu_load() only, no dequeue, no place_entity()).
+# Userspace takes no virtual time, so the thread is "held": current, in state
+# USER, until it re-enters at the same instant (reenter_held) or the clock is about
+# to move on without it (release_held: the VMM then waits for something, a
+# sleep at its exit time).  Held threads are derived from the state (a USER vCPU
+# thread that is its CPU's current one); e.held lists them in thread order.
+# FIFO keeps the old rule: the thread leaves its CPU at the exit.
+
+
+cdef inline bint is_held(engine_t* e, uint32_t g) noexcept nogil:
+    """A vCPU thread outside KVM_RUN that is still its CPU's current thread."""
+    return e.th[g].state == TS_USER and e.cpus[e.th[g].pcpu].cur == <int32_t>g
+
+
+cdef void hold_cpu(engine_t* e, thread_t* th, uint32_t g) noexcept nogil:
+    """exit_to_user under EEVDF: the thread keeps its CPU, its slice tick void."""
+    cdef uint32_t i = e.nheld
+    th.run_gen += 1
+    th.slice_armed = 0
+    while i > 0 and e.held[i - 1] > g:
+        e.held[i] = e.held[i - 1]
+        i -= 1
+    e.held[i] = g
+    e.nheld += 1
+
+
+cdef void drop_held(engine_t* e, uint32_t g) noexcept nogil:
+    """g out of e.held."""
+    cdef uint32_t i, j = 0
+    for i in range(e.nheld):
+        if e.held[i] != g:
+            e.held[j] = e.held[i]
+            j += 1
+    e.nheld = j
+
+
+cdef int unhold(engine_t* e, uint32_t g) noexcept nogil:
+    """A held thread (out of e.held) leaves its CPU at its exit time."""
+    cdef thread_t* th = &e.th[g]
+    if e.tlcap:
+        th.state = TS_RUNNING               # the timeline: running until now
+        tl_note(e, th, g, th.exit_time, TS_USER)
+        th.state = TS_USER
+    return release_cpu(e, th, th.exit_time)
+
+
+cdef int release_held(engine_t* e) noexcept nogil:
+    """The clock moves on: every held thread leaves its CPU at its exit time (in
+    thread order), as a thread that blocks in userspace does."""
+    cdef uint32_t i, n = e.nheld
+    e.nheld = 0
+    for i in range(n):
+        # (Releasing one changes no other CPU's current thread: e.held stays.)
+        if unhold(e, e.held[i]):
+            return -1
+    return 0
+
+
+cdef int reenter_held(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
+    """KVM_RUN again from a held thread: it is still current, so no wake-up and
+    no update_curr() (none runs on a system call); a reschedule a wake-up asked
+    for meanwhile (wakeup_preempt()) is taken on the way in, as the return to
+    userspace would have (exit_to_user_mode_loop: schedule())."""
+    cdef thread_t* th = &e.th[g]
+    cdef cpu_t* cpu = &e.cpus[th.pcpu]
+    drop_held(e, g)
+    if cpu.need_resched:
+        if e.tlcap:
+            th.state = TS_RUNNING
+            tl_note(e, th, g, t, TS_RUNNABLE)
+        th.state = TS_RUNNABLE
+        if preempt_fair(e, cpu, g, t):
+            return -1
+        if cpu.cur != <int32_t>g:
+            return 0
+    if e.tlcap:
+        th.state = TS_RUNNING               # no record: it never left the CPU
+    return got_cpu(e, g, t)
+
+
 cdef int got_cpu(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef thread_t* th = &e.th[g]
     cdef cpu_t* cpu = &e.cpus[th.pcpu]

@@ -75,8 +75,10 @@ cdef int vcpu_sleep(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
 cdef int exit_to_user(engine_t* e, uint32_t g, uint64_t t, uint32_t reason, uint32_t type_,
                       uint32_t ndata, uint64_t data0, uint32_t ucall,
                       uint64_t value) noexcept nogil:
-    """KVM_RUN returns to userspace: the thread leaves its CPU with an exit."""
+    """KVM_RUN returns to userspace with an exit.  Under EEVDF the thread keeps
+    its CPU while userspace handles it (hold_cpu); under FIFO it leaves."""
     cdef thread_t* th = &e.th[g]
+    cdef bint hold = e.sched == SCHED_POLICY_EEVDF and e.cpus[th.pcpu].cur == <int32_t>g
     if reason == EXIT_INTR:
         th.sig_pending = 0
     e.stats[<uint64_t>g * NR_STATS + S_BLOCKING] = 0
@@ -87,13 +89,16 @@ cdef int exit_to_user(engine_t* e, uint32_t g, uint64_t t, uint32_t reason, uint
     th.exit_ucall = ucall
     th.exit_value = value
     th.exit_time = t
-    if e.tlcap:
+    if e.tlcap and not hold:
         tl_note(e, th, g, t, TS_USER)
     th.state = TS_USER
     th.resume = RESUME_START
     th.gen += 1
     e.exitq[(e.exq_head + e.exq_len) % e.nth] = g
     e.exq_len += 1
+    if hold:
+        hold_cpu(e, th, g)
+        return 0
     return release_cpu(e, th, t)
 
 

@@ -218,7 +218,9 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     e.nqueued = 0
     for c in range(e.ncpu):
         e.nqueued += e.cpus[c].rq_len                 # derived (checked with the queues)
+    e.nheld = 0
     _check_state(self, True)
+    derive_held(e)
     self._prog_index = {}
     index_affinity(self)
     cdef uint32_t g
@@ -228,6 +230,33 @@ def _engine_import(Engine self, dict scalars, dict arrays):
                             (e.th[g].prog + e.th[g].prog_n) * sizeof(op_t)].tobytes()
             self._prog_index.setdefault(key, e.th[g].prog)
     self._failed = False
+
+
+cdef void derive_held(engine_t* e) noexcept nogil:
+    """e.held from the state: the vCPU threads in userspace that are still their
+    CPU's current thread (hold_cpu), in thread order."""
+    cdef uint32_t g
+    e.nheld = 0
+    for g in range(e.nth):
+        if e.th[g].state == TS_USER and e.cpus[e.th[g].pcpu].cur == <int32_t>g:
+            e.held[e.nheld] = g
+            e.nheld += 1
+
+
+cdef check_held(Engine self):
+    """The debug build's check that e.held is what the state says (derive_held)."""
+    cdef engine_t* e = &self.e
+    cdef uint32_t g, n = 0
+    if e.nheld > e.ncpu:
+        raise ValueError(f"{e.nheld} held threads on {e.ncpu} host CPUs")
+    for g in range(e.nth):
+        if e.th[g].state == TS_USER and e.cpus[e.th[g].pcpu].cur == <int32_t>g:
+            if n >= e.nheld or e.held[n] != g:
+                raise ValueError(f"thread {g}: holds its CPU in userspace but is not "
+                                 "listed as held, or out of order")
+            n += 1
+    if n != e.nheld:
+        raise ValueError("a thread listed as held does not hold its CPU")
 
 
 cdef _check_state(Engine self, bint programs):
@@ -460,7 +489,7 @@ cdef _check_sched(Engine self, uint8_t[::1] where):
             continue
         if cpu.need_resched > 1 or cpu.need_resched and (
                 cpu.cur < 0 or e.th[cpu.cur].state != TS_RUNNABLE
-                and e.th[cpu.cur].state != TS_RUNNING):
+                and e.th[cpu.cur].state != TS_RUNNING and e.th[cpu.cur].state != TS_USER):
             raise ValueError(f"host CPU {c}: a pending reschedule without a current "
                              "thread")
         if sums[c] != cpu.sum_v:
@@ -538,9 +567,12 @@ cdef _check_links(Engine self):
         x = e.cpus[c].cur
         if x >= 0:
             if e.th[x].state != TS_RUNNABLE and e.th[x].state != TS_RUNNING \
-                    and e.th[x].state != TS_POLLING:
+                    and e.th[x].state != TS_POLLING and not (
+                        e.th[x].state == TS_USER and e.th[x].kind == THREAD_VCPU
+                        and e.sched == SCHED_POLICY_EEVDF and e.th[x].pcpu == c):
+                # (EEVDF: a vCPU thread in userspace keeps its CPU, hold_cpu.)
                 raise ValueError(f"host CPU {c}: its current thread {x} is neither running "
-                                 "nor about to")
+                                 "nor about to, nor a vCPU thread in userspace")
             where[x] = 1
         x = e.cpus[c].rq_head
         while x >= 0:
@@ -555,8 +587,8 @@ cdef _check_links(Engine self):
         th = &e.th[g]
         if (th.state == TS_RUNNING or th.state == TS_POLLING) and where[g] != 1 \
                 or th.state == TS_RUNNABLE and where[g] == 0 \
-                or (th.state == TS_USER or th.state == TS_BLOCKED) and where[g] != 0 \
-                and not th.sched_delayed:
+                or th.state == TS_BLOCKED and where[g] != 0 and not th.sched_delayed \
+                or th.state == TS_USER and where[g] == 2 and not th.sched_delayed:
             raise ValueError(f"thread {g}: its state disagrees with its host CPU's run queue")
         if where[g] != 2 and th.rq_next != -1:
             raise ValueError(f"thread {g}: a run-queue link but in no run queue")
@@ -755,6 +787,8 @@ def _engine_rehost(Engine self, uint32_t ncpu):
             x = e.th[x].rq_next
         queues.append(q)
     self._cpus = np.zeros(ncpu * sizeof(cpu_t), dtype=np.uint8)
+    self._held = np.zeros(ncpu, dtype=np.uint32)     # (FIFO: nothing is held)
+    e.nheld = 0
     self._llc = np.zeros(ncpu, dtype=np.uint32)      # one LLC until set_llc()
     self._aff = np.zeros(0, dtype=np.uint64)
     self._aff_index = {}

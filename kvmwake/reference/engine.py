@@ -214,6 +214,9 @@ def run_loop(e, until_ns, stop_on_exit):
         if stop_on_exit and e.exits:
             e.waker = -1
             return e.exits[0]
+        if e.held and heap[0][0] > e.now:
+            host.release_held(e)             # the clock moves on without them
+            continue
         t, cls, _seq, who, gen = heap_pop(e)
         e.now = t
         e.waker = -1
@@ -265,6 +268,9 @@ def run_loop(e, until_ns, stop_on_exit):
     e.waker = -1
     if stop_on_exit and e.exits:
         return e.exits[0]
+    if e.held and until_ns > e.now:
+        host.release_held(e)
+        return run_loop(e, until_ns, stop_on_exit)
     e.now = until_ns
     return -1
 
@@ -279,6 +285,7 @@ class Engine:
             raise ValueError(f"unknown scheduler {scheduler!r} "
                              f"(choose from {', '.join(SCHEDULERS)})")
         self.sched = SCHEDULERS.index(scheduler)
+        self.held = []              # vCPU threads in userspace still on their CPU
         self.base_slice = sched_base_slice(host_cpus)
         self.arch = arch
         self.x86 = arch == "x86"
@@ -421,6 +428,14 @@ class Engine:
             # KVM_RUN returned that exit: no second KVM_RUN before it is taken.
             raise EngineError(f"vCPU thread {g} has an exit not yet taken")
         th.resume = RESUME_START
+        if self.held and host.is_held(self, th):
+            if host.cpu_allowed(self, th, th.pcpu):
+                self._guard(host.reenter_held, self, th, self.now)
+                return
+            # Its CPU was taken from its affinity while it was in userspace:
+            # it leaves it (as the migration stopper would move it) and wakes.
+            host.drop_held(self, g)
+            self._guard(host.unhold, self, th)
         if not host.cpu_allowed(self, th, th.pcpu):
             # Its CPU was taken from its affinity while it was outside KVM_RUN.
             host.set_task_cpu(self, th, host.select_task_rq(self, th, -1))

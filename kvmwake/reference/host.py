@@ -17,6 +17,7 @@ among equal deadlines); the current thread is ``cpu.cur``.
 
 from __future__ import annotations
 
+from bisect import insort
 from collections import deque
 
 from ..model import (
@@ -33,8 +34,9 @@ from .rng import COST_CONTEXT_SWITCH, COST_VM_ENTRY, COST_VM_EXIT, COST_WAKE_TO_
 asleep = best_irq = block = check_block = enter = exit_to_user = halt_done = None
 interrupt_segment = ht_got_cpu = ht_preempted = None
 
-_RUNNING, _POLLING, _BLOCKED, _RUNNABLE = (
-    ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED, ThreadState.RUNNABLE)
+_USER, _RUNNING, _POLLING, _BLOCKED, _RUNNABLE = (
+    ThreadState.USER, ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED,
+    ThreadState.RUNNABLE)
 _EV_SEG, _EV_RUN, _EV_SLICE = EventClass.SEGMENT, EventClass.RUN, EventClass.SLICE
 
 
@@ -128,6 +130,72 @@ def release_cpu(e, th, t):
     else:
         cpu.cur = -1
         sched_balance_newidle(e, th.pcpu, t)
+
+
+# -- A vCPU thread in userspace keeps its CPU (EEVDF) ---------------------------------
+# KVM_RUN returning to userspace is not a sleep: the thread stays TASK_RUNNING,
+# current on its CPU, while the VMM handles the exit, and the next ioctl(KVM_RUN)
+# goes on from there (vcpu_put()/vcpu_load() only, no dequeue, no place_entity()).
+# Userspace takes no virtual time, so the thread is "held": current, in state
+# USER, until it re-enters at the same instant (reenter_held) or the clock is about
+# to move on without it (release_held: the VMM then waits for something, a
+# sleep at its exit time).  Held threads are derived from the state (a USER vCPU
+# thread that is its CPU's current one); e.held lists them in thread order.
+# FIFO keeps the old rule: the thread leaves its CPU at the exit.
+
+
+def is_held(e, th):
+    """A vCPU thread outside KVM_RUN that is still its CPU's current thread."""
+    return th.state == _USER and e.cpus[th.pcpu].cur == th.g
+
+
+def hold_cpu(e, th):
+    """exit_to_user under EEVDF: the thread keeps its CPU, its slice tick void."""
+    th.run_gen += 1
+    th.slice_armed = False
+    insort(e.held, th.g)
+
+
+def drop_held(e, g):
+    """g out of e.held."""
+    e.held.remove(g)
+
+
+def release_held(e):
+    """The clock moves on: every held thread leaves its CPU at its exit time (in
+    thread order), as a thread that blocks in userspace does."""
+    held, e.held = e.held, []
+    for g in held:
+        unhold(e, e.threads[g])
+
+
+def unhold(e, th):
+    """A held thread (out of e.held) leaves its CPU at its exit time."""
+    if e.tl_cap:
+        th.state = _RUNNING                 # the timeline: running until now
+        tl_note(e, th, th.exit_time, _USER)
+        th.state = _USER
+    release_cpu(e, th, th.exit_time)
+
+
+def reenter_held(e, th, t):
+    """KVM_RUN again from a held thread: it is still current, so no wake-up and
+    no update_curr() (none runs on a system call); a reschedule a wake-up asked
+    for meanwhile (wakeup_preempt()) is taken on the way in, as the return to
+    userspace would have (exit_to_user_mode_loop: schedule())."""
+    drop_held(e, th.g)
+    cpu = e.cpus[th.pcpu]
+    if cpu.need_resched:
+        if e.tl_cap:
+            th.state = _RUNNING
+            tl_note(e, th, t, _RUNNABLE)
+        th.state = _RUNNABLE
+        preempt_fair(e, cpu, th, t)
+        if cpu.cur != th.g:
+            return
+    if e.tl_cap:
+        th.state = _RUNNING                 # no record: it never left the CPU
+    got_cpu(e, th, t)
 
 
 def got_cpu(e, th, t):

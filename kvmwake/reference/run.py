@@ -11,17 +11,20 @@ a SUSPENDED vCPU's WFI emulation), and the exits to userspace.
 from __future__ import annotations
 
 from ..model import (
-    HALT_MP_HALTED, HALT_SUSPEND, RESUME_SLEEP, RESUME_START, S_BLOCKING, ThreadState,
+    HALT_MP_HALTED, HALT_SUSPEND, RESUME_SLEEP, RESUME_START, S_BLOCKING, SCHEDULERS,
+    ThreadState,
 )
 from ..uapi import PSR_I_BIT, VCPU_RESET_PSTATE_EL1, ExitReason, MpState
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
-advance = halt = prune_ap_list = release_cpu = runnable = segment = take_irqs = None
-tl_note = None
+advance = halt = hold_cpu = prune_ap_list = release_cpu = runnable = segment = None
+take_irqs = tl_note = None
 
 _USER, _BLOCKED = ThreadState.USER, ThreadState.BLOCKED
+#: e.sched of the fair class (kvmwake.model.SCHEDULERS).
+SCHED_POLICY_EEVDF = SCHEDULERS.index("eevdf")
 
 
 def asleep(e, th) -> bool:
@@ -90,19 +93,24 @@ def vcpu_sleep(e, th, t):
 
 
 def exit_to_user(e, th, t, reason, type_=0, ndata=0, data0=0, ucall=0, value=0):
-    """KVM_RUN returns to userspace: the thread leaves its CPU with an exit."""
+    """KVM_RUN returns to userspace with an exit.  Under EEVDF the thread keeps
+    its CPU while userspace handles it (host.hold_cpu); under FIFO it leaves."""
     if reason == ExitReason.INTR:
         th.sig_pending = False
     th.stats[S_BLOCKING] = 0
     th.exit_reason, th.exit_type, th.exit_ndata = int(reason), int(type_), ndata
     th.exit_data0, th.exit_ucall, th.exit_value, th.exit_time = data0, ucall, value, t
-    if e.tl_cap:
+    hold = e.sched == SCHED_POLICY_EEVDF and e.cpus[th.pcpu].cur == th.g
+    if e.tl_cap and not hold:
         tl_note(e, th, t, _USER)
     th.state = _USER
     th.resume = RESUME_START
     th.gen += 1
     e.exits.append(th.g)
-    release_cpu(e, th, t)
+    if hold:
+        hold_cpu(e, th)
+    else:
+        release_cpu(e, th, t)
 
 
 def reset_vcpu(e, th):

@@ -49,7 +49,8 @@ VM_FIELDS = _Vm.__slots__
 SOURCE_FIELDS = _Source.__slots__ + ("rng_state", "rng_inc")
 #: Engine attributes exported in their own form; every other one is a scalar.
 _STRUCTURED = frozenset({"costs", "cost_tabs", "cpus", "vms", "threads", "sources", "heap",
-                         "lat_hist", "trace", "timeline", "tl_base", "exits", "failed", "llc"})
+                         "lat_hist", "trace", "timeline", "tl_base", "exits", "failed", "llc",
+                         "held"})
 
 
 def _index(x, n: int) -> bool:
@@ -145,7 +146,21 @@ def engine_import(e, state: dict) -> None:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineError(f"malformed engine state: {exc!r}") from None
     check_state(e)
+    derive_held(e)
     e.failed = False
+
+
+def derive_held(e) -> None:
+    """e.held from the state: the vCPU threads in userspace that are still their
+    CPU's current thread (host.hold_cpu), in thread order; never stored."""
+    e.held = [g for g, th in enumerate(e.threads) if host.is_held(e, th)]
+
+
+def check_held(e) -> None:
+    """e.held is what the state says (derive_held)."""
+    want = [g for g, th in enumerate(e.threads) if host.is_held(e, th)]
+    if e.held != want:
+        raise EngineError(f"held threads {e.held}, but the state says {want}")
 
 
 def engine_view(e):
@@ -480,7 +495,7 @@ def check_sched(e, where) -> None:
                 raise EngineError(f"host CPU {c}: EEVDF state on a fifo host")
             continue
         if cpu.need_resched not in (0, 1) or cpu.need_resched and (
-                cpu.cur < 0 or e.threads[cpu.cur].state not in (_RUNNABLE, _RUNNING)):
+                cpu.cur < 0 or e.threads[cpu.cur].state not in (_RUNNABLE, _RUNNING, _USER)):
             raise EngineError(f"host CPU {c}: a pending reschedule without a current "
                               "thread")
         if sums[c] != cpu.sum_v:
@@ -503,9 +518,12 @@ def check_links(e) -> None:
     for c, cpu in enumerate(e.cpus):
         x = cpu.cur
         if x >= 0:
-            if threads[x].state not in (_RUNNABLE, _RUNNING, _POLLING):
+            if threads[x].state not in (_RUNNABLE, _RUNNING, _POLLING) and not (
+                    threads[x].state == _USER and threads[x].kind == THREAD_VCPU
+                    and e.sched == host.SCHED_POLICY_EEVDF and threads[x].pcpu == c):
+                # (EEVDF: a vCPU thread in userspace keeps its CPU, host.hold_cpu.)
                 raise EngineError(f"host CPU {c}: its current thread {x} is neither running "
-                                  "nor about to")
+                                  "nor about to, nor a vCPU thread in userspace")
             where[x] = 1
         for x in cpu.runq:
             # (EEVDF: a delayed-dequeue sleeper stays queued.)
@@ -520,7 +538,8 @@ def check_links(e) -> None:
     for g, th in enumerate(threads):
         if th.state in (_RUNNING, _POLLING) and where[g] != 1 \
                 or th.state == _RUNNABLE and where[g] == 0 \
-                or th.state in (_USER, _BLOCKED) and where[g] != 0 and not th.sched_delayed:
+                or th.state == _BLOCKED and where[g] != 0 and not th.sched_delayed \
+                or th.state == _USER and where[g] == 2 and not th.sched_delayed:
             raise EngineError(f"thread {g}: its state disagrees with its host CPU's run queue")
     for i, (t, cls, _seq, who, gen) in enumerate(e.heap):
         if cls == _EV_TIMER and threads[who].kind == THREAD_HOST \
