@@ -426,14 +426,7 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
     cdef int rc = 0
     cdef uint64_t cls
     e.waker = -1
-    while True:
-        if not (e.hlen and e.heap[0].t < until):
-            if e.nheld and until > e.now and not (stop_on_exit and e.exq_len):
-                # The clock moves on to until without the held threads.
-                if release_held(e) or e.error:
-                    return -1
-                continue
-            break
+    while e.hlen and e.heap[0].t < until:
         if stop_on_exit and e.exq_len:
             e.waker = -1
             return 0
@@ -497,6 +490,11 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
     e.waker = -1
     if stop_on_exit and e.exq_len:
         return 0
+    if e.nheld and until > e.now:
+        # The clock moves on to until without the held threads.
+        if release_held(e) or e.error:
+            return -1
+        return run_loop(e, until, stop_on_exit)
     e.now = until
     return 0
 
