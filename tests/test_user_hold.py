@@ -107,7 +107,7 @@ def test_fifo_leaves_at_the_exit(engine_cls):
 
 
 def test_a_wakeup_while_held_preempts_at_reentry(engine_cls):
-    """Thread 0 wakes thread 1 (slept 4 ms: positive lag, so wakeup_preempt()
+    """Thread 0 wakes thread 1 (asleep since 1 ms: positive lag, so wakeup_preempt()
     asks for a reschedule) and exits at the same instant.  It holds its CPU
     through the exit, and the reschedule is taken when it re-enters: thread 1
     gets the CPU, thread 0 waits with its vruntime as it was (no place_entity())."""
