@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 
 import test_differential as D
+import test_sched as S
 from kvmwake import _core, reference
 from kvmwake import guest as G
 from kvmwake.model import COST_NAMES, ThreadState
@@ -43,16 +44,11 @@ def engine_cls(request):
     return request.param
 
 
-def make(engine_cls, *programs, host_cpus=1, scheduler="eevdf", start=None):
-    e = engine_cls("arm64", host_cpus, 0, costs=ZERO, scheduler=scheduler,
-                   timeline_capacity=1 << 12)
-    e.halt_poll_ns = 0
-    e.add_vm(len(programs))
-    for g, prog in enumerate(programs):
-        e.load_program(g, G.Program(prog).ops)
-    for g in range(len(programs)) if start is None else start:
-        e.start_vcpu(g)
-    return e
+def make(engine_cls, *programs, **kw):
+    """test_sched.make (one VM, zero costs, all started at t = 0) with the state
+    timeline on and no halt polling."""
+    return S.make(functools.partial(engine_cls, timeline_capacity=1 << 12), *programs,
+                  halt_poll_ns=0, **kw)
 
 
 def cpu(e, c=0):

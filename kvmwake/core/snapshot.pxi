@@ -238,7 +238,7 @@ cdef void derive_held(engine_t* e) noexcept nogil:
     cdef uint32_t g
     e.nheld = 0
     for g in range(e.nth):
-        if e.th[g].state == TS_USER and e.cpus[e.th[g].pcpu].cur == <int32_t>g:
+        if is_held(e, g):
             e.held[e.nheld] = g
             e.nheld += 1
 
@@ -250,7 +250,7 @@ cdef check_held(Engine self):
     if e.nheld > e.ncpu:
         raise ValueError(f"{e.nheld} held threads on {e.ncpu} host CPUs")
     for g in range(e.nth):
-        if e.th[g].state == TS_USER and e.cpus[e.th[g].pcpu].cur == <int32_t>g:
+        if is_held(e, g):
             if n >= e.nheld or e.held[n] != g:
                 raise ValueError(f"thread {g}: holds its CPU in userspace but is not "
                                  "listed as held, or out of order")

@@ -11,10 +11,10 @@ a SUSPENDED vCPU's WFI emulation), and the exits to userspace.
 from __future__ import annotations
 
 from ..model import (
-    HALT_MP_HALTED, HALT_SUSPEND, RESUME_SLEEP, RESUME_START, S_BLOCKING, SCHEDULERS,
-    ThreadState,
+    HALT_MP_HALTED, HALT_SUSPEND, RESUME_SLEEP, RESUME_START, S_BLOCKING, ThreadState,
 )
 from ..uapi import PSR_I_BIT, VCPU_RESET_PSTATE_EL1, ExitReason, MpState
+from .host import SCHED_POLICY_EEVDF
 
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
@@ -23,8 +23,6 @@ advance = halt = hold_cpu = prune_ap_list = release_cpu = runnable = segment = N
 take_irqs = tl_note = None
 
 _USER, _BLOCKED = ThreadState.USER, ThreadState.BLOCKED
-#: e.sched of the fair class (kvmwake.model.SCHEDULERS).
-SCHED_POLICY_EEVDF = SCHEDULERS.index("eevdf")
 
 
 def asleep(e, th) -> bool:
