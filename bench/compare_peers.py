@@ -15,9 +15,11 @@ time:
 * **SimPy**: an idiomatic SimPy model of the same workload
   (``bench/simpy_ipi_storm.py``), one run per seed;
 * **the floor**: a bare C binary-heap loop (``bench/_floor.pyx``) that
-  replays exactly the pushes and pops of the core's seed-0 run (the
-  reference engine's heap traffic is recorded, event for event the
-  core's; its count is checked against the core's ``bench_counters``),
+  replays exactly the pushes of the core's seed-0 run, with a pop for
+  every event that left the core's queue (popped, or dropped unpopped as
+  cancelled; the reference engine's queue traffic is recorded, event for
+  event the core's; its count is checked against the core's
+  ``bench_counters``),
   with no model logic; and, for scale, the classic "hold" loop with the
   heap held at ``--vcpus`` events.
 
@@ -48,7 +50,6 @@ import argparse  # noqa: E402
 import array  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
-import heapq  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
@@ -122,38 +123,36 @@ def record_heap_ops(vcpus, sim_ns, seed):
 
     Recorded from the reference engine (which pushes and pops exactly what the
     core does; the caller checks the counts against the core's): every push
-    as (time, (class << 56) | sequence), every pop as ``POP``.  Events pushed
-    while the host was built (the ticks) come first.
+    as (time, (class << 56) | sequence), and as ``POP`` every event that left
+    the queue, popped or dropped unpopped as cancelled (the floor's binary heap
+    pops them all).  Events pushed while the host was built (the ticks) come
+    first.
     """
-    # Every push and pop of the reference engine goes through its queue module's heapq.
+    # Every push of the reference engine, and every event leaving its queue (popped,
+    # or dropped as cancelled), goes to the queue module's recorders.
     from kvmwake.reference import queue as ref_queue
     host, ns, _ = scenarios.build("ipi-storm", vcpus=vcpus, sim_ns=sim_ns, seed=seed,
                                   engine="reference", trace_capacity=0)
     eng = host._engine
     ops = array.array("Q")
-    for t, cls, seq, _who, _gen in sorted(eng.heap, key=lambda e: e[2]):
+    for t, cls, seq, _who, _gen in sorted(eng.q.events(), key=lambda e: e[2]):
         ops.extend((t, (cls << SEQ_BITS) | seq))
 
-    class _Heapq:
-        @staticmethod
-        def heappush(h, ev):
-            heapq.heappush(h, ev)
-            t, cls, seq = ev[:3]
+    def recorder(ev):
+        if ev is None:
+            ops.append(POP)
+        else:
+            t, cls, seq = ev
             ops.extend((t, (int(cls) << SEQ_BITS) | seq))
 
-        @staticmethod
-        def heappop(h):
-            ops.append(POP)
-            return heapq.heappop(h)
-
-    real_heapq, ref_queue.heapq = ref_queue.heapq, _Heapq
+    ref_queue.recorders.append(recorder)
     try:
         host.run(ns)
     finally:
-        ref_queue.heapq = real_heapq
+        ref_queue.recorders.remove(recorder)
     arr = np.frombuffer(ops, dtype=np.uint64).copy()
     pops = int(np.count_nonzero(arr == POP))
-    return arr, {"pushes": (len(arr) - pops) // 2, "pops": pops, "heap_len": len(eng.heap),
+    return arr, {"pushes": (len(arr) - pops) // 2, "pops": pops, "heap_len": eng.q.len,
                  "events": host.events, "halts": host.halts}
 
 
@@ -322,7 +321,8 @@ def main(argv=None) -> int:
     say("")
 
     say("Cost per event on the same heap traffic (the core's seed-0 run: "
-        f"{cnt['pushes']:,} pushes, {pops0:,} pops of which {cnt['events']:,} live events, "
+        f"{cnt['pushes']:,} pushes, {pops0:,} leaving the queue ({cnt['dropped']:,} dropped "
+        f"unpopped, {cnt['events']:,} live events), "
         f"{cnt['halts']:,} halts):")
     say("")
     say("| loop | wall s, median | ns per popped event | ns per live event | ns per halt "

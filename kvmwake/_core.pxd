@@ -178,6 +178,34 @@ ctypedef struct event_t:
     uint32_t gen
 
 
+# The event queue (core/queue.pxi): a radix heap over event times, 64 buckets
+# (6 bits) per level.
+cdef extern from *:
+    """
+    #define KW_QLEVELS 10
+    #define KW_QBUCKETS 640
+    """
+    enum: KW_QLEVELS
+    enum: KW_QBUCKETS
+
+
+ctypedef struct evq_bucket_t:
+    event_t* ev
+    uint64_t n
+    uint64_t cap
+    uint64_t tmin             # earliest time in the bucket (all ones when empty)
+
+
+ctypedef struct evq_t:
+    evq_bucket_t b0           # the events in the base's window: a binary heap
+    evq_bucket_t b[640]       # KW_QBUCKETS: level L, digit d at L * 64 + d; unordered
+    uint64_t dmask[10]        # KW_QLEVELS: bit d of dmask[L] set while bucket (L, d) holds events
+    uint64_t lmask            # bit L set while dmask[L] is not 0
+    uint64_t base             # the radix base: at or below every queued time
+    uint64_t len              # events queued, void ones included
+    uint64_t dropped          # void events dropped unpopped
+
+
 ctypedef struct op_t:
     uint16_t code
     uint16_t dist
@@ -229,13 +257,10 @@ ctypedef struct engine_t:
     uint64_t* times
     uint32_t* exitq           # threads that exited to userspace (a ring of nth)
     cpu_t* cpus
-    event_t* heap
     op_t* ops
     uint64_t* stats           # nth x NR_STATS, row-major
     uint64_t* lat_hist        # LAT_BUCKETS
     trace_rec_t* trace        # ring buffer
-    uint64_t hlen
-    uint64_t hcap
     uint64_t tcap             # ring capacity (0: tracing off)
     uint64_t talloc           # entries allocated so far (grows to tcap)
     uint64_t thead            # next slot to write
@@ -299,3 +324,4 @@ ctypedef struct engine_t:
     uint32_t* held
     uint32_t nheld
     uint32_t _pad_held
+    evq_t q                   # the event queue (core/queue.pxi)

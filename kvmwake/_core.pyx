@@ -398,6 +398,7 @@ def compiled_constants():
         "stats": (S_SUCCESSFUL_POLL, S_ATTEMPTED_POLL, S_POLL_INVALID, S_WAKEUP,
                   S_POLL_SUCCESS_NS, S_POLL_FAIL_NS, S_WAIT_NS, S_POLL_SUCCESS_HIST,
                   S_POLL_FAIL_HIST, S_WAIT_HIST, S_BLOCKING, S_HALT_EXITS, NR_STATS),
+        "queue": {"SEQ_BITS": KW_SEQ_BITS, "MAX_SEQ": KW_MAX_SEQ, "QUEUE_SHIFT": KW_QSHIFT},
         "lat_buckets": LAT_BUCKETS,
         "costs": {"table_n": KW_COST_TABLE_N, "frac_bits": KW_COST_FRAC_BITS,
                   "frac_mask": KW_COST_FRAC_MASK, "stream_base": KW_COST_STREAM_BASE,
@@ -425,16 +426,24 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
     cdef vm_t* vm
     cdef int rc = 0
     cdef uint64_t cls
+    cdef uint64_t t
     e.waker = -1
-    while e.hlen and e.heap[0].t < until:
+    while e.q.len:
         if stop_on_exit and e.exq_len:
             e.waker = -1
             return 0
-        if e.nheld and e.heap[0].t > e.now:
+        t = q_peek(e)
+        if t >= until:
+            break
+        if e.nheld and t > e.now:
             if release_held(e) or e.error:      # the clock moves on without them
                 return -1
             continue
-        heap_pop(e, &ev)
+        rc = heap_pop(e, &ev)
+        if rc <= 0:
+            if rc < 0:
+                return -1
+            continue                            # only void events at that time
         e.now = ev.t
         cls = ev.key >> KW_SEQ_BITS
         e.waker = -1
@@ -532,9 +541,11 @@ cdef class Engine:
     cdef dict _aff_index      # mask bytes -> word offset in _aff
     cdef object _llc          # per host CPU: its LLC group (u4)
     cdef bint _failed
+    cdef object _import_events  # an imported state's events, until they are queued
 
     def __cinit__(self):
         memset(&self.e, 0, sizeof(engine_t))
+        q_init(&self.e.q, 0)
 
     def __init__(self, str arch, uint32_t host_cpus, seed, costs=None,
                  uint64_t trace_capacity=1 << 20, uint64_t timeline_capacity=0,
@@ -606,7 +617,7 @@ cdef class Engine:
             self.e.cpus[i].rq_tail = -1
 
     def __dealloc__(self):
-        free(self.e.heap)
+        q_free(&self.e.q)
         free(self.e.trace)
         free(self.e.tl)
 
@@ -1431,7 +1442,7 @@ cdef class Engine:
                 "threads": self.e.nth * sizeof(thread_t),
                 "irqs": self.e.nth * sizeof(virq_t),
                 "stats": self.e.nth * NR_STATS * 8,
-                "heap": self.e.hcap * sizeof(event_t),
+                "heap": _queue_bytes(&self.e.q),
                 "ops": len(self._ops), "trace": self.e.talloc * sizeof(trace_rec_t),
                 "cpus": self.e.ncpu * sizeof(cpu_t), "vms": self.e.nvm * sizeof(vm_t),
                 "gics": self.e.nvm * sizeof(gic_t),

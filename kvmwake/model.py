@@ -121,6 +121,12 @@ MAX_SPAN = (1 << 62) + (1 << 48)
 #: Sequence numbers an engine hands out: events are keyed (class << 56) | sequence,
 #: and past this a run stops with an error instead of reaching the class bits.
 MAX_SEQ = 1 << 55
+#: An event's key is (event class << SEQ_BITS) | sequence number.
+SEQ_BITS = 56
+#: The event queue's bucket 0 spans a window of 2**QUEUE_SHIFT ns of the clock (a
+#: binary heap); the other buckets, one per higher bit in which an event's window
+#: differs from the base's, are unordered.
+QUEUE_SHIFT = 6
 #: Longest program accepted.
 MAX_PROGRAM_OPS = 1 << 20
 #: Ops one vCPU may execute at one instant of virtual time before the engine

@@ -35,9 +35,12 @@ bytes.  Version 1 (no R in the prefix; R is the header's ``body.size``) is
 still read, with the same checks.
 
 The arrays are the engine's own state (vCPU threads, interrupt controllers,
-host CPUs and run queues, the event heap, stats, trace ring, programs, device
-sources), so a restored host continues bit for bit as the original would
-have: same events, stats, traces and later snapshots.  The header holds the
+host CPUs and run queues, the queued events, stats, trace ring, programs,
+device sources), so a restored host continues bit for bit as the original
+would have: same events, stats, traces and later snapshots.  The ``heap``
+array holds the live queued events, sorted by (time, class, sequence); the
+loader takes them in any order (and drops none: an event already void is
+dropped by the queue as a run would drop it).  The header holds the
 Python side: the VMs' configuration, each vCPU's held exit, and each VM's
 VMM policy with its own state.
 

@@ -126,6 +126,8 @@ def test_scalars(compiled):
     assert compiled["lat_buckets"] == model.LAT_BUCKETS
     assert compiled["max_ops_per_instant"] == model.MAX_OPS_PER_INSTANT
     assert compiled["pid_base"] == reference.PID_BASE
+    assert compiled["queue"] == {"SEQ_BITS": model.SEQ_BITS, "MAX_SEQ": model.MAX_SEQ,
+                                 "QUEUE_SHIFT": model.QUEUE_SHIFT}
 
 
 def test_op_record_size(compiled):

@@ -41,10 +41,25 @@ ALIASES = {
     ("snapshot", "_is_trap_op"): "is_trap_op",
     ("snapshot", "_engine_rehost"): "engine_rehost",
     ("snapshot", "_check_sched"): "check_sched",
+    ("snapshot", "_queue_imported"): "queue_imported",
+    ("snapshot", "_state_events"): "state_events",
 }
 
 #: (piece, core name): why the reference has no twin of it.
 CORE_ONLY = {
+    ("queue", "ev_cmp"):
+        "qsort's comparison for q_collect; the reference sorts its event tuples",
+    ("queue", "q_init"):
+        "C initialisation of the queue's buckets; the reference's is EventQueue.__init__",
+    ("queue", "q_free"):
+        "frees the C bucket arrays; the reference's lists are garbage-collected",
+    ("queue", "q_grow"):
+        "grows one C bucket array; the reference's are Python lists",
+    ("queue", "q_collect"):
+        "copies the queued events into a C array in order; the reference's is "
+        "EventQueue.events()",
+    ("queue", "_queue_bytes"):
+        "bytes of the C bucket arrays, for Engine.state_bytes(); the reference has none",
     ("engine", "compiled_constants"):
         "the numbers compiled into the C code, for tests/test_core_mirrors.py; the reference "
         "imports them from kvmwake.model",
@@ -207,7 +222,8 @@ def test_the_exemption_tables_name_real_functions():
 def test_the_core_parser_finds_the_pieces_functions():
     """The regular expression sees cdef, inline, typed, pointer-returning and def functions."""
     got = core_functions(PKG / "core" / "queue.pxi")
-    assert got == {"ev_before", "heap_push", "heap_pop", "push_thread"}
+    assert {"ev_before", "ev_cmp", "ev_live", "q_bucket", "q_init", "q_insert", "heap_push",
+            "q_peek", "heap_pop", "q_collect", "q_check", "push_thread", "_queue_bytes"} <= got
     assert {"_engine_export", "_check_state", "_rq_last", "struct_sizes"} \
         <= core_functions(PKG / "core" / "snapshot.pxi")
     assert core_functions(PKG / "_core.pyx") == {"compiled_constants", "run_loop"}

@@ -210,11 +210,6 @@ def _set(path_value):
     return corrupt
 
 
-def _heap_swap(s):
-    h = s["heap"]
-    h[0], h[-1] = h[-1], h[0]
-
-
 def _second_live_event(s):
     g = _running(s)
     i = _live_event(s, g, EventClass.SEGMENT)
@@ -251,7 +246,6 @@ TAMPERING = {
     "event in the past": (_set(lambda s: ("heap", 0, (s["engine"]["now"] - 1,)
                                           + s["heap"][0][1:])),
                           "class, time or sequence out of range"),
-    "heap out of order": (_heap_swap, "the heap is out of order"),
     "two live events": (_second_live_event, "a second live event"),
     "live event of a blocked thread": (
         lambda s: s["heap"].append((s["engine"]["now"] + 10**9, EventClass.RUN,

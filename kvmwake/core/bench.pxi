@@ -10,7 +10,7 @@
 # a real Engine back exactly as it found it.
 #
 # bench_heap(n, seed)            n heap_push of pseudo-random times into an
-#                                empty heap, then n heap_pop (order checked)
+#                                empty queue, then pop them all (order checked)
 # bench_wake_scan(engine, g, n)  the wake condition of one vCPU (the vGIC scan)
 # bench_vm_scan(engine, vm, n)   the wake condition of every vCPU of a VM
 # bench_kick(engine, g, n)       reschedule IPI + kvm_vcpu_kick of a BLOCKED vCPU
@@ -27,20 +27,31 @@ cdef inline uint64_t _bench_now_ns() noexcept nogil:
 
 
 def bench_heap(uint64_t n, uint64_t seed=0):
-    """Push ``n`` events with pseudo-random times into an empty heap, pop them all.
+    """Push ``n`` events with pseudo-random times into an empty queue, pop them all.
 
-    Works on a private, zeroed ``engine_t`` (the heap grows from nothing by
-    doubling, as in a real run).  Every popped event is checked to come no
-    earlier, in (time, class, sequence) order, than the one before; a
-    disorder raises ``AssertionError``.  Returns the wall ns of the pushes and
-    pops together.
+    Works on a private, zeroed ``engine_t`` (the queue's buckets grow from
+    nothing by doubling, as in a real run) whose one thread, VM, source and
+    interrupt state own every event, so that none is void.  Every popped event
+    is checked to come no earlier, in (time, class, sequence) order, than the
+    one before; a disorder raises ``AssertionError``.  Returns the wall ns of
+    the pushes and pops together.
     """
     cdef engine_t e
+    cdef thread_t th
+    cdef vm_t vm
+    cdef source_t src
+    cdef virq_t irq
     cdef event_t ev, prev
-    cdef uint64_t i, x, t0, t1
+    cdef uint64_t i, x, t0, t1, popped = 0
     cdef int rc = 0
     cdef bint bad = False
     memset(&e, 0, sizeof(engine_t))
+    memset(&th, 0, sizeof(thread_t))
+    memset(&vm, 0, sizeof(vm_t))
+    memset(&src, 0, sizeof(source_t))
+    memset(&irq, 0, sizeof(virq_t))
+    e.th, e.vms, e.src, e.irq = &th, &vm, &src, &irq
+    q_init(&e.q, 0)
     memset(&prev, 0, sizeof(event_t))
     x = splitmix64(seed)
     try:
@@ -50,23 +61,31 @@ def bench_heap(uint64_t n, uint64_t seed=0):
                 x = fmix64(x + <uint64_t>0x9E3779B97F4A7C15)
                 # Times within ~1.1 ms, so that equal times (ordered by class
                 # and sequence) occur too; the class is one of the five.
-                rc = heap_push(&e, x & 0xFFFFF, (x >> 32) % 5, <uint32_t>i, 0)
+                rc = heap_push(&e, x & 0xFFFFF, (x >> 32) % 5, 0, 0)
                 if rc:
                     break
             if rc == 0:
-                for i in range(n):
-                    heap_pop(&e, &ev)
-                    if i and ev_before(&ev, &prev):
+                while e.q.len:
+                    rc = heap_pop(&e, &ev)
+                    if rc < 0:
+                        break
+                    if rc == 0:
+                        continue
+                    rc = 0
+                    if popped and ev_before(&ev, &prev):
                         bad = True
                         break
                     prev = ev
+                    popped += 1
             t1 = _bench_now_ns()
     finally:
-        free(e.heap)
+        q_free(&e.q)
     if rc:
-        raise MemoryError("the event heap could not grow")
+        raise MemoryError("the event queue could not grow")
     if bad:
-        raise AssertionError(f"heap popped out of order after {i} pops")
+        raise AssertionError(f"the queue popped out of order after {popped} pops")
+    if popped != n:
+        raise AssertionError(f"{popped} events popped of {n} pushed")
     return t1 - t0
 
 
@@ -121,8 +140,8 @@ def bench_kick(Engine engine, uint32_t g, uint64_t n):
     pushed).  Then the fields the kick changed are put back and the event is
     dropped, so the next iteration kicks the same blocked vCPU.
 
-    The EV_RUN events go to a private heap emptied each time, so heap_push
-    costs O(1) here (the heap's own cost is ``bench_heap``'s).  On return the
+    The EV_RUN events go to a private queue emptied each time, so heap_push
+    costs O(1) here (the queue's own cost is ``bench_heap``'s).  On return the
     engine is exactly as before.  Returns the wall ns of the n kicks.
     """
     cdef engine_t* e = &engine.e
@@ -132,10 +151,9 @@ def bench_kick(Engine engine, uint32_t g, uint64_t n):
     cdef thread_t saved_th
     cdef virq_t saved_q
     cdef cpu_t saved_cpu
-    cdef uint64_t saved_wakeups, saved_hlen, saved_hcap, saved_seq, i, t0, t1, done = 0
+    cdef uint64_t saved_wakeups, saved_seq, i, t0, t1, done = 0
     cdef uint64_t saved_tlcap
-    cdef event_t* saved_heap
-    cdef event_t* priv
+    cdef evq_t saved_evq
     cdef uint64_t req0
     cdef uint64_t ap0, irr3
     cdef uint32_t latch0
@@ -150,16 +168,13 @@ def bench_kick(Engine engine, uint32_t g, uint64_t n):
     if th.state != TS_BLOCKED or th.resume != RESUME_HALT or cpu.cur >= 0 or runnable(e, g):
         raise ValueError(f"thread {g} must be BLOCKED in a halt on an idle host CPU with "
                          f"nothing pending (state {th.state}, host CPU {th.pcpu} runs {cpu.cur})")
-    priv = <event_t*>malloc(16 * sizeof(event_t))
-    if priv == NULL:
-        raise MemoryError()
     saved_th = th[0]
     saved_q = q[0]
     saved_cpu = cpu[0]
     saved_wakeups = e.stats[<uint64_t>g * NR_STATS + S_WAKEUP]
-    saved_heap, saved_hlen, saved_hcap, saved_seq = e.heap, e.hlen, e.hcap, e.seq
+    saved_evq, saved_seq = e.q, e.seq
     req0, ap0, latch0, irr3 = th.requests, q.ap[0], q.priv_latch, q.irr[3]
-    e.heap, e.hlen, e.hcap = priv, 0, 16
+    q_init(&e.q, e.now)           # a private queue, emptied after each kick
     saved_tlcap = e.tlcap
     e.tlcap = 0                   # the kicks are undone: keep them off the timeline
     try:
@@ -167,7 +182,7 @@ def bench_kick(Engine engine, uint32_t g, uint64_t n):
             t0 = _bench_now_ns()
             for i in range(n):
                 rc = raise_irq(e, g, e.resched_irq, e.now)
-                if rc != 0 or th.state != TS_RUNNABLE or e.hlen != 1:
+                if rc != 0 or th.state != TS_RUNNABLE or e.q.len != 1:
                     break
                 done += 1
                 th.state = TS_BLOCKED
@@ -176,7 +191,7 @@ def bench_kick(Engine engine, uint32_t g, uint64_t n):
                 q.priv_latch = latch0
                 q.irr[3] = irr3
                 cpu.cur = -1
-                e.hlen = 0
+                q_clear(&e.q, e.now)
             t1 = _bench_now_ns()
     finally:
         e.tlcap = saved_tlcap
@@ -184,8 +199,8 @@ def bench_kick(Engine engine, uint32_t g, uint64_t n):
         q[0] = saved_q
         cpu[0] = saved_cpu
         e.stats[<uint64_t>g * NR_STATS + S_WAKEUP] = saved_wakeups
-        e.heap, e.hlen, e.hcap, e.seq = saved_heap, saved_hlen, saved_hcap, saved_seq
-        free(priv)
+        q_free(&e.q)
+        e.q, e.seq = saved_evq, saved_seq
     if done != n:
         raise AssertionError(f"kick {done} did not wake thread {g} (rc {rc})")
     return t1 - t0
@@ -233,9 +248,12 @@ def bench_counters(Engine engine):
     """Read-only counters of an engine's event heap, for the benchmark reports.
 
     ``pushes`` events were pushed in all (cancelled ones included), ``heap_len``
-    are still queued, so ``pushes - heap_len`` were popped, of which
-    ``events`` were live (the others were cancelled by a newer generation).
+    are still queued, and ``dropped`` were cancelled ones dropped unpopped, so
+    ``pushes - heap_len - dropped`` were popped, of which ``events`` were live
+    (the others were cancelled by a newer generation after they reached the
+    queue's bucket 0).  ``heap_cap`` is the queue's allocation, in events.
     """
     cdef engine_t* e = &engine.e
-    return {"pushes": e.seq, "heap_len": e.hlen, "heap_cap": e.hcap,
+    return {"pushes": e.seq, "heap_len": e.q.len, "dropped": e.q.dropped,
+            "heap_cap": _queue_bytes(&e.q) // sizeof(event_t),
             "events": e.events, "halts": e.halts, "threads": e.nth}

@@ -43,9 +43,11 @@ def _engine_export(Engine self):
                "halt_poll_ns": e.halt_poll_ns, "grow": e.grow, "grow_start": e.grow_start,
                "shrink": e.shrink, "exq_head": e.exq_head, "exq_len": e.exq_len,
                "cost_dist": e.cost_dist}
-    heap = np.empty(e.hlen * sizeof(event_t), dtype=np.uint8)
-    if e.hlen:
-        memcpy(cnp.PyArray_DATA(heap), e.heap, e.hlen * sizeof(event_t))
+    # The live events, in (t, key) order: void ones are left out, so that equal
+    # histories give equal bytes whatever the queue's internal state.
+    heap = np.empty(e.q.len * sizeof(event_t), dtype=np.uint8)
+    n = q_collect(e, <event_t*>cnp.PyArray_DATA(heap), True)
+    heap = heap[:n * sizeof(event_t)].copy()
     # The trace ring, oldest record first and with its padding zeroed, so that
     # equal histories give equal bytes whatever the ring's position.
     n = e.tcount
@@ -169,18 +171,12 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     if len(self._llc) != e.ncpu:
         raise ValueError("the host's LLC groups disagree with its CPU count")
     self._bind()
+    # The events stay in this array (self._import_events) until the checks have
+    # passed; then they are queued (_queue_imported).
     nheap = len(arrays["heap"]) // sizeof(event_t)
-    free(e.heap)
-    e.heap = NULL
-    e.hlen = 0
-    e.hcap = 0
-    if nheap:
-        e.heap = <event_t*>malloc(nheap * sizeof(event_t))
-        if e.heap == NULL:
-            raise MemoryError("no memory for the snapshot's event heap")
-        memcpy(e.heap, cnp.PyArray_DATA(arrays["heap"]), nheap * sizeof(event_t))
-        e.hcap = nheap
-        e.hlen = nheap
+    q_free(&e.q)
+    q_init(&e.q, 0)
+    self._import_events = np.ascontiguousarray(arrays["heap"], dtype=np.uint8)
     ntrace = len(arrays["trace"]) // sizeof(trace_rec_t)
     if ntrace != scalars["tcount"] or scalars["thead"] != ntrace:
         raise ValueError("the trace ring's record count disagrees with its positions")
@@ -220,6 +216,7 @@ def _engine_import(Engine self, dict scalars, dict arrays):
         e.nqueued += e.cpus[c].rq_len                 # derived (checked with the queues)
     e.nheld = 0
     _check_state(self, True)
+    _queue_imported(self)
     derive_held(e)
     self._prog_index = {}
     index_affinity(self)
@@ -257,6 +254,31 @@ cdef check_held(Engine self):
             n += 1
     if n != e.nheld:
         raise ValueError("a thread listed as held does not hold its CPU")
+
+
+cdef _queue_imported(Engine self):
+    """Queue the checked events of an imported state (any order: the queue orders them)."""
+    cdef engine_t* e = &self.e
+    cdef uint64_t i, n = len(self._import_events) // sizeof(event_t)
+    cdef const event_t* evs = <const event_t*>cnp.PyArray_DATA(self._import_events)
+    q_free(&e.q)
+    q_init(&e.q, e.now)
+    for i in range(n):
+        if q_insert(e, &evs[i]):
+            raise MemoryError("no memory for the snapshot's events")
+    self._import_events = None
+
+
+cdef _state_events(Engine self):
+    """The events to check: an imported state's staged array, or else every queued
+    event (void ones included) in (t, key) order, after the queue's own check."""
+    cdef engine_t* e = &self.e
+    if self._import_events is not None:
+        return self._import_events
+    q_check(e)
+    buf = np.empty(e.q.len * sizeof(event_t), dtype=np.uint8)
+    q_collect(e, <event_t*>cnp.PyArray_DATA(buf), False)
+    return buf
 
 
 cdef _check_state(Engine self, bint programs):
@@ -414,8 +436,11 @@ cdef _check_state(Engine self, bint programs):
         if e.exitq[(e.exq_head + i) % e.nth] >= e.nth \
                 or e.th[e.exitq[(e.exq_head + i) % e.nth]].kind == THREAD_HOST:
             raise ValueError("exit queue names a thread that does not exist or is no vCPU")
-    for i in range(e.hlen):
-        ev = &e.heap[i]
+    evbuf = _state_events(self)
+    cdef uint64_t nev = len(evbuf) // sizeof(event_t)
+    cdef event_t* evs = <event_t*>cnp.PyArray_DATA(evbuf)
+    for i in range(nev):
+        ev = &evs[i]
         cls = ev.key >> KW_SEQ_BITS
         if cls > EV_SLICE or ev.t < e.now or ev.t > MAX_TIME \
                 or (ev.key & ((1ULL << KW_SEQ_BITS) - 1)) > e.seq:
@@ -425,9 +450,7 @@ cdef _check_state(Engine self, bint programs):
             raise ValueError(f"event {i}: names something that does not exist")
         if cls == EV_TICK and ev.gen == e.vms[ev.who].tick_gen and e.vms[ev.who].tick_ns == 0:
             raise ValueError(f"event {i}: a live tick of period 0")
-        if i and ev_before(ev, &e.heap[(i - 1) >> 1]):
-            raise ValueError(f"event {i}: the heap is out of order")
-    _check_links(self)
+    _check_links(self, evs, nev)
     n = 0
     for c in range(e.ncpu):
         n += e.cpus[c].rq_len
@@ -540,7 +563,7 @@ cdef _check_programs(Engine self, uint64_t nops):
             raise ValueError(f"thread {g}'s program: {exc}") from None
 
 
-cdef _check_links(Engine self):
+cdef _check_links(Engine self, const event_t* evs, uint64_t nev):
     """Each thread's state against where it is and what the heap holds for it.
 
     The scheduler's list operations and the interrupt handler's EOI trust these
@@ -552,7 +575,7 @@ cdef _check_links(Engine self):
     cdef uint32_t g, c
     cdef int32_t x
     cdef uint64_t i, cls
-    cdef event_t* ev
+    cdef const event_t* ev
     cdef thread_t* th
     cdef virq_t* q
     where_arr = np.zeros(e.nth, dtype=np.uint8)     # 1: a host CPU's current, 2: queued
@@ -600,8 +623,8 @@ cdef _check_links(Engine self):
         if exited[g] or e.th[g].state != TS_USER:
             raise ValueError(f"thread {g}: in the exit queue twice, or inside KVM_RUN")
         exited[g] = 1
-    for i in range(e.hlen):
-        ev = &e.heap[i]
+    for i in range(nev):
+        ev = &evs[i]
         cls = ev.key >> KW_SEQ_BITS
         if cls == EV_TIMER and e.th[ev.who].kind == THREAD_HOST \
                 and ev.gen == e.irq[ev.who].timer_gen:

@@ -10,13 +10,13 @@ model: a hook either works on private state or puts a real Engine back
 exactly as it found it.
 
 bench_heap(n, seed)            n heap_push of pseudo-random times into an
-                               empty heap, then n heap_pop (order checked)
+                               empty queue, then pop them all (order checked)
 bench_wake_scan(engine, g, n)  the wake condition of one vCPU (the vGIC scan)
 bench_vm_scan(engine, vm, n)   the wake condition of every vCPU of a VM
 bench_kick(engine, g, n)       reschedule IPI + kvm_vcpu_kick of a BLOCKED vCPU
 bench_halt_path(n, poll)       a 2-vCPU engine: n complete halts of vCPU 0,
                                each ended by vCPU 1's wake
-bench_counters(engine)         the event heap's counters
+bench_counters(engine)         the event queue's counters
 """
 
 from __future__ import annotations
@@ -37,32 +37,41 @@ def _bench_now_ns() -> int:
 
 
 def bench_heap(n: int, seed: int = 0) -> int:
-    """Push ``n`` events with pseudo-random times into an empty heap, pop them all.
+    """Push ``n`` events with pseudo-random times into an empty queue, pop them all.
 
-    Works on a private heap (and sequence counter).  Every popped event is
+    Works on a private queue (and sequence counter) whose one thread, VM and
+    source own every event, so that none is void.  Every popped event is
     checked to come no earlier, in (time, class, sequence) order, than the
     one before; a disorder raises ``AssertionError``.  Returns the wall ns of
     the pushes and pops together.
     """
-    e = SimpleNamespace(heap=[], seq=0)
+    e = SimpleNamespace(q=queue.EventQueue(), seq=0, vms=[SimpleNamespace(tick_gen=0)],
+                        sources=[SimpleNamespace(gen=0)],
+                        threads=[SimpleNamespace(timer_gen=0, run_gen=0, gen=0)])
     x = splitmix64(seed & M64)
     prev = None
     bad = False
+    popped = 0
     t0 = _bench_now_ns()
     for i in range(n):
         x = fmix64((x + 0x9E3779B97F4A7C15) & M64)
         # Times within ~1.1 ms, so that equal times (ordered by class and
         # sequence) occur too; the class is one of the five.
-        queue.heap_push(e, x & 0xFFFFF, (x >> 32) % 5, i, 0)
-    for i in range(n):
+        queue.heap_push(e, x & 0xFFFFF, (x >> 32) % 5, 0, 0)
+    while e.q.len:
         ev = queue.heap_pop(e)
-        if i and queue.ev_before(ev, prev):
+        if ev is None:
+            continue
+        if popped and queue.ev_before(ev, prev):
             bad = True
             break
         prev = ev
+        popped += 1
     t1 = _bench_now_ns()
     if bad:
-        raise AssertionError(f"heap popped out of order after {i} pops")
+        raise AssertionError(f"the queue popped out of order after {popped} pops")
+    if popped != n:
+        raise AssertionError(f"{popped} events popped of {n} pushed")
     return t1 - t0
 
 
@@ -115,7 +124,7 @@ def bench_kick(engine: Engine, g: int, n: int) -> int:
     pushed).  Then the fields the kick changed are put back and the event is
     dropped, so the next iteration kicks the same blocked vCPU.
 
-    The EV_RUN events go to a private heap emptied each time.  On return the
+    The EV_RUN events go to a private queue emptied each time.  On return the
     engine is exactly as before.  Returns the wall ns of the n kicks.
     """
     e = engine
@@ -135,10 +144,10 @@ def bench_kick(engine: Engine, g: int, n: int) -> int:
     saved_lists = {f: list(v) for f, v in saved_th.items() if isinstance(v, list)}
     saved_cpu = (cpu.cur, list(cpu.runq))
     saved_wakeups = th.stats[S_WAKEUP]
-    saved_heap, saved_seq, saved_tlcap = e.heap, e.seq, e.tl_cap
+    saved_q, saved_seq, saved_tlcap = e.q, e.seq, e.tl_cap
     req0, ap0, latch0, irr0 = th.requests, th.ap, th.priv_latch, th.irr
-    priv = []
-    e.heap = priv
+    priv = queue.EventQueue(e.now)      # a private queue, emptied after each kick
+    e.q = priv
     e.tl_cap = 0                  # the kicks are undone: keep them off the timeline
     raise_irq = gic.raise_irq
     done = 0
@@ -146,7 +155,7 @@ def bench_kick(engine: Engine, g: int, n: int) -> int:
         t0 = _bench_now_ns()
         for _ in range(n):
             rc = raise_irq(e, th, e.resched_irq, e.now)
-            if rc or th.state != _RUNNABLE or len(priv) != 1:
+            if rc or th.state != _RUNNABLE or priv.len != 1:
                 break
             done += 1
             th.state = _BLOCKED
@@ -155,7 +164,7 @@ def bench_kick(engine: Engine, g: int, n: int) -> int:
             th.priv_latch = latch0
             th.irr = irr0
             cpu.cur = -1
-            priv.clear()
+            queue.q_clear(priv, e.now)
         t1 = _bench_now_ns()
     finally:
         e.tl_cap = saved_tlcap
@@ -167,7 +176,7 @@ def bench_kick(engine: Engine, g: int, n: int) -> int:
         cpu.runq.clear()
         cpu.runq.extend(saved_cpu[1])
         th.stats[S_WAKEUP] = saved_wakeups
-        e.heap, e.seq = saved_heap, saved_seq
+        e.q, e.seq = saved_q, saved_seq
     if done != n:
         raise AssertionError(f"kick {done} did not wake thread {g}")
     return t1 - t0
@@ -202,12 +211,16 @@ def bench_halt_path(n: int, poll: bool = False, seed: int = 0) -> int:
 
 
 def bench_counters(engine: Engine) -> dict:
-    """Read-only counters of an engine's event heap, for the benchmark reports.
+    """Read-only counters of an engine's event queue, for the benchmark reports.
 
     ``pushes`` events were pushed in all (cancelled ones included), ``heap_len``
-    are still queued, so ``pushes - heap_len`` were popped, of which
-    ``events`` were live (the others were cancelled by a newer generation).
-    The heap is a Python list: ``heap_cap`` is its length.
+    are still queued, and ``dropped`` were cancelled ones dropped unpopped, so
+    ``pushes - heap_len - dropped`` were popped, of which ``events`` were live
+    (the others were cancelled by a newer generation after they reached the
+    queue's bucket 0).  The buckets are Python lists: ``heap_cap`` is their
+    total length.
     """
-    return {"pushes": engine.seq, "heap_len": len(engine.heap), "heap_cap": len(engine.heap),
-            "events": engine.events, "halts": engine.halts, "threads": len(engine.threads)}
+    q = engine.q
+    return {"pushes": engine.seq, "heap_len": q.len, "dropped": q.dropped,
+            "heap_cap": q.len, "events": engine.events, "halts": engine.halts,
+            "threads": len(engine.threads)}

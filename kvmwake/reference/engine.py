@@ -207,17 +207,24 @@ def run_loop(e, until_ns, stop_on_exit):
     to userspace (the clock then reads that event's time) and return that
     thread; otherwise, or when ``until_ns`` was reached, return -1.
     """
-    heap = e.heap
+    q = e.q
     threads = e.threads
     heap_pop = queue.heap_pop
-    while heap and heap[0][0] < until_ns:
+    q_peek = queue.q_peek
+    while q.len:
         if stop_on_exit and e.exits:
             e.waker = -1
             return e.exits[0]
-        if e.held and heap[0][0] > e.now:
+        t = q_peek(q)
+        if t >= until_ns:
+            break
+        if e.held and t > e.now:
             host.release_held(e)             # the clock moves on without them
             continue
-        t, cls, _seq, who, gen = heap_pop(e)
+        ev = heap_pop(e)
+        if ev is None:
+            continue                         # only void events at that time
+        t, cls, _seq, who, gen = ev
         e.now = t
         e.waker = -1
         if cls == _EV_TICK:
@@ -324,7 +331,7 @@ class Engine:
         self.vms: list[_Vm] = []
         self.threads: list[_Thread] = []
         self.sources: list[_Source] = []
-        self.heap: list = []
+        self.q = queue.EventQueue()
         self.seq = 0
         self.now = 0
         self.events = 0

@@ -48,7 +48,7 @@ THREAD_FIELDS = _Thread.__slots__ + ("rng_state", "rng_inc")
 VM_FIELDS = _Vm.__slots__
 SOURCE_FIELDS = _Source.__slots__ + ("rng_state", "rng_inc")
 #: Engine attributes exported in their own form; every other one is a scalar.
-_STRUCTURED = frozenset({"costs", "cost_tabs", "cpus", "vms", "threads", "sources", "heap",
+_STRUCTURED = frozenset({"costs", "cost_tabs", "cpus", "vms", "threads", "sources", "q",
                          "lat_hist", "trace", "timeline", "tl_base", "exits", "failed", "llc",
                          "held"})
 
@@ -75,7 +75,9 @@ def engine_export(e) -> dict:
                          vm=th.vm.index if th.vm is not None else NO_VM)
                     for th in e.threads],
         "sources": [{f: getattr(s, f) for f in SOURCE_FIELDS} for s in e.sources],
-        "heap": list(e.heap),
+        # The live events in (t, class, sequence) order: void ones are left out, so
+        # that equal histories give equal states whatever the queue's layout.
+        "heap": [ev for ev in e.q.events() if queue.ev_live(e, ev)],
         "lat_hist": e.lat_hist,
         "trace": {"capacity": e.trace.maxlen if e.trace is not None else 0,
                   "records": list(e.trace) if e.trace is not None else []},
@@ -133,7 +135,7 @@ def engine_import(e, state: dict) -> None:
                 th.vm = e.vms[th.vm]
             e.threads.append(th)
         e.sources = [restore(_Source, SOURCE_FIELDS, d) for d in s["sources"]]
-        e.heap = list(s["heap"])
+        events = list(s["heap"])
         e.lat_hist = list(s["lat_hist"])
         cap = s["trace"]["capacity"]
         e.trace = deque(s["trace"]["records"], maxlen=cap) if cap else None
@@ -145,9 +147,24 @@ def engine_import(e, state: dict) -> None:
         e.llc = s["llc"]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineError(f"malformed engine state: {exc!r}") from None
-    check_state(e)
+    check_state(e, events=events)
+    queue_imported(e, events)
     derive_held(e)
     e.failed = False
+
+
+def queue_imported(e, events: list) -> None:
+    """Queue the checked events of an imported state (any order: the queue orders them)."""
+    e.q = queue.EventQueue(e.now)
+    for ev in events:
+        queue.q_insert(e.q, ev)
+
+
+def state_events(e) -> list:
+    """Every queued event (void ones included) in (t, class, sequence) order, after
+    the queue's own check: what check_state checks of a running engine."""
+    queue.q_check(e.q)
+    return e.q.events()
 
 
 def derive_held(e) -> None:
@@ -206,7 +223,7 @@ def check_cost_tables(e) -> None:
         e.costs[name] = tab[COST_TABLE_N // 2]
 
 
-def check_state(e, programs: bool = True) -> None:
+def check_state(e, programs: bool = True, events: list | None = None) -> None:
     """Every index, count and link of the state, checked before the engine may run.
 
     ``programs`` False skips the programs' validation (a run cannot change them).
@@ -357,8 +374,11 @@ def check_state(e, programs: bool = True) -> None:
                 or (not e.x86 and not 32 <= src.intid < 32 + svm.nr_spis) \
                 or (e.x86 and src.intid > 255):
             raise EngineError(f"interrupt source {i}: out of range")
-    # The event heap.
-    for i, ev in enumerate(e.heap):
+    # The events: an imported state's, or else every queued one (void ones
+    # included) in (t, class, sequence) order, after the queue's own check.
+    if events is None:
+        events = state_events(e)
+    for i, ev in enumerate(events):
         if not isinstance(ev, tuple) or len(ev) != 5:
             raise EngineError(f"event {i}: not a (t, class, sequence, who, gen) record")
         t, cls, seq, who, gen = ev
@@ -371,9 +391,7 @@ def check_state(e, programs: bool = True) -> None:
             raise EngineError(f"event {i}: names something that does not exist")
         if cls == _EV_TICK and gen == vms[who].tick_gen and vms[who].tick_ns == 0:
             raise EngineError(f"event {i}: a live tick of period 0")
-        if i and queue.ev_before(ev, e.heap[(i - 1) >> 1]):
-            raise EngineError(f"event {i}: the heap is out of order")
-    check_links(e)
+    check_links(e, events)
 
 
 def check_affinity(e, th, g) -> None:
@@ -504,7 +522,7 @@ def check_sched(e, where) -> None:
             raise EngineError(f"host CPU {c}: threads queued on an idle CPU")
 
 
-def check_links(e) -> None:
+def check_links(e, events: list) -> None:
     """Each thread's state against where it is and what the heap holds for it.
 
     Called at the end of check_state, once every index is known to be in range.
@@ -541,7 +559,7 @@ def check_links(e) -> None:
                 or th.state == _BLOCKED and where[g] != 0 and not th.sched_delayed \
                 or th.state == _USER and where[g] == 2 and not th.sched_delayed:
             raise EngineError(f"thread {g}: its state disagrees with its host CPU's run queue")
-    for i, (t, cls, _seq, who, gen) in enumerate(e.heap):
+    for i, (t, cls, _seq, who, gen) in enumerate(events):
         if cls == _EV_TIMER and threads[who].kind == THREAD_HOST \
                 and gen == threads[who].timer_gen:
             if timers[who] or threads[who].state != _BLOCKED:
