@@ -14,6 +14,12 @@
 
 __version__ = "0.1.0"
 
+import time as _time  # noqa: E402
+
+#: ``time.perf_counter()`` when kvmwake began to load: ``kvmwake run`` counts its
+#: start-up (the imports) from here.
+_LOAD_T0 = _time.perf_counter()
+
 
 class CoreMissingError(ImportError):
     """The compiled core ``kvmwake._core`` is missing or does not load (an ImportError)."""

@@ -1195,6 +1195,57 @@ cdef class Engine:
             raise IndexError(f"stats rows {first}..{first + n - 1} out of range")
         return self._stats[first:first + n].copy()
 
+    def stats_view(self, Py_ssize_t first=0, Py_ssize_t n=-1):
+        """The stats rows of threads ``first .. first + n - 1`` (``n`` -1: to the last)
+        without a copy: a read-only array on the engine's rows, which cannot be made
+        writeable.  It shows the rows as they are when it is read (a run changes them);
+        adding a VM moves the rows, and a view taken before keeps the old ones."""
+        cdef Py_ssize_t nth = self._stats.shape[0]
+        if n == -1:
+            n = nth - first
+        if first < 0 or n < 0 or first + n > nth:
+            raise IndexError(f"stats rows {first}..{first + n - 1} out of range")
+        rows = np.frombuffer(memoryview(self._stats).toreadonly(), dtype=np.uint64)
+        return rows.reshape(nth, NR_STATS)[first:first + n]
+
+    def stat(self, uint32_t g, uint32_t i):
+        """Stat ``i`` (a column of the stats row, ``model.S_*``) of thread ``g``."""
+        if g >= <uint32_t>self._stats.shape[0] or i >= NR_STATS:
+            raise IndexError(f"stat {i} of thread {g} out of range")
+        return int(self.e.stats[<uint64_t>g * NR_STATS + i])
+
+    def trace_array(self, uint64_t pid_lo=0, uint64_t pid_hi=0x100000000):
+        """The trace records of the pids ``pid_lo <= pid < pid_hi``, oldest first, as a
+        ``tracefmt.TRACE_RECORD_DTYPE`` array: ``trace_list``'s records of those pids,
+        with no Python object per record."""
+        from .outputs.tracefmt import TRACE_RECORD_DTYPE
+        cdef uint64_t i, k = 0, m = 0, n = self.e.tcount, start
+        cdef trace_rec_t* r
+        start = (self.e.thead + self.e.tcap - n) % self.e.tcap if n and n == self.e.tcap else 0
+        for i in range(n):
+            r = &self.e.trace[(start + i) % self.e.tcap]
+            if pid_lo <= r.pid < pid_hi:
+                m += 1
+        ts_a, a_a = np.empty(m, np.uint64), np.empty(m, np.uint64)
+        pid_a, cpu_a = np.empty(m, np.uint32), np.empty(m, np.uint32)
+        vid_a, b_a = np.empty(m, np.uint32), np.empty(m, np.uint32)
+        kind_a, flag_a, valid_a = np.empty(m, np.uint8), np.empty(m, np.uint8), np.empty(m, np.uint8)
+        cdef uint64_t[:] ts = ts_a, a = a_a
+        cdef uint32_t[:] pid = pid_a, cpu = cpu_a, vid = vid_a, b = b_a
+        cdef uint8_t[:] kind = kind_a, flag = flag_a, valid = valid_a
+        for i in range(n):
+            r = &self.e.trace[(start + i) % self.e.tcap]
+            if pid_lo <= r.pid < pid_hi:
+                ts[k], pid[k], cpu[k], vid[k], a[k], b[k] = r.ts, r.pid, r.cpu, r.vcpu_id, r.a, r.b
+                kind[k], flag[k], valid[k] = r.kind, r.flag, r.valid
+                k += 1
+        out = np.empty(m, dtype=TRACE_RECORD_DTYPE)
+        for name, col in (("ts", ts_a), ("pid", pid_a), ("cpu", cpu_a), ("kind", kind_a),
+                          ("flag", flag_a), ("valid", valid_a), ("vcpu_id", vid_a),
+                          ("a", a_a), ("b", b_a)):
+            out[name] = col
+        return out
+
     def lat_hist_array(self):
         return self._lat.copy()
 

@@ -384,6 +384,14 @@ def _freeze(a: np.ndarray) -> np.ndarray:
     return a
 
 
+#: Op arrays found valid, keyed by (their bytes, nr_vcpus, arch, nr_spis): a big host
+#: loads the same few programs on thousands of vCPUs, and each is checked when it is
+#: built, compiled for its VM and loaded.  Programs of at most ``_VALID_MAX_OPS`` ops,
+#: at most ``_VALID_MAX`` of them (then the memo starts again).
+_valid: dict = {}
+_VALID_MAX, _VALID_MAX_OPS = 4096, 1024
+
+
 def validate(ops: np.ndarray, nr_vcpus: int | None = None, arch: str | None = None,
              nr_spis: int | None = None) -> None:
     """Check an op array; with the VM's ``nr_vcpus``, ``arch`` and ``nr_spis``,
@@ -391,6 +399,20 @@ def validate(ops: np.ndarray, nr_vcpus: int | None = None, arch: str | None = No
 
     Raises ``ProgramError`` naming the first op at fault.
     """
+    key = None
+    if isinstance(ops, np.ndarray) and ops.dtype == OP_DTYPE and ops.ndim == 1 \
+            and len(ops) <= _VALID_MAX_OPS:
+        key = (ops.tobytes(), nr_vcpus, arch, nr_spis)
+        if key in _valid:
+            return
+    _validate(ops, nr_vcpus, arch, nr_spis)
+    if key is not None:
+        if len(_valid) >= _VALID_MAX:
+            _valid.clear()
+        _valid[key] = True
+
+
+def _validate(ops, nr_vcpus, arch, nr_spis) -> None:
     n = len(ops)
     if n == 0:
         raise ProgramError("empty program")

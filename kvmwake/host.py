@@ -508,14 +508,23 @@ class Host:
         """Per host CPU, ns running, polling and idle over the recorded window."""
         return self._engine.timeline_totals(self.now if now is None else now)
 
-    def stats_array(self) -> "np.ndarray":
-        """Every vCPU's stats row, VM after VM (threads x model.NR_STATS, uint64): one
+    def stats_array(self, copy: bool = True) -> "np.ndarray":
+        """Every vCPU's stats row, VM after VM (vCPUs x model.NR_STATS, uint64): one
         copy for the whole host (``vm.stats_array()`` copies only its VM's rows).
-        Host threads' rows (their own counters) are not among them."""
-        rows = self._engine.stats_array()
+        Host threads' rows (their own counters) are not among them.
+
+        ``copy=False``: the same rows read-only, without a copy where the engine can
+        share its memory (the core engine, when the host has no host threads): for
+        reading at once, as sums over the host do; it cannot be made writeable, and
+        the next ``run`` may change it."""
+        rows = self._engine.stats_view()
         if self.threads:
             keep = [g for g, k in enumerate(self._engine.thread_kinds()) if k != THREAD_HOST]
-            rows = rows[keep]
+            rows = rows[keep]                    # a copy, of the vCPUs' rows only
+            if not copy:
+                rows.flags.writeable = False
+        elif copy:
+            rows = rows.copy()
         return rows
 
     def latency_histogram(self):

@@ -646,19 +646,23 @@ class VM:
 
         A ``HaltStats``: a dict whose histograms are numpy arrays, that compares with
         ``==`` (``vm.stats() == vm2.stats()``) and prints its non-empty buckets."""
-        rows = self._engine.stats_rows(self._first, self.nr_vcpus)
+        rows = self._engine.stats_view(self._first, self.nr_vcpus)
         return _stats.sum_rows(rows, self.arch)
 
-    def stats_array(self) -> np.ndarray:
-        """Per-vCPU stats rows (nr_vcpus x model.NR_STATS, uint64)."""
-        return self._engine.stats_rows(self._first, self.nr_vcpus)
+    def stats_array(self, copy: bool = True) -> np.ndarray:
+        """Per-vCPU stats rows (nr_vcpus x model.NR_STATS, uint64): a copy of this VM's
+        rows only.  ``copy=False``: the same rows read-only, on the engine's memory
+        where it can share it (the core engine): for reading at once; it cannot be
+        made writeable, and the next ``run`` may change it."""
+        if copy:
+            return self._engine.stats_rows(self._first, self.nr_vcpus)
+        return self._engine.stats_view(self._first, self.nr_vcpus)
 
     def trace_records(self) -> np.ndarray:
         """This VM's tracepoint records (``tracefmt.TRACE_RECORD_DTYPE``), oldest first."""
         from .reference import PID_BASE
-        recs = np.array(self._engine.trace_list(), dtype=tracefmt.TRACE_RECORD_DTYPE)
         lo = PID_BASE + self._first
-        return recs[(recs["pid"] >= lo) & (recs["pid"] < lo + self.nr_vcpus)]
+        return self._engine.trace_array(lo, lo + self.nr_vcpus)
 
     def trace_events(self) -> list:
         recs = self.trace_records()
@@ -1067,7 +1071,7 @@ class VCpu:
         vCPU thread is inside ``kvm_vcpu_block``: halted after its poll, or an x86
         vCPU waiting for INIT; not while halt-polling, and not for an arm64
         STOPPED vCPU, which sleeps in ``kvm_vcpu_sleep``)."""
-        return bool(self.vm._engine.stats_array()[self._g][S_BLOCKING])
+        return bool(self.vm._engine.stat(self._g, S_BLOCKING))
 
     @property
     def runnable(self) -> bool:

@@ -454,3 +454,19 @@ def test_sgi_list_checked_against_vcpu_count():
     with pytest.raises(ProgramError, match=r"op 0: SGI target vCPU 5 does not exist "
                                            r"\(the VM has 5\)"):
         G.validate(ops, 5)
+
+
+def test_validate_remembers_only_what_it_checked():
+    """A program found valid for one VM is checked again for another: the memo of valid
+    programs is keyed by the VM's vCPUs, arch and SPIs too."""
+    prog = G.Program([G.loop([G.compute(1000), G.wake(3), G.wfi()])])
+    G.validate(prog.ops, 4, "arm64", 32)
+    G.validate(prog.ops, 4, "arm64", 32)           # remembered
+    with pytest.raises(G.ProgramError, match="vCPU 3 does not exist"):
+        G.validate(prog.ops, 2, "arm64", 32)
+    with pytest.raises(G.ProgramError, match="vCPU 3 does not exist"):
+        G.validate(prog.ops, 2, "arm64", 32)       # a failure is never remembered
+    bad = prog.ops.copy()
+    bad["code"][1] = 999
+    with pytest.raises(G.ProgramError, match="unknown op code"):
+        G.validate(bad, 4, "arm64", 32)

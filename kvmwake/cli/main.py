@@ -248,12 +248,43 @@ def _note(args, msg: str) -> None:
         print(f"kvmwake: {msg}", file=sys.stderr)
 
 
+_startup_counted = False
+
+
+def command_start(own_command: bool) -> float:
+    """When the command began (``time.perf_counter()``).  For the process's own
+    command line (``main()`` with no ``argv``: the ``kvmwake`` program, ``python -m
+    kvmwake``), the first time, when kvmwake began to load, so that its start-up
+    (the imports) counts; otherwise (``main(argv)`` called from Python), now."""
+    global _startup_counted
+    from .. import _LOAD_T0
+    now = time.perf_counter()
+    if not own_command or _startup_counted:
+        return now
+    _startup_counted = True
+    return min(_LOAD_T0, now)
+
+
+def timing(marks, end: float) -> dict:
+    """The wall time of ``kvmwake run`` split into its phases: ``marks`` are the
+    ``time.perf_counter()`` values at which start-up, build, run, summary and outputs
+    began, ``end`` when the outputs ended.  Each phase and ``total_s`` are whole
+    milliseconds (as seconds), so that the phases add up to the total exactly."""
+    ms = [round(1000 * (t - marks[0])) for t in list(marks) + [end]]
+    out = {"total_s": ms[-1] / 1000}
+    for (key, _), a, b in zip(_summary.TIMING_NAMES, ms, ms[1:]):
+        out[key] = (b - a) / 1000
+    return out
+
+
 def run_scenario(args, sc=None) -> dict:
     if not hasattr(args, "_checked"):
         sc = check_run_args(args)
     sim_ns = None if args.sim_ms is None else int(round(args.sim_ms * 1_000_000))
     trace_cap = args.trace_capacity if (args.trace or args.plot) else 0
     t0 = time.perf_counter()
+    if getattr(args, "_t_start", None) is None:
+        args._t_start = t0
     policy = None
     if getattr(args, "vmm", None) is not None:
         added = "" not in sys.path and os.getcwd() not in sys.path
@@ -344,13 +375,17 @@ def _run_interruptible(host, until_ns, quiet) -> bool:
 
 def _summarize(args, host, name, path, sim_ns, t0, t1, start_events, start_halts,
                interrupted) -> dict:
-    wall = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    wall = t2 - t1
     quiet = args.quiet or getattr(args, "no_progress", False)
     with _prog.phase(_prog.enabled(quiet), "summarizing"):
         summary = _summary.summarize(host, scenario=name, scenario_file=path,
                                      engine=args.engine, seed=args.seed, sim_ns=sim_ns,
                                      build_s=t1 - t0, wall_s=wall, start_events=start_events,
                                      start_halts=start_halts, interrupted=interrupted)
+    # When each phase began: start-up, build, run, summary, outputs.
+    args._marks = (args._t_start, t0, t1, t2, time.perf_counter())
+    summary["timing"] = timing(args._marks, args._marks[-1])
     summary["_host"] = host
     return summary
 
@@ -398,8 +433,15 @@ def write_outputs(args, summary: dict) -> list:
     host = summary.pop("_host")
     sim_ns = summary["sim_ns"]
     json_file = args.json if args.json and args.json != "-" else None
+    marks = getattr(args, "_marks", None)
+
+    def stamp():
+        """The wall time split, up to now (the summary's ``timing``)."""
+        if marks is not None:
+            summary["timing"] = timing(marks, time.perf_counter())
 
     def write_json():
+        stamp()
         _atomic.write_text(json_file, _summary.to_json(summary) + "\n")
 
     def write_trace():
@@ -446,10 +488,13 @@ def write_outputs(args, summary: dict) -> list:
         if rewrite:
             if bar is not None:
                 bar.set_description(f"writing {os.path.basename(json_file)}", refresh=False)
-            write_json()         # again, naming the files written
+            write_json()         # again, naming the files written (and the full timing)
             if bar is not None:
                 bar.update(1)
+        elif not json_file:
+            stamp()
     except KeyboardInterrupt:
+        stamp()
         done = {p for _, p in written}
         missing = [p for _, p, _, _ in jobs if p not in done]
         raise WriteInterrupted(written, missing or [f"the final {json_file} (the first one, "
@@ -493,8 +538,10 @@ def _pipe_closed() -> int:
 
 
 def _main(argv=None) -> int:
+    t_start = command_start(argv is None)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._t_start = t_start
     try:
         if args.command == "scenarios":
             for name in _scenarios.names():

@@ -38,7 +38,7 @@ def stats_column_names(arch: str) -> list:
 
 def arrays(host, sim_ns: int) -> dict:
     """The arrays ``write_npz`` stores, as a dict."""
-    rows = host.stats_array().astype(np.uint64)
+    rows = host.stats_array()            # one copy of the host's rows (uint64)
     out = {
         "vm": np.concatenate([np.full(vm.nr_vcpus, vm.index, np.int32) for vm in host.vms]),
         "vcpu_id": np.concatenate([np.arange(vm.nr_vcpus, dtype=np.int32) for vm in host.vms]),

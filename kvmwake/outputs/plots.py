@@ -184,9 +184,9 @@ def _cpu_panel(ax, host, sim_ns: int) -> None:
         ax.set_xlabel(f"over {window}, {host.host_cpus:,} host CPUs", wrap=True)
     else:
         total = max(1, host.host_cpus * sim_ns)
-        rows = host.stats_array().astype(np.float64)
-        polling = rows[:, STAT_COUNTERS.index("halt_poll_success_ns")].sum() + \
-            rows[:, STAT_COUNTERS.index("halt_poll_fail_ns")].sum()
+        rows = host.stats_array(copy=False)
+        polling = float(rows[:, STAT_COUNTERS.index("halt_poll_success_ns")].sum()) + \
+            float(rows[:, STAT_COUNTERS.index("halt_poll_fail_ns")].sum())
         vals = [100 * polling / total, 100 * (total - polling) / total]
         bars = ax.bar(["halt polling", "guest, switches\nand idle (not separated)"], vals,
                       color=["C1", "C7"])

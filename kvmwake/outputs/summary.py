@@ -25,7 +25,7 @@ def summarize(host, *, scenario: str, scenario_file, engine: str, seed: int, sim
     """The summary of a run of ``host`` to ``sim_ns`` that took ``wall_s`` seconds (after
     ``build_s`` seconds of building); ``start_events`` and ``start_halts`` are the counts
     the run started from (a restored snapshot's), left out of the rates."""
-    allrows = host.stats_array()       # one copy for the host, not one per VM
+    allrows = host.stats_array(copy=False)     # the engine's rows, read in place
     stats = _stats.sum_rows(allrows, host.arch)
     lat = _stats.latency_percentiles(host.latency_histogram())
     summary = {
@@ -73,6 +73,18 @@ def to_json(summary: dict) -> str:
     return json.dumps(summary, indent=2, sort_keys=True)
 
 
+#: The phases of ``timing`` (``kvmwake run``'s wall time), in order, as printed.
+TIMING_NAMES = (("startup_s", "start-up"), ("build_s", "build"), ("run_s", "run"),
+                ("summary_s", "summary"), ("outputs_s", "outputs"))
+
+
+def format_timing(t: dict) -> str:
+    """``wall time 14.760 s in all: start-up 0.312 + build 6.236 + run 5.500 +
+    summary 0.180 + outputs 2.532 s`` (the phases of the summary's ``timing``)."""
+    parts = " + ".join(f"{name} {t[key]:,.3f}" for key, name in TIMING_NAMES if key in t)
+    return f"wall time {t['total_s']:,.3f} s in all: {parts} s"
+
+
 def print_summary(s: dict, out=None) -> None:
     """The report ``kvmwake run`` prints: halt stats, wake latency, VMM policy, speed."""
     out = out or sys.stdout
@@ -105,6 +117,8 @@ def print_summary(s: dict, out=None) -> None:
     if s["halts_per_s"] is not None:
         w(f"  {s['halts_per_s']:,.0f} halts per wall second, "
           f"{s['events_per_s']:,.0f} events per wall second\n")
+    if s.get("timing"):
+        w(f"  {format_timing(s['timing'])}\n")
     if s.get("interrupted"):
         w(f"  interrupted at {s['sim_ns'] / 1e6:,.3f} ms of virtual time: the results cover "
           "the run so far\n")

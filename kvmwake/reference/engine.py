@@ -747,11 +747,35 @@ class Engine:
         return np.array([th.stats for th in self.threads[first:first + n]],
                         dtype=np.uint64).reshape(n, NR_STATS)
 
+    def stats_view(self, first: int = 0, n: int = -1) -> np.ndarray:
+        """The stats rows of threads ``first .. first + n - 1`` (``n`` -1: to the last),
+        read-only (see ``kvmwake._core.Engine.stats_view``); this engine keeps its rows
+        as Python lists, so here they are a copy of those rows made at the call."""
+        nth = len(self.threads)
+        if n == -1:
+            n = nth - first
+        rows = self.stats_rows(first, n)
+        rows.flags.writeable = False
+        return rows
+
+    def stat(self, g: int, i: int) -> int:
+        """Stat ``i`` (a column of the stats row, ``model.S_*``) of thread ``g``."""
+        if not (0 <= g < len(self.threads) and 0 <= i < NR_STATS):
+            raise IndexError(f"stat {i} of thread {g} out of range")
+        return int(self.threads[g].stats[i])
+
     def lat_hist_array(self) -> np.ndarray:
         return np.array(self.lat_hist, dtype=np.uint64)
 
     def trace_list(self) -> list:
         return list(self.trace) if self.trace is not None else []
+
+    def trace_array(self, pid_lo: int = 0, pid_hi: int = 1 << 32) -> np.ndarray:
+        """The trace records of the pids ``pid_lo <= pid < pid_hi``, oldest first, as a
+        ``tracefmt.TRACE_RECORD_DTYPE`` array."""
+        from ..outputs.tracefmt import TRACE_RECORD_DTYPE
+        recs = [r for r in (self.trace or ()) if pid_lo <= r[1] < pid_hi]
+        return np.array(recs, dtype=TRACE_RECORD_DTYPE)
 
     @property
     def scheduler(self) -> str:
