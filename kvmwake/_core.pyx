@@ -542,6 +542,7 @@ cdef class Engine:
     cdef object _llc          # per host CPU: its LLC group (u4)
     cdef bint _failed
     cdef object _import_events  # an imported state's events, until they are queued
+    cdef dict _spare          # array name -> (buffer with room to grow, the view in use)
 
     def __cinit__(self):
         memset(&self.e, 0, sizeof(engine_t))
@@ -600,6 +601,7 @@ cdef class Engine:
         self._exitq = np.zeros(0, dtype=np.uint32)
         self._tlbase = np.zeros(0, dtype=np.uint8)
         self._prog_index = {}
+        self._spare = {}
         self.e.ncpu = host_cpus
         self.e.tcap = trace_capacity
         self.e.tlcap = timeline_capacity
@@ -640,10 +642,22 @@ cdef class Engine:
         self.e.cost_tab = <uint64_t*>cnp.PyArray_DATA(self._cost_tab)
         self.e.held = <uint32_t*>cnp.PyArray_DATA(self._held)
 
-    @staticmethod
-    def _grow(arr, uint64_t nbytes):
-        out = np.zeros(nbytes, dtype=np.uint8)
-        out[:len(arr)] = arr
+    def _grow(self, str name, arr, uint64_t nbytes):
+        """``arr`` (u1) grown to ``nbytes``, the new part zeroed.  The result is a view
+        of a buffer with room to spare (twice the size when it must move), so that
+        adding VMs, threads or sources one by one copies O(n) bytes in all, not
+        O(n**2).  ``arr`` itself is left as it was, so a later failure (memory)
+        leaves the engine as it was."""
+        spare = self._spare.get(name)
+        cdef uint64_t have = len(arr)
+        if spare is not None and spare[1] is arr and len(spare[0]) >= nbytes:
+            buf = spare[0]
+        else:
+            buf = np.zeros(max(nbytes, 2 * have), dtype=np.uint8)
+            buf[:have] = arr
+        out = buf[:nbytes]
+        out[have:] = 0
+        self._spare[name] = (buf, out)
         return out
 
     def _grown_threads(self, uint32_t nth):
@@ -651,14 +665,19 @@ cdef class Engine:
         rows, the exit ring unrolled in its order, the timeline base), made before
         any is swapped in, so that a failure (memory) leaves the engine as it was."""
         cdef uint32_t k, old = self.e.nth
-        threads = Engine._grow(self._threads, nth * sizeof(thread_t))
-        irqs = Engine._grow(self._irqs, nth * sizeof(virq_t))
-        stats = np.zeros((nth, NR_STATS), dtype=np.uint64)
-        stats[:old] = self._stats
+        threads = self._grow("threads", self._threads, nth * sizeof(thread_t))
+        irqs = self._grow("irqs", self._irqs, nth * sizeof(virq_t))
+        flat = self._stats.reshape(-1).view(np.uint8)
+        spare = self._spare.get("stats")
+        if spare is not None and spare[2] is self._stats:
+            flat = spare[1]
+        stats_b = self._grow("stats", flat, nth * NR_STATS * 8)
+        stats = stats_b.view(np.uint64).reshape(nth, NR_STATS)
+        self._spare["stats"] = self._spare["stats"] + (stats,)
         exitq = np.zeros(nth, dtype=np.uint32)
         for k in range(self.e.exq_len):
             exitq[k] = self.e.exitq[(self.e.exq_head + k) % old]
-        tlbase = Engine._grow(self._tlbase, nth)
+        tlbase = self._grow("tlbase", self._tlbase, nth)
         return threads, irqs, stats, exitq, tlbase
 
     # -- set-up -------------------------------------------------------------
@@ -668,8 +687,8 @@ cdef class Engine:
         # Every new array is made before any is swapped in: a failure (memory)
         # leaves the engine as it was.
         threads, irqs, stats, exitq, tlbase = self._grown_threads(first + nr_vcpus)
-        vms = Engine._grow(self._vms, (vmi + 1) * sizeof(vm_t))
-        gics = Engine._grow(self._gics, (vmi + 1) * sizeof(gic_t))
+        vms = self._grow("vms", self._vms, (vmi + 1) * sizeof(vm_t))
+        gics = self._grow("gics", self._gics, (vmi + 1) * sizeof(gic_t))
         self._threads, self._irqs, self._vms, self._gics = threads, irqs, vms, gics
         self._stats, self._exitq, self._tlbase = stats, exitq, tlbase
         self.e.exq_head = 0
@@ -756,7 +775,7 @@ cdef class Engine:
         for k in range(si):
             if self.e.src[k].vm == vmi:
                 nth += 1
-        self._srcs = Engine._grow(self._srcs, (si + 1) * sizeof(source_t))
+        self._srcs = self._grow("srcs", self._srcs, (si + 1) * sizeof(source_t))
         tarr = np.ascontiguousarray(times if times is not None else [], dtype=np.uint64)
         off = len(self._times)
         self._times = np.concatenate([self._times, tarr])
@@ -1198,8 +1217,10 @@ cdef class Engine:
     def stats_view(self, Py_ssize_t first=0, Py_ssize_t n=-1):
         """The stats rows of threads ``first .. first + n - 1`` (``n`` -1: to the last)
         without a copy: a read-only array on the engine's rows, which cannot be made
-        writeable.  It shows the rows as they are when it is read (a run changes them);
-        adding a VM moves the rows, and a view taken before keeps the old ones."""
+        writeable.  It shows the rows as they are when it is read (a run changes them).
+        Adding a VM or a host thread may move the rows (when their buffer has no room
+        left): a view taken before then keeps the rows as they were at the move, so
+        take views after the last VM is added."""
         cdef Py_ssize_t nth = self._stats.shape[0]
         if n == -1:
             n = nth - first

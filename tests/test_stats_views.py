@@ -129,11 +129,12 @@ def test_a_view_taken_before_a_vm_is_added_stays_readable(engine):
     host = _storm_host(engine)
     view = host.vms[0].stats_array(copy=False)
     old = view.copy()
-    vm = host.create_vm(2)                  # the engine's rows move
+    vm = host.create_vm(2)                  # the engine's rows may move
     for v in vm.vcpus:
         v.load([g.loop([g.compute(30 * US), g.wfi()])])
     host.run(4_000_000)
-    assert np.array_equal(view, old)        # the rows as they were, not freed memory
+    # Not freed memory: the rows as they were when they moved, or still the engine's.
+    assert np.array_equal(view, old) or np.array_equal(view, host.vms[0].stats_array())
     assert np.array_equal(host.stats_array()[-2:], vm.stats_array())
 
 

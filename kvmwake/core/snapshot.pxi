@@ -219,6 +219,7 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     _queue_imported(self)
     derive_held(e)
     self._prog_index = {}
+    self._spare = {}                 # the imported arrays have no room to spare
     index_affinity(self)
     cdef uint32_t g
     for g in range(e.nth):
