@@ -217,6 +217,19 @@ def test_snapshot_rejects_a_broken_timeline():
     assert snapshot is not None and SnapshotError is not None
 
 
+def test_a_thread_running_at_the_window_start_counts_where_its_first_record_is():
+    """Base RUNNING, now on CPU 1: it ran on CPU 0 until its first record there."""
+    from kvmwake.outputs import timeline as T
+    recs = T.to_array([(100, 0, 0, int(ThreadState.RUNNABLE)),
+                       (150, 0, 1, int(ThreadState.RUNNING))])
+    base = np.array([int(ThreadState.RUNNING)], dtype=np.uint8)
+    assert T.cpus_at_start(recs, 1, 2, [1]).tolist() == [0]
+    assert T.cpus_at_start(recs[:0], 1, 2, [1]).tolist() == [1]
+    tot = T.totals(recs, base, 0, 200, 2, [1])
+    assert tot["running_ns"].tolist() == [100, 50]
+    assert tot["idle_ns"].tolist() == [100, 150]
+
+
 def test_totals_with_arrays_equal_the_record_by_record_sum():
     """``totals`` sums with numpy (records in time order) exactly what the record by
     record loop sums: base states on given CPUs, threads added since the base,
@@ -235,7 +248,8 @@ def test_totals_with_arrays_equal_the_record_by_record_sum():
         recs = T.to_array([(x, rng.randrange(nth + 2), rng.randrange(ncpu), rng.randrange(5))
                            for x in ts])
         now = max(0, (ts[-1] if ts else t0) + rng.randint(-5, 50))
-        want = T._totals_loop(recs, base, t0, max([now] + ts), ncpu, cpus)
+        want = T._totals_loop(recs, base, t0, max([now] + ts), ncpu,
+                              T.cpus_at_start(recs, nth, ncpu, cpus))
         got = T.totals(recs, base, t0, now, ncpu, cpus)
         assert got["t0"] == want["t0"] and got["now"] == want["now"]
         for k in ("running_ns", "polling_ns", "idle_ns"):

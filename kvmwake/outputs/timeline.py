@@ -48,11 +48,12 @@ def totals(records: np.ndarray, base: np.ndarray, t0: int, now: int, ncpu: int,
     A host CPU counts as running while one of its threads is RUNNING, polling
     while one is POLLING (and none RUNNING), idle otherwise (threads RUNNABLE
     on a CPU that is switching to them count as idle).  ``base`` holds each
-    thread's state at ``t0``; ``cpus`` each thread's host CPU at ``t0`` (None:
-    thread g on host CPU ``g % ncpu``; the CPU of a base state is not kept: exact
-    for pinned threads; a thread that migrates may have been elsewhere at ``t0``
-    if the ring dropped records); each record counts on the CPU it names, and a
-    thread's RUNNING or POLLING ends on the CPU it began on.
+    thread's state at ``t0``; ``cpus`` each thread's host CPU now (None: thread
+    g on host CPU ``g % ncpu``).  Each record counts on the CPU it names, and a
+    thread's RUNNING or POLLING ends on the CPU it began on, by a record there:
+    so a thread RUNNING or POLLING at ``t0`` was on the CPU that its first record
+    names, or, with no record since, on its CPU now (``cpus_at_start``; exact,
+    whatever records the ring dropped and however the thread migrated).
 
     Returns ``{"t0", "now", "running_ns", "polling_ns", "idle_ns"}``, the last
     three numpy u8 arrays of length ``ncpu``; per CPU they add up to
@@ -60,12 +61,25 @@ def totals(records: np.ndarray, base: np.ndarray, t0: int, now: int, ncpu: int,
     """
     t0 = int(t0)
     now = int(now)
+    cpus = cpus_at_start(records, len(base), ncpu, cpus)
     if len(records):
         now = max(now, int(records["t"][-1]))
     ts = np.asarray(records["t"], dtype=np.uint64) if len(records) else None
     if ts is not None and len(ts) > 1 and bool(np.any(ts[1:] < ts[:-1])):
         return _totals_loop(records, base, t0, now, ncpu, cpus)
     return _totals_arrays(records, base, t0, now, ncpu, cpus)
+
+
+def cpus_at_start(records: np.ndarray, nth: int, ncpu: int, cpus=None) -> np.ndarray:
+    """Each of ``nth`` threads' host CPU at the start of ``records``: the CPU its first
+    record names, or, with no record, ``cpus`` (its CPU now; None: ``g % ncpu``)."""
+    out = (np.arange(nth, dtype=np.int64) % ncpu if cpus is None
+           else np.array(cpus, dtype=np.int64)[:nth])
+    if len(records):
+        g, first = np.unique(np.asarray(records["g"], dtype=np.int64), return_index=True)
+        inside = g < nth
+        out[g[inside]] = np.asarray(records["cpu"], dtype=np.int64)[first[inside]]
+    return out
 
 
 def _totals_arrays(records, base, t0: int, now: int, ncpu: int, cpus) -> dict:
