@@ -55,6 +55,8 @@ CORE_ONLY = {
         "frees the C bucket arrays; the reference's lists are garbage-collected",
     ("queue", "q_grow"):
         "grows one C bucket array; the reference's are Python lists",
+    ("queue", "q_shrink"):
+        "gives back an emptied C bucket array's spare room; Python lists shrink themselves",
     ("queue", "q_collect"):
         "copies the queued events into a C array in order; the reference's is "
         "EventQueue.events()",

@@ -121,6 +121,23 @@ cdef inline int q_grow(engine_t* e, evq_bucket_t* b) noexcept nogil:
     return 0
 
 
+cdef inline void q_shrink(evq_bucket_t* b, uint64_t used) noexcept nogil:
+    """Give back most of an emptied bucket's memory when it last held far fewer
+    events than it has room for (the room a burst, such as every vCPU starting at
+    once, left behind): keep room for twice ``used``, 16 at least.  A failed
+    realloc keeps the larger array."""
+    cdef uint64_t ncap = 16
+    cdef event_t* p
+    if b.cap <= 1024 or used * 8 >= b.cap:
+        return
+    while ncap < 2 * used:
+        ncap *= 2
+    p = <event_t*>realloc(b.ev, ncap * sizeof(event_t))
+    if p != NULL:
+        b.ev = p
+        b.cap = ncap
+
+
 cdef inline int q_file(engine_t* e, const event_t* ev) noexcept nogil:
     """Put an event (at or after the base) into its bucket; the count is the caller's."""
     cdef evq_t* q = &e.q
@@ -263,6 +280,7 @@ cdef int heap_pop(engine_t* e, event_t* out) noexcept nogil:
                 q.dropped += 1
             elif q_file(e, &bk.ev[j]):      # to a lower level, or b0
                 return -1
+        q_shrink(bk, n)
         if b0.n == 0:
             return 0
     h = b0.ev
@@ -272,6 +290,7 @@ cdef int heap_pop(engine_t* e, event_t* out) noexcept nogil:
     n = b0.n
     if n == 0:
         b0.tmin = KW_NO_TIME
+        q_shrink(b0, 1)
         return 1
     last = h[n]
     i = 0
