@@ -669,7 +669,7 @@ cdef class Engine:
         irqs = self._grow("irqs", self._irqs, nth * sizeof(virq_t))
         flat = self._stats.reshape(-1).view(np.uint8)
         spare = self._spare.get("stats")
-        if spare is not None and spare[2] is self._stats:
+        if spare is not None and len(spare) == 3 and spare[2] is self._stats:
             flat = spare[1]
         stats_b = self._grow("stats", flat, nth * NR_STATS * 8)
         stats = stats_b.view(np.uint64).reshape(nth, NR_STATS)
