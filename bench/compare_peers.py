@@ -123,7 +123,7 @@ def run_simpy(vcpus, sim_ns, seed):
 
 
 def record_heap_ops(vcpus, sim_ns, seed):
-    """The event heap's traffic of an ipi-storm run, as the floor's replay stream.
+    """The event queue's traffic of an ipi-storm run, as the floor's replay stream.
 
     Recorded from the reference engine (which pushes and pops exactly what the
     core does; the caller checks the counts against the core's): every push

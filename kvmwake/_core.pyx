@@ -911,7 +911,7 @@ cdef class Engine:
         if err == KW_ERR_SEQ:
             raise EngineError(f"the event sequence numbers ran out at t={self.e.now} ns "
                               f"(at most 2**55 events are ever scheduled)")
-        raise MemoryError("the event heap could not grow")
+        raise MemoryError("the event queue could not grow")
 
     cdef _debug_check(self):
         """The debug build's periodic check of the whole state (see run_loop)."""

@@ -5,8 +5,9 @@
   events in exactly the order of one binary heap of (time, class, sequence)
   with cancelled events skipped, and agree on every count (void events popped,
   length, dropped unpopped).  Their invariants are checked after every step.
-* Cancelled events are dropped unpopped when their bucket is redistributed: a
-  run pops none of the cancelled time-slice events that a binary heap would.
+* Cancelled events are dropped unpopped when their bucket is redistributed:
+  both engines drop the same ones in a run (the default scenario drops many
+  cancelled time slices).
 * An engine's counters agree between the engines, and a run keeps the queue's
   invariants (the reference engine's check_state checks them all along).
 * Snapshots carry the live events only, in order; a state whose events come

@@ -245,7 +245,7 @@ def bench_halt_path(uint64_t n, bint poll=False, uint64_t seed=0):
 
 
 def bench_counters(Engine engine):
-    """Read-only counters of an engine's event heap, for the benchmark reports.
+    """Read-only counters of an engine's event queue, for the benchmark reports.
 
     ``pushes`` events were pushed in all (cancelled ones included), ``heap_len``
     are still queued, and ``dropped`` were cancelled ones dropped unpopped, so

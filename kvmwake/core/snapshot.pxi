@@ -862,12 +862,12 @@ def _engine_rehost(Engine self, uint32_t ncpu):
             g = <uint32_t>rq_popleft(e, cpu)
             cpu.cur = g
             if push_thread(e, &e.th[g], g, t + cost_ns(e, &e.th[g], COST_CONTEXT_SWITCH), EV_RUN):
-                raise MemoryError("the event heap could not grow")
+                raise MemoryError("the event queue could not grow")
         elif e.th[cpu.cur].state == TS_POLLING:
             if block(e, <uint32_t>cpu.cur, t, t):
-                raise MemoryError("the event heap could not grow")
+                raise MemoryError("the event queue could not grow")
         elif e.th[cpu.cur].state == TS_RUNNING:
             if arm_slice(e, &e.th[cpu.cur], <uint32_t>cpu.cur, t):
-                raise MemoryError("the event heap could not grow")
+                raise MemoryError("the event queue could not grow")
     index_affinity(self)
     _check_state(self, True)

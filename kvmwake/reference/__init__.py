@@ -10,7 +10,7 @@ same functions (``tests/test_layout.py`` keeps the pairs whole):
 
 * ``engine.py``    ``Engine`` and the event loop ``run_loop``  (``_core.pyx``)
 * ``rng.py``       per-vCPU and per-source random streams      (``core/rng.pxi``)
-* ``queue.py``     the event heap                              (``core/queue.pxi``)
+* ``queue.py``     the event queue                             (``core/queue.pxi``)
 * ``host.py``      host CPUs, run queues, time slices          (``core/host.pxi``)
 * ``guest.py``     the guest program interpreter               (``core/guest.pxi``)
 * ``halt.py``      kvm_vcpu_halt / kvm_vcpu_block              (``core/halt.pxi``)
