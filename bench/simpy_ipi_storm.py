@@ -26,8 +26,10 @@ The workload (``kvmwake.scenarios``' ``ipi-storm``; the semantics of
   is left alone and the interrupt waits for it;
 * pending interrupts are taken (cleared) on every guest entry, so a wake
   that arrives before the vCPU's entry that precedes its HLT is used up,
-  and one that arrives during the HLT's exit ends the halt at once
-  (``halt_ns`` 0, a successful poll if polling was on);
+  and with one that arrives during the HLT's exit the vCPU stays RUNNABLE
+  and re-enters the guest without entering ``kvm_vcpu_halt`` at all
+  (``__kvm_emulate_halt`` with an in-kernel LAPIC: no halt, no halt stats,
+  ``halt_poll_ns`` unchanged; ``halt_exits`` is still counted);
 * ``kvm_vcpu_halt``: clamp ``halt_poll_ns`` to the ceiling, poll for
   ``halt_poll_ns`` if it is not 0 (no other thread ever shares the host
   CPU), else or then block; stats as ``update_halt_poll_stats``; grow and
@@ -149,6 +151,10 @@ class VCpu:
         """kvm_vcpu_halt: poll, then block; stats; grow or shrink."""
         env = self.env
         st = self.storm.stats
+        if self.pending:
+            # __kvm_emulate_halt: kvm_vcpu_has_events, so the vCPU stays RUNNABLE
+            # and goes back into the guest without entering kvm_vcpu_halt.
+            return
         ceiling = PARAMS.halt_poll_ns
         self.halt_poll_ns = haltpoll.clamp_on_entry(self.halt_poll_ns, ceiling)
         do_poll = self.halt_poll_ns != 0
