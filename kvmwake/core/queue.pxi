@@ -142,26 +142,20 @@ cdef inline int q_file(engine_t* e, const event_t* ev) noexcept nogil:
     """Put an event (at or after the base) into its bucket; the count is the caller's."""
     cdef evq_t* q = &e.q
     cdef int32_t k = q_bucket(q.base, ev.t)
-    cdef evq_bucket_t* b
+    cdef evq_bucket_t* b = &q.b0 if k < 0 else &q.b[k]
     cdef event_t* h
     cdef uint64_t i, parent
-    if k >= 0:
-        b = &q.b[k]
-        if b.n == b.cap and q_grow(e, b):
-            return -1
-        b.ev[b.n] = ev[0]
-        b.n += 1
-        if ev.t < b.tmin:
-            b.tmin = ev.t
-        q.dmask[k >> 6] |= 1ULL << (k & 63)
-        q.lmask |= 1ULL << (k >> 6)
-        return 0
-    # b0: a binary heap in (t, key) order.
-    b = &q.b0
     if b.n == b.cap and q_grow(e, b):
         return -1
     if ev.t < b.tmin:
         b.tmin = ev.t
+    if k >= 0:
+        b.ev[b.n] = ev[0]
+        b.n += 1
+        q.dmask[k >> 6] |= 1ULL << (k & 63)
+        q.lmask |= 1ULL << (k >> 6)
+        return 0
+    # b0: a binary heap in (t, key) order.
     h = b.ev
     i = b.n
     b.n += 1
@@ -181,24 +175,34 @@ cdef inline int32_t q_lowest(const evq_t* q) noexcept nogil:
     return <int32_t>(level * 64 + __builtin_ctzll(q.dmask[level]))
 
 
+cdef uint64_t q_collect(const engine_t* e, event_t* out, bint live_only) noexcept nogil:
+    """Copy the queued events (only the live ones with ``live_only``) into ``out``
+    (room for e.q.len) in (t, key) order; returns how many."""
+    cdef uint64_t n = 0, i
+    cdef int k
+    cdef const evq_bucket_t* b
+    for k in range(-1, KW_QBUCKETS):
+        b = &e.q.b0 if k < 0 else &e.q.b[k]
+        for i in range(b.n):
+            if not live_only or ev_live(e, &b.ev[i]):
+                out[n] = b.ev[i]
+                n += 1
+    if n > 1:
+        qsort(out, n, sizeof(event_t), ev_cmp)
+    return n
+
+
 cdef int q_rebase(engine_t* e, uint64_t base) noexcept nogil:
     """Re-file every queued event around an earlier base."""
     cdef evq_t* q = &e.q
-    cdef uint64_t n = q.len, j = 0, i
-    cdef int k
+    cdef uint64_t n = q.len, i
     cdef event_t* all_ = NULL
     if n:
         all_ = <event_t*>malloc(n * sizeof(event_t))
         if all_ == NULL:
             e.error = KW_ERR_NOMEM
             return -1
-        for i in range(q.b0.n):
-            all_[j] = q.b0.ev[i]
-            j += 1
-        for k in range(KW_QBUCKETS):
-            for i in range(q.b[k].n):
-                all_[j] = q.b[k].ev[i]
-                j += 1
+        q_collect(e, all_, False)
     q_clear(q, base)
     for i in range(n):
         if q_file(e, &all_[i]):
@@ -307,23 +311,6 @@ cdef int heap_pop(engine_t* e, event_t* out) noexcept nogil:
     h[i] = last
     b0.tmin = h[0].t
     return 1
-
-
-cdef uint64_t q_collect(const engine_t* e, event_t* out, bint live_only) noexcept nogil:
-    """Copy the queued events (only the live ones with ``live_only``) into ``out``
-    (room for e.q.len) in (t, key) order; returns how many."""
-    cdef uint64_t n = 0, i
-    cdef int k
-    cdef const evq_bucket_t* b
-    for k in range(-1, KW_QBUCKETS):
-        b = &e.q.b0 if k < 0 else &e.q.b[k]
-        for i in range(b.n):
-            if not live_only or ev_live(e, &b.ev[i]):
-                out[n] = b.ev[i]
-                n += 1
-    if n > 1:
-        qsort(out, n, sizeof(event_t), ev_cmp)
-    return n
 
 
 cdef int q_check(const engine_t* e) except -1:

@@ -174,8 +174,6 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     # The events stay in this array (self._import_events) until the checks have
     # passed; then they are queued (_queue_imported).
     nheap = len(arrays["heap"]) // sizeof(event_t)
-    q_free(&e.q)
-    q_init(&e.q, 0)
     self._import_events = np.ascontiguousarray(arrays["heap"], dtype=np.uint8)
     ntrace = len(arrays["trace"]) // sizeof(trace_rec_t)
     if ntrace != scalars["tcount"] or scalars["thead"] != ntrace:

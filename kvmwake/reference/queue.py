@@ -150,7 +150,7 @@ def q_clear(q: EventQueue, base: int) -> None:
 
 def q_rebase(q: EventQueue, base: int) -> None:
     """Re-file every queued event around an earlier base."""
-    every = [*q.b0, *(ev for b in q.b for ev in b)]
+    every = q.events()
     n = q.len
     q_clear(q, base)
     for ev in every:
