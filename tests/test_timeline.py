@@ -228,6 +228,15 @@ def test_a_thread_running_at_the_window_start_counts_where_its_first_record_is()
     tot = T.totals(recs, base, 0, 200, 2, [1])
     assert tot["running_ns"].tolist() == [100, 50]
     assert tot["idle_ns"].tolist() == [100, 150]
+    # Thread 1 of 2 (g % ncpu is CPU 1) ran on CPU 0 at the start: its state there
+    # ends on CPU 0, in both the numpy sums and the record-by-record loop.
+    recs = T.to_array([(100, 1, 0, int(ThreadState.RUNNABLE)),
+                       (150, 1, 1, int(ThreadState.RUNNING))])
+    base = np.array([0, int(ThreadState.RUNNING)], dtype=np.uint8)
+    for f in (T.totals, T._totals_loop):
+        tot = f(recs, base, 0, 200, 2, T.cpus_at_start(recs, 2, 2, [0, 1]))
+        assert tot["running_ns"].tolist() == [100, 50], f
+        assert tot["idle_ns"].tolist() == [100, 150], f
 
 
 def test_totals_with_arrays_equal_the_record_by_record_sum():

@@ -89,8 +89,7 @@ def _totals_arrays(records, base, t0: int, now: int, ncpu: int, cpus) -> dict:
     262,144 records needs about 20 MB)."""
     base = np.asarray(base, dtype=np.uint8)
     nbase = len(base)
-    home = np.arange(nbase, dtype=np.int64) % ncpu if cpus is None \
-        else np.asarray(cpus, dtype=np.int64)[:nbase]
+    home = np.asarray(cpus, dtype=np.int64)[:nbase]     # cpus_at_start
     nrun = np.bincount(home[base == _RUNNING], minlength=ncpu).astype(np.int64)
     npoll = np.bincount(home[base == _POLLING], minlength=ncpu).astype(np.int64)
     run = np.zeros(ncpu, dtype=np.uint64)
@@ -98,7 +97,7 @@ def _totals_arrays(records, base, t0: int, now: int, ncpu: int, cpus) -> dict:
     idle = np.zeros(ncpu, dtype=np.uint64)
     last = np.full(ncpu, t0, dtype=np.uint64)      # each CPU's time accounted up to
     if len(records):
-        ev_rec, ev_cpu, ev_run, ev_poll = _count_changes(records, base, ncpu)
+        ev_rec, ev_cpu, ev_run, ev_poll = _count_changes(records, base, ncpu, home)
         if len(ev_rec):
             # By CPU, then in record order.
             k = np.lexsort((ev_rec, ev_cpu))
@@ -144,12 +143,13 @@ def _totals_arrays(records, base, t0: int, now: int, ncpu: int, cpus) -> dict:
     return {"t0": t0, "now": now, "running_ns": run, "polling_ns": poll, "idle_ns": idle}
 
 
-def _count_changes(records, base, ncpu: int):
+def _count_changes(records, base, ncpu: int, home):
     """The changes of the per-CPU counts the records make, in record order: arrays of
     (record index, CPU, running count change, polling count change).  A record takes
     its thread's previous state (its previous record's, else its base state, 0 for a
-    thread added since) off the CPU of its previous record (else CPU g % ncpu), and
-    puts its new state on the CPU it names."""
+    thread added since) off the CPU of its previous record (else its CPU at the start,
+    ``home``; CPU g % ncpu for a thread added since), and puts its new state on the
+    CPU it names."""
     n = len(records)
     g = np.asarray(records["g"], dtype=np.int64)
     order = np.argsort(g, kind="stable")
@@ -166,8 +166,10 @@ def _count_changes(records, base, ncpu: int):
     ext = np.zeros(max(len(base), int(gs[-1]) + 1), dtype=np.int8)
     ext[:len(base)] = base
     ps[first] = ext[gs[first]]
-    pc[first] = gs[first] % ncpu
-    del gs, first, ext
+    at = np.arange(len(ext), dtype=np.int32) % ncpu
+    at[:len(home)] = home
+    pc[first] = at[gs[first]]
+    del gs, first, ext, at
     prev_s = np.empty(n, dtype=np.int8)
     prev_c = np.empty(n, dtype=np.int32)
     prev_s[order] = ps
@@ -189,9 +191,9 @@ def _totals_loop(records, base, t0: int, now: int, ncpu: int, cpus) -> dict:
     state = [int(s) for s in np.asarray(base, dtype=np.uint8)]
     nrun = [0] * ncpu
     npoll = [0] * ncpu
-    where = [g % ncpu for g in range(len(state))]      # CPU of each thread's state
+    where = [int(cpus[g]) for g in range(len(state))]  # CPU of each thread's state
     for g, s in enumerate(state):
-        c = g % ncpu if cpus is None else int(cpus[g])
+        c = where[g]
         if s == _RUNNING:
             nrun[c] += 1
         elif s == _POLLING:
