@@ -642,21 +642,23 @@ cdef class Engine:
         self.e.cost_tab = <uint64_t*>cnp.PyArray_DATA(self._cost_tab)
         self.e.held = <uint32_t*>cnp.PyArray_DATA(self._held)
 
-    def _grow(self, str name, arr, uint64_t nbytes):
-        """``arr`` (u1) grown to ``nbytes``, the new part zeroed.  The result is a view
-        of a buffer with room to spare (twice the size when it must move), so that
-        adding VMs, threads or sources one by one copies O(n) bytes in all, not
-        O(n**2).  ``arr`` itself is left as it was, so a later failure (memory)
-        leaves the engine as it was."""
+    def _grow(self, str name, arr, uint64_t nbytes, uint32_t cols=0):
+        """``arr`` grown to ``nbytes``, the new part zeroed: u1, or with ``cols`` u8
+        rows of that many columns.  The result is a view of a buffer with room to
+        spare (twice the size when it must move), so that adding VMs, threads or
+        sources one by one copies O(n) bytes in all, not O(n**2).  ``arr`` itself is
+        left as it was, so a later failure (memory) leaves the engine as it was."""
         spare = self._spare.get(name)
-        cdef uint64_t have = len(arr)
+        cdef uint64_t have = arr.nbytes
         if spare is not None and spare[1] is arr and len(spare[0]) >= nbytes:
             buf = spare[0]
         else:
             buf = np.zeros(max(nbytes, 2 * have), dtype=np.uint8)
-            buf[:have] = arr
+            buf[:have] = arr.reshape(-1).view(np.uint8)
+        buf[have:nbytes] = 0
         out = buf[:nbytes]
-        out[have:] = 0
+        if cols:
+            out = out.view(np.uint64).reshape(-1, cols)
         self._spare[name] = (buf, out)
         return out
 
@@ -667,13 +669,7 @@ cdef class Engine:
         cdef uint32_t k, old = self.e.nth
         threads = self._grow("threads", self._threads, nth * sizeof(thread_t))
         irqs = self._grow("irqs", self._irqs, nth * sizeof(virq_t))
-        flat = self._stats.reshape(-1).view(np.uint8)
-        spare = self._spare.get("stats")
-        if spare is not None and len(spare) == 3 and spare[2] is self._stats:
-            flat = spare[1]
-        stats_b = self._grow("stats", flat, nth * NR_STATS * 8)
-        stats = stats_b.view(np.uint64).reshape(nth, NR_STATS)
-        self._spare["stats"] = self._spare["stats"] + (stats,)
+        stats = self._grow("stats", self._stats, nth * NR_STATS * 8, NR_STATS)
         exitq = np.zeros(nth, dtype=np.uint32)
         for k in range(self.e.exq_len):
             exitq[k] = self.e.exitq[(self.e.exq_head + k) % old]
