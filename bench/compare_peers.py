@@ -2,11 +2,13 @@
 """kvmwake against its peers and the floor on ``ipi-storm``, as a markdown report.
 
     python bench/compare_peers.py [--vcpus 1024] [--sim-ms 100] [--seeds 5] [--repeat 5]
-                                  [--ref-sim-ms 100] [--ref-runs 3] [--out FILE]
+                                  [--ref-sim-ms 100] [--ref-runs 3] [--threads 1]
+                                  [--out FILE]
 
 From one run of this script, on ``ipi-storm`` (the canonical workload; see
 ``kvmwake/scenarios/builtin/ipi-storm.toml``) at ``--vcpus`` vCPUs for ``--sim-ms`` of virtual
-time:
+time (the core's hosts with ``--threads`` OS threads: a host of several VMs,
+beyond 1,024 vCPUs, runs its VMs as islands on them; the table says how many):
 
 * **kvmwake core** (``kvmwake._core``): seeds ``0..--seeds-1``, each run
   ``--repeat`` times on a freshly built host after one untimed warm-up,
@@ -92,21 +94,23 @@ def _sum_stats(host) -> dict:
     return out
 
 
-def run_kvmwake(engine, vcpus, sim_ns, seed, scheduler="fifo"):
+def run_kvmwake(engine, vcpus, sim_ns, seed, scheduler="fifo", threads=1):
     """One timed run of ``host.run`` (the build is not timed).  The FIFO run queue
     is the semantics the SimPy model implements; ``scheduler`` "eevdf" gives the
     other scheduler's figure."""
     host = None
     gc.collect()
     host, ns, _ = scenarios.build("ipi-storm", vcpus=vcpus, sim_ns=sim_ns, seed=seed,
-                                  engine=engine, trace_capacity=0, scheduler=scheduler)
+                                  engine=engine, trace_capacity=0, scheduler=scheduler,
+                                  threads=threads)
     t0 = time.perf_counter()
     host.run(ns)
     wall = time.perf_counter() - t0
     st = _sum_stats(host)
     return {"wall": wall, "halts": host.halts, "events": host.events, "sim_ns": sim_ns,
             "successful": st["halt_successful_poll"], "attempted": st["halt_attempted_poll"],
-            "wakeups": st["halt_wakeup"], "host": host}
+            "wakeups": st["halt_wakeup"], "host": host, "threads": threads,
+            "islands": host.islands_used}
 
 
 def run_simpy(vcpus, sim_ns, seed):
@@ -214,13 +218,24 @@ def main(argv=None) -> int:
     p.add_argument("--no-floor", action="store_true", help="skip the floor (needs Cython)")
     p.add_argument("--out", metavar="PATH", help="also write the report to PATH")
     p.add_argument("--no-pin", action="store_true", help="do not pin the process to CPU 0")
+    p.add_argument("--threads", type=int, default=1,
+                   help="OS threads of the core's hosts (Host(threads=...)); with more than "
+                        "one, the process is pinned to CPUs 0..threads-1 (default: %(default)s)")
     args = p.parse_args(argv)
     if min(args.seeds, args.repeat, args.ref_runs) < 1 or args.vcpus < 2:
         p.error("--seeds, --repeat and --ref-runs must be at least 1, --vcpus at least 2")
     sim_ns = int(args.sim_ms * MS)
     ref_ns = int((args.ref_sim_ms if args.ref_sim_ms is not None else args.sim_ms) * MS)
 
-    pinned = "not pinned (--no-pin)" if args.no_pin else pin_to_one_cpu()
+    if not 1 <= args.threads <= (os.cpu_count() or 1):
+        p.error(f"--threads: 1 to {os.cpu_count()} on this machine")
+    if args.no_pin:
+        pinned = "not pinned (--no-pin)"
+    elif args.threads == 1:
+        pinned = pin_to_one_cpu()
+    else:
+        os.sched_setaffinity(0, set(range(args.threads)))
+        pinned = f"pinned to CPUs 0-{args.threads - 1}"
     lines: list[str] = []
     say = lines.append
     cmd = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + list(argv or sys.argv[1:]))
@@ -250,11 +265,12 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
 
     # The core: one warm-up, then --repeat runs of each seed.
-    run_kvmwake("core", args.vcpus, sim_ns, 0)
+    run_kvmwake("core", args.vcpus, sim_ns, 0, threads=args.threads)
     core_runs = []
     for seed in range(args.seeds):
         for _ in range(args.repeat):
-            core_runs.append(run_kvmwake("core", args.vcpus, sim_ns, seed) | {"seed": seed})
+            core_runs.append(run_kvmwake("core", args.vcpus, sim_ns, seed, threads=args.threads)
+                             | {"seed": seed})
     core_seed0 = [r for r in core_runs if r["seed"] == 0]
     core_by_seed = [next(r for r in core_runs if r["seed"] == s) for s in range(args.seeds)]
     cnt = _core.bench_counters(core_seed0[-1]["host"]._engine)
@@ -263,7 +279,8 @@ def main(argv=None) -> int:
     eevdf_runs = []
     for seed in range(args.seeds):
         for _ in range(args.repeat):
-            eevdf_runs.append(run_kvmwake("core", args.vcpus, sim_ns, seed, "eevdf"))
+            eevdf_runs.append(run_kvmwake("core", args.vcpus, sim_ns, seed, "eevdf",
+                                          threads=args.threads))
 
     ref_runs = [run_kvmwake("reference", args.vcpus, ref_ns, seed) for seed in range(args.ref_runs)]
     simpy_runs = []
@@ -308,16 +325,21 @@ def main(argv=None) -> int:
     core_hps = hps(core_runs)
     core0_wall = wall_med(core_seed0)
     pops0 = cnt["pushes"] - cnt["heap_len"]
-    say("| engine | simulated ms | runs | wall s per run, median (min-max) | halts per run, "
-        "median | halts / wall s, median | events / wall s | core's halts/s over this |")
-    say("|---|---:|---:|---:|---:|---:|---:|---:|")
+    say("| engine | threads | islands | simulated ms | runs | wall s per run, median (min-max) "
+        "| halts per run, median | halts / wall s, median | events / wall s "
+        "| core's halts/s over this |")
+    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
     def row(name, runs, sim):
+        threads = runs[0].get("threads", 1)
+        isl = runs[0].get("islands")
+        isl = "—" if isl is None else (f"{isl:,}" if isl else "one queue")
         walls = [r["wall"] for r in runs]
         ev = (f"{statistics.median(r['events'] / r['wall'] for r in runs):,.0f}"
               if runs[0]["events"] is not None else "—")
         h = hps(runs)
-        say(f"| {name} | {sim / MS:g} | {len(runs)} | {statistics.median(walls):.4f} "
+        say(f"| {name} | {threads} | {isl} | {sim / MS:g} | {len(runs)} | "
+            f"{statistics.median(walls):.4f} "
             f"({min(walls):.4f}-{max(walls):.4f}) | "
             f"{statistics.median(r['halts'] for r in runs):,.0f} | {h:,.0f} | {ev} | "
             f"{core_hps / h:,.1f}x |")
@@ -328,7 +350,8 @@ def main(argv=None) -> int:
     row(f"SimPy {simpy_version} ({args.seeds} seeds)", simpy_runs, sim_ns)
     for name, walls, pops in floor_rows:
         w = statistics.median(walls)
-        say(f"| {name} | — | {len(walls)} | {w:.4f} ({min(walls):.4f}-{max(walls):.4f}) | — | — | "
+        say(f"| {name} | 1 | — | — | {len(walls)} | {w:.4f} ({min(walls):.4f}-{max(walls):.4f}) "
+            f"| — | — | "
             f"{pops / w:,.0f} | — |")
     say("")
 

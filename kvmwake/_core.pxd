@@ -324,4 +324,10 @@ ctypedef struct engine_t:
     uint32_t* held
     uint32_t nheld
     uint32_t _pad_held
+    # Islands (core/islands.pxi): in an island's engine_t, each CPU's island and
+    # this one's number (the newly-idle balance pass looks at its own CPUs only);
+    # NULL in the host's.
+    uint32_t* cpu_isl
+    uint32_t isl_id
+    uint32_t _pad_isl
     evq_t q                   # the event queue (core/queue.pxi)

@@ -34,6 +34,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.string cimport memset, memcpy
 from libc.stdlib cimport malloc, realloc, free
 
+import concurrent.futures as _futures
+
 import numpy as np
 cimport numpy as cnp
 
@@ -543,6 +545,10 @@ cdef class Engine:
     cdef bint _failed
     cdef object _import_events  # an imported state's events, until they are queued
     cdef dict _spare          # array name -> (buffer with room to grow, the view in use)
+    cdef engine_t** isl       # the islands while run_islands runs them (core/islands.pxi)
+    cdef void* isl_mem        # their engine_t blocks, each on cache lines of its own
+    cdef uint32_t nisl
+    cdef object _isl_bufs     # their own arrays (held threads, exits, latency histogram)
 
     def __cinit__(self):
         memset(&self.e, 0, sizeof(engine_t))
@@ -619,6 +625,11 @@ cdef class Engine:
             self.e.cpus[i].rq_tail = -1
 
     def __dealloc__(self):
+        cdef uint32_t k
+        for k in range(self.nisl):
+            q_free(&self.isl[k].q)
+        free(self.isl)
+        free(self.isl_mem)
         q_free(&self.e.q)
         free(self.e.trace)
         free(self.e.tl)
@@ -950,6 +961,69 @@ cdef class Engine:
             self._debug_check()
         self._check(rc)
         return self.e.exitq[self.e.exq_head] if self.e.exq_len else -1
+
+    def run_islands(self, uint64_t until_ns, int threads=1):
+        """Like ``run``, as islands (core/islands.pxi) on up to ``threads`` threads at
+        once; returns the number of islands.  0: this host cannot run as islands
+        now (``islands_blocked`` says why) and nothing ran."""
+        cdef uint32_t n, k
+        cdef list rcs
+        self._guard()
+        if until_ns < self.e.now:
+            raise ValueError(f"until_ns = {until_ns} is before the current time {self.e.now}")
+        if isl_blocked(self) is not None:
+            return 0
+        th_isl, cpu_isl, vm_isl = isl_plan(self)
+        n = 1 + max(int(vm_isl.max()) if len(vm_isl) else 0,
+                    int(cpu_isl[cpu_isl != KW_NO_ISLAND].max()) if (cpu_isl != KW_NO_ISLAND).any() else 0)
+        if n < 2:
+            return 0
+        # The biggest islands first, so that threads finish together.
+        sizes = np.bincount(th_isl, minlength=n)
+        order = sorted(range(n), key=lambda i: (-int(sizes[i]), i))
+        rcs = [0] * n
+        exited = False
+        isl_split(self, n, th_isl, cpu_isl, vm_isl)
+        try:
+            if threads <= 1:
+                for k in order:
+                    rcs[k] = self._run_island(k, until_ns)
+            else:
+                with _futures.ThreadPoolExecutor(min(threads, n)) as pool:
+                    for k, rc in zip(order, pool.map(lambda i: self._run_island(i, until_ns), order)):
+                        rcs[k] = rc
+        finally:
+            for k in range(n):
+                exited = exited or (self.isl[k].exq_len and not self.isl[k].error)
+            isl_join(self, until_ns)
+        self._check(-1 if min(rcs) < 0 else 0)
+        if exited:
+            self._failed = True
+            raise EngineError("an island's vCPU exited to userspace although none could "
+                              "(core/islands.pxi may_exit)")
+        if KW_DEBUG:
+            self._debug_check()
+        return n
+
+    def _run_island(self, uint32_t k, uint64_t until_ns):
+        """Island k (while run_islands runs them) up to until_ns or its first exit."""
+        cdef int rc
+        cdef engine_t* ie = self.isl[k]
+        while True:
+            with nogil:
+                rc = run_loop(ie, until_ns, 1)
+            if rc != KW_CHECKPOINT:
+                return rc
+            q_check(ie)
+
+    def island_plan(self):
+        """Each thread's, host CPU's and VM's island (core/islands.pxi island_plan)."""
+        return isl_plan(self)
+
+    def islands_blocked(self, starting=()):
+        """Why the host cannot run as islands now, or None (core/islands.pxi);
+        ``starting``: vCPU threads the run would start first."""
+        return isl_blocked(self, starting)
 
     def pending_exits(self):
         cdef uint32_t k
@@ -1518,4 +1592,5 @@ cdef class Engine:
 
 
 include "core/snapshot.pxi"
+include "core/islands.pxi"
 include "core/bench.pxi"

@@ -17,6 +17,7 @@ import bisect
 import copy
 import errno
 import numbers
+import os
 
 from . import costs as _costs
 from . import haltpoll
@@ -29,6 +30,10 @@ from .model import (ARCHES, DEFAULT_NR_SPIS, DEFAULT_SCHEDULER, HOST_STAT_NAMES,
 ENGINES = ("core", "reference")
 #: Largest host the engines accept.
 MAX_HOST_CPUS = 1 << 20
+#: Most OS threads a host's run may use.
+MAX_THREADS = 4096
+#: A host CPU that no thread may use is in no island (``Host.islands``).
+NO_ISLAND = 0xFFFF_FFFF
 #: Most threads one host holds (vCPU threads over all its VMs, and host threads).
 MAX_HOST_THREADS = 1 << 24
 MAX_COST_NS = _costs.MAX_COST_NS
@@ -118,6 +123,21 @@ def check_affinity(cpus, host_cpus: int):
     return tuple(sorted(set(out)))
 
 
+def check_threads(threads) -> int:
+    """``threads`` for ``Host``: None (the CPUs this process may run on) or 1 to 4096."""
+    if threads is None:
+        return default_threads()
+    return check_int("threads", threads, 1, MAX_THREADS)
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (its affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def check_arch(arch) -> str:
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCHES)})")
@@ -164,6 +184,16 @@ class Host:
         LLC domain, docs/design.md "Placement").  None: one LLC holding every
         CPU; k: groups of k consecutive CPUs; or the groups, a partition of the
         CPUs.  ``host.llc_groups`` gives them as a tuple of tuples.
+    threads : int, optional
+        How many OS threads ``run`` may use (default: the CPUs this process may
+        run on).  A host whose VMs share no host CPU runs as independent
+        islands (``islands()``), one after another or on these threads at once,
+        when nothing in the run can stop it for the VMM (no vCPU can exit to
+        userspace) and the trace ring and timeline are off; the results are the
+        same whatever the thread count.  Not part of a snapshot.
+    split_islands : bool
+        True (default): run islands as such when they can; False: always on the
+        host's one queue (the same results, slower; for comparisons).
     """
 
     #: The class of the VMs ``create_vm`` and ``restore`` make: ``kvmwake.vm.VM``,
@@ -173,8 +203,15 @@ class Host:
     def __init__(self, host_cpus: int = 1, arch: str = "arm64", seed: int = 0,
                  costs: dict | None = None, engine: str = "core",
                  trace_capacity: int = 1 << 20, timeline_capacity: int = 0,
-                 scheduler: str = DEFAULT_SCHEDULER, llc=None):
+                 scheduler: str = DEFAULT_SCHEDULER, llc=None, threads: int | None = None,
+                 split_islands: bool = True):
         host_cpus = check_int("host_cpus", host_cpus, 1, MAX_HOST_CPUS)
+        self.sim_threads = check_threads(threads)
+        if not isinstance(split_islands, bool):
+            raise TypeError(f"split_islands must be True or False, not {split_islands!r}")
+        #: False: ``run`` keeps the host on its one queue even when it is islands
+        #: (the same results; for comparisons).
+        self.split_islands = split_islands
         scheduler = check_scheduler(scheduler)
         llc_groups = check_llc(llc, host_cpus)
         arch = check_arch(arch)
@@ -200,6 +237,8 @@ class Host:
         #: Host threads that are not vCPUs (``add_thread``, ``add_load``), in order.
         self.threads: list = []
         self._nthreads = 0
+        #: How many islands the last ``run`` ran as (0: on the host's one queue).
+        self.islands_used = 0
         # The VMM policy call in progress (vm, vcpu id), or None: run() from inside
         # a policy is refused (see _no_policy_reentry).
         self._in_policy = None
@@ -399,9 +438,47 @@ class Host:
             vm._start_loaded()
         eng = self._engine
         self._dispatch_held()
+        self.islands_used = self._run_islands(until_ns)
+        if self.islands_used:
+            return
         while eng.run_until_exit(until_ns) >= 0:
             self._collect_exits()
             self._dispatch_held()
+
+    def _run_islands(self, until_ns: int) -> int:
+        """The run as islands, if the host can run as islands now: their count, else 0."""
+        if not self.split_islands:
+            return 0
+        return self._engine.run_islands(until_ns, self.sim_threads)
+
+    def islands(self) -> list:
+        """The host's independent islands: a list of dicts, each with the ``vms``
+        (indices), the host ``cpus`` and the host ``threads`` (``add_thread``
+        order) of one island, in the order of their lowest CPU.  VMs in
+        different islands share no host CPU and no host thread injects into
+        two of them, so they run as separate simulations (see ``threads``)."""
+        th, cpu, vm = self._engine.island_plan()
+        n = 1 + max([int(x) for x in vm] + [int(x) for x in cpu if x != NO_ISLAND] + [-1])
+        out = [{"vms": [], "cpus": [], "threads": []} for _ in range(n)]
+        for i, k in enumerate(vm):
+            out[k]["vms"].append(i)
+        for c, k in enumerate(cpu):
+            if k != NO_ISLAND:
+                out[k]["cpus"].append(c)
+        for i, t in enumerate(self.threads):
+            out[th[t.g]]["threads"].append(i)
+        return out
+
+    def islands_blocked(self) -> str | None:
+        """Why ``run`` would not run the host as islands now (a trace ring or
+        timeline, a vCPU that may exit to userspace, ...), or None.  The vCPUs
+        with a program that ``run`` would start count as started."""
+        if self.engine_name == "reference":
+            return "the reference engine runs every host on its one queue"
+        if len(self.islands()) < 2:
+            return "the host is one island"
+        starting = [v._g for vm in self.vms for v in vm.vcpus if v._loaded and not v._started]
+        return self._engine.islands_blocked(starting)
 
     def _no_policy_reentry(self, what: str) -> None:
         """KVM_RUN from inside a VMM policy would run the engine under the policy's
@@ -470,14 +547,14 @@ class Host:
 
     @classmethod
     def restore(cls, src, vmm_classes: dict | None = None, host_cpus: int | None = None,
-                **module_params) -> "Host":
+                threads: int | None = None, **module_params) -> "Host":
         """A host from a snapshot (bytes or a path); it continues bit for bit.
 
         ``module_params`` (e.g. ``halt_poll_ns=...``) set the destination's kvm
         module parameters; ``vmm_classes`` maps "module:QualName" to the class of
-        a user-written VMM policy.
+        a user-written VMM policy; ``threads`` is as for ``Host``.
         """
-        host, _ = restore_host(src, vmm_classes, host_cpus, **module_params)
+        host, _ = restore_host(src, vmm_classes, host_cpus, threads=threads, **module_params)
         return host
 
     def __reduce__(self):
@@ -615,7 +692,7 @@ def host_to_bytes(host: Host, vm_index: int | None = None, run: dict | None = No
 
 
 def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = None,
-                 **module_params) -> tuple[Host, dict]:
+                 threads: int | None = None, **module_params) -> tuple[Host, dict]:
     """Rebuild a ``Host`` and its VMs from a snapshot (bytes or a path); returns the
     host and the snapshot's header (``header["vm_index"]``, ``header["run"]``).
 
@@ -630,7 +707,8 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
     try:
         host = Host(host_cpus=hc["host_cpus"], arch=hc["arch"], seed=hc["seed"],
                     costs=hc["costs"], engine="core", trace_capacity=snap.scalars["tcap"],
-                    scheduler=hc.get("scheduler", "fifo"), llc=hc.get("llc"))
+                    scheduler=hc.get("scheduler", "fifo"), llc=hc.get("llc"),
+                    threads=threads)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise SnapshotError(f"snapshot host configuration is invalid: {exc}") from None
     _snapshot.check_host_cpus(snap, host.host_cpus)

@@ -47,6 +47,16 @@ ALIASES = {
 
 #: (piece, core name): why the reference has no twin of it.
 CORE_ONLY = {
+    ("islands", "isl_key_cmp"):
+        "qsort's comparison for isl_join; the reference runs no islands",
+    ("islands", "isl_gather"):
+        "copies the C buckets' events out unsorted; the reference runs no islands",
+    ("islands", "event_island"):
+        "hands the host's events to the islands (isl_split); the reference runs no islands",
+    ("islands", "isl_split"):
+        "makes the islands' engines; the reference runs every host on its one queue",
+    ("islands", "isl_join"):
+        "joins the islands' engines back; the reference runs every host on its one queue",
     ("queue", "ev_cmp"):
         "qsort's comparison for q_collect; the reference sorts its event tuples",
     ("queue", "q_init"):

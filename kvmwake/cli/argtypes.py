@@ -29,6 +29,14 @@ def nonneg_int(text: str) -> int:
     return v
 
 
+def threads(text: str) -> int:
+    """A thread count: 1 to 4096 (kvmwake.host.MAX_THREADS)."""
+    v = _int(text)
+    if not 1 <= v <= 4096:
+        raise argparse.ArgumentTypeError(f"{v} threads: give 1 to 4096")
+    return v
+
+
 def u32(text: str) -> int:
     v = _int(text)
     if not 0 <= v <= U32_MAX:

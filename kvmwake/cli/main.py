@@ -50,6 +50,7 @@ from .argtypes import nonempty_path as _path
 from .argtypes import nonneg_int as _nonneg_int
 from .argtypes import positive_float as _positive_float
 from .argtypes import positive_int as _positive_int
+from .argtypes import threads as _threads
 
 
 DEFAULT_OUT_DIR = "kvmwake-out"
@@ -167,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the vCPU threads may run: pinned (thread g on host CPU "
                         "g %% host CPUs) or all host CPUs, placed at each wake-up (default: "
                         "the scenario's [vm] affinity, else pinned)")
+    r.add_argument("--threads", type=_threads, default=None,
+                   help="OS threads for a host of independent islands (VMs that share no "
+                        "host CPU), which run as separate simulations when no vCPU can exit "
+                        "to userspace and no trace or timeline is kept (--no-out or --json "
+                        "alone); the results do not depend on it (default: the CPUs this "
+                        "process may use)")
     r.add_argument("--json", metavar="PATH", type=_path,
                    help="write the summary as JSON ('-' for stdout)")
     r.add_argument("--trace", metavar="PATH", type=_path,
@@ -300,7 +307,8 @@ def run_scenario(args, sc=None) -> dict:
     if args.restore:
         classes = {_vmm.policy_spec(policy): policy} if policy is not None else None
         with _prog.phase(on, f"restoring {args.restore}"):
-            host, header = _host.restore_host(args.restore, vmm_classes=classes)
+            host, header = _host.restore_host(args.restore, vmm_classes=classes,
+                                              threads=args.threads)
         run = header.get("run") or {}
         name = run.get("scenario", "?")
         if sim_ns is None:
@@ -328,7 +336,8 @@ def run_scenario(args, sc=None) -> dict:
                                                 seed=args.seed, engine=args.engine,
                                                 trace_capacity=trace_cap,
                                                 scheduler=args.scheduler,
-                                                affinity=args.affinity)
+                                                affinity=args.affinity,
+                                                threads=args.threads)
         name = sc.name
         path = sc.path
         args.seed = host.seed

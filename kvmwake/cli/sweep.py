@@ -31,7 +31,9 @@ latency p50/p99, the polling CPU share and the halts: printed as a table,
 written to ``DIR/summary.json`` and drawn as error bars in ``tradeoff.png``.
 
 Points run in local processes (``--workers``) or on a Dask distributed
-cluster (``--scheduler ADDRESS``).  Each finished point is written at once:
+cluster (``--scheduler ADDRESS``).  Locally, the CPUs the workers leave go
+to each point's host as its threads (a host of islands runs them at once;
+the results are the same).  Each finished point is written at once:
 ``DIR/points/<id>.json`` and a row appended to ``DIR/results.csv``; at the
 end ``results.csv`` is rewritten in the sweep's canonical order (so equal
 sweeps give equal files), ``DIR/results.parquet`` is written when pyarrow
@@ -210,7 +212,8 @@ def build_point(spec: dict):
         sim_ns = int(round(params["sim_ms"] * 1_000_000))
     host, sim_ns, sc = scenarios.build(sc, vcpus=params.get("vcpus"),
                                        host_cpus=params.get("host_cpus"), sim_ns=sim_ns,
-                                       seed=spec["seed"], engine=spec.get("engine", "core"))
+                                       seed=spec["seed"], engine=spec.get("engine", "core"),
+                                       threads=spec.get("threads", 1))
     return host, sim_ns, sc
 
 
@@ -422,7 +425,12 @@ def run_sweep(scenario: str, params: dict, seeds: int, out_dir: str, *, workers:
                 if own_client is not None:
                     own_client.close()
         else:
-            _local_run(todo, fn, max(1, workers or os.cpu_count() or 1), on_done, on_fail, log)
+            nworkers = max(1, workers or os.cpu_count() or 1)
+            # The CPUs left over by the worker processes go to each point's host, for
+            # a host of islands (Host(threads=...)); results do not depend on it.
+            per_point = max(1, (os.cpu_count() or 1) // min(nworkers, len(todo)))
+            todo = [{**p, "threads": per_point} for p in todo]
+            _local_run(todo, fn, nworkers, on_done, on_fail, log)
     rows = store.finish(points)
     failed_path = os.path.join(out_dir, "failed.json")
     if failed:

@@ -735,7 +735,7 @@ cdef int32_t select_idle_cpu(engine_t* e, uint32_t g, uint32_t target) noexcept 
     cdef uint32_t i, x
     for i in range(1, e.ncpu + 1):
         x = (target + i) % e.ncpu
-        if e.llc[x] == e.llc[target] and available_idle_cpu(e, x) and cpu_allowed(e, g, x):
+        if e.llc[x] == e.llc[target] and cpu_allowed(e, g, x) and available_idle_cpu(e, x):
             return <int32_t>x
     return -1
 
@@ -792,9 +792,9 @@ cdef uint32_t select_task_rq(engine_t* e, uint32_t g, int32_t waker_cpu) noexcep
         cpu = select_idle_sibling(e, g, prev, cpu)
     else:
         cpu = prev
-        if not (available_idle_cpu(e, prev) and cpu_allowed(e, g, prev)):
+        if not (cpu_allowed(e, g, prev) and available_idle_cpu(e, prev)):
             for c in range(e.ncpu):
-                if available_idle_cpu(e, c) and cpu_allowed(e, g, c):
+                if cpu_allowed(e, g, c) and available_idle_cpu(e, c):
                     cpu = c
                     break
     if not cpu_allowed(e, g, cpu):
@@ -922,6 +922,8 @@ cdef int sched_balance_newidle(engine_t* e, uint32_t c, uint64_t t) noexcept nog
             for x in range(e.ncpu):
                 if x == c or (e.llc[x] == e.llc[c]) != (level == 0):
                     continue
+                if e.cpu_isl != NULL and e.cpu_isl[x] != e.isl_id:
+                    continue        # another island's: none of its threads may come here
                 n = nr_queued(&e.cpus[x])
                 if n > lastn or (n == lastn and <int32_t>x <= last):
                     continue

@@ -41,6 +41,8 @@ def summarize(host, *, scenario: str, scenario_file, engine: str, seed: int, sim
         "exits": sum(vm.exits for vm in host.vms),
         "nr_migrations": sum(host.thread_info(g)["nr_migrations"]
                              for g in range(int(allrows.shape[0]))),
+        "threads": host.sim_threads,
+        "islands": host.islands_used,
     }
     if interrupted:
         summary["interrupted"] = True
@@ -91,7 +93,11 @@ def print_summary(s: dict, out=None) -> None:
     st = s["stats"]
     w = out.write
     w(f"kvmwake run {s['scenario']}: {s['vcpus']} {s['arch']} vCPUs in {s['vms']} VM(s) on "
-      f"{s['host_cpus']} host CPUs, seed {s['seed']}, engine {s['engine']}\n\n")
+      f"{s['host_cpus']} host CPUs, seed {s['seed']}, engine {s['engine']}\n")
+    if s.get("islands"):
+        w(f"run as {s['islands']:,} independent islands on {min(s['threads'], s['islands'])} "
+          f"thread(s)\n")
+    w("\n")
     w("halt stats (sum over vCPUs)\n")
     for name in STAT_COUNTERS + (("wfi_exit_stat",) if s["arch"] == "arm64" else ("halt_exits",)):
         w(f"  {name:<24} {st[name]:>16,}\n")

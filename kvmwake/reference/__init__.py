@@ -20,6 +20,7 @@ same functions (``tests/test_layout.py`` keeps the pairs whole):
 * ``timer.py``     the arm64 virtual timer                     (``core/timer.pxi``)
 * ``kick.py``      wake-ups, kicks, requests, ticks, sources   (``core/kick.pxi``)
 * ``hostthread.py`` host threads that are not vCPUs            (``core/hostthread.pxi``)
+* ``islands.py``   a host's independent islands                (``core/islands.pxi``)
 * ``snapshot.py``  state out and in, consistency checks        (``core/snapshot.pxi``)
 * ``bench.py``     micro-benchmark hooks                       (``core/bench.pxi``)
 

@@ -24,7 +24,8 @@ from ..model import (
 )
 from ..costs import COST_TABLE_N, DRAWN_COSTS
 from ..uapi import DEFAULT_VCPU_FEATURES, KVM_ARM_PSCI_LATEST, PSR_MODE_EL1h, MpState
-from . import EngineError, gic, guest, halt, host, hostthread, kick, psci, queue, rng, run, timer
+from . import (EngineError, gic, guest, halt, host, hostthread, islands, kick, psci, queue, rng,
+               run, timer)
 from .rng import SOURCE_STREAM_BASE, _Stream, cost_rng_seed, rng_seed
 
 
@@ -51,7 +52,7 @@ def _link_pieces(*pieces):
                 setattr(mod, name, defined[name])
 
 
-_link_pieces(rng, queue, host, guest, halt, run, psci, gic, timer, kick, hostthread)
+_link_pieces(rng, queue, host, guest, halt, run, psci, gic, timer, kick, hostthread, islands)
 
 _USER, _RUNNABLE = ThreadState.USER, ThreadState.RUNNABLE
 _EV_TICK, _EV_SOURCE, _EV_TIMER, _EV_SEG, _EV_POLL, _EV_SLICE = (
@@ -530,6 +531,20 @@ class Engine:
         return {"reason": th.exit_reason, "type": th.exit_type, "ndata": th.exit_ndata,
                 "data0": th.exit_data0, "ucall": th.exit_ucall, "value": th.exit_value,
                 "time": th.exit_time}
+
+    def run_islands(self, until_ns: int, threads: int = 1) -> int:
+        """0: the reference runs every host on its one queue (``run_until_exit``);
+        the core's islands are held against it."""
+        return 0
+
+    def island_plan(self) -> tuple:
+        """Each thread's, host CPU's and VM's island (reference/islands.py)."""
+        return islands.isl_plan(self)
+
+    def islands_blocked(self, starting=()):
+        """Why the host cannot run as islands now, or None (reference/islands.py);
+        ``starting``: vCPU threads the run would start first."""
+        return islands.isl_blocked(self, starting)
 
     def pending_exits(self) -> list:
         return list(self.exits)

@@ -16,14 +16,15 @@ from .parse import Scenario, host_program
 def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = None,
           sim_ns: int | None = None, seed: int | None = None, engine: str = "core",
           trace_capacity: int = 0, scheduler: str | None = None,
-          affinity=None) -> tuple[Host, int, Scenario]:
+          affinity=None, threads: int | None = None) -> tuple[Host, int, Scenario]:
     """Build a built-in scenario (by name) or a scenario file (by path, or a ``Scenario``).
 
     ``vcpus`` overrides the total vCPU count (still split into VMs of at most
     the file's ``per_vm``), ``host_cpus`` the host's CPUs, ``sim_ns`` the run
     length, ``seed`` the file's seed, ``scheduler`` the file's host scheduler
     (``[host] scheduler``), ``affinity`` the file's ``[vm] affinity`` ("pinned",
-    "all" or a list of host CPUs).  Returns ``(host, sim_ns, scenario)``.
+    "all" or a list of host CPUs), ``threads`` the host's ``threads`` (the OS
+    threads its islands may run on).  Returns ``(host, sim_ns, scenario)``.
     """
     sc = name_or_path if isinstance(name_or_path, Scenario) else get(name_or_path)
     total = sc.vcpus if vcpus is None else check_int("vcpus", vcpus, 1, 1 << 24)
@@ -33,7 +34,7 @@ def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = Non
     seed = sc.seed if seed is None else seed
     host = Host(host_cpus=host_cpus, arch=sc.arch, seed=seed, costs=sc.costs,
                 engine=engine, trace_capacity=trace_capacity,
-                scheduler=sc.scheduler if scheduler is None else scheduler)
+                scheduler=sc.scheduler if scheduler is None else scheduler, threads=threads)
     for pname, value in sc.module_params.items():
         setattr(host, pname, value)
     per_vm = min(sc.vcpus_per_vm, total)
