@@ -266,6 +266,8 @@ ctypedef struct engine_t:
     uint64_t thead            # next slot to write
     uint64_t tcount
     uint64_t tdropped
+    uint32_t tr_lo            # only threads tr_lo <= g < tr_hi are traced (set_trace_threads)
+    uint32_t tr_hi
     uint64_t now
     uint64_t seq
     uint64_t events

@@ -547,12 +547,14 @@ cdef class Engine:
     cdef dict _spare          # array name -> (buffer with room to grow, the view in use)
     cdef engine_t** isl       # the islands while run_islands runs them (core/islands.pxi)
     cdef void* isl_mem        # their engine_t blocks, each on cache lines of its own
+    cdef int64_t isl_trace    # the island that keeps the trace ring (-1: none)
     cdef uint32_t nisl
     cdef object _isl_bufs     # their own arrays (held threads, exits, latency histogram)
 
     def __cinit__(self):
         memset(&self.e, 0, sizeof(engine_t))
         q_init(&self.e.q, 0)
+        self.e.tr_hi = 0xFFFFFFFF
 
     def __init__(self, str arch, uint32_t host_cpus, seed, costs=None,
                  uint64_t trace_capacity=1 << 20, uint64_t timeline_capacity=0,
@@ -1217,6 +1219,16 @@ cdef class Engine:
     @property
     def trace_dropped(self):
         return self.e.tdropped
+
+    def set_trace_threads(self, uint32_t lo, uint32_t hi):
+        """Trace only threads lo <= g < hi from now on (0, 2**32 - 1: every thread)."""
+        self.e.tr_lo = lo
+        self.e.tr_hi = hi
+
+    @property
+    def trace_threads(self):
+        """(lo, hi): the threads the trace ring records."""
+        return (self.e.tr_lo, self.e.tr_hi)
 
     @property
     def failed(self):

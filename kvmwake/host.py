@@ -237,6 +237,8 @@ class Host:
         #: Host threads that are not vCPUs (``add_thread``, ``add_load``), in order.
         self.threads: list = []
         self._nthreads = 0
+        #: The VM whose vCPU threads alone the trace ring records (``trace_vm``), or None.
+        self.traced_vm = None
         #: How many islands the last ``run`` ran as (0: on the host's one queue).
         self.islands_used = 0
         # The VMM policy call in progress (vm, vcpu id), or None: run() from inside
@@ -418,6 +420,22 @@ class Host:
             if vm is ref:
                 return vm.index
         raise ValueError(f"{where}: the VM it names is not one of this host's")
+
+    def trace_vm(self, vm) -> None:
+        """Record only ``vm``'s vCPU threads in the trace ring from now on (a ``VM`` of
+        this host or its index); None: every thread again.  A host of islands whose
+        trace ring records one VM can still run as islands (see ``threads``).  Kept
+        in snapshots."""
+        if vm is None or (isinstance(vm, bool)):
+            if vm is not None:
+                raise TypeError("trace_vm: a VM, its index or None, not a bool")
+            self._engine.set_trace_threads(0, 0xFFFF_FFFF)
+            self.traced_vm = None
+            return
+        i = self._vm_index_of(vm, "trace_vm")
+        first = self.vms[i]._first
+        self._engine.set_trace_threads(first, first + self.vms[i].nr_vcpus)
+        self.traced_vm = i
 
     # -- running ------------------------------------------------------------------------
 
@@ -684,6 +702,8 @@ def host_to_bytes(host: Host, vm_index: int | None = None, run: dict | None = No
         desc["scheduler"] = host.scheduler      # absent: fifo (older snapshots)
     if host._llc is not None:
         desc["llc"] = host._llc                 # absent: one LLC
+    if host.traced_vm is not None:
+        desc["trace_vm"] = host.traced_vm       # absent: every thread traced
     if host.threads:                            # absent: none
         desc["threads"] = [{"g": t.g, "name": t.name, "affinity": list(t.affinity)}
                            for t in host.threads]
@@ -725,6 +745,11 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
                 v._loaded, v._started = flags[v._g]
         for vm, rec in zip(host.vms, snap.vms):
             vm._restore_policy(rec["vmm"], vmm_classes or {})
+    if "trace_vm" in hc:
+        try:
+            host.trace_vm(hc["trace_vm"])
+        except (TypeError, ValueError) as exc:
+            raise SnapshotError(f"snapshot host configuration is invalid: {exc}") from None
     for name in module_params:
         if name not in MODULE_PARAMS:
             raise TypeError(f"restore() got an unknown module parameter {name!r}")

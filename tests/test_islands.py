@@ -379,3 +379,77 @@ def test_a_sweep_point_gives_the_same_row_on_its_threads():
     [spec] = sweep.make_points("ipi-storm", {"vcpus": [2048], "sim_ms": [1.0]}, 1)
     rows = [sweep.run_point({**spec, "threads": t}) for t in (1, 2)]
     assert rows[0] == rows[1] and rows[0]["halts"] > 0
+
+
+# ------------------------------------------------------------------ a trace of one VM
+
+
+def test_a_trace_of_one_vm_lets_the_islands_run_and_is_the_one_queue_trace():
+    spec = pinned_spec(nvm=3, per_vm=3, sched="eevdf")
+    hosts = {}
+    for name, engine, split in (("islands", "core", True), ("one queue", "core", False),
+                                ("reference", "reference", True)):
+        host = make_host(spec, engine, threads=2, trace_capacity=1 << 16)
+        host.split_islands = split
+        if engine == "core":
+            assert "more than one island" in host.islands_blocked()
+        host.trace_vm(host.vms[1])
+        host.run(10 * MS)
+        hosts[name] = host
+    assert hosts["islands"].islands_used == 3 and hosts["one queue"].islands_used == 0
+    recs = {k: h.vms[1].trace_records() for k, h in hosts.items()}
+    assert len(recs["islands"]) > 100
+    assert recs["islands"].tobytes() == recs["one queue"].tobytes()
+    assert recs["islands"].tolist() == recs["reference"].tolist()
+    for h in hosts.values():
+        assert len(h.vms[0].trace_records()) == 0 and len(h.vms[2].trace_records()) == 0
+    assert outcome(hosts["islands"]) == outcome(hosts["reference"])
+
+
+def test_a_trace_of_every_thread_keeps_a_host_of_islands_on_one_queue():
+    host = make_host(pinned_spec(nvm=2, per_vm=2), trace_capacity=16)
+    assert "more than one island" in host.islands_blocked()
+    host.trace_vm(None)
+    assert "more than one island" in host.islands_blocked()
+    host.trace_vm(0)
+    assert host.islands_blocked() is None and host.traced_vm == 0
+
+
+def test_the_traced_vm_is_kept_in_snapshots_and_the_trace_continues():
+    spec = pinned_spec(nvm=2, per_vm=3)
+    whole = make_host(spec, threads=2, trace_capacity=1 << 12)
+    whole.trace_vm(1)
+    whole.run(4 * MS)
+    whole.run(9 * MS)
+    half = make_host(spec, threads=2, trace_capacity=1 << 12)
+    half.trace_vm(1)
+    half.run(4 * MS)
+    back = Host.restore(half.snapshot(), threads=1)
+    assert back.traced_vm == 1
+    back.run(9 * MS)
+    assert back.snapshot() == whole.snapshot()
+    assert back.vms[1].trace_records().tobytes() == whole.vms[1].trace_records().tobytes()
+
+
+@pytest.mark.parametrize("bad, err", [(2, ValueError), (-1, ValueError), (True, TypeError)])
+def test_trace_vm_is_checked(bad, err):
+    host = make_host(pinned_spec(nvm=2, per_vm=1), trace_capacity=16)
+    with pytest.raises(err, match="trace_vm"):
+        host.trace_vm(bad)
+    assert host.traced_vm is None and host._engine.trace_threads == (0, 0xFFFF_FFFF)
+
+
+def test_cli_default_outputs_run_a_host_of_islands(tmp_path):
+    outs = {}
+    for flag in ([], ["--one-queue"]):
+        d = tmp_path / ("one" if flag else "isl")
+        r = subprocess.run([sys.executable, "-m", "kvmwake", "run", "ipi-storm", "--vcpus", "2048",
+                            "--sim-ms", "2", "-q", "--out", str(d)] + flag,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        import json
+        outs[bool(flag)] = (json.loads((d / "summary.json").read_text()),
+                            (d / "vm0.trace").read_text())
+    assert outs[False][0]["islands"] == 2 and outs[True][0]["islands"] == 0
+    assert outs[False][1] == outs[True][1] and outs[False][1].count("kvm_vcpu_wakeup") > 100
+    assert outs[False][0]["stats"] == outs[True][0]["stats"]

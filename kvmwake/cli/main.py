@@ -171,9 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=_threads, default=None,
                    help="OS threads for a host of independent islands (VMs that share no "
                         "host CPU), which run as separate simulations when no vCPU can exit "
-                        "to userspace and no trace or timeline is kept (--no-out or --json "
-                        "alone); the results do not depend on it (default: the CPUs this "
-                        "process may use)")
+                        "to userspace and no state timeline is kept (--perfetto, or --plot "
+                        "with --one-queue); the results do not depend on it (default: the "
+                        "CPUs this process may use)")
+    r.add_argument("--one-queue", action="store_true",
+                   help="run the host on its one event queue even when it is islands (the "
+                        "same results, slower); --plot then draws the host CPU-time split "
+                        "from the state timeline")
     r.add_argument("--json", metavar="PATH", type=_path,
                    help="write the summary as JSON ('-' for stdout)")
     r.add_argument("--trace", metavar="PATH", type=_path,
@@ -348,7 +352,12 @@ def run_scenario(args, sc=None) -> dict:
         start_events = start_halts = 0
     if sim_ns < host.now:
         raise UsageError(f"the run ends at {sim_ns} ns, before the snapshot's {host.now} ns")
-    if args.plot:
+    if trace_cap:
+        host.trace_vm(0)                  # the trace outputs are VM 0's
+    host.split_islands = not args.one_queue
+    if args.plot and (args.one_queue or host.islands_blocked() is not None):
+        # The timeline keeps one order over the host: a host of islands runs
+        # without it, and the plot splits its CPU time from the stats.
         _plots.enable_cpu_time(host)
     if args.perfetto and host.timeline_capacity == 0:
         host.enable_timeline(args.timeline_capacity)

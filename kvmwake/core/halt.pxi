@@ -118,7 +118,7 @@ cdef inline void trace_rec(engine_t* e, thread_t* th, uint32_t g, uint64_t t, ui
     cdef trace_rec_t* r
     cdef uint64_t ncap
     cdef trace_rec_t* buf
-    if e.tcap == 0:
+    if e.tcap == 0 or g < e.tr_lo or g >= e.tr_hi:
         return
     if e.thead == e.talloc and e.talloc < e.tcap:
         ncap = e.talloc * 2 if e.talloc else 4096

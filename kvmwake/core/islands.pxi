@@ -27,8 +27,9 @@
 # * no vCPU thread in KVM_RUN can exit to userspace before the run's end
 #   (may_exit): an exit stops the whole host at its instant for the VMM,
 #   which islands running ahead of each other could not give;
-# * the trace ring and the state timeline are off (each keeps one order of
-#   records over the whole host);
+# * the state timeline is off (it keeps one order of records over the whole
+#   host), and the trace ring is off or records the threads of one island
+#   only (set_trace_threads: Host.trace_vm), which then keeps it;
 # * no exit is waiting for the VMM.
 #
 # At the end the islands' live events go back on the host's queue with new
@@ -222,6 +223,19 @@ cdef tuple isl_plan(Engine self):
     return th_isl, cpu_isl, vm_isl
 
 
+cdef int64_t trace_island(engine_t* e, const uint32_t* th_isl) noexcept nogil:
+    """The island of the threads the trace ring records (set_trace_threads): -1 if
+    no thread is recorded, -2 if they are in more than one island."""
+    cdef uint32_t g, hi = e.tr_hi if e.tr_hi < e.nth else e.nth
+    cdef int64_t k = -1
+    for g in range(e.tr_lo, hi):
+        if k < 0:
+            k = th_isl[g]
+        elif th_isl[g] != k:
+            return -2
+    return k
+
+
 cdef object isl_blocked(Engine self, starting=()):
     """Why this host cannot run as islands now (``run_islands`` leaves it to run on its
     one queue), or None: the reasons of this file's header, in words.
@@ -230,7 +244,10 @@ cdef object isl_blocked(Engine self, starting=()):
     cdef thread_t* th
     cdef uint32_t g
     if e.tcap:
-        return "the trace ring is on (trace_capacity > 0)"
+        th_isl = isl_plan(self)[0]
+        if len(th_isl) and trace_island(e, <const uint32_t*>cnp.PyArray_DATA(th_isl)) == -2:
+            return ("the trace ring records threads of more than one island (trace_capacity > 0; "
+                    "Host.trace_vm records one VM's)")
     if e.tlcap:
         return "the state timeline is on"
     if e.exq_len:
@@ -300,6 +317,12 @@ cdef int isl_split(Engine self, uint32_t n, object th_isl_a, object cpu_isl_a,
         ie.waker = -1
         ie.cpu_isl = cpu_isl
         ie.isl_id = k
+    # The trace ring goes to the island of the threads it records; the others
+    # record nothing (isl_blocked: they are in one island).
+    self.isl_trace = trace_island(e, th_isl) if e.tcap and e.nth else -1
+    for k in range(n):
+        if <int64_t>k != self.isl_trace:
+            self.isl[k].tcap = 0
     for c in range(e.ncpu):
         if cpu_isl[c] != KW_NO_ISLAND:
             self.isl[cpu_isl[c]].nqueued += e.cpus[c].rq_len
@@ -397,6 +420,7 @@ cdef int isl_join(Engine self, uint64_t until) except -1:
         e.nqueued = 0
         for k in range(self.nisl):
             e.nqueued += self.isl[k].nqueued
+
         derive_held(e)
         if failed >= 0:
             ie = self.isl[failed]
@@ -405,6 +429,14 @@ cdef int isl_join(Engine self, uint64_t until) except -1:
             e.err_n = ie.err_n
             e.err_thread = ie.err_thread
     finally:
+        if self.isl_trace >= 0:             # the ring (realloc may have moved it)
+            ie = self.isl[self.isl_trace]
+            e.trace = ie.trace
+            e.talloc = ie.talloc
+            e.thead = ie.thead
+            e.tcount = ie.tcount
+            e.tdropped = ie.tdropped
+            self.isl_trace = -1
         free(evs)
         free(keys)
         for k in range(self.nisl):

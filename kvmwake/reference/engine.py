@@ -341,6 +341,7 @@ class Engine:
         self.trace = deque(maxlen=trace_capacity) if trace_capacity else None
         self.trace_dropped = 0
         self.tracing = bool(trace_capacity)
+        self.tr_lo, self.tr_hi = 0, 0xFFFF_FFFF       # the threads traced
         # The state timeline (kvmwake.outputs.timeline): a ring of (t, g, cpu, state),
         # each thread's state after the dropped records, and the window start.
         self.tl_cap = timeline_capacity
@@ -531,6 +532,15 @@ class Engine:
         return {"reason": th.exit_reason, "type": th.exit_type, "ndata": th.exit_ndata,
                 "data0": th.exit_data0, "ucall": th.exit_ucall, "value": th.exit_value,
                 "time": th.exit_time}
+
+    def set_trace_threads(self, lo: int, hi: int) -> None:
+        """Trace only threads lo <= g < hi from now on (0, 2**32 - 1: every thread)."""
+        self.tr_lo, self.tr_hi = lo, hi
+
+    @property
+    def trace_threads(self) -> tuple:
+        """(lo, hi): the threads the trace ring records."""
+        return (self.tr_lo, self.tr_hi)
 
     def run_islands(self, until_ns: int, threads: int = 1) -> int:
         """0: the reference runs every host on its one queue (``run_until_exit``);

@@ -125,7 +125,7 @@ def block(e, th, t, poll_end):
 
 def trace_rec(e, th, t, kind, flag, a, b):
     """A tracepoint record (kvm_vcpu_wakeup, kvm_halt_poll_ns) into the trace ring."""
-    if not e.tracing:
+    if not e.tracing or not e.tr_lo <= th.g < e.tr_hi:
         return
     if len(e.trace) == e.trace.maxlen:
         e.trace_dropped += 1

@@ -107,10 +107,20 @@ def isl_plan(e) -> tuple:
     return th_isl, cpu_isl, vm_isl
 
 
+def trace_island(e, th_isl) -> int:
+    """The island of the threads the trace ring records: -1 if none, -2 if they are
+    in more than one island (core: trace_island)."""
+    ks = {int(th_isl[g]) for g in range(e.tr_lo, min(e.tr_hi, len(e.threads)))}
+    return -1 if not ks else (ks.pop() if len(ks) == 1 else -2)
+
+
 def isl_blocked(e, starting=()):
     """Why the host cannot run as islands now, or None (core: isl_blocked)."""
     if e.tracing:
-        return "the trace ring is on (trace_capacity > 0)"
+        th_isl = isl_plan(e)[0]
+        if len(th_isl) and trace_island(e, th_isl) == -2:
+            return ("the trace ring records threads of more than one island (trace_capacity > 0; "
+                    "Host.trace_vm records one VM's)")
     if e.tl_cap:
         return "the state timeline is on"
     if e.exits:
