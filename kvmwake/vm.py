@@ -678,7 +678,7 @@ class VM:
         Each vCPU thread is a task ``CPU <id>/KVM`` with its own PID; the CPU
         column is its host CPU; timestamps are virtual time.
         """
-        return tracefmt.events_to_text(self.trace_events(), header=header)
+        return tracefmt.records_to_text(self.trace_records(), self._comms(), header=header)
 
     def __repr__(self):
         return f"VM(arch={self.arch!r}, nr_vcpus={self.nr_vcpus}, index={self.index})"

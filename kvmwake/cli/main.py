@@ -72,6 +72,11 @@ def _progress(total_ns: int, quiet: bool):
 
 #: Wall time aimed at per chunk: how long Ctrl-C may wait for the engine to return.
 CHUNK_WALL_S = 0.1
+#: The same for a host that runs as islands: each chunk runs every island in turn,
+#: and an island's state leaves the caches between chunks, so its chunks are
+#: longer (and at most 1/ISLAND_CHUNKS of the run).
+CHUNK_WALL_ISLANDS_S = 1.0
+ISLAND_CHUNKS = 4
 
 
 def run_chunked(host, until_ns: int, quiet: bool = True) -> None:
@@ -81,12 +86,15 @@ def run_chunked(host, until_ns: int, quiet: bool = True) -> None:
     The engine does not look at signals while it runs, so a Ctrl-C takes effect when
     the chunk ends: chunks are sized to take about ``CHUNK_WALL_S`` of wall time each
     (the first is 1/4096 of the run, then each is scaled by how long the last took),
-    and are at most 1/``RUN_CHUNKS`` of the run so the bar moves."""
+    and are at most 1/``RUN_CHUNKS`` of the run so the bar moves.  A host that runs
+    as islands takes ``CHUNK_WALL_ISLANDS_S`` and 1/``ISLAND_CHUNKS`` instead."""
     start = host.now
     span = until_ns - start
-    most = max(1, -(-span // RUN_CHUNKS)) if span > 0 else 1
+    islands = getattr(host, "split_islands", False) and host.islands_blocked() is None
+    chunks, wall = (ISLAND_CHUNKS, CHUNK_WALL_ISLANDS_S) if islands else (RUN_CHUNKS, CHUNK_WALL_S)
+    most = max(1, -(-span // chunks)) if span > 0 else 1
     least = max(1, span // (1 << 22))        # at most ~4 million chunks
-    step = max(least, min(most, span // (RUN_CHUNKS * 64)))
+    step = max(least, min(most, span // (chunks * 64)))
     bar = _progress(span, quiet)
     try:
         t = start
@@ -95,7 +103,7 @@ def run_chunked(host, until_ns: int, quiet: bool = True) -> None:
             w0 = time.perf_counter()
             host.run(t)
             dt = time.perf_counter() - w0
-            step = int(min(most, step * 4, max(step / 4, step * CHUNK_WALL_S / max(dt, 1e-6))))
+            step = int(min(most, step * 4, max(step / 4, step * wall / max(dt, 1e-6))))
             step = max(least, step)
             if bar is not None:
                 bar.update((t - start) / 1e6 - bar.n)

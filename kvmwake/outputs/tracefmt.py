@@ -296,6 +296,39 @@ def events_to_text(events: Iterable[TraceEvent], header: bool = True) -> str:
     return buf.getvalue()
 
 
+def records_to_text(records: np.ndarray, comms: Mapping[int, str], header: bool = True) -> str:
+    """``events_to_text(records_to_events(records, comms))`` without an event object
+    per record (the same text; a VM's whole trace ring can be a million records)."""
+    if records.dtype != TRACE_RECORD_DTYPE:
+        raise ValueError(f"records must have dtype TRACE_RECORD_DTYPE, not {records.dtype}")
+    bad = ~np.isin(records["kind"], (KIND_WAKEUP, KIND_HALT_POLL_NS))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"record {i}: kind {records['kind'][i]} is neither {KIND_WAKEUP} "
+                         f"({WAKEUP}) nor {KIND_HALT_POLL_NS} ({HALT_POLL_NS})")
+    out = []
+    if header:
+        ncpus = int(records["cpu"].max()) + 1 if len(records) else 1
+        out.append(_HEADER.format(n=len(records), ncpus=ncpus))
+    usecs = records["ts"] // 1000                         # ns2usecs(): truncated
+    columns = [records[name].tolist() for name in ("pid", "cpu", "kind", "flag", "valid",
+                                                    "vcpu_id", "a", "b")]
+    secs_l, usecs_l = (usecs // 1_000_000).tolist(), (usecs % 1_000_000).tolist()
+    tasks = {pid: f"{comms.get(pid, '<...>'):>16}-{pid:<7}" for pid in set(columns[0])}
+    wake = f"{WAKEUP}: "
+    poll = f"{HALT_POLL_NS}: "
+    for pid, cpu, kind, flag, valid, vcpu_id, a, b, secs, us in zip(*columns, secs_l, usecs_l):
+        head = f"{tasks[pid]} [{cpu:03d}] {DEFAULT_FLAGS} {secs:5d}.{us:06d}: "
+        if kind == KIND_WAKEUP:
+            ns = a - (1 << 64) if a >= 1 << 63 else a      # %lld of a u64
+            out.append(f"{head}{wake}{'wait' if flag else 'poll'} time {ns} ns, "
+                       f"polling {'valid' if valid else 'invalid'}\n")
+        else:
+            out.append(f"{head}{poll}vcpu {vcpu_id}: halt_poll_ns {a} "
+                       f"({'grow' if flag else 'shrink'} {b})\n")
+    return "".join(out)
+
+
 def records_to_events(records: np.ndarray, comms: Mapping[int, str]) -> list[TraceEvent]:
     """Turn the engine's ``TRACE_RECORD_DTYPE`` array into events.
 
