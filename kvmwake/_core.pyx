@@ -985,20 +985,36 @@ cdef class Engine:
         order = sorted(range(n), key=lambda i: (-int(sizes[i]), i))
         rcs = [0] * n
         exited = False
+        interrupted = None
         isl_split(self, n, th_isl, cpu_isl, vm_isl)
         try:
+            # A Ctrl-C (KeyboardInterrupt) waits until every island has reached
+            # until_ns, so that the host is whole; then it is raised.
             if threads <= 1:
                 for k in order:
-                    rcs[k] = self._run_island(k, until_ns)
+                    while True:
+                        try:
+                            rcs[k] = self._run_island(k, until_ns)
+                            break
+                        except KeyboardInterrupt as exc:
+                            interrupted = exc
             else:
                 with _futures.ThreadPoolExecutor(min(threads, n)) as pool:
-                    for k, rc in zip(order, pool.map(lambda i: self._run_island(i, until_ns), order)):
-                        rcs[k] = rc
+                    futs = [pool.submit(self._run_island, k, until_ns) for k in order]
+                    for k, fut in zip(order, futs):
+                        while True:
+                            try:
+                                rcs[k] = fut.result()
+                                break
+                            except KeyboardInterrupt as exc:
+                                interrupted = exc
         finally:
             for k in range(n):
                 exited = exited or (self.isl[k].exq_len and not self.isl[k].error)
             isl_join(self, until_ns)
         self._check(-1 if min(rcs) < 0 else 0)
+        if interrupted is not None:
+            raise interrupted
         if exited:
             self._failed = True
             raise EngineError("an island's vCPU exited to userspace although none could "
@@ -1011,6 +1027,8 @@ cdef class Engine:
         """Island k (while run_islands runs them) up to until_ns or its first exit."""
         cdef int rc
         cdef engine_t* ie = self.isl[k]
+        if ie.error:
+            return -1                     # (called again after a Ctrl-C: it failed)
         while True:
             with nogil:
                 rc = run_loop(ie, until_ns, 1)

@@ -453,3 +453,27 @@ def test_cli_default_outputs_run_a_host_of_islands(tmp_path):
     assert outs[False][0]["islands"] == 2 and outs[True][0]["islands"] == 0
     assert outs[False][1] == outs[True][1] and outs[False][1].count("kvm_vcpu_wakeup") > 100
     assert outs[False][0]["stats"] == outs[True][0]["stats"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ctrl_c_during_islands_leaves_the_host_whole(threads):
+    """SIGINT while the islands run: every island still reaches the run's end, then
+    KeyboardInterrupt is raised; the host is the uninterrupted one."""
+    import signal
+    import threading
+    spec = pinned_spec(nvm=16, per_vm=64)
+    until = 1000 * MS
+    host = make_host(spec, threads=threads)
+    assert host.islands_blocked() is None and len(host.islands()) == 16
+    timer = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident,
+                                                        signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            host.run(until)
+    finally:
+        timer.cancel()
+    assert host.now == until
+    quiet = make_host(spec, threads=threads)
+    quiet.run(until)
+    assert host.snapshot() == quiet.snapshot()
