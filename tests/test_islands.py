@@ -477,3 +477,21 @@ def test_ctrl_c_during_islands_leaves_the_host_whole(threads):
     quiet = make_host(spec, threads=threads)
     quiet.run(until)
     assert host.snapshot() == quiet.snapshot()
+
+
+@pytest.mark.parametrize("bad", [2, -1, "0", 1.0, True, [0], None])
+def test_restore_refuses_a_bad_traced_vm(bad):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_snapshot import reframe
+
+    host = make_host(pinned_spec(nvm=2, per_vm=1), trace_capacity=16)
+    host.trace_vm(1)
+
+    def edit(header):
+        header["host"]["trace_vm"] = bad
+    if bad is None:           # None: every thread traced, as when the key is absent
+        back = Host.restore(reframe(host.snapshot(), edit_header=edit))
+        assert back.traced_vm is None
+        return
+    with pytest.raises(kw.SnapshotError, match="host configuration is invalid"):
+        Host.restore(reframe(host.snapshot(), edit_header=edit))
