@@ -447,6 +447,11 @@ class Host:
         the vCPU or leaves it outside.  An exit whose policy raised stays
         pending and is offered again first.  From inside a policy:
         ``KvmError(EBUSY)``.
+
+        A host of several islands (``islands()``) that nothing can stop for the
+        VMM runs them as separate simulations on up to ``threads`` OS threads
+        (``islands_blocked()`` says why not; ``islands_used`` how many ran): the
+        same results.  A Ctrl-C then takes effect once every island is done.
         """
         self._no_policy_reentry("host.run()")
         until_ns = check_int("until_ns", until_ns, 0, MAX_TIME_NS)
@@ -456,6 +461,7 @@ class Host:
             vm._start_loaded()
         eng = self._engine
         self._dispatch_held()
+        self.islands_used = 0
         self.islands_used = self._run_islands(until_ns)
         if self.islands_used:
             return

@@ -5,8 +5,9 @@
 #
 # Islands: a host whose VMs share no host CPU runs as several independent
 # simulations.  An island is a connected group of host CPUs, VMs and threads:
-# a thread joins the CPUs it may run on (its affinity), a vCPU thread its VM,
-# a host thread the VMs its program injects into (HOP_MSI / HOP_IRQ).  Nothing
+# a thread joins the CPUs it may run on (its affinity) and the CPU it is on, a
+# vCPU thread its VM, a host thread the VMs its program injects into
+# (HOP_MSI / HOP_IRQ).  Nothing
 # one island does can reach another's state: wake-ups, IPIs, kicks and
 # injections stay inside a VM, placement only picks CPUs a thread may use,
 # and the newly-idle balance pass looks only at its own island's CPUs (the
@@ -21,8 +22,8 @@
 # island sees the same events in the same order as on the host's one queue,
 # so stats, states and halts are the same, whatever the thread count.
 #
-# When islands are used (run_islands), and when not, the host running on its
-# one queue as before:
+# run_islands uses islands when all of these hold (otherwise the host runs on
+# its one queue, as before):
 # * the host has at least two islands;
 # * no vCPU thread in KVM_RUN can exit to userspace before the run's end
 #   (may_exit): an exit stops the whole host at its instant for the VMM,
