@@ -973,12 +973,10 @@ cdef class Engine:
         self._guard()
         if until_ns < self.e.now:
             raise ValueError(f"until_ns = {until_ns} is before the current time {self.e.now}")
-        if isl_blocked(self) is not None:
-            return 0
         th_isl, cpu_isl, vm_isl = isl_plan(self)
         n = 1 + max(int(vm_isl.max()) if len(vm_isl) else 0,
                     int(cpu_isl[cpu_isl != KW_NO_ISLAND].max()) if (cpu_isl != KW_NO_ISLAND).any() else 0)
-        if n < 2:
+        if n < 2 or isl_blocked(self, (), th_isl) is not None:
             return 0
         # The biggest islands first, so that threads finish together.
         sizes = np.bincount(th_isl, minlength=n)

@@ -237,15 +237,17 @@ cdef int64_t trace_island(engine_t* e, const uint32_t* th_isl) noexcept nogil:
     return k
 
 
-cdef object isl_blocked(Engine self, starting=()):
+cdef object isl_blocked(Engine self, starting=(), th_isl=None):
     """Why this host cannot run as islands now (``run_islands`` leaves it to run on its
     one queue), or None: the reasons of this file's header, in words.
-    ``starting``: vCPU threads outside KVM_RUN that the run would start first."""
+    ``starting``: vCPU threads outside KVM_RUN that the run would start first;
+    ``th_isl``: isl_plan's threads, if already found."""
     cdef engine_t* e = &self.e
     cdef thread_t* th
     cdef uint32_t g
     if e.tcap:
-        th_isl = isl_plan(self)[0]
+        if th_isl is None:
+            th_isl = isl_plan(self)[0]
         if len(th_isl) and trace_island(e, <const uint32_t*>cnp.PyArray_DATA(th_isl)) == -2:
             return ("the trace ring records threads of more than one island (trace_capacity > 0; "
                     "Host.trace_vm records one VM's)")
