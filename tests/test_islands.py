@@ -10,16 +10,15 @@ before, and says why."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kvmwake as kw
 from kvmwake import Host, guest as g, hostprog as hp
-from kvmwake.errors import KvmError  # noqa: F401  (the public error type, for readers)
 from kvmwake.reference import EngineError
 
 US, MS = 1_000, 1_000_000
@@ -357,7 +356,6 @@ def test_cli_threads_give_the_same_summary():
                             "--sim-ms", "2", "--threads", threads, "--json", "-", "-q"],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
-        import json
         s = json.loads(r.stdout)
         for key in ("timing", "wall_s", "build_s", "halts_per_s", "events_per_s"):
             s.pop(key)
@@ -447,7 +445,6 @@ def test_cli_default_outputs_run_a_host_of_islands(tmp_path):
                             "--sim-ms", "2", "-q", "--out", str(d)] + flag,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
-        import json
         outs[bool(flag)] = (json.loads((d / "summary.json").read_text()),
                             (d / "vm0.trace").read_text())
     assert outs[False][0]["islands"] == 2 and outs[True][0]["islands"] == 0
@@ -481,7 +478,6 @@ def test_ctrl_c_during_islands_leaves_the_host_whole(threads):
 
 @pytest.mark.parametrize("bad", [2, -1, "0", 1.0, True, [0], None])
 def test_restore_refuses_a_bad_traced_vm(bad):
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_snapshot import reframe
 
     host = make_host(pinned_spec(nvm=2, per_vm=1), trace_capacity=16)
