@@ -55,6 +55,8 @@ CORE_ONLY = {
         "hands the host's events to the islands (isl_split); the reference runs no islands",
     ("islands", "isl_split"):
         "makes the islands' engines; the reference runs every host on its one queue",
+    ("islands", "isl_discard"):
+        "frees islands that could not be made; the reference runs no islands",
     ("islands", "isl_join"):
         "joins the islands' engines back; the reference runs every host on its one queue",
     ("queue", "ev_cmp"):

@@ -350,6 +350,21 @@ cdef int isl_split(Engine self, uint32_t n, object th_isl_a, object cpu_isl_a,
     return 0
 
 
+cdef void isl_discard(Engine self) noexcept:
+    """Free the islands without joining them (isl_split failed before it emptied
+    the host's queue: the host is as it was)."""
+    cdef uint32_t k
+    for k in range(self.nisl):
+        q_free(&self.isl[k].q)
+    free(self.isl)
+    free(self.isl_mem)
+    self.isl = NULL
+    self.isl_mem = NULL
+    self.nisl = 0
+    self.isl_trace = -1
+    self._isl_bufs = None
+
+
 cdef int isl_join(Engine self, uint64_t until) except -1:
     """The islands back into the host's engine: counters summed, held threads
     derived again, and the live events back on the host's queue, renumbered
