@@ -5,7 +5,8 @@
 
 The suites: ``test_bench_micro.py`` (heap push/pop, the wake-condition scan,
 a kick, a full halt), ``test_bench_scenarios.py`` (the four built-in
-scenarios on both engines) and ``test_bench_peers.py`` (the SimPy model of
+scenarios on both engines), ``test_bench_islands.py`` (a host of islands on
+one queue, on one thread and on two) and ``test_bench_peers.py`` (the SimPy model of
 ipi-storm and the bare heap loop; skipped without SimPy or Cython).  The
 scripts beside them print whole reports: ``compare.py`` (core vs
 reference), ``compare_peers.py`` (vs SimPy and the floor), ``scaling.py``
@@ -63,6 +64,13 @@ SCENARIO_SIZES = {
     },
 }
 
+#: Island benchmarks (bench/test_bench_islands.py), per size: (scenario, vCPUs,
+#: host CPUs, simulated ns, rounds); one host CPU per vCPU, so each VM is an island.
+ISLAND_SIZES = {
+    "tiny": ("default", 128, 128, 1 * MS, 1),
+    "full": ("ipi-storm", 16384, 16384, 20 * MS, 5),
+}
+
 #: Peer benchmarks (bench/test_bench_peers.py), per size: the SimPy model's
 #: (vCPUs, simulated ns, rounds) and the floor's (pushes, events queued).
 PEER_SIZES = {
@@ -102,6 +110,11 @@ def scenario_sizes() -> dict:
 @pytest.fixture(scope="session")
 def micro_sizes() -> dict:
     return MICRO_SIZES[SIZE]
+
+
+@pytest.fixture(scope="session")
+def island_sizes() -> tuple:
+    return ISLAND_SIZES[SIZE]
 
 
 @pytest.fixture(scope="session")
