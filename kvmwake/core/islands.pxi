@@ -180,13 +180,13 @@ cdef tuple isl_plan(Engine self):
             uf_union(p, anchor, th.pcpu)
             used[th.pcpu] = 1
             if th.aff_kind == AFF_ALL:
-                if not all_joined:
-                    for c in range(1, ncpu):
-                        uf_union(p, 0, c)
+                if not all_joined:            # (once: every CPU in one group)
+                    for c in range(ncpu):
+                        used[c] = 1
+                        if c:
+                            uf_union(p, 0, c)
                     all_joined = True
                 uf_union(p, anchor, 0)
-                for c in range(ncpu):
-                    used[c] = 1
             elif th.aff_kind == AFF_PINNED:
                 c = g % ncpu
                 uf_union(p, anchor, c)

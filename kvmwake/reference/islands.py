@@ -72,12 +72,12 @@ def isl_plan(e) -> tuple:
         uf_union(p, anchor, th.pcpu)
         used[th.pcpu] = True
         if th.aff_kind == AFF_ALL:
-            if not all_joined:
+            if not all_joined:                # (once: every CPU in one group)
                 for c in range(1, ncpu):
                     uf_union(p, 0, c)
+                used = [True] * ncpu
                 all_joined = True
             uf_union(p, anchor, 0)
-            used = [True] * ncpu
         elif th.aff_kind == AFF_PINNED:
             c = th.g % ncpu
             uf_union(p, anchor, c)
