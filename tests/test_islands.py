@@ -458,18 +458,25 @@ def test_ctrl_c_during_islands_leaves_the_host_whole(threads):
     KeyboardInterrupt is raised; the host is the uninterrupted one."""
     import signal
     import threading
-    spec = pinned_spec(nvm=16, per_vm=64)
+    spec = pinned_spec(nvm=64, per_vm=64)
     until = 1000 * MS
     host = make_host(spec, threads=threads)
-    assert host.islands_blocked() is None and len(host.islands()) == 16
-    timer = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident,
-                                                        signal.SIGINT))
+    assert host.islands_blocked() is None and len(host.islands()) == 64
+    running, lock = [True], threading.Lock()
+
+    def interrupt():                  # only while host.run runs: never into pytest
+        with lock:
+            if running[0]:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    timer = threading.Timer(0.02, interrupt)
     timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):
+        try:
             host.run(until)
-    finally:
-        timer.cancel()
+        finally:
+            with lock:
+                running[0] = False
+            timer.cancel()
     assert host.now == until
     quiet = make_host(spec, threads=threads)
     quiet.run(until)
