@@ -82,6 +82,10 @@ ctypedef struct thread_t:
     uint8_t aff_kind          # p->cpus_ptr: AFF_PINNED (g % ncpu), AFF_ALL, AFF_LIST
     uint8_t kind              # THREAD_VCPU, or THREAD_HOST (core/hostthread.pxi)
     uint8_t _pad[3]
+    # A lazy poll window (core/halt.pxi, poll_settle): its end, and the sequence
+    # number its POLL_END event would have had (0: none; the poll end is queued).
+    uint64_t poll_stop
+    uint64_t poll_seq
 
 
 ctypedef struct vm_t:
@@ -326,6 +330,11 @@ ctypedef struct engine_t:
     uint32_t* held
     uint32_t nheld
     uint32_t _pad_held
+    # The key of the event run_loop is handling (0 outside it): where lazy poll
+    # windows ending now stand (core/halt.pxi, poll_settle).
+    uint64_t cur_key
+    uint32_t nlazy            # threads in a lazy poll window
+    uint32_t _pad_lazy
     # Islands (core/islands.pxi): in an island's engine_t, each CPU's island and
     # this one's number (the newly-idle balance pass looks at its own CPUs only);
     # NULL in the host's.

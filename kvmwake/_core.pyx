@@ -432,8 +432,7 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
     e.waker = -1
     while e.q.len:
         if stop_on_exit and e.exq_len:
-            e.waker = -1
-            return 0
+            return loop_left(e, 0)
         t = q_peek(e)
         if t >= until:
             break
@@ -447,6 +446,7 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
                 return -1
             continue                            # only void events at that time
         e.now = ev.t
+        e.cur_key = ev.key
         cls = ev.key >> KW_SEQ_BITS
         e.waker = -1
         if cls == EV_TICK:
@@ -494,20 +494,32 @@ cdef int run_loop(engine_t* e, uint64_t until, bint stop_on_exit) noexcept nogil
                     rc = got_cpu(e, ev.who, ev.t)
         if rc < 0 or e.error:
             e.waker = -1
+            e.cur_key = 0
             return -1
         if KW_DEBUG and e.events % KW_CHECK_EVERY == 0:
-            e.waker = -1
-            return KW_CHECKPOINT
+            return loop_left(e, KW_CHECKPOINT)
     e.waker = -1
     if stop_on_exit and e.exq_len:
-        return 0
+        return loop_left(e, 0)
     if e.nheld and until > e.now:
         # The clock moves on to until without the held threads.
         if release_held(e) or e.error:
             return -1
         return run_loop(e, until, stop_on_exit)
     e.now = until
-    return 0
+    e.cur_key = 0
+    return loop_left(e, 0)
+
+
+cdef int loop_left(engine_t* e, int rc) noexcept nogil:
+    """run_loop returns ``rc``: the lazy poll windows that ran out before where it
+    stopped end now (core/halt.pxi, poll_settle), as their events would have."""
+    e.waker = -1
+    if settle_polls(e) or e.error:
+        e.cur_key = 0
+        return -1
+    e.cur_key = 0
+    return rc
 
 
 cdef class Engine:
@@ -1407,6 +1419,8 @@ cdef class Engine:
         cdef uint32_t g
         if self.e.tlcount or self.e.tldropped:
             raise ValueError("the timeline capacity can only be set before it records")
+        if capacity:
+            self._check(queue_lazy_polls(&self.e))   # the timeline records a poll's end
         self.e.tlcap = capacity
         self.e.tlt0 = self.e.now
         for g in range(self.e.nth):
@@ -1469,6 +1483,8 @@ cdef class Engine:
         cdef uint32_t c
         if g >= self.e.nth:
             raise IndexError(f"thread {g} does not exist")
+        if cpus != "pinned":
+            self._check(queue_lazy_polls(&self.e))   # a freed CPU may now pull a thread
         th = &self.e.th[g]
         old = th.aff_kind
         if cpus == "pinned":

@@ -79,7 +79,8 @@ THREAD_DTYPE = np.dtype(
     + [(n, "u1") for n in ("state", "resume", "cont", "slice_armed", "do_poll", "has_prog",
                            "mp_state", "pc_valid", "sig_pending", "reset_pending",
                            "halt_kind", "on_rq", "sched_delayed", "aff_kind", "kind")]
-    + [("_pad", "u1", (4,))], align=True)
+    + [("_pad", "u1", (4,))]
+    + [("poll_stop", "<u8"), ("poll_seq", "<u8")], align=True)
 VIRQ_DTYPE = np.dtype([
     ("ap", "<u8", (16,)), ("irr", "<u8", (4,)), ("isr", "<u8", (4,)),
     ("timer_cval", "<u8"), ("handler_ns", "<u8"), ("sv_guest", "<u8"),

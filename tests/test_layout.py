@@ -240,7 +240,7 @@ def test_the_core_parser_finds_the_pieces_functions():
             "q_peek", "heap_pop", "q_collect", "q_check", "push_thread", "_queue_bytes"} <= got
     assert {"_engine_export", "_check_state", "_rq_last", "struct_sizes"} \
         <= core_functions(PKG / "core" / "snapshot.pxi")
-    assert core_functions(PKG / "_core.pyx") == {"compiled_constants", "run_loop"}
+    assert core_functions(PKG / "_core.pyx") == {"compiled_constants", "run_loop", "loop_left"}
 
 
 # -- the checks catch what they are for ----------------------------------------------------

@@ -83,7 +83,10 @@ def test_core_and_reference_timelines_agree(sc, capacity):
     plain, _ = _play(_core.Engine, sc, 0)
     assert plain.stats_array().tolist() == core.stats_array().tolist()
     assert plain.trace_list() == core.trace_list()
-    assert plain.events == core.events and plain.now == core.now
+    assert plain.now == core.now
+    # (With the timeline on, every poll window's end is a queued event: without
+    # it, one nobody sees needs none; docs/design.md, "Time and events".)
+    assert plain.events <= core.events
     assert len(plain.timeline_array()) == 0
     # Per CPU the totals fill the window; with a full record they match brute force.
     tot = core.timeline_totals(core.now)

@@ -10,6 +10,9 @@
 # rule with unsigned int arithmetic, and the two tracepoints.
 
 
+from libc.stdlib cimport qsort
+
+
 cdef inline uint32_t max_halt_poll_ns(engine_t* e, thread_t* th) noexcept nogil:
     """kvm_vcpu_max_halt_poll_ns."""
     cdef vm_t* vm = &e.vms[th.vm]
@@ -97,13 +100,118 @@ cdef int halt(engine_t* e, uint32_t g, uint64_t t, uint8_t kind) noexcept nogil:
         if e.tlcap:
             tl_note(e, th, g, t, TS_POLLING)
         th.state = TS_POLLING
+        if lazy_polls(e):
+            # The poll window's end, without an event: its time and the place its
+            # POLL_END event would have had among equal times (after every event
+            # queued so far, before every later one).
+            th.gen += 1
+            th.poll_stop = t + th.halt_poll_ns
+            th.poll_seq = e.seq + 1
+            e.nlazy += 1
+            return 0
         return push_thread(e, th, g, t + th.halt_poll_ns, EV_POLL_END)
     return block(e, g, t, t)
+
+
+# -- Lazy poll ends -------------------------------------------------------------------
+# A poll loop that runs out of time (kvm_vcpu_halt: poll_end = cur >= stop) blocks
+# the vCPU (kvm_vcpu_block) and frees its CPU, and nothing else: no trace record,
+# no wake-up, no other CPU's state.  So when nothing can see the moment (no state
+# timeline, and every thread pinned: no CPU looks at another's, nothing is pulled
+# onto the freed CPU), the poll's end needs no event of its own.  halt() then
+# records the window's end (poll_stop) and the place its POLL_END event would have
+# had (poll_seq); whatever looks at the thread or its CPU first (a kick, a wake-up,
+# a thread made runnable there, its timer, its time slice, the end of run_loop)
+# calls poll_settle(), which blocks it then, at poll_stop, if the window ran out
+# before the event being handled.  Enabling the timeline or unpinning a thread
+# queues the POLL_END events of the windows still open (queue_lazy_polls).
+
+cdef inline bint lazy_polls(engine_t* e) noexcept nogil:
+    """Poll windows end without an event: no timeline and nothing unpinned."""
+    return e.tlcap == 0 and e.nunpinned == 0
+
+
+cdef int poll_settle(engine_t* e, uint32_t g) noexcept nogil:
+    """If thread g polls in a lazy window that ran out before the event being
+    handled (e.now, e.cur_key; outside run_loop cur_key is 0, so a window ending
+    at e.now is still open), the end of the poll loop: kvm_vcpu_block at
+    poll_stop, as its POLL_END event would have done.  -1 on error."""
+    cdef thread_t* th = &e.th[g]
+    if th.poll_seq == 0:
+        return 0
+    if th.poll_stop > e.now or (th.poll_stop == e.now and e.cur_key <
+                                ((<uint64_t>EV_POLL_END << KW_SEQ_BITS) | th.poll_seq)):
+        return 0
+    return block(e, g, th.poll_stop, th.poll_stop)
+
+
+cdef int settle_polls(engine_t* e) noexcept nogil:
+    """poll_settle() of every CPU's current thread (at the end of run_loop)."""
+    cdef uint32_t c
+    cdef int32_t g
+    if e.nlazy == 0:
+        return 0
+    for c in range(e.ncpu):
+        g = e.cpus[c].cur
+        if g >= 0 and e.th[g].poll_seq:
+            if poll_settle(e, <uint32_t>g):
+                return -1
+    return 0
+
+
+ctypedef struct lazy_poll_t:
+    uint64_t seq
+    uint32_t g
+
+
+cdef int lazy_poll_order(const void* a, const void* b) noexcept nogil:
+    cdef uint64_t x = (<const lazy_poll_t*>a).seq
+    cdef uint64_t y = (<const lazy_poll_t*>b).seq
+    return (x > y) - (x < y)
+
+
+cdef int queue_lazy_polls(engine_t* e) noexcept nogil:
+    """Every open lazy poll window gets its POLL_END event, in the order of the
+    places they stand for (poll_seq), so that the events run as the windows
+    would have ended.  -1 on error."""
+    cdef lazy_poll_t* open_
+    cdef uint32_t c, i, n = 0
+    cdef int32_t g
+    cdef thread_t* th
+    if e.nlazy == 0:
+        return 0
+    open_ = <lazy_poll_t*>malloc(e.ncpu * sizeof(lazy_poll_t))
+    if open_ == NULL:
+        e.error = KW_ERR_NOMEM
+        return -1
+    for c in range(e.ncpu):
+        g = e.cpus[c].cur
+        if g >= 0 and e.th[g].poll_seq:
+            open_[n].seq = e.th[g].poll_seq
+            open_[n].g = <uint32_t>g
+            n += 1
+    qsort(open_, n, sizeof(lazy_poll_t), lazy_poll_order)
+    for i in range(n):
+        th = &e.th[open_[i].g]
+        if heap_push(e, th.poll_stop, EV_POLL_END, open_[i].g, th.gen):
+            free(open_)
+            return -1
+        poll_window_closed(e, th)
+    free(open_)
+    return 0
+
+
+cdef inline void poll_window_closed(engine_t* e, thread_t* th) noexcept nogil:
+    if th.poll_seq:
+        e.nlazy -= 1
+    th.poll_stop = 0
+    th.poll_seq = 0
 
 
 cdef int block(engine_t* e, uint32_t g, uint64_t t, uint64_t poll_end) noexcept nogil:
     """kvm_vcpu_block: wait on the rcuwait until kicked."""
     cdef thread_t* th = &e.th[g]
+    poll_window_closed(e, th)
     th.poll_end = poll_end
     e.stats[<uint64_t>g * NR_STATS + S_BLOCKING] = 1
     if e.tlcap:
@@ -158,6 +266,7 @@ cdef int halt_done(engine_t* e, uint32_t g, uint64_t cur, bint waited, uint64_t 
     cdef uint64_t halt_ns = cur - start
     cdef uint64_t w, poll_ns, entry
     cdef uint32_t mx, old
+    poll_window_closed(e, th)
     st[S_BLOCKING] = 0
     if waited:
         w = cur - poll_end

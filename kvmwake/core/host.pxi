@@ -81,6 +81,8 @@ cdef int make_runnable(engine_t* e, uint32_t g, uint64_t t, uint64_t delay) noex
     cdef thread_t* th = &e.th[g]
     cdef cpu_t* cpu = &e.cpus[th.pcpu]
     cdef thread_t* cur
+    if cpu.cur >= 0 and poll_settle(e, <uint32_t>cpu.cur):
+        return -1
     if e.sched == SCHED_POLICY_EEVDF:
         return ttwu_fair(e, g, t, delay)
     if cpu.cur < 0:
@@ -293,6 +295,13 @@ cdef void preempt_segment(engine_t* e, thread_t* th, uint32_t g, uint64_t t) noe
 
 cdef int slice_end(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     cdef thread_t* th = &e.th[g]
+    if th.poll_seq:
+        # A lazy poll window that ran out first: the thread left its CPU then
+        # (as its POLL_END event would have had it), so this slice is void.
+        if poll_settle(e, g):
+            return -1
+        if th.state != TS_POLLING:
+            return 0
     th.slice_armed = 0
     if e.sched == SCHED_POLICY_EEVDF:
         return task_tick_fair(e, g, t)

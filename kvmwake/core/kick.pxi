@@ -9,6 +9,8 @@
 cdef int wake_up(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     """kvm_vcpu_wake_up: 1 if a task was waiting on the vCPU's rcuwait."""
     cdef thread_t* th = &e.th[g]
+    if poll_settle(e, g):
+        return -1
     if th.state != TS_BLOCKED:
         return 0
     e.stats[<uint64_t>g * NR_STATS + S_WAKEUP] += 1
@@ -22,6 +24,8 @@ cdef int signal_wake(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     sleeping vCPU thread (so halt_wakeup does not count it); a polling one sees
     signal_pending(); one in guest mode is IPI'd out (kick_process)."""
     cdef thread_t* th = &e.th[g]
+    if poll_settle(e, g):
+        return -1
     if th.state == TS_BLOCKED:
         return -1 if try_to_wake_up(e, g, t) else 0
     return kick(e, g, t, 0)
@@ -32,6 +36,8 @@ cdef int kick(engine_t* e, uint32_t g, uint64_t t, bint wake) noexcept nogil:
     cdef thread_t* th = &e.th[g]
     cdef int rc
     cdef uint64_t extra
+    if poll_settle(e, g):
+        return -1
     if wake:
         rc = wake_up(e, g, t)
         if rc:
@@ -39,7 +45,7 @@ cdef int kick(engine_t* e, uint32_t g, uint64_t t, bint wake) noexcept nogil:
     if th.state == TS_POLLING:
         # Not a waiter yet: the poll loop sees the condition itself.
         if check_block(e, g):
-            th.gen += 1                        # cancel the poll-end event
+            th.gen += 1                        # cancel the poll-end event (if queued)
             th.wake_ts = t
             return -1 if halt_done(e, g, t, 0, t, 0) else 0
         return 0

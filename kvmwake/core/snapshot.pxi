@@ -168,6 +168,7 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     e.ncpu = <uint32_t>(len(self._cpus) // sizeof(cpu_t))
     e.aff_words = (e.ncpu + 63) // 64
     e.waker = -1
+    e.cur_key = 0                          # (run_loop's: not handling an event)
     if len(self._llc) != e.ncpu:
         raise ValueError("the host's LLC groups disagree with its CPU count")
     self._bind()
@@ -213,6 +214,10 @@ def _engine_import(Engine self, dict scalars, dict arrays):
     for c in range(e.ncpu):
         e.nqueued += e.cpus[c].rq_len                 # derived (checked with the queues)
     e.nheld = 0
+    e.nlazy = 0
+    for c in range(e.nth):
+        if e.th[c].poll_seq:
+            e.nlazy += 1                              # derived (checked with the threads)
     _check_state(self, True)
     _queue_imported(self)
     derive_held(e)
@@ -648,11 +653,26 @@ cdef _check_links(Engine self, const event_t* evs, uint64_t nev):
             raise ValueError(f"event {i}: thread {ev.who}'s state does not expect it")
         if cls == EV_SEGMENT and ev.t != th.seg_end:
             raise ValueError(f"event {i}: thread {ev.who}'s segment ends at another time")
+    cdef bint all_pinned = True
+    for g in range(e.nth):
+        if e.th[g].aff_kind != AFF_PINNED:
+            all_pinned = False
     for g in range(e.nth):
         th = &e.th[g]
-        # The thread's own event, both ways: a running, polling or about-to-run thread
-        # has exactly one live event (checked above), every other thread none.
-        if live[g] != (th.state == TS_RUNNING or th.state == TS_POLLING
+        # A lazy poll window (core/halt.pxi): a polling thread's, open (its end not
+        # before the clock), standing where an event queued after the last one
+        # would (at most seq + 1), only while poll ends need no event (no
+        # timeline, every thread pinned: lazy_polls()).
+        if th.poll_seq and (th.state != TS_POLLING or th.poll_stop < e.now
+                            or th.poll_stop > MAX_TIME or th.poll_seq > e.seq + 1
+                            or e.tlcap or not all_pinned):
+            raise ValueError(f"thread {g}: a lazy poll window out of place or range")
+        if not th.poll_seq and th.poll_stop:
+            raise ValueError(f"thread {g}: a lazy poll window's end without the window")
+        # The thread's own event, both ways: a running, polling (but in a lazy
+        # window) or about-to-run thread has exactly one live event (checked
+        # above), every other thread none.
+        if live[g] != (th.state == TS_RUNNING or th.state == TS_POLLING and not th.poll_seq
                        or th.state == TS_RUNNABLE and where[g] == 1):
             raise ValueError(f"thread {g}: {'no' if not live[g] else 'a'} live event in "
                              f"state {th.state}")
@@ -796,6 +816,9 @@ def _engine_rehost(Engine self, uint32_t ncpu):
                 raise ValueError(f"thread {g}'s CPU affinity {list(self.affinity(g))} names "
                                  f"no CPU of a {ncpu}-CPU host")
             lists[g] = kept
+    # Open lazy poll windows get their events first (a polling thread whose CPU is
+    # taken stops polling, which cancels its POLL_END event).
+    self._check(queue_lazy_polls(e))
     curs = []
     queues = []
     for c in range(old_n):

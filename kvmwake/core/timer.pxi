@@ -25,6 +25,8 @@ cdef int timer_program(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
 
 cdef int timer_fire(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
     """The deadline: the PPI's line rises; a blocked vCPU is woken."""
+    if poll_settle(e, g):
+        return -1
     if inject(e, g, e.th[g].vm, VTIMER_IRQ, 1, t) < 0:
         return -1
     if e.th[g].state == TS_BLOCKED:

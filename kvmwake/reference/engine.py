@@ -26,6 +26,7 @@ from ..costs import COST_TABLE_N, DRAWN_COSTS
 from ..uapi import DEFAULT_VCPU_FEATURES, KVM_ARM_PSCI_LATEST, PSR_MODE_EL1h, MpState
 from . import (EngineError, gic, guest, halt, host, hostthread, islands, kick, psci, queue, rng,
                run, timer)
+from .halt import SEQ_BITS
 from .rng import SOURCE_STREAM_BASE, _Stream, cost_rng_seed, rng_seed
 
 
@@ -76,6 +77,8 @@ class _Thread(_Stream):
         "nr_migrations", "aff_kind", "aff_mask",
         "seg_end", "seg_gfrom", "seg_gto", "cont", "rem_end", "rem_gfrom", "rem_gto",
         "halt_start", "poll_end", "do_poll", "wake_ts", "halt_poll_ns", "requests",
+        # a lazy poll window (halt.py, poll_settle): its end and place (0: none)
+        "poll_stop", "poll_seq",
         "prog", "pc", "loops", "stall_t", "stall_n", "stats",
         # its cost stream (kvmwake.costs: drawn costs only)
         "cost_rng_state", "cost_rng_inc",
@@ -107,6 +110,7 @@ class _Thread(_Stream):
         self.cont = CONT_NEXT
         self.rem_end = self.rem_gfrom = self.rem_gto = 0
         self.halt_start = self.poll_end = self.wake_ts = 0
+        self.poll_stop = self.poll_seq = 0
         self.do_poll = False
         self.halt_poll_ns = 0
         self.requests = 0
@@ -214,7 +218,7 @@ def run_loop(e, until_ns, stop_on_exit):
     q_peek = queue.q_peek
     while q.len:
         if stop_on_exit and e.exits:
-            e.waker = -1
+            loop_left(e)
             return e.exits[0]
         t = q_peek(q)
         if t >= until_ns:
@@ -227,6 +231,7 @@ def run_loop(e, until_ns, stop_on_exit):
             continue                         # only void events at that time
         t, cls, _seq, who, gen = ev
         e.now = t
+        e.cur_key = cls << SEQ_BITS | _seq
         e.waker = -1
         if cls == _EV_TICK:
             vm = e.vms[who]
@@ -275,12 +280,23 @@ def run_loop(e, until_ns, stop_on_exit):
             host.got_cpu(e, th, t)
     e.waker = -1
     if stop_on_exit and e.exits:
+        loop_left(e)
         return e.exits[0]
     if e.held and until_ns > e.now:
         host.release_held(e)
         return run_loop(e, until_ns, stop_on_exit)
     e.now = until_ns
+    e.cur_key = 0
+    loop_left(e)
     return -1
+
+
+def loop_left(e) -> None:
+    """run_loop returns: the lazy poll windows that ran out before where it stopped
+    end now (halt.py, poll_settle), as their events would have."""
+    e.waker = -1
+    halt.settle_polls(e)
+    e.cur_key = 0
 
 
 class Engine:
@@ -357,6 +373,10 @@ class Engine:
         self.llc = [0] * host_cpus
         self.waker = -1
         self.nunpinned = 0
+        # The key of the event run_loop is handling (0 outside it): where lazy poll
+        # windows ending now stand (halt.py, poll_settle).
+        self.cur_key = 0
+        self.nlazy = 0                  # threads in a lazy poll window
 
     def cost_tables(self) -> dict:
         """The drawn costs' tables: {name: tuple of COST_TABLE_N values}."""
@@ -744,6 +764,8 @@ class Engine:
     def set_timeline_capacity(self, capacity: int) -> None:
         if self.timeline or self.timeline_dropped:
             raise ValueError("the timeline capacity can only be set before it records")
+        if capacity:
+            halt.queue_lazy_polls(self)     # the timeline records a poll's end
         self.tl_cap = capacity
         self.tl_t0 = self.now
         self.tl_base = [int(th.state) for th in self.threads]
@@ -845,6 +867,8 @@ class Engine:
 
     def set_affinity(self, g: int, cpus, initial: bool = False) -> None:
         """sched_setaffinity() of thread g (see ``kvmwake._core.Engine.set_affinity``)."""
+        if cpus != "pinned":
+            halt.queue_lazy_polls(self)     # a freed CPU may now pull a thread
         th = self.threads[g]
         old = th.aff_kind
         if cpus == "pinned":

@@ -21,7 +21,7 @@ from ..model import (
 # The latency histogram's bucket rule is stated once, in kvmwake.model.
 from ..model import lat_bucket
 from ..uapi import ExitReason, MpState, PsciRet, SystemEventType
-from .queue import push_thread
+from .queue import heap_push, push_thread
 from .rng import COST_VM_ENTRY, cost_ns
 
 # Functions of other pieces.  The pieces call each other in circles, as the
@@ -34,6 +34,8 @@ PID_BASE = 1000
 
 _RUNNING, _POLLING, _BLOCKED = ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED
 _EV_POLL = EventClass.POLL_END
+#: Event keys are (class << SEQ_BITS) | sequence number (the core's KW_SEQ_BITS).
+SEQ_BITS = 56
 _REQ_UNBLOCK_BIT = 1 << (Request.UNBLOCK & KVM_REQUEST_MASK)
 
 
@@ -107,13 +109,88 @@ def halt(e, th, t, kind):
         if e.tl_cap:
             tl_note(e, th, t, _POLLING)
         th.state = _POLLING
+        if lazy_polls(e):
+            # The poll window's end, without an event: its time and the place its
+            # POLL_END event would have had among equal times (after every event
+            # queued so far, before every later one).
+            th.gen += 1
+            th.poll_stop = t + th.halt_poll_ns
+            th.poll_seq = e.seq + 1
+            e.nlazy += 1
+            return
         push_thread(e, th, t + th.halt_poll_ns, _EV_POLL)
         return
     block(e, th, t, t)
 
 
+# -- Lazy poll ends -------------------------------------------------------------------
+# A poll loop that runs out of time (kvm_vcpu_halt: poll_end = cur >= stop) blocks
+# the vCPU (kvm_vcpu_block) and frees its CPU, and nothing else: no trace record,
+# no wake-up, no other CPU's state.  So when nothing can see the moment (no state
+# timeline, and every thread pinned: no CPU looks at another's, nothing is pulled
+# onto the freed CPU), the poll's end needs no event of its own.  halt() then
+# records the window's end (poll_stop) and the place its POLL_END event would have
+# had (poll_seq); whatever looks at the thread or its CPU first (a kick, a wake-up,
+# a thread made runnable there, its timer, its time slice, the end of run_loop)
+# calls poll_settle(), which blocks it then, at poll_stop, if the window ran out
+# before the event being handled.  Enabling the timeline or unpinning a thread
+# queues the POLL_END events of the windows still open (queue_lazy_polls).
+
+def lazy_polls(e) -> bool:
+    """Poll windows end without an event: no timeline and nothing unpinned."""
+    return not e.tl_cap and e.nunpinned == 0
+
+
+def poll_settle(e, th) -> None:
+    """If thread ``th`` polls in a lazy window that ran out before the event being
+    handled (e.now, e.cur_key; outside run_loop cur_key is 0, so a window ending
+    at e.now is still open), the end of the poll loop: kvm_vcpu_block at
+    poll_stop, as its POLL_END event would have done."""
+    if not th.poll_seq:
+        return
+    if th.poll_stop > e.now or (th.poll_stop == e.now
+                                and e.cur_key < (_EV_POLL << SEQ_BITS | th.poll_seq)):
+        return
+    block(e, th, th.poll_stop, th.poll_stop)
+
+
+def settle_polls(e) -> None:
+    """poll_settle() of every CPU's current thread (at the end of run_loop)."""
+    if not e.nlazy:
+        return
+    for cpu in e.cpus:
+        if cpu.cur >= 0 and e.threads[cpu.cur].poll_seq:
+            poll_settle(e, e.threads[cpu.cur])
+
+
+def queue_lazy_polls(e) -> None:
+    """Every open lazy poll window gets its POLL_END event, in the order of the
+    places they stand for (poll_seq), so that the events run as the windows
+    would have ended."""
+    if not e.nlazy:
+        return
+    open_ = sorted((e.threads[cpu.cur] for cpu in e.cpus
+                    if cpu.cur >= 0 and e.threads[cpu.cur].poll_seq), key=lazy_poll_order)
+    for th in open_:
+        heap_push(e, th.poll_stop, _EV_POLL, th.g, th.gen)
+        poll_window_closed(e, th)
+
+
+def lazy_poll_order(th) -> int:
+    """The order of open lazy poll windows: the places they stand for."""
+    return th.poll_seq
+
+
+def poll_window_closed(e, th) -> None:
+    if th.poll_seq:
+        e.nlazy -= 1
+    th.poll_stop = 0
+    th.poll_seq = 0
+
+
 def block(e, th, t, poll_end):
     """kvm_vcpu_block: wait on the rcuwait until kicked."""
+    poll_window_closed(e, th)
     th.poll_end = poll_end
     th.stats[S_BLOCKING] = 1
     if e.tl_cap:
@@ -137,6 +214,7 @@ def halt_done(e, th, cur, waited, poll_end, immediate=False):
     st = th.stats
     start = th.halt_start
     halt_ns = cur - start
+    poll_window_closed(e, th)
     st[S_BLOCKING] = 0
     if waited:
         w = cur - poll_end

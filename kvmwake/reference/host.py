@@ -32,7 +32,7 @@ from .rng import COST_CONTEXT_SWITCH, COST_VM_ENTRY, COST_VM_EXIT, COST_WAKE_TO_
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
 asleep = best_irq = block = check_block = enter = exit_to_user = halt_done = None
-interrupt_segment = ht_got_cpu = ht_preempted = None
+interrupt_segment = ht_got_cpu = ht_preempted = poll_settle = None
 
 _USER, _RUNNING, _POLLING, _BLOCKED, _RUNNABLE = (
     ThreadState.USER, ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED,
@@ -86,10 +86,12 @@ def rq_popleft(e, cpu):
 
 def make_runnable(e, th, t, delay):
     """try_to_wake_up: the thread waits for its host CPU (``delay`` ns on an idle one)."""
+    cpu = e.cpus[th.pcpu]
+    if cpu.cur >= 0:
+        poll_settle(e, e.threads[cpu.cur])
     if e.sched == SCHED_POLICY_EEVDF:
         ttwu_fair(e, th, t, delay)
         return
-    cpu = e.cpus[th.pcpu]
     if cpu.cur == -1:
         cpu.cur = th.g
         push_thread(e, th, t + delay, _EV_RUN)
@@ -280,6 +282,12 @@ def preempt_segment(e, th, t):
 
 
 def slice_end(e, th, t):
+    if th.poll_seq:
+        # A lazy poll window that ran out first: the thread left its CPU then
+        # (as its POLL_END event would have had it), so this slice is void.
+        poll_settle(e, th)
+        if th.state != _POLLING:
+            return
     th.slice_armed = False
     if e.sched == SCHED_POLICY_EEVDF:
         task_tick_fair(e, th, t)

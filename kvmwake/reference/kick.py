@@ -18,7 +18,7 @@ from .rng import COST_VM_ENTRY, COST_VM_EXIT, cost_ns, draw_ns
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
 apic_set_irq = check_block = halt_done = inject = interrupt_segment = raise_irq = None
-try_to_wake_up = None
+poll_settle = try_to_wake_up = None
 
 _RUNNING, _POLLING, _BLOCKED = ThreadState.RUNNING, ThreadState.POLLING, ThreadState.BLOCKED
 _EV_SEG, _EV_SOURCE = EventClass.SEGMENT, EventClass.SOURCE
@@ -26,6 +26,7 @@ _EV_SEG, _EV_SOURCE = EventClass.SEGMENT, EventClass.SOURCE
 
 def wake_up(e, th, t) -> bool:
     """kvm_vcpu_wake_up: True if a task was waiting on the vCPU's rcuwait."""
+    poll_settle(e, th)
     if th.state != _BLOCKED:
         return False
     th.stats[S_WAKEUP] += 1
@@ -37,6 +38,7 @@ def signal_wake(e, th, t) -> bool:
     """signal_wake_up: the signal code, not kvm_vcpu_wake_up, wakes a blocked or
     sleeping vCPU thread (so halt_wakeup does not count it); a polling one sees
     signal_pending(); one in guest mode is IPI'd out (kick_process)."""
+    poll_settle(e, th)
     if th.state == _BLOCKED:
         try_to_wake_up(e, th, t)
         return False
@@ -45,12 +47,13 @@ def signal_wake(e, th, t) -> bool:
 
 def kick(e, th, t, wake=True) -> bool:
     """kvm_vcpu_kick (``wake=False``: a NO_WAKEUP request).  True if it sent an IPI."""
+    poll_settle(e, th)
     if wake and wake_up(e, th, t):
         return False
     if th.state == _POLLING:
         # Not a waiter yet: the poll loop sees the condition itself.
         if check_block(e, th):
-            th.gen += 1                       # cancel the poll-end event
+            th.gen += 1                       # cancel the poll-end event (if queued)
             th.wake_ts = t
             halt_done(e, th, t, False, t)
         return False

@@ -50,7 +50,7 @@ SOURCE_FIELDS = _Source.__slots__ + ("rng_state", "rng_inc")
 #: Engine attributes exported in their own form; every other one is a scalar.
 _STRUCTURED = frozenset({"costs", "cost_tabs", "cpus", "vms", "threads", "sources", "q",
                          "lat_hist", "trace", "timeline", "tl_base", "exits", "failed", "llc",
-                         "held"})
+                         "held", "cur_key", "nlazy"})
 
 
 def _index(x, n: int) -> bool:
@@ -145,6 +145,8 @@ def engine_import(e, state: dict) -> None:
         e.tl_base = list(s["tl_base"])
         e.exits = deque(s["exits"])
         e.llc = s["llc"]
+        e.cur_key = 0                       # (run_loop's: not handling an event)
+        e.nlazy = sum(1 for th in e.threads if th.poll_seq)     # derived
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineError(f"malformed engine state: {exc!r}") from None
     check_state(e, events=events)
@@ -583,10 +585,25 @@ def check_links(e, events: list) -> None:
             raise EngineError(f"event {i}: thread {who}'s state does not expect it")
         if cls == _EV_SEG and t != th.seg_end:
             raise EngineError(f"event {i}: thread {who}'s segment ends at another time")
+    all_pinned = all(th.aff_kind == host.AFF_PINNED for th in threads)
     for g, th in enumerate(threads):
-        # The thread's own event, both ways: a running, polling or about-to-run
-        # thread has exactly one live event (checked above), every other none.
-        if live[g] != (th.state in (_RUNNING, _POLLING)
+        # A lazy poll window (halt.py): a polling thread's, open (its end not
+        # before the clock), standing where an event queued after the last one
+        # would (at most seq + 1), only while poll ends need no event (no
+        # timeline, every thread pinned: lazy_polls()).
+        for f in ("poll_stop", "poll_seq"):
+            if not isinstance(getattr(th, f), int) or getattr(th, f) < 0:
+                raise EngineError(f"thread {g}: {f} is not a count")
+        if th.poll_seq and (th.state != _POLLING or th.poll_stop < e.now
+                            or th.poll_stop > MAX_TIME or th.poll_seq > e.seq + 1
+                            or e.tl_cap or not all_pinned):
+            raise EngineError(f"thread {g}: a lazy poll window out of place or range")
+        if not th.poll_seq and th.poll_stop:
+            raise EngineError(f"thread {g}: a lazy poll window's end without the window")
+        # The thread's own event, both ways: a running, polling (but in a lazy
+        # window) or about-to-run thread has exactly one live event (checked
+        # above), every other none.
+        if live[g] != (th.state == _RUNNING or th.state == _POLLING and not th.poll_seq
                        or th.state == _RUNNABLE and where[g] == 1):
             raise EngineError(f"thread {g}: {'no' if not live[g] else 'a'} live event in "
                               f"state {int(th.state)}")
@@ -649,6 +666,9 @@ def engine_rehost(e, ncpu: int) -> None:
             raise ValueError(f"thread {g}'s CPU affinity "
                              f"{[c for c in range(th.aff_mask.bit_length()) if th.aff_mask >> c & 1]} "
                              f"names no CPU of a {ncpu}-CPU host")
+    # Open lazy poll windows get their events first (a polling thread whose CPU is
+    # taken stops polling, which cancels its POLL_END event).
+    halt.queue_lazy_polls(e)
     e.base_slice = sched_base_slice(ncpu)        # update_sysctl() on CPU hotplug
     t = e.now
     curs = [cpu.cur for cpu in e.cpus if cpu.cur >= 0]

@@ -17,7 +17,7 @@ from .queue import heap_push
 # Functions of other pieces.  The pieces call each other in circles, as the
 # kernel's functions do, and imports may not: engine.py sets these as the
 # package loads (_link_pieces).
-inject = wake_up = None
+inject = poll_settle = wake_up = None
 
 _EV_TIMER = EventClass.TIMER
 _BLOCKED = ThreadState.BLOCKED
@@ -42,6 +42,7 @@ def timer_program(e, th, t):
 
 def timer_fire(e, th, t):
     """The deadline: the PPI's line rises; a blocked vCPU is woken (kvm_bg_timer_expire)."""
+    poll_settle(e, th)
     inject(e, th.vm, th, VTIMER_IRQ, True, t)
     if th.state == _BLOCKED:
         wake_up(e, th, t)
