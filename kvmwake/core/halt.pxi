@@ -131,18 +131,25 @@ cdef inline bint lazy_polls(engine_t* e) noexcept nogil:
     return e.tlcap == 0 and e.nunpinned == 0
 
 
-cdef int poll_settle(engine_t* e, uint32_t g) noexcept nogil:
-    """If thread g polls in a lazy window that ran out before the event being
-    handled (e.now, e.cur_key; outside run_loop cur_key is 0, so a window ending
-    at e.now is still open), the end of the poll loop: kvm_vcpu_block at
-    poll_stop, as its POLL_END event would have done.  -1 on error."""
-    cdef thread_t* th = &e.th[g]
-    if th.poll_seq == 0:
+cdef inline bint poll_ran_out(engine_t* e, thread_t* th) noexcept nogil:
+    """The thread's lazy poll window ran out before the event being handled
+    (e.now, e.cur_key; outside run_loop cur_key is 0, so a window ending at
+    e.now is still open)."""
+    return th.poll_stop < e.now or (th.poll_stop == e.now and e.cur_key >=
+                                    ((<uint64_t>EV_POLL_END << KW_SEQ_BITS) | th.poll_seq))
+
+
+cdef inline int poll_settle(engine_t* e, uint32_t g) noexcept nogil:
+    """If thread g polls in a lazy window that ran out (poll_ran_out), the end
+    of the poll loop: kvm_vcpu_block at poll_stop, as its POLL_END event would
+    have done.  -1 on error."""
+    cdef thread_t* th
+    if e.nlazy == 0:
         return 0
-    if th.poll_stop > e.now or (th.poll_stop == e.now and e.cur_key <
-                                ((<uint64_t>EV_POLL_END << KW_SEQ_BITS) | th.poll_seq)):
-        return 0
-    return block(e, g, th.poll_stop, th.poll_stop)
+    th = &e.th[g]
+    if th.poll_seq and poll_ran_out(e, th):
+        return block(e, g, th.poll_stop, th.poll_stop)
+    return 0
 
 
 cdef int settle_polls(engine_t* e) noexcept nogil:

@@ -141,17 +141,20 @@ def lazy_polls(e) -> bool:
     return not e.tl_cap and e.nunpinned == 0
 
 
+def poll_ran_out(e, th) -> bool:
+    """The thread's lazy poll window ran out before the event being handled
+    (e.now, e.cur_key; outside run_loop cur_key is 0, so a window ending at
+    e.now is still open)."""
+    return th.poll_stop < e.now or (th.poll_stop == e.now
+                                    and e.cur_key >= (_EV_POLL << SEQ_BITS | th.poll_seq))
+
+
 def poll_settle(e, th) -> None:
-    """If thread ``th`` polls in a lazy window that ran out before the event being
-    handled (e.now, e.cur_key; outside run_loop cur_key is 0, so a window ending
-    at e.now is still open), the end of the poll loop: kvm_vcpu_block at
-    poll_stop, as its POLL_END event would have done."""
-    if not th.poll_seq:
-        return
-    if th.poll_stop > e.now or (th.poll_stop == e.now
-                                and e.cur_key < (_EV_POLL << SEQ_BITS | th.poll_seq)):
-        return
-    block(e, th, th.poll_stop, th.poll_stop)
+    """If thread ``th`` polls in a lazy window that ran out (poll_ran_out), the
+    end of the poll loop: kvm_vcpu_block at poll_stop, as its POLL_END event
+    would have done."""
+    if th.poll_seq and poll_ran_out(e, th):
+        block(e, th, th.poll_stop, th.poll_stop)
 
 
 def settle_polls(e) -> None:
