@@ -159,6 +159,8 @@ cdef int settle_polls(engine_t* e) noexcept nogil:
     if e.nlazy == 0:
         return 0
     for c in range(e.ncpu):
+        if e.cpu_isl != NULL and e.cpu_isl[c] != e.isl_id:
+            continue                    # another island's (core/islands.pxi)
         g = e.cpus[c].cur
         if g >= 0 and e.th[g].poll_seq:
             if poll_settle(e, <uint32_t>g):

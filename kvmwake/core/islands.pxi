@@ -102,12 +102,15 @@ cdef struct isl_key_t:
     uint64_t t
     uint64_t key
     uint32_t isl
-    uint32_t i
+    uint32_t late              # 0: an open lazy poll window (thread i), 1: event i
+    uint64_t i
 
 
 cdef int isl_key_cmp(const void* a, const void* b) noexcept nogil:
     """The joined events' order: (time, class, island, sequence), which is each
-    island's own (time, key) order, islands apart only where time and class tie."""
+    island's own (time, key) order, islands apart only where time and class tie.
+    An open lazy poll window (core/halt.pxi) stands among them as the POLL_END
+    event it would have been: (poll_stop, POLL_END, island, poll_seq)."""
     cdef const isl_key_t* x = <const isl_key_t*>a
     cdef const isl_key_t* y = <const isl_key_t*>b
     if x.t != y.t:
@@ -118,6 +121,10 @@ cdef int isl_key_cmp(const void* a, const void* b) noexcept nogil:
         return -1 if x.isl < y.isl else 1
     if x.key != y.key:
         return -1 if x.key < y.key else 1
+    if x.late != y.late:
+        # A lazy window's place (poll_seq) is the sequence number the next event
+        # pushed takes: the window comes first.
+        return -1 if x.late < y.late else 1
     return 0
 
 
@@ -317,6 +324,7 @@ cdef int isl_split(Engine self, uint32_t n, object th_isl_a, object cpu_isl_a,
         ie.events = 0
         ie.halts = 0
         ie.nqueued = 0
+        ie.nlazy = 0
         ie.waker = -1
         ie.cpu_isl = cpu_isl
         ie.isl_id = k
@@ -329,6 +337,8 @@ cdef int isl_split(Engine self, uint32_t n, object th_isl_a, object cpu_isl_a,
     for c in range(e.ncpu):
         if cpu_isl[c] != KW_NO_ISLAND:
             self.isl[cpu_isl[c]].nqueued += e.cpus[c].rq_len
+            if e.cpus[c].cur >= 0 and e.th[e.cpus[c].cur].poll_seq:
+                self.isl[cpu_isl[c]].nlazy += 1
     for i in range(e.nheld):
         ie = self.isl[th_isl[e.held[i]]]
         ie.held[ie.nheld] = e.held[i]
@@ -377,7 +387,10 @@ cdef int isl_join(Engine self, uint64_t until) except -1:
     cdef engine_t* e = &self.e
     cdef engine_t* ie
     cdef uint32_t k, b
-    cdef uint64_t n = 0, live = 0, i, m, s0 = e.seq, pushed = 0, base, dropped
+    cdef uint64_t n = 0, live = 0, i, m, s0 = e.seq, pushed = 0, base, dropped, nlazy = 0
+    cdef uint32_t c
+    cdef int32_t g
+    cdef const uint32_t* cpu_isl = <const uint32_t*>cnp.PyArray_DATA(self._isl_bufs[0])
     cdef event_t* evs = NULL
     cdef isl_key_t* keys = NULL
     cdef event_t* ev
@@ -385,10 +398,11 @@ cdef int isl_join(Engine self, uint64_t until) except -1:
     cdef uint64_t seq_mask = ((<uint64_t>1) << KW_SEQ_BITS) - 1
     for k in range(self.nisl):
         n += self.isl[k].q.len
+        nlazy += self.isl[k].nlazy
     try:
-        if n:
-            evs = <event_t*>malloc(n * sizeof(event_t))
-            keys = <isl_key_t*>malloc(n * sizeof(isl_key_t))
+        if n + nlazy:
+            evs = <event_t*>malloc((n + 1) * sizeof(event_t))
+            keys = <isl_key_t*>malloc((n + nlazy) * sizeof(isl_key_t))
             if evs == NULL or keys == NULL:
                 raise MemoryError("no memory to join the islands' events")
         m = 0
@@ -404,7 +418,8 @@ cdef int isl_join(Engine self, uint64_t until) except -1:
                 keys[live].t = ev.t
                 keys[live].key = ev.key
                 keys[live].isl = k
-                keys[live].i = <uint32_t>(m + b)
+                keys[live].late = 1
+                keys[live].i = m + b
                 live += 1
             m += i
             pushed += ie.seq - s0
@@ -418,19 +433,41 @@ cdef int isl_join(Engine self, uint64_t until) except -1:
             for b in range(ie.exq_len):
                 e.exitq[(e.exq_head + e.exq_len) % e.nth] = ie.exitq[(ie.exq_head + b) % e.nth]
                 e.exq_len += 1
-        if live > 1:
-            qsort(keys, live, sizeof(isl_key_t), isl_key_cmp)
+        # The open lazy poll windows (each its CPU's current thread), numbered
+        # with the events so that their places keep their order.
+        m = live
+        for c in range(e.ncpu):
+            g = e.cpus[c].cur
+            if g >= 0 and e.th[g].poll_seq and cpu_isl[c] != KW_NO_ISLAND:
+                if m == live + nlazy:
+                    m += 1                  # more than counted: refused below
+                    break
+                keys[m].t = e.th[g].poll_stop
+                keys[m].key = (<uint64_t>EV_POLL_END << KW_SEQ_BITS) | e.th[g].poll_seq
+                keys[m].isl = cpu_isl[c]
+                keys[m].late = 0
+                keys[m].i = <uint64_t>g
+                m += 1
+        if m - live != nlazy:
+            self._failed = True
+            raise EngineError(f"{nlazy} lazy poll windows counted in the islands, "
+                              f"{m - live} found")
+        if m > 1:
+            qsort(keys, m, sizeof(isl_key_t), isl_key_cmp)
         e.seq = s0 + pushed
-        if e.seq < live:
-            e.seq = live
-        base = e.seq - live
+        if e.seq < m:
+            e.seq = m
+        base = e.seq - m
         e.now = until if failed < 0 else self.isl[failed].now
         q_free(&e.q)
         q_init(&e.q, e.now)
         e.q.dropped = dropped
         # (Events behind the clock, of an island that stopped early on an error,
         # keep their place: q_insert re-files around an earlier base.)
-        for i in range(live):
+        for i in range(m):
+            if not keys[i].late:
+                e.th[keys[i].i].poll_seq = base + i + 1
+                continue
             ev = &evs[keys[i].i]
             ev.key = (ev.key & ~seq_mask) | (base + i + 1)
             if q_insert(e, ev):
@@ -438,6 +475,7 @@ cdef int isl_join(Engine self, uint64_t until) except -1:
         e.nqueued = 0
         for k in range(self.nisl):
             e.nqueued += self.isl[k].nqueued
+        e.nlazy = <uint32_t>nlazy
 
         derive_held(e)
         if failed >= 0:
