@@ -35,7 +35,9 @@
 #
 # At the end the islands' live events go back on the host's queue with new
 # sequence numbers (isl_join): distinct over the host, each island's own order
-# kept, and the same whether the run was made in one call or several.
+# kept, and the same whether the run was made in one call or several.  Open
+# lazy poll windows (core/halt.pxi) are numbered with them, as the POLL_END
+# events they stand for.
 
 from libc.stdlib cimport calloc
 
