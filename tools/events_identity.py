@@ -17,10 +17,12 @@ count), and the restored copy's final stats and trace; plus the events count
 and the halts, which are reported, not compared (only the events count may
 change, and only down).  Exit status 1 when a digest differs.
 
-``tools/events_identity_410dbe9.json`` is the record of commit 410dbe9, before
-poll windows could end without an event (docs/design.md, "Time and events"):
+``tools/events_identity_7b0fd12.json`` is the record of commit 7b0fd12, before
+poll windows could end without an event (docs/design.md, "Time and events"),
+after the radix-heap queue (whose reference engine exports its queue in
+another form than the binary heap's, so older records differ there):
 
-    python tools/events_identity.py --check tools/events_identity_410dbe9.json
+    PYTHONPATH=. python tools/events_identity.py --check tools/events_identity_7b0fd12.json
 
 (The core's thread records are compared in their first BASE_THREAD_T bytes, the
 layout of that commit: a change to thread_t's earlier fields needs a new record.)
