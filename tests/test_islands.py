@@ -498,3 +498,20 @@ def test_restore_refuses_a_bad_traced_vm(bad):
         return
     with pytest.raises(kw.SnapshotError, match="host configuration is invalid"):
         Host.restore(reframe(host.snapshot(), edit_header=edit))
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=island_specs(), ends=st.lists(st.integers(1, 6), min_size=1, max_size=3))
+def test_islands_with_lazy_poll_ends_give_the_eager_one_queue_outcome(spec, ends):
+    """Islands of pinned threads end their poll windows lazily (core/halt.pxi); the
+    state timeline queues every window's end and keeps the host on one queue: the
+    same outcome, with no more events."""
+    ends = [sum(ends[:i + 1]) * MS for i in range(len(ends))]
+    islands = make_host(spec, threads=2)
+    eager = make_host(spec, timeline_capacity=1 << 16)
+    run_in_parts(islands, ends)
+    run_in_parts(eager, ends)
+    a, b = outcome(islands), outcome(eager)
+    assert a.pop("events") <= b.pop("events")
+    assert a == b
