@@ -336,9 +336,10 @@ ctypedef struct engine_t:
     uint32_t nlazy            # threads in a lazy poll window
     uint32_t _pad_lazy
     # Islands (core/islands.pxi): in an island's engine_t, each CPU's island and
-    # this one's number (the newly-idle balance pass looks at its own CPUs only);
-    # NULL in the host's.
+    # this one's number (the newly-idle balance pass looks at its own CPUs only),
+    # and its own CPUs (isl_ncpus of them, for settle_polls); NULL in the host's.
     uint32_t* cpu_isl
+    uint32_t* isl_cpus
     uint32_t isl_id
-    uint32_t _pad_isl
+    uint32_t isl_ncpus
     evq_t q                   # the event queue (core/queue.pxi)

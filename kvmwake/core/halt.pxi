@@ -154,13 +154,14 @@ cdef inline int poll_settle(engine_t* e, uint32_t g) noexcept nogil:
 
 cdef int settle_polls(engine_t* e) noexcept nogil:
     """poll_settle() of every CPU's current thread (at the end of run_loop)."""
-    cdef uint32_t c
+    cdef uint32_t c, i, n = e.ncpu
     cdef int32_t g
     if e.nlazy == 0:
         return 0
-    for c in range(e.ncpu):
-        if e.cpu_isl != NULL and e.cpu_isl[c] != e.isl_id:
-            continue                    # another island's (core/islands.pxi)
+    if e.isl_cpus != NULL:
+        n = e.isl_ncpus                 # an island's own CPUs (core/islands.pxi)
+    for i in range(n):
+        c = e.isl_cpus[i] if e.isl_cpus != NULL else i
         g = e.cpus[c].cur
         if g >= 0 and e.th[g].poll_seq:
             if poll_settle(e, <uint32_t>g):

@@ -309,6 +309,10 @@ cdef int isl_split(Engine self, uint32_t n, object th_isl_a, object cpu_isl_a,
     # most one per vCPU thread): its CPU and thread counts.
     ncpus = np.bincount(cpu_isl_a[cpu_isl_a != KW_NO_ISLAND], minlength=n)
     nths = np.bincount(th_isl_a, minlength=n)
+    # Each island's CPUs, in CPU order: island k's are by_isl[starts[k]:starts[k + 1]].
+    by_isl = np.argsort(cpu_isl_a, kind="stable").astype(np.uint32)
+    starts = np.concatenate(([0], np.cumsum(ncpus))).astype(np.int64)
+    self._isl_bufs.append(by_isl)
     for k in range(n):
         ie = self.isl[k]
         memcpy(ie, e, sizeof(engine_t))
@@ -330,6 +334,8 @@ cdef int isl_split(Engine self, uint32_t n, object th_isl_a, object cpu_isl_a,
         ie.waker = -1
         ie.cpu_isl = cpu_isl
         ie.isl_id = k
+        ie.isl_cpus = <uint32_t*>cnp.PyArray_DATA(by_isl) + <size_t>starts[k]
+        ie.isl_ncpus = <uint32_t>ncpus[k]
     # The trace ring goes to the island of the threads it records; the others
     # record nothing (isl_blocked: they are in one island).
     self.isl_trace = trace_island(e, th_isl) if e.tcap and e.nth else -1
