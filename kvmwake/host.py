@@ -189,8 +189,9 @@ class Host:
         run on).  A host whose VMs share no host CPU runs as independent
         islands (``islands()``), one after another or on these threads at once,
         when nothing in the run can stop it for the VMM (no vCPU can exit to
-        userspace) and the trace ring and timeline are off; the results are the
-        same whatever the thread count.  Not part of a snapshot.
+        userspace), the state timeline is off and the trace ring is off or
+        records one island's threads (``trace_vm``); the results are the same
+        whatever the thread count.  Not part of a snapshot.
     split_islands : bool
         True (default): run islands as such when they can; False: always on the
         host's one queue (the same results, slower; for comparisons).
@@ -426,9 +427,9 @@ class Host:
         this host or its index); None: every thread again.  A host of islands whose
         trace ring records one VM can still run as islands (see ``threads``).  Kept
         in snapshots."""
-        if vm is None or (isinstance(vm, bool)):
-            if vm is not None:
-                raise TypeError("trace_vm: a VM, its index or None, not a bool")
+        if isinstance(vm, bool):
+            raise TypeError("trace_vm: a VM, its index or None, not a bool")
+        if vm is None:
             self._engine.set_trace_threads(0, 0xFFFF_FFFF)
             self.traced_vm = None
             return
@@ -494,8 +495,9 @@ class Host:
         return out
 
     def islands_blocked(self) -> str | None:
-        """Why ``run`` would not run the host as islands now (a trace ring or
-        timeline, a vCPU that may exit to userspace, ...), or None.  The vCPUs
+        """Why ``run`` would not run the host as islands now (the timeline, a trace
+        ring of several islands' threads, a vCPU that may exit to userspace, ...),
+        or None.  The vCPUs
         with a program that ``run`` would start count as started."""
         if self.engine_name == "reference":
             return "the reference engine runs every host on its one queue"
