@@ -15,7 +15,11 @@ From a trace (real or simulated) and the time each wake's MSI was sent:
 * **wake latency**: from the waker's send to the halt's end (the vCPU thread
   running again), and the host-observed latency (send to the handler's port
   exit in userspace) of those wakes;
-* the binary-stats figures (``halt_wait_hist`` ...), summed over vCPUs.
+* the binary-stats figures (``halt_wait_hist`` ...), summed over vCPUs;
+* **MSI to exit** (``msi_to_exit_ns``, kernel recordings only): from the
+  injector's ``KVM_SIGNAL_MSI`` to the vCPU thread's return from ``KVM_RUN``
+  for that wake, with ``log2_hist`` / ``latency_summary`` to put any latency
+  array in the kernel's 32-bucket log2 form with its p50/p90/p99.
 
 Each vCPU's first halt (the long one before the first wake, while the
 harness starts) is left out of every figure.
@@ -27,7 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..model import HALT_POLL_HIST_COUNT
 from ..outputs.tracefmt import WAKEUP
+from ..reference.halt import hist_update
 from .schedtrace import MIGRATE, SWITCH
 from .schedtrace import WAKEUP as SCHED_WAKEUP
 
@@ -176,6 +182,99 @@ def figures(h: Halts, waker: np.ndarray, send_ns: np.ndarray, stats: list[dict],
     att = st["halt_attempted_poll"]
     out["stats_poll_success_pct"] = 100.0 * st["halt_successful_poll"] / att if att else None
     return out
+
+
+# ---------------------------------------------------------------- MSI to exit to userspace
+
+def first_exits(sent_ns: np.ndarray, seen_ns: np.ndarray, wake_vcpu: np.ndarray) -> np.ndarray:
+    """Per wake: True where its own port exit (``seen_ns``) is the first port exit of
+    its vCPU's thread after its send (``sent_ns``), i.e. no other wake's exit of that
+    vCPU came in between.  False where the wake was not sent or not seen.
+
+    A wake sent while its vCPU was still to report an earlier one (the earlier MSI's
+    handler not yet run, or running) has that earlier exit first: its own exit waited
+    behind another wake's work."""
+    sent = np.asarray(sent_ns, dtype=np.int64)
+    seen = np.asarray(seen_ns, dtype=np.int64)
+    vc = np.asarray(wake_vcpu)
+    out = np.zeros(len(sent), dtype=bool)
+    have = (sent > 0) & (seen > 0)
+    for v in np.unique(vc[have]):
+        idx = np.nonzero(have & (vc == v))[0]
+        order = np.argsort(seen[idx], kind="stable")
+        exits, who = seen[idx][order], idx[order]
+        pos = np.searchsorted(exits, sent[idx], side="right")     # first exit > send
+        ok = pos < len(exits)
+        out[idx[ok]] = who[pos[ok]] == idx[ok]
+    return out
+
+
+def msi_to_exit_ns(rec, queued: bool = False) -> np.ndarray:
+    """The real kernel's MSI-to-exit latency of a recording (``recording.load``), ns
+    (int64), one per wake that has both ends, in wake order.
+
+    The two ends, both ``CLOCK_MONOTONIC`` read with ``clock_gettime`` (vDSO) by the
+    recorder's native threads (``_inject.pyx``), each pinned to its own host CPU:
+
+    * **send** (``sent_ns``): the injector thread, just before its ``KVM_SIGNAL_MSI``
+      ioctl on the VM fd;
+    * **exit** (``seen_ns``): the vCPU's thread, just after ``ioctl(KVM_RUN)`` returns
+      with the ``KVM_EXIT_IO`` that the guest's handler for this MSI's vector makes
+      (``out WAKE_PORT``, its first instruction after the vector's stub; the vector
+      tells which wake it answers).  The guest has no other exit to userspace while it
+      runs (``hlt``, the EOI and the interrupt are handled in the kernel; the threads
+      block every signal, so no ``KVM_EXIT_INTR``; ``vcpu_threads[].exits`` in the
+      metadata counts them: the wakes, the ready and the stop exit), so this is the
+      thread's first return to userspace after the send unless another wake's exit
+      came first (below).
+
+    The figure therefore includes, besides the kernel's wake path (the ioctl's MSI
+    routing and delivery, the kick or wake-up of the vCPU thread, halt polling or
+    the scheduler's switch to it, VM entry, injection, VM exit, the return from
+    ``KVM_RUN``): the harness's half of a clock read at each end (~10 ns each,
+    ``harness.clock_read_pair_ns``), the syscall entry of the MSI ioctl, the guest's
+    vector stub (two instructions) and, on a nested host, the outer hypervisor's
+    share of each of those steps.  It does not include the injector's lateness
+    against the schedule (the send is when it really sent).
+
+    Kept: wakes sent by the injector (an ``ipi`` recording: only the start MSI,
+    wake 0), delivered (``ret`` > 0), seen, and, unless ``queued``, whose own exit is
+    the vCPU's first exit after the send (``first_exits``: dropped are those that
+    found their vCPU still to report an earlier wake, which would count that wake's
+    handler in this one's latency).  Each vCPU's first wake is left out (it ends the
+    halt that spans the harness's start-up, as in the other figures here)."""
+    w = rec.wakes
+    sent, seen, vc = w["sent_ns"], w["seen_ns"], w["vcpu"]
+    keep = (sent > 0) & (seen > 0) & (w["ret"] > 0)
+    if rec.meta["workload"].get("kind", "msi") == "ipi":
+        keep &= np.arange(len(sent)) == 0
+    if not queued:
+        keep &= first_exits(sent, seen, vc)
+    for v in np.unique(vc):
+        keep[np.nonzero(vc == v)[0][0]] = False
+    return (seen - sent)[keep].astype(np.int64)
+
+
+def log2_hist(ns) -> np.ndarray:
+    """Values (ns, non-negative) counted in the kernel's 32-bucket log2 layout of
+    ``halt_wait_hist`` (``KVM_STATS_LOG_HIST_UPDATE``: bucket ``min(fls64(ns), 31)``,
+    so bucket 0 holds 0 and bucket i >= 1 holds [2^(i-1), 2^i)); uint64 counts."""
+    a = np.asarray(ns, dtype=np.int64).ravel()
+    if a.size and a.min() < 0:
+        raise ValueError(f"log2_hist: a negative value ({int(a.min())} ns)")
+    h = np.zeros(HALT_POLL_HIST_COUNT, dtype=np.uint64)
+    for v in a.tolist():
+        hist_update(h, 0, v)
+    return h
+
+
+def latency_summary(ns) -> dict:
+    """``{"p50_ns", "p90_ns", "p99_ns", "n", "hist"}`` of a latency array: the
+    percentiles of the samples themselves (``quantiles``: linear interpolation, None
+    when empty) and ``hist``, the 32 counts of ``log2_hist`` as ints."""
+    q = quantiles(ns)
+    return {"p50_ns": q["p50"], "p90_ns": q["p90"], "p99_ns": q["p99"], "n": q["n"],
+            "hist": [int(c) for c in log2_hist(ns)]}
 
 
 STAT_KEYS = ("halt_successful_poll", "halt_attempted_poll", "halt_poll_invalid", "halt_wakeup",

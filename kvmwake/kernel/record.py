@@ -732,3 +732,56 @@ def print_summary(meta: dict, out=None) -> None:
       f"p50 {h['injector_lateness_ns'].get('p50', 0) / 1e3:.1f} us / p99 "
       f"{h['injector_lateness_ns'].get('p99', 0) / 1e3:.1f} us, clock read "
       f"{h['clock_read_pair_ns']['p50']:.0f} ns\n")
+
+
+# ---------------------------------------------------------------- MSI to exit, in one call
+
+def kernel_msi_to_exit(wakes: int = 500, seed: int = 0, idle: str = "mixed",
+                       halt_poll_ns: int | None = None, trace: str = "off",
+                       out: str | Path | None = None, log=None) -> dict:
+    """Record the real kernel and return its MSI-to-exit latency
+    (``analysis.msi_to_exit_ns``: the injector's ``KVM_SIGNAL_MSI`` to the vCPU thread's
+    return from ``KVM_RUN`` for that wake) as ``analysis.latency_summary`` gives it:
+    ``{"p50_ns", "p90_ns", "p99_ns", "n", "hist"}`` (``hist``: the 32 log2 buckets of
+    ``halt_wait_hist``), plus ``sent`` (MSIs sent), ``queued`` (seen wakes left out
+    because another wake's exit came first), ``kernel`` (release) and ``host_load``
+    (the recording's: others' CPU share before, during and after, and the load average).
+
+    The run is ``kvmwake kernel record --vcpus 1 --wakes WAKES --idle IDLE --seed SEED``
+    with the command's defaults (vCPU and injector threads pinned, the injector
+    sleeping to each target, the module's ``halt_poll_ns`` unless ``halt_poll_ns``
+    sets ``KVM_CAP_HALT_POLL``), except ``trace``: "off" by default, since the figure
+    needs no trace and the tracepoints would add their cost to the path it measures
+    ("auto" records them as the command does).  Into ``out`` if given (it must not
+    hold a recording), else a temporary folder removed afterwards.  Raises
+    ``RecordError`` where the machine cannot record (see ``kvmwake.kernel.available``)."""
+    import tempfile
+    from .analysis import latency_summary, msi_to_exit_ns
+    from .recording import load
+
+    def run(folder: Path) -> dict:
+        meta = record(RecordOptions(vcpus=1, wakes=wakes, idle=idle, out=folder,
+                                    halt_poll_ns=halt_poll_ns, seed=seed, trace=trace,
+                                    sched_trace="auto" if trace != "off" else "off"),
+                      log=log or (lambda *a, **k: None))
+        rec = load(folder)
+        lat = msi_to_exit_ns(rec)
+        seen = len(msi_to_exit_ns(rec, queued=True))
+        return {**latency_summary(lat), "sent": meta["wakes"]["sent"],
+                "queued": seen - len(lat), "kernel": meta["kernel"]["release"],
+                "host_load": meta["host_load"]}
+
+    if out is not None:
+        return run(Path(out))
+    with tempfile.TemporaryDirectory(prefix="kvmwake-msi-exit-") as tmp:
+        return run(Path(tmp) / "rec")
+
+
+if __name__ == "__main__":                     # python -m kvmwake.kernel.record [WAKES [SEED]]
+    import json
+    try:
+        _r = kernel_msi_to_exit(*(int(a) for a in sys.argv[1:3]))
+    except RecordError as _exc:
+        print(f"kvmwake: {_exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(_r))
