@@ -63,7 +63,9 @@ def _check_core() -> None:
                                f"({exc}): {fix}", name=__name__ + "._core") from None
 
 from . import guest, hostprog, model, uapi, vmm  # noqa: E402
-from .errors import EngineError, KvmError, ProgramError, ScenarioError, SnapshotError  # noqa: E402
+from .errors import (  # noqa: E402
+    DeadlockError, EngineError, KvmError, ProgramError, ScenarioError, SnapshotError,
+)
 from .host import Host, HostThread  # noqa: E402
 from .model import Request  # noqa: E402
 from .uapi import (  # noqa: E402
@@ -71,12 +73,13 @@ from .uapi import (  # noqa: E402
     VcpuFeature,
 )
 from .vm import VCpu, VM  # noqa: E402
+from .vcpu_threads import ClockHold  # noqa: E402
 
 _check_core()
 
 __all__ = [
     "Host", "HostThread", "VM", "VCpu", "Cap", "ExitReason", "KvmReg", "MpState", "PsciFn", "PsciRet",
-    "PsciVersion", "SystemEventType", "VcpuFeature", "Request", "KvmError", "ProgramError", "EngineError",
-    "ScenarioError", "SnapshotError", "guest", "hostprog", "model", "uapi", "vmm",
+    "PsciVersion", "SystemEventType", "VcpuFeature", "Request", "ClockHold", "KvmError", "ProgramError", "EngineError",
+    "ScenarioError", "SnapshotError", "DeadlockError", "guest", "hostprog", "model", "uapi", "vmm",
     "CoreMissingError", "__version__",
 ]

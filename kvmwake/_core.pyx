@@ -963,13 +963,19 @@ cdef class Engine:
             self._debug_check()
         self._check(rc)
 
-    def run_until_exit(self, uint64_t until_ns):
+    def run_until_exit(self, uint64_t until_ns, bint release_gil=True):
         """Like ``run``, but stop after the first event in which a vCPU exited to
-        userspace; returns that thread, or -1 when ``until_ns`` was reached."""
+        userspace; returns that thread, or -1 when ``until_ns`` was reached.
+
+        ``release_gil=False`` keeps the GIL meanwhile, so that no other Python
+        thread can call into the engine (vcpu_threads.py: vCPU threads)."""
         cdef int rc
         self._guard()
         while True:
-            with nogil:
+            if release_gil:
+                with nogil:
+                    rc = run_loop(&self.e, until_ns, 1)
+            else:
                 rc = run_loop(&self.e, until_ns, 1)
             if rc != KW_CHECKPOINT:
                 break
@@ -1245,6 +1251,13 @@ cdef class Engine:
     @property
     def now(self):
         return self.e.now
+
+    @property
+    def next_event_ns(self):
+        """The earliest queued event's time (a void one included), or None when the
+        queue is empty: a real-time driver sleeps until it (vcpu_threads.py)."""
+        cdef uint64_t t = q_peek(&self.e)
+        return None if t == KW_NO_TIME else t
 
     @property
     def events(self):

@@ -8,7 +8,8 @@ import os
 from .guest import ProgramError
 from .reference import EngineError
 
-__all__ = ["KvmError", "ProgramError", "EngineError", "ScenarioError", "SnapshotError"]
+__all__ = ["KvmError", "ProgramError", "EngineError", "ScenarioError", "SnapshotError",
+           "DeadlockError"]
 
 
 class KvmError(OSError):
@@ -32,3 +33,8 @@ class ScenarioError(ValueError):
 
 class SnapshotError(ValueError):
     """A snapshot cannot be read or restored; the message says what is wrong."""
+
+
+class DeadlockError(RuntimeError):
+    """A VMM's threads wait on each other through the model: the clock is held by a
+    thread in userspace that makes no progress while others wait for it."""

@@ -245,6 +245,8 @@ class Host:
         # The VMM policy call in progress (vm, vcpu id), or None: run() from inside
         # a policy is refused (see _no_policy_reentry).
         self._in_policy = None
+        # The VMM's own vCPU threads (vcpu_threads.py), once a vCPU is attached.
+        self._threads = None
 
     # -- module parameters (/sys/module/kvm/parameters) ---------------------------
 
@@ -438,6 +440,64 @@ class Host:
         self._engine.set_trace_threads(first, first + self.vms[i].nr_vcpus)
         self.traced_vm = i
 
+    # -- a VMM's own threads (vcpu_threads.py) -------------------------------------------
+
+    @property
+    def vcpu_threads(self):
+        """The host's ``vcpu_threads.VcpuThreads``: the vCPUs attached to threads of
+        the VMM (``VCpu.attach``), and the userspace token."""
+        if self._threads is None:
+            from .vcpu_threads import VcpuThreads
+            self._threads = VcpuThreads(self)
+        return self._threads
+
+    def hold_clock(self, at_ns: int | None = None):
+        """Take the userspace token from a thread that is not a vCPU's (a control
+        thread): the clock stands still until the returned ``ClockHold`` is
+        released (a context manager).  ``at_ns``: first wait, blocked, until
+        virtual time reaches it (the clock stops there exactly).  With attached
+        vCPU threads, this is how a control thread acts at a deterministic time;
+        the token is queued for in call order (``vcpu_threads.VcpuThreads``)."""
+        if at_ns is not None:
+            at_ns = check_int("at_ns", at_ns, 0, MAX_TIME_NS)
+        return self.vcpu_threads.hold_clock(at_ns)
+
+    def set_realtime(self, rate: float | None = 1.0) -> None:
+        """Pace the virtual clock to the monotonic clock while VMM threads run it
+        (``rate`` virtual ns per wall ns; None: back to the deterministic clock).
+        Threads outside the model (a device thread, a timer) then act at wall-clock
+        times, and a kick wakes the thread blocked in the target's ``run()``
+        through its real wait queue; see ``vcpu_threads.VcpuThreads.set_realtime``.
+        Runs in real time are not deterministic."""
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, numbers.Real)
+                                 or not 0 < rate <= 1e6):
+            raise ValueError(f"rate must be a positive number of virtual ns per wall ns "
+                             f"(at most 1e6) or None, not {rate!r}")
+        self.vcpu_threads.set_realtime(rate)
+
+    @property
+    def realtime(self) -> float | None:
+        """The real-time rate (``set_realtime``), or None on the deterministic clock."""
+        return None if self._threads is None or self._threads.rt is None \
+            else self._threads.rt[0]
+
+    def set_deadlock_timeout(self, seconds: float | None) -> None:
+        """Wall seconds a thread may hold the clock without progress while others
+        wait on it, before every waiting thread raises ``DeadlockError``
+        (default ``vcpu_threads.DEFAULT_DEADLOCK_TIMEOUT_S``; None or 0: never)."""
+        if seconds is not None and (isinstance(seconds, bool)
+                                    or not isinstance(seconds, numbers.Real) or seconds < 0):
+            raise ValueError(f"deadlock timeout must be a number of seconds >= 0 or None, "
+                             f"not {seconds!r}")
+        self.vcpu_threads.deadlock_timeout_s = float(seconds or 0)
+
+    def _no_vcpu_threads(self, what: str) -> None:
+        """A run driven from one thread would race the attached vCPU threads."""
+        if self._threads is not None and self._threads.active:
+            raise RuntimeError(f"{what}: vCPUs of this host are attached to threads of the "
+                               "VMM (VCpu.attach); their own run() calls drive the clock. "
+                               "Detach them first")
+
     # -- running ------------------------------------------------------------------------
 
     def run(self, until_ns: int) -> None:
@@ -455,6 +515,7 @@ class Host:
         same results.  A Ctrl-C then takes effect once every island is done.
         """
         self._no_policy_reentry("host.run()")
+        self._no_vcpu_threads("host.run()")
         until_ns = check_int("until_ns", until_ns, 0, MAX_TIME_NS)
         if until_ns < self.now:
             raise ValueError(f"until_ns = {until_ns} is before the current time {self.now}")
@@ -704,6 +765,8 @@ MODULE_PARAMS = haltpoll.MODULE_PARAMS
 def host_to_bytes(host: Host, vm_index: int | None = None, run: dict | None = None) -> bytes:
     """Snapshot ``host`` (saying which of its VMs the snapshot is of, if any, and
     ``run``: free data about the run, kept in the header)."""
+    if host._threads is not None:
+        host._threads.check_all_outside("snapshot")
     desc = {"arch": host.arch, "host_cpus": host.host_cpus, "seed": host.seed,
             "costs": host.costs, "engine": host.engine_name}
     if host.scheduler != "fifo":

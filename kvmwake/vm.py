@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import numbers
 import warnings
 
@@ -52,6 +54,24 @@ _CORE_INDEX = {**{KvmReg[f"X{i}"]: i for i in range(31)}, KvmReg.SP: 31, KvmReg.
 _PSTATE_MODES = frozenset({PSR_MODE_EL0t, PSR_MODE_EL1t, PSR_MODE_EL1h})
 #: Values KVM_REG_ARM_PSCI_VERSION accepts (with the PSCI 0.2 feature, and without).
 PSCI_VERSIONS = frozenset(PsciVersion)
+
+
+def _paced(fn):
+    """An injection from userspace.  In real time (``Host.set_realtime``) it acts at
+    the wall clock's virtual time, and the thread driving the clock looks again
+    at when the next event is due."""
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        host = self.host if isinstance(self, VM) else self.vm.host
+        th = host._threads
+        if th is None or th.rt is None:
+            return fn(self, *args, **kwargs)
+        th.sync_to_wall()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            th.poke()
+    return call
 
 
 def _is_int(v) -> bool:
@@ -228,6 +248,7 @@ class VM:
             return vcpu._g
         return self._first + check_int("vcpu", vcpu, 0, self.nr_vcpus - 1)
 
+    @_paced
     def irq_line(self, intid: int, level: int, vcpu=None) -> None:
         """``KVM_IRQ_LINE``: drive an SPI (or, with ``vcpu``, a PPI) to ``level``.
 
@@ -247,6 +268,7 @@ class VM:
         intid, g = self._check_intid(intid, vcpu, "KVM_IRQ_LINE")
         self._engine.irq_line(self.index, intid, bool(level), g)
 
+    @_paced
     def signal_msi(self, address: int, data: int, flags: int = 0) -> int:
         """``KVM_SIGNAL_MSI`` (x86): fixed delivery of vector ``data & 0xff`` to the
         APIC ID in ``address`` bits 19:12.  Returns 1 (delivered).
@@ -398,6 +420,7 @@ class VM:
         ``KvmError(EBUSY)``.
         """
         self.host._no_policy_reentry("vm.run()")
+        self.host._no_vcpu_threads("vm.run()")
         if vmm is not None:
             if not isinstance(vmm, _vmm.Vmm):
                 raise TypeError(f"vmm must be a kvmwake.vmm.Vmm, not {type(vmm).__name__}")
@@ -707,6 +730,23 @@ class VCpu:
             raise KvmError(errno.EBUSY, f"{what}: vCPU {self.id} is inside KVM_RUN; "
                                         "signal it out first")
 
+    @contextlib.contextmanager
+    def _mutex(self, what, check=True):
+        """``vcpu->mutex`` around a vCPU ioctl.  With the vCPU attached to a thread
+        that is in KVM_RUN, the call blocks until that thread is out, as
+        ``kvm_vcpu_ioctl``'s ``mutex_lock_killable`` does (vcpu_threads.py, rule
+        4).  Otherwise (one thread drives the host) a vCPU inside KVM_RUN is
+        EBUSY, when ``check``."""
+        th = self.vm.host._threads
+        hold = th.vcpu_mutex(self) if th is not None and th.slots else None
+        try:
+            if check:
+                self._need_outside(what)
+            yield
+        finally:
+            if hold is not None:
+                hold.release()
+
     def init(self, features=DEFAULT_VCPU_FEATURES, *, power_off: bool = False,
              target: int = KVM_ARM_TARGET_GENERIC_V8) -> None:
         """``KVM_ARM_VCPU_INIT`` (``kvm_arch_vcpu_ioctl_vcpu_init``).
@@ -763,12 +803,15 @@ class VCpu:
             raise KvmError(errno.EINVAL, f"KVM_ARM_VCPU_INIT: features {f0:#x} differ from "
                                          f"the VM's {current:#x}; every vCPU of a VM must "
                                          "pass the same ones (kvm_vcpu_init_changed)")
-        self._need_outside("KVM_ARM_VCPU_INIT")
-        self.vm._engine.vcpu_init(self._g, f0, off)
+        with self._mutex("KVM_ARM_VCPU_INIT"):
+            self.vm._engine.vcpu_init(self._g, f0, off)
 
     def get_mp_state(self) -> MpState:
-        """``KVM_GET_MP_STATE``."""
-        return MpState(self.vm._engine.get_mp_state(self._g))
+        """``KVM_GET_MP_STATE``.  (Driven from one thread, it reads a vCPU inside
+        KVM_RUN too, as a policy needs; from another thread than an attached
+        vCPU's, it waits for that vCPU to leave KVM_RUN.)"""
+        with self._mutex("KVM_GET_MP_STATE", check=False):
+            return MpState(self.vm._engine.get_mp_state(self._g))
 
     def set_mp_state(self, state) -> None:
         """``KVM_SET_MP_STATE``: arm64 accepts RUNNABLE, STOPPED and SUSPENDED; x86
@@ -777,8 +820,8 @@ class VCpu:
         if not _is_int(state) or int(state) not in MP_STATES[self.vm.arch]:
             raise KvmError(errno.EINVAL, f"KVM_SET_MP_STATE: {state!r} is not a state "
                                          f"{self.vm.arch} accepts")
-        self._need_outside("KVM_SET_MP_STATE")
-        self.vm._engine.set_mp_state(self._g, int(state))
+        with self._mutex("KVM_SET_MP_STATE"):
+            self.vm._engine.set_mp_state(self._g, int(state))
 
     def _reg(self, reg) -> KvmReg:
         """The register named by ``reg``: a name of ``REGS`` or a kernel register ID."""
@@ -823,12 +866,12 @@ class VCpu:
         PSCI_VERSION is the VM's (``kvm_psci_version``).
         """
         r = self._reg(reg)
-        self._need_outside("KVM_GET_ONE_REG")
-        if r == KvmReg.MPIDR_EL1:
-            return mpidr_of(self.id) | (1 << 31)
-        if r == KvmReg.PSCI_VERSION:
-            return self.vm.psci_version
-        return int(self.vm._engine.get_reg(self._g, _CORE_INDEX[r]))
+        with self._mutex("KVM_GET_ONE_REG"):
+            if r == KvmReg.MPIDR_EL1:
+                return mpidr_of(self.id) | (1 << 31)
+            if r == KvmReg.PSCI_VERSION:
+                return self.vm.psci_version
+            return int(self.vm._engine.get_reg(self._g, _CORE_INDEX[r]))
 
     def set_reg(self, reg, value: int) -> None:
         """``KVM_SET_ONE_REG`` (a u64; ``reg`` as for ``get_reg``).
@@ -850,14 +893,15 @@ class VCpu:
             raise KvmError(errno.EINVAL, f"KVM_SET_ONE_REG: MPIDR_EL1 {value:#x} is not vCPU "
                                          f"{self.id}'s reset_mpidr value; kvmwake does not "
                                          "model renumbered vCPUs")
-        self._need_outside("KVM_SET_ONE_REG")
-        if r == KvmReg.PSCI_VERSION:
-            self.vm.set_psci_version(value)
-        elif r != KvmReg.MPIDR_EL1:
-            self.vm._engine.set_reg(self._g, _CORE_INDEX[r], value)
+        with self._mutex("KVM_SET_ONE_REG"):
+            if r == KvmReg.PSCI_VERSION:
+                self.vm.set_psci_version(value)
+            elif r != KvmReg.MPIDR_EL1:
+                self.vm._engine.set_reg(self._g, _CORE_INDEX[r], value)
 
     # -- KVM_RUN ----------------------------------------------------------------------------
 
+    @_paced
     def signal(self) -> None:
         """Send the vCPU thread a signal: inside KVM_RUN it returns KVM_EXIT_INTR."""
         self.vm._engine.signal(self._g)
@@ -897,6 +941,9 @@ class VCpu:
         if warn:
             timeout_ns = DEFAULT_RUN_TIMEOUT_NS
         timeout_ns = check_int("timeout_ns", timeout_ns, 1, 1 << 62)
+        th = host._threads
+        if th is not None and th.active:
+            return th.run(self, timeout_ns, warn, immediate_exit)
         eng = self.vm._engine
         if self._held is not None:
             held, self._held = self._held, None
@@ -931,6 +978,59 @@ class VCpu:
             if self._held is not None:
                 held, self._held = self._held, None
                 return from_engine(held)
+
+    # -- the VMM's own threads (vcpu_threads.py) ---------------------------------------------
+
+    def attach(self) -> "VCpu":
+        """Give this vCPU a thread of its own: from now on its ``run()`` is called
+        from one thread (the first to call it), blocks that thread until the
+        vCPU has an exit, and the clock moves only while no attached vCPU's
+        thread is in userspace (the rules: ``vcpu_threads.VcpuThreads``).
+
+        Attach every vCPU before starting the threads (they enter KVM_RUN
+        together, in vCPU order, once each has called ``run()``).  The thread
+        ``detach()``es the vCPU when it stops running it, or ``park()``s it
+        while it waits for another thread.  Returns the vCPU; as a context
+        manager (``with vcpu.attach():``) it detaches on leaving the block.
+        While vCPUs are attached, ``vm.run`` and ``host.run`` are refused."""
+        self.vm.host._no_policy_reentry("vcpu.attach()")
+        self.vm.host.vcpu_threads.attach(self)
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.attached:
+            self.detach()
+
+    def detach(self) -> None:
+        """Stop treating this vCPU as run by a thread of its own (from its thread,
+        after ``run()`` returned; from any thread before its first ``run()``)."""
+        self.vm.host.vcpu_threads.detach(self)
+
+    @property
+    def attached(self) -> bool:
+        """True while the vCPU is attached to a thread of the VMM (``attach``)."""
+        th = self.vm.host._threads
+        return th is not None and th.slot_of(self) is not None
+
+    @property
+    def thread_role(self) -> str | None:
+        """Where the attached vCPU's thread is: ``"starting"``, ``"in KVM_RUN"``,
+        ``"exited"`` (its exit made, not yet returned), ``"in userspace"``,
+        ``"parked"``; None when not attached."""
+        th = self.vm.host._threads
+        return None if th is None else th.state_of(self)
+
+    def park(self) -> None:
+        """From the vCPU's own thread, in userspace: wait, without holding the clock,
+        until another thread calls ``unpark()`` (a VMM's paused vCPU thread)."""
+        self.vm.host.vcpu_threads.park(self)
+
+    def unpark(self) -> None:
+        """Let a parked vCPU's thread go on (it queues for the userspace token)."""
+        self.vm.host.vcpu_threads.unpark(self)
 
     #: Rounds of the watchdog's timeout a signalled vCPU gets to leave KVM_RUN.
     SIGNAL_GRACE_ROUNDS = 64
@@ -978,10 +1078,12 @@ class VCpu:
 
     # -- kicks and requests (acting at the host's current virtual time) ---------------------
 
+    @_paced
     def kick(self) -> bool:
         """``kvm_vcpu_kick``: wake it if blocked, IPI it if in guest mode.  True if an IPI went."""
         return self.vm._engine.kick(self._g)
 
+    @_paced
     def make_request(self, req: int) -> bool:
         """``kvm_make_request`` + kick, honouring ``KVM_REQUEST_NO_WAKEUP``.
 
@@ -997,6 +1099,7 @@ class VCpu:
                                          "vcpu->requests (0..63)")
         return self.vm._engine.make_request(self._g, req)
 
+    @_paced
     def raise_wake(self) -> bool:
         """Send this vCPU the guest's reschedule IPI, whatever the arch (arm64: SGI 0,
         as ``raise_sgi(0)``; x86: vector 0xFD, as ``send_ipi(0xFD)``)."""
@@ -1007,6 +1110,7 @@ class VCpu:
             raise KvmError(errno.EINVAL, f"{what} is {arch}'s; on this {self.vm.arch} vCPU "
                                          f"use {instead}")
 
+    @_paced
     def raise_sgi(self, intid: int = 0) -> bool:
         """arm64: SGI ``intid`` (0-15) arrives at this vCPU, as another vCPU's
         ICC_SGI1R_EL1 write delivers it (``vgic_v3_dispatch_sgi``): the latch is set
@@ -1016,6 +1120,7 @@ class VCpu:
         intid = check_int("intid", intid, 0, 15)
         return self.vm._engine.raise_irq_at(self._g, intid)
 
+    @_paced
     def send_ipi(self, vector: int = 0xFD) -> bool:
         """x86: a fixed-mode IPI of ``vector`` (16-255) arrives at this vCPU's LAPIC,
         as an ICR write delivers it (``kvm_apic_send_ipi`` -> ``__apic_accept_irq``):

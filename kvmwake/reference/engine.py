@@ -513,9 +513,17 @@ class Engine:
         """Process every event before ``until_ns``; then the clock reads ``until_ns``."""
         self._guard(run_loop, self, until_ns, False)
 
-    def run_until_exit(self, until_ns: int) -> int:
+    @property
+    def next_event_ns(self):
+        """The earliest queued event's time (a void one included), or None when the
+        queue is empty: a real-time driver sleeps until it (vcpu_threads.py)."""
+        t = queue.q_peek(self.q)
+        return None if t == queue.NO_TIME else t
+
+    def run_until_exit(self, until_ns: int, release_gil: bool = True) -> int:
         """Like ``run``, but stop after the first event in which a vCPU exited to
-        userspace; returns that thread, or -1 when ``until_ns`` was reached."""
+        userspace; returns that thread, or -1 when ``until_ns`` was reached.
+        (``release_gil``: the core's; plain Python always holds the GIL.)"""
         return self._guard(run_loop, self, until_ns, True)
 
     def _guard(self, fn, *args):
