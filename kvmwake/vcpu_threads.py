@@ -234,7 +234,7 @@ class VcpuThreads:
                 raise RuntimeError(f"detach: vCPU {vcpu.id} of VM {vcpu.vm.index} is not "
                                    "attached")
             if s.state == ACTIVE:
-                if s.owner is not threading.current_thread():
+                if s.owner is not threading.current_thread() and s.owner.is_alive():
                     raise RuntimeError(f"detach: {s.name()} is in userspace in thread "
                                        f"{s.owner.name!r}; only that thread may detach it")
             elif s.state != STARTING:
@@ -260,11 +260,11 @@ class VcpuThreads:
                 raise RuntimeError(f"vCPU {vcpu.id} of VM {vcpu.vm.index} is not attached, "
                                    "while others of this host are: attach it (VCpu.attach) "
                                    "before its thread calls run()")
-            if s.owner is None:
-                s.owner = me
-            elif s.owner is not me:
-                raise RuntimeError(f"run: {s.name()} belongs to thread {s.owner.name!r} "
-                                   f"(its first run()), not {me.name!r}")
+            if s.owner is not me:
+                if s.owner is not None and s.owner.is_alive():
+                    raise RuntimeError(f"run: {s.name()} belongs to thread {s.owner.name!r} "
+                                       f"(its first run()), not {me.name!r}")
+                s.owner = me                  # its first run(), or its thread ended
             if s.state not in (STARTING, ACTIVE):
                 raise RuntimeError(f"run: {s.name()} is {s.state}")
             if immediate_exit:

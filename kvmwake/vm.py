@@ -717,6 +717,10 @@ class VCpu:
         self._loaded = False
         self._started = False
         self._held = None          # an exit made while another vCPU's run() waited
+        #: ``kvm_run->immediate_exit``: while set (by any thread), every ``run()``
+        #: returns -EINTR at once (``KvmError(EINTR)``); a VMM sets it and then
+        #: ``signal()``s a vCPU that may be inside KVM_RUN, as QEMU's kick does.
+        self.immediate_exit = False
 
     # -- KVM_ARM_VCPU_INIT, MP state, registers --------------------------------------------
 
@@ -941,6 +945,7 @@ class VCpu:
         if warn:
             timeout_ns = DEFAULT_RUN_TIMEOUT_NS
         timeout_ns = check_int("timeout_ns", timeout_ns, 1, 1 << 62)
+        immediate_exit = bool(immediate_exit) or bool(self.immediate_exit)
         th = host._threads
         if th is not None and th.active:
             return th.run(self, timeout_ns, warn, immediate_exit)
