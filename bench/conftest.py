@@ -6,11 +6,14 @@
 The suites: ``test_bench_micro.py`` (heap push/pop, the wake-condition scan,
 a kick, a full halt), ``test_bench_scenarios.py`` (the four built-in
 scenarios on both engines), ``test_bench_islands.py`` (a host of islands on
-one queue, on one thread and on two) and ``test_bench_peers.py`` (the SimPy model of
+one queue, on one thread and on two), ``test_bench_threads.py`` (64 and 256
+vCPU threads of a VMM against a callback policy) and ``test_bench_peers.py`` (the SimPy model of
 ipi-storm and the bare heap loop; skipped without SimPy or Cython).  The
 scripts beside them print whole reports: ``compare.py`` (core vs
 reference), ``compare_peers.py`` (vs SimPy and the floor), ``scaling.py``
-(1,024 to 65,536 vCPUs) and ``instructions.py`` (callgrind counts).
+(1,024 to 65,536 vCPUs), ``threaded_vmm.py`` (a VMM's own vCPU threads, and
+the real-time kick-to-run latency beside the kernel's) and ``instructions.py``
+(callgrind counts).
 
 ``KVMWAKE_BENCH_SIZE`` picks the size: ``full`` (the default) or ``tiny`` (a
 few vCPUs for a millisecond of virtual time: checks that every benchmark

@@ -76,6 +76,11 @@ class _Waiter:
         self.target = target      # "time": the virtual time it waits for
 
 
+def _due(w: _Waiter) -> int:
+    """When an inside waiter needs the driver: its watchdog, or its time."""
+    return w.holder.deadline if w.kind == "run" else w.target
+
+
 class _Slot:
     """An attached vCPU."""
 
@@ -177,6 +182,8 @@ class VcpuThreads:
         self.exits = 0                            # exits returned to vCPU threads
         self.chunk_ns = 1_000_000                 # virtual length of a chunk (_drive)
         self.rt = None                            # real time: (rate, wall0 ns, virtual0 ns)
+        self.last_sync_ns = 0                     # virtual time of the last sync_to_wall
+        self.next_due = (1 << 64) - 1             # <= every inside waiter's deadline
 
     # -- state ----------------------------------------------------------------------
 
@@ -283,7 +290,7 @@ class VcpuThreads:
                 eng.start_vcpu(s.g)
                 self.users.discard(s)
             s.state = IN_RUN
-            self.inside[w] = None
+            self._enter(w)
             if self.driver is None:
                 self.driver = w           # the thread entering KVM_RUN drives: no wake-up
             self.progress = time.monotonic()
@@ -350,7 +357,7 @@ class VcpuThreads:
                 self.ready.append(w)
             else:
                 w = _Waiter("time", h, at_ns)
-                self.inside[w] = None
+                self._enter(w)
             self._advance()
         self._block(w)
         h.held = True
@@ -450,6 +457,7 @@ class VcpuThreads:
             target = self._wall_virtual()
             while self._clock_free() and self.eng.now < target:
                 self._drive(target)
+            self.last_sync_ns = self.eng.now
 
     def poke(self) -> None:
         """Real time: the driving thread looks again at when the next event is due."""
@@ -494,13 +502,16 @@ class VcpuThreads:
             self.driver = next(iter(self.inside))
             self._post(self.driver)
 
+    def _enter(self, w: _Waiter) -> None:
+        """``w`` waits inside (in run(), or for a time): it may drive the clock."""
+        self.inside[w] = None
+        self.next_due = min(self.next_due, _due(w))
+
     def _drive(self, limit: int | None = None) -> float:
         """One chunk of virtual time on the driving thread; then hand exits out.
         Returns how long (wall seconds) a real-time driver may sleep now, else 0."""
         eng = self.eng
-        until = min(eng.now + self.chunk_ns, (1 << 64) - 1)
-        for w in self.inside:
-            until = min(until, w.holder.deadline if w.kind == "run" else w.target)
+        until = min(eng.now + self.chunk_ns, self.next_due)
         paced = False
         if self.rt is not None:
             wall = self._wall_virtual() if limit is None else limit
@@ -528,14 +539,15 @@ class VcpuThreads:
                 del self.inside[s.waiter]
                 self.ready.append(s.waiter)
         now = eng.now
-        due = [w for w in self.inside
-               if (w.holder.deadline if w.kind == "run" else w.target) <= now]
-        for w in due:
-            if w.kind == "time":
-                del self.inside[w]
-                self.ready.append(w)
-            else:
-                self._watchdog(w.holder, now)
+        if now >= self.next_due:
+            # (next_due is a lower bound: a scan only when it is reached.)
+            for w in [w for w in self.inside if _due(w) <= now]:
+                if w.kind == "time":
+                    del self.inside[w]
+                    self.ready.append(w)
+                else:
+                    self._watchdog(w.holder, now)
+            self.next_due = min(map(_due, self.inside), default=(1 << 64) - 1)
         if not self._clock_free() or self.driver not in self.inside:
             self.driver = None
         self._advance()
@@ -543,9 +555,7 @@ class VcpuThreads:
             return 0.0
         # Real time, the wall clock reached: sleep until the next event is due.
         nxt = eng.next_event_ns
-        nxt = (1 << 64) - 1 if nxt is None else nxt
-        for w in self.inside:
-            nxt = min(nxt, w.holder.deadline if w.kind == "run" else w.target)
+        nxt = min((1 << 64) - 1 if nxt is None else nxt, self.next_due)
         ahead = (nxt - eng.now) / self.rt[0] / 1e9
         return min(max(ahead, 1e-6), _POLL_S)
 

@@ -408,3 +408,22 @@ def test_real_time_paces_virtual_time_to_the_wall_clock():
     # Back to the deterministic clock.
     vm.host.set_realtime(None)
     assert vm.host.realtime is None
+
+
+def test_the_watchdog_signals_a_vcpu_that_does_not_exit():
+    """run()'s watchdog works in threaded mode as in one thread: a RuntimeWarning
+    when the default window fired, silence when the caller chose it."""
+    vm, v = blocked_vm()
+    v.attach()
+    with pytest.warns(RuntimeWarning, match="did not exit in 1 s of virtual time"):
+        ex = first = v.run()
+    assert ex.reason == kw.ExitReason.INTR
+    t = vm.host.now
+    ex = v.run(timeout_ns=2_000_000)
+    assert ex.reason == kw.ExitReason.INTR and ex.time_ns - t - 2_000_000 < 100_000
+    v.detach()
+    # The same vCPU driven from one thread again: the same answer.
+    vm2, v2 = blocked_vm()
+    with pytest.warns(RuntimeWarning):
+        ex2 = v2.run()
+    assert str(ex2) == str(first)

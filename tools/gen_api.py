@@ -19,8 +19,9 @@ OUT = ROOT / "docs" / "api.md"
 
 #: (module, names documented; None: the module's __all__ or its public functions and classes)
 SECTIONS = [
-    ("kvmwake", ["Host", "HostThread", "VM", "VCpu", "KvmError", "ProgramError", "EngineError",
-                 "ScenarioError", "SnapshotError"]),
+    ("kvmwake", ["Host", "HostThread", "VM", "VCpu", "ClockHold", "KvmError", "ProgramError",
+                 "EngineError", "ScenarioError", "SnapshotError", "DeadlockError"]),
+    ("kvmwake.vcpu_threads", ["VcpuThreads", "DEFAULT_DEADLOCK_TIMEOUT_S"]),
     ("kvmwake.guest", None),
     ("kvmwake.hostprog", None),
     ("kvmwake.host", ["check_affinity", "host_thread_cpu"]),
