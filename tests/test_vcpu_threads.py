@@ -10,6 +10,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kvmwake as kw
 from kvmwake import guest as G
@@ -427,3 +429,25 @@ def test_the_watchdog_signals_a_vcpu_that_does_not_exit():
     with pytest.warns(RuntimeWarning):
         ex2 = v2.run()
     assert str(ex2) == str(first)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 5), seed=st.integers(0, 2 ** 16), rounds=st.integers(1, 6),
+       per_exit=st.integers(1, 3), host_cpus=st.integers(1, 3),
+       timer=st.integers(5_000, 200_000), scheduler=st.sampled_from(["fifo", "eevdf"]))
+def test_threaded_and_callback_runs_agree(n, seed, rounds, per_exit, host_cpus, timer,
+                                          scheduler):
+    def build():
+        host = kw.Host(host_cpus=host_cpus, seed=seed, scheduler=scheduler)
+        vm = host.create_vm(n)
+        body = [G.compute_exp(20_000), G.wake_random_other(), G.timer_arm(timer), G.wfi()]
+        for i, v in enumerate(vm.vcpus):
+            v.load([G.loop([G.loop(body, per_exit), G.sync(i)], rounds), G.end()])
+        return vm
+    ref = build()
+    pol = LogVmm()
+    ref.run(10 ** 10, vmm=pol)
+    vm = build()
+    assert run_threads(vm) == pol.log
+    assert vm.stats_array().tobytes() == ref.stats_array().tobytes()
+    assert vm.host.now <= ref.host.now
