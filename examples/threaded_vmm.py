@@ -302,23 +302,14 @@ def shutdown(vmm: Vmm, why: str) -> None:
 
 # -- the control thread ---------------------------------------------------------------------------
 
-def hold_at(host: kw.Host, t: int) -> kw.ClockHold:
-    """The clock, held at virtual time ``t`` exactly (``Host.hold_clock``)."""
-    hold = host.hold_clock(at_ns=t)
-    if hold.time_ns != t:
-        hold.release()
-        raise RuntimeError(f"the clock passed {t} ns before the control thread asked to "
-                           f"stop it there (it was at {hold.time_ns} ns)")
-    return hold
-
-
-def snapshot_paused(vmm: Vmm, t: int) -> None:
-    """At virtual time ``t``: pause every vCPU, snapshot the host while every vCPU
-    thread is parked, resume them.  Sets ``vmm.snapshot`` and ``vmm.mark``."""
+def snapshot_paused(vmm: Vmm, hold: kw.ClockHold) -> kw.ClockHold:
+    """With the clock held at the snapshot's time: pause every vCPU, snapshot the
+    host while every vCPU thread is parked, resume them.  Sets ``vmm.snapshot`` and
+    ``vmm.mark``; returns the clock held again, at the snapshot's instant."""
     host, everyone = vmm.host, {v.id for v in vmm.vm.vcpus}
-    with hold_at(host, t):
+    with hold:
         if vmm.quit:
-            return
+            return host.hold_clock()
         with vmm.cond:
             if vmm.pauser is None:
                 pause_vcpus(vmm, "control", vmm.vm.vcpus)
@@ -327,35 +318,41 @@ def snapshot_paused(vmm: Vmm, t: int) -> None:
         vmm.log("control", "pauses every vCPU")
     with vmm.cond:                             # wait, holding nothing, for them all
         vmm.cond.wait_for(lambda: vmm.pauser == "control" and vmm.stopped == everyone)
-    with host.hold_clock() as hold:            # every thread parked: the clock stands still
-        vmm.snapshot = (host.snapshot(), vmm.save_state(), hold.time_ns)
-        vmm.log("control", f"snapshot, every vCPU parked ({len(vmm.snapshot[0])} bytes); "
-                           "resumes them")
-        vmm.mark = (len(vmm.events), {i: len(x) for i, x in vmm.exits.items()})
-        resume_vcpus(vmm)
+    hold = host.hold_clock()                   # every thread parked: the clock stands still
+    vmm.snapshot = (host.snapshot(), vmm.save_state(), hold.time_ns)
+    vmm.log("control", f"snapshot, every vCPU parked ({len(vmm.snapshot[0])} bytes); "
+                       "resumes them")
+    vmm.mark = (len(vmm.events), {i: len(x) for i, x in vmm.exits.items()})
+    resume_vcpus(vmm)
+    return hold
 
 
-def wake_up(vmm: Vmm, t: int) -> None:
-    """At virtual time ``t``: raise the wake-up SPI for the suspended vCPU 0."""
-    with hold_at(vmm.host, t):
-        if vmm.quit:
-            return
-        if 0 not in vmm.pending:
-            vmm.errors.append(f"vCPU 0 is not suspended at {t} ns, the wake-up time")
-            shutdown(vmm, "nothing to wake")
-            return
-        vmm.vm.irq_line(WAKE_SPI, 1)           # KVM_IRQ_LINE, a VM ioctl: acts at once
-        vmm.log("control", f"wake-up: raises SPI {WAKE_SPI}")
+def wake_up(vmm: Vmm) -> None:
+    """With the clock held at the wake-up time: raise the wake-up SPI for the
+    suspended vCPU 0."""
+    if vmm.quit:
+        return
+    if 0 not in vmm.pending:
+        vmm.errors.append(f"vCPU 0 is not suspended at {vmm.host.now} ns, the wake-up time")
+        shutdown(vmm, "nothing to wake")
+        return
+    vmm.vm.irq_line(WAKE_SPI, 1)               # KVM_IRQ_LINE, a VM ioctl: acts at once
+    vmm.log("control", f"wake-up: raises SPI {WAKE_SPI}")
 
 
-def control_thread(vmm: Vmm, snapshot_at, wake_at, ready: threading.Event) -> None:
+def control_thread(vmm: Vmm, hold: kw.ClockHold, snapshot_at, wake_at) -> None:
     """A snapshot of the paused vCPUs at ``snapshot_at``, then the wake-up at
-    ``wake_at`` (virtual ns; None: not done)."""
-    ready.set()                  # the vCPU threads start as it asks for the clock
+    ``wake_at`` (virtual ns; None: not done).  ``hold`` was asked for, for the
+    first of them, before the vCPU threads started, so it cannot come late; from
+    one time to the next the clock goes with ``wait_until``, held again there."""
+    hold.wait()
     if snapshot_at is not None:
-        snapshot_paused(vmm, snapshot_at)
+        hold = snapshot_paused(vmm, hold)
     if wake_at is not None:
-        wake_up(vmm, wake_at)
+        if hold.time_ns < wake_at:
+            hold.wait_until(wake_at)
+        wake_up(vmm)
+    hold.release()
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -375,14 +372,14 @@ def run_vmm(vmm: Vmm, snapshot_at: int | None = SNAPSHOT_AT_NS,
 
     for v in vmm.vm.vcpus:
         v.attach()                    # all before any thread runs: first entries together
-    ready = threading.Event()
-    control = threading.Thread(target=guarded(control_thread, vmm, snapshot_at, wake_at,
-                                              ready), name="control")
-    control.start()
-    ready.wait()                      # (so that it asks for the clock before it moves)
+    times = [t for t in (snapshot_at, wake_at) if t is not None]
+    # Asked for before any vCPU thread can move the clock; granted when it gets there.
+    hold = vmm.host.hold_clock(at_ns=min(times, default=None), wait=False)
+    control = threading.Thread(target=guarded(control_thread, vmm, hold, snapshot_at,
+                                              wake_at), name="control")
     threads = [threading.Thread(target=guarded(vcpu_thread, vmm, v), name=f"CPU {v.id}/KVM")
                for v in vmm.vm.vcpus]
-    for t in threads:
+    for t in [control] + threads:
         t.start()
     for t in threads + [control]:
         t.join()

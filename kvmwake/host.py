@@ -451,16 +451,21 @@ class Host:
             self._threads = VcpuThreads(self)
         return self._threads
 
-    def hold_clock(self, at_ns: int | None = None):
+    def hold_clock(self, at_ns: int | None = None, wait: bool = True):
         """Take the userspace token from a thread that is not a vCPU's (a control
         thread): the clock stands still until the returned ``ClockHold`` is
         released (a context manager).  ``at_ns``: first wait, blocked, until
-        virtual time reaches it (the clock stops there exactly).  With attached
-        vCPU threads, this is how a control thread acts at a deterministic time;
-        the token is queued for in call order (``vcpu_threads.VcpuThreads``)."""
+        virtual time reaches it (the clock stops there exactly); a time already
+        past is a ValueError.  With attached vCPU threads, this is how a control
+        thread acts at a deterministic time; the token is queued for in call
+        order (``vcpu_threads.VcpuThreads``).
+
+        ``wait=False`` registers the hold and returns at once; ``hold.wait()``
+        then blocks until it is granted.  Made before the vCPU threads start, it
+        cannot come late.  From one hold to the next time, ``hold.wait_until``."""
         if at_ns is not None:
             at_ns = check_int("at_ns", at_ns, 0, MAX_TIME_NS)
-        return self.vcpu_threads.hold_clock(at_ns)
+        return self.vcpu_threads.hold_clock(at_ns, bool(wait))
 
     def set_realtime(self, rate: float | None = 1.0) -> None:
         """Pace the virtual clock to the monotonic clock while VMM threads run it

@@ -36,7 +36,8 @@ import warnings
 from .errors import DeadlockError, KvmError
 from .exits import from_engine
 
-__all__ = ["VcpuThreads", "ClockHold", "DeadlockError", "DEFAULT_DEADLOCK_TIMEOUT_S"]
+__all__ = ["VcpuThreads", "ClockHold", "DeadlockError", "DEFAULT_DEADLOCK_TIMEOUT_S",
+           "STARTING", "IN_RUN", "READY", "ACTIVE", "PARKED"]
 
 #: Wall time without progress (no token passed, no virtual time) after which the
 #: threads waiting on a clock that an attached thread holds are told of a deadlock.
@@ -110,13 +111,31 @@ class _Slot:
 
 class ClockHold:
     """The userspace token held by a thread that is not a vCPU's (``Host.hold_clock``):
-    the clock stands still until ``release()``.  A context manager."""
+    the clock stands still until ``release()``.  A context manager.
+
+    ``time_ns`` is the virtual time it was granted at; ``held`` says whether it is
+    held now."""
 
     def __init__(self, coord: "VcpuThreads", thread):
         self._coord = coord
         self.thread = thread
         self.time_ns = 0
         self.held = False
+        self._waiter = None       # while it waits to be granted
+
+    def wait(self) -> "ClockHold":
+        """Block until a hold made with ``hold_clock(..., wait=False)`` is granted
+        (at once if it already was); the calling thread then holds it."""
+        self._coord._wait_registered(self)
+        return self
+
+    def wait_until(self, at_ns: int) -> "ClockHold":
+        """Let the clock go until virtual time ``at_ns`` and hold it there again, in
+        one step: no other thread can take the token in between and make the
+        hold late, which a ``release()`` followed by ``hold_clock(at_ns=...)``
+        could not promise."""
+        self._coord._hold_until(self, at_ns)
+        return self
 
     def name(self) -> str:
         return f"the clock hold of thread {self.thread.name!r}"
@@ -313,10 +332,17 @@ class VcpuThreads:
         with self.lock:
             self._check_failed()
             s = self.slots.get(vcpu._g)
-            if s is None or s.state != ACTIVE or s.owner is not me:
+            first = s is not None and s.state == STARTING and (
+                s.owner is None or s.owner is me or not s.owner.is_alive())
+            if not first and (s is None or s.state != ACTIVE or s.owner is not me):
                 raise RuntimeError(f"park: vCPU {vcpu.id} of VM {vcpu.vm.index} is not in "
                                    "userspace in this thread (park it from its own thread, "
-                                   "after run() returned)")
+                                   "after run() returned, or before its first run())")
+            if first:
+                # A vCPU thread that starts stopped (QEMU's): it binds the vCPU and
+                # stops holding the clock until unpark().
+                s.owner = me
+                self.starting -= 1
             w = _Waiter("park", s)
             s.waiter = w
             s.state = PARKED
@@ -340,29 +366,76 @@ class VcpuThreads:
 
     # -- the clock held by other threads -------------------------------------------------
 
-    def hold_clock(self, at_ns: int | None) -> ClockHold:
+    def hold_clock(self, at_ns: int | None, wait: bool = True) -> ClockHold:
         me = threading.current_thread()
         with self.lock:
             self._check_failed()
-            if self._held_by(me) is not None:
+            if wait and self._held_by(me) is not None:
                 raise RuntimeError(f"hold_clock: thread {me.name!r} already holds the clock "
                                    f"({self._held_by(me).name()})")
             for s in self.slots.values():
-                if s.owner is me and s.state != ACTIVE:
+                if wait and s.owner is me and s.state != ACTIVE:
                     raise RuntimeError(f"hold_clock: thread {me.name!r} runs {s.name()}, "
                                        f"which is {s.state}")
+            self._check_future("hold_clock", at_ns)
             h = ClockHold(self, me)
-            if at_ns is None or at_ns <= self.eng.now:
-                w = _Waiter("token", h)
-                self.ready.append(w)
-            else:
-                w = _Waiter("time", h, at_ns)
-                self._enter(w)
+            h._waiter = self._register(h, at_ns)
             self._advance()
-        self._block(w)
-        h.held = True
-        h.time_ns = self.eng.now
+        if wait:
+            self._wait_granted(h)
         return h
+
+    def _check_future(self, what: str, at_ns) -> None:
+        if at_ns is not None and at_ns < self.eng.now:
+            raise ValueError(
+                f"{what}: at_ns = {at_ns} is past: the clock is at {self.eng.now} ns.  Ask "
+                "before it can pass: while an attached vCPU has not made its first run(), "
+                "with hold_clock(at_ns, wait=False) before the vCPU threads start, or from "
+                "an earlier hold with ClockHold.wait_until")
+
+    def _register(self, h: ClockHold, at_ns) -> _Waiter:
+        """Queue ``h`` for the token now, or for when the clock reaches ``at_ns``."""
+        if at_ns is None or at_ns <= self.eng.now:
+            w = _Waiter("token", h)
+            self.ready.append(w)
+        else:
+            w = _Waiter("time", h, at_ns)
+            self._enter(w)
+        return w
+
+    def _wait_granted(self, h: ClockHold) -> None:
+        self._block(h._waiter)
+        with self.lock:
+            h._waiter = None
+            h.held = True
+            h.time_ns = self.eng.now
+
+    def _wait_registered(self, h: ClockHold) -> None:
+        me = threading.current_thread()
+        with self.lock:
+            if h._waiter is None:
+                raise RuntimeError("ClockHold.wait: this hold is not waiting to be granted "
+                                   "(made with wait=False, not yet waited for)")
+            other = self._held_by(me)
+            if other is not None and other is not h:
+                raise RuntimeError(f"ClockHold.wait: thread {me.name!r} already holds the "
+                                   f"clock ({other.name()})")
+            h.thread = me
+        self._wait_granted(h)
+
+    def _hold_until(self, h: ClockHold, at_ns: int) -> None:
+        with self.lock:
+            self._check_failed()
+            if not h.held or h not in self.users:
+                raise RuntimeError("ClockHold.wait_until: the hold is not held")
+            self._check_future("ClockHold.wait_until", at_ns)
+            self.users.discard(h)
+            h.held = False
+            h.thread = threading.current_thread()
+            h._waiter = self._register(h, at_ns)
+            self.progress = time.monotonic()
+            self._advance()
+        self._wait_granted(h)
 
     def _release_hold(self, h: ClockHold) -> None:
         with self.lock:
@@ -653,9 +726,10 @@ class VcpuThreads:
                 + " has not made its first run()"
         waiting = [s.name() for s in self.slots.values() if s.state in (IN_RUN, READY)]
         others = len(self.ready) + len(self.inside) - len(waiting)
+        verb = " waits in KVM_RUN" if len(waiting) == 1 else " wait in KVM_RUN"
         return (f"deadlock: {who} for {stalled:.1f} s of wall time (virtual time stands at "
                 f"{self.eng.now} ns) while "
-                + (", ".join(waiting) + " wait in KVM_RUN" if waiting else "nobody is in KVM_RUN")
+                + (", ".join(waiting) + verb if waiting else "nobody is in KVM_RUN")
                 + (f" and {others} other thread(s) wait for the clock" if others > 0 else "")
                 + ": a thread that waits for another thread in userspace must park its vCPU "
                   "(VCpu.park), and a thread that stops running its vCPU must detach it")

@@ -1005,9 +1005,16 @@ class VCpu:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        if self.attached:
+    def __exit__(self, exc_type, exc, tb):
+        if not self.attached:
+            return
+        if exc_type is None:
             self.detach()
+            return
+        try:
+            self.detach()
+        except (RuntimeError, KvmError):
+            pass                # (the block's own error is the one to see)
 
     def detach(self) -> None:
         """Stop treating this vCPU as run by a thread of its own (from its thread,

@@ -199,7 +199,7 @@ def test_the_tutorial_walks_through_this_very_code():
     shared = sorted(set(doc) & set(example))
     for name in ("Vmm", "vcpu_thread", "handle_exit", "stop_point", "pause_vcpus",
                  "resume_vcpus", "pause_others", "end_pause", "system_suspend",
-                 "system_wakeup", "shutdown", "hold_at", "snapshot_paused", "wake_up",
+                 "system_wakeup", "shutdown", "snapshot_paused", "wake_up",
                  "control_thread", "run_vmm", "build_vm"):
         assert name in shared, f"the tutorial does not show {name}"
     for name in shared:

@@ -275,7 +275,7 @@ def test_a_thread_waiting_on_another_without_parking_is_a_reported_deadlock():
     exc, waited = result["b"]
     assert waited < 5
     assert "vCPU 0 of VM 0 has held the userspace token" in str(exc)
-    assert "vCPU 1 of VM 0 wait in KVM_RUN" in str(exc)
+    assert "vCPU 1 of VM 0 waits in KVM_RUN" in str(exc)
     assert "park" in str(exc)
     assert isinstance(result["a"], kw.DeadlockError)     # the host stays failed
 
@@ -340,8 +340,6 @@ def test_misuse_is_refused_with_a_clear_error():
         vm.run(1_000)
     with pytest.raises(RuntimeError, match="attached to threads"):
         vm.host.run(1_000)
-    with pytest.raises(RuntimeError, match="not in userspace in this thread"):
-        v.park()
     with pytest.raises(RuntimeError, match="not parked"):
         v.unpark()
     with pytest.raises(ValueError):
@@ -360,6 +358,8 @@ def test_misuse_is_refused_with_a_clear_error():
     wait_role(v, VT.ACTIVE)
     with pytest.raises(RuntimeError, match="only that thread may detach"):
         v.detach()
+    with pytest.raises(RuntimeError, match="not in userspace in this thread"):
+        v.park()
     done.set()
     t.join(10)
     v.detach()                               # its thread ended: any thread may
@@ -451,3 +451,44 @@ def test_threaded_and_callback_runs_agree(n, seed, rounds, per_exit, host_cpus, 
     assert run_threads(vm) == pol.log
     assert vm.stats_array().tobytes() == ref.stats_array().tobytes()
     assert vm.host.now <= ref.host.now
+
+
+def test_a_thread_may_start_parked_and_holds_may_be_registered_ahead():
+    """QEMU's vCPU threads start stopped: park() before the first run(); a control
+    thread registers its holds before the vCPU threads start (wait=False) and
+    goes from one to the next with wait_until, so none comes late."""
+    vm = storm_vm(2, 4, rounds=50)
+    a, b = vm.vcpus
+    a.attach()
+    b.attach()
+    hold = vm.host.hold_clock(at_ns=200_000, wait=False)
+    seen = []
+
+    def control():
+        hold.wait()
+        seen.append(vm.host.now)
+        b.unpark()                            # B starts at 200 us
+        hold.wait_until(400_000)
+        seen.append(vm.host.now)
+        with pytest.raises(ValueError, match="is past"):
+            hold.wait_until(100_000)
+        hold.release()
+        with pytest.raises(RuntimeError, match="not waiting"):
+            hold.wait()
+
+    def vcpu(v, parked):
+        if parked:
+            v.park()
+            seen.append(("b in", vm.host.now))
+        with v:
+            while v.run(1 << 40).ucall == "SYNC":
+                pass
+    ts = [threading.Thread(target=control), threading.Thread(target=vcpu, args=(a, False)),
+          threading.Thread(target=vcpu, args=(b, True))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert seen[:3] == [200_000, ("b in", 200_000), 400_000]
+    with pytest.raises(ValueError, match="is past"):
+        vm.host.hold_clock(at_ns=1)
