@@ -155,6 +155,12 @@ def _row(name, seed, status, **kw):
             "saturated_reason": kw.pop("saturated_reason", None), **kw}
 
 
+def test_a_recorded_only_row_in_the_table():
+    md = S.markdown([{"name": "x", "seed": 0, "config": {"wakes": 10}, "status": "recorded",
+                      "foreign_pct": 0.5}])
+    assert md.splitlines()[3].endswith("| 0.5 | recorded, not compared |")
+
+
 def test_markdown_table_on_synthetic_rows():
     rows = [_row("a", 0, "pass"),
             _row("a", 1, "fail", criteria=_crit(p99=("missed", 0.41),
@@ -269,3 +275,41 @@ def test_suite_end_to_end_on_tiny_configurations(tmp_path, capsys):
     assert meta["workload"]["canonical"] == "fixed:100us" and meta["halt_poll_cap"] == 50_000
     assert meta["pinning"]["enabled"] is False
     assert (out / "suite.md").read_text().count("\n") == 3 + 2
+
+
+def test_against_scores_one_recording_of_the_kernel_against_another(tmp_path, capsys):
+    """--against: the kernel's own spread.  A recording against a copy of itself meets
+    every criterion exactly; against one made with other costs it misses; against
+    another configuration it is an error row, not a score."""
+    import shutil
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[config]]\nname = "two"\nvcpus = 2\nidle = "mixed"\n'
+                   '[[config]]\nname = "one"\nvcpus = 1\nidle = "mixed"\n')
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    Y.make_recording(a / "two" / "seed0", "mixed", 300, 2, 2, None, _made_with(), seed=0)
+    Y.make_recording(a / "one" / "seed0", "mixed", 300, 1, 2, None, _made_with(), seed=0)
+    shutil.copytree(a, b)
+    slow = _made_with()
+    slow.costs["wake_to_run_ns"] = 90_000
+    Y.make_recording(c / "two" / "seed0", "mixed", 300, 2, 2, None, slow, seed=0)
+    Y.make_recording(c / "one" / "seed0", "mixed", 200, 1, 2, None, _made_with(), seed=0)
+    base = ["suite", "-o", str(a), "--config", str(cfg), "--seeds", "1"]
+    assert KC.main(base + ["--against", str(b)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 pairs of recordings: 2 pass" in printed
+    doc = json.loads((a / S.AGAINST_JSON).read_text())
+    for row in doc["rows"]:
+        for e in row["criteria"]:
+            assert e["status"] in ("met", "not checked"), e
+            if e["name"] in ("median_wait", "p90", "p99") and e["value"] is not None:
+                assert e["value"] == 1.0
+    assert KC.main(base + ["--against", str(c)]) == 0
+    rows = {r["name"]: r for r in json.loads((a / S.AGAINST_JSON).read_text())["rows"]}
+    assert rows["two"]["status"] == "fail" and "median_wait" in rows["two"]["missed"]
+    assert rows["one"]["status"] == "error" and "its wakes is 200, not 300" in rows["one"]["error"]
+    md = (a / S.AGAINST_MD).read_text()
+    label, bound = next((lb, b) for k, lb, b in CM.CRITERIA if k == "median_wait")
+    assert f"| {label} | {bound} | 1 | 1 |" in md       # missed once, in one scored pair
+    assert not (a / "suite.json").exists()          # nothing recorded or simulated
+    assert KC.main(["suite", "-o", str(tmp_path / "empty"), "--config", str(cfg),
+                    "--against", str(b)]) != 0

@@ -173,6 +173,47 @@ def run(rec: Recording, cal: dict | None = None, seed: int = 0,
     return out
 
 
+def kernel_vs_kernel(a: Recording, b: Recording) -> dict:
+    """Recording ``b``'s kernel scored as if it were the model of recording ``a``: the
+    same configuration and seed recorded twice, the same figures and ``verdict`` as
+    ``run``.  Each acceptance criterion then reads against the kernel's own spread
+    from one recording to the next: a bound the kernel misses against itself is
+    one no model can be held to on a single recording."""
+    ra, rb = a.meta["workload"], b.meta["workload"]
+    for key, x, y in (("workload", ra["canonical"], rb["canonical"]),
+                      ("wakes", ra["wakes"], rb["wakes"]), ("vCPUs", a.nvcpus, b.nvcpus),
+                      ("host CPUs", a.meta["host_cpus"], b.meta["host_cpus"]),
+                      ("halt-poll ceiling", a.cap, b.cap)):
+        if x != y:
+            raise RecordingError(f"{b.path} is not a second recording of {a.path}: its {key} "
+                                 f"is {y!r}, not {x!r}")
+    ka, kb = C.kernel_view(a), C.kernel_view(b)
+    traced = a.traced and b.traced
+    fa, fb = ka.figures, kb.figures
+    if not traced:
+        fa, fb = C.stats_only_figures(a.vcpu_stats()), C.stats_only_figures(b.vcpu_stats())
+    rp = replay_recording(b)
+    cal = a.calibration or {}
+    out = {
+        "recording": {"path": str(a.path), "workload": ra["canonical"], "named": ra.get("named"),
+                      "wakes": ra["wakes"], "vcpus": a.nvcpus, "host_cpus": a.meta["host_cpus"],
+                      "halt_poll_cap": a.cap, "kernel": a.meta["kernel"]["release"],
+                      "date": a.meta.get("date"), "traced": traced},
+        "against": {"path": str(b.path), "date": b.meta.get("date")},
+        "kernel": _jsonable(fa, _drop_first_halts(fa["stats"], ka.halts if traced else None)),
+        "model": _jsonable(fb, _drop_first_halts(fb["stats"], kb.halts if traced else None)),
+        "replay": rp.to_dict() if rp is not None else None,
+        "sched": ({"kernel": rate_values(ka.sched), "model": rate_values(kb.sched),
+                   "reason": None} if ka.sched is not None and kb.sched is not None else
+                  {"kernel": None, "model": None,
+                   "reason": "a recording has no scheduler trace"}),
+        "saturated": bool(cal.get("saturated")),
+        "saturated_reason": cal.get("saturated_reason"),
+    }
+    out["verdict"] = verdict(out)
+    return out
+
+
 # ---------------------------------------------------------------- scheduler rates
 
 def rate_values(trace: ST.SchedTrace) -> dict:

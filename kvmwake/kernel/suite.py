@@ -35,7 +35,13 @@ saturates) are in it.  ``--seeds N`` runs seeds 0..N-1 of each (default 2).
 
 ``--only NAME...`` runs the named configurations only; ``--reuse``
 calibrates and compares the recordings already in ``OUT`` again without
-recording.  The machine is shared, so before each recording the suite waits
+recording; ``--record-only`` records without calibrating or comparing.
+``--against OTHER`` neither records nor simulates: it scores the kernel of
+each recording in ``OTHER`` (a second recording of the same list) against
+the same configuration and seed in ``OUT``, as if it were the model
+(``compare.kernel_vs_kernel``), into ``OUT/kernel-vs-kernel.md`` with the
+misses per criterion: the kernel's own spread from one recording to the
+next, against which the acceptance bounds can be read.  The machine is shared, so before each recording the suite waits
 (up to ``--wait-s``) for a quiet moment (others below ``--quiet-pct`` of the
 CPUs over half a second) and records again (up to ``--tries``) when others
 were busy during the run (the last try is kept); their share is in the
@@ -64,6 +70,8 @@ from .workload import SUITE_IDLE, SpecError, parse_duration, suite_idle_spec
 
 SUITE_JSON = "suite.json"
 SUITE_MD = "suite.md"
+AGAINST_JSON = "kernel-vs-kernel.json"
+AGAINST_MD = "kernel-vs-kernel.md"
 WORKLOADS = ("msi", "ipi")
 DEFAULT_WAKES = 3000
 #: Long idle takes ~2 ms a wake: fewer of them.
@@ -333,6 +341,9 @@ def run_one(out: Path, cfg: Config, seed: int, args, log) -> dict:
                 if f is None or f <= args.quiet_pct:
                     break
         rec = load(d)
+        if getattr(args, "record_only", False):
+            return row | {"status": "recorded", "dir": str(d), "tries": attempt,
+                          "foreign_pct": foreign_of(rec.meta), "traced": rec.traced}
         cal = C.fit(rec, arrivals=args.arrivals, quick=args.quick, tails=args.tails,
                     log=lambda m: log(f"  {cfg.name} seed {seed}: {m}"))
         if args.arrivals == "sent":
@@ -384,9 +395,10 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         cfg = r["config"]
         by = {e["name"]: e for e in r.get("criteria", [])}
-        if r["status"] in ("error", "not recorded"):
+        if r["status"] in ("error", "not recorded", "recorded"):
             cells = ["-"] * len(CM.CRITERIA)
-            outcome = f"{r['status']}: {r.get('error', '')}".replace("|", "/")
+            outcome = (f"{r['status']}: {r.get('error', '')}".replace("|", "/")
+                       if r["status"] != "recorded" else "recorded, not compared")
             halts = "-"
         else:
             cells = [_cell(by.get(key)) for key, _, _ in CM.CRITERIA]
@@ -408,6 +420,46 @@ def summary(rows: list[dict]) -> dict:
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     return counts
+
+
+def against_rows(out: Path, other: Path, configs: list[Config], seeds: int, log) -> list[dict]:
+    """``--against OTHER``: for each configuration and seed recorded in both folders, the
+    kernel of OTHER's recording scored against OUT's (``compare.kernel_vs_kernel``),
+    as rows of the validation table."""
+    rows = []
+    for cfg in configs:
+        for seed in range(seeds):
+            da, db = run_dir(out, cfg, seed), run_dir(other, cfg, seed)
+            row = {"name": cfg.name, "seed": seed, "config": asdict(cfg)}
+            if not (da / METADATA).exists() or not (db / METADATA).exists():
+                continue
+            try:
+                a, b = load(da), load(db)
+                c = CM.kernel_vs_kernel(a, b)
+            except (RecordingError, OSError, ValueError) as exc:
+                log(f"{cfg.name} seed {seed}: {type(exc).__name__}: {exc}")
+                rows.append(row | {"status": "error", "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            v, k, m = c["verdict"], c["kernel"], c["model"]
+            fa, fb = foreign_of(a.meta), foreign_of(b.meta)
+            rows.append(row | {
+                "status": v["status"], "dir": str(da), "against": str(db),
+                "foreign_pct": None if fa is None or fb is None else max(fa, fb),
+                "traced": c["recording"]["traced"],
+                "halts_k": k.get("halts"), "halts_m": m.get("halts"),
+                "saturated_reason": v.get("saturated_reason"),
+                "criteria": v["criteria"], "missed": v.get("missed", [])})
+    return rows
+
+
+def misses_per_criterion(rows: list[dict]) -> str:
+    """Per criterion: how many scored rows missed it, of how many checked it."""
+    lines = ["| criterion | bound | missed | checked |", "|---|---|---:|---:|"]
+    for key, label, bound in CM.CRITERIA:
+        st = [e["status"] for r in rows for e in r.get("criteria", []) if e["name"] == key]
+        lines.append(f"| {label} | {bound} | {st.count('missed')} | "
+                     f"{st.count('missed') + st.count('met')} |")
+    return "\n".join(lines)
 
 
 def write_outputs(out: Path, configs: list[Config], rows: list[dict]) -> None:
@@ -472,6 +524,14 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a coarser calibration search")
     p.add_argument("--tails", action="store_true", help="calibrate with --tails")
     p.add_argument("--no-png", action="store_true", help="no compare.png per run")
+    p.add_argument("--record-only", action="store_true",
+                   help="record, but do not calibrate or compare (a second recording of "
+                        "the list, for --against)")
+    p.add_argument("--against", metavar="OTHER",
+                   help="do not record or simulate: score the kernel of each recording in "
+                        "OTHER (another suite run's folder) against the same configuration "
+                        "and seed in OUT, as if it were the model: the kernel's own spread "
+                        "(writes OUT/kernel-vs-kernel.md and .json)")
     p.add_argument("--arrivals", choices=("sent", "target"), default="sent",
                    help="calibrate and compare with these arrivals ('target' leaves "
                         "calibration.json and compare.json as they are)")
@@ -500,6 +560,20 @@ def run_cli(args) -> int:
     def log(m):
         print(m, file=sys.stderr, flush=True)
     out = Path(args.out)
+    if args.against:
+        rows = against_rows(out, Path(args.against), configs, args.seeds, log)
+        if not rows:
+            raise SuiteError(f"no configuration and seed is recorded in both {out} and "
+                             f"{args.against}")
+        write_json(out / AGAINST_JSON, {"format": 1, "against": str(args.against),
+                                        "rows": rows, "summary": summary(rows)})
+        text = markdown(rows) + "\n\n" + misses_per_criterion(rows)
+        (out / AGAINST_MD).write_text(text + "\n")
+        print(text)
+        s = summary(rows)
+        print(f"\n{len(rows)} pairs of recordings: " + ", ".join(f"{n} {k}" for k, n in s.items())
+              + f"; in {out / AGAINST_MD}")
+        return 0
     rows = run_suite(out, configs, args.seeds, args, log, listed)
     print(markdown(rows))
     s = summary(rows)
