@@ -492,3 +492,73 @@ def test_a_thread_may_start_parked_and_holds_may_be_registered_ahead():
     assert seen[:3] == [200_000, ("b in", 200_000), 400_000]
     with pytest.raises(ValueError, match="is past"):
         vm.host.hold_clock(at_ns=1)
+
+
+def _mixed_vmm(seed, n=5):
+    """A VMM whose threads do everything at once: vCPU threads read other vCPUs'
+    registers (waiting on their vcpu->mutex) and sleep at random in userspace; a
+    control thread raises interrupts, signals vCPUs and reads registers at times it
+    holds the clock at.  Returns a digest of the final snapshot and of every value
+    the threads saw."""
+    import hashlib
+    vm = kw.VM(nr_vcpus=n, host_cpus=2, seed=seed)
+    for i, v in enumerate(vm.vcpus):
+        v.load([G.irq_enable(40), G.loop([G.compute_exp(15_000), G.wake_random_other(),
+                                          G.timer_arm(40_000), G.wfi(), G.sync(i)], 30),
+                G.end()])
+    vm.host.set_deadlock_timeout(5)
+    log = []
+    for v in vm.vcpus:
+        v.attach()
+    hold = vm.host.hold_clock(at_ns=100_000, wait=False)
+
+    def control():
+        rnd = random.Random(seed * 7)
+        hold.wait()
+        t = 100_000
+        for _ in range(8):
+            act = rnd.choice(["irq", "signal", "reg"])
+            if act == "irq":
+                vm.irq_line(40, 1)
+                vm.irq_line(40, 0)
+            elif act == "signal":
+                vm.vcpus[rnd.randrange(n)].signal()
+            else:
+                log.append(("control", vm.host.now, vm.vcpus[rnd.randrange(n)].get_reg("x0")))
+            t += rnd.randrange(10_000, 80_000)
+            if t > vm.host.now:
+                hold.wait_until(t)
+        hold.release()
+
+    def vcpu(v):
+        rnd = random.Random(seed * 100 + v.id)
+        with v:
+            while True:
+                ex = v.run(1 << 40)
+                log.append((v.id, str(ex)))
+                o = vm.vcpus[rnd.randrange(n)]
+                if rnd.random() < 0.3 and o is not v:
+                    log.append((v.id, o.id, o.get_reg("pc"), vm.host.now))
+                if rnd.random() < 0.05:
+                    time.sleep(0.001)
+                if ex.ucall == "DONE":
+                    return
+    ts = [threading.Thread(target=control)] + [threading.Thread(target=vcpu, args=(v,))
+                                               for v in vm.vcpus]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not any(t.is_alive() for t in ts), "a thread hung"
+    return hashlib.sha1(vm.snapshot() + repr(sorted(map(str, log))).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_vmm_doing_everything_at_once_is_deterministic(seed):
+    import sys
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        assert len({_mixed_vmm(seed) for _ in range(3)}) == 1
+    finally:
+        sys.setswitchinterval(old)
