@@ -63,7 +63,8 @@ PARKED = "parked"         # in userspace, waiting for unpark(): holds nothing
 class _Waiter:
     """One thread blocked in kvmwake, on a lock of its own (a futex underneath)."""
 
-    __slots__ = ("sem", "posted", "holder", "granted", "error", "fail", "target", "kind")
+    __slots__ = ("sem", "posted", "holder", "granted", "error", "fail", "target", "kind",
+                 "blocked")
 
     def __init__(self, kind: str, holder, target: int = 0):
         self.sem = threading.Lock()
@@ -75,6 +76,8 @@ class _Waiter:
         self.error = None         # raised at once (a deadlock)
         self.fail = None          # raised once granted (the watchdog's ETIMEDOUT)
         self.target = target      # "time": the virtual time it waits for
+        self.blocked = False      # a thread sleeps on it (a hold made with wait=False
+        #                           has none until ClockHold.wait)
 
 
 def _due(w: _Waiter) -> int:
@@ -141,7 +144,8 @@ class ClockHold:
         return f"the clock hold of thread {self.thread.name!r}"
 
     def release(self) -> None:
-        """Let the clock move again (once; a second call does nothing)."""
+        """Let the clock move again (once; a second call does nothing).  A hold made
+        with ``wait=False`` and never waited for is withdrawn."""
         self._coord._release_hold(self)
 
     def __enter__(self):
@@ -439,6 +443,22 @@ class VcpuThreads:
 
     def _release_hold(self, h: ClockHold) -> None:
         with self.lock:
+            w = h._waiter
+            if w is not None and not h.held:
+                # Registered (wait=False), never waited for: withdrawn, or, if it was
+                # granted meanwhile, given back.
+                h._waiter = None
+                if w.granted:
+                    self.users.discard(h)
+                elif w in self.inside:
+                    del self.inside[w]
+                    if self.driver is w:
+                        self.driver = None
+                elif w in self.ready:
+                    self.ready.remove(w)
+                self.progress = time.monotonic()
+                self._advance()
+                return
             if not h.held:
                 return
             h.held = False
@@ -549,6 +569,8 @@ class VcpuThreads:
         w.granted = True
         self.users.add(w.holder)
         self.inside.pop(w, None)
+        if self.driver is w:
+            self.driver = None
         self.progress = time.monotonic()
         self._post(w)
 
@@ -572,8 +594,9 @@ class VcpuThreads:
             self.entries.clear()
         if self.inside and self.driver is None:
             # (Which thread drives changes nothing in the run.)
-            self.driver = next(iter(self.inside))
-            self._post(self.driver)
+            self.driver = next((x for x in self.inside if x.blocked), None)
+            if self.driver is not None:
+                self._post(self.driver)
 
     def _enter(self, w: _Waiter) -> None:
         """``w`` waits inside (in run(), or for a time): it may drive the clock."""
@@ -661,6 +684,10 @@ class VcpuThreads:
         try:
             while True:
                 with self.lock:
+                    if not w.blocked:
+                        w.blocked = True
+                        if self.driver is None and w in self.inside and self._clock_free():
+                            self.driver = w
                     if got:
                         w.posted = False
                     if w.error is not None:

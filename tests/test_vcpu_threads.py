@@ -490,6 +490,22 @@ def test_a_thread_may_start_parked_and_holds_may_be_registered_ahead():
     for t in ts:
         t.join(30)
     assert seen[:3] == [200_000, ("b in", 200_000), 400_000]
+    # A hold registered and never waited for is withdrawn by release(), whether it
+    # was granted meanwhile or not: the clock is not left held.
+    vm2 = storm_vm(2, 4, rounds=5)
+    early = vm2.host.hold_clock(wait=False)             # granted at once (time 0)
+    late = vm2.host.hold_clock(at_ns=10 ** 12, wait=False)
+    early.release()
+    late.release()
+    assert not vm2.host.vcpu_threads.active
+    run_threads(vm2)
+    # A hold waiting for its time with no thread on it yet never stalls the clock.
+    vm3 = storm_vm(2, 4, rounds=5)
+    pending = vm3.host.hold_clock(at_ns=10 ** 12, wait=False)
+    run_threads(vm3)
+    assert vm3.host.now < 10 ** 12
+    pending.release()
+    assert not vm3.host.vcpu_threads.active
     with pytest.raises(ValueError, match="is past"):
         vm.host.hold_clock(at_ns=1)
 
