@@ -173,8 +173,9 @@ class VcpuThreads:
        it waits for ``unpark()`` and holds nothing).  A thread that is not a
        vCPU's takes the token with ``Host.hold_clock()``.
     2. The clock moves only while nobody holds or waits for the token and no
-       attached vCPU is still to make its first ``run()``; then a thread
-       blocked in ``run()`` (or in ``hold_clock(at_ns=...)``) drives it.
+       attached vCPU is still to make its first ``run()`` (or ``park()``); then
+       a thread blocked in ``run()`` (or waiting for a time in ``hold_clock``)
+       drives it.
     3. Exits made at one instant are returned in VM and vCPU order, one thread
        at a time: the next thread gets the token when the previous one
        re-enters ``run()``, parks, or detaches.  (The order the callback
