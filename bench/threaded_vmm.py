@@ -143,12 +143,10 @@ def report_modes(sizes, per_exits, rounds, iterations):
                                      "run")
                 cb.append(hc / wc)
                 th.append(ht / wt)
-                wall_t = wt
             cbm, thm = statistics.median(cb), statistics.median(th)
             exits_s = thm / hc * et
             print(f"| {n} | {per_exit} | {hc:,} | {et:,} | {cbm:,.0f} | {thm:,.0f} | "
                   f"{thm / cbm:.3f} | {exits_s:,.0f} | {1e6 / exits_s:.1f} |", flush=True)
-            del wall_t
 
 
 # -- 2. real time: kick to run --------------------------------------------------------------
@@ -176,7 +174,7 @@ def model_kick_to_run(wakes: int, seed: int):
         for gap in gaps:
             end = time.perf_counter_ns() + int(gap)
             while time.perf_counter_ns() < end:       # as the harness's injector:
-                time.sleep(max(0.0, (end - time.perf_counter_ns()) / 1e9 - 50e-6) or 0)
+                time.sleep(max(0.0, (end - time.perf_counter_ns()) / 1e9 - 50e-6))
             t = time.perf_counter_ns()
             vm.signal_msi(0xFEE00000, 0xEC)
             # (signal_msi brought the clock to the wall clock's time, then sent.)

@@ -37,6 +37,7 @@ import numpy as np
 import kvmwake as kw
 from kvmwake import guest as g
 from kvmwake.uapi import ExitReason, MpState, PsciFn, PsciRet, SystemEventType
+from kvmwake.vcpu_threads import IN_RUN
 
 U64 = (1 << 64) - 1
 DENIED = PsciRet.DENIED & U64
@@ -206,7 +207,7 @@ def pause_vcpus(vmm: Vmm, who, vcpus) -> None:
         vmm.pauser = who
         vmm.stop = {v.id for v in vcpus}
         for v in vcpus:
-            if v.thread_role == "in KVM_RUN":
+            if v.thread_role == IN_RUN:
                 v.signal()                     # KVM_RUN returns KVM_EXIT_INTR
 
 
@@ -296,7 +297,7 @@ def shutdown(vmm: Vmm, why: str) -> None:
     vmm.quit = True
     vmm.log("vm", f"{why}: the VM stops")
     for v in vmm.vm.vcpus:
-        if v.thread_role == "in KVM_RUN":
+        if v.thread_role == IN_RUN:
             v.signal()
 
 

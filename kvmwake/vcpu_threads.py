@@ -203,7 +203,6 @@ class VcpuThreads:
         self.progress = time.monotonic()
         self.deadlock_timeout_s = DEFAULT_DEADLOCK_TIMEOUT_S
         self.failed = None                        # a DeadlockError's message, once failed
-        self.exits = 0                            # exits returned to vCPU threads
         self.chunk_ns = 1_000_000                 # virtual length of a chunk (_drive)
         self.rt = None                            # real time: (rate, wall0 ns, virtual0 ns)
         self.last_sync_ns = 0                     # virtual time of the last sync_to_wall
@@ -327,7 +326,6 @@ class VcpuThreads:
             warnings.warn(s.warning, RuntimeWarning, stacklevel=3)
         if w.fail is not None:
             raise w.fail
-        self.exits += 1
         return from_engine(held)
 
     # -- park / unpark ----------------------------------------------------------------
@@ -663,19 +661,15 @@ class VcpuThreads:
             self.eng.signal(s.g)
             s.signalled_at = now
             if s.warn:
-                s.warning = (f"vcpu.run(): vCPU {vcpu.id} of VM {vcpu.vm.index} did not exit "
-                             f"in {s.timeout / 1e9:g} s of virtual time, so the whole host ran "
-                             f"to {now / 1e6:,.3f} ms; the watchdog signalled it "
-                             "(KVM_EXIT_INTR); pass timeout_ns to choose the window")
-            s.deadline = min(now + s.timeout, (1 << 64) - 1)
+                s.warning = vcpu._watchdog_warning(s.timeout, now)
         elif now - s.signalled_at >= vcpu._signal_grace(s.timeout):
             w = s.waiter
             w.fail = KvmError(errno.ETIMEDOUT, vcpu._stuck_message(s.signalled_at))
             del self.inside[w]
             self.ready.append(w)
             s.state = READY
-        else:
-            s.deadline = min(now + s.timeout, (1 << 64) - 1)
+            return
+        s.deadline = min(now + s.timeout, (1 << 64) - 1)
 
     # -- blocking ---------------------------------------------------------------------------
 

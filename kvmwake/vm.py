@@ -969,12 +969,8 @@ class VCpu:
                     eng.signal(self._g)
                     signalled_at = host.now
                     if warn:
-                        warnings.warn(
-                            f"vcpu.run(): vCPU {self.id} of VM {self.vm.index} did not exit in "
-                            f"{DEFAULT_RUN_TIMEOUT_NS / 1e9:g} s of virtual time, so the whole "
-                            f"host ran to {host.now / 1e6:,.3f} ms; the watchdog signalled it "
-                            "(KVM_EXIT_INTR); pass timeout_ns to choose the window",
-                            RuntimeWarning, stacklevel=2)
+                        warnings.warn(self._watchdog_warning(timeout_ns, host.now),
+                                      RuntimeWarning, stacklevel=2)
                 elif host.now - signalled_at >= self._signal_grace(timeout_ns):
                     raise KvmError(errno.ETIMEDOUT, self._stuck_message(signalled_at))
                 deadline = min(host.now + timeout_ns, (1 << 64) - 1)
@@ -1058,6 +1054,13 @@ class VCpu:
         sharing = -(-host._nthreads // host.host_cpus)
         # (At most 2^60 ns, so that the clock cannot run past 2^64 meanwhile.)
         return min(self.SIGNAL_GRACE_ROUNDS * max(timeout_ns, sharing * per_turn), 1 << 60)
+
+    def _watchdog_warning(self, timeout_ns: int, now: int) -> str:
+        """What run() warns when the default watchdog signalled this vCPU at ``now``."""
+        return (f"vcpu.run(): vCPU {self.id} of VM {self.vm.index} did not exit in "
+                f"{timeout_ns / 1e9:g} s of virtual time, so the whole host ran to "
+                f"{now / 1e6:,.3f} ms; the watchdog signalled it (KVM_EXIT_INTR); pass "
+                "timeout_ns to choose the window")
 
     def _stuck_message(self, signalled_at: int) -> str:
         info = self.vm._engine.thread_info(self._g)

@@ -16,6 +16,7 @@ import sys
 import pytest
 
 import kvmwake as kw
+from kvmwake.vcpu_threads import IN_RUN
 from kvmwake.uapi import ExitReason, MpState, PsciFn, PsciRet, SystemEventType
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -108,7 +109,7 @@ def test_denied_with_a_secondary_on_then_resumed_at_the_entry_with_the_context(e
         system_suspend(vmm_, vcpu)
         # The others are out of KVM_RUN until they get the token back (else these
         # vCPU ioctls would wait for them: vcpu->mutex).
-        assert all(v.thread_role != "in KVM_RUN" for v in vm.vcpus[1:])
+        assert all(v.thread_role != IN_RUN for v in vm.vcpus[1:])
         decided.append((vcpu.get_reg("x0"), vcpu.get_mp_state(),
                         {v.get_mp_state() for v in vm.vcpus[1:]}))
 
