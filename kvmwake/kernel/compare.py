@@ -128,6 +128,17 @@ def sim_params(cal: dict, scheduler: str | None = None):
     return params, port_exit
 
 
+def recording_info(rec: Recording) -> dict:
+    """What a comparison says of the recording it scores."""
+    return {"path": str(rec.path), "workload": rec.meta["workload"]["canonical"],
+            "named": rec.meta["workload"].get("named"),
+            "wakes": rec.meta["workload"]["wakes"], "vcpus": rec.nvcpus,
+            "host_cpus": rec.meta["host_cpus"], "halt_poll_cap": rec.cap,
+            "module_halt_poll_ns": rec.module_params.get("halt_poll_ns"),
+            "kernel": rec.meta["kernel"]["release"], "date": rec.meta.get("date"),
+            "traced": rec.traced, "trace_mode": rec.meta["trace"]}
+
+
 def run(rec: Recording, cal: dict | None = None, seed: int = 0,
         scheduler: str | None = None) -> dict:
     """Simulate ``rec``'s workload with its calibration (with ``scheduler`` instead of
@@ -150,13 +161,7 @@ def run(rec: Recording, cal: dict | None = None, seed: int = 0,
     rp = replay_recording(rec)
     sim_rp = replay(r.events, params_of(rec), rec.cap)
     out = {
-        "recording": {"path": str(rec.path), "workload": rec.meta["workload"]["canonical"],
-                      "named": rec.meta["workload"].get("named"),
-                      "wakes": rec.meta["workload"]["wakes"], "vcpus": rec.nvcpus,
-                      "host_cpus": rec.meta["host_cpus"], "halt_poll_cap": rec.cap,
-                      "module_halt_poll_ns": rec.module_params.get("halt_poll_ns"),
-                      "kernel": rec.meta["kernel"]["release"], "date": rec.meta.get("date"),
-                      "traced": rec.traced, "trace_mode": rec.meta["trace"]},
+        "recording": recording_info(rec),
         "params": params.to_dict(),
         "port_exit_ns": port_exit,
         "kernel": _jsonable(kfig, kstats),
@@ -195,18 +200,12 @@ def kernel_vs_kernel(a: Recording, b: Recording) -> dict:
     rp = replay_recording(b)
     cal = a.calibration or {}
     out = {
-        "recording": {"path": str(a.path), "workload": ra["canonical"], "named": ra.get("named"),
-                      "wakes": ra["wakes"], "vcpus": a.nvcpus, "host_cpus": a.meta["host_cpus"],
-                      "halt_poll_cap": a.cap, "kernel": a.meta["kernel"]["release"],
-                      "date": a.meta.get("date"), "traced": traced},
+        "recording": {**recording_info(a), "traced": traced},
         "against": {"path": str(b.path), "date": b.meta.get("date")},
         "kernel": _jsonable(fa, _drop_first_halts(fa["stats"], ka.halts if traced else None)),
         "model": _jsonable(fb, _drop_first_halts(fb["stats"], kb.halts if traced else None)),
         "replay": rp.to_dict() if rp is not None else None,
-        "sched": ({"kernel": rate_values(ka.sched), "model": rate_values(kb.sched),
-                   "reason": None} if ka.sched is not None and kb.sched is not None else
-                  {"kernel": None, "model": None,
-                   "reason": "a recording has no scheduler trace"}),
+        "sched": sched_rates(ka, kb),
         "saturated": bool(cal.get("saturated")),
         "saturated_reason": cal.get("saturated_reason"),
     }
@@ -235,8 +234,9 @@ def rate_values(trace: ST.SchedTrace) -> dict:
 def sched_rates(kv, r) -> dict:
     """Kernel and model rates side by side: the recording's scheduler tracepoints
     (``kv.sched``, ``schedtrace.load_sched``) and the simulated host's thread timeline
-    (``r.sched``, ``schedtrace.from_timeline``); ``reason`` says why they are missing."""
-    if kv.sched is None:
+    (``r.sched``, ``schedtrace.from_timeline``; or, in ``kernel_vs_kernel``, a second
+    recording's tracepoints); ``reason`` says why they are missing."""
+    if kv.sched is None or r.sched is None:
         return {"kernel": None, "model": None,
                 "reason": "the recording has no scheduler trace"}
     return {"kernel": rate_values(kv.sched), "model": rate_values(r.sched), "reason": None}
