@@ -305,7 +305,9 @@ ctypedef struct engine_t:
     uint64_t tlt0             # time of the newest dropped record (window start)
     uint64_t base_slice       # EEVDF: sysctl_sched_base_slice
     uint32_t sched            # the host scheduler: SCHED_POLICY_FIFO or SCHED_POLICY_EEVDF
-    uint32_t _pad_sched
+    uint8_t vcpu_pack         # the vCPU-pack wake placement on (core/host.pxi vcpu_pack_cpu)
+    uint8_t preempt_skips_delayed  # wake-up preemption looks past delayed sleepers
+    uint16_t _pad_sched
     # Placement (core/host.pxi): CPU affinity masks (aff_words uint64 words per
     # AFF_LIST mask, bit c = CPU c), each CPU's LLC group, the thread whose event
     # is being handled (the waker of any wake-up it causes; -1: none), how

@@ -1554,6 +1554,32 @@ cdef class Engine:
         """EEVDF's sysctl_sched_base_slice, ns."""
         return self.e.base_slice
 
+    @property
+    def vcpu_pack(self):
+        """The vCPU-pack wake placement is on (``set_vcpu_pack``)."""
+        return bool(self.e.vcpu_pack)
+
+    def set_vcpu_pack(self, bint on):
+        """The vCPU-pack wake placement (core/host.pxi vcpu_pack_cpu; under EEVDF
+        only): a vCPU thread woken by another vCPU thread of its VM goes to the
+        waker's CPU when the waker is alone there and the wakee may run there.
+        A host setting, set by ``kvmwake.Host``; not part of the engine's state."""
+        self.e.vcpu_pack = 1 if on else 0
+
+    @property
+    def preempt_skips_delayed(self):
+        """Wake-up preemption looks past delayed-dequeue sleepers
+        (``set_preempt_skips_delayed``)."""
+        return bool(self.e.preempt_skips_delayed)
+
+    def set_preempt_skips_delayed(self, bint on):
+        """Wake-up preemption as the host kernels kvmwake is held against decide it
+        (core/host.pxi check_preempt_wakeup_fair; under EEVDF only): the woken
+        thread preempts if it is what pick_eevdf() would run among the threads
+        that are not delayed-dequeue sleepers.  A host setting, set by
+        ``kvmwake.Host``; not part of the engine's state."""
+        self.e.preempt_skips_delayed = 1 if on else 0
+
     def sched_state(self):
         """The scheduler's state: per thread (vruntime, deadline, vlag, vprot,
         exec_start, on_rq, sched_delayed) and per host CPU (current thread,

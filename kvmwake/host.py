@@ -195,6 +195,19 @@ class Host:
     split_islands : bool
         True (default): run islands as such when they can; False: always on the
         host's one queue (the same results, slower; for comparisons).
+    vcpu_pack : bool
+        False (default): wake placement as upstream Linux does it.  True (under
+        ``"eevdf"`` only): also the vCPU-pack rule of the host kernels kvmwake is
+        held against (the vendor sysctl ``kernel.sched_vcpu_pack``, not in
+        upstream Linux): a vCPU thread woken by another vCPU thread of its VM
+        goes to the waker's CPU when the waker is alone there and the wakee may
+        run there (docs/design.md, "Placement").
+    preempt_skips_delayed : bool
+        False (default): wake-up preemption as upstream Linux decides it.  True
+        (under ``"eevdf"`` only): as the host kernels kvmwake is held against
+        decide it: the woken thread preempts if it is what ``pick_eevdf()``
+        would run among the threads that are not delayed-dequeue sleepers
+        (docs/design.md, "The EEVDF scheduler").
     """
 
     #: The class of the VMs ``create_vm`` and ``restore`` make: ``kvmwake.vm.VM``,
@@ -205,7 +218,8 @@ class Host:
                  costs: dict | None = None, engine: str = "core",
                  trace_capacity: int = 1 << 20, timeline_capacity: int = 0,
                  scheduler: str = DEFAULT_SCHEDULER, llc=None, threads: int | None = None,
-                 split_islands: bool = True):
+                 split_islands: bool = True, vcpu_pack: bool = False,
+                 preempt_skips_delayed: bool = False):
         host_cpus = check_int("host_cpus", host_cpus, 1, MAX_HOST_CPUS)
         self.sim_threads = check_threads(threads)
         if not isinstance(split_islands, bool):
@@ -213,6 +227,10 @@ class Host:
         #: False: ``run`` keeps the host on its one queue even when it is islands
         #: (the same results; for comparisons).
         self.split_islands = split_islands
+        for name, value in (("vcpu_pack", vcpu_pack),
+                            ("preempt_skips_delayed", preempt_skips_delayed)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, not {value!r}")
         scheduler = check_scheduler(scheduler)
         llc_groups = check_llc(llc, host_cpus)
         arch = check_arch(arch)
@@ -234,6 +252,8 @@ class Host:
         self._llc = llc if llc is None or isinstance(llc, numbers.Integral) \
             else [list(g) for g in llc_groups]
         self._set_llc(llc_groups)
+        self._engine.set_vcpu_pack(vcpu_pack)
+        self._engine.set_preempt_skips_delayed(preempt_skips_delayed)
         self.vms: list = []
         #: Host threads that are not vCPUs (``add_thread``, ``add_load``), in order.
         self.threads: list = []
@@ -284,6 +304,17 @@ class Host:
         exec_start, on_rq, sched_delayed; EEVDF only) and per host CPU (current
         thread, run-queue list in order, nr_running, V)."""
         return self._engine.sched_state()
+
+    @property
+    def vcpu_pack(self) -> bool:
+        """The vCPU-pack wake placement is on (``Host(vcpu_pack=...)``)."""
+        return bool(self._engine.vcpu_pack)
+
+    @property
+    def preempt_skips_delayed(self) -> bool:
+        """Wake-up preemption looks past delayed-dequeue sleepers
+        (``Host(preempt_skips_delayed=...)``)."""
+        return bool(self._engine.preempt_skips_delayed)
 
     @property
     def costs(self) -> dict:
@@ -778,6 +809,10 @@ def host_to_bytes(host: Host, vm_index: int | None = None, run: dict | None = No
         desc["scheduler"] = host.scheduler      # absent: fifo (older snapshots)
     if host._llc is not None:
         desc["llc"] = host._llc                 # absent: one LLC
+    if host.vcpu_pack:
+        desc["vcpu_pack"] = True                # absent: upstream placement
+    if host.preempt_skips_delayed:
+        desc["preempt_skips_delayed"] = True    # absent: upstream wake-up preemption
     if host.traced_vm is not None:
         desc["trace_vm"] = host.traced_vm       # absent: every thread traced
     if host.threads:                            # absent: none
@@ -804,7 +839,8 @@ def restore_host(src, vmm_classes: dict | None = None, host_cpus: int | None = N
         host = Host(host_cpus=hc["host_cpus"], arch=hc["arch"], seed=hc["seed"],
                     costs=hc["costs"], engine="core", trace_capacity=snap.scalars["tcap"],
                     scheduler=hc.get("scheduler", "fifo"), llc=hc.get("llc"),
-                    threads=threads)
+                    threads=threads, vcpu_pack=hc.get("vcpu_pack", False),
+                    preempt_skips_delayed=hc.get("preempt_skips_delayed", False))
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise SnapshotError(f"snapshot host configuration is invalid: {exc}") from None
     _snapshot.check_host_cpus(snap, host.host_cpus)

@@ -108,6 +108,8 @@ class Scenario:
     scheduler: str = "fifo"     # the host scheduler (kvmwake.model.SCHEDULERS)
     affinity: list = None       # per global thread: "pinned", "all" or a tuple of CPUs
     llc: list = None            # per host CPU: its LLC group (None: one LLC)
+    vcpu_pack: bool = False     # Host(vcpu_pack=...): the vCPU-pack wake placement
+    preempt_skips_delayed: bool = False   # Host(preempt_skips_delayed=...)
     # Host threads that are not vCPUs, added after the vCPU threads (so they are
     # threads n_threads, n_threads + 1, ...) and started at t = 0: [(ops, cpu), ...].
     host_threads: list = field(default_factory=list)
@@ -590,6 +592,8 @@ def build(engine_cls, sc: Scenario):
                    trace_capacity=sc.trace_capacity, scheduler=sc.scheduler)
     if sc.llc is not None:
         e.set_llc(sc.llc)
+    e.set_vcpu_pack(sc.vcpu_pack)
+    e.set_preempt_skips_delayed(sc.preempt_skips_delayed)
     for name, value in sc.params.items():
         setattr(e, name, value)
     for vm, nr in enumerate(sc.vm_sizes):
@@ -785,15 +789,17 @@ def test_core_and_reference_agree(sc):
         assert_same(ref, direct, "reference split vs core direct")
 
 
-def _eevdf(sc):
-    """The scenario on an EEVDF host, run 4 times as long (ticks are 4 ms apart)."""
-    return dataclasses.replace(sc, scheduler="eevdf", end_ns=sc.end_ns * 4)
+def _eevdf(sc, skip=False):
+    """The scenario on an EEVDF host, run 4 times as long (ticks are 4 ms apart);
+    ``skip``: wake-up preemption past delayed sleepers (preempt_skips_delayed)."""
+    return dataclasses.replace(sc, scheduler="eevdf", end_ns=sc.end_ns * 4,
+                               preempt_skips_delayed=skip)
 
 
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.filter_too_much])
-@given(sc=scenarios().map(_eevdf))
+@given(sc=st.tuples(scenarios(), st.booleans()).map(lambda a: _eevdf(*a)))
 def test_core_and_reference_agree_eevdf(sc):
     """The EEVDF host scheduler (core/host.pxi, reference/host.py): both engines
     identical event for event, split runs equal to direct ones."""
@@ -830,8 +836,10 @@ def placed_scenarios(draw, scheduler):
                                                  cpu_sets(n)), max_size=2)))
               for t, acts in sc.splits]
     end = sc.end_ns * (4 if scheduler == "eevdf" else 1)
+    pack, skip = draw(st.booleans()), draw(st.booleans())
     return dataclasses.replace(sc, scheduler=scheduler, affinity=affinity, llc=llc,
-                               splits=splits, end_ns=end)
+                               splits=splits, end_ns=end, vcpu_pack=pack,
+                               preempt_skips_delayed=skip)
 
 
 @settings(max_examples=100, deadline=None,
@@ -840,8 +848,9 @@ def placed_scenarios(draw, scheduler):
 @given(sc=st.sampled_from(["fifo", "eevdf"]).flatmap(placed_scenarios))
 def test_core_and_reference_agree_placement(sc):
     """Placement (affinity sets, LLC groups, wake placement, newly-idle pulls,
-    set_affinity at run time) on FIFO and EEVDF hosts: both engines identical event
-    for event (host CPUs and nr_migrations included), the state consistent."""
+    set_affinity at run time; the vCPU-pack placement and wake-up preemption past
+    delayed sleepers, on or off) on FIFO and EEVDF hosts: both engines identical
+    event for event (host CPUs and nr_migrations included), the state consistent."""
     assume(within_budget(sc))
     core = play(_core.Engine, sc)
     assume(core[1]["events"] <= EVENT_BUDGET)

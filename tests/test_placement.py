@@ -146,6 +146,170 @@ def test_wake_placement_stays_in_the_wakers_llc_scan(engine):
     assert (vm.vcpus[1].host_cpu, vm.vcpus[1].nr_migrations) == (1, 0)
 
 
+# -- the vCPU-pack wake placement (Host(vcpu_pack=True)) -------------------------------------
+
+def pack_case(engine, *, pack=True, scheduler="eevdf", b_affinity="all", hog_on_waker=False):
+    """vCPU A (thread 0, pinned to CPU 0) computes 50 us and wakes vCPU B (thread 1,
+    last on CPU 1, which is idle); with ``hog_on_waker`` a pinned hog of another VM
+    waits on A's CPU 0 (it starts 20 us in: A has the CPU when it wakes B)."""
+    host = host_of(engine, cpus=3 if b_affinity != "all" else 2, scheduler=scheduler,
+                   vcpu_pack=pack, timeline_capacity=1 << 12)
+    vm = host.create_vm(2, affinity="all")
+    vm.vcpus[0].set_affinity([0])
+    vm.vcpus[0].load(G.Program([G.compute(50 * US), G.wake(1), G.loop([G.compute(MS)])]))
+    vm.vcpus[1].load(G.Program([G.wfi(), G.loop([G.compute(MS)])]))
+    if b_affinity != "all":
+        vm.vcpus[1].set_affinity(b_affinity)
+    if hog_on_waker:
+        host.create_vm(1, affinity=[0]).vcpus[0].load(LATE_HOG)
+    host.run(40 * US)
+    assert vm.vcpus[0].thread_state == "RUNNING" and vm.vcpus[1].thread_state == "BLOCKED"
+    assert vm.vcpus[1].host_cpu == 1
+    host.run(200 * US)
+    return host, vm.vcpus[1]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_vcpu_pack_wakes_onto_the_wakers_cpu(engine):
+    """A is alone on CPU 0 (nr_running 1): B goes there although its previous CPU 1
+    is idle; upstream placement keeps it on the idle CPU 1."""
+    host, b = pack_case(engine)
+    assert host.vcpu_pack is True
+    assert (b.host_cpu, b.nr_migrations) == (0, 1)
+    _, b = pack_case(engine, pack=False)
+    assert (b.host_cpu, b.nr_migrations) == (1, 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_vcpu_pack_needs_the_waker_alone_on_its_cpu(engine):
+    """A hog waits on A's CPU (nr_running 2): the rule does not apply; B wakes on its
+    idle previous CPU, as upstream."""
+    _, b = pack_case(engine, hog_on_waker=True)
+    assert (b.host_cpu, b.nr_migrations) == (1, 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_vcpu_pack_does_not_count_a_delayed_sleeper(engine):
+    """CPU 0: D (pinned) computes 100 us and sleeps while A waits: v 100 us > V, so
+    D stays queued, delayed; A computes 150 us and wakes B (last on the idle CPU
+    1).  nr_running on CPU 0 is 2, but A is its only runnable thread: packed."""
+    for pack, want in ((False, (1, 0)), (True, (0, 1))):
+        host = host_of(engine, vcpu_pack=pack)
+        host.halt_poll_ns = 0
+        vm = host.create_vm(3, affinity="all")
+        d, b, a = vm.vcpus
+        d.set_affinity([0])
+        a.set_affinity([0])
+        d.load(G.Program([G.compute(100 * US), G.wfi(), G.loop([G.compute(MS)])]))
+        b.load(G.Program([G.wfi(), G.loop([G.compute(MS)])]))
+        a.load(G.Program([G.compute(150 * US), G.wake(1), G.loop([G.compute(MS)])]))
+        host.run(200 * US)
+        st = host.sched_state()
+        assert st["threads"][0]["sched_delayed"] and st["cpus"][0]["nr_running"] == 2
+        assert b.host_cpu == 1 and a.thread_state == "RUNNING"
+        host.run(300 * US)
+        assert (b.host_cpu, b.nr_migrations) == want
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_vcpu_pack_keeps_to_the_wakees_affinity(engine):
+    """B may not run on A's CPU 0 (affinity {1, 2}): upstream placement, prev CPU 1."""
+    _, b = pack_case(engine, b_affinity=[1, 2])
+    assert (b.host_cpu, b.nr_migrations) == (1, 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_vcpu_pack_is_a_rule_of_eevdf_only(engine):
+    _, b = pack_case(engine, scheduler="fifo")
+    assert (b.host_cpu, b.nr_migrations) == (1, 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_vcpu_pack_leaves_host_thread_wakeups_alone(engine):
+    """x86: an injector host thread alone on CPU 0 sends an MSI to vCPU B (previous
+    CPU 1, idle): the waker is not a vCPU thread, so B stays on CPU 1."""
+    from kvmwake import guest as g
+    from kvmwake import hostprog as hp
+    for pack in (False, True):
+        host = kw.Host(host_cpus=2, arch="x86", engine=engine, scheduler="eevdf",
+                       vcpu_pack=pack)
+        vm = host.create_vm(2, affinity="all")
+        vm.vcpus[0].set_affinity([1])
+        for v in vm.vcpus:
+            v.load(g.Program([g.loop([g.hlt()])]))
+        inj = host.add_thread([hp.compute("50us"), hp.msi(vm, 1, 0x30), hp.compute("1ms")],
+                              affinity=[0], name="injector")
+        host.run(40 * US)
+        assert vm.vcpus[1].host_cpu == 1 and inj.cpu == 0
+        host.run(200 * US)
+        assert (vm.vcpus[1].host_cpu, vm.vcpus[1].nr_migrations) == (1, 0)
+
+
+def test_vcpu_pack_validation_and_snapshot():
+    with pytest.raises(TypeError, match="vcpu_pack must be True or False"):
+        kw.Host(host_cpus=2, vcpu_pack=1)
+    assert kw.Host(host_cpus=2).vcpu_pack is False
+    runs = {eng: mixed(eng, 5, vcpu_pack=True) for eng in ENGINES}
+    (hc, vc), (hr, vr) = runs["core"], runs["reference"]
+    assert hc.events == hr.events
+    assert np.array_equal(hc.stats_array(), hr.stats_array())
+    assert hc.timeline_array().tolist() == hr.timeline_array().tolist()
+    assert [v.nr_migrations for v in vc.vcpus] == [v.nr_migrations for v in vr.vcpus]
+    plain = mixed("core", 5)[0]
+    assert plain.timeline_array().tolist() != hc.timeline_array().tolist()
+    host2 = kw.Host.restore(hc.snapshot())
+    assert host2.vcpu_pack is True
+    assert kw.Host.restore(plain.snapshot()).vcpu_pack is False
+    hc.run(30 * MS)
+    host2.run(30 * MS)
+    assert host2.events == hc.events
+    assert np.array_equal(host2.stats_array(), hc.stats_array())
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_restore_refuses_a_bad_vcpu_pack(value):
+    from test_snapshot import reframe
+
+    host = kw.Host(host_cpus=2, scheduler="eevdf", vcpu_pack=True)
+    host.create_vm(1)
+
+    def edit(header):
+        header["host"]["vcpu_pack"] = value
+    with pytest.raises(kw.SnapshotError, match="host configuration is invalid"):
+        kw.Host.restore(reframe(host.snapshot(), edit_header=edit))
+
+
+def pack_scenario(text, scheduler="eevdf"):
+    """SCENARIO (below) with ``text`` in its [host] table."""
+    return SCENARIO.format(affinity='affinity = "all"').replace(
+        'scheduler = "eevdf"\n', f'scheduler = "{scheduler}"\n{text}\n')
+
+
+@pytest.mark.parametrize("text, want", [("", False), ("vcpu_pack = true", True),
+                                        ("vcpu_pack = false", False)])
+def test_scenario_vcpu_pack(text, want):
+    from kvmwake import scenarios
+    sc = scenarios.loads(pack_scenario(text), "t.toml")
+    assert sc.vcpu_pack is want
+    host, _, _ = scenarios.build(sc)
+    assert host.vcpu_pack is want
+    sc = scenarios.loads(pack_scenario(text.replace("vcpu_pack", "preempt_skips_delayed")),
+                         "t.toml")
+    assert (sc.preempt_skips_delayed, sc.vcpu_pack) == (want, False)
+    assert scenarios.build(sc)[0].preempt_skips_delayed is want
+
+
+@pytest.mark.parametrize("text, scheduler, words", [
+    ("vcpu_pack = 1", "eevdf", "host.vcpu_pack: must be true or false"),
+    ("vcpu_pack = true", "fifo", "a rule of the eevdf scheduler"),
+    ("preempt_skips_delayed = 0", "eevdf", "host.preempt_skips_delayed: must be true"),
+    ("preempt_skips_delayed = true", "fifo", "a rule of the eevdf scheduler")])
+def test_scenario_vcpu_pack_errors(text, scheduler, words):
+    from kvmwake import scenarios
+    with pytest.raises(scenarios.ScenarioError, match=words):
+        scenarios.loads(pack_scenario(text, scheduler), "t.toml")
+
+
 # -- newly-idle balancing -------------------------------------------------------------------
 
 def newidle_case(engine, sleep_at):
@@ -206,11 +370,12 @@ def test_newidle_looks_beyond_its_llc(engine, scheduler):
 
 # -- migration counts, determinism ----------------------------------------------------------
 
-def mixed(engine, seed, scheduler="eevdf"):
+def mixed(engine, seed, scheduler="eevdf", vcpu_pack=False):
     """2 unpinned vCPUs on 2 CPUs, mixed idle (compute, wake the other, timer
     idle), and a pinned vCPU with a duty cycle on CPU 0; no halt polling (a
     polling vCPU keeps its CPU from looking idle)."""
-    host = host_of(engine, scheduler=scheduler, seed=seed, timeline_capacity=1 << 16)
+    host = host_of(engine, scheduler=scheduler, seed=seed, timeline_capacity=1 << 16,
+                   vcpu_pack=vcpu_pack)
     host.halt_poll_ns = 0
     vm = host.create_vm(2, affinity="all")
     vm.vcpus[0].load(G.Program([G.loop([G.compute_exp(30 * US), G.wake_next(),

@@ -170,6 +170,66 @@ def test_pick_eevdf_order():
     assert rhost.pick_eevdf(e, cpu) == 0            # one queued: no eligibility test
 
 
+def test_pick_eevdf_can_look_past_delayed_sleepers():
+    """skip_delayed (check_preempt_wakeup_fair with preempt_skips_delayed): a delayed
+    sleeper still counts in V, but is no candidate.  Curr 0 (v 150) is
+    ineligible (V = 125); delayed 1 (v 100, d 700) is eligible and earliest;
+    2 (v 125, d 825) is next."""
+    e, cpu = fake([150, 100, 125], cur=0, deadlines=[700, 700, 825], vprot=700, delayed=(1,))
+    assert rhost.avg_vruntime(cpu) == 125
+    assert rhost.pick_eevdf(e, cpu) == 1
+    assert rhost.pick_eevdf(e, cpu, True) == 2
+    e, cpu = fake([150, 100], cur=0, deadlines=[700, 700], vprot=700, delayed=(1,))
+    assert rhost.pick_eevdf(e, cpu, True) == -1     # nothing else: no pick (curr ineligible)
+
+
+#: On one CPU: B (thread 0) sleeps at once; D (1) computes 100 us and sleeps with
+#: v 100 us > V = 50 us (delayed); C (2) computes 150 us (v 150 > V = 125: not
+#: eligible; D is, with the earlier deadline) and wakes B, placed at V = 125 us.
+SKIP_CASE = ([G.wfi()] + FOREVER, [G.compute(100_000), G.wfi()] + FOREVER,
+             [G.compute(150_000), G.wake(0)] + FOREVER)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_wakeup_preemption_past_a_delayed_sleeper(engine_cls, on):
+    """Upstream, pick_eevdf() returns the delayed D, not B: C keeps its CPU.  With
+    preempt_skips_delayed (the host kernels kvmwake is held against), B is the
+    pick among the threads that are not delayed: C is preempted, B runs, and
+    pick_next_task_fair() finishes D's dequeue on the way."""
+    e = make(engine_cls, *SKIP_CASE, halt_poll_ns=0)
+    e.set_preempt_skips_delayed(on)
+    assert e.preempt_skips_delayed is on
+    e.run(200_000)
+    assert se(e, 1)["sched_delayed"] and state(e, 2) == RUNNING
+    e.run(260_000)
+    assert se(e, 0)["vruntime"] == 125_000 and se(e, 0)["deadline"] == 825_000
+    if on:
+        assert (state(e, 0), state(e, 2)) == (RUNNING, RUNNABLE)
+        assert not se(e, 1)["on_rq"]
+    else:
+        assert (state(e, 0), state(e, 2)) == (RUNNABLE, RUNNING)
+        assert se(e, 1)["sched_delayed"]
+
+
+def test_preempt_skips_delayed_on_the_host():
+    with pytest.raises(TypeError, match="preempt_skips_delayed must be True or False"):
+        kw.Host(preempt_skips_delayed="yes")
+    host = kw.Host(scheduler="eevdf", preempt_skips_delayed=True,
+                   costs={k: v for k, v in ZERO.items() if k != "sched_slice_ns"})
+    assert host.preempt_skips_delayed is True and kw.Host().preempt_skips_delayed is False
+    vm = host.create_vm(3)
+    for v, prog in zip(vm.vcpus, SKIP_CASE):
+        v.load(G.Program(prog))
+    host.halt_poll_ns = 0
+    host.run(200_000)
+    h2 = kw.Host.restore(host.snapshot())
+    assert h2.preempt_skips_delayed is True
+    for h in (host, h2):
+        h.run(260_000)
+    assert [v.thread_state for v in h2.vms[0].vcpus] == ["RUNNING", "BLOCKED", "RUNNABLE"]
+    assert h2.events == host.events
+
+
 # ---------------------------------------------------------------- end to end, both engines
 
 def test_slice_end_noticed_at_a_tick(engine_cls):

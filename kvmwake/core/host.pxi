@@ -420,11 +420,12 @@ cdef bint update_curr(engine_t* e, cpu_t* cpu, uint64_t t) noexcept nogil:
     return resched or th.vruntime >= th.vprot
 
 
-cdef int32_t pick_eevdf(engine_t* e, cpu_t* cpu) noexcept nogil:
+cdef int32_t pick_eevdf(engine_t* e, cpu_t* cpu, bint skip_delayed) noexcept nogil:
     """pick_eevdf() (__pick_eevdf with protect): the one queued entity; else the
     current one inside its protected slice (RUN_TO_PARITY) if eligible; else
     the eligible entity with the earliest deadline (the earlier queued on a
-    tie), the current one only if strictly earlier."""
+    tie), the current one only if strictly earlier.  ``skip_delayed``: the
+    delayed-dequeue sleepers are no candidates (they still count in V)."""
     cdef int32_t c = cpu.cur
     cdef int32_t best = -1
     cdef int32_t x
@@ -437,6 +438,7 @@ cdef int32_t pick_eevdf(engine_t* e, cpu_t* cpu) noexcept nogil:
     x = cpu.rq_head
     while x >= 0:
         if (best < 0 or e.th[x].deadline < e.th[best].deadline) \
+                and not (skip_delayed and e.th[x].sched_delayed) \
                 and vruntime_eligible(cpu, e.th[x].vruntime):
             best = x
         x = e.th[x].rq_next
@@ -482,7 +484,7 @@ cdef int32_t pick_next_task_fair(engine_t* e, cpu_t* cpu) noexcept nogil:
     returns and picking again; -1 when nothing is left (the CPU goes idle)."""
     cdef int32_t x
     while nr_queued(cpu):
-        x = pick_eevdf(e, cpu)
+        x = pick_eevdf(e, cpu, False)
         if x != cpu.cur and e.th[x].sched_delayed:
             finish_delayed_dequeue(e, cpu, x)
             continue
@@ -586,10 +588,13 @@ cdef int task_tick_fair(engine_t* e, uint32_t g, uint64_t t) noexcept nogil:
 cdef void check_preempt_wakeup_fair(engine_t* e, cpu_t* cpu, int32_t p,
                                     uint64_t t) noexcept nogil:
     """check_preempt_wakeup_fair(): nothing if a reschedule is pending; else
-    update_curr(), and preempt if p is now what pick_eevdf() would run."""
+    update_curr(), and preempt if p is now what pick_eevdf() would run (with
+    e.preempt_skips_delayed, what it would run among the threads that are not
+    delayed-dequeue sleepers: the host kernels kvmwake is held against decide
+    so, docs/design.md "The EEVDF scheduler")."""
     if cpu.need_resched:
         return
-    if update_curr(e, cpu, t) or pick_eevdf(e, cpu) == p:
+    if update_curr(e, cpu, t) or pick_eevdf(e, cpu, e.preempt_skips_delayed) == p:
         cpu.need_resched = 1
 
 
@@ -820,13 +825,45 @@ cdef inline void set_task_cpu(engine_t* e, uint32_t g, uint32_t cpu) noexcept no
         th.nr_migrations += 1
 
 
+cdef int32_t vcpu_pack_cpu(engine_t* e, uint32_t g) noexcept nogil:
+    """The vCPU-pack wake placement of the host kernels kvmwake is held against
+    (a vendor scheduler option, the sysctl kernel.sched_vcpu_pack; not in
+    upstream Linux, docs/design.md "Placement"): a vCPU thread woken by another
+    vCPU thread of its VM goes to the waker's CPU when the waker is alone there
+    (its only runnable thread: nr_running less the delayed-dequeue sleepers,
+    1) and g may run there, idle CPUs elsewhere notwithstanding.  The
+    waker's CPU, or -1 where the rule does not apply."""
+    cdef int32_t w = e.waker
+    cdef int32_t x
+    cdef uint32_t c
+    if not e.vcpu_pack or e.sched != SCHED_POLICY_EEVDF or w < 0 or w == <int32_t>g:
+        return -1
+    if e.th[g].kind != THREAD_VCPU or e.th[w].kind != THREAD_VCPU or e.th[w].vm != e.th[g].vm:
+        return -1
+    c = e.th[w].pcpu
+    if e.cpus[c].cur != w or not cpu_allowed(e, g, c):
+        return -1
+    x = e.cpus[c].rq_head
+    while x >= 0:
+        if not e.th[x].sched_delayed:
+            return -1                                # another runnable thread waits there
+        x = e.th[x].rq_next
+    return <int32_t>c
+
+
 cdef void ttwu_select(engine_t* e, uint32_t g) noexcept nogil:
     """try_to_wake_up()'s placement, before the thread is made runnable: a thread
     still queued (a delayed-dequeue sleeper) wakes where it is (ttwu_runnable);
-    another goes where select_task_rq() says, the waker being the thread whose
-    event is being handled (a pinned thread on its CPU stays, without a look)."""
+    another goes where vcpu_pack_cpu() or else select_task_rq() says, the waker
+    being the thread whose event is being handled (a pinned thread on its CPU
+    stays, without a look)."""
     cdef int32_t waker_cpu = -1
+    cdef int32_t pack
     if e.th[g].on_rq or (e.th[g].aff_kind == AFF_PINNED and e.th[g].pcpu == g % e.ncpu):
+        return
+    pack = vcpu_pack_cpu(e, g)
+    if pack >= 0:
+        set_task_cpu(e, g, <uint32_t>pack)
         return
     if e.waker >= 0 and e.waker != <int32_t>g:
         waker_cpu = <int32_t>e.th[e.waker].pcpu

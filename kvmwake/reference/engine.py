@@ -311,6 +311,8 @@ class Engine:
         self.sched = SCHEDULERS.index(scheduler)
         self.held = []              # vCPU threads in userspace still on their CPU
         self.base_slice = sched_base_slice(host_cpus)
+        self.vcpu_pack = False      # placement: vcpu_pack_cpu() (host.py); set_vcpu_pack()
+        self.preempt_skips_delayed = False  # check_preempt_wakeup_fair (host.py)
         self.arch = arch
         self.x86 = arch == "x86"
         self.seed = seed
@@ -861,6 +863,14 @@ class Engine:
                 "nr_migrations": th.nr_migrations}
 
     # -- placement (host.py) ------------------------------------------------------------
+
+    def set_vcpu_pack(self, on: bool) -> None:
+        """The vCPU-pack wake placement (see ``kvmwake._core.Engine.set_vcpu_pack``)."""
+        self.vcpu_pack = bool(on)
+
+    def set_preempt_skips_delayed(self, on: bool) -> None:
+        """See ``kvmwake._core.Engine.set_preempt_skips_delayed``."""
+        self.preempt_skips_delayed = bool(on)
 
     def set_llc(self, groups) -> None:
         """Each host CPU's LLC group (see ``kvmwake._core.Engine.set_llc``)."""

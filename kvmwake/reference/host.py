@@ -399,11 +399,12 @@ def update_curr(e, cpu, t):
     return resched or th.vruntime >= th.vprot
 
 
-def pick_eevdf(e, cpu):
+def pick_eevdf(e, cpu, skip_delayed=False):
     """pick_eevdf() (__pick_eevdf with protect): the one queued entity; else the
     current one inside its protected slice (RUN_TO_PARITY) if eligible; else
     the eligible entity with the earliest deadline (the earlier queued on a
-    tie), the current one only if strictly earlier."""
+    tie), the current one only if strictly earlier.  ``skip_delayed``: the
+    delayed-dequeue sleepers are no candidates (they still count in V)."""
     c = cpu.cur
     if nr_queued(cpu) == 1:
         return c if c >= 0 else cpu.runq[0]
@@ -415,6 +416,7 @@ def pick_eevdf(e, cpu):
     best = -1
     for x in cpu.runq:
         if (best < 0 or threads[x].deadline < threads[best].deadline) \
+                and not (skip_delayed and threads[x].sched_delayed) \
                 and vruntime_eligible(cpu, threads[x].vruntime):
             best = x
     if best < 0 or (c >= 0 and threads[c].deadline < threads[best].deadline):
@@ -542,10 +544,13 @@ def task_tick_fair(e, th, t):
 
 def check_preempt_wakeup_fair(e, cpu, p, t):
     """check_preempt_wakeup_fair(): nothing if a reschedule is pending; else
-    update_curr(), and preempt if p is now what pick_eevdf() would run."""
+    update_curr(), and preempt if p is now what pick_eevdf() would run (with
+    e.preempt_skips_delayed, what it would run among the threads that are not
+    delayed-dequeue sleepers: the host kernels kvmwake is held against decide
+    so, docs/design.md "The EEVDF scheduler")."""
     if cpu.need_resched:
         return
-    if update_curr(e, cpu, t) or pick_eevdf(e, cpu) == p:
+    if update_curr(e, cpu, t) or pick_eevdf(e, cpu, e.preempt_skips_delayed) == p:
         cpu.need_resched = True
 
 
@@ -752,11 +757,38 @@ def set_task_cpu(e, th, cpu):
         th.nr_migrations += 1
 
 
+def vcpu_pack_cpu(e, th):
+    """The vCPU-pack wake placement of the host kernels kvmwake is held against
+    (a vendor scheduler option, the sysctl ``kernel.sched_vcpu_pack``; not in
+    upstream Linux, docs/design.md "Placement"): a vCPU thread woken by another
+    vCPU thread of its VM goes to the waker's CPU when the waker is alone there
+    (its only runnable thread: nr_running less the delayed-dequeue sleepers,
+    1) and the wakee may run there, idle CPUs elsewhere notwithstanding.  The
+    waker's CPU, or -1 where the rule does not apply."""
+    w = e.waker
+    if not e.vcpu_pack or e.sched != SCHED_POLICY_EEVDF or w < 0 or w == th.g:
+        return -1
+    wt = e.threads[w]
+    if th.kind == THREAD_HOST or wt.kind == THREAD_HOST or wt.vm is not th.vm:
+        return -1
+    c = wt.pcpu
+    cpu = e.cpus[c]
+    if cpu.cur != w or not cpu_allowed(e, th, c):
+        return -1
+    if any(not e.threads[x].sched_delayed for x in cpu.runq):
+        return -1                                   # another runnable thread waits there
+    return c
+
+
 def ttwu_select(e, th):
     """try_to_wake_up()'s placement: a delayed sleeper wakes where it is; another
-    goes where select_task_rq() says, the waker being the thread whose event is
-    being handled."""
+    goes where vcpu_pack_cpu() or else select_task_rq() says, the waker being
+    the thread whose event is being handled."""
     if th.on_rq or (th.aff_kind == AFF_PINNED and th.pcpu == th.g % len(e.cpus)):
+        return
+    cpu = vcpu_pack_cpu(e, th)
+    if cpu >= 0:
+        set_task_cpu(e, th, cpu)
         return
     waker_cpu = -1
     if e.waker >= 0 and e.waker != th.g:

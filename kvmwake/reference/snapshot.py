@@ -489,6 +489,9 @@ def check_sched(e, where) -> None:
     if e.sched not in (host.SCHED_POLICY_FIFO, host.SCHED_POLICY_EEVDF) \
             or e.base_slice != sched_base_slice(len(e.cpus)):
         raise EngineError(f"scheduler {e.sched!r} or base slice {e.base_slice!r} unknown")
+    for name in ("vcpu_pack", "preempt_skips_delayed"):
+        if not isinstance(getattr(e, name), bool):
+            raise EngineError(f"{name} {getattr(e, name)!r} is not a bool")
     fifo = e.sched == host.SCHED_POLICY_FIFO
     sums = [0] * len(e.cpus)
     for g, th in enumerate(e.threads):

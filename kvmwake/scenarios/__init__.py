@@ -14,6 +14,9 @@ A scenario file::
     [host]
     cpus = "per-vcpu"             # or a number
     scheduler = "fifo"            # or "eevdf": Linux 6.18's fair class (default fifo)
+    vcpu_pack = false             # eevdf: the vCPU-pack wake placement, and wake-up
+    preempt_skips_delayed = false #   preemption past delayed sleepers, of the host kernels
+                                  #   kvmwake is held against (docs/design.md)
     halt_poll_ns = "200us"        # kvm module parameters (and _grow, _grow_start, _shrink)
     costs = { wake_to_run_ns = "5us" }   # or a distribution (kvmwake.costs), e.g.
     # costs = { wake_to_run_ns = { dist = "lognormal", median = "3us", sigma = 0.5,

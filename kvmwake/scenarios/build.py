@@ -34,7 +34,8 @@ def build(name_or_path, *, vcpus: int | None = None, host_cpus: int | None = Non
     seed = sc.seed if seed is None else seed
     host = Host(host_cpus=host_cpus, arch=sc.arch, seed=seed, costs=sc.costs,
                 engine=engine, trace_capacity=trace_capacity,
-                scheduler=sc.scheduler if scheduler is None else scheduler, threads=threads)
+                scheduler=sc.scheduler if scheduler is None else scheduler, threads=threads,
+                vcpu_pack=sc.vcpu_pack, preempt_skips_delayed=sc.preempt_skips_delayed)
     for pname, value in sc.module_params.items():
         setattr(host, pname, value)
     per_vm = min(sc.vcpus_per_vm, total)

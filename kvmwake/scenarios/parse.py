@@ -43,7 +43,8 @@ MAX_POISSON_MEAN_NS = 1 << 50
 
 _KEYS = {
     (): {"name", "description", "sim", "seed", "host", "vm"},
-    ("host",): {"cpus", "costs", "scheduler", "thread", "load", *MODULE_PARAMS},
+    ("host",): {"cpus", "costs", "scheduler", "vcpu_pack", "preempt_skips_delayed", "thread",
+                "load", *MODULE_PARAMS},
     ("host", "thread"): {"ops", "affinity", "count", "name"},
     ("host", "load"): {"duty", "period", "affinity", "count", "name"},
     ("vm",): {"arch", "vcpus", "per_vm", "tick", "halt_poll", "caps", "spis", "vmm",
@@ -100,6 +101,8 @@ class Scenario:
     sim_ns: int
     seed: int = 0
     scheduler: str = DEFAULT_SCHEDULER   # the host scheduler (model.SCHEDULERS)
+    vcpu_pack: bool = False              # the vCPU-pack wake placement (Host(vcpu_pack=...))
+    preempt_skips_delayed: bool = False  # Host(preempt_skips_delayed=...)
     tick_ns: int = 0
     module_params: dict = field(default_factory=dict)
     costs: dict = field(default_factory=dict)
@@ -225,6 +228,11 @@ def loads(text: str, path: str = "<string>") -> Scenario:
     if scheduler not in SCHEDULERS:
         raise err(("host", "scheduler"), f"unknown scheduler {scheduler!r} "
                                          f"(choose from {', '.join(SCHEDULERS)})")
+    vendor = {}
+    for key in ("vcpu_pack", "preempt_skips_delayed"):
+        vendor[key] = typed(host, ("host",), key, (bool,), False)
+        if vendor[key] and scheduler != "eevdf":
+            raise err(("host", key), f"is a rule of the eevdf scheduler, not of {scheduler!r}")
     for k, v in typed(host, ("host",), "costs", (dict,), {}).items():
         if k not in COST_DEFAULTS:
             raise err(("host", "costs", k), f"unknown cost (known: {', '.join(COST_DEFAULTS)})")
@@ -405,7 +413,7 @@ def loads(text: str, path: str = "<string>") -> Scenario:
 
     sc = Scenario(name=name, description=description, path=path, arch=arch, vcpus=total,
                   vcpus_per_vm=per_vm, host_cpus=None if cpus == "per-vcpu" else cpus,
-                  scheduler=scheduler, sim_ns=sim_ns, seed=seed, tick_ns=tick, module_params=params, costs=costs,
+                  scheduler=scheduler, **vendor, sim_ns=sim_ns, seed=seed, tick_ns=tick, module_params=params, costs=costs,
                   nr_spis=nr_spis if arch == "arm64" else DEFAULT_NR_SPIS, halt_poll=halt_poll,
                   caps=caps, vmm=vmm, affinity=affinity, programs=programs, sources=sources,
                   host_threads=host_threads, _lines=lines, _text=text)
