@@ -274,6 +274,49 @@ def test_calibration_recovers_the_costs_it_was_made_with(synthetic, tmp_path):
     assert abs(v["split_diff_pp"]) < 2 and abs(v["median_wait_ratio"] - 1) < 0.05
 
 
+def test_sched_sysctls_and_the_vcpu_pack_rule(synthetic, tmp_path, capsys):
+    """The recorder keeps the host scheduler's sysctls; a non-zero vendor
+    sched_vcpu_pack turns the model's vCPU-pack placement on (Host(vcpu_pack=...))."""
+    from kvmwake.kernel import record as KR
+    from kvmwake.kernel.simulate import Setup
+    (tmp_path / "sched_vcpu_pack").write_text("15\n")
+    (tmp_path / "sched_autogroup_enabled").write_text("1\n")
+    (tmp_path / "sched_odd").write_text("a b\n")
+    (tmp_path / "sched_dir").mkdir()
+    (tmp_path / "other").write_text("3\n")
+    got = KR.sched_sysctls(str(tmp_path))
+    assert got == {"sched_autogroup_enabled": 1, "sched_odd": "a b", "sched_vcpu_pack": 15}
+    assert KR.sched_sysctls(str(tmp_path / "missing")) == {}
+    assert R.vcpu_pack({"sched_sysctls": got})
+    for meta in ({}, {"sched_sysctls": {}}, {"sched_sysctls": {"sched_vcpu_pack": 0}},
+                 {"sched_sysctls": {"sched_vcpu_pack": "15"}},
+                 {"sched_sysctls": {"sched_vcpu_pack": True}}, {"sched_sysctls": None}):
+        assert not R.vcpu_pack(meta)
+    d = _copy(synthetic, tmp_path)
+    assert not Setup.from_recording(R.load(d)).vcpu_pack
+    meta = json.loads((d / "metadata.json").read_text())
+    meta["sched_sysctls"] = got
+    (d / "metadata.json").write_text(json.dumps(meta))
+    rec = R.load(d)
+    setup = Setup.from_recording(rec)
+    assert setup.vcpu_pack
+    assert CM.recording_info(rec)["vcpu_pack"] is True
+    # --host-rules: the recording's kernel's (vendor here), or forced either way.
+    from kvmwake.kernel.simulate import SimParams, vendor_rules
+    for rules, want in (("recording", True), ("upstream", False), ("vendor", True)):
+        assert vendor_rules(setup, SimParams(host_rules=rules)) is want
+    assert vendor_rules(Setup.from_recording(R.load(synthetic)),
+                        SimParams(host_rules="recording")) is False
+    with pytest.raises(ValueError, match="host_rules must be one of"):
+        SimParams.from_dict({"host_rules": "mine"})
+    cal = C.fit(rec, quick=True, host_rules="upstream")
+    assert cal["params"]["host_rules"] == "upstream"
+    C.save(rec, cal)
+    assert KC.main(["compare", str(d), "--no-png", "--json", "--host-rules", "vendor"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["host_rules"] == "vendor"
+    assert KC.main(["compare", str(d), "--no-png", "--host-rules", "mine"]) == 2
+
+
 def test_calibration_of_one_vcpu_leaves_context_switch_alone(tmp_path):
     Y.make_recording(tmp_path / "one", "short", 300, 1, 2, 0, _made_with())
     cal = C.fit(R.load(tmp_path / "one"), quick=True)
@@ -647,6 +690,7 @@ def test_record_calibrate_compare_replay_end_to_end(kvm_ok, tmp_path, capsys):
     assert meta["trace"]["mode"] == "tracefs" and meta["wakes"]["sent"] == 200
     assert meta["kernel"]["release"] and meta["module_params"]["halt_poll_ns"] >= 0
     assert meta["halt_poll_cap"] is None and meta["workload"]["named"] == "mixed"
+    assert isinstance(meta["sched_sysctls"], dict)
     for key in ("msi_ioctl_delivered_ns", "msi_ioctl_undelivered_ns", "injector_lateness_ns",
                 "timer_lateness_idle_ns", "clock_read_pair_ns"):
         assert meta["harness"][key]["n"] > 0

@@ -34,7 +34,13 @@ def test_parse_real_lines():
     ev = ST.parse(SAMPLE.read_text())
     kinds = [e.kind for e in ev]
     assert len(ev) == 22 and kinds.count(M) == 2 and kinds.count(W) == 7
-    assert ev[0] == ST.SchedEvent(54554_597063_000, 0, W, 29778, target_cpu=1)   # _new
+    assert ev[0] == ST.SchedEvent(54554_597063_000, 0, W, 29778, target_cpu=1,   # _new
+                                  by=29723, flags="d..2.")
+    assert (ev[0].need_resched, ev[0].in_irq) == (False, False)
+    woken = [e for e in ev if e.kind == W and e.need_resched]
+    assert all(e.in_irq for e in woken)
+    assert [(e.by, e.pid, e.target_cpu) for e in woken] == [(29777, 29723, 0), (29776, 29723, 0),
+                                                            (29700, 29778, 1)]
     sw = [e for e in ev if e.kind == S and e.pid == 29769][0]     # comm "CPU 0/KVM"
     assert (sw.cpu, sw.prev_state, sw.sleeps) == (1, "S", True)
     pre = [e for e in ev if e.kind == S and e.prev_state == "R"][0]
@@ -42,6 +48,21 @@ def test_parse_real_lines():
     mig = [e for e in ev if e.kind == M]
     assert (mig[0].pid, mig[0].orig_cpu, mig[0].target_cpu, mig[0].cpu) == (29773, 0, 1, 1)
     assert all(ST.involves(e, {t["tid"] for t in SAMPLE_THREADS}) for e in ev)
+
+
+def test_format_line_is_parse_lines_inverse():
+    comm = {7: "a", 9: "b"}
+    for e in (ST.SchedEvent(1_000_002_000, 1, W, 7, target_cpu=1, by=9, flags="dNh3."),
+              ST.SchedEvent(5_000, 0, S, 9, next_pid=7, prev_state="R+", by=9, flags="d..2."),
+              ST.SchedEvent(6_000, 1, M, 7, target_cpu=0, orig_cpu=1, by=0, flags="d..3.")):
+        assert ST.parse_line(ST.format_line(e, comm)) == e
+    assert ST.parse_line(ST.format_line(
+        ST.SchedEvent(1, 1, W, 7, target_cpu=1, by=9, flags="dNh3."), comm)).need_resched
+    # A model event (no logging task, no flags) prints as logged by its own thread.
+    e = ST.SchedEvent(8_000, 0, W, 7, target_cpu=0)
+    assert (e.need_resched, e.in_irq) == (None, None)
+    assert ST.parse_line(ST.format_line(e, comm)) == ST.SchedEvent(
+        8_000, 0, W, 7, target_cpu=0, by=7, flags="d..2.")
 
 
 def test_parse_errors_and_other_lines():

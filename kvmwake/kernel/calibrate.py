@@ -462,7 +462,8 @@ def direct_estimates(kv: KernelView) -> dict:
 
 
 def initial_params(kv: KernelView, est: dict, arrivals: str = "sent",
-                   scheduler: str = "eevdf") -> tuple[SimParams, list]:
+                   scheduler: str = "eevdf",
+                   host_rules: str = "recording") -> tuple[SimParams, list]:
     """SimParams from the direct estimates; notes say what had to be assumed."""
     notes = []
     handler = est["handler_ns"]
@@ -495,7 +496,8 @@ def initial_params(kv: KernelView, est: dict, arrivals: str = "sent",
     p = SimParams(costs=costs, handler_ns=int(round(handler)), delivery_ns=int(round(delivery)),
                   lateness_ns=int(round(est["lateness_ns"])), arrivals=arrivals,
                   injector_idle_wake_ns=int(round(est["injector_idle_wake_ns"])),
-                  injector_ns=int(round(est["injector_ns"])), scheduler=scheduler)
+                  injector_ns=int(round(est["injector_ns"])), scheduler=scheduler,
+                  host_rules=host_rules)
     return p, notes
 
 
@@ -611,13 +613,14 @@ def free_costs(scheduler: str, shared: bool) -> list:
 
 
 def fit(rec: Recording, arrivals: str = "sent", quick: bool = False, log=None,
-        tails: bool = False, scheduler: str = "eevdf") -> dict:
-    """Calibrate on ``rec`` with the host ``scheduler`` (the simulation's
-    ``SimParams.scheduler``); returns the calibration dict (also what is saved)."""
+        tails: bool = False, scheduler: str = "eevdf", host_rules: str = "recording") -> dict:
+    """Calibrate on ``rec`` with the host ``scheduler`` and ``host_rules`` (the
+    simulation's ``SimParams.scheduler`` and ``.host_rules``); returns the
+    calibration dict (also what is saved)."""
     t_start = time.perf_counter()
     kv = kernel_view(rec)
     est = direct_estimates(kv)
-    params, notes = initial_params(kv, est, arrivals, scheduler)
+    params, notes = initial_params(kv, est, arrivals, scheduler, host_rules)
     setup = Setup.from_recording(rec)
     traced = rec.traced
     kd1 = (_d1_wait_by_vcpu(kv.halts, kv.waker, rec.wakes["sent_ns"], rec.nvcpus)

@@ -26,12 +26,14 @@ from ..cli.argtypes import positive_int as _pos_int
 from ..cli.argtypes import u32 as _u32
 
 from ..model import SCHEDULERS
+from .simulate import HOST_RULES, HOST_RULES_HELP
 
-COMMANDS = ("record", "calibrate", "compare", "suite")
+COMMANDS = ("record", "calibrate", "compare", "suite", "sched-replay")
 
 
 def build_parser(subparsers) -> None:
-    """Add ``record``, ``calibrate``, ``compare`` and ``suite`` to the ``kernel`` subparsers."""
+    """Add ``record``, ``calibrate``, ``compare``, ``suite`` and ``sched-replay`` to the
+    ``kernel`` subparsers."""
     r = subparsers.add_parser(
         "record", help="record the real kernel (/dev/kvm micro-VM, tracefs, binary stats)",
         description="Run a micro-VM whose vCPUs halt in a loop, wake them with MSIs at the "
@@ -92,6 +94,8 @@ def build_parser(subparsers) -> None:
     c.add_argument("--scheduler", choices=SCHEDULERS, default="eevdf",
                    help="the host scheduler the simulation runs (default eevdf, the "
                         "kernel's; fifo for comparison)")
+    c.add_argument("--host-rules", choices=HOST_RULES, default="recording",
+                   help=HOST_RULES_HELP)
     c.add_argument("--tails", action="store_true",
                    help="also fit wake_to_run_ns as a distribution (quantiles) from the "
                         "spread of the uncontended latencies (calibration.json's costs)")
@@ -109,6 +113,9 @@ def build_parser(subparsers) -> None:
                    help="exit 1 if any checked acceptance criterion misses its bound (a "
                         "saturated recording is not scored)")
     p.add_argument("--seed", type=_nonneg, default=0, help="simulation seed (default 0)")
+    p.add_argument("--host-rules", choices=HOST_RULES, default=None,
+                   help="run the model with these host kernel rules instead of the "
+                        "calibration's: " + HOST_RULES_HELP)
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                    help="run the model with this host scheduler instead of the "
                         "calibration's (eevdf or fifo)")
@@ -121,6 +128,14 @@ def build_parser(subparsers) -> None:
                     "--config FILE) and seed: record, calibrate, compare into OUT/NAME/seedS; "
                     "writes OUT/suite.md (the validation table) and OUT/suite.json.")
     _suite.build_parser(s)
+
+    from . import schedreplay as _schedreplay
+    _schedreplay.build_parser(subparsers.add_parser(
+        "sched-replay", help="the model's EEVDF rules on the kernel's own scheduler trace",
+        description="Rebuild each host CPU's run queue of the recording's threads from its "
+                    "scheduler trace (sched.trace) with the model's EEVDF rules, and hold "
+                    "the rules' wake-up preemption decisions and picks against the "
+                    "kernel's: upstream's rule and preempt_skips_delayed's."))
 
 
 def _err(msg: str) -> int:
@@ -146,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
             return run_cli(args)
         if cmd == "replay":
             return _replay.run(args)
+        if cmd == "sched-replay":
+            from .schedreplay import main as sched_replay
+            return sched_replay(args)
         return _err(f"unknown kernel command {cmd!r}")
     except (RecordError, RecordingError, SpecError, KvmIoctlError, TraceFormatError) as exc:
         return _err(str(exc))
@@ -188,7 +206,7 @@ def _calibrate(args) -> int:
     rec = load(args.dir)
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     cal = C.fit(rec, arrivals=args.arrivals, quick=args.quick, log=log, tails=args.tails,
-                scheduler=args.scheduler)
+                scheduler=args.scheduler, host_rules=args.host_rules)
     C.save(rec, cal)
     if args.json:
         print(json.dumps(cal, indent=2, default=float))
@@ -228,7 +246,8 @@ def _compare(args) -> int:
     from . import compare as CM
     from .recording import load
     rec = load(args.dir)
-    c = CM.compare_dir(rec, png=not args.no_png, seed=args.seed, scheduler=args.scheduler)
+    c = CM.compare_dir(rec, png=not args.no_png, seed=args.seed, scheduler=args.scheduler,
+                       host_rules=args.host_rules)
     if args.json:
         print(CM.dumps(c))
     else:

@@ -47,7 +47,7 @@ from ..haltpoll import HaltPollParams
 from . import analysis as A
 from . import calibrate as C
 from . import schedtrace as ST
-from .recording import Recording, RecordingError, write_json
+from .recording import Recording, RecordingError, vcpu_pack, write_json
 from .replay import replay
 from .simulate import SimParams, Setup
 
@@ -119,12 +119,15 @@ def _drop_first_halts(stats: dict, h: A.Halts | None) -> dict:
     return out
 
 
-def sim_params(cal: dict, scheduler: str | None = None):
+def sim_params(cal: dict, scheduler: str | None = None, host_rules: str | None = None):
     """(SimParams, port_exit_ns) of a calibration, its host scheduler replaced by
-    ``scheduler`` when given ("eevdf" | "fifo": ``compare --scheduler``)."""
+    ``scheduler`` when given ("eevdf" | "fifo": ``compare --scheduler``), its host
+    kernel's rules by ``host_rules`` (``compare --host-rules``)."""
     params, port_exit = C.load_params(cal)
-    if scheduler is not None:
-        params = SimParams.from_dict({**params.to_dict(), "scheduler": scheduler})
+    over = {k: v for k, v in (("scheduler", scheduler), ("host_rules", host_rules))
+            if v is not None}
+    if over:
+        params = SimParams.from_dict({**params.to_dict(), **over})
     return params, port_exit
 
 
@@ -136,19 +139,21 @@ def recording_info(rec: Recording) -> dict:
             "host_cpus": rec.meta["host_cpus"], "halt_poll_cap": rec.cap,
             "module_halt_poll_ns": rec.module_params.get("halt_poll_ns"),
             "kernel": rec.meta["kernel"]["release"], "date": rec.meta.get("date"),
-            "traced": rec.traced, "trace_mode": rec.meta["trace"]}
+            "traced": rec.traced, "trace_mode": rec.meta["trace"],
+            "vcpu_pack": vcpu_pack(rec.meta)}
 
 
 def run(rec: Recording, cal: dict | None = None, seed: int = 0,
-        scheduler: str | None = None) -> dict:
-    """Simulate ``rec``'s workload with its calibration (with ``scheduler`` instead of
-    the calibration's, if given); returns every compared figure."""
+        scheduler: str | None = None, host_rules: str | None = None) -> dict:
+    """Simulate ``rec``'s workload with its calibration (with ``scheduler`` and
+    ``host_rules`` instead of the calibration's, if given); returns every compared
+    figure."""
     if cal is None:
         if rec.calibration is None:
             raise RecordingError(f"{rec.path}: no calibration.json; run 'kvmwake kernel "
                                  f"calibrate {rec.path}' first")
         cal = rec.calibration
-    params, port_exit = sim_params(cal, scheduler)
+    params, port_exit = sim_params(cal, scheduler, host_rules)
     kv = C.kernel_view(rec)
     setup = Setup.from_recording(rec)
     r, h, wk, sfig = C.sim_view(setup, params, port_exit, seed=seed,
@@ -215,11 +220,13 @@ def kernel_vs_kernel(a: Recording, b: Recording) -> dict:
 
 # ---------------------------------------------------------------- scheduler rates
 
-def rate_values(trace: ST.SchedTrace) -> dict:
+def rate_values(trace: ST.SchedTrace, host_cpus: int | None = None) -> dict:
     """A trace's rates as compare checks and prints them (``schedtrace.figures``):
     ``{"preemption": {pair: {"rate", "n"}}, "migration": {"pooled" | "vCPU i":
     {"rate", "n"}}}``, ``n`` the wake-ups (pairs of consecutive run periods) a rate is
-    the share of; a rate without any is left out."""
+    the share of; a rate without any is left out.  With ``host_cpus``, also
+    ``"placement": {"onto busy": {"rate", "n"}}`` (``schedtrace.busy_landing_rate``;
+    printed, not an acceptance criterion)."""
     f = ST.figures(trace)
     pre = {pair: {"rate": x["rate"], "n": x["wakeups"]}
            for pair, x in f["preemption"].items() if x["wakeups"]}
@@ -227,8 +234,13 @@ def rate_values(trace: ST.SchedTrace) -> dict:
                       "n": f["migration"]["pooled"]["periods"]}}
     mig.update({f"vCPU {r['vcpu']}": {"rate": r["rate"], "n": r["periods"]}
                 for r in f["migration"]["per_vcpu"]})
-    return {"preemption": pre,
-            "migration": {k: v for k, v in mig.items() if v["n"]}}
+    out = {"preemption": pre,
+           "migration": {k: v for k, v in mig.items() if v["n"]}}
+    if host_cpus is not None:
+        b = ST.busy_landing_rate(trace, host_cpus)
+        out["placement"] = {"onto busy": {"rate": b["rate"], "n": b["wakeups"]}} \
+            if b["wakeups"] else {}
+    return out
 
 
 def sched_rates(kv, r) -> dict:
@@ -239,7 +251,9 @@ def sched_rates(kv, r) -> dict:
     if kv.sched is None or r.sched is None:
         return {"kernel": None, "model": None,
                 "reason": "the recording has no scheduler trace"}
-    return {"kernel": rate_values(kv.sched), "model": rate_values(r.sched), "reason": None}
+    ncpu = int(kv.rec.meta["host_cpus"])
+    return {"kernel": rate_values(kv.sched, ncpu), "model": rate_values(r.sched, ncpu),
+            "reason": None}
 
 
 def _jsonable(fig: dict, stats: dict) -> dict:
@@ -495,7 +509,9 @@ def print_report(c: dict, out=None) -> None:
     sc = c.get("sched") or {}
     if sc.get("kernel") is not None:
         w("\nscheduler (shares of wake-ups / of consecutive run periods; samples)\n")
-        for name in ("preemption", "migration"):
+        for name in ("preemption", "migration", "placement"):
+            if name not in sc["kernel"]:
+                continue                        # a comparison saved before it was kept
             ka, ma = sc["kernel"][name], (sc.get("model") or {}).get(name, {})
             for x in sorted(set(ka) | set(ma)):
                 a, b = ka.get(x), ma.get(x)
@@ -625,10 +641,11 @@ def write_png(c: dict, path: Path, kernel_lat=None, model_lat=None) -> str:
     return "matplotlib"
 
 
-def latencies(rec: Recording, cal: dict, seed: int = 0, scheduler: str | None = None):
+def latencies(rec: Recording, cal: dict, seed: int = 0, scheduler: str | None = None,
+              host_rules: str | None = None):
     """Per-halt send-to-halt-end latencies, kernel and model (for the picture)."""
     kv = C.kernel_view(rec)
-    params, port_exit = sim_params(cal, scheduler)
+    params, port_exit = sim_params(cal, scheduler, host_rules)
     r, h, wk, _ = C.sim_view(Setup.from_recording(rec), params, port_exit, seed=seed,
                              host_costs=C.sim_costs(cal))
     out = []
@@ -642,12 +659,12 @@ def latencies(rec: Recording, cal: dict, seed: int = 0, scheduler: str | None = 
 
 
 def compare_dir(rec: Recording, png: bool = True, seed: int = 0,
-                scheduler: str | None = None) -> dict:
-    c = run(rec, seed=seed, scheduler=scheduler)
+                scheduler: str | None = None, host_rules: str | None = None) -> dict:
+    c = run(rec, seed=seed, scheduler=scheduler, host_rules=host_rules)
     write_json(rec.path / COMPARE_JSON, c)
     if png:
-        klat, mlat = (latencies(rec, rec.calibration, seed, scheduler) if rec.traced
-                      else (None, None))
+        klat, mlat = (latencies(rec, rec.calibration, seed, scheduler, host_rules)
+                      if rec.traced else (None, None))
         c["png"] = str(rec.path / COMPARE_PNG)
         c["png_backend"] = write_png(c, rec.path / COMPARE_PNG, klat, mlat)
     return c

@@ -217,6 +217,31 @@ def module_params() -> dict:
     return out
 
 
+#: Where the host scheduler's sysctls live (``kernel.sched_*``).
+SCHED_SYSCTL_DIR = "/proc/sys/kernel"
+
+
+def sched_sysctls(root: str = SCHED_SYSCTL_DIR) -> dict:
+    """The host scheduler's sysctls, ``kernel.sched_*`` (ints where they parse):
+    ``sched_autogroup_enabled``, and vendor ones such as ``sched_vcpu_pack``, whose
+    presence and value the simulation reads (``recording.vcpu_pack``); kept in the
+    metadata as ``sched_sysctls``."""
+    out: dict = {}
+    p = Path(root)
+    if not p.is_dir():
+        return out
+    for f in sorted(p.glob("sched_*")):
+        try:
+            text = f.read_text().strip()
+        except OSError:
+            continue
+        try:
+            out[f.name] = int(text)
+        except ValueError:
+            out[f.name] = text
+    return out
+
+
 def cpu_times() -> tuple[float, float, float]:
     """(busy seconds of all host CPUs, this process's CPU seconds, monotonic seconds)."""
     busy = 0.0
@@ -586,6 +611,7 @@ def _record(opts, spec, out, _inject, log) -> dict:
         "host_cpu_ids": allowed,
         "pinning": {"vcpus": cpus, "injector": inj_cpu, "enabled": opts.pin},
         "module_params": module_params(),
+        "sched_sysctls": sched_sysctls(),
         "caps": caps,
         "halt_poll_cap": opts.halt_poll_ns,
         "vcpus": opts.vcpus,

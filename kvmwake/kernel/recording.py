@@ -355,6 +355,17 @@ def pinned_cpus(meta: dict) -> tuple[list, int | None]:
     return vc, inj
 
 
+def vcpu_pack(meta: dict) -> bool:
+    """The recording's host kernel is the vendor's (its sysctl
+    ``kernel.sched_vcpu_pack`` is there and non-zero), whose scheduler packs vCPU
+    wake-ups and decides wake-up preemption past delayed sleepers: the simulation
+    of the recording then runs ``Host(vcpu_pack=True, preempt_skips_delayed=True)``
+    (``simulate.vendor_rules``, ``--host-rules``).  A recording made before the
+    recorder kept the scheduler's sysctls says nothing: False, upstream rules."""
+    v = (meta.get("sched_sysctls") or {}).get("sched_vcpu_pack", 0)
+    return isinstance(v, int) and not isinstance(v, bool) and v != 0
+
+
 def sim_placement(meta: dict) -> dict:
     """Where the simulation should put the recording's threads, in the terms of
     ``host.create_vm(affinity=...)``, ``vcpu.set_affinity`` and ``host.add_thread``:

@@ -76,7 +76,10 @@ class SchedEvent:
     ``switch``: on ``cpu``, ``pid`` (prev) leaves in ``prev_state`` (``R``/``R+``:
     still runnable, preempted; anything else: it sleeps) and ``next_pid`` runs
     (0: idle).  ``wakeup``: ``pid`` is woken onto ``target_cpu``.  ``migrate``:
-    ``pid`` moves from ``orig_cpu`` to ``target_cpu``.
+    ``pid`` moves from ``orig_cpu`` to ``target_cpu``.  From a trace line also
+    ``by``, the task the event was logged in (the line's ``<comm>-<pid>``), and
+    ``flags``, the line's latency flags (``d..2.``, ``dNh3.``, ...; "" where
+    unknown): ``need_resched`` and ``in_irq`` read them.
     """
 
     ts: int                    # ns (the trace's CLOCK_MONOTONIC, or model time)
@@ -87,6 +90,22 @@ class SchedEvent:
     prev_state: str = ""
     target_cpu: int = -1
     orig_cpu: int = -1
+    by: int = -1
+    flags: str = ""
+
+    @property
+    def need_resched(self) -> bool | None:
+        """TIF_NEED_RESCHED was set when the line was logged (flag ``N``): for a
+        wake-up logged on its target CPU, the kernel's wake-up preemption decision
+        (``wakeup_preempt()`` runs just before the tracepoint).  None: no flags."""
+        return ("N" in self.flags[:2]) if self.flags else None
+
+    @property
+    def in_irq(self) -> bool | None:
+        """Logged in hard-interrupt context (flag ``h`` or ``H``): a wake-up done by
+        an interrupt on that CPU (a timer, a queued remote wake-up), not by ``by``
+        itself.  None: no flags."""
+        return (self.flags[2:3] in ("h", "H")) if self.flags else None
 
     @property
     def sleeps(self) -> bool:
@@ -109,24 +128,27 @@ def parse_line(line: str, line_no: int = 0) -> SchedEvent | None:
     ev = m.group("event")
     body = m.group("body")
     ts, cpu = _ts_ns(m.group("ts")), int(m.group("cpu"))
+    ctx = {"by": int(m.group("tid")), "flags": m.group("flags") or ""}
     if ev == "sched_switch":
         b = _SWITCH.match(body)
         if b is None:
             raise SchedTraceError(f"line {line_no}: sched_switch fields do not parse: {body!r}")
         return SchedEvent(ts, cpu, SWITCH, int(b.group("prev_pid")),
-                          next_pid=int(b.group("next_pid")), prev_state=b.group("prev_state"))
+                          next_pid=int(b.group("next_pid")), prev_state=b.group("prev_state"),
+                          **ctx)
     if ev in ("sched_wakeup", "sched_wakeup_new"):
         b = _WAKE.match(body)
         if b is None:
             raise SchedTraceError(f"line {line_no}: {ev} fields do not parse: {body!r}")
-        return SchedEvent(ts, cpu, WAKEUP, int(b.group("pid")), target_cpu=int(b.group("target")))
+        return SchedEvent(ts, cpu, WAKEUP, int(b.group("pid")), target_cpu=int(b.group("target")),
+                          **ctx)
     if ev == "sched_migrate_task":
         b = _MIGRATE.match(body)
         if b is None:
             raise SchedTraceError(f"line {line_no}: sched_migrate_task fields do not parse: "
                                   f"{body!r}")
         return SchedEvent(ts, cpu, MIGRATE, int(b.group("pid")), target_cpu=int(b.group("dest")),
-                          orig_cpu=int(b.group("orig")))
+                          orig_cpu=int(b.group("orig")), **ctx)
     return None
 
 
@@ -142,11 +164,14 @@ def parse(text: str) -> list[SchedEvent]:
 
 def format_line(e: SchedEvent, comm: dict[int, str]) -> str:
     """``e`` as the kernel prints it (the inverse of ``parse_line``; the time truncated
-    to the microsecond as in the trace text, priority 120, flags ``d..2.``).  ``comm``:
-    pid -> task name (pid 0: ``swapper/<cpu>``)."""
+    to the microsecond as in the trace text, priority 120, flags ``d..2.``, or
+    its own ``flags`` if it has them; logged in task ``by``, or ``pid`` where ``by``
+    is unknown).  ``comm``: pid -> task name (pid 0: ``swapper/<cpu>``)."""
     def name(pid):
         return f"swapper/{e.cpu}" if pid == 0 else comm.get(pid, f"task{pid}")
-    head = (f"{name(e.pid):>16}-{e.pid:<7} [{e.cpu:03d}] d..2. "
+    by = e.by if e.by >= 0 else e.pid
+    flags = e.flags or "d..2."
+    head = (f"{name(by):>16}-{by:<7} [{e.cpu:03d}] {flags} "
             f"{e.ts // 1_000_000_000:5d}.{e.ts // 1000 % 1_000_000:06d}: ")
     if e.kind == SWITCH:
         return (head + f"sched_switch: prev_comm={name(e.pid)} prev_pid={e.pid} prev_prio=120 "
@@ -259,6 +284,32 @@ def preemption_rate(events, roles: dict[int, str] | None = None) -> dict:
             for p, (w, k) in counts.items()}
 
 
+def busy_landing_rate(trace: SchedTrace, host_cpus: int) -> dict:
+    """Wake placement against idle CPUs: of the wake-ups of unpinned vCPU threads
+    (``cpu`` None in the threads table) made while some host CPU was idle, the
+    share placed on a CPU where another recorded thread was running.  Upstream's
+    ``select_task_rq_fair()`` takes an idle CPU then, but for a waker's CPU that a
+    sync wake-up finds otherwise empty; the vendor's vCPU packing does not
+    (docs/design.md, "Placement").  A CPU is idle from a switch to the idle task
+    (pid 0, or ``IDLE_PID`` in a model's trace) until the next switch on it; one
+    running a task that is not recorded is not idle.  Returns ``{"wakeups",
+    "onto_busy", "rate"}`` (rate None without wake-ups)."""
+    unpinned = {int(t["tid"]) for t in trace.threads
+                if t["role"] == "vcpu" and t.get("cpu") is None}
+    recorded = {int(t["tid"]) for t in trace.threads}
+    curr = {c: 0 for c in range(host_cpus)}           # every CPU idle until seen
+    n = busy = 0
+    for e in trace.events:
+        if e.kind == SWITCH:
+            curr[e.cpu] = e.next_pid
+        elif e.kind == WAKEUP and e.pid in unpinned:
+            if any(p in (0, IDLE_PID) for c, p in curr.items() if c != e.target_cpu):
+                n += 1
+                p = curr.get(e.target_cpu, 0)
+                busy += p in recorded and p != e.pid
+    return {"wakeups": n, "onto_busy": busy, "rate": busy / n if n else None}
+
+
 def migration_rate(events, vcpus: dict[int, int] | None = None) -> dict:
     """Run periods of each vCPU thread starting on another CPU than its previous one.
 
@@ -367,7 +418,7 @@ def from_timeline(host_or_timeline, threads: list[dict] | None = None) -> SchedT
                 c = cpu_of.get(g, cpu)
                 out.append(SchedEvent(t, c, SWITCH, g, next_pid=idle, prev_state="R"))
                 curr[c] = idle
-            elif prev == blocked:
+            elif prev == blocked or prev is None:
                 out.append(SchedEvent(t, cpu, WAKEUP, g, target_cpu=cpu))
         state[g] = s
         cpu_of[g] = cpu

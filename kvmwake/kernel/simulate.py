@@ -102,6 +102,10 @@ class SimParams:
     injector_ns: int = 1_000             # the injector's work per send
     lead_in_ns: int | None = None        # first wake at lead_in + target (None: automatic)
     scheduler: str = "eevdf"             # the host scheduler (Host(scheduler=...)): eevdf | fifo
+    # The host kernel's own scheduler rules (HOST_RULES): "recording" (the vendor's
+    # vCPU packing and wake-up preemption past delayed sleepers where the recording's
+    # kernel has them, vcpu_pack below), "upstream" (neither) or "vendor" (both).
+    host_rules: str = "recording"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +129,9 @@ class SimParams:
         if p.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not "
                              f"{p.scheduler!r}")
+        if p.host_rules not in HOST_RULES:
+            raise ValueError(f"host_rules must be one of {', '.join(HOST_RULES)}, not "
+                             f"{p.host_rules!r}")
         if p.arrivals not in ("sent", "target"):
             raise ValueError(f"arrivals must be 'sent' or 'target', not {p.arrivals!r}")
         for name in ("handler_ns", "delivery_ns", "lateness_ns", "injector_idle_wake_ns",
@@ -134,6 +141,22 @@ class SimParams:
                 raise ValueError(f"{name} = {v!r} is not a duration in ns")
             setattr(p, name, int(v))
         return p
+
+
+#: ``SimParams.host_rules`` values (``--host-rules``), and what the option says.
+HOST_RULES = ("recording", "upstream", "vendor")
+HOST_RULES_HELP = ("the host kernel's own scheduler rules the model runs: recording (the "
+                   "vendor's vCPU packing and wake-up preemption past delayed sleepers where "
+                   "the recording's kernel has kernel.sched_vcpu_pack, default), upstream "
+                   "(neither) or vendor (both)")
+
+
+def vendor_rules(setup: Setup, params: SimParams) -> bool:
+    """The simulated host has the vendor kernel's two rules (``Host(vcpu_pack=True,
+    preempt_skips_delayed=True)``): as the recording's kernel, or as forced."""
+    if params.host_rules == "recording":
+        return setup.vcpu_pack
+    return params.host_rules == "vendor"
 
 
 @dataclass
@@ -152,6 +175,9 @@ class Setup:
     injector_cpu: int | None = None     # where the recorder pinned the injector (None: unpinned)
     vm_affinity: str = "pinned"         # the vCPU threads' create_vm affinity: "pinned" | "all"
     vcpu_cpus: list | None = None       # pinned elsewhere than g % host_cpus: each vCPU's CPU
+    # The host kernel is the vendor's (sched_vcpu_pack): Host(vcpu_pack=...,
+    # preempt_skips_delayed=...), the two rules seen in its scheduler's tracepoints.
+    vcpu_pack: bool = False
 
     @property
     def injector_affinity(self):
@@ -163,13 +189,14 @@ class Setup:
         w = rec.wakes
         t0 = int(rec.meta["t0_ns"])
         sent = np.where(w["sent_ns"] > 0, w["sent_ns"] - t0, -1)
-        from .recording import regenerate_plan, sim_placement, workload_kind
+        from .recording import regenerate_plan, sim_placement, vcpu_pack, workload_kind
         plan = regenerate_plan(rec) if workload_kind(rec.meta) == "ipi" else None
         place = sim_placement(rec.meta)
         inj = place["injector"]
         return cls(rec.nvcpus, int(rec.meta["host_cpus"]), dict(rec.module_params), rec.cap,
                    w["target_ns"], w["vcpu"].astype(np.int32), w["index"], sent, plan,
-                   None if inj == "all" else int(inj), place["vm"], place["vcpus"])
+                   None if inj == "all" else int(inj), place["vm"], place["vcpus"],
+                   vcpu_pack(rec.meta))
 
     def create_vm(self, host):
         """The recording's VM on ``host``, its vCPU threads placed as the recorder
@@ -339,7 +366,9 @@ def _machine(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacit
     host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed,
                 costs=params.costs if host_costs is None else host_costs,
                 engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
-                timeline_capacity=tl_capacity, scheduler=params.scheduler)
+                timeline_capacity=tl_capacity, scheduler=params.scheduler,
+                vcpu_pack=vendor_rules(setup, params),
+                preempt_skips_delayed=vendor_rules(setup, params))
     host.halt_poll_ns = int(mp["halt_poll_ns"])
     for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
         if name in mp:

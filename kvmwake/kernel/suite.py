@@ -345,6 +345,7 @@ def run_one(out: Path, cfg: Config, seed: int, args, log) -> dict:
             return row | {"status": "recorded", "dir": str(d), "tries": attempt,
                           "foreign_pct": foreign_of(rec.meta), "traced": rec.traced}
         cal = C.fit(rec, arrivals=args.arrivals, quick=args.quick, tails=args.tails,
+                    host_rules=getattr(args, "host_rules", "recording"),
                     log=lambda m: log(f"  {cfg.name} seed {seed}: {m}"))
         if args.arrivals == "sent":
             C.save(rec, cal)
@@ -532,6 +533,9 @@ def build_parser(p: argparse.ArgumentParser) -> None:
                         "OTHER (another suite run's folder) against the same configuration "
                         "and seed in OUT, as if it were the model: the kernel's own spread "
                         "(writes OUT/kernel-vs-kernel.md and .json)")
+    from .simulate import HOST_RULES, HOST_RULES_HELP
+    p.add_argument("--host-rules", choices=HOST_RULES, default="recording",
+                   help="calibrate and compare with " + HOST_RULES_HELP)
     p.add_argument("--arrivals", choices=("sent", "target"), default="sent",
                    help="calibrate and compare with these arrivals ('target' leaves "
                         "calibration.json and compare.json as they are)")
