@@ -266,15 +266,17 @@ def test_vcpu_pack_validation_and_snapshot():
     assert np.array_equal(host2.stats_array(), hc.stats_array())
 
 
+@pytest.mark.parametrize("key", ["vcpu_pack", "preempt_skips_delayed"])
 @pytest.mark.parametrize("value", [1, "yes", None])
-def test_restore_refuses_a_bad_vcpu_pack(value):
+def test_restore_refuses_a_bad_vendor_rule(key, value):
     from test_snapshot import reframe
 
-    host = kw.Host(host_cpus=2, scheduler="eevdf", vcpu_pack=True)
+    host = kw.Host(host_cpus=2, scheduler="eevdf", **{key: True})
     host.create_vm(1)
 
     def edit(header):
-        header["host"]["vcpu_pack"] = value
+        assert header["host"][key] is True
+        header["host"][key] = value
     with pytest.raises(kw.SnapshotError, match="host configuration is invalid"):
         kw.Host.restore(reframe(host.snapshot(), edit_header=edit))
 
