@@ -266,6 +266,29 @@ def test_vcpu_pack_validation_and_snapshot():
     assert np.array_equal(host2.stats_array(), hc.stats_array())
 
 
+def test_vendor_rules_run_the_same_as_islands():
+    """Two VMs on CPUs {0, 1} and {2, 3}, unpinned inside their sets: two islands.
+    With both vendor rules on, the islands on two threads give the one queue's run."""
+    def run(split, threads):
+        host = kw.Host(host_cpus=4, scheduler="eevdf", seed=4, trace_capacity=0,
+                       threads=threads, split_islands=split, vcpu_pack=True,
+                       preempt_skips_delayed=True)
+        host.halt_poll_ns = 0
+        for cpus in ([0, 1], [2, 3]):
+            vm = host.create_vm(4, affinity=cpus)
+            for v in vm.vcpus:
+                v.load(G.Program([G.loop([G.compute_exp(30 * US), G.wake_next(),
+                                          G.timer_arm_exp(60 * US), G.wfi()])]))
+        host.run(20 * MS)
+        return host
+    a, b = run(True, 2), run(False, 1)
+    assert (a.islands_used, b.islands_used) == (2, 0)
+    assert a.events == b.events
+    assert np.array_equal(a.stats_array(), b.stats_array())
+    assert [v.nr_migrations for vm in a.vms for v in vm.vcpus] == \
+        [v.nr_migrations for vm in b.vms for v in vm.vcpus]
+
+
 @pytest.mark.parametrize("key", ["vcpu_pack", "preempt_skips_delayed"])
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_restore_refuses_a_bad_vendor_rule(key, value):

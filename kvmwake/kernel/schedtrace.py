@@ -79,7 +79,7 @@ class SchedEvent:
     ``pid`` moves from ``orig_cpu`` to ``target_cpu``.  From a trace line also
     ``by``, the task the event was logged in (the line's ``<comm>-<pid>``), and
     ``flags``, the line's latency flags (``d..2.``, ``dNh3.``, ...; "" where
-    unknown): ``need_resched`` and ``in_irq`` read them.
+    unknown), which ``need_resched`` reads.
     """
 
     ts: int                    # ns (the trace's CLOCK_MONOTONIC, or model time)
@@ -99,13 +99,6 @@ class SchedEvent:
         wake-up logged on its target CPU, the kernel's wake-up preemption decision
         (``wakeup_preempt()`` runs just before the tracepoint).  None: no flags."""
         return ("N" in self.flags[:2]) if self.flags else None
-
-    @property
-    def in_irq(self) -> bool | None:
-        """Logged in hard-interrupt context (flag ``h`` or ``H``): a wake-up done by
-        an interrupt on that CPU (a timer, a queued remote wake-up), not by ``by``
-        itself.  None: no flags."""
-        return (self.flags[2:3] in ("h", "H")) if self.flags else None
 
     @property
     def sleeps(self) -> bool:
@@ -367,8 +360,10 @@ def from_timeline(host_or_timeline, threads: list[dict] | None = None) -> SchedT
     ``TIMELINE_DTYPE`` array (then give ``threads``, tid = g).  A thread state change
     becomes: to RUNNING/POLLING/USER from off-CPU: a switch in (``next_pid`` g, after
     a switch out of whatever the CPU ran); to BLOCKED: a switch out, sleeping (``S``);
-    to RUNNABLE from on-CPU: a switch out, preempted (``R``); to RUNNABLE from BLOCKED:
-    a wake-up onto the record's CPU; a record on another CPU than the thread's
+    to RUNNABLE from on-CPU: a switch out, preempted (``R``); to RUNNABLE from BLOCKED,
+    or as a thread's first record (its first entry into KVM_RUN, a host thread's
+    start: ``sched_wakeup_new``): a wake-up onto the record's CPU; a record on
+    another CPU than the thread's
     previous one: a migration.  Idle is ``IDLE_PID`` (-1: the model's thread 0 is a
     vCPU, so 0 cannot stand for the idle task as in the kernel's trace).
     """
