@@ -108,7 +108,12 @@ def test_the_kernels_decision_is_the_need_resched_flag():
     assert (row["skips_delayed_rate"], row["skips_delayed_agree_decided"]) == (1.0, 1.0)
     assert row["upstream_counts"] == {"both": 0, "rule_only": 0, "kernel_only": 1,
                                       "neither": 0}
-    assert r["picks"] == {"n": 3, "agree": 1.0}
+    assert r["picks"] == {"n": 3, "agreed": 3, "agree": 1.0}
+    # Two recordings pooled: counts summed, rates as computed from the sums.
+    both = SR.pooled([r, r])
+    assert both["pairs"]["vcpu->vcpu"]["counts"]["n"] == 2
+    assert both["pairs"]["vcpu->vcpu"]["skips_delayed_agree_decided"] == 1.0
+    assert both["picks"] == {"n": 6, "agreed": 6, "agree": 1.0}
     # Logged on another CPU (a remote wake-up), the flag is not the target's: no decision.
     ev2 = list(ev)
     ev2[4] = ST.SchedEvent(250 * US, 1, ST.WAKEUP, 12, target_cpu=0, by=99, flags="dN.2.")

@@ -598,6 +598,35 @@ cdef void check_preempt_wakeup_fair(engine_t* e, cpu_t* cpu, int32_t p,
         cpu.need_resched = 1
 
 
+cdef inline void requeue_delayed_entity(engine_t* e, cpu_t* cpu, uint32_t g) noexcept nogil:
+    """requeue_delayed_entity() (ttwu_runnable of a delayed sleeper, no
+    update_curr() first): re-placed at V only if its lag became positive
+    (DELAY_ZERO), and no longer delayed."""
+    cdef thread_t* th = &e.th[g]
+    update_entity_lag(e, cpu, th)
+    if th.vlag > 0:
+        cpu.sum_v -= th.vruntime - cpu.zero_v
+        rq_remove(e, cpu, <int32_t>g)
+        th.vlag = 0
+        place_entity(e, cpu, th)
+        cpu.sum_v += th.vruntime - cpu.zero_v
+        rq_append(e, cpu, <int32_t>g)
+    th.sched_delayed = 0
+
+
+cdef inline void enqueue_entity(engine_t* e, cpu_t* cpu, uint32_t g, uint64_t t) noexcept nogil:
+    """enqueue_entity(ENQUEUE_WAKEUP) of a thread that is not queued: update_curr()
+    with the old nr_queued (a reschedule it asks for is kept), place_entity(),
+    into the queue."""
+    cdef thread_t* th = &e.th[g]
+    if update_curr(e, cpu, t):
+        cpu.need_resched = 1
+    place_entity(e, cpu, th)
+    cpu.sum_v += th.vruntime - cpu.zero_v
+    th.on_rq = 1
+    rq_append(e, cpu, <int32_t>g)
+
+
 cdef int ttwu_fair(engine_t* e, uint32_t g, uint64_t t, uint64_t delay) noexcept nogil:
     """try_to_wake_up() under EEVDF: a delayed thread is requeued in place
     (ttwu_runnable -> requeue_delayed_entity); another is enqueued with its lag
@@ -610,16 +639,7 @@ cdef int ttwu_fair(engine_t* e, uint32_t g, uint64_t t, uint64_t delay) noexcept
     cdef cpu_t* cpu = &e.cpus[th.pcpu]
     cdef thread_t* cur
     if th.on_rq:
-        # requeue_delayed_entity(): no update_curr() first.
-        update_entity_lag(e, cpu, th)
-        if th.vlag > 0:
-            cpu.sum_v -= th.vruntime - cpu.zero_v
-            rq_remove(e, cpu, <int32_t>g)
-            th.vlag = 0
-            place_entity(e, cpu, th)
-            cpu.sum_v += th.vruntime - cpu.zero_v
-            rq_append(e, cpu, <int32_t>g)
-        th.sched_delayed = 0
+        requeue_delayed_entity(e, cpu, g)
     elif cpu.cur < 0 and cpu.rq_len == 0:
         # An idle CPU (empty queue): place_entity() puts it at V (no lag with
         # nothing queued), and the pick is it (the general path, shortened).
@@ -632,13 +652,7 @@ cdef int ttwu_fair(engine_t* e, uint32_t g, uint64_t t, uint64_t delay) noexcept
         th.vprot = th.deadline
         return push_thread(e, th, g, t + delay, EV_RUN)
     else:
-        # enqueue_entity(ENQUEUE_WAKEUP): update_curr() with the old nr_queued.
-        if update_curr(e, cpu, t):
-            cpu.need_resched = 1
-        place_entity(e, cpu, th)
-        cpu.sum_v += th.vruntime - cpu.zero_v
-        th.on_rq = 1
-        rq_append(e, cpu, <int32_t>g)
+        enqueue_entity(e, cpu, g, t)
         if cpu.cur < 0:
             # Woken onto the idle task: resched_curr(), and the pick is g.
             return schedule_fair(e, cpu, t, delay)

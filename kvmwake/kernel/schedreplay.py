@@ -74,19 +74,9 @@ class _Rq:
 
 
 def _enqueue(e: _Rq, c: int, th: _Entity, t: int) -> None:
-    """enqueue_entity(ENQUEUE_WAKEUP) of a thread that is not queued: update_curr()
-    first, place_entity() (an empty queue: at V, the model's idle-CPU path)."""
-    cpu = e.cpus[c]
-    if cpu.cur >= 0:
-        H.update_curr(e, cpu, t)
-    if cpu.cur < 0 and not cpu.runq:
-        th.vruntime = cpu.zero_v
-        th.deadline = th.vruntime + e.base_slice
-    else:
-        H.place_entity(e, cpu, th)
-    cpu.sum_v += th.vruntime - cpu.zero_v
-    th.on_rq = True
-    cpu.runq.append(th.g)
+    """enqueue_entity(ENQUEUE_WAKEUP) of a thread that is not queued onto CPU ``c``
+    (on an empty queue place_entity() puts it at V, as the engines' idle-CPU path)."""
+    H.enqueue_entity(e, e.cpus[c], th, t)
     e.where[th.g] = c
 
 
@@ -109,16 +99,7 @@ def _wake(e: _Rq, c: int, th: _Entity, t: int) -> None:
     in place (requeue_delayed_entity); one delayed elsewhere is dequeued there first."""
     if th.on_rq and e.where.get(th.g) == c:
         if th.sched_delayed:
-            cpu = e.cpus[c]
-            H.update_entity_lag(e, cpu, th)
-            if th.vlag > 0:
-                cpu.sum_v -= th.vruntime - cpu.zero_v
-                H.rq_remove(e, cpu, th.g)
-                th.vlag = 0
-                H.place_entity(e, cpu, th)
-                cpu.sum_v += th.vruntime - cpu.zero_v
-                cpu.runq.append(th.g)
-            th.sched_delayed = False
+            H.requeue_delayed_entity(e, e.cpus[c], th)
         return
     if th.on_rq:
         _dequeue(e, th, t)
@@ -145,8 +126,10 @@ def replay(trace: ST.SchedTrace, host_cpus: int, base_slice: int | None = None) 
 
     ``host_cpus`` sets the base slice (``model.sched_base_slice``) unless
     ``base_slice`` is given.  Returns ``{"pairs": {pair: {"n", "kernel_rate",
-    "<rule>_rate", "<rule>_agree", "<rule>_counts": {"both", "rule_only",
-    "kernel_only", "neither"}}}, "picks": {"n", "agree"}}``.
+    "decided", "kernel_decided_rate", "<rule>_rate", "<rule>_agree",
+    "<rule>_agree_decided", "<rule>_counts": {"both", "rule_only", "kernel_only",
+    "neither"}, "counts": the raw counts}}, "picks": {"n", "agreed", "agree"},
+    "placement": schedtrace.busy_landing_rate(...)}``.
     """
     roles = trace.roles()
     pids = sorted(roles)
@@ -235,24 +218,29 @@ def replay(trace: ST.SchedTrace, host_cpus: int, base_slice: int | None = None) 
                 # Idle: pick_next_task_fair() found nothing of the group to run, so
                 # its delayed sleepers there were dequeued on the way.
                 H.pick_next_task_fair(e, cpu)
-    out = {}
-    for pair, k in counts.items():
-        n, d = k["n"], k["decided"]
-        if not n:
-            continue
-        res = {"n": n, "kernel_rate": k["kernel"] / n, "decided": d,
-               "kernel_decided_rate": k["kernel_decided"] / d if d else None}
-        for r in RULES:
-            both, rule_only, kernel_only, neither = k[r]
-            res[f"{r}_rate"] = (both + rule_only) / n
-            res[f"{r}_agree"] = (both + neither) / n
-            res[f"{r}_counts"] = {"both": both, "rule_only": rule_only,
-                                  "kernel_only": kernel_only, "neither": neither}
-            res[f"{r}_agree_decided"] = k[r + "_decided"] / d if d else None
-        out[pair] = res
-    return {"pairs": dict(sorted(out.items())),
-            "picks": {"n": picks[0], "agree": picks[1] / picks[0] if picks[0] else None},
+    return {"pairs": {pair: _row(k) for pair, k in sorted(counts.items()) if k["n"]},
+            "picks": _picks(*picks),
             "placement": ST.busy_landing_rate(trace, host_cpus)}
+
+
+def _picks(n: int, agreed: int) -> dict:
+    return {"n": n, "agreed": agreed, "agree": agreed / n if n else None}
+
+
+def _row(k: dict) -> dict:
+    """One role pair's figures from its raw counts (``replay``'s, or ``pooled``'s sums):
+    the counts are kept (``counts``) so that recordings can be summed."""
+    n, d = k["n"], k["decided"]
+    res = {"n": n, "kernel_rate": k["kernel"] / n, "decided": d,
+           "kernel_decided_rate": k["kernel_decided"] / d if d else None, "counts": k}
+    for r in RULES:
+        both, rule_only, kernel_only, neither = k[r]
+        res[f"{r}_rate"] = (both + rule_only) / n
+        res[f"{r}_agree"] = (both + neither) / n
+        res[f"{r}_counts"] = {"both": both, "rule_only": rule_only,
+                              "kernel_only": kernel_only, "neither": neither}
+        res[f"{r}_agree_decided"] = k[r + "_decided"] / d if d else None
+    return res
 
 
 def replay_recording(path) -> dict:
@@ -298,46 +286,23 @@ def format_report(r: dict, min_n: int = 1) -> str:
 
 def pooled(results: list[dict]) -> dict:
     """``replay`` results of several recordings summed per role pair: the kernel's
-    and each rule's rates and agreements over all their wake-ups (and picks)."""
+    and each rule's rates and agreements over all their wake-ups (and picks, and
+    the placement counts)."""
     acc: dict[str, dict] = {}
-    picks = [0, 0.0]
     for r in results:
-        picks[0] += r["picks"]["n"]
-        picks[1] += (r["picks"]["agree"] or 0) * r["picks"]["n"]
         for pair, row in r["pairs"].items():
-            a = acc.setdefault(pair, {"n": 0, "kernel": 0.0, "decided": 0, "kdec": 0.0,
-                                      "recordings": 0,
-                                      **{x: [0, 0, 0, 0] for x in RULES},
-                                      **{x + "_dec": 0.0 for x in RULES}})
-            a["recordings"] += 1
-            a["n"] += row["n"]
-            a["kernel"] += row["kernel_rate"] * row["n"]
-            a["decided"] += row["decided"]
-            if row["decided"]:
-                a["kdec"] += row["kernel_decided_rate"] * row["decided"]
-            for x in RULES:
-                c = row[x + "_counts"]
-                for i, key in enumerate(("both", "rule_only", "kernel_only", "neither")):
-                    a[x][i] += c[key]
-                if row["decided"]:
-                    a[x + "_dec"] += row[x + "_agree_decided"] * row["decided"]
-    out = {}
-    for pair, a in sorted(acc.items()):
-        n, d = a["n"], a["decided"]
-        row = {"n": n, "recordings": a["recordings"], "kernel_rate": a["kernel"] / n,
-               "decided": d, "kernel_decided_rate": a["kdec"] / d if d else None}
-        for x in RULES:
-            both, rule_only, kernel_only, neither = a[x]
-            row[x + "_rate"] = (both + rule_only) / n
-            row[x + "_agree"] = (both + neither) / n
-            row[x + "_counts"] = {"both": both, "rule_only": rule_only,
-                                  "kernel_only": kernel_only, "neither": neither}
-            row[x + "_agree_decided"] = a[x + "_dec"] / d if d else None
-        out[pair] = row
+            k = row["counts"]
+            a = acc.setdefault(pair, {key: [0] * len(v) if isinstance(v, list) else 0
+                                      for key, v in k.items()})
+            for key, v in k.items():
+                a[key] = [x + y for x, y in zip(a[key], v)] if isinstance(v, list) \
+                    else a[key] + v
     n = sum(r["placement"]["wakeups"] for r in results)
     busy = sum(r["placement"]["onto_busy"] for r in results)
-    return {"recording": f"{len(results)} recordings pooled", "pairs": out,
-            "picks": {"n": picks[0], "agree": picks[1] / picks[0] if picks[0] else None},
+    return {"recording": f"{len(results)} recordings pooled",
+            "pairs": {pair: _row(k) for pair, k in sorted(acc.items())},
+            "picks": _picks(sum(r["picks"]["n"] for r in results),
+                            sum(r["picks"]["agreed"] for r in results)),
             "placement": {"wakeups": n, "onto_busy": busy, "rate": busy / n if n else None}}
 
 

@@ -363,12 +363,12 @@ def _machine(setup: Setup, params: SimParams, seed: int, engine: str, tl_capacit
     VM (vCPU threads placed as recorded, ``KVM_CAP_HALT_POLL`` if set), without
     programs; ``n`` wakes size the trace ring."""
     mp = setup.module_params
+    vendor = vendor_rules(setup, params)
     host = Host(host_cpus=setup.host_cpus, arch="x86", seed=seed,
                 costs=params.costs if host_costs is None else host_costs,
                 engine=engine, trace_capacity=max(1 << 12, 8 * n + 1024),
                 timeline_capacity=tl_capacity, scheduler=params.scheduler,
-                vcpu_pack=vendor_rules(setup, params),
-                preempt_skips_delayed=vendor_rules(setup, params))
+                vcpu_pack=vendor, preempt_skips_delayed=vendor)
     host.halt_poll_ns = int(mp["halt_poll_ns"])
     for name in ("halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink"):
         if name in mp:

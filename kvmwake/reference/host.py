@@ -554,6 +554,33 @@ def check_preempt_wakeup_fair(e, cpu, p, t):
         cpu.need_resched = True
 
 
+def requeue_delayed_entity(e, cpu, th):
+    """requeue_delayed_entity() (ttwu_runnable of a delayed sleeper, no
+    update_curr() first): re-placed at V only if its lag became positive
+    (DELAY_ZERO), and no longer delayed."""
+    update_entity_lag(e, cpu, th)
+    if th.vlag > 0:
+        cpu.sum_v -= th.vruntime - cpu.zero_v
+        rq_remove(e, cpu, th.g)
+        th.vlag = 0
+        place_entity(e, cpu, th)
+        cpu.sum_v += th.vruntime - cpu.zero_v
+        rq_append(e, cpu, th.g)
+    th.sched_delayed = False
+
+
+def enqueue_entity(e, cpu, th, t):
+    """enqueue_entity(ENQUEUE_WAKEUP) of a thread that is not queued: update_curr()
+    with the old nr_queued (a reschedule it asks for is kept), place_entity(),
+    into the queue."""
+    if update_curr(e, cpu, t):
+        cpu.need_resched = True
+    place_entity(e, cpu, th)
+    cpu.sum_v += th.vruntime - cpu.zero_v
+    th.on_rq = True
+    rq_append(e, cpu, th.g)
+
+
 def ttwu_fair(e, th, t, delay):
     """try_to_wake_up() under EEVDF: a delayed thread is requeued in place
     (ttwu_runnable -> requeue_delayed_entity); another is enqueued with its lag
@@ -565,16 +592,7 @@ def ttwu_fair(e, th, t, delay):
     cpu = e.cpus[th.pcpu]
     g = th.g
     if th.on_rq:
-        # requeue_delayed_entity(): no update_curr() first.
-        update_entity_lag(e, cpu, th)
-        if th.vlag > 0:
-            cpu.sum_v -= th.vruntime - cpu.zero_v
-            rq_remove(e, cpu, g)
-            th.vlag = 0
-            place_entity(e, cpu, th)
-            cpu.sum_v += th.vruntime - cpu.zero_v
-            rq_append(e, cpu, g)
-        th.sched_delayed = False
+        requeue_delayed_entity(e, cpu, th)
     elif cpu.cur < 0 and not cpu.runq:
         # An idle CPU (empty queue): place_entity() puts it at V (no lag with
         # nothing queued), and the pick is it (the general path, shortened).
@@ -588,13 +606,7 @@ def ttwu_fair(e, th, t, delay):
         push_thread(e, th, t + delay, _EV_RUN)
         return
     else:
-        # enqueue_entity(ENQUEUE_WAKEUP): update_curr() with the old nr_queued.
-        if update_curr(e, cpu, t):
-            cpu.need_resched = True
-        place_entity(e, cpu, th)
-        cpu.sum_v += th.vruntime - cpu.zero_v
-        th.on_rq = True
-        rq_append(e, cpu, g)
+        enqueue_entity(e, cpu, th, t)
         if cpu.cur < 0:
             # Woken onto the idle task: resched_curr(), and the pick is g.
             schedule_fair(e, cpu, t, delay)
